@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`ms-llm <command> ...`: one table of commands, each a function taking its argument list.
+
+User errors (MsLlmError) print one line on stderr and exit with code 2.
+"""
+import argparse
+import json
+import sys
+
+from ms_llm.errors import MsLlmError
+
+
+def cmd_convert(argv):
+    p = argparse.ArgumentParser(prog="ms-llm convert", description="Convert weights between layouts.")
+    p.add_argument("--from", dest="src_format", required=True, choices=["hf", "mindformers"])
+    p.add_argument("--to", dest="dst_format", required=True, choices=["hf", "mindformers"])
+    p.add_argument("src", help="source model dir (hf) or checkpoint file (mindformers)")
+    p.add_argument("dst", help="destination checkpoint file (mindformers) or model dir (hf)")
+    p.add_argument("--config", help="Hugging Face config.json describing the model (needed --from mindformers)")
+    a = p.parse_args(argv)
+    from ms_llm.context import setup_context
+    from ms_llm.models.convert import convert
+    setup_context("pynative")
+    print(convert(a.src, a.dst, a.src_format, a.dst_format, a.config))
+
+
+def cmd_generate(argv):
+    p = argparse.ArgumentParser(prog="ms-llm generate", description="Print a completion of a prompt.")
+    p.add_argument("--model", required=True, help="model dir, checkpoint dir or run dir")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--tokenizer", help="tokenizer dir or file (default: the model dir)")
+    p.add_argument("--chat-template", help="render the prompt as a user turn with this template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+    p.add_argument("--json", action="store_true", help="print token ids and log-probs as JSON too")
+    a = p.parse_args(argv)
+    from ms_llm.context import setup_context
+    from ms_llm.data.chat import render, stop_token_ids
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.generation import generate
+    from ms_llm.models.io import load_pretrained, resolve_model_dir
+    setup_context(a.mode, seed=a.seed)
+    model = load_pretrained(a.model)
+    tok = Tokenizer.load(a.tokenizer or resolve_model_dir(a.model))
+    if a.chat_template:
+        prompts = [render([{"role": "user", "content": t}], tok, a.chat_template, add_generation_prompt=True).ids
+                   for t in a.prompt]
+        eos = stop_token_ids(a.chat_template, tok)
+    else:
+        prompts = [tok.encode(t, add_bos=True) for t in a.prompt]
+        eos = model.config.eos_ids or [tok.eos_id]
+    out = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty,
+                   eos_token_id=eos, pad_token_id=tok.pad_id or 0, seed=a.seed)
+    for i, text in enumerate(a.prompt):
+        n = int(out.lengths[i])
+        completion = tok.decode(out.tokens[i, :n])
+        if a.json:
+            print(json.dumps({"prompt": text, "completion": completion, "tokens": out.tokens[i, :n].tolist(),
+                              "logprobs": [round(float(x), 6) for x in out.logprobs[i, :n]]}, ensure_ascii=False))
+        else:
+            print(completion)
+
+
+def cmd_tokenizer(argv):
+    p = argparse.ArgumentParser(prog="ms-llm tokenizer", description="Train or extend a tokenizer.")
+    sub = p.add_subparsers(dest="action", required=True)
+    t = sub.add_parser("train", help="train a SentencePiece BPE model")
+    t.add_argument("--input", required=True, action="append", help="text corpus (repeatable)")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--output", required=True, help="output directory")
+    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    a = p.parse_args(argv)
+    from ms_llm.data.tokenizer import train_sentencepiece
+    tok = train_sentencepiece(a.input, a.output, a.vocab_size, a.model_type)
+    print(f"{a.output}: vocabulary of {tok.vocab_size} tokens")
+
+
+def cmd_bench(argv):
+    benches = {"generate": "ms_llm.bench.generation"}
+    if not argv or argv[0] not in benches:
+        raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
+    import importlib
+    importlib.import_module(benches[argv[0]]).run(argv[1:])
+
+
+COMMANDS = {
+    "bench": cmd_bench,
+    "convert": cmd_convert,
+    "generate": cmd_generate,
+    "tokenizer": cmd_tokenizer,
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: ms-llm {" + ",".join(COMMANDS) + "} ...", file=sys.stderr if argv else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except MsLlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

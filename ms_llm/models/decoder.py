@@ -1,0 +1,250 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The decoder: one implementation for Llama-2/3, Qwen2/2.5 and Qwen3 (flags in ModelConfig).
+
+Cell attribute names copy Hugging Face (`model.layers.0.self_attn.q_proj.weight`) so checkpoints map 1:1.
+Precision: parameters are float32; matmuls run in `config.compute_dtype`; the residual stream, norms,
+rotary, softmax and the returned logits are float32.
+
+Two ways in:
+  * `CausalLM(input_ids, attention_mask=None, position_ids=None, segment_ids=None)` -> logits [B, S, V],
+    for training and scoring;
+  * `CausalLM.step(...)` (wrapped by `generation.DecodeStep`) -> logits plus updated fixed-size KV caches,
+    for incremental decoding without recompiling per token.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from ms_llm import ops as F
+from ms_llm.models.config import ModelConfig
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+class Linear(nn.Cell):
+    """y = x W^T (+ b) with W stored [out, in] in float32 and the matmul in `compute_dtype`."""
+
+    def __init__(self, in_features, out_features, bias=False, compute_dtype=ms.float32, std=0.02):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        self.weight = Parameter(initializer(Normal(std), (out_features, in_features), ms.float32), name="weight")
+        self.has_bias = bias
+        if bias:
+            self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias")
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features).astype(self.compute_dtype),
+                        self.weight.astype(self.compute_dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(self.compute_dtype)
+        return y.reshape(lead + (self.out_features,))
+
+
+class Embedding(nn.Cell):
+    """Token embedding with a Hugging Face style `weight` [V, H]."""
+
+    def __init__(self, vocab_size, hidden_size, std=0.02):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32), name="weight")
+
+    def construct(self, input_ids):
+        return ops.gather(self.weight, input_ids, 0)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+        self.eps, self.fused = eps, F.use_fused()
+
+    def construct(self, x):
+        return F.rms_norm(x, self.weight, self.eps, self.fused)
+
+
+class Attention(nn.Cell):
+    """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k norm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cd, std = DTYPES[cfg.compute_dtype], cfg.initializer_range
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, qkv_bias, cd, std)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, qkv_bias, cd, std)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, qkv_bias, cd, std)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, cfg.attention_bias, cd, std)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.scale = self.head_dim ** -0.5
+        self.compute_dtype, self.fused = cd, F.use_fused()
+
+    def _heads(self, x, n):
+        b, s, _ = x.shape
+        return x.reshape(b, s, n, self.head_dim).transpose(0, 2, 1, 3)
+
+    def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, place=None, write=None):
+        """x: [B, S, H] float32; cos/sin: [B, 1, S, D]; mask: [B, 1, S, Sk] bool.
+
+        With caches ([B, Nkv, Smax, D]), the new keys/values are written at the slots given by the
+        placement matrix `place` [Smax, S] (one-hot rows) and `write` [Smax] (1 where written), and
+        attention runs over the whole cache. Returns (out [B, S, H] float32, keys, values).
+        """
+        q = self._heads(self.q_proj(x), self.n_heads)
+        k = self._heads(self.k_proj(x), self.n_kv)
+        v = self._heads(self.v_proj(x), self.n_kv)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = F.apply_rotary(q, cos, sin, self.fused)
+        k = F.apply_rotary(k, cos, sin, self.fused).astype(self.compute_dtype)
+        v = v.astype(self.compute_dtype)
+        if cache_k is not None:
+            k = _write_cache(cache_k, k, place, write)
+            v = _write_cache(cache_v, v, place, write)
+        out = F.attention(q, k, v, mask, self.scale, self.compute_dtype, self.fused)
+        return self.o_proj(out).astype(ms.float32), k, v
+
+
+def _write_cache(cache, new, place, write):
+    """cache [B, N, Smax, D] with `new` [B, N, S, D] written at the slots `place` [Smax, S] selects."""
+    b, n, s, d = new.shape
+    flat = new.astype(ms.float32).transpose(2, 0, 1, 3).reshape(s, -1)            # [S, B*N*D]
+    placed = ops.matmul(place, flat).reshape(-1, b, n, d).transpose(1, 2, 0, 3)   # [B, N, Smax, D]
+    keep = (1.0 - write).reshape(1, 1, -1, 1)
+    return (cache.astype(ms.float32) * keep + placed).astype(cache.dtype)
+
+
+class MLP(nn.Cell):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cd, std = DTYPES[cfg.compute_dtype], cfg.initializer_range
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, cd, std)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, cd, std)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, cd, std)
+        self.fused = F.use_fused()
+
+    def construct(self, x):
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x), self.fused)).astype(ms.float32)
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, place=None, write=None):
+        """Returns x [B, S, H] float32; with caches, (x, new_k, new_v)."""
+        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, place, write)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if cache_k is None:
+            return x
+        return x, k, v
+
+
+class DecoderModel(nn.Cell):
+    """Embeddings, the layer stack and the final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range)
+        self.layers = nn.CellList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Cell):
+    """Decoder-only language model. Call with int32 input_ids [B, S]; returns float32 logits [B, S, V]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.tied = config.tie_word_embeddings
+        if not self.tied:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, False, DTYPES[config.compute_dtype],
+                                  config.initializer_range)
+        self.compute_dtype = DTYPES[config.compute_dtype]
+        self.num_layers = config.num_hidden_layers
+        scaling = config.rope_scaling or {}
+        self.dynamic_rope = scaling.get("rope_type", scaling.get("type")) == "dynamic"
+        self.inv_freq = Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
+        self.matmul_t = ops.MatMul(transpose_b=True)
+
+    def _inv_freq(self, seq_len):
+        if self.dynamic_rope and seq_len > self.config.max_position_embeddings:
+            return Tensor(F.rope_inv_freq(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
+                                          seq_len, self.config.max_position_embeddings))
+        return self.inv_freq
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Logits for every position.
+
+        Args:
+            input_ids: [B, S] int32.
+            attention_mask: [B, S] 1 for real tokens, 0 for padding (optional).
+            position_ids: [B, S] int (optional; defaults to 0..S-1).
+            segment_ids: [B, S] document ids for packed sequences; no attention across documents (optional).
+        Returns:
+            [B, S, V] float32.
+        """
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Final-norm hidden states [B, S, H] float32 (what reward/value heads and chunked losses read)."""
+        b, s = input_ids.shape
+        slots = ops.broadcast_to(ops.arange(s, dtype=ms.int32).reshape(1, s), (b, s))
+        if position_ids is None:
+            position_ids = slots
+        mask = F.causal_mask(slots, slots, attention_mask, segment_ids, segment_ids)
+        cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(s))
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        """lm_head over hidden states [..., H] -> float32 logits [..., V]."""
+        if self.tied:
+            lead = hidden.shape[:-1]
+            out = self.matmul_t(hidden.reshape(-1, hidden.shape[-1]).astype(self.compute_dtype),
+                                self.model.embed_tokens.weight.astype(self.compute_dtype))
+            return out.reshape(lead + (-1,)).astype(ms.float32)
+        return self.lm_head(hidden).astype(ms.float32)
+
+    def step(self, input_ids, position_ids, slot_ids, key_valid, place, write, caches):
+        """One incremental step over a fixed-size cache.
+
+        Args:
+            input_ids, position_ids, slot_ids: [B, T] int32 (slot = index in the cache; equal across rows).
+            key_valid: [B, Smax] 1 where a cache slot holds a real token (including this step's).
+            place: [Smax, T] float32 one-hot placement; write: [Smax] float32.
+            caches: tuple of 2*L tensors [B, Nkv, Smax, D] (k0, v0, k1, v1, ...).
+        Returns:
+            (logits of the last position [B, V] float32, new caches tuple).
+        """
+        smax = key_valid.shape[1]
+        b = input_ids.shape[0]
+        all_slots = ops.broadcast_to(ops.arange(smax, dtype=ms.int32).reshape(1, smax), (b, smax))
+        mask = F.causal_mask(slot_ids, all_slots, key_valid)
+        cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(smax))
+        x = self.model.embed_tokens(input_ids)
+        new = ()
+        for i in range(self.num_layers):
+            x, k, v = self.model.layers[i](x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], place, write)
+            new = new + (k, v)
+        x = self.model.norm(x[:, -1:, :])
+        return self.logits(x).squeeze(1), new
+
+    def empty_cache(self, batch_size: int, max_len: int):
+        """Zero KV caches for `step`: tuple of 2*L tensors [B, Nkv, Smax, D] in compute dtype."""
+        c = self.config
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        z = np.zeros(shape, dtype=np.float32)
+        return tuple(Tensor(z, self.compute_dtype) for _ in range(2 * c.num_hidden_layers))

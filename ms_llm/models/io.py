@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Weight I/O in the Hugging Face layout, which is also ms_llm's own export and checkpoint layout.
+
+    load_pretrained(path, dtype="float32", strict=True) -> CausalLM
+    save_pretrained(model, path)                        -> config.json + model.safetensors (or shards)
+
+`path` may be a Hugging Face model dir, an ms_llm checkpoint dir (it holds config.json too), or an ms_llm
+run dir (its `final/`, else its latest checkpoint). Loading reports every missing, unexpected and
+mis-shaped key, and with `strict` fails on any of them.
+"""
+import json
+import logging
+import os
+
+import mindspore as ms
+import numpy as np
+
+from ms_llm.errors import MsLlmError
+from ms_llm.models.config import ModelConfig
+from ms_llm.models.decoder import CausalLM
+from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+
+log = logging.getLogger(__name__)
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def resolve_model_dir(path: str) -> str:
+    """The directory holding config.json for `path` (a model dir, a checkpoint dir or a run dir)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MsLlmError(f"{path}: model path not found")
+    for cand in (path, os.path.join(path, "final")):
+        if os.path.isfile(os.path.join(cand, "config.json")):
+            return cand
+    latest = os.path.join(path, "checkpoints", "latest")
+    if os.path.isfile(latest):
+        cand = os.path.join(path, "checkpoints", open(latest).read().strip())
+        if os.path.isfile(os.path.join(cand, "config.json")):
+            return cand
+    raise MsLlmError(f"{path}: no config.json here, in final/ or in the latest checkpoint; "
+                     "expected a Hugging Face model directory or an ms_llm run directory")
+
+
+def read_config(model_dir: str) -> ModelConfig:
+    src = os.path.join(model_dir, "config.json")
+    try:
+        with open(src) as f:
+            hf = json.load(f)
+    except ValueError as e:
+        raise MsLlmError(f"{src}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf_config(hf, source=src)
+
+
+def read_weights(model_dir: str) -> dict:
+    """All tensors of a model dir as numpy arrays: model.safetensors, or the shards its index names."""
+    index = os.path.join(model_dir, INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise MsLlmError(f"{index}: not a valid shard index (needs a 'weight_map' object): {e}") from None
+        by_file = {}
+        for name, shard in weight_map.items():
+            by_file.setdefault(shard, set()).add(name)
+        tensors = {}
+        for shard, names in sorted(by_file.items()):
+            shard_path = os.path.join(model_dir, shard)
+            if not os.path.isfile(shard_path):
+                raise MsLlmError(f"{shard_path}: shard listed in {index} is missing ({len(names)} tensors)")
+            got = read_safetensors(shard_path, names)
+            lost = names - set(got)
+            if lost:
+                raise MsLlmError(f"{shard_path}: index says it holds {sorted(lost)[:3]} but it does not")
+            tensors.update(got)
+        return tensors
+    single = os.path.join(model_dir, WEIGHTS)
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    raise MsLlmError(f"{model_dir}: neither {WEIGHTS} nor {INDEX} found")
+
+
+def model_state_dict(model) -> dict:
+    """{Hugging Face name: float32 numpy array} for every parameter of the model."""
+    return {p.name: p.asnumpy() for p in model.get_parameters()}
+
+
+def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "weights") -> dict:
+    """Copy `tensors` into the model's parameters.
+
+    Returns {"missing": [...], "unexpected": [...], "mismatched": [(name, want, got)]}; raises MsLlmError
+    listing every problem when `strict` and any list is non-empty.
+    """
+    params = {p.name: p for p in model.get_parameters()}
+    tensors = dict(tensors)
+    if getattr(model, "tied", False):
+        tensors.pop("lm_head.weight", None)      # tied models reuse the embedding; HF may or may not store it
+    report = {"missing": sorted(set(params) - set(tensors)), "unexpected": sorted(set(tensors) - set(params)),
+              "mismatched": []}
+    for name, p in params.items():
+        if name in tensors and tuple(tensors[name].shape) != tuple(p.shape):
+            report["mismatched"].append((name, tuple(p.shape), tuple(tensors[name].shape)))
+    problems = [f"missing {n}" for n in report["missing"]] + [f"unexpected {n}" for n in report["unexpected"]]
+    problems += [f"{n}: shape {list(g)} but the model needs {list(w)}" for n, w, g in report["mismatched"]]
+    if problems and strict:
+        shown = "; ".join(problems[:12]) + (f"; ... and {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise MsLlmError(f"{source}: {len(problems)} key problem(s): {shown}")
+    for p in problems:
+        log.warning("%s: %s", source, p)
+    bad = {n for n, _, _ in report["mismatched"]}
+    for name, p in params.items():
+        if name in tensors and name not in bad:
+            p.set_data(ms.Tensor(np.asarray(tensors[name], dtype=np.float32)))
+    return report
+
+
+def load_pretrained(path, dtype: str = "float32", strict: bool = True) -> CausalLM:
+    """Build a CausalLM from a Hugging Face or ms_llm directory.
+
+    Args:
+        path: model dir, checkpoint dir or run dir (see module docstring).
+        dtype: compute dtype of the matmuls (float32, float16, bfloat16); parameters stay float32.
+        strict: fail on any missing, unexpected or mis-shaped key.
+    """
+    model_dir = resolve_model_dir(path)
+    cfg = read_config(model_dir).replace(compute_dtype=dtype)
+    model = CausalLM(cfg)
+    load_state_dict(model, read_weights(model_dir), strict=strict, source=model_dir)
+    model.set_train(False)
+    return model
+
+
+def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30, metadata: dict = None) -> list:
+    """Write config.json and float32 weights in the Hugging Face layout; returns the written file names.
+
+    Tied models do not store lm_head.weight (as transformers does). Above `max_shard_bytes` the weights are
+    split into model-0000i-of-0000n.safetensors with an index.
+    """
+    os.makedirs(path, exist_ok=True)
+    state = model_state_dict(model)
+    shards, cur, size = [], {}, 0
+    for name, arr in state.items():
+        if cur and size + arr.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = arr
+        size += arr.nbytes
+    shards.append(cur)
+    meta = {"format": "pt", **(metadata or {})}
+    files = []
+    if len(shards) == 1:
+        write_safetensors(os.path.join(path, WEIGHTS), shards[0], meta)
+        files.append(WEIGHTS)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(path, fname), shard, meta)
+            weight_map.update({k: fname for k in shard})
+            files.append(fname)
+        total = sum(a.nbytes for a in state.values())
+        _write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        files.append(INDEX)
+    _write_json(os.path.join(path, "config.json"), model.config.to_hf_config())
+    files.append("config.json")
+    return files
+
+
+def _write_json(path: str, obj):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

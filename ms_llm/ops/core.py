@@ -1,0 +1,178 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reference implementations of the decoder's primitives, with Ascend fused-op dispatch.
+
+Precision policy: inputs may arrive in a low-precision compute dtype, but normalization, softmax and rotary
+math always run in float32 and the loss is float32. Every function here is graph-mode safe: `fused` is a
+Python bool fixed when the calling cell is built, so GRAPH_MODE folds the branch away.
+"""
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import ops
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def use_fused() -> bool:
+    """True when the current device target has MindSpore's fused Ascend kernels."""
+    return ms.get_context("device_target") == "Ascend"
+
+
+def rms_norm(x, weight, eps: float, fused: bool = False):
+    """RMSNorm over the last axis, computed in float32.
+
+    Args:
+        x: [..., H] any float dtype.
+        weight: [H] float32.
+    Returns:
+        [..., H] float32.
+    """
+    x = x.astype(ms.float32)
+    if fused:
+        return ops.rms_norm(x, weight, eps)[0]
+    var = ops.mean(ops.square(x), -1, keep_dims=True)
+    return x * ops.rsqrt(var + eps) * weight
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict = None, seq_len: int = 0,
+                  max_position: int = 0) -> np.ndarray:
+    """Inverse frequencies in float32 (numpy), with optional linear / dynamic-NTK / llama3 scaling.
+
+    `seq_len` is only used by dynamic NTK: the base grows once the sequence exceeds `max_position`.
+    """
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    factor = float((scaling or {}).get("factor", 1.0))
+    base = float(theta)
+    if kind == "dynamic" and seq_len > max_position:
+        base = base * ((factor * seq_len / max_position) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if kind == "linear":
+        inv = inv / factor
+    elif kind == "llama3":
+        inv = _llama3_scale(inv, scaling)
+    return inv.astype(np.float32)
+
+
+def _llama3_scale(inv: np.ndarray, s: dict) -> np.ndarray:
+    """Llama-3.1 frequency scaling: long wavelengths divided by `factor`, short kept, smooth in between."""
+    factor, low, high = float(s["factor"]), float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(is_mid, mid, scaled).astype(np.float32)
+
+
+def rope_cos_sin(position_ids, inv_freq, attention_scaling: float = 1.0):
+    """cos/sin tables for the given positions.
+
+    Args:
+        position_ids: [B, S] int.
+        inv_freq: [D/2] float32 Tensor.
+    Returns:
+        (cos, sin), each [B, 1, S, D] float32 (duplicated halves, rotate-half layout).
+    """
+    freqs = position_ids.astype(ms.float32).expand_dims(-1) * inv_freq.reshape(1, 1, -1)
+    emb = ops.concat((freqs, freqs), -1)
+    return (ops.cos(emb) * attention_scaling).expand_dims(1), (ops.sin(emb) * attention_scaling).expand_dims(1)
+
+
+def apply_rotary(x, cos, sin, fused: bool = False):
+    """Rotary position embedding in the rotate-half layout used by Hugging Face Llama/Qwen.
+
+    Args:
+        x: [B, N, S, D]; cos, sin: [B, 1, S, D] float32.
+    Returns:
+        [B, N, S, D] float32.
+    """
+    x = x.astype(ms.float32)
+    if fused:
+        return ops.rotary_position_embedding(x, cos, sin, 0)
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+def swiglu(gate, up, fused: bool = False):
+    """silu(gate) * up, elementwise; float32 internally, returned in the input dtype."""
+    dtype = gate.dtype
+    if fused:
+        return ops.swiglu(ops.concat((gate, up), -1), -1)
+    g = gate.astype(ms.float32)
+    return (g * ops.sigmoid(g) * up.astype(ms.float32)).astype(dtype)
+
+
+def causal_mask(q_pos, k_pos, key_valid=None, q_seg=None, k_seg=None):
+    """Boolean 'may attend' mask [B, 1, Sq, Sk].
+
+    Args:
+        q_pos: [B, Sq] int, absolute slot of each query.  k_pos: [B, Sk] int, slot of each key.
+        key_valid: [B, Sk] bool/int, False for padding keys (optional).
+        q_seg, k_seg: [B, Sq] / [B, Sk] document ids; attention only within a document (optional).
+    """
+    allowed = k_pos.expand_dims(1) <= q_pos.expand_dims(2)
+    if key_valid is not None:
+        allowed = ops.logical_and(allowed, key_valid.astype(ms.bool_).expand_dims(1))
+    if q_seg is not None:
+        allowed = ops.logical_and(allowed, q_seg.expand_dims(2) == k_seg.expand_dims(1))
+    return allowed.expand_dims(1)
+
+
+def attention(q, k, v, mask, scale: float, compute_dtype=ms.float32, fused: bool = False):
+    """Grouped-query scaled dot-product attention; softmax in float32.
+
+    Args:
+        q: [B, N, Sq, D]; k, v: [B, Nkv, Sk, D] (N a multiple of Nkv).
+        mask: [B, 1, Sq, Sk] bool, True where attention is allowed.
+    Returns:
+        [B, Sq, N*D] in compute_dtype.
+    """
+    b, n, sq, d = q.shape
+    nkv = k.shape[1]
+    if fused:
+        out = ops.flash_attention_score(q.astype(compute_dtype), k.astype(compute_dtype), v.astype(compute_dtype),
+                                        n, attn_mask=ops.logical_not(mask).astype(ms.uint8),
+                                        scalar_value=scale, input_layout="BNSD")
+        return out.transpose(0, 2, 1, 3).reshape(b, sq, n * d)
+    if nkv != n:
+        rep = n // nkv
+        k = ops.broadcast_to(k.expand_dims(2), (b, nkv, rep, k.shape[2], d)).reshape(b, n, k.shape[2], d)
+        v = ops.broadcast_to(v.expand_dims(2), (b, nkv, rep, v.shape[2], d)).reshape(b, n, v.shape[2], d)
+    scores = ops.matmul(q.astype(compute_dtype), k.astype(compute_dtype).swapaxes(-1, -2)).astype(ms.float32)
+    scores = ops.where(mask, scores * scale, _NEG)
+    probs = ops.softmax(scores, -1).astype(compute_dtype)
+    out = ops.matmul(probs, v.astype(compute_dtype))
+    return out.transpose(0, 2, 1, 3).reshape(b, sq, n * d)
+
+
+def token_log_probs(logits, targets):
+    """log p(target) per position, float32.
+
+    Args:
+        logits: [B, S, V]; targets: [B, S] int (any value where unused; clamp to a valid id first).
+    Returns:
+        [B, S] float32.
+    """
+    logits = logits.astype(ms.float32)
+    lse = ops.logsumexp(logits, -1)
+    picked = ops.gather_elements(logits, -1, targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
+    return picked - lse
+
+
+def cross_entropy(logits, labels, ignore_index: int = -100):
+    """Mean next-token cross-entropy over positions whose label is not `ignore_index`.
+
+    Args:
+        logits: [B, S, V] (already aligned with labels; no shift here).
+        labels: [B, S] int.
+    Returns:
+        (loss scalar float32, number of counted tokens float32).
+    """
+    valid = labels != ignore_index
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    nll = -token_log_probs(logits, safe) * valid.astype(ms.float32)
+    count = valid.astype(ms.float32).sum()
+    return nll.sum() / ops.maximum(count, 1.0), count

