@@ -88,7 +88,54 @@ def cmd_bench(argv):
     importlib.import_module(benches[argv[0]]).run(argv[1:])
 
 
+def cmd_train(argv):
+    p = argparse.ArgumentParser(prog="ms-llm train", description="Run the stage a YAML config describes.")
+    p.add_argument("config", nargs="?", help="experiment YAML (configs/<family>/<size>_<stage>.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 optim.lr=1e-4")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its help and exit")
+    a = p.parse_args(argv)
+    from ms_llm.config import help_text, load_config
+    if a.help_config:
+        print(help_text())
+        return
+    if not a.config:
+        p.error("CONFIG is required")
+    cfg = load_config(a.config, a.overrides)
+    run_stage(cfg)
+
+
+def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None):
+    """Set up MindSpore for `cfg` and run its stage (also what scripts/train.py calls under msrun)."""
+    import logging
+    from ms_llm.context import setup_context
+    from ms_llm.stages import STAGES
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+    summary = STAGES[cfg.stage](cfg, rank=rank, world=world, reducer=reducer)
+    if rank == 0 and summary:
+        print(json.dumps({"stage": summary["stage"], "status": summary["status"], "steps": summary["steps"],
+                          "loss": summary["metrics"].get("loss"), "final": (summary.get("final") or {}).get("path")}))
+    return summary
+
+
+def cmd_data(argv):
+    p = argparse.ArgumentParser(prog="ms-llm data", description="Data utilities.")
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("synth", help="write the deterministic synthetic datasets and their tokenizer")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-text", type=int, default=2000, help="documents per pretraining domain")
+    s.add_argument("--n-sft", type=int, default=2000, help="instruction records")
+    s.add_argument("--vocab-size", type=int, default=512)
+    a = p.parse_args(argv)
+    from ms_llm.data.synthetic import synthesize
+    manifest = synthesize(a.out, a.seed, a.n_text, a.n_sft, vocab_size=a.vocab_size)
+    print(f"{a.out}: {len(manifest['files'])} files, version {manifest['version']}")
+
+
 COMMANDS = {
+    "train": cmd_train,
+    "data": cmd_data,
     "bench": cmd_bench,
     "convert": cmd_convert,
     "generate": cmd_generate,

@@ -70,7 +70,7 @@ def write_safetensors(path: str, tensors: dict, metadata: dict = None):
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")    # (ascontiguousarray would turn scalars into [1])
         if arr.dtype.str not in _ST:
             raise ValueError(f"cannot store dtype {arr.dtype} for '{name}'")
         blob = arr.tobytes()

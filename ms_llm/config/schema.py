@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The experiment config: one dataclass per concern, strict, with help text on every field.
+
+A YAML file maps 1:1 onto `ExperimentConfig`; `ms-llm train --help-config` prints every field with its
+help. Stage sections (`pretrain`, later `distill`, `sft`, ...) hold only what that stage adds.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def opt(default, help: str, choices=None):
+    """A config field with help text (and allowed values) kept in its metadata."""
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, "choices": choices}, **kw)
+
+
+@dataclass
+class ModelSection:
+    preset: Optional[str] = opt(None, "Preset name (tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen3-8b, llama3-8b); "
+                                      "ignored when init_from is set")
+    init_from: Optional[str] = opt(None, "Start from these weights: a Hugging Face dir, ms_llm checkpoint or run dir")
+    init_sha256: Optional[str] = opt(None, "Expected SHA256 of init_from's MANIFEST.json (stage hand-off); a mismatch refuses to start")
+    overrides: dict = opt(dict, "ModelConfig fields to change on the preset (e.g. {num_hidden_layers: 4})")
+
+
+@dataclass
+class TokenizerSection:
+    path: Optional[str] = opt(None, "Tokenizer dir or file (tokenizer.json or tokenizer.model); default: the model's dir")
+    chat_template: str = opt("chatml", "Chat template for conversational data",
+                             ["chatml", "qwen", "llama3", "llama2", "plain"])
+
+
+@dataclass
+class DataSource:
+    path: str = opt("", "JSONL file")
+    format: str = opt("text", "Record format", ["text", "alpaca", "sharegpt", "preference", "prompts"])
+    weight: float = opt(1.0, "Sampling weight in the mixture (normalized over sources)")
+    domain: Optional[str] = opt(None, "Domain tag (defaults to the record's `domain` field, else 'general')")
+
+
+@dataclass
+class DataSection:
+    sources: list = opt(list, "List of {path, format, weight, domain} sources")
+    seq_len: int = opt(256, "Tokens per training sequence")
+    packing: bool = opt(True, "Join documents with eos into full-length sequences (pretraining)")
+    document_mask: bool = opt(True, "With packing: no attention across document boundaries; positions restart per document")
+    cache_dir: Optional[str] = opt(None, "Tokenized cache directory (np.memmap shards + index); default <output_dir>/../.cache")
+    on_error: str = opt("raise", "A malformed record: raise (error naming file:line) or skip and count it",
+                        ["raise", "skip"])
+    shuffle_seed: int = opt(1234, "Seed of the sample order (deterministic and resumable)")
+    eval_fraction: float = opt(0.0, "Share of sequences held out for evaluation loss")
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = opt("runs/default", "Run directory (metrics, checkpoints, final export)")
+    max_steps: int = opt(100, "Optimizer steps")
+    micro_batch_size: int = opt(4, "Sequences per micro-batch per data-parallel rank")
+    grad_accum_steps: int = opt(1, "Micro-batches accumulated into one update")
+    global_batch_size: Optional[int] = opt(None, "Checked against micro_batch_size x grad_accum_steps x data_parallel")
+    clip_grad_norm: float = opt(1.0, "Global gradient-norm clip (0 disables)")
+    amp_level: str = opt("O0", "Mixed precision: O0 fp32; O1 attention/MLP matmuls in compute_dtype; "
+                               "O2 all matmuls incl. lm_head, fp32 master weights; O3 not supported on this release",
+                         ["O0", "O1", "O2", "O3"])
+    compute_dtype: str = opt("float16", "Matmul dtype under O1/O2 (float16 on CPU and 910A, bfloat16 on 910B)",
+                             ["float16", "bfloat16"])
+    loss_scale: str = opt("auto", "auto (dynamic for float16, none otherwise), dynamic, or none",
+                          ["auto", "dynamic", "none"])
+    loss_scale_init: float = opt(65536.0, "Initial dynamic loss scale")
+    loss_scale_factor: float = opt(2.0, "Scale divided by this on overflow and multiplied after a clean window")
+    loss_scale_window: int = opt(1000, "Clean steps before the scale grows")
+    log_every: int = opt(10, "Steps between metric lines")
+    eval_every: int = opt(0, "Steps between evaluations (0: only at the end)")
+    seed: int = opt(0, "Seed for weights init and every RNG")
+    progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
+
+
+@dataclass
+class OptimSection:
+    lr: float = opt(3e-4, "Peak learning rate")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (never on norms and biases)")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+
+
+@dataclass
+class LRScheduleSection:
+    type: str = opt("cosine", "Schedule shape", ["constant", "linear", "cosine", "wsd"])
+    warmup_steps: int = opt(0, "Linear warmup from 0")
+    min_lr_ratio: float = opt(0.1, "Final lr as a fraction of the peak (linear, cosine, wsd)")
+    decay_steps: Optional[int] = opt(None, "WSD: length of the decay phase at the end (default 10% of max_steps)")
+    decay_shape: str = opt("cosine", "WSD decay shape", ["linear", "cosine", "sqrt", "exp"])
+
+
+@dataclass
+class CheckpointSection:
+    every: int = opt(100, "Steps between checkpoints (0: only the final one)")
+    keep: int = opt(5, "Checkpoints kept (older ones deleted)")
+    resume: str = opt("auto", "auto: continue from the newest valid checkpoint; none: start fresh; or a checkpoint path")
+
+
+@dataclass
+class ParallelSection:
+    data_parallel: int = opt(1, "Data-parallel ranks (msrun workers); 1 runs without msrun")
+
+
+@dataclass
+class ContextSection:
+    mode: str = opt("graph", "MindSpore execution mode (pynative for debugging)", ["graph", "pynative"])
+    device_target: str = opt("cpu", "Device", ["cpu", "ascend"])
+
+
+@dataclass
+class LogSection:
+    tensorboard: bool = opt(True, "Write TensorBoard event files to <output_dir>/tensorboard")
+    plots: bool = opt(True, "Write loss/lr plots to <output_dir>/plots when the stage ends")
+
+
+@dataclass
+class PretrainSection:
+    export_version: Optional[str] = opt(None, "Version tag written to final/MANIFEST.json (e.g. DATASET_v1.0_pretrain)")
+
+
+@dataclass
+class ExperimentConfig:
+    stage: str = opt("pretrain", "Which stage runs", ["pretrain"])
+    model: ModelSection = opt(ModelSection, "Model")
+    tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
+    data: DataSection = opt(DataSection, "Data")
+    train: TrainSection = opt(TrainSection, "Training loop")
+    optim: OptimSection = opt(OptimSection, "Optimizer")
+    lr_schedule: LRScheduleSection = opt(LRScheduleSection, "Learning-rate schedule")
+    checkpoint: CheckpointSection = opt(CheckpointSection, "Checkpoints")
+    parallel: ParallelSection = opt(ParallelSection, "Parallelism")
+    context: ContextSection = opt(ContextSection, "MindSpore context")
+    log: LogSection = opt(LogSection, "Logging")
+    pretrain: PretrainSection = opt(PretrainSection, "Pretraining stage")
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum_steps * self.parallel.data_parallel

@@ -1,0 +1,129 @@
+# SPDX-License-Identifier: Apache-2.0
+"""JSONL readers for every record format the stages consume, normalized to plain dicts.
+
+    text        {"text": str, "domain"?: str}
+    alpaca      {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...], "task"?}
+    sharegpt    {"conversations": [{"from": human|gpt|function_call|observation, "value"}], "system"?, "tools"?, "task"?}
+    preference  {"prompt": str, "chosen": str, "rejected": str}
+    prompts     {"prompt": str, "answer"?: str, "task"?: str}
+
+Conversational formats become {"messages": [{"role", "content"}], "task"}. A malformed line raises
+MsLlmError naming file:line, or with on_error="skip" is counted in `ReadStats` and left out.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+from ms_llm.errors import MsLlmError
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool", "system": "system"}
+
+
+@dataclass
+class ReadStats:
+    read: int = 0
+    skipped: int = 0
+    reasons: list = field(default_factory=list)      # first few "file:line: reason"
+
+
+def _text(rec):
+    if not isinstance(rec.get("text"), str) or not rec["text"]:
+        raise ValueError("needs a non-empty string field 'text'")
+    return {"text": rec["text"], "domain": rec.get("domain")}
+
+
+def _need_str(rec, key, optional=False):
+    v = rec.get(key)
+    if v is None and optional:
+        return ""
+    if not isinstance(v, str) or (not optional and not v.strip()):
+        raise ValueError(f"field '{key}' must be a non-empty string")
+    return v
+
+
+def _alpaca(rec):
+    msgs = []
+    if rec.get("system"):
+        msgs.append({"role": "system", "content": _need_str(rec, "system")})
+    for i, pair in enumerate(rec.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"history[{i}] must be a [question, answer] pair of strings")
+        msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    inp = _need_str(rec, "input", optional=True)
+    prompt = _need_str(rec, "instruction") + ("\n" + inp if inp else "")
+    msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _need_str(rec, "output")}]
+    return {"messages": msgs, "task": rec.get("task")}
+
+
+def _sharegpt(rec):
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise ValueError("'conversations' must be a non-empty list")
+    msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+    expect_user = True
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"conversations[{i}] needs 'from' in {sorted(SHAREGPT_ROLES)} and a string 'value'")
+        role = SHAREGPT_ROLES[turn["from"]]
+        if role == "system":
+            if i != 0 or msgs:
+                raise ValueError(f"conversations[{i}]: a system turn may only come first")
+            msgs.append({"role": "system", "content": turn["value"]})
+            continue
+        if (role in ("user", "tool")) != expect_user:
+            want = "human/observation" if expect_user else "gpt/function_call"
+            raise ValueError(f"conversations[{i}]: roles out of order, expected {want} but got '{turn['from']}'")
+        msgs.append({"role": role, "content": turn["value"]})
+        expect_user = not expect_user
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError("conversation must end with a gpt/function_call turn")
+    return {"messages": msgs, "task": rec.get("task"), "tools": rec.get("tools")}
+
+
+def _preference(rec):
+    prompt = rec.get("prompt")
+    if isinstance(prompt, list):
+        msgs = prompt
+    else:
+        msgs = [{"role": "user", "content": _need_str(rec, "prompt")}]
+    return {"messages": msgs, "chosen": _need_str(rec, "chosen"), "rejected": _need_str(rec, "rejected"),
+            "task": rec.get("task")}
+
+
+def _prompts(rec):
+    ans = rec.get("answer")
+    if ans is not None and not isinstance(ans, (str, int, float)):
+        raise ValueError("field 'answer' must be a string or number")
+    return {"prompt": _need_str(rec, "prompt"), "answer": None if ans is None else str(ans), "task": rec.get("task")}
+
+
+PARSERS = {"text": _text, "alpaca": _alpaca, "sharegpt": _sharegpt, "preference": _preference, "prompts": _prompts}
+
+
+def read_records(path: str, fmt: str, on_error: str = "raise", stats: ReadStats = None) -> list:
+    """All records of a JSONL file in `fmt`, normalized (see module docstring)."""
+    if fmt not in PARSERS:
+        raise MsLlmError(f"data format '{fmt}' is not one of {sorted(PARSERS)}")
+    if not os.path.isfile(path):
+        raise MsLlmError(f"{path}: data file not found")
+    stats = stats if stats is not None else ReadStats()
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("a record must be a JSON object")
+                out.append(PARSERS[fmt](rec))
+                stats.read += 1
+            except ValueError as e:
+                reason = f"{path}:{lineno}: {'malformed JSON: ' + e.msg if isinstance(e, json.JSONDecodeError) else e}"
+                if on_error != "skip":
+                    raise MsLlmError(reason + " (set data.on_error: skip to skip such lines)") from None
+                stats.skipped += 1
+                if len(stats.reasons) < 20:
+                    stats.reasons.append(reason)
+    return out

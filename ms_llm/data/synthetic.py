@@ -1,0 +1,161 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Deterministic synthetic datasets that every tiny config, test and demo shares: `ms-llm data synth --out DIR`.
+
+Everything is generated from a seed, is small, and is learnable by a tiny model on CPU in minutes, so later
+stages can show real accuracy gains:
+  * pretrain_{general,science,code}.jsonl   multi-domain text with domain tags
+  * sft_alpaca.jsonl / sft_sharegpt.jsonl    instructions tagged qa, code, translation, reasoning
+  * dialogues.jsonl                          multi-turn sharegpt conversations
+  * preference.jsonl                         a correct and a subtly wrong answer per prompt
+  * prompts_{train,eval}.jsonl               verifiable prompts (arithmetic, string transforms) with answers
+  * eval_{general,science,code}.jsonl        held-out text per domain
+  * tokenizer/                               a SentencePiece model trained on all of it
+  * MANIFEST.json                            SHA256 of every file and a version tag
+"""
+import hashlib
+import json
+import os
+import random
+
+ELEMENTS = [("hydrogen", 1), ("helium", 2), ("lithium", 3), ("carbon", 6), ("nitrogen", 7), ("oxygen", 8),
+            ("sodium", 11), ("aluminium", 13), ("silicon", 14), ("sulfur", 16), ("chlorine", 17), ("argon", 18),
+            ("potassium", 19), ("calcium", 20), ("iron", 26), ("copper", 29), ("zinc", 30), ("silver", 47),
+            ("gold", 79), ("uranium", 92)]
+NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea"]
+PLACES = ["market", "station", "library", "harbor", "plant", "school", "garden", "lab"]
+ITEMS = ["apples", "valves", "books", "pumps", "cables", "lamps", "pipes", "tools"]
+WORDS = ["pump", "valve", "core", "rod", "steam", "water", "fuel", "loop", "grid", "wind", "solar", "cable"]
+
+
+def zorbish(word: str) -> str:
+    """The toy language of the translation task: every letter shifted by one (z -> a)."""
+    return "".join(chr((ord(c) - 97 + 1) % 26 + 97) if c.isalpha() else c for c in word)
+
+
+def general_text(r: random.Random) -> str:
+    n = r.randint(2, 9)
+    return (f"{r.choice(NAMES)} went to the {r.choice(PLACES)} and bought {n} {r.choice(ITEMS)}. "
+            f"Later {r.choice(NAMES)} met {r.choice(NAMES)} at the {r.choice(PLACES)}.")
+
+
+def science_text(r: random.Random) -> str:
+    (e1, z1), (e2, z2) = r.sample(ELEMENTS, 2)
+    return f"The atomic number of {e1} is {z1}. The atomic number of {e2} is {z2}. {e1.capitalize()} has {z1} protons."
+
+
+def code_text(r: random.Random) -> str:
+    k, name = r.randint(1, 20), r.choice(["add", "mul", "sub"])
+    op = {"add": "+", "mul": "*", "sub": "-"}[name]
+    return f"def {name}_{k}(x):\n    return x {op} {k}\n\nprint({name}_{k}({r.randint(0, 9)}))"
+
+
+def task_example(r: random.Random, task: str):
+    """(instruction, answer) for one task: qa, code, translation or reasoning."""
+    if task == "qa":
+        e, z = r.choice(ELEMENTS)
+        return f"What is the atomic number of {e}?", str(z)
+    if task == "code":
+        k = r.randint(1, 20)
+        return f"Write a Python function add_{k} that adds {k} to x.", f"def add_{k}(x):\n    return x + {k}"
+    if task == "translation":
+        words = r.sample(WORDS, r.randint(1, 3))
+        return f"Translate to Zorbish: {' '.join(words)}", " ".join(zorbish(w) for w in words)
+    a, b = r.randint(10, 99), r.randint(10, 99)
+    return f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}."
+
+
+def verifiable_prompt(r: random.Random) -> dict:
+    kind = r.choice(["add", "reverse", "upper"])
+    if kind == "add":
+        a, b = r.randint(10, 99), r.randint(10, 99)
+        return {"prompt": f"What is {a} + {b}?", "answer": str(a + b), "task": "arithmetic"}
+    w = r.choice(WORDS)
+    if kind == "reverse":
+        return {"prompt": f"Reverse the word {w}.", "answer": w[::-1], "task": "string"}
+    return {"prompt": f"Uppercase the word {w}.", "answer": w.upper(), "task": "string"}
+
+
+def preference_pair(r: random.Random) -> dict:
+    instr, answer = task_example(r, r.choice(["qa", "reasoning"]))
+    wrong = answer
+    digits = [i for i, c in enumerate(answer) if c.isdigit()]
+    i = digits[-1]                                      # subtly wrong: the last digit off by one
+    wrong = answer[:i] + str((int(answer[i]) + 1) % 10) + answer[i + 1:]
+    return {"prompt": instr, "chosen": answer, "rejected": wrong}
+
+
+def dialogue(r: random.Random) -> dict:
+    conv = []
+    for _ in range(r.randint(2, 4)):
+        q, a = task_example(r, r.choice(["qa", "reasoning", "translation"]))
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"conversations": conv, "task": "dialogue"}
+
+
+TASKS = ["qa", "code", "translation", "reasoning"]
+
+
+def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 2000, n_eval: int = 200,
+               vocab_size: int = 512, version: str = "SYNTH_v1") -> dict:
+    """Write every dataset (see module docstring); returns the manifest. Same seed -> same bytes."""
+    os.makedirs(out_dir, exist_ok=True)
+    r = random.Random(seed)
+    files = {}
+
+    def write(name, records):
+        path = os.path.join(out_dir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        files[name] = path
+
+    makers = {"general": general_text, "science": science_text, "code": code_text}
+    for domain, make in makers.items():
+        write(f"pretrain_{domain}.jsonl", [{"text": make(r), "domain": domain} for _ in range(n_text)])
+        write(f"eval_{domain}.jsonl", [{"text": make(r), "domain": domain} for _ in range(n_eval)])
+    alpaca = []
+    for _ in range(n_sft):
+        task = r.choice(TASKS)
+        instr, ans = task_example(r, task)
+        alpaca.append({"instruction": instr, "input": "", "output": ans, "task": task})
+    write("sft_alpaca.jsonl", alpaca)
+    write("sft_sharegpt.jsonl", [{"conversations": [{"from": "human", "value": a["instruction"]},
+                                                    {"from": "gpt", "value": a["output"]}], "task": a["task"]}
+                                 for a in alpaca[: n_sft // 2]])
+    write("dialogues.jsonl", [dialogue(r) for _ in range(n_sft // 2)])
+    write("preference.jsonl", [preference_pair(r) for _ in range(n_sft // 2)])
+    write("prompts_train.jsonl", [verifiable_prompt(r) for _ in range(n_sft)])
+    write("prompts_eval.jsonl", [verifiable_prompt(r) for _ in range(n_eval)])
+    corpus = os.path.join(out_dir, "tokenizer_corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+        for name, path in files.items():
+            with open(path, encoding="utf-8") as src:
+                for line in src:
+                    f.write(" ".join(str(v) for v in _strings(json.loads(line))) + "\n")
+    from ms_llm.data.tokenizer import train_sentencepiece
+    train_sentencepiece(corpus, os.path.join(out_dir, "tokenizer"), vocab_size)
+    os.remove(corpus)
+    manifest = {"version": version, "seed": seed,
+                "files": {name: _sha256(path) for name, path in sorted(files.items())}}
+    with open(os.path.join(out_dir, "MANIFEST.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

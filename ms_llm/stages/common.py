@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plain functions every stage shares: run directory, model and tokenizer from the config, final export."""
+import json
+import logging
+import os
+
+from ms_llm.config import ExperimentConfig, to_yaml
+from ms_llm.data.tokenizer import Tokenizer
+from ms_llm.errors import MsLlmError
+from ms_llm.models import CausalLM, load_pretrained, preset, save_pretrained
+from ms_llm.models.io import resolve_model_dir
+from ms_llm.training import checkpoint as ckpt
+from ms_llm.training.metrics import plot_metrics, read_metrics, write_summary
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(cfg: ExperimentConfig) -> str:
+    run_dir = cfg.train.output_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.resolved.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    return run_dir
+
+
+def check_init_hash(path: str, expected: str) -> str:
+    """Refuse to start from weights whose manifest hash differs from `expected` (stage hand-off)."""
+    model_dir = resolve_model_dir(path)
+    manifest_path = os.path.join(model_dir, "MANIFEST.json")
+    if not os.path.isfile(manifest_path):
+        raise MsLlmError(f"model.init_sha256 is set but {model_dir} has no MANIFEST.json to check it against")
+    manifest = ckpt.verify(model_dir)
+    got = manifest.get("model_sha256")
+    if got != expected:
+        raise MsLlmError(f"{manifest_path}: model_sha256 {got} does not match model.init_sha256 {expected}; "
+                         "refusing to start from different weights")
+    return got
+
+
+def build_model(cfg: ExperimentConfig, compute_dtype: str) -> CausalLM:
+    m = cfg.model
+    if m.init_from:
+        if m.init_sha256:
+            check_init_hash(m.init_from, m.init_sha256)
+        model = load_pretrained(m.init_from, dtype=compute_dtype)
+        if m.overrides:
+            raise MsLlmError("model.overrides cannot change a model loaded with model.init_from")
+        return model
+    try:
+        return CausalLM(preset(m.preset, **dict(m.overrides, compute_dtype=compute_dtype)))
+    except TypeError as e:
+        raise MsLlmError(f"model.overrides: {e}") from None
+
+
+def load_tokenizer(cfg: ExperimentConfig) -> Tokenizer:
+    path = cfg.tokenizer.path or (resolve_model_dir(cfg.model.init_from) if cfg.model.init_from else None)
+    if not path:
+        raise MsLlmError("tokenizer.path is not set and there is no model.init_from to take it from")
+    return Tokenizer.load(path)
+
+
+def export_final(run_dir: str, model, tokenizer, version: str = None) -> dict:
+    """final/: Hugging Face layout + tokenizer + MANIFEST.json; returns summary.json's `final` entry."""
+    final = os.path.join(run_dir, "final")
+    tmp = final + ".tmp"
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp)
+    model_cfg = json.load(open(os.path.join(tmp, "config.json")))
+    model_cfg["compute_dtype_trained"] = model.config.compute_dtype
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    manifest = ckpt.write_manifest(tmp, version=version)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return {"path": os.path.abspath(final), "sha256": manifest["model_sha256"], "version": version}
+
+
+def finish(run_dir: str, stage: str, status: str, steps: int, metrics: dict, final: dict = None, gates=None,
+           plots: bool = True) -> dict:
+    summary = write_summary(run_dir, stage, status, steps, metrics, gates, final)
+    if plots:
+        plot_metrics(run_dir)
+    write_report(run_dir, summary)
+    return summary
+
+
+def write_report(run_dir: str, summary: dict):
+    rows = read_metrics(run_dir)
+    lines = [f"# {summary['stage']} run: {summary['status']}", "", f"Steps: {summary['steps']}", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary["metrics"].items()]
+    if summary.get("gates"):
+        lines += ["", "| gate | value | threshold | passed |", "|---|---|---|---|"]
+        lines += [f"| {k} | {g['value']} | {g['op']} {g['threshold']} | {g['passed']} |" for k, g in summary["gates"].items()]
+    if summary.get("final"):
+        lines += ["", f"Final model: `{summary['final']['path']}` (sha256 `{summary['final']['sha256']}`)"]
+    if rows:
+        lines += ["", f"Logged steps: {len(rows)}; plots in `plots/`."]
+    with open(os.path.join(run_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")

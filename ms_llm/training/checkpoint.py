@@ -1,0 +1,169 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Crash-safe checkpoints.
+
+    checkpoints/step_000200/{model.safetensors, config.json, optimizer.safetensors, trainer_state.json, MANIFEST.json}
+    checkpoints/latest        -> "step_000200" (updated last, atomically)
+
+A checkpoint is written into `.tmp_step_...`, every file fsynced, MANIFEST.json (SHA256 of every file)
+written last, then the directory is renamed into place and `latest` replaced. A directory without a
+manifest (a crash mid-write) is skipped by `find_resume` with a warning; a file whose SHA256 does not match
+its manifest is refused with an error, since silently training on corrupt weights is worse than stopping.
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+
+from ms_llm import __version__
+from ms_llm.errors import MsLlmError
+from ms_llm.models.io import save_pretrained
+from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d+)$")
+WEIGHT_FILES = re.compile(r".*\.safetensors(\.index\.json)?$")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: str, version: str = None, extra: dict = None) -> dict:
+    """Hash every file in `folder` into MANIFEST.json (written atomically); returns the manifest."""
+    files = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+             if n != "MANIFEST.json" and os.path.isfile(os.path.join(folder, n)) and ".tmp." not in n}
+    manifest = {"ms_llm_version": __version__, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": files, "model_sha256": model_hash(files), **(extra or {})}
+    tmp = os.path.join(folder, "MANIFEST.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, "MANIFEST.json"))
+    _fsync_dir(folder)
+    return manifest
+
+
+def model_hash(files: dict) -> str:
+    """The model's identity for stage hand-off: SHA256 over the hashes of its weight files."""
+    weights = {k: v for k, v in files.items() if WEIGHT_FILES.match(k) and not k.startswith("optimizer")}
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
+
+
+def verify(folder: str) -> dict:
+    """Check every file against MANIFEST.json; raises MsLlmError naming the first bad file."""
+    path = os.path.join(folder, "MANIFEST.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MsLlmError(f"{path}: unreadable manifest ({e})") from None
+    for name, want in manifest["files"].items():
+        fpath = os.path.join(folder, name)
+        if not os.path.isfile(fpath):
+            raise MsLlmError(f"{fpath}: listed in MANIFEST.json but missing")
+        got = sha256_file(fpath)
+        if got != want:
+            raise MsLlmError(f"{fpath}: SHA256 {got[:16]}... does not match MANIFEST.json ({want[:16]}...); "
+                             "the file is corrupt — restore it or resume from another checkpoint")
+    return manifest
+
+
+def save_checkpoint(root: str, step: int, model, optimizer_state: dict, trainer_state: dict, keep: int = 5,
+                    weights_writer=None) -> str:
+    """Write checkpoint `step` atomically, point `latest` at it, prune to `keep`; returns its path.
+
+    `weights_writer(folder)` replaces the full-model export (LoRA writes only its adapter).
+    """
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    (weights_writer or (lambda d: save_pretrained(model, d)))(tmp)
+    write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
+                      {k: np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        json.dump(trainer_state, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    write_manifest(tmp, extra={"step": step})
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    latest_tmp = os.path.join(root, "latest.tmp")
+    with open(latest_tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, os.path.join(root, "latest"))
+    _prune(root, keep, name)
+    return final
+
+
+def list_checkpoints(root: str) -> list:
+    """Step directories under root, newest first, as (step, path)."""
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := STEP_DIR.match(d))]
+    return sorted(found, reverse=True)
+
+
+def _prune(root: str, keep: int, protect: str):
+    for _, path in list_checkpoints(root)[keep:]:
+        if os.path.basename(path) != protect:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_resume(root: str):
+    """Newest complete checkpoint (verified), or None. Incomplete ones are skipped with a warning."""
+    if os.path.isdir(root):
+        for d in os.listdir(root):
+            if d.startswith(".tmp_"):
+                log.warning("ignoring half-written checkpoint directory %s", os.path.join(root, d))
+    for step, path in list_checkpoints(root):
+        if not os.path.isfile(os.path.join(path, "MANIFEST.json")):
+            log.warning("ignoring incomplete checkpoint %s (no MANIFEST.json)", path)
+            continue
+        verify(path)
+        return path
+    return None
+
+
+def load_optimizer_state(folder: str, optimizer_state: dict):
+    """Copy optimizer.safetensors into the given {name: Parameter}; every name must be present."""
+    import mindspore as ms
+    saved = read_safetensors(os.path.join(folder, "optimizer.safetensors"))
+    missing = sorted(set(optimizer_state) - set(saved))
+    if missing:
+        raise MsLlmError(f"{folder}/optimizer.safetensors: missing optimizer state {missing[:5]} "
+                         "(was the checkpoint written by a different model or optimizer?)")
+    for name, param in optimizer_state.items():
+        if tuple(saved[name].shape) != tuple(param.shape):
+            raise MsLlmError(f"{folder}/optimizer.safetensors: '{name}' has shape {list(saved[name].shape)}, "
+                             f"expected {list(param.shape)}")
+        param.set_data(ms.Tensor(saved[name].astype(param.asnumpy().dtype)))
+
+
+def read_trainer_state(folder: str) -> dict:
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        return json.load(f)

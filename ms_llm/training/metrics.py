@@ -1,0 +1,91 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Run outputs: metrics.jsonl (one object per logged step), TensorBoard events, summary.json, plots."""
+import json
+import math
+import os
+
+SUMMARY_STATUSES = ("completed", "stopped_early", "failed")
+
+
+class RunLogger:
+    """Appends metric lines (rank 0 only); mirrors scalars to TensorBoard when enabled."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def truncate_after(self, step: int):
+        """On resume: drop lines a crashed run logged after the checkpoint it resumes from."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        kept = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, values: dict):
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, float) else v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str) -> list:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(run_dir: str, stage: str, status: str, steps: int, metrics: dict, gates: dict = None,
+                  final: dict = None) -> dict:
+    """summary.json as DESIGN.md defines it (written atomically)."""
+    assert status in SUMMARY_STATUSES
+    summary = {"stage": stage, "status": status, "steps": steps, "metrics": metrics, "gates": gates or {},
+               "final": final}
+    tmp = os.path.join(run_dir, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "summary.json"))
+    return summary
+
+
+def plot_metrics(run_dir: str, keys=("loss", "lr", "grad_norm", "eval/loss")) -> list:
+    """One PNG per metric under plots/; returns the written paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(run_dir)
+    os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
+    out = []
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*pts))
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        path = os.path.join(run_dir, "plots", key.replace("/", "_") + ".png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        out.append(path)
+    return out

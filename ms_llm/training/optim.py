@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: Apache-2.0
+"""AdamW (with bias correction, as in Loshchilov & Hutter 2019 / torch.optim.AdamW) and LR schedules.
+
+The optimizer is a GRAPH_MODE cell whose state (m, v, step) is ordinary Parameters, so checkpoints hold it
+exactly. The learning rate is an input of every call, computed by the trainer from `lr_at(step)`, a pure
+function of the step: resuming at step N gives the same lr as never stopping. (It is not a Parameter on
+purpose: `Parameter.set_data` between GRAPH_MODE calls did not reach the compiled graph in MindSpore 2.7,
+so a Parameter lr silently stayed at its first value.)
+"""
+import math
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+_adamw = ops.MultitypeFuncGraph("adamw")
+
+
+@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor")
+def _adamw_update(beta1, beta2, eps, bc1, bc2, lr, wd, param, m, v, grad):
+    g = grad.astype(ms.float32)
+    m_new = beta1 * m + (1.0 - beta1) * g
+    v_new = beta2 * v + (1.0 - beta2) * ops.square(g)
+    update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps) + wd * param
+    ops.assign(m, m_new)
+    ops.assign(v, v_new)
+    return ops.assign(param, param - lr * update)
+
+
+def no_decay(name: str, shape) -> bool:
+    """Norm weights, biases and other vectors get no weight decay."""
+    return len(shape) < 2 or name.endswith(".bias") or "norm" in name
+
+
+class AdamW(nn.Cell):
+    """Decoupled-weight-decay Adam over `params`; call with a tuple of gradients."""
+
+    def __init__(self, params, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0, lr_scales=None):
+        super().__init__(auto_prefix=False)
+        self.parameters = ParameterTuple(params)
+        self.m = self.parameters.clone(prefix="adam_m", init="zeros")
+        self.v = self.parameters.clone(prefix="adam_v", init="zeros")
+        self.step = Parameter(Tensor(0, ms.int32), name="adam_step", requires_grad=False)
+        scales = lr_scales or [1.0] * len(self.parameters)
+        self.lr_scales = tuple(Tensor(s, ms.float32) for s in scales)    # per-parameter lr multipliers (μP)
+        self.wd = tuple(Tensor(0.0 if no_decay(p.name, p.shape) else weight_decay, ms.float32) for p in self.parameters)
+        self.beta1, self.beta2 = Tensor(betas[0], ms.float32), Tensor(betas[1], ms.float32)
+        self.eps = Tensor(eps, ms.float32)
+        self.map = ops.HyperMap()
+
+    def construct(self, grads, lr):
+        """grads: tuple matching `parameters`; lr: float32 scalar Tensor."""
+        step = self.step + 1
+        ops.assign(self.step, step)
+        t = step.astype(ms.float32)
+        bc1, bc2 = 1.0 - ops.pow(self.beta1, t), 1.0 - ops.pow(self.beta2, t)
+        lrs = self.map(ops.partial(ops.mul, lr), self.lr_scales)
+        return self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
+                        self.parameters, self.m, self.v, grads)
+
+    def state_tensors(self) -> dict:
+        out = {p.name: p for p in self.m}
+        out.update({p.name: p for p in self.v})
+        out[self.step.name] = self.step
+        return out
+
+
+def lr_at(step: int, peak: float, max_steps: int, kind: str = "cosine", warmup: int = 0, min_ratio: float = 0.0,
+          decay_steps=None, decay_shape: str = "cosine") -> float:
+    """Learning rate for optimizer step `step` (0-based): warmup, then constant / linear / cosine / WSD.
+
+    WSD (warmup-stable-decay, MiniCPM): hold the peak until the last `decay_steps`, then decay to
+    min_ratio * peak with the chosen shape (linear, cosine, sqrt = 1 - sqrt(progress), exp).
+    """
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    floor = peak * min_ratio
+    if kind == "constant":
+        return peak
+    if kind == "wsd":
+        span = decay_steps if decay_steps is not None else max(1, round(0.1 * max_steps))
+        start = max_steps - span
+        if step < start:
+            return peak
+        p = min(1.0, (step - start) / max(1, span))
+        shape = {"linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p)), "sqrt": 1 - math.sqrt(p),
+                 "exp": (min_ratio if min_ratio > 0 else 1e-3) ** p}[decay_shape]
+        return floor + (peak - floor) * shape if decay_shape != "exp" else peak * shape
+    p = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if kind == "linear":
+        return floor + (peak - floor) * (1 - p)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * p))
+

@@ -1,0 +1,155 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Train-step cells: the only place gradients are taken.
+
+A loss cell returns (numerator, denominator), e.g. (sum of token losses, number of tokens). Gradients are
+taken of `numerator * loss_scale`, summed over micro-batches (and, under data parallel, over ranks) and
+divided by the summed denominator and the scale. So the update equals one big batch exactly, however the
+global batch is split, and the loss is normalized by the real token count (seed 003's point about loss
+normalization under accumulation).
+
+    FusedStep    one micro-batch per update (no accumulation buffers)
+    MicroStep    forward + backward of one micro-batch, added into accumulation buffers
+    ApplyStep    unscale, overflow check, clip, optimizer, dynamic loss-scale update, zero the buffers
+
+A non-finite gradient skips the optimizer entirely (weights, Adam moments and step count untouched) and
+shrinks the loss scale by `factor`; `window` clean steps in a row grow it by `factor`.
+"""
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+
+class LossScaleState(nn.Cell):
+    """Dynamic (or fixed) loss scale with its clean-step counter, as Parameters that checkpoints hold."""
+
+    def __init__(self, dynamic: bool, init: float = 65536.0, factor: float = 2.0, window: int = 1000):
+        super().__init__(auto_prefix=False)
+        self.dynamic = dynamic
+        self.scale = Parameter(Tensor(init if dynamic else 1.0, ms.float32), name="loss_scale", requires_grad=False)
+        self.good = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
+        self.factor, self.window = Tensor(factor, ms.float32), window
+
+    def update(self, finite):
+        if not self.dynamic:
+            return self.scale
+        good = self.good + 1
+        grow = ops.logical_and(finite, good >= self.window)
+        new_scale = ops.select(finite, ops.select(grow, self.scale * self.factor, self.scale),
+                               ops.maximum(self.scale / self.factor, 1.0))
+        new_good = ops.select(ops.logical_and(finite, ops.logical_not(grow)), good, ops.zeros_like(good))
+        ops.assign(self.good, new_good)
+        return ops.assign(self.scale, new_scale)
+
+
+def _all_finite(grads):
+    return ops.stack([ops.isfinite(g).all() for g in grads]).all()
+
+
+def _global_norm(grads):
+    return ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
+
+
+class _Apply:
+    """Shared tail of FusedStep and ApplyStep (a plain mixin; the cells call it inside construct)."""
+
+    def _finish(self, grads, denom, lr):
+        scale = self.loss_scale.scale
+        inv = 1.0 / (scale * ops.maximum(denom, 1e-12))
+        grads = self.map(ops.partial(ops.mul, inv), grads)
+        finite = _all_finite(grads)
+        norm = _global_norm(grads)
+        if self.clip > 0:
+            factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
+            grads = self.map(ops.partial(ops.mul, factor), grads)
+        if finite:
+            self.optimizer(grads, lr)
+        new_scale = self.loss_scale.update(finite)
+        return norm, finite, new_scale
+
+
+class FusedStep(nn.Cell, _Apply):
+    """forward + backward + update for one micro-batch. Returns (loss, grad_norm, finite, loss_scale)."""
+
+    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None):
+        super().__init__(auto_prefix=False)
+        self.loss_net, self.optimizer, self.loss_scale, self.clip = loss_net, optimizer, loss_scale, clip
+        self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
+        self.map, self.reducer = ops.HyperMap(), reducer
+
+    def _scaled(self, *batch):
+        num, den = self.loss_net(*batch)
+        return num * self.loss_scale.scale, num, den
+
+    def construct(self, lr, *batch):
+        (_, num, den), grads = self.grad_fn(*batch)
+        if self.reducer is not None:
+            grads, num, den = self.reducer(grads, num, den)
+        norm, finite, scale = self._finish(grads, den, lr)
+        return num / ops.maximum(den, 1e-12), norm, finite, scale
+
+
+class MicroStep(nn.Cell):
+    """forward + backward of one micro-batch; adds gradients, numerator and denominator into buffers."""
+
+    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum):
+        super().__init__(auto_prefix=False)
+        self.loss_net, self.loss_scale, self.accum = loss_net, loss_scale, accum
+        self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
+        self.num = Parameter(Tensor(0.0, ms.float32), name="accum_num", requires_grad=False)
+        self.den = Parameter(Tensor(0.0, ms.float32), name="accum_den", requires_grad=False)
+        self.map = ops.HyperMap()
+
+    def _scaled(self, *batch):
+        num, den = self.loss_net(*batch)
+        return num * self.loss_scale.scale, num, den
+
+    def construct(self, *batch):
+        (_, num, den), grads = self.grad_fn(*batch)
+        ops.assign_add(self.num, num)
+        ops.assign_add(self.den, den)
+        return ops.depend(num / ops.maximum(den, 1e-12), self.map(ops.assign_add, self.accum, grads))
+
+
+class ApplyStep(nn.Cell, _Apply):
+    """Apply the accumulated gradients. Returns (loss over the whole update, grad_norm, finite, loss_scale)."""
+
+    def __init__(self, micro: MicroStep, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None):
+        super().__init__(auto_prefix=False)
+        self.micro, self.optimizer, self.loss_scale, self.clip = micro, optimizer, loss_scale, clip
+        self.accum, self.map, self.reducer = micro.accum, ops.HyperMap(), reducer
+
+    def construct(self, lr):
+        grads, num, den = self.accum, self.micro.num * 1.0, self.micro.den * 1.0
+        if self.reducer is not None:
+            grads, num, den = self.reducer(grads, num, den)
+        norm, finite, scale = self._finish(grads, den, lr)
+        loss = num / ops.maximum(den, 1e-12)
+        zeroed = self.map(ops.assign, self.accum, self.map(ops.zeros_like, self.accum))
+        loss = ops.depend(loss, zeroed)
+        loss = ops.depend(loss, ops.assign(self.micro.num, ops.zeros_like(num)))
+        loss = ops.depend(loss, ops.assign(self.micro.den, ops.zeros_like(den)))
+        return loss, norm, finite, scale
+
+
+class TrainStep:
+    """What the trainer calls: `step(micro_batches, lr)` -> dict of loss, grad_norm, finite, loss_scale."""
+
+    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum_steps: int = 1, clip: float = 1.0,
+                 reducer=None):
+        self.accum_steps = accum_steps
+        if accum_steps == 1:
+            self.fused = FusedStep(loss_net, optimizer, loss_scale, clip, reducer)
+        else:
+            buffers = optimizer.parameters.clone(prefix="accum", init="zeros")
+            self.micro = MicroStep(loss_net, optimizer, loss_scale, buffers)
+            self.apply = ApplyStep(self.micro, optimizer, loss_scale, clip, reducer)
+
+    def __call__(self, micro_batches, lr: float) -> dict:
+        lr = Tensor(lr, ms.float32)
+        if self.accum_steps == 1:
+            loss, norm, finite, scale = self.fused(lr, *micro_batches[0])
+        else:
+            for batch in micro_batches:
+                self.micro(*batch)
+            loss, norm, finite, scale = self.apply(lr)
+        return {"loss": float(loss.asnumpy()), "grad_norm": float(norm.asnumpy()),
+                "finite": bool(finite.asnumpy()), "loss_scale": float(scale.asnumpy())}

@@ -1,0 +1,153 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The training loop every stage shares: optimizer, mixed precision, resume, logging, checkpoints, eval.
+
+A stage hands over a `StageSpec` (its loss cell, how to fetch micro-batch i, and an optional evaluation);
+`train` does the rest. Nothing here knows which objective it is optimizing.
+"""
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import mindspore as ms
+import numpy as np
+
+from ms_llm.config import ExperimentConfig
+from ms_llm.training import checkpoint as ckpt
+from ms_llm.training.metrics import RunLogger
+from ms_llm.training.optim import AdamW, lr_at
+from ms_llm.training.step import LossScaleState, TrainStep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSpec:
+    loss_net: object                                 # cell: (*batch) -> (numerator, denominator)
+    batch_keys: tuple                                # order of the numpy batch fields passed to loss_net
+    next_batch: Callable[[int], dict]                # micro-batch index (over the run) -> numpy batch
+    tokens_per_micro: int                            # for tokens/s
+    evaluate: Optional[Callable[[], dict]] = None    # -> {"eval/<name>": value}
+    params: Optional[list] = None                    # trainable parameters (default: all of loss_net's)
+    weights_writer: Optional[Callable] = None        # checkpoint weight export (LoRA: adapter only)
+    lr_scales: Optional[list] = None                 # per-parameter lr multipliers
+    extra_state: Callable[[], dict] = field(default=lambda: {})   # stage state saved in trainer_state.json
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: dict
+    history: list
+    resumed_from: Optional[str] = None
+
+
+def amp_compute_dtype(cfg: ExperimentConfig) -> str:
+    """The model's matmul dtype for the configured AMP level."""
+    return "float32" if cfg.train.amp_level == "O0" else cfg.train.compute_dtype
+
+
+def uses_loss_scaling(cfg: ExperimentConfig) -> bool:
+    t = cfg.train
+    if t.loss_scale == "auto":
+        return t.amp_level != "O0" and t.compute_dtype == "float16"
+    return t.loss_scale == "dynamic"
+
+
+def build_optimizer(cfg: ExperimentConfig, spec: StageSpec):
+    params = spec.params if spec.params is not None else spec.loss_net.trainable_params()
+    o = cfg.optim
+    return AdamW(params, (o.beta1, o.beta2), o.eps, o.weight_decay, spec.lr_scales)
+
+
+def optimizer_state(opt: AdamW, scale: LossScaleState) -> dict:
+    state = opt.state_tensors()
+    state[scale.scale.name] = scale.scale
+    state[scale.good.name] = scale.good
+    return state
+
+
+def _to_tensors(batch: dict, keys) -> tuple:
+    return tuple(ms.Tensor(np.ascontiguousarray(batch[k])) for k in keys)
+
+
+def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int = 0, reducer=None) -> TrainResult:
+    t = cfg.train
+    opt = build_optimizer(cfg, spec)
+    scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor, t.loss_scale_window)
+    step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer)
+    state = optimizer_state(opt, scale)
+    root = os.path.join(run_dir, "checkpoints")
+    start, micro_index, resumed = 0, 0, None
+    if cfg.checkpoint.resume != "none":
+        resumed = cfg.checkpoint.resume if cfg.checkpoint.resume != "auto" else ckpt.find_resume(root)
+        if resumed:
+            if cfg.checkpoint.resume != "auto":
+                ckpt.verify(resumed)
+            from ms_llm.models.io import load_state_dict, read_weights
+            if spec.weights_writer is None:
+                load_state_dict(model, read_weights(resumed), strict=True, source=resumed)
+            ckpt.load_optimizer_state(resumed, state)
+            ts = ckpt.read_trainer_state(resumed)
+            start, micro_index = ts["step"], ts["data_position"]
+            log.info("resumed from %s at step %d", resumed, start)
+    logger = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
+    logger.truncate_after(start)
+    bar = None
+    if rank == 0 and t.progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=t.max_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
+    s = cfg.lr_schedule
+    history, last = [], {}
+    tokens_per_step = spec.tokens_per_micro * t.grad_accum_steps * cfg.parallel.data_parallel
+    spec.loss_net.set_train(True)
+    try:
+        for step in range(start, t.max_steps):
+            lr = lr_at(step, cfg.optim.lr, t.max_steps, s.type, s.warmup_steps, s.min_lr_ratio, s.decay_steps,
+                       s.decay_shape)
+            batches = [_to_tensors(spec.next_batch(micro_index + j), spec.batch_keys) for j in range(t.grad_accum_steps)]
+            tic = time.perf_counter()
+            out = step_fn(batches, lr)
+            dt = time.perf_counter() - tic
+            micro_index += t.grad_accum_steps
+            row = {"loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
+                   "tokens_per_s": tokens_per_step / max(dt, 1e-9), "loss_scale": out["loss_scale"],
+                   "skipped": not out["finite"]}
+            history.append(row)
+            done = step + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if t.eval_every and done % t.eval_every == 0 and spec.evaluate and done != t.max_steps:
+                row.update(_evaluate(spec))
+            if done % t.log_every == 0 or done == t.max_steps or "eval/loss" in row or row["skipped"]:
+                logger.log(done, row)
+            last = row
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.max_steps:
+                if done == t.max_steps and spec.evaluate:
+                    last.update(_evaluate(spec))
+                    logger.log(done, {k: v for k, v in last.items() if k.startswith("eval/")})
+                if rank == 0:
+                    ckpt.save_checkpoint(root, done, model, state,
+                                         {"step": done, "data_position": micro_index, "seed": t.seed,
+                                          "loss_scale": float(scale.scale.asnumpy()), **spec.extra_state()},
+                                         cfg.checkpoint.keep, spec.weights_writer)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    spec.loss_net.set_train(False)
+    metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if history:
+        metrics["first_loss"] = history[0]["loss"]
+        metrics["skipped_steps"] = sum(h["skipped"] for h in history)
+    return TrainResult(t.max_steps, metrics, history, resumed)
+
+
+def _evaluate(spec: StageSpec) -> dict:
+    spec.loss_net.set_train(False)
+    try:
+        return spec.evaluate()
+    finally:
+        spec.loss_net.set_train(True)

@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Train-step cells: accumulation equals the big batch, AdamW equals torch, fp16 loss scaling skips overflow."""
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from ms_llm.losses.lm import LMLoss
+from ms_llm.models import CausalLM, preset
+from ms_llm.training.optim import AdamW, lr_at
+from ms_llm.training.step import LossScaleState, TrainStep
+
+
+def _batch(n=8, s=33, seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, 512, (n, s)).astype(np.int32)
+    labels = ids[:, 1:].copy()
+    labels[0, :10] = -100            # uneven token counts across micro-batches: normalization must still match
+    labels[n - 3, 3:20] = -100
+    return ids[:, :-1], labels
+
+
+def _weights(model):
+    return {p.name: p.asnumpy().copy() for p in model.get_parameters()}
+
+
+def _one_update(accum, micro, compute_dtype="float32", scale=None):
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny", compute_dtype=compute_dtype))
+    loss_net = LMLoss(model)
+    opt = AdamW(loss_net.trainable_params(), weight_decay=0.1)
+    step = TrainStep(loss_net, opt, scale or LossScaleState(False), accum, clip=1.0)
+    ids, labels = _batch()
+    out = step([(Tensor(ids[i:i + micro]), Tensor(labels[i:i + micro])) for i in range(0, 8, micro)], 1e-3)
+    return model, out
+
+
+def test_accumulation_equals_big_batch(graph_mode):
+    big, out_big = _one_update(1, 8)
+    acc, out_acc = _one_update(4, 2)
+    assert abs(out_big["loss"] - out_acc["loss"]) < 1e-5 and abs(out_big["grad_norm"] - out_acc["grad_norm"]) < 1e-5
+    wb, wa = _weights(big), _weights(acc)
+    assert max(np.abs(wb[k] - wa[k]).max() for k in wb) <= 1e-5
+    ms.set_seed(0)
+    init = _weights(CausalLM(preset("tiny")))
+    changed = [k for k in wb if not np.array_equal(wb[k], init[k])]
+    assert len(changed) == len(wb)              # every trainable parameter moved
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_adamw_matches_torch(mode):
+    """Including a learning rate that changes every step (a GRAPH_MODE graph must see each new value)."""
+    import torch
+    if mode == "graph":
+        ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    w0, x, y = rng.randn(4, 3).astype(np.float32), rng.randn(16, 3).astype(np.float32), rng.randn(16, 4).astype(np.float32)
+    b0 = rng.randn(4).astype(np.float32)
+
+    class Lin(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.weight = ms.Parameter(Tensor(w0), name="weight")
+            self.bias = ms.Parameter(Tensor(b0), name="bias")
+
+        def construct(self, x, y):
+            d = ms.ops.matmul(x, self.weight.T) + self.bias - y
+            return (d * d).sum(), ms.ops.ones((), ms.float32) * 16
+
+    net = Lin()
+    opt = AdamW(net.trainable_params(), (0.9, 0.99), 1e-8, weight_decay=0.1)
+    step = TrainStep(net, opt, LossScaleState(False), 1, clip=0.0)
+    tw, tb = torch.tensor(w0, requires_grad=True), torch.tensor(b0, requires_grad=True)
+    topt = torch.optim.AdamW([{"params": [tw], "weight_decay": 0.1}, {"params": [tb], "weight_decay": 0.0}],
+                             lr=0.05, betas=(0.9, 0.99), eps=1e-8)
+    for i in range(6):
+        lr = lr_at(i, 0.05, 6, "cosine", 2, 0.1)
+        for g in topt.param_groups:
+            g["lr"] = lr
+        step([(Tensor(x), Tensor(y))], lr)
+        topt.zero_grad()
+        (((torch.tensor(x) @ tw.T + tb - torch.tensor(y)) ** 2).sum() / 16).backward()
+        topt.step()
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    np.testing.assert_allclose(net.weight.asnumpy(), tw.detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(net.bias.asnumpy(), tb.detach().numpy(), atol=1e-6)   # no decay on the bias
+
+
+def test_fp16_loss_scaling_skips_overflow_then_trains(graph_mode):
+    """A 2^40 loss scale overflows float16 gradients: those updates are skipped, the scale halves, then it trains."""
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny", compute_dtype="float16"))
+    loss_net = LMLoss(model)
+    opt = AdamW(loss_net.trainable_params(), weight_decay=0.0)
+    scale = LossScaleState(True, init=2.0 ** 40, factor=2.0, window=1000)
+    step = TrainStep(loss_net, opt, scale, 1, clip=1.0)
+    ids, labels = _batch(4, 33, seed=1)
+    batch = [(Tensor(ids), Tensor(labels))]
+    before = _weights(model)
+    first = step(batch, 3e-3)
+    assert not first["finite"] and first["loss_scale"] == 2.0 ** 39
+    after_skip = _weights(model)
+    assert all(np.array_equal(before[k], after_skip[k]) for k in before)   # skipped: weights untouched
+    assert int(opt.step.asnumpy()) == 0                                     # and Adam's step count too
+    outs = [step(batch, 3e-3) for _ in range(60)]
+    skipped = sum(not o["finite"] for o in outs)
+    assert 5 < skipped < 40 and outs[-1]["finite"]
+    assert outs[-1]["loss"] < first["loss"] - 1.0                           # it trains once the scale fits
+    assert all(np.isfinite(p.asnumpy()).all() for p in model.get_parameters())
+
+
+def test_lr_schedules():
+    assert lr_at(0, 1.0, 100, "cosine", warmup=10) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 100, "cosine", warmup=10) == pytest.approx(1.0)
+    assert lr_at(99, 1.0, 100, "cosine", 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_at(50, 1.0, 100, "linear", 0, 0.0) == pytest.approx(0.5)
+    wsd = [lr_at(s, 1.0, 100, "wsd", 10, 0.1, decay_steps=20, decay_shape="linear") for s in range(100)]
+    assert wsd[10:80] == [1.0] * 70 and wsd[90] == pytest.approx(0.55) and wsd[99] < wsd[90]
