@@ -81,7 +81,7 @@ def cmd_tokenizer(argv):
 
 
 def cmd_bench(argv):
-    benches = {"generate": "ms_llm.bench.generation"}
+    benches = {"generate": "ms_llm.bench.generation", "train": "ms_llm.bench.train"}
     if not argv or argv[0] not in benches:
         raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
     import importlib

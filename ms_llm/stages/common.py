@@ -1,6 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
 """Plain functions every stage shares: run directory, model and tokenizer from the config, final export."""
-import json
 import logging
 import os
 
@@ -10,6 +9,7 @@ from ms_llm.errors import MsLlmError
 from ms_llm.models import CausalLM, load_pretrained, preset, save_pretrained
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.training import checkpoint as ckpt
+from ms_llm.training.amp import apply_amp
 from ms_llm.training.metrics import plot_metrics, read_metrics, write_summary
 
 log = logging.getLogger(__name__)
@@ -37,19 +37,21 @@ def check_init_hash(path: str, expected: str) -> str:
     return got
 
 
-def build_model(cfg: ExperimentConfig, compute_dtype: str) -> CausalLM:
+def build_model(cfg: ExperimentConfig) -> CausalLM:
+    """The stage's model: init_from (hash-checked) or a preset with overrides, at the configured AMP level."""
     m = cfg.model
     if m.init_from:
         if m.init_sha256:
             check_init_hash(m.init_from, m.init_sha256)
-        model = load_pretrained(m.init_from, dtype=compute_dtype)
         if m.overrides:
             raise MsLlmError("model.overrides cannot change a model loaded with model.init_from")
-        return model
-    try:
-        return CausalLM(preset(m.preset, **dict(m.overrides, compute_dtype=compute_dtype)))
-    except TypeError as e:
-        raise MsLlmError(f"model.overrides: {e}") from None
+        model = load_pretrained(m.init_from)
+    else:
+        try:
+            model = CausalLM(preset(m.preset, **m.overrides))
+        except TypeError as e:
+            raise MsLlmError(f"model.overrides: {e}") from None
+    return apply_amp(model, cfg.train.amp_level, cfg.train.compute_dtype)
 
 
 def load_tokenizer(cfg: ExperimentConfig) -> Tokenizer:
@@ -66,8 +68,6 @@ def export_final(run_dir: str, model, tokenizer, version: str = None) -> dict:
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained(model, tmp)
-    model_cfg = json.load(open(os.path.join(tmp, "config.json")))
-    model_cfg["compute_dtype_trained"] = model.config.compute_dtype
     if tokenizer is not None:
         tokenizer.save(tmp)
     manifest = ckpt.write_manifest(tmp, version=version)

@@ -13,7 +13,7 @@ from ms_llm.config import ExperimentConfig
 from ms_llm.data.loader import PretrainData
 from ms_llm.losses.lm import LMLoss
 from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
-from ms_llm.training.trainer import StageSpec, amp_compute_dtype, train
+from ms_llm.training.trainer import StageSpec, train
 
 
 def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
@@ -29,7 +29,7 @@ def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
 def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, amp_compute_dtype(cfg))
+    model = build_model(cfg)
     if tokenizer.vocab_size > model.config.vocab_size:
         from ms_llm.errors import MsLlmError
         raise MsLlmError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "

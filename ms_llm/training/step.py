@@ -11,6 +11,10 @@ normalization under accumulation).
     MicroStep    forward + backward of one micro-batch, added into accumulation buffers
     ApplyStep    unscale, overflow check, clip, optimizer, dynamic loss-scale update, zero the buffers
 
+The scaled numerator is also divided by `loss_norm`, a fixed estimate of the denominator (tokens per
+micro-batch), and multiplied back at the end: the result is unchanged, but float16 gradients have the
+magnitude of a mean loss's, which is what loss-scale values are tuned for, instead of a sum's.
+
 A non-finite gradient skips the optimizer entirely (weights, Adam moments and step count untouched) and
 shrinks the loss scale by `factor`; `window` clean steps in a row grow it by `factor`.
 """
@@ -53,7 +57,7 @@ class _Apply:
 
     def _finish(self, grads, denom, lr):
         scale = self.loss_scale.scale
-        inv = 1.0 / (scale * ops.maximum(denom, 1e-12))
+        inv = self.loss_norm / (scale * ops.maximum(denom, 1e-12))
         grads = self.map(ops.partial(ops.mul, inv), grads)
         finite = _all_finite(grads)
         norm = _global_norm(grads)
@@ -69,15 +73,16 @@ class _Apply:
 class FusedStep(nn.Cell, _Apply):
     """forward + backward + update for one micro-batch. Returns (loss, grad_norm, finite, loss_scale)."""
 
-    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None):
+    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None,
+                 loss_norm: float = 1.0):
         super().__init__(auto_prefix=False)
         self.loss_net, self.optimizer, self.loss_scale, self.clip = loss_net, optimizer, loss_scale, clip
         self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
-        self.map, self.reducer = ops.HyperMap(), reducer
+        self.map, self.reducer, self.loss_norm = ops.HyperMap(), reducer, loss_norm
 
     def _scaled(self, *batch):
         num, den = self.loss_net(*batch)
-        return num * self.loss_scale.scale, num, den
+        return num * (self.loss_scale.scale / self.loss_norm), num, den
 
     def construct(self, lr, *batch):
         (_, num, den), grads = self.grad_fn(*batch)
@@ -90,9 +95,9 @@ class FusedStep(nn.Cell, _Apply):
 class MicroStep(nn.Cell):
     """forward + backward of one micro-batch; adds gradients, numerator and denominator into buffers."""
 
-    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum):
+    def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum, loss_norm: float = 1.0):
         super().__init__(auto_prefix=False)
-        self.loss_net, self.loss_scale, self.accum = loss_net, loss_scale, accum
+        self.loss_net, self.loss_scale, self.accum, self.loss_norm = loss_net, loss_scale, accum, loss_norm
         self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
         self.num = Parameter(Tensor(0.0, ms.float32), name="accum_num", requires_grad=False)
         self.den = Parameter(Tensor(0.0, ms.float32), name="accum_den", requires_grad=False)
@@ -100,7 +105,7 @@ class MicroStep(nn.Cell):
 
     def _scaled(self, *batch):
         num, den = self.loss_net(*batch)
-        return num * self.loss_scale.scale, num, den
+        return num * (self.loss_scale.scale / self.loss_norm), num, den
 
     def construct(self, *batch):
         (_, num, den), grads = self.grad_fn(*batch)
@@ -115,6 +120,7 @@ class ApplyStep(nn.Cell, _Apply):
     def __init__(self, micro: MicroStep, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None):
         super().__init__(auto_prefix=False)
         self.micro, self.optimizer, self.loss_scale, self.clip = micro, optimizer, loss_scale, clip
+        self.loss_norm = micro.loss_norm
         self.accum, self.map, self.reducer = micro.accum, ops.HyperMap(), reducer
 
     def construct(self, lr):
@@ -134,13 +140,13 @@ class TrainStep:
     """What the trainer calls: `step(micro_batches, lr)` -> dict of loss, grad_norm, finite, loss_scale."""
 
     def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum_steps: int = 1, clip: float = 1.0,
-                 reducer=None):
+                 reducer=None, loss_norm: float = 1.0):
         self.accum_steps = accum_steps
         if accum_steps == 1:
-            self.fused = FusedStep(loss_net, optimizer, loss_scale, clip, reducer)
+            self.fused = FusedStep(loss_net, optimizer, loss_scale, clip, reducer, loss_norm)
         else:
             buffers = optimizer.parameters.clone(prefix="accum", init="zeros")
-            self.micro = MicroStep(loss_net, optimizer, loss_scale, buffers)
+            self.micro = MicroStep(loss_net, optimizer, loss_scale, buffers, loss_norm)
             self.apply = ApplyStep(self.micro, optimizer, loss_scale, clip, reducer)
 
     def __call__(self, micro_batches, lr: float) -> dict:

@@ -43,11 +43,6 @@ class TrainResult:
     resumed_from: Optional[str] = None
 
 
-def amp_compute_dtype(cfg: ExperimentConfig) -> str:
-    """The model's matmul dtype for the configured AMP level."""
-    return "float32" if cfg.train.amp_level == "O0" else cfg.train.compute_dtype
-
-
 def uses_loss_scaling(cfg: ExperimentConfig) -> bool:
     t = cfg.train
     if t.loss_scale == "auto":
@@ -76,7 +71,8 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
     t = cfg.train
     opt = build_optimizer(cfg, spec)
     scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor, t.loss_scale_window)
-    step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer)
+    step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
+                        loss_norm=float(spec.tokens_per_micro))
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
     start, micro_index, resumed = 0, 0, None

@@ -1,0 +1,179 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Training throughput, side by side: `ms-llm bench train [--hidden 512 --layers 8 --seq 512 --batch 4]`.
+
+The same Llama config and batch are trained with ms_llm (GRAPH_MODE step cell, AdamW), Hugging Face
+transformers on PyTorch (eager, torch.optim.AdamW) and, when the [mindformers] extra is installed,
+mindformers' LlamaForCausalLM (GRAPH_MODE TrainOneStepCell). Each runs in its own child process so peak
+RSS is its own; compilation and two warm-up steps are excluded. MFU = achieved training FLOP/s over the
+machine's fp32 GEMM peak, measured here with a 2048^3 matmul in every library (the best one counts).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FRAMEWORKS = ("ms_llm", "torch", "mindformers")
+
+
+def train_flops_per_token(h, layers, inter, vocab, seq) -> float:
+    """6 x matmul parameters (forward + backward) plus attention scores and values (PaLM appendix B)."""
+    n = layers * (4 * h * h + 3 * h * inter) + h * vocab
+    return 6 * n + 12 * layers * h * seq
+
+
+def _gemm_gflops(fn, n=2048, reps=5) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def measure_peak() -> dict:
+    import mindspore as ms
+    import torch
+    a = np.random.rand(2048, 2048).astype(np.float32)
+    ta = torch.from_numpy(a)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ma = ms.Tensor(a)
+    out = {"numpy": _gemm_gflops(lambda: a @ a), "torch": _gemm_gflops(lambda: ta @ ta),
+           "mindspore": _gemm_gflops(lambda: ms.ops.matmul(ma, ma).asnumpy())}
+    out["peak"] = max(out.values())
+    return out
+
+
+def _batch(a):
+    rng = np.random.RandomState(0)
+    return rng.randint(0, a.vocab, (a.batch, a.seq + 1)).astype(np.int32)
+
+
+def run_ms_llm(a):
+    import mindspore as ms
+    from ms_llm.context import setup_context
+    from ms_llm.losses.lm import LMLoss
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.training.optim import AdamW
+    from ms_llm.training.step import LossScaleState, TrainStep
+    setup_context("graph", seed=0)
+    model = CausalLM(preset("tiny", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
+                            num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                            max_position_embeddings=a.seq))
+    loss_net = LMLoss(model)
+    step = TrainStep(loss_net, AdamW(loss_net.trainable_params(), weight_decay=0.1), LossScaleState(False), 1, 1.0,
+                     loss_norm=float(a.batch * a.seq))
+    ids = _batch(a)
+    batch = [(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]))]
+    return lambda: step(batch, 1e-4)["loss"]
+
+
+def run_torch(a):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    cfg = transformers.LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
+                                   num_hidden_layers=a.layers, num_attention_heads=a.heads,
+                                   num_key_value_heads=a.heads, max_position_embeddings=a.seq)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    ids = torch.tensor(_batch(a), dtype=torch.long)
+
+    def step():
+        out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+    return step
+
+
+def run_mindformers(a):
+    import mindspore as ms
+    from mindspore import nn
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    from mindformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(batch_size=a.batch, seq_length=a.seq, hidden_size=a.hidden, num_layers=a.layers,
+                      num_heads=a.heads, n_kv_heads=a.heads, intermediate_size=a.inter, vocab_size=a.vocab,
+                      compute_dtype="float32", param_init_type="float32", layernorm_compute_type="float32",
+                      softmax_compute_type="float32", rotary_dtype="float32", fused_rms_norm=False,
+                      use_rope_slice=True, use_flash_attention=False)
+    net = LlamaForCausalLM(cfg)
+    net.set_train(True)
+    opt = nn.AdamWeightDecay(net.trainable_params(), 1e-4, weight_decay=0.1)
+    step = nn.TrainOneStepCell(net, opt)
+    ids = ms.Tensor(_batch(a))
+    return lambda: float(step(ids).asnumpy())
+
+
+def worker(a):
+    """Child process: build, warm up, time `a.steps` steps, print one JSON line."""
+    build = {"ms_llm": run_ms_llm, "torch": run_torch, "mindformers": run_mindformers}[a.worker]
+    os.makedirs(a.workdir, exist_ok=True)
+    os.chdir(a.workdir)                        # MindSpore and mindformers write ./rank_0, ./output
+    step = build(a)
+    losses = [step() for _ in range(2)]
+    t = time.perf_counter()
+    losses += [step() for _ in range(a.steps)]
+    dt = (time.perf_counter() - t) / a.steps
+    print(json.dumps({"framework": a.worker, "step_s": dt, "tokens_per_s": a.batch * a.seq / dt,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "first_loss": losses[0], "last_loss": losses[-1]}))
+
+
+def run(argv=None):
+    p = argparse.ArgumentParser(prog="ms-llm bench train")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--inter", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--frameworks", default="ms_llm,torch,mindformers")
+    p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_train"))
+    p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    peak = measure_peak()
+    flops_tok = train_flops_per_token(a.hidden, a.layers, a.inter, a.vocab, a.seq)
+    results = []
+    for fw in a.frameworks.split(","):
+        if fw == "mindformers":
+            import importlib.util
+            if importlib.util.find_spec("mindformers") is None:
+                print("mindformers: not installed (pip install -e .[mindformers]); skipped")
+                continue
+        args = [sys.executable, "-m", "ms_llm.cli", "bench", "train", "--worker", fw] + [
+            f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "steps", "workdir")]
+        r = subprocess.run(args, capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if r.returncode or not line:
+            print(f"{fw}: failed\n{r.stderr[-2000:]}")
+            continue
+        res = json.loads(line[-1])
+        res["mfu"] = res["tokens_per_s"] * flops_tok / (peak["peak"] * 1e9)
+        results.append(res)
+    print(f"Llama: hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab {a.vocab}; "
+          f"batch {a.batch} x seq {a.seq}; fp32; {a.steps} timed steps after 2 warm-up")
+    print("fp32 GEMM 2048^3 GFLOPS: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    base = next((r for r in results if r["framework"] == "torch"), None)
+    print(f"{'framework':<13}{'tokens/s':>10}{'step s':>9}{'vs torch':>10}{'MFU':>7}{'peak RSS MB':>13}")
+    for r in results:
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        r["vs_torch"] = ratio
+        print(f"{r['framework']:<13}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{ratio:>9.2f}x{r['mfu']:>7.1%}"
+              f"{r['peak_rss_mb']:>13.0f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"config": vars(a), "gemm_gflops": peak, "results": results}, f, indent=1)
+    return results
