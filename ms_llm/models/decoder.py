@@ -88,7 +88,7 @@ class Attention(nn.Cell):
         return x.reshape(b, s, n, self.head_dim).transpose(0, 2, 1, 3)
 
     def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, place=None, write=None):
-        """x: [B, S, H] float32; cos/sin: [B, 1, S, D]; mask: [B, 1, S, Sk] bool.
+        """x: [B, S, H] float32; cos/sin: [B, 1, S, D]; mask: [B, 1, S, Sk] float32 bias (ops.mask_bias).
 
         With caches ([B, Nkv, Smax, D]), the new keys/values are written at the slots given by the
         placement matrix `place` [Smax, S] (one-hot rows) and `write` [Smax] (1 where written), and
@@ -202,7 +202,7 @@ class CausalLM(nn.Cell):
         slots = ops.broadcast_to(ops.arange(s, dtype=ms.int32).reshape(1, s), (b, s))
         if position_ids is None:
             position_ids = slots
-        mask = F.causal_mask(slots, slots, attention_mask, segment_ids, segment_ids)
+        mask = F.mask_bias(F.causal_mask(slots, slots, attention_mask, segment_ids, segment_ids))
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(s))
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
@@ -232,7 +232,7 @@ class CausalLM(nn.Cell):
         smax = key_valid.shape[1]
         b = input_ids.shape[0]
         all_slots = ops.broadcast_to(ops.arange(smax, dtype=ms.int32).reshape(1, smax), (b, smax))
-        mask = F.causal_mask(slot_ids, all_slots, key_valid)
+        mask = F.mask_bias(F.causal_mask(slot_ids, all_slots, key_valid))
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(smax))
         x = self.model.embed_tokens(input_ids)
         new = ()

@@ -44,10 +44,6 @@ class LossScaleState(nn.Cell):
         return ops.assign(self.scale, new_scale)
 
 
-def _all_finite(grads):
-    return ops.stack([ops.isfinite(g).all() for g in grads]).all()
-
-
 def _global_norm(grads):
     return ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
 
@@ -59,8 +55,8 @@ class _Apply:
         scale = self.loss_scale.scale
         inv = self.loss_norm / (scale * ops.maximum(denom, 1e-12))
         grads = self.map(ops.partial(ops.mul, inv), grads)
-        finite = _all_finite(grads)
         norm = _global_norm(grads)
+        finite = ops.isfinite(norm)          # any inf/nan gradient makes the norm inf/nan
         if self.clip > 0:
             factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
             grads = self.map(ops.partial(ops.mul, factor), grads)

@@ -38,7 +38,7 @@ def test_primitives_match_numpy(mode):
     q, k, v = rng.randn(2, 4, 5, 16).astype(np.float32), rng.randn(2, 2, 5, 16).astype(np.float32), rng.randn(2, 2, 5, 16).astype(np.float32)
     pos = np.tile(np.arange(5), (2, 1)).astype(np.int32)
     valid = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
-    mask = F.causal_mask(Tensor(pos), Tensor(pos), Tensor(valid))
+    mask = F.mask_bias(F.causal_mask(Tensor(pos), Tensor(pos), Tensor(valid)))
     inv = F.rope_inv_freq(16, 10000.0)
     cos, sin = F.rope_cos_sin(Tensor(pos), Tensor(inv))
     logits, labels = rng.randn(2, 5, 11).astype(np.float32), np.array([[1, 2, -100, 4, 5], [0, -100, -100, 3, 10]])
