@@ -56,6 +56,13 @@ def test_tiny_pretraining_learns_and_writes_its_run_dir(workdir):
     assert summary["final"]["sha256"] == manifest["model_sha256"]
     from ms_llm.models import load_pretrained
     assert load_pretrained(str(run)).config.num_hidden_layers == 2        # run dir resolves to final/
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "generate", "--model", str(run), "--prompt",
+                        "The atomic number of", "--max-new-tokens", "12", "--json"],
+                       cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["tokens"]) == len(out["logprobs"]) > 0 and all(lp <= 0 for lp in out["logprobs"])
+    assert " is " in out["completion"] or any(ch.isdigit() for ch in out["completion"])   # it learned the pattern
 
 
 @pytest.mark.slow
