@@ -16,21 +16,14 @@ import shutil
 import numpy as np
 
 from ms_llm.data.readers import ReadStats, read_records
+from ms_llm.fileio import sha256_file
 
 CACHE_VERSION = 1
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256(tokenizer.source.encode())
-    h.update(file_sha256(tokenizer.source).encode())
+    h.update(sha256_file(tokenizer.source).encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())[-64:]).encode())   # added tokens change the tail
     return h.hexdigest()[:16]
 
@@ -56,7 +49,7 @@ class TokenCache:
 
 def build_text_cache(path: str, tokenizer, cache_dir: str, on_error: str = "raise", text_key=lambda r: r["text"]):
     """Tokenize a `text` JSONL source (each document + eos) unless a matching cache exists; returns TokenCache."""
-    src_sha = file_sha256(path)
+    src_sha = sha256_file(path)
     key = hashlib.sha256(f"{CACHE_VERSION}|{src_sha}|{tokenizer_fingerprint(tokenizer)}|text".encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, f"{os.path.basename(path)}.{key}")
     if os.path.isfile(os.path.join(folder, "index.json")):

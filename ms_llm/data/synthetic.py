@@ -12,10 +12,11 @@ stages can show real accuracy gains:
   * tokenizer/                               a SentencePiece model trained on all of it
   * MANIFEST.json                            SHA256 of every file and a version tag
 """
-import hashlib
 import json
 import os
 import random
+
+from ms_llm.fileio import sha256_file, write_json_atomic
 
 ELEMENTS = [("hydrogen", 1), ("helium", 2), ("lithium", 3), ("carbon", 6), ("nitrogen", 7), ("oxygen", 8),
             ("sodium", 11), ("aluminium", 13), ("silicon", 14), ("sulfur", 16), ("chlorine", 17), ("argon", 18),
@@ -136,9 +137,8 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     train_sentencepiece(corpus, os.path.join(out_dir, "tokenizer"), vocab_size)
     os.remove(corpus)
     manifest = {"version": version, "seed": seed,
-                "files": {name: _sha256(path) for name, path in sorted(files.items())}}
-    with open(os.path.join(out_dir, "MANIFEST.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+                "files": {name: sha256_file(path) for name, path in sorted(files.items())}}
+    write_json_atomic(os.path.join(out_dir, "MANIFEST.json"), manifest)
     return manifest
 
 
@@ -151,11 +151,3 @@ def _strings(obj):
     elif isinstance(obj, list):
         for v in obj:
             yield from _strings(v)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

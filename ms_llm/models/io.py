@@ -16,6 +16,7 @@ import mindspore as ms
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import write_json_atomic
 from ms_llm.models.config import ModelConfig
 from ms_llm.models.decoder import CausalLM
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
@@ -160,17 +161,8 @@ def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30, metadata: dic
             weight_map.update({k: fname for k in shard})
             files.append(fname)
         total = sum(a.nbytes for a in state.values())
-        _write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json_atomic(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
         files.append(INDEX)
-    _write_json(os.path.join(path, "config.json"), model.config.to_hf_config())
+    write_json_atomic(os.path.join(path, "config.json"), model.config.to_hf_config())
     files.append("config.json")
     return files
-
-
-def _write_json(path: str, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

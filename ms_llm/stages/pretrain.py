@@ -7,7 +7,6 @@ import math
 import os
 
 import mindspore as ms
-import numpy as np
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.loader import PretrainData

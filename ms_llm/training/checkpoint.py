@@ -21,6 +21,7 @@ import numpy as np
 
 from ms_llm import __version__
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import fsync_dir, sha256_file, write_json_atomic
 from ms_llm.models.io import save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
@@ -29,35 +30,14 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHT_FILES = re.compile(r".*\.safetensors(\.index\.json)?$")
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: str, version: str = None, extra: dict = None) -> dict:
     """Hash every file in `folder` into MANIFEST.json (written atomically); returns the manifest."""
     files = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
              if n != "MANIFEST.json" and os.path.isfile(os.path.join(folder, n)) and ".tmp." not in n}
     manifest = {"ms_llm_version": __version__, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": files, "model_sha256": model_hash(files), **(extra or {})}
-    tmp = os.path.join(folder, "MANIFEST.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, "MANIFEST.json"))
-    _fsync_dir(folder)
+    write_json_atomic(os.path.join(folder, "MANIFEST.json"), manifest)
+    fsync_dir(folder)
     return manifest
 
 
@@ -101,15 +81,12 @@ def save_checkpoint(root: str, step: int, model, optimizer_state: dict, trainer_
     (weights_writer or (lambda d: save_pretrained(model, d)))(tmp)
     write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
                       {k: np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-        json.dump(trainer_state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
     write_manifest(tmp, extra={"step": step})
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     latest_tmp = os.path.join(root, "latest.tmp")
     with open(latest_tmp, "w") as f:
         f.write(name)

@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+from ms_llm.fileio import write_json_atomic
+
 SUMMARY_STATUSES = ("completed", "stopped_early", "failed")
 
 
@@ -59,10 +61,7 @@ def write_summary(run_dir: str, stage: str, status: str, steps: int, metrics: di
     assert status in SUMMARY_STATUSES
     summary = {"stage": stage, "status": status, "steps": steps, "metrics": metrics, "gates": gates or {},
                "final": final}
-    tmp = os.path.join(run_dir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, "summary.json"))
+    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     return summary
 
 

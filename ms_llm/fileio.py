@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Small file helpers shared by data, checkpoints and exports: content hashes and atomic writes."""
+import hashlib
+import json
+import os
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str, obj, indent: int = 1):
+    """Write JSON to a temp file, fsync it and rename it over `path` (readers never see half a file)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: str):
+    """Persist a directory entry change (a rename into `path`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
