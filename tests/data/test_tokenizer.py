@@ -104,3 +104,20 @@ def test_broken_tokenizer_files_are_named(tmp_path):
     (tmp_path / "b" / "tokenizer.model").write_bytes(b"\x00garbage")
     with pytest.raises(MsLlmError, match="tokenizer.model: not a valid SentencePiece model"):
         Tokenizer.load(tmp_path / "b")
+
+
+def test_supervised_example_labels_only_assistant_tokens(spm_tok):
+    from ms_llm.data.examples import supervised_example
+    msgs = [{"role": "user", "content": "the pump"}, {"role": "assistant", "content": "valve 12"}]
+    r = render(msgs, spm_tok, "chatml")
+    ex = supervised_example(r, 64, spm_tok.pad_id)
+    n = len(r.ids) - 1
+    assert ex["attention_mask"].sum() == n and not ex["truncated"]
+    targets = ex["labels"][ex["labels"] != -100]
+    assert spm_tok.decode(targets, skip_special=False) == "valve 12<|im_end|>"
+    # each label is the next input token
+    pos = (ex["labels"] != -100).nonzero()[0]
+    assert (ex["labels"][pos[:-1]] == ex["input_ids"][pos[:-1] + 1]).all()
+    assert set(ex["turn"][pos].tolist()) == {0} and (ex["turn"][ex["labels"] == -100] == -1).all()
+    short = supervised_example(r, 8, spm_tok.pad_id)
+    assert short["truncated"] and short["input_ids"].tolist() == r.ids[:8]

@@ -89,3 +89,20 @@ def test_sigkill_and_resume_equals_uninterrupted(workdir):
     assert [r["step"] for r in rb] == list(range(1, 41))                  # no duplicate lines after resume
     la, lb = [r["loss"] for r in ra], [r["loss"] for r in rb]
     np.testing.assert_allclose(lb[20:], la[20:], atol=1e-6)              # same data order after the resume
+
+
+def test_init_sha256_mismatch_refuses_to_start(tmp_path):
+    """The stage hand-off: model.init_sha256 must equal the manifest's model_sha256 of init_from."""
+    from ms_llm.errors import MsLlmError
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.stages.common import check_init_hash, export_final
+    final = export_final(str(tmp_path), CausalLM(preset("tiny")), None, version="DATASET_v2.1_distill")
+    assert check_init_hash(str(tmp_path), final["sha256"]) == final["sha256"]
+    with pytest.raises(MsLlmError, match="does not match model.init_sha256"):
+        check_init_hash(str(tmp_path), "0" * 64)
+    weights = tmp_path / "final" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MsLlmError, match="does not match MANIFEST.json"):
+        check_init_hash(str(tmp_path), final["sha256"])
