@@ -31,6 +31,7 @@ class StageSpec:
     evaluate: Optional[Callable[[], dict]] = None    # -> {"eval/<name>": value}
     params: Optional[list] = None                    # trainable parameters (default: all of loss_net's)
     weights_writer: Optional[Callable] = None        # checkpoint weight export (LoRA: adapter only)
+    weights_reader: Optional[Callable] = None        # its inverse on resume: folder -> None
     lr_scales: Optional[list] = None                 # per-parameter lr multipliers
     extra_state: Callable[[], dict] = field(default=lambda: {})   # stage state saved in trainer_state.json
 
@@ -75,19 +76,7 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                         loss_norm=float(spec.tokens_per_micro))
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
-    start, micro_index, resumed = 0, 0, None
-    if cfg.checkpoint.resume != "none":
-        resumed = cfg.checkpoint.resume if cfg.checkpoint.resume != "auto" else ckpt.find_resume(root)
-        if resumed:
-            if cfg.checkpoint.resume != "auto":
-                ckpt.verify(resumed)
-            from ms_llm.models.io import load_state_dict, read_weights
-            if spec.weights_writer is None:
-                load_state_dict(model, read_weights(resumed), strict=True, source=resumed)
-            ckpt.load_optimizer_state(resumed, state)
-            ts = ckpt.read_trainer_state(resumed)
-            start, micro_index = ts["step"], ts["data_position"]
-            log.info("resumed from %s at step %d", resumed, start)
+    resumed, start, micro_index = _resume(cfg.checkpoint.resume, root, model, spec, state)
     logger = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
     logger.truncate_after(start)
     bar = None
@@ -139,6 +128,26 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(h["skipped"] for h in history)
     return TrainResult(t.max_steps, metrics, history, resumed)
+
+
+def _resume(how: str, root: str, model, spec: StageSpec, state: dict):
+    """Restore weights, optimizer/loss-scale state and data position; returns (path, step, micro_index)."""
+    if how == "none":
+        return None, 0, 0
+    path = ckpt.find_resume(root) if how == "auto" else how
+    if not path:
+        return None, 0, 0
+    if how != "auto":
+        ckpt.verify(path)
+    if spec.weights_reader is not None:
+        spec.weights_reader(path)
+    else:
+        from ms_llm.models.io import load_state_dict, read_weights
+        load_state_dict(model, read_weights(path), strict=True, source=path)
+    ckpt.load_optimizer_state(path, state)
+    ts = ckpt.read_trainer_state(path)
+    log.info("resumed from %s at step %d", path, ts["step"])
+    return path, ts["step"], ts["data_position"]
 
 
 def _evaluate(spec: StageSpec) -> dict:
