@@ -133,8 +133,14 @@ def cmd_data(argv):
     print(f"{a.out}: {len(manifest['files'])} files, version {manifest['version']}")
 
 
+def cmd_eval(argv):
+    from ms_llm.eval.cli import main as eval_main
+    eval_main(argv)
+
+
 COMMANDS = {
     "train": cmd_train,
+    "eval": cmd_eval,
     "data": cmd_data,
     "bench": cmd_bench,
     "convert": cmd_convert,

@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`ms-llm eval <benchmark> ...`: run one evaluation, print its metrics as JSON, optionally save results.
+
+    ms-llm eval humaneval --samples samples.jsonl [--k 1,10] [--timeout 5]
+    ms-llm eval humaneval --model DIR [--n 1] [--limit 20]
+    ms-llm eval mc --model DIR --data DIR_OR_JSONL --layout mmlu|ceval|cmmlu|jsonl [--k-shot 5] [--method letter|choice]
+    ms-llm eval ppl --model DIR --data held_out.jsonl
+    ms-llm eval em --model DIR --data prompts.jsonl [--template chatml]
+Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, settings) and DIR/results.md.
+"""
+import argparse
+import json
+
+
+def _model(a):
+    from ms_llm.context import setup_context
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.models.io import load_pretrained, resolve_model_dir
+    setup_context(a.mode, seed=0)
+    return load_pretrained(a.model), Tokenizer.load(a.tokenizer or resolve_model_dir(a.model))
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="ms-llm eval", description="Evaluate a model or scored samples.")
+    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em"])
+    p.add_argument("--model", help="model dir, checkpoint dir or run dir")
+    p.add_argument("--tokenizer", help="tokenizer (default: the model dir)")
+    p.add_argument("--data", help="benchmark file or directory")
+    p.add_argument("--samples", help="humaneval: completions to score ({task_id, completion} per line)")
+    p.add_argument("--k", default="1,10,100", help="humaneval: pass@k values")
+    p.add_argument("--n", type=int, default=1, help="humaneval: samples per task when generating")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items")
+    p.add_argument("--timeout", type=float, default=5.0, help="humaneval: seconds per program")
+    p.add_argument("--layout", default="jsonl", choices=["mmlu", "ceval", "cmmlu", "jsonl"])
+    p.add_argument("--k-shot", type=int, default=0)
+    p.add_argument("--method", default="letter", choices=["letter", "choice"])
+    p.add_argument("--template", default="chatml", help="em: chat template for the prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
+    p.add_argument("--out", help="write results JSON + results.md here")
+    a = p.parse_args(argv)
+    from ms_llm.errors import MsLlmError
+    settings = {k: v for k, v in vars(a).items() if k not in ("out",)}
+    if a.benchmark == "humaneval":
+        from ms_llm.eval import humaneval as he
+        problems = he.read_problems()
+        if a.samples:
+            samples = he.read_samples(a.samples, problems)
+        elif a.model:
+            model, tok = _model(a)
+            chosen = dict(list(problems.items())[:a.limit]) if a.limit else problems
+            samples = he.generate_samples(model, tok, chosen, a.n, a.max_new_tokens, 0.0 if a.n == 1 else 0.8)
+        else:
+            raise MsLlmError("eval humaneval: give --samples FILE or --model DIR")
+        res = he.score_samples(samples, problems, tuple(int(k) for k in a.k.split(",")), a.timeout)
+        metrics = {k: v for k, v in res.items() if k != "results"}
+        dataset = he.dataset_path()
+    else:
+        if not a.model or not a.data:
+            raise MsLlmError(f"eval {a.benchmark}: --model and --data are required")
+        model, tok = _model(a)
+        dataset = a.data
+        if a.benchmark == "mc":
+            from ms_llm.eval.multiple_choice import evaluate, load_benchmark
+            items, dev = load_benchmark(a.data, a.layout)
+            metrics = evaluate(model, tok, items[:a.limit] if a.limit else items, dev, a.k_shot, a.method)
+            metrics.pop("predictions")
+        elif a.benchmark == "ppl":
+            from ms_llm.eval.generative import perplexity
+            metrics = perplexity(model, tok, a.data, max_docs=a.limit)
+        else:
+            from ms_llm.data.readers import read_records
+            from ms_llm.eval.generative import exact_match
+            records = read_records(a.data, "prompts")
+            metrics = exact_match(model, tok, records[:a.limit] if a.limit else records, a.template, a.max_new_tokens)
+            metrics.pop("outputs")
+    print(json.dumps(metrics))
+    if a.out:
+        from ms_llm.eval.results import write_result
+        write_result(a.out, a.benchmark, metrics, a.model, dataset, settings)
+    return metrics

@@ -1,0 +1,101 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Perplexity per domain, generation exact-match with answer extraction, and judged win-rate."""
+import math
+import re
+from collections import defaultdict
+
+import numpy as np
+
+from ms_llm.data.readers import read_records
+from ms_llm.eval.scoring import sequence_logprobs
+
+
+def perplexity(model, tokenizer, path: str, seq_len: int = 256, batch_size: int = 8, max_docs: int = None) -> dict:
+    """Token-level perplexity of a text JSONL file, overall and per `domain` field.
+
+    Documents (each + eos) are scored in windows of at most `seq_len` tokens.
+    """
+    records = read_records(path, "text")[:max_docs]
+    windows = []
+    for r in records:
+        ids = tokenizer.encode(r["text"], add_bos=True, add_eos=True)
+        for s in range(0, max(1, len(ids) - 1), seq_len):
+            chunk = ids[s:s + seq_len + 1]
+            if len(chunk) > 1:
+                windows.append((r.get("domain") or "all", chunk))
+    nll, count = defaultdict(float), defaultdict(int)
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        for (domain, _), lp in zip(batch, sequence_logprobs(model, [w for _, w in batch])):
+            nll[domain] -= float(lp.sum())
+            count[domain] += len(lp)
+    per = {d: math.exp(nll[d] / count[d]) for d in sorted(nll)}
+    total = math.exp(sum(nll.values()) / max(1, sum(count.values())))
+    return {"perplexity": total, "domains": per, "tokens": int(sum(count.values()))}
+
+
+def extract_answer(text: str, style: str = "auto") -> str:
+    """The final answer in a generation: GSM8K '#### 42', else (auto/number) the last number, else the text."""
+    m = re.search(r"####\s*(-?[\d,]*\.?\d+)", text)
+    if m:
+        return m.group(1).replace(",", "")
+    if style in ("auto", "number"):
+        m = re.search(r"answer is\s*(-?[\d,]*\.?\d+)", text)
+        nums = re.findall(r"-?\d[\d,]*\.?\d*", text)
+        if m:
+            return m.group(1).replace(",", "")
+        if style == "number" and nums:
+            return nums[-1].replace(",", "").rstrip(".")
+    return text.strip().split("\n")[0].strip()
+
+
+def extract_code(text: str) -> str:
+    """MBPP-style: the first fenced code block, else the text itself."""
+    m = re.search(r"```(?:python)?\n(.*?)```", text, re.S)
+    return m.group(1) if m else text
+
+
+def exact_match(model, tokenizer, records: list, template: str = "chatml", max_new_tokens: int = 32,
+                style: str = "auto", batch_size: int = 16) -> dict:
+    """Greedy answers to prompt records ({"prompt", "answer", "task"?}); accuracy overall and per task."""
+    from ms_llm.data.chat import render, stop_token_ids
+    from ms_llm.generation import generate
+    hits, per_task, outputs = [], defaultdict(list), []
+    stops = stop_token_ids(template, tokenizer)
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        ids = [render([{"role": "user", "content": r["prompt"]}], tokenizer, template,
+                      add_generation_prompt=True).ids for r in chunk]
+        out = generate(model, ids, max_new_tokens, temperature=0, eos_token_id=stops, pad_token_id=tokenizer.pad_id)
+        for j, r in enumerate(chunk):
+            text = tokenizer.decode(out.tokens[j, :out.lengths[j]])
+            got = extract_answer(text, style)
+            ok = got == str(r["answer"]).strip()
+            hits.append(ok)
+            per_task[r.get("task") or "all"].append(ok)
+            outputs.append({"prompt": r["prompt"], "answer": r["answer"], "output": text, "extracted": got, "correct": ok})
+    return {"accuracy": float(np.mean(hits)) if hits else 0.0,
+            "tasks": {t: float(np.mean(h)) for t, h in sorted(per_task.items())}, "n": len(hits), "outputs": outputs}
+
+
+def win_rate(prompts: list, answers_a: list, answers_b: list, judge) -> dict:
+    """How often A beats B under `judge(prompt, first, second) -> 1 | 0.5 | 0` (1: first is better).
+
+    Each pair is judged in both orders and the two verdicts averaged, which cancels a judge's preference
+    for a position (as AlpacaEval does).
+    """
+    scores, bias = [], []
+    for p, a, b in zip(prompts, answers_a, answers_b):
+        ab, ba = judge(p, a, b), judge(p, b, a)
+        scores.append((ab + (1 - ba)) / 2)
+        bias.append((ab + ba) / 2 - 0.5)          # > 0: the judge prefers whatever comes first
+    return {"win_rate": float(np.mean(scores)) if scores else 0.0, "n": len(scores),
+            "position_bias": float(np.mean(bias)) if bias else 0.0}
+
+
+def score_judge(score_fn):
+    """A judge from a scalar scorer (a reward model or a rule): the higher-scoring answer wins, ties 0.5."""
+    def judge(prompt, first, second):
+        a, b = score_fn(prompt, first), score_fn(prompt, second)
+        return 1.0 if a > b else 0.0 if a < b else 0.5
+    return judge
