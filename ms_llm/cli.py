@@ -104,13 +104,17 @@ def cmd_train(argv):
     run_stage(cfg)
 
 
-def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None):
+def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None, context_ready: bool = False):
     """Set up MindSpore for `cfg` and run its stage (also what scripts/train.py calls under msrun)."""
     import logging
     from ms_llm.context import setup_context
     from ms_llm.stages import STAGES
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+    if not context_ready:
+        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+        if cfg.parallel.data_parallel > 1:
+            from ms_llm.distributed import init_data_parallel
+            rank, world, reducer = init_data_parallel(cfg)
     summary = STAGES[cfg.stage](cfg, rank=rank, world=world, reducer=reducer)
     if rank == 0 and summary:
         print(json.dumps({"stage": summary["stage"], "status": summary["status"], "steps": summary["steps"],
@@ -138,8 +142,16 @@ def cmd_eval(argv):
     eval_main(argv)
 
 
+def cmd_launch(argv):
+    from ms_llm.launch import main as launch_main
+    rc = launch_main(argv)
+    if rc:
+        sys.exit(rc)
+
+
 COMMANDS = {
     "train": cmd_train,
+    "launch": cmd_launch,
     "eval": cmd_eval,
     "data": cmd_data,
     "bench": cmd_bench,

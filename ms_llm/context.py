@@ -17,6 +17,9 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0):
         raise MsLlmError(f"context.mode: '{mode}' is not one of {sorted(MODES)}")
     if device.lower() not in DEVICES:
         raise MsLlmError(f"context.device_target: '{device}' is not one of {sorted(DEVICES)}")
+    if device.lower() == "ascend":
+        from ms_llm.launch import check_ascend
+        check_ascend()               # never fall back to CPU silently
     ms.set_context(mode=MODES[mode])
     ms.set_device(DEVICES[device.lower()])
     ms.set_seed(seed)

@@ -162,6 +162,14 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
     if cfg.lr_schedule.warmup_steps >= t.max_steps and t.max_steps > 1:
         raise MsLlmError(f"{where}: lr_schedule.warmup_steps ({cfg.lr_schedule.warmup_steps}) must be below "
                          f"train.max_steps ({t.max_steps})")
+    par = cfg.parallel
+    if (par.tensor_parallel > 1 or par.pipeline_stages > 1 or par.optimizer_shard) and cfg.context.device_target != "ascend":
+        raise MsLlmError(f"{where}: parallel.tensor_parallel / pipeline_stages / optimizer_shard need "
+                         "context.device_target: ascend (MindSpore's semi-auto parallel lacks ReduceScatter and "
+                         "AllReduce(max) on CPU); on CPU use parallel.data_parallel")
+    if par.tensor_parallel > 1 or par.pipeline_stages > 1 or par.optimizer_shard:
+        raise MsLlmError(f"{where}: parallel.tensor_parallel, pipeline_stages and optimizer_shard are not "
+                         "implemented in this release; use data_parallel (with recompute for memory)")
     if t.amp_level == "O3":
         raise MsLlmError(f"{where}: train.amp_level O3 (half-precision master weights) is not supported; use O2 "
                          "(half-precision matmuls, float32 master weights)")

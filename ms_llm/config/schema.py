@@ -98,11 +98,20 @@ class CheckpointSection:
     every: int = opt(100, "Steps between checkpoints (0: only the final one)")
     keep: int = opt(5, "Checkpoints kept (older ones deleted)")
     resume: str = opt("auto", "auto: continue from the newest valid checkpoint; none: start fresh; or a checkpoint path")
+    reshard: bool = opt(False, "Allow resuming with a different data-parallel world size (weights are not sharded, so "
+                               "only the data position is re-split; it must divide evenly)")
 
 
 @dataclass
 class ParallelSection:
     data_parallel: int = opt(1, "Data-parallel ranks (msrun workers); 1 runs without msrun")
+    tensor_parallel: int = opt(1, "Tensor-parallel degree (MindSpore semi-auto parallel; Ascend only)")
+    pipeline_stages: int = opt(1, "Pipeline stages (MindSpore semi-auto parallel; Ascend only)")
+    optimizer_shard: bool = opt(False, "Shard optimizer state across data-parallel ranks (MindSpore parallel optimizer; Ascend only)")
+    recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
+    visible_devices: Optional[str] = opt(None, "ASCEND_RT_VISIBLE_DEVICES for the job, e.g. '0,1,2,3,4,5,6,7'")
+    hccl_connect_timeout: int = opt(1800, "HCCL_CONNECT_TIMEOUT seconds (multi-node start-up can take minutes)")
+    hccl_exec_timeout: int = opt(1800, "HCCL_EXEC_TIMEOUT seconds for a collective to complete")
 
 
 @dataclass

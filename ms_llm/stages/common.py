@@ -51,6 +51,9 @@ def build_model(cfg: ExperimentConfig) -> CausalLM:
             model = CausalLM(preset(m.preset, **m.overrides))
         except TypeError as e:
             raise MsLlmError(f"model.overrides: {e}") from None
+    if cfg.parallel.recompute:
+        for layer in model.model.layers:
+            layer.recompute()          # keep only layer inputs; recompute the rest in the backward pass
     return apply_amp(model, cfg.train.amp_level, cfg.train.compute_dtype)
 
 

@@ -14,6 +14,7 @@ import mindspore as ms
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
+from ms_llm.errors import MsLlmError
 from ms_llm.training import checkpoint as ckpt
 from ms_llm.training.metrics import RunLogger
 from ms_llm.training.optim import AdamW, lr_at
@@ -76,7 +77,7 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                         loss_norm=float(spec.tokens_per_micro))
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
-    resumed, start, micro_index = _resume(cfg.checkpoint.resume, root, model, spec, state)
+    resumed, start, micro_index = _resume(cfg, root, model, spec, state)
     logger = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
     logger.truncate_after(start)
     bar = None
@@ -116,6 +117,8 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                 if rank == 0:
                     ckpt.save_checkpoint(root, done, model, state,
                                          {"step": done, "data_position": micro_index, "seed": t.seed,
+                                          "world_size": cfg.parallel.data_parallel, "micro_batch_size": t.micro_batch_size,
+                                          "consumed_samples": micro_index * t.micro_batch_size * cfg.parallel.data_parallel,
                                           "loss_scale": float(scale.scale.asnumpy()), **spec.extra_state()},
                                          cfg.checkpoint.keep, spec.weights_writer)
     finally:
@@ -130,8 +133,9 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
     return TrainResult(t.max_steps, metrics, history, resumed)
 
 
-def _resume(how: str, root: str, model, spec: StageSpec, state: dict):
+def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dict):
     """Restore weights, optimizer/loss-scale state and data position; returns (path, step, micro_index)."""
+    how = cfg.checkpoint.resume
     if how == "none":
         return None, 0, 0
     path = ckpt.find_resume(root) if how == "auto" else how
@@ -147,7 +151,23 @@ def _resume(how: str, root: str, model, spec: StageSpec, state: dict):
     ckpt.load_optimizer_state(path, state)
     ts = ckpt.read_trainer_state(path)
     log.info("resumed from %s at step %d", path, ts["step"])
-    return path, ts["step"], ts["data_position"]
+    return path, ts["step"], _data_position(cfg, ts, path)
+
+
+def _data_position(cfg: ExperimentConfig, ts: dict, path: str) -> int:
+    """Micro-batch index to continue from; re-split when the world size changed and resharding is allowed."""
+    world, mbs = cfg.parallel.data_parallel, cfg.train.micro_batch_size
+    old_world, old_mbs = ts.get("world_size", 1), ts.get("micro_batch_size", mbs)
+    if (old_world, old_mbs) == (world, mbs):
+        return ts["data_position"]
+    if not cfg.checkpoint.reshard:
+        raise MsLlmError(f"{path} was written with data_parallel={old_world}, micro_batch_size={old_mbs}; this run "
+                         f"has {world} and {mbs}. Resume with the same layout, or set checkpoint.reshard: true")
+    consumed = ts["consumed_samples"]
+    if consumed % (world * mbs):
+        raise MsLlmError(f"{path}: {consumed} consumed samples do not split into micro-batches of "
+                         f"{mbs} x {world} ranks; choose sizes that divide it")
+    return consumed // (world * mbs)
 
 
 def _evaluate(spec: StageSpec) -> dict:

@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Data-parallel training under msrun: process-group init, the gradient reducer, and worker status files.
+
+Each msrun worker runs `worker_main` (scripts/train.py). Gradients, loss numerators and denominators are
+summed over ranks with AllReduce inside the train-step graph (see training/step.py), so N ranks with
+micro-batch B train exactly like one process with micro-batch N x B. Every worker writes
+`<log_dir>/rank_<r>.status` ("running", then "completed" or "failed: ..."), which is how the launcher
+names the rank that died when a job fails.
+"""
+import json
+import os
+import sys
+import time
+import traceback
+
+from mindspore import nn, ops
+
+from ms_llm.errors import MsLlmError
+
+
+class SumReducer(nn.Cell):
+    """AllReduce(sum) of the gradient tuple and of the loss numerator and denominator."""
+
+    def __init__(self):
+        super().__init__(auto_prefix=False)
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+        self.map = ops.HyperMap()
+
+    def construct(self, grads, num, den):
+        return self.map(self.all_reduce, grads), self.all_reduce(num), self.all_reduce(den)
+
+
+def launched_by_msrun() -> bool:
+    return "MS_WORKER_NUM" in os.environ and "MS_ROLE" in os.environ
+
+
+def init_data_parallel(cfg):
+    """(rank, world, reducer) for this process; checks the world size against parallel.data_parallel."""
+    want = cfg.parallel.data_parallel
+    if not launched_by_msrun():
+        if want != 1:
+            raise MsLlmError(f"parallel.data_parallel is {want} but this process was not started by msrun; "
+                             f"use `ms-llm launch --nproc-per-node {want} CONFIG`")
+        return 0, 1, None
+    from mindspore.communication import get_group_size, get_rank, init
+    init()
+    rank, world = get_rank(), get_group_size()
+    if world != want:
+        raise MsLlmError(f"parallel.data_parallel is {want} but msrun started {world} workers")
+    return rank, world, SumReducer() if world > 1 else None
+
+
+def status_path(rank: int) -> str:
+    return os.path.join(os.environ.get("MS_LLM_STATUS_DIR", "."), f"rank_{rank}.status")
+
+
+def write_status(rank: int, status: str):
+    path = status_path(rank)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rank": rank, "status": status, "pid": os.getpid(), "time": time.time()}, f)
+    os.replace(path + ".tmp", path)
+
+
+def worker_main(argv=None) -> int:
+    """Entry point of one msrun worker: `scripts/train.py CONFIG [k=v ...]`."""
+    from ms_llm.cli import run_stage
+    from ms_llm.config import load_config
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK_ID", "0"))
+    write_status(rank, "running")
+    try:
+        if not argv:
+            raise MsLlmError("usage: train.py CONFIG [section.key=value ...]")
+        cfg = load_config(argv[0], argv[1:])
+        from ms_llm.context import setup_context
+        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+        rank, world, reducer = init_data_parallel(cfg)
+        run_stage(cfg, rank, world, reducer, context_ready=True)
+    except MsLlmError as e:
+        write_status(rank, f"failed: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:            # internal errors keep their traceback in the worker log
+        write_status(rank, f"failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        return 1
+    write_status(rank, "completed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`ms-llm launch`: build and run the msrun command for a config, with the Ascend environment set up.
+
+    ms-llm launch CONFIG [k=v ...] --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr HOST]
+                  [--master-port 8118] [--log-dir logs] [--cluster-timeout 600] [--bind-core] [--device ascend|cpu]
+                  [--dry-run]
+
+Every flag is named; nothing is inferred from how many arguments there are. One process on one device runs
+without msrun. `--dry-run` prints the environment it would set and the exact command. When the job fails,
+the last lines name each rank that died and its log file (from the workers' status files).
+"""
+import argparse
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from ms_llm.errors import MsLlmError
+
+CANN_PREFIXES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend")
+
+
+def find_cann():
+    """Path of the CANN toolkit's set_env.sh: $ASCEND_HOME_PATH first, then the default install prefixes."""
+    roots = [os.environ["ASCEND_HOME_PATH"]] if os.environ.get("ASCEND_HOME_PATH") else []
+    for root in roots + list(CANN_PREFIXES):
+        for cand in (os.path.join(root, "set_env.sh"), os.path.join(root, "bin", "setenv.bash")):
+            if os.path.isfile(cand):
+                return cand
+    return None
+
+
+def check_ascend():
+    """Fail fast, with what to do, when Ascend is asked for and CANN or the NPUs are missing."""
+    cann = find_cann()
+    if cann is None:
+        raise MsLlmError("device_target is ascend but the CANN toolkit was not found (no set_env.sh under "
+                         "$ASCEND_HOME_PATH or " + ", ".join(CANN_PREFIXES) + "). Install CANN and source its "
+                         "set_env.sh, or set context.device_target: cpu. ms_llm never falls back to CPU on its own.")
+    if shutil.which("npu-smi"):
+        r = subprocess.run(["npu-smi", "info"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise MsLlmError(f"device_target is ascend but `npu-smi info` failed: {r.stderr.strip()[:300]}")
+    return cann
+
+
+def ascend_env(cann: str, cfg) -> dict:
+    """Environment variables for an Ascend job: CANN's set_env.sh plus HCCL timeouts and visible devices."""
+    r = subprocess.run(["bash", "-c", f"source {shlex.quote(cann)} >/dev/null 2>&1 && env -0"],
+                       capture_output=True)
+    env = dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if "=" in item)
+    env["HCCL_CONNECT_TIMEOUT"] = str(cfg.parallel.hccl_connect_timeout)
+    env["HCCL_EXEC_TIMEOUT"] = str(cfg.parallel.hccl_exec_timeout)
+    env.setdefault("GLOG_v", "2")
+    if cfg.parallel.visible_devices:
+        env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
+    return env
+
+
+def worker_script(log_dir: str) -> str:
+    """scripts/train.py of a source checkout, else a three-line shim written into the log dir."""
+    repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train.py")
+    if os.path.isfile(repo):
+        return repo
+    shim = os.path.join(log_dir, "ms_llm_train.py")
+    with open(shim, "w") as f:
+        f.write("import sys\nfrom ms_llm.distributed import worker_main\nsys.exit(worker_main())\n")
+    return shim
+
+
+def build_command(a, script: str) -> list:
+    world = a.nproc_per_node * a.nnodes
+    return ["msrun", f"--worker_num={world}", f"--local_worker_num={a.nproc_per_node}",
+            f"--master_addr={a.master_addr}", f"--master_port={a.master_port}", f"--node_rank={a.node_rank}",
+            f"--log_dir={a.log_dir}", f"--join={a.join}", f"--cluster_time_out={a.cluster_timeout}",
+            *(["--bind_core=True"] if a.bind_core else []), script, a.config, *a.overrides]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="ms-llm launch", description="Run a config on one or more devices via msrun.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides passed to every worker")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="workers (devices) on this node")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=8118)
+    p.add_argument("--log-dir", default="logs")
+    p.add_argument("--join", default="True", choices=["True", "False"], help="wait for the workers")
+    p.add_argument("--cluster-timeout", type=int, default=600, help="seconds msrun waits for a lost worker")
+    p.add_argument("--bind-core", action="store_true", help="pin workers to CPU cores")
+    p.add_argument("--device", choices=["ascend", "cpu"], help="default: the config's context.device_target")
+    p.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
+    return p.parse_args(argv)
+
+
+def main(argv) -> int:
+    from ms_llm.config import load_config
+    a = parse(argv)
+    world = a.nproc_per_node * a.nnodes
+    overrides = list(a.overrides)
+    if a.device:
+        overrides.append(f"context.device_target={a.device}")
+    overrides.append(f"parallel.data_parallel={world}")
+    cfg = load_config(a.config, overrides)
+    a.overrides = overrides
+    env = {}
+    if cfg.context.device_target == "ascend":
+        if a.dry_run and find_cann() is None:
+            env = {"# CANN": "not found on this machine; the real run sources its set_env.sh",
+                   "HCCL_CONNECT_TIMEOUT": str(cfg.parallel.hccl_connect_timeout),
+                   "HCCL_EXEC_TIMEOUT": str(cfg.parallel.hccl_exec_timeout)}
+            if cfg.parallel.visible_devices:
+                env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
+        else:
+            env = ascend_env(check_ascend(), cfg)
+    log_dir = os.path.abspath(a.log_dir)
+    a.log_dir = log_dir
+    env["MS_LLM_STATUS_DIR"] = log_dir
+    if world == 1:
+        cmd = [sys.executable, "-m", "ms_llm.cli", "train", a.config, *overrides]
+    else:
+        os.makedirs(log_dir, exist_ok=True)
+        cmd = build_command(a, worker_script(log_dir) if not a.dry_run else "scripts/train.py")
+    if a.dry_run:
+        for k in sorted(env):
+            print(f"export {k}={shlex.quote(env[k])}" if not k.startswith("#") else f"{k}: {env[k]}")
+        print(shlex.join(cmd))
+        return 0
+    os.makedirs(log_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(log_dir, "rank_*.status")):
+        os.remove(old)
+    rc = subprocess.run(cmd, env={**os.environ, **{k: v for k, v in env.items() if not k.startswith("#")}}).returncode
+    if rc != 0:
+        for line in failure_report(log_dir, world):
+            print(line, file=sys.stderr)
+    return rc
+
+
+def failure_report(log_dir: str, world: int) -> list:
+    """One line per rank that did not complete, with its status and log file."""
+    lines = []
+    for rank in range(world):
+        path = os.path.join(log_dir, f"rank_{rank}.status")
+        log = os.path.join(log_dir, f"worker_{rank}.log")
+        try:
+            with open(path) as f:
+                status = json.load(f)["status"]
+        except (OSError, ValueError):
+            status = "never started"
+        status = status.strip().splitlines()[0] if status.strip() else "no status"
+        if status == "running":
+            status = "died without reporting an exit status (killed by a signal or out of memory?)"
+        if status != "completed":
+            lines.append(f"rank {rank}: {status} — log: {log}")
+    lines.append(f"job failed; worker logs are in {log_dir}")
+    return lines

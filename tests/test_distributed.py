@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""msrun data parallel on CPU: equal to one process, a dead worker fails the job by name, resumable; launcher."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ms_llm.data.synthetic import synthesize
+from ms_llm.models.safetensors_io import read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ["data.seq_len=64", "data.eval_fraction=0", "train.progress_bar=false", "log.plots=false",
+          "lr_schedule.warmup_steps=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dp")
+    synthesize(str(d / "data" / "tiny"), seed=0, n_text=400, n_sft=50, n_eval=10)
+    shutil.copytree(os.path.join(ROOT, "configs"), d / "configs")
+    return d
+
+
+def _cli(workdir, *args, wait=True, port=None):
+    cmd = [sys.executable, "-m", "ms_llm.cli", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_msrun_workers_equal_one_process(workdir):
+    common = [*COMMON, "train.max_steps=6", "checkpoint.every=3"]
+    r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *common, "train.micro_batch_size=4",
+             "train.output_dir=runs/dp2", "--nproc-per-node", "2", "--master-port", "8151", "--log-dir", "logs_eq",
+             "--cluster-timeout", "60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *common, "train.micro_batch_size=8", "train.output_dir=runs/dp1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = read_safetensors(str(workdir / "runs" / "dp1" / "final" / "model.safetensors"))
+    b = read_safetensors(str(workdir / "runs" / "dp2" / "final" / "model.safetensors"))
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
+    np.testing.assert_allclose(_losses(workdir / "runs" / "dp2"), _losses(workdir / "runs" / "dp1"), rtol=1e-6)
+    statuses = [json.load(open(workdir / "logs_eq" / f"rank_{r}.status"))["status"] for r in (0, 1)]
+    assert statuses == ["completed", "completed"]
+    # the checkpoint remembers its world size: resuming it in one process is refused unless asked to reshard
+    more = [*COMMON, "train.max_steps=8", "checkpoint.every=3", "train.output_dir=runs/dp2"]
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *more, "train.micro_batch_size=8")
+    assert r.returncode == 2 and "written with data_parallel=2, micro_batch_size=4" in r.stderr
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *more, "train.micro_batch_size=8", "checkpoint.reshard=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((workdir / "runs" / "dp2" / "checkpoints" / "step_000008" / "trainer_state.json").read_text())
+    assert state["consumed_samples"] == 8 * 8 and state["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_killed_worker_fails_the_job_by_name_and_the_run_resumes(workdir):
+    from ms_llm.training import checkpoint as ckpt
+    args = ["launch", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=2000", "checkpoint.every=10",
+            "train.micro_batch_size=4", "train.output_dir=runs/kill", "--nproc-per-node", "2",
+            "--master-port", "8153", "--log-dir", "logs_kill", "--cluster-timeout", "20"]
+    proc = _cli(workdir, *args, wait=False)
+    marker = workdir / "runs" / "kill" / "checkpoints" / "step_000020" / "MANIFEST.json"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    victim = json.load(open(workdir / "logs_kill" / "rank_1.status"))["pid"]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and time.time() - killed_at < 20 + 60     # within the cluster timeout (+ slack)
+    last = err.strip().splitlines()[-3:]
+    assert any(line.startswith("rank 1: died without reporting an exit status") and "worker_1.log" in line for line in last)
+    root = str(workdir / "runs" / "kill" / "checkpoints")
+    newest = ckpt.find_resume(root)                                         # verified against its manifest
+    step = json.loads(open(os.path.join(newest, "trainer_state.json")).read())["step"]
+    assert step >= 20 and open(os.path.join(root, "latest")).read() == os.path.basename(newest)
+    args[args.index("train.max_steps=2000")] = f"train.max_steps={step + 10}"
+    r = _cli(workdir, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((workdir / "runs" / "kill" / "summary.json").read_text())
+    assert summary["steps"] == step + 10 and summary["status"] == "completed"
+
+
+def test_dry_run_two_nodes_of_eight(workdir):
+    r = _cli(workdir, "launch", "configs/qwen2.5/0.5b_pretrain.yaml", "train.global_batch_size=128",
+             "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+             "--device", "ascend", "--log-dir", "/var/log/ms_llm", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "export HCCL_CONNECT_TIMEOUT=1800" in lines
+    assert lines[-1] == ("msrun --worker_num=16 --local_worker_num=8 --master_addr=10.0.0.1 --master_port=8118 "
+                         "--node_rank=1 --log_dir=/var/log/ms_llm --join=True --cluster_time_out=600 scripts/train.py "
+                         "configs/qwen2.5/0.5b_pretrain.yaml train.global_batch_size=128 context.device_target=ascend "
+                         "parallel.data_parallel=16")
+
+
+def test_ascend_without_cann_fails_fast(workdir):
+    t0 = time.time()
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "context.device_target=ascend")
+    assert r.returncode == 2 and time.time() - t0 < 60
+    assert "the CANN toolkit was not found" in r.stderr and "never falls back to CPU" in r.stderr
+    r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", "--nproc-per-node", "2", "--device", "ascend")
+    assert r.returncode == 2 and "CANN toolkit was not found" in r.stderr
+
+
+def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "parallel.tensor_parallel=2")
+    assert r.returncode == 2 and "need context.device_target: ascend" in r.stderr
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "parallel.data_parallel=2")
+    assert r.returncode == 2 and "not started by msrun" in r.stderr
