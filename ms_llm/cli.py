@@ -149,8 +149,23 @@ def cmd_launch(argv):
         sys.exit(rc)
 
 
+def cmd_merge_lora(argv):
+    p = argparse.ArgumentParser(prog="ms-llm merge-lora", description="Fold a LoRA adapter into its base model.")
+    p.add_argument("--base", required=True, help="base model dir (Hugging Face layout or ms_llm run/checkpoint)")
+    p.add_argument("--adapter", required=True, help="adapter dir (adapter_model.safetensors + adapter_config.json)")
+    p.add_argument("--out", required=True, help="output model dir")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max logit difference accepted")
+    a = p.parse_args(argv)
+    from ms_llm.context import setup_context
+    from ms_llm.peft.lora import merge_and_verify
+    setup_context("pynative")
+    diff = merge_and_verify(a.base, a.adapter, a.out, a.tolerance)
+    print(f"{a.out}: merged (scaling alpha/r); max logit difference vs base + adapter {diff:.2e}")
+
+
 COMMANDS = {
     "train": cmd_train,
+    "merge-lora": cmd_merge_lora,
     "launch": cmd_launch,
     "eval": cmd_eval,
     "data": cmd_data,

@@ -82,9 +82,15 @@ def read_weights(model_dir: str) -> dict:
     raise MsLlmError(f"{model_dir}: neither {WEIGHTS} nor {INDEX} found")
 
 
+def named_parameters(model) -> dict:
+    """{structural name: Parameter}. The name is the cell path (Hugging Face's), not `Parameter.name`,
+    which MindSpore may rewrite when a graph holding frozen parameters compiles."""
+    return dict(model.parameters_and_names())
+
+
 def model_state_dict(model) -> dict:
     """{Hugging Face name: float32 numpy array} for every parameter of the model."""
-    return {p.name: p.asnumpy() for p in model.get_parameters()}
+    return {n: p.asnumpy() for n, p in named_parameters(model).items()}
 
 
 def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "weights") -> dict:
@@ -93,7 +99,7 @@ def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "we
     Returns {"missing": [...], "unexpected": [...], "mismatched": [(name, want, got)]}; raises MsLlmError
     listing every problem when `strict` and any list is non-empty.
     """
-    params = {p.name: p for p in model.get_parameters()}
+    params = named_parameters(model)
     tensors = dict(tensors)
     if getattr(model, "tied", False):
         tensors.pop("lm_head.weight", None)      # tied models reuse the embedding; HF may or may not store it

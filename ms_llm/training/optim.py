@@ -47,6 +47,8 @@ class AdamW(nn.Cell):
         self.beta1, self.beta2 = Tensor(betas[0], ms.float32), Tensor(betas[1], ms.float32)
         self.eps = Tensor(eps, ms.float32)
         self.map = ops.HyperMap()
+        # state names fixed now: MindSpore may rewrite Parameter.name when a graph with frozen params compiles
+        self.state_names = tuple(p.name for p in (*self.m, *self.v, self.step))
 
     def construct(self, grads, lr):
         """grads: tuple matching `parameters`; lr: float32 scalar Tensor."""
@@ -59,10 +61,8 @@ class AdamW(nn.Cell):
                         self.parameters, self.m, self.v, grads)
 
     def state_tensors(self) -> dict:
-        out = {p.name: p for p in self.m}
-        out.update({p.name: p for p in self.v})
-        out[self.step.name] = self.step
-        return out
+        """{name: Parameter} of the optimizer state, for checkpoints."""
+        return dict(zip(self.state_names, (*self.m, *self.v, self.step)))
 
 
 def lr_at(step: int, peak: float, max_steps: int, kind: str = "cosine", warmup: int = 0, min_ratio: float = 0.0,

@@ -31,6 +31,7 @@ class LossScaleState(nn.Cell):
         self.scale = Parameter(Tensor(init if dynamic else 1.0, ms.float32), name="loss_scale", requires_grad=False)
         self.good = Parameter(Tensor(0, ms.int32), name="loss_scale_good_steps", requires_grad=False)
         self.factor, self.window = Tensor(factor, ms.float32), window
+        self.state_names = ("loss_scale", "loss_scale_good_steps")
 
     def update(self, finite):
         if not self.dynamic:

@@ -60,8 +60,7 @@ def build_optimizer(cfg: ExperimentConfig, spec: StageSpec):
 
 def optimizer_state(opt: AdamW, scale: LossScaleState) -> dict:
     state = opt.state_tensors()
-    state[scale.scale.name] = scale.scale
-    state[scale.good.name] = scale.good
+    state.update(zip(scale.state_names, (scale.scale, scale.good)))
     return state
 
 

@@ -1,0 +1,225 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+    h = W x + (alpha / r) * B A dropout(x),   A: [r, in] (Kaiming-uniform), B: [out, r] (zeros)
+
+`apply_lora` swaps the target Linear cells for LoRALinear cells that share the base weights (frozen) and add
+`lora_A.weight` / `lora_B.weight`, so parameter names are PEFT's (`...q_proj.lora_A.weight`). Adapters
+are saved as `adapter_model.safetensors` + `adapter_config.json` that Hugging Face PEFT loads. Merging
+folds (alpha / r) * B A into W — with the scaling, which MindFormers' merge tool leaves at 1 by default.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ms_llm.errors import MsLlmError
+from ms_llm.fileio import write_json_atomic
+from ms_llm.models.decoder import CausalLM, Linear
+from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(Linear):
+    """A Linear whose output adds a scaled low-rank update; the base weight and bias are the original ones."""
+
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float):
+        nn.Cell.__init__(self)
+        self.in_features, self.out_features, self.compute_dtype = base.in_features, base.out_features, base.compute_dtype
+        self.weight, self.has_bias = base.weight, base.has_bias
+        if base.has_bias:
+            self.bias = base.bias
+        self.matmul = ops.MatMul(transpose_b=True)
+        bound = 1.0 / math.sqrt(self.in_features)          # kaiming_uniform(a=sqrt(5)) on [r, in], as PEFT does
+        a = np.random.uniform(-bound, bound, (r, self.in_features)).astype(np.float32)
+        self.lora_A = _Weight(a)
+        self.lora_B = _Weight(np.zeros((self.out_features, r), np.float32))
+        self.scaling, self.p = alpha / r, dropout
+
+    def construct(self, x):
+        y = Linear.construct(self, x)
+        lead = x.shape[:-1]
+        h = x.reshape(-1, self.in_features)
+        if self.training and self.p > 0:
+            h = ops.dropout(h, self.p)
+        cd = self.compute_dtype
+        low = self.matmul(h.astype(cd), self.lora_A.weight.astype(cd))
+        delta = self.matmul(low, self.lora_B.weight.astype(cd)) * self.scaling
+        return y + delta.reshape(lead + (self.out_features,)).astype(y.dtype)
+
+
+class _Weight(nn.Cell):
+    def __init__(self, value):
+        super().__init__()
+        self.weight = Parameter(Tensor(value), name="weight")
+
+
+def _parent(model, path):
+    *parents, leaf = path.split(".")
+    cell = model
+    for p in parents:
+        cell = cell[int(p)] if p.isdigit() else getattr(cell, p)
+    return cell, leaf
+
+
+def apply_lora(model: CausalLM, cfg: LoRAConfig) -> list:
+    """Wrap every Linear named in cfg.targets (e.g. q_proj, v_proj, or all seven) and freeze everything else.
+
+    Returns the LoRA parameters (the only trainable ones afterwards).
+    """
+    found = [(name, cell) for name, cell in model.cells_and_names()
+             if isinstance(cell, Linear) and not isinstance(cell, LoRALinear) and name.split(".")[-1] in cfg.targets]
+    if not found:
+        raise MsLlmError(f"lora.targets {cfg.targets} match no Linear layer; names look like q_proj, k_proj, "
+                         "v_proj, o_proj, gate_proj, up_proj, down_proj")
+    params = []
+    for name, cell in found:
+        wrapped = LoRALinear(cell, cfg.r, cfg.alpha, cfg.dropout)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, wrapped)
+        wrapped.lora_A.weight.name = f"{name}.lora_A.weight"      # after attaching, which renames locally
+        wrapped.lora_B.weight.name = f"{name}.lora_B.weight"
+        params += [wrapped.lora_A.weight, wrapped.lora_B.weight]
+    for name, p in model.parameters_and_names():
+        p.requires_grad = ".lora_" in name
+    object.__setattr__(model, "lora_config", cfg)
+    return params
+
+
+def lora_parameters(model) -> dict:
+    """{structural name: Parameter} of the LoRA weights (see models.io.named_parameters)."""
+    return {n: p for n, p in model.parameters_and_names() if ".lora_" in n}
+
+
+def save_adapter(model, out_dir: str, base_model: str = None) -> list:
+    """adapter_model.safetensors (PEFT key names) + adapter_config.json; returns the file names."""
+    cfg = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise MsLlmError("save_adapter: the model has no LoRA layers (call apply_lora first)")
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {PEFT_PREFIX + n: p.asnumpy() for n, p in lora_parameters(model).items()}
+    write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors, {"format": "pt"})
+    write_json_atomic(os.path.join(out_dir, "adapter_config.json"), {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": base_model})
+    return ["adapter_model.safetensors", "adapter_config.json"]
+
+
+def read_adapter(adapter_dir: str):
+    """(LoRAConfig, {ms_llm parameter name: array}) from a PEFT adapter directory."""
+    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MsLlmError(f"{cfg_path}: cannot read adapter config ({e})") from None
+    if raw.get("peft_type") != "LORA" or raw.get("use_rslora") or raw.get("use_dora"):
+        raise MsLlmError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type LORA, no rsLoRA/DoRA)")
+    targets = raw["target_modules"]
+    cfg = LoRAConfig(int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout", 0.0)),
+                     sorted(targets) if isinstance(targets, list) else [targets])
+    weights = read_safetensors(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    weights = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in weights.items()}
+    weights = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+               for k, v in weights.items()}
+    return cfg, weights
+
+
+def load_adapter(model: CausalLM, adapter_dir: str, name: str = "default") -> CausalLM:
+    """Apply (if needed) and load an adapter; several can be loaded and switched with set_adapter."""
+    cfg, weights = read_adapter(adapter_dir)
+    current = getattr(model, "lora_config", None)
+    if current is None:
+        apply_lora(model, cfg)
+    elif (current.r, sorted(current.targets)) != (cfg.r, sorted(cfg.targets)):
+        raise MsLlmError(f"{adapter_dir}: r={cfg.r}, targets {cfg.targets} differ from the loaded adapters "
+                         f"(r={current.r}, {current.targets}); load it on a fresh base model")
+    params = lora_parameters(model)
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise MsLlmError(f"{adapter_dir}: adapter keys do not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    registry = getattr(model, "adapters", {})
+    registry[name] = (cfg, weights)
+    object.__setattr__(model, "adapters", registry)
+    set_adapter(model, name)
+    return model
+
+
+def set_adapter(model, name: str):
+    """Make a loaded adapter the active one (copies its weights and scaling into the LoRA layers)."""
+    registry = getattr(model, "adapters", {})
+    if name not in registry:
+        raise MsLlmError(f"adapter '{name}' is not loaded; loaded: {sorted(registry)}")
+    cfg, weights = registry[name]
+    for n, p in lora_parameters(model).items():
+        p.set_data(Tensor(weights[n]))
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, LoRALinear):
+            cell.scaling = cfg.scaling
+    object.__setattr__(model, "lora_config", cfg)
+
+
+def merge_lora(model: CausalLM) -> CausalLM:
+    """A plain CausalLM with W + (alpha / r) B A folded into every adapted weight."""
+    from ms_llm.models.io import load_state_dict
+    state, merged = {}, {}
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, LoRALinear):
+            delta = cell.lora_B.weight.asnumpy() @ cell.lora_A.weight.asnumpy() * cell.scaling
+            merged[f"{name}.weight"] = cell.weight.asnumpy() + delta
+    for name, p in model.parameters_and_names():
+        if ".lora_" not in name:
+            state[name] = merged.get(name, p.asnumpy())
+    out = CausalLM(model.config)
+    load_state_dict(out, state, strict=True, source="merge_lora")
+    out.set_train(False)
+    return out
+
+
+def merge_and_verify(base_dir: str, adapter_dir: str, out_dir: str, tolerance: float = 1e-4, seed: int = 0) -> float:
+    """`ms-llm merge-lora`: merge, save, reload the saved model and compare its logits with base + adapter.
+
+    Returns the max abs logit difference; if it exceeds `tolerance` nothing is left in out_dir and
+    MsLlmError is raised.
+    """
+    import shutil
+    from ms_llm.models.io import load_pretrained, resolve_model_dir, save_pretrained
+    model = load_adapter(load_pretrained(base_dir), adapter_dir)
+    model.set_train(False)
+    probe = np.random.RandomState(seed).randint(0, model.config.vocab_size, (2, 32)).astype(np.int32)
+    expected = model(Tensor(probe)).asnumpy()
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(merge_lora(model), tmp)
+    src = resolve_model_dir(base_dir)
+    for name in os.listdir(src):                     # carry the tokenizer files along
+        if name.startswith(("tokenizer", "special_tokens", "added_tokens")):
+            shutil.copy(os.path.join(src, name), tmp)
+    got = load_pretrained(tmp)(Tensor(probe)).asnumpy()
+    diff = float(np.abs(got - expected).max())
+    if not diff <= tolerance:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MsLlmError(f"merge-lora: merged logits differ from base + adapter by {diff:.3g} > {tolerance}; "
+                         "nothing was written")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.rename(tmp, out_dir)
+    return diff

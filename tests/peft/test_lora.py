@@ -1,0 +1,90 @@
+# SPDX-License-Identifier: Apache-2.0
+"""LoRA: only adapters train, merge equals base + adapter, adapters load in Hugging Face PEFT, several adapters."""
+import json
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from ms_llm.cli import main
+from ms_llm.errors import MsLlmError
+from ms_llm.losses.lm import LMLoss
+from ms_llm.models import CausalLM, load_pretrained, preset, save_pretrained
+from ms_llm.peft import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, set_adapter
+from ms_llm.training.optim import AdamW
+from ms_llm.training.step import LossScaleState, TrainStep
+
+IDS = np.random.RandomState(0).randint(0, 256, (2, 12)).astype(np.int32)
+
+
+def _trained_lora(tmp_path, targets=("q_proj", "v_proj"), steps=3, seed=0):
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=256, tie_word_embeddings=False))
+    save_pretrained(model, tmp_path / "base")
+    np.random.seed(seed)
+    lora = apply_lora(model, LoRAConfig(8, 16, 0.05, list(targets)))
+    loss_net = LMLoss(model)
+    assert {id(p) for p in loss_net.trainable_params()} == {id(p) for p in lora}
+    step = TrainStep(loss_net, AdamW(loss_net.trainable_params(), weight_decay=0.0), LossScaleState(False), 1, 1.0)
+    rng = np.random.RandomState(seed)
+    for _ in range(steps):
+        ids = rng.randint(0, 256, (4, 17)).astype(np.int32)
+        step([(Tensor(ids[:, :-1]), Tensor(ids[:, 1:]))], 1e-2)
+    model.set_train(False)
+    return model
+
+
+def test_only_adapter_parameters_change(tmp_path, graph_mode):
+    model = _trained_lora(tmp_path)
+    base = dict(load_pretrained(tmp_path / "base").parameters_and_names())
+    for name, p in model.parameters_and_names():
+        if ".lora_" in name:
+            continue
+        assert np.array_equal(p.asnumpy(), base[name].asnumpy()), name   # bit-identical base weights
+    lora_b = [p for n, p in model.parameters_and_names() if ".lora_B" in n]
+    assert len(lora_b) == 4 and all(np.abs(p.asnumpy()).max() > 0 for p in lora_b)   # B started at zero
+
+
+def test_merge_equals_base_plus_adapter_and_cli_verifies(tmp_path, capsys):
+    model = _trained_lora(tmp_path, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    ours = model(Tensor(IDS)).asnumpy()
+    assert np.abs(merge_lora(model)(Tensor(IDS)).asnumpy() - ours).max() <= 1e-4
+    save_adapter(model, tmp_path / "adapter")
+    assert main(["merge-lora", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert "max logit difference" in capsys.readouterr().out
+    merged = load_pretrained(tmp_path / "merged")
+    assert np.abs(merged(Tensor(IDS)).asnumpy() - ours).max() <= 1e-4
+    plain = load_pretrained(tmp_path / "base")(Tensor(IDS)).asnumpy()
+    assert np.abs(plain - ours).max() > 1e-3                             # the adapter did something
+
+
+def test_adapter_loads_in_hf_peft_with_same_logits(tmp_path):
+    import peft
+    import torch
+    import transformers
+    model = _trained_lora(tmp_path)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ref = pm(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    assert np.abs(model(Tensor(IDS)).asnumpy() - ref).max() <= 1e-4
+
+
+def test_several_adapters_on_one_base(tmp_path):
+    a = _trained_lora(tmp_path / "a", seed=1)
+    b = _trained_lora(tmp_path / "b", seed=2)
+    save_adapter(a, tmp_path / "ad_a")
+    save_adapter(b, tmp_path / "ad_b")
+    base = load_pretrained(tmp_path / "a" / "base")
+    load_adapter(base, tmp_path / "ad_a", "a")
+    load_adapter(base, tmp_path / "ad_b", "b")
+    assert np.abs(base(Tensor(IDS)).asnumpy() - b(Tensor(IDS)).asnumpy()).max() <= 1e-5
+    set_adapter(base, "a")
+    assert np.abs(base(Tensor(IDS)).asnumpy() - a(Tensor(IDS)).asnumpy()).max() <= 1e-5
+    with pytest.raises(MsLlmError, match="adapter 'c' is not loaded"):
+        set_adapter(base, "c")
