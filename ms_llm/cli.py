@@ -57,9 +57,12 @@ def cmd_generate(argv):
     out = generate(model, prompts, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty,
                    eos_token_id=eos, pad_token_id=tok.pad_id or 0, seed=a.seed)
     for i, text in enumerate(a.prompt):
-        n = int(out.lengths[i])
-        completion = tok.decode(out.tokens[i, :n])
+        toks = out.tokens[i, :int(out.lengths[i])].tolist()
+        if toks and toks[-1] in eos:
+            toks = toks[:-1]                                  # do not print the stop token
+        completion = tok.decode(toks)
         if a.json:
+            n = int(out.lengths[i])
             print(json.dumps({"prompt": text, "completion": completion, "tokens": out.tokens[i, :n].tolist(),
                               "logprobs": [round(float(x), 6) for x in out.logprobs[i, :n]]}, ensure_ascii=False))
         else:

@@ -175,7 +175,7 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
                          "(half-precision matmuls, float32 master weights)")
     if not cfg.model.preset and not cfg.model.init_from:
         raise MsLlmError(f"{where}: set model.preset or model.init_from")
-    if cfg.stage == "pretrain" and not cfg.data.sources:
+    if not cfg.data.sources:
         raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise MsLlmError(f"{where}: data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")

@@ -132,8 +132,33 @@ class PretrainSection:
 
 
 @dataclass
+class LoRASection:
+    enabled: bool = opt(False, "Train LoRA adapters instead of all weights")
+    r: int = opt(8, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)")
+    dropout: float = opt(0.05, "Dropout on the LoRA branch input")
+    targets: list = opt(lambda: ["q_proj", "v_proj"], "Linear layers to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+
+
+@dataclass
+class SFTSection:
+    task_weights: dict = opt(lambda: {"qa": 1.0, "code": 1.5, "translation": 0.8, "reasoning": 1.2},
+                             "Loss weight per record `task` (seed 000 §1.2.5.3.1); unknown tasks weigh 1.0")
+    task_sampling: dict = opt(dict, "Sampling weight per task on top of the source weights (default 1.0)")
+    identity: dict = opt(dict, "Self-cognition placeholders, e.g. {NAME: ms_llm-bot, AUTHOR: ms_llm team}, "
+                               "substituted for {{NAME}} / {{AUTHOR}} in every message")
+    keep_think: bool = opt(True, "Keep <think>...</think> reasoning blocks in assistant answers (false strips them)")
+    max_turns: int = opt(15, "Assistant turns kept per dialogue (oldest dropped first)")
+    turn_decay: float = opt(1.0, "Weight decay^k on the k-th assistant turn before the last (1.0: all equal)")
+    lora: LoRASection = opt(LoRASection, "LoRA")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task}) scored by exact match")
+    eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation")
+    eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
+
+
+@dataclass
 class ExperimentConfig:
-    stage: str = opt("pretrain", "Which stage runs", ["pretrain"])
+    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "sft"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -145,6 +170,7 @@ class ExperimentConfig:
     context: ContextSection = opt(ContextSection, "MindSpore context")
     log: LogSection = opt(LogSection, "Logging")
     pretrain: PretrainSection = opt(PretrainSection, "Pretraining stage")
+    sft: SFTSection = opt(SFTSection, "Supervised fine-tuning stage")
 
     @property
     def global_batch(self) -> int:

@@ -7,7 +7,8 @@
     preference  {"prompt": str, "chosen": str, "rejected": str}
     prompts     {"prompt": str, "answer"?: str, "task"?: str}
 
-Conversational formats become {"messages": [{"role", "content"}], "task"}. A malformed line raises
+Conversational formats become {"messages": [{"role", "content"}], "task"}. Every record keeps its file
+line number as "line". A malformed line raises
 MsLlmError naming file:line, or with on_error="skip" is counted in `ReadStats` and left out.
 """
 import json
@@ -117,7 +118,7 @@ def read_records(path: str, fmt: str, on_error: str = "raise", stats: ReadStats 
                 rec = json.loads(line)
                 if not isinstance(rec, dict):
                     raise ValueError("a record must be a JSON object")
-                out.append(PARSERS[fmt](rec))
+                out.append({**PARSERS[fmt](rec), "line": lineno})
                 stats.read += 1
             except ValueError as e:
                 reason = f"{path}:{lineno}: {'malformed JSON: ' + e.msg if isinstance(e, json.JSONDecodeError) else e}"

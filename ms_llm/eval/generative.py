@@ -68,9 +68,13 @@ def exact_match(model, tokenizer, records: list, template: str = "chatml", max_n
                       add_generation_prompt=True).ids for r in chunk]
         out = generate(model, ids, max_new_tokens, temperature=0, eos_token_id=stops, pad_token_id=tokenizer.pad_id)
         for j, r in enumerate(chunk):
-            text = tokenizer.decode(out.tokens[j, :out.lengths[j]])
+            toks = out.tokens[j, :out.lengths[j]].tolist()
+            if toks and toks[-1] in stops:
+                toks = toks[:-1]                              # the end-of-turn token is not part of the answer
+            text = tokenizer.decode(toks)
             got = extract_answer(text, style)
-            ok = got == str(r["answer"]).strip()
+            ref = str(r["answer"]).strip()
+            ok = got == ref or " ".join(text.split()) == " ".join(ref.split())   # whole answer, whitespace-normalized
             hits.append(ok)
             per_task[r.get("task") or "all"].append(ok)
             outputs.append({"prompt": r["prompt"], "answer": r["answer"], "output": text, "extracted": got, "correct": ok})

@@ -35,6 +35,7 @@ class StageSpec:
     weights_reader: Optional[Callable] = None        # its inverse on resume: folder -> None
     lr_scales: Optional[list] = None                 # per-parameter lr multipliers
     extra_state: Callable[[], dict] = field(default=lambda: {})   # stage state saved in trainer_state.json
+    loss_norm: Optional[float] = None                # typical loss denominator per micro-batch (default: tokens)
 
 
 @dataclass
@@ -73,7 +74,7 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
     opt = build_optimizer(cfg, spec)
     scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor, t.loss_scale_window)
     step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
-                        loss_norm=float(spec.tokens_per_micro))
+                        loss_norm=float(spec.loss_norm or spec.tokens_per_micro))
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
     resumed, start, micro_index = _resume(cfg, root, model, spec, state)
@@ -104,15 +105,12 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if t.eval_every and done % t.eval_every == 0 and spec.evaluate and done != t.max_steps:
+            if spec.evaluate and ((t.eval_every and done % t.eval_every == 0) or done == t.max_steps):
                 row.update(_evaluate(spec))
-            if done % t.log_every == 0 or done == t.max_steps or "eval/loss" in row or row["skipped"]:
+            if done % t.log_every == 0 or done == t.max_steps or row["skipped"] or any(k.startswith("eval/") for k in row):
                 logger.log(done, row)
             last = row
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.max_steps:
-                if done == t.max_steps and spec.evaluate:
-                    last.update(_evaluate(spec))
-                    logger.log(done, {k: v for k, v in last.items() if k.startswith("eval/")})
                 if rank == 0:
                     ckpt.save_checkpoint(root, done, model, state,
                                          {"step": done, "data_position": micro_index, "seed": t.seed,

@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Instruction data for SFT: conversations -> weighted, fixed-length examples, sampled by source and task.
+
+Loss normalization follows seed 003's "SFT loss pitfalls" (multi-turn merging): every assistant turn's
+loss is averaged over its own tokens, turns are weighted (1.0 for the last, decay^k for the k-th before
+it, times the record's task weight) and the weighted turn losses are averaged over the whole global batch:
+
+    loss = sum_turns w_t * (l_t / n_t) / sum_turns w_t
+
+So a long answer does not outweigh a short one, and the value is the same however the global batch is
+split into micro-batches, accumulation steps or data-parallel ranks. Per token this is a weight
+w_t / n_t; each row also carries its sum of w_t (the loss denominator).
+"""
+import re
+from collections import defaultdict
+
+import numpy as np
+
+from ms_llm.data.chat import render
+from ms_llm.data.examples import supervised_example
+from ms_llm.data.mixture import MixtureSampler
+from ms_llm.data.readers import ReadStats, read_records
+from ms_llm.errors import MsLlmError
+
+THINK = re.compile(r"<think>.*?</think>\s*", re.S)
+
+
+def preprocess(messages: list, identity: dict, keep_think: bool, max_turns: int) -> list:
+    """Substitute {{KEY}} placeholders, optionally strip <think> blocks, keep the last `max_turns` turns."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        for key, value in identity.items():
+            content = content.replace("{{" + key + "}}", str(value))
+        if m["role"] == "assistant" and not keep_think:
+            content = THINK.sub("", content)
+        out.append({"role": m["role"], "content": content})
+    return drop_oldest_turns(out, max_turns)
+
+
+def drop_oldest_turns(messages: list, keep: int) -> list:
+    """Keep the system message and the last `keep` user->assistant exchanges."""
+    system = [m for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user" and (i == 0 or rest[i - 1]["role"] == "assistant")]
+    if len(starts) > keep:
+        rest = rest[starts[-keep]:]
+    return system + rest
+
+
+def turn_weights(example: dict, task_weight: float, decay: float) -> tuple:
+    """Per-token loss weights [S] (w_t / n_t on turn t's label tokens) and the row's sum of w_t."""
+    turn = example["turn"]
+    weights = np.zeros(turn.shape, np.float32)
+    turns = sorted(set(turn[turn >= 0].tolist()))
+    total = 0.0
+    for k, t in enumerate(reversed(turns)):          # k = 0 for the last turn
+        w = task_weight * decay ** k
+        sel = turn == t
+        weights[sel] = w / sel.sum()
+        total += w
+    return weights, np.float32(total)
+
+
+class SFTData:
+    """Tokenized SFT examples per (source, task) group, sampled by weight; deterministic and resumable."""
+
+    def __init__(self, sources, tokenizer, template: str, seq_len: int, sft_cfg, seed: int = 0,
+                 on_error: str = "raise"):
+        self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.stats = ReadStats()
+        groups, weights = defaultdict(list), {}
+        for si, src in enumerate(sources):
+            if src.format not in ("alpaca", "sharegpt"):
+                raise MsLlmError(f"data.sources: {src.path} has format '{src.format}'; SFT reads alpaca or sharegpt")
+            records = read_records(src.path, src.format, on_error, self.stats)
+            for rec in records:
+                ex = self._example(rec, tokenizer, template, sft_cfg, src.path, rec["line"], on_error)
+                if ex is not None:
+                    groups[(si, rec.get("task") or "default")].append(ex)
+            n_src = sum(len(v) for (s, _), v in groups.items() if s == si)
+            for (s, task), items in groups.items():
+                if s == si:
+                    weights[(s, task)] = src.weight * sft_cfg.task_sampling.get(task, 1.0) * len(items) / max(n_src, 1)
+        if not groups:
+            raise MsLlmError("data.sources hold no usable SFT examples")
+        self.keys = sorted(groups)
+        self.groups = [groups[k] for k in self.keys]
+        self.sampler = MixtureSampler([len(g) for g in self.groups], [weights[k] for k in self.keys], seed)
+
+    def _example(self, rec, tokenizer, template, cfg, path, lineno, on_error):
+        msgs = preprocess(rec["messages"], cfg.identity, cfg.keep_think, cfg.max_turns)
+        while True:
+            r = render(msgs, tokenizer, template)
+            if len(r.ids) <= self.seq_len + 1:
+                break
+            shorter = drop_oldest_turns(msgs, _n_turns(msgs) - 1) if _n_turns(msgs) > 1 else None
+            if shorter is None:
+                reason = (f"{path}:{lineno}: the last turn alone is {len(r.ids)} tokens, over data.seq_len="
+                          f"{self.seq_len}")
+                if on_error != "skip":
+                    raise MsLlmError(reason + " (raise data.seq_len or set data.on_error: skip)")
+                self.stats.skipped += 1
+                self.stats.reasons.append(reason)
+                return None
+            msgs = shorter
+        ex = supervised_example(r, self.seq_len, self.pad_id)
+        ex["weights"], ex["row_weight"] = turn_weights(ex, cfg.task_weights.get(rec.get("task"), 1.0), cfg.turn_decay)
+        ex.pop("truncated")
+        return ex
+
+    def sample(self, k: int) -> dict:
+        g, i = self.sampler.lookup(k)
+        return self.groups[g][i]
+
+    def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+        base = micro_index * micro_batch * world + rank * micro_batch
+        rows = [self.sample(base + i) for i in range(micro_batch)]
+        return {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask", "weights", "row_weight")}
+
+
+def _n_turns(msgs) -> int:
+    return sum(1 for m in msgs if m["role"] == "assistant")
