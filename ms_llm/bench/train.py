@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-FRAMEWORKS = ("ms_llm", "torch", "mindformers")
+FRAMEWORKS = ("ms_llm", "ms_llm_lora", "torch", "mindformers")
 
 
 def train_flops_per_token(h, layers, inter, vocab, seq) -> float:
@@ -52,7 +52,11 @@ def _batch(a):
     return rng.randint(0, a.vocab, (a.batch, a.seq + 1)).astype(np.int32)
 
 
-def run_ms_llm(a):
+def run_ms_llm_lora(a):
+    return run_ms_llm(a, lora=True)
+
+
+def run_ms_llm(a, lora: bool = False):
     import mindspore as ms
     from ms_llm.context import setup_context
     from ms_llm.losses.lm import LMLoss
@@ -63,6 +67,9 @@ def run_ms_llm(a):
     model = CausalLM(preset("tiny", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
                             num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                             max_position_embeddings=a.seq))
+    if lora:                                  # seed 000's setting: r=8, alpha=16 on q_proj and v_proj
+        from ms_llm.peft import LoRAConfig, apply_lora
+        apply_lora(model, LoRAConfig(8, 16.0, 0.05, ["q_proj", "v_proj"]))
     loss_net = LMLoss(model)
     step = TrainStep(loss_net, AdamW(loss_net.trainable_params(), weight_decay=0.1), LossScaleState(False), 1, 1.0,
                      loss_norm=float(a.batch * a.seq))
@@ -114,7 +121,8 @@ def run_mindformers(a):
 
 def worker(a):
     """Child process: build, warm up, time `a.steps` steps, print one JSON line."""
-    build = {"ms_llm": run_ms_llm, "torch": run_torch, "mindformers": run_mindformers}[a.worker]
+    build = {"ms_llm": run_ms_llm, "ms_llm_lora": run_ms_llm_lora, "torch": run_torch,
+             "mindformers": run_mindformers}[a.worker]
     os.makedirs(a.workdir, exist_ok=True)
     os.chdir(a.workdir)                        # MindSpore and mindformers write ./rank_0, ./output
     step = build(a)
@@ -137,7 +145,8 @@ def run(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--frameworks", default="ms_llm,torch,mindformers")
+    p.add_argument("--frameworks", default="ms_llm,torch,mindformers",
+                   help="comma list of ms_llm, ms_llm_lora, torch, mindformers")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_train"))
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
@@ -166,12 +175,13 @@ def run(argv=None):
     print(f"Llama: hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab {a.vocab}; "
           f"batch {a.batch} x seq {a.seq}; fp32; {a.steps} timed steps after 2 warm-up")
     print("fp32 GEMM 2048^3 GFLOPS: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
-    base = next((r for r in results if r["framework"] == "torch"), None)
-    print(f"{'framework':<13}{'tokens/s':>10}{'step s':>9}{'vs torch':>10}{'MFU':>7}{'peak RSS MB':>13}")
+    ref_name = "torch" if any(r["framework"] == "torch" for r in results) else "ms_llm"
+    base = next((r for r in results if r["framework"] == ref_name), None)
+    print(f"{'framework':<13}{'tokens/s':>10}{'step s':>9}{'vs ' + ref_name:>11}{'MFU':>7}{'peak RSS MB':>13}")
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        r["vs_torch"] = ratio
-        print(f"{r['framework']:<13}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{ratio:>9.2f}x{r['mfu']:>7.1%}"
+        r["vs_" + ref_name] = ratio
+        print(f"{r['framework']:<13}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{ratio:>10.2f}x{r['mfu']:>7.1%}"
               f"{r['peak_rss_mb']:>13.0f}")
     if a.json:
         with open(a.json, "w") as f:
