@@ -154,6 +154,12 @@ class SFTSection:
     eval_prompts: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task}) scored by exact match")
     eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
+    dataset_manifest: Optional[str] = opt(None, "MANIFEST.json of the dataset release ({version, files: {name: sha256}}); "
+                                               "its files are verified, and the version and hash are bound to the run")
+    dataset_version: Optional[str] = opt(None, "Expected version tag in dataset_manifest (e.g. DATASET_v3.0_sft)")
+    converge_metric: str = opt("eval/exact_match", "Metric watched for convergence at each evaluation")
+    converge_tolerance: float = opt(0.01, "Stop when the metric moves less than this (relative) ...")
+    converge_patience: int = opt(0, "... across this many consecutive evaluations (seed: 3; 0 disables the rule)")
 
 
 @dataclass

@@ -11,7 +11,9 @@ Held-out prompts (`sft.eval_prompts`) are scored by exact match at every evaluat
 import os
 
 from ms_llm.config import ExperimentConfig
+from ms_llm.data.manifest import verify_dataset
 from ms_llm.data.readers import read_records
+from ms_llm.errors import MsLlmError
 from ms_llm.data.sft import SFTData
 from ms_llm.eval.generative import exact_match
 from ms_llm.losses.sft import SFTLoss
@@ -37,6 +39,38 @@ def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
     return evaluate
 
 
+def converged(metric: str, tolerance: float, patience: int):
+    """Seed 000 §1.2.5.3.4: stop when `metric` moved less than `tolerance` (relative) across `patience`
+    consecutive evaluations."""
+    def should_stop(evals: list) -> bool:
+        values = [e[metric] for e in evals if metric in e][-(patience + 1):]
+        if patience <= 0 or len(values) < patience + 1:
+            return False
+        return all(abs(b - a) <= tolerance * max(abs(a), 1e-12) for a, b in zip(values, values[1:]))
+    return should_stop
+
+
+def checkpoint_report(run_dir: str, evals: list, metric: str) -> dict:
+    """Best-checkpoint report: markdown table of every evaluation plus a radar chart of the per-task metrics."""
+    from ms_llm.training.metrics import radar_plot
+    if not evals:
+        return {}
+    best = max(evals, key=lambda e: e.get(metric, float("-inf")))
+    keys = sorted({k for e in evals for k in e if k.startswith("eval/")})
+    lines = ["# Checkpoint report", "", f"Best by `{metric}`: step {best['step']}"
+             + (f" (`checkpoints/step_{best['step']:06d}`)" if os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{best['step']:06d}")) else ""),
+             "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {e['step']} | " + " | ".join(f"{e.get(k, float('nan')):.3f}" for k in keys) + " |" for e in evals]
+    axes = [k for k in keys if k != metric] or keys
+    if len(axes) >= 3:
+        radar_plot(os.path.join(run_dir, "plots", "checkpoint_radar.png"), [a.split("/")[-1] for a in axes],
+                   {f"step {e['step']}": [e.get(a, 0.0) for a in axes] for e in evals}, "held-out metrics per checkpoint")
+        lines += ["", "![metrics per checkpoint](plots/checkpoint_radar.png)"]
+    with open(os.path.join(run_dir, "checkpoint_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"best_step": best["step"], f"best/{metric}": best.get(metric)}
+
+
 def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -47,6 +81,13 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         apply_lora(model, LoRAConfig(lora.r, lora.alpha, lora.dropout, list(lora.targets)))
         writer = lambda folder: save_adapter(model, folder, cfg.model.init_from)      # noqa: E731
         reader = lambda folder: load_adapter(model, folder)                           # noqa: E731
+    s = cfg.sft
+    binding = verify_dataset(s.dataset_manifest, s.dataset_version) if s.dataset_manifest else None
+
+    def check_resume(state: dict):
+        if binding and state.get("dataset") != binding:
+            raise MsLlmError(f"the checkpoint was trained on dataset {state.get('dataset')}, the config names "
+                             f"{binding} ({s.dataset_manifest}); refusing to resume on different data")
     d = cfg.data
     data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, cfg.sft, d.shuffle_seed, d.on_error)
     mbs = cfg.train.micro_batch_size
@@ -54,7 +95,9 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     before = evaluate() if evaluate and rank == 0 else {}
     spec = StageSpec(loss_net=SFTLoss(model), batch_keys=KEYS, next_batch=lambda i: data.batch(i, mbs, rank, world),
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
-                     weights_reader=reader, loss_norm=float(mbs))
+                     weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
+                     check_resume=check_resume,
+                     should_stop=converged(s.converge_metric, s.converge_tolerance, s.converge_patience))
     result = train(cfg, model, spec, run_dir, rank, reducer)
     if rank != 0:
         return {}
@@ -66,5 +109,8 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         exported = model
     final = export_final(run_dir, exported, tokenizer, None)
     metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
-                   **{f"before/{k}": v for k, v in before.items()})
-    return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, plots=cfg.log.plots)
+                   **{f"before/{k}": v for k, v in before.items()}, **checkpoint_report(run_dir, result.evals, s.converge_metric))
+    if binding:
+        final["dataset"] = binding
+    status = "stopped_early" if result.stopped_early else "completed"
+    return finish(run_dir, cfg.stage, status, result.steps, metrics, final, plots=cfg.log.plots)

@@ -88,3 +88,25 @@ def plot_metrics(run_dir: str, keys=("loss", "lr", "grad_norm", "eval/loss")) ->
         plt.close(fig)
         out.append(path)
     return out
+
+
+def radar_plot(path: str, labels: list, series: dict, title: str = ""):
+    """Polar 'radar' chart: one closed polygon per series ({name: [value per label]}), values in [0, 1]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    angles = np.linspace(0, 2 * np.pi, len(labels), endpoint=False).tolist()
+    fig = plt.figure(figsize=(5, 5))
+    ax = fig.add_subplot(111, polar=True)
+    for name, values in series.items():
+        ax.plot(angles + angles[:1], list(values) + list(values[:1]), label=name)
+        ax.fill(angles + angles[:1], list(values) + list(values[:1]), alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=7)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)

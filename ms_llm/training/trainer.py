@@ -36,6 +36,8 @@ class StageSpec:
     lr_scales: Optional[list] = None                 # per-parameter lr multipliers
     extra_state: Callable[[], dict] = field(default=lambda: {})   # stage state saved in trainer_state.json
     loss_norm: Optional[float] = None                # typical loss denominator per micro-batch (default: tokens)
+    check_resume: Optional[Callable[[dict], None]] = None     # raise if a checkpoint's trainer_state does not fit
+    should_stop: Optional[Callable[[list], bool]] = None       # list of evaluation rows -> stop early?
 
 
 @dataclass
@@ -44,6 +46,8 @@ class TrainResult:
     metrics: dict
     history: list
     resumed_from: Optional[str] = None
+    evals: list = field(default_factory=list)        # [{"step", "eval/...": ...}] in this process
+    stopped_early: bool = False
 
 
 def uses_loss_scaling(cfg: ExperimentConfig) -> bool:
@@ -85,7 +89,7 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
         from tqdm import tqdm
         bar = tqdm(total=t.max_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
     s = cfg.lr_schedule
-    history, last = [], {}
+    history, last, evals, stopped = [], {}, [], False
     tokens_per_step = spec.tokens_per_micro * t.grad_accum_steps * cfg.parallel.data_parallel
     spec.loss_net.set_train(True)
     try:
@@ -107,10 +111,12 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if spec.evaluate and ((t.eval_every and done % t.eval_every == 0) or done == t.max_steps):
                 row.update(_evaluate(spec))
+                evals.append({"step": done, **{k: v for k, v in row.items() if k.startswith("eval/")}})
+                stopped = bool(spec.should_stop and done != t.max_steps and spec.should_stop(evals))
             if done % t.log_every == 0 or done == t.max_steps or row["skipped"] or any(k.startswith("eval/") for k in row):
                 logger.log(done, row)
             last = row
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.max_steps:
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.max_steps or stopped:
                 if rank == 0:
                     ckpt.save_checkpoint(root, done, model, state,
                                          {"step": done, "data_position": micro_index, "seed": t.seed,
@@ -118,6 +124,9 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                                           "consumed_samples": micro_index * t.micro_batch_size * cfg.parallel.data_parallel,
                                           "loss_scale": float(scale.scale.asnumpy()), **spec.extra_state()},
                                          cfg.checkpoint.keep, spec.weights_writer)
+            if stopped:
+                log.info("stopping early at step %d: the evaluation metric converged", done)
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -127,7 +136,8 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
     if history:
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(h["skipped"] for h in history)
-    return TrainResult(t.max_steps, metrics, history, resumed)
+    steps = (start + len(history)) if history else start
+    return TrainResult(steps, metrics, history, resumed, evals, stopped)
 
 
 def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dict):
@@ -147,6 +157,8 @@ def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dic
         load_state_dict(model, read_weights(path), strict=True, source=path)
     ckpt.load_optimizer_state(path, state)
     ts = ckpt.read_trainer_state(path)
+    if spec.check_resume is not None:
+        spec.check_resume(ts)
     log.info("resumed from %s at step %d", path, ts["step"])
     return path, ts["step"], _data_position(cfg, ts, path)
 

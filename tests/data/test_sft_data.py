@@ -102,3 +102,30 @@ def test_sft_data_errors_and_skips(tmp_path, tok):
     data = SFTData(src, tok, "chatml", 64, SFTSection(), on_error="skip")
     assert data.stats.skipped == 3 and sum(len(g) for g in data.groups) == 1
     assert any("s.jsonl:4: the last turn alone is" in r for r in data.stats.reasons)
+
+
+def test_dataset_manifest_binding(tmp_path):
+    from ms_llm.data.manifest import verify_dataset
+    m = synthesize(str(tmp_path / "d"), n_text=20, n_sft=20, n_eval=5, version="DATASET_v3.0_sft")
+    bound = verify_dataset(str(tmp_path / "d" / "MANIFEST.json"), "DATASET_v3.0_sft")
+    assert bound["version"] == "DATASET_v3.0_sft" and len(bound["sha256"]) == 64 and m["version"] == bound["version"]
+    with pytest.raises(MsLlmError, match="expects 'DATASET_v9'"):
+        verify_dataset(str(tmp_path / "d" / "MANIFEST.json"), "DATASET_v9")
+    with open(tmp_path / "d" / "sft_alpaca.jsonl", "a") as f:
+        f.write('{"instruction": "x", "output": "y"}\n')
+    with pytest.raises(MsLlmError, match="sft_alpaca.jsonl: SHA256 differs"):
+        verify_dataset(str(tmp_path / "d" / "MANIFEST.json"))
+
+
+def test_convergence_rule_and_checkpoint_report(tmp_path):
+    from ms_llm.stages.sft import checkpoint_report, converged
+    stop = converged("eval/m", 0.01, 3)
+    rows = [{"step": s, "eval/m": v} for s, v in [(1, 0.2), (2, 0.5), (3, 0.600), (4, 0.603), (5, 0.605)]]
+    assert not stop(rows[:4]) and not stop(rows)              # 0.5 -> 0.6 moved 20%
+    assert stop(rows + [{"step": 6, "eval/m": 0.606}])      # three consecutive moves under 1%
+    evals = [{"step": s, "eval/m": v, "eval/m/a": v, "eval/m/b": 1 - v, "eval/m/c": v / 2} for s, v in [(10, 0.3), (20, 0.7)]]
+    (tmp_path / "plots").mkdir()
+    res = checkpoint_report(str(tmp_path), evals, "eval/m")
+    assert res == {"best_step": 20, "best/eval/m": 0.7}
+    assert "Best by `eval/m`: step 20" in (tmp_path / "checkpoint_report.md").read_text()
+    assert (tmp_path / "plots" / "checkpoint_radar.png").stat().st_size > 1000
