@@ -3,14 +3,19 @@
 file (and line) and the nearest valid key; cross-field rules are checked in `validate`."""
 import dataclasses
 import difflib
+import re
 import typing
 
 import yaml
 
-from ms_llm.config.schema import DataSource, ExperimentConfig
+from ms_llm.config.schema import DataSource, ExperimentConfig, SFTPhase
 from ms_llm.errors import MsLlmError
 
-_NESTED_LISTS = {"data.sources": DataSource}
+_NESTED_LISTS = {"data.sources": DataSource, "sft.phases": SFTPhase, "sft.phases.sources": DataSource}
+
+
+def _list_item_type(key: str):
+    return _NESTED_LISTS.get(re.sub(r"\[\d+\]", "", key))
 
 
 def _key_lines(text: str) -> dict:
@@ -96,10 +101,10 @@ def _build(cls, raw, prefix, where, lines):
         at = _at(where, lines, key)
         if dataclasses.is_dataclass(f.type):
             kwargs[k] = _build(f.type, v or {}, key + ".", where, lines)
-        elif key in _NESTED_LISTS:
+        elif _list_item_type(key):
             if not isinstance(v, list):
                 raise MsLlmError(f"{at}: key '{key}' must be a list")
-            kwargs[k] = [_build(_NESTED_LISTS[key], item, f"{key}[{i}].", where, lines) for i, item in enumerate(v)]
+            kwargs[k] = [_build(_list_item_type(key), item, f"{key}[{i}].", where, lines) for i, item in enumerate(v)]
         else:
             kwargs[k] = _check_type(v, f.type, key, at)
             choices = f.metadata.get("choices")
@@ -137,7 +142,14 @@ def load_config(path: str, overrides=()) -> ExperimentConfig:
         keys, value = parse_override(ov)
         node = raw
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            m = re.fullmatch(r"(\w+)\[(\d+)\]", k)          # list element, e.g. sft.phases[1].max_steps
+            if m:
+                items = node.get(m.group(1))
+                if not isinstance(items, list) or int(m.group(2)) >= len(items):
+                    raise MsLlmError(f"override '{ov}': '{m.group(1)}' has no element {m.group(2)}")
+                node = items[int(m.group(2))]
+            else:
+                node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise MsLlmError(f"override '{ov}': '{k}' is not a section")
         node[keys[-1]] = value
@@ -175,6 +187,13 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
                          "(half-precision matmuls, float32 master weights)")
     if not cfg.model.preset and not cfg.model.init_from:
         raise MsLlmError(f"{where}: set model.preset or model.init_from")
+    for i, ph in enumerate(cfg.sft.phases):
+        mbs = ph.micro_batch_size or t.micro_batch_size
+        acc = ph.grad_accum_steps or t.grad_accum_steps
+        if ph.global_batch_size is not None and ph.global_batch_size != mbs * acc * cfg.parallel.data_parallel:
+            raise MsLlmError(f"{where}: sft.phases[{i}].global_batch_size ({ph.global_batch_size}) must equal "
+                             f"micro_batch_size ({mbs}) x grad_accum_steps ({acc}) x data_parallel "
+                             f"({cfg.parallel.data_parallel})")
     if not cfg.data.sources:
         raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file")
     if not 0 <= cfg.data.eval_fraction < 1:
@@ -203,7 +222,8 @@ def help_text() -> str:
             choices = f.metadata.get("choices")
             extra = f" (one of {', '.join(choices)})" if choices else ""
             out.append(f"  {prefix}{f.name} = {default!r}\n      {f.metadata.get('help', '')}{extra}")
-            if prefix + f.name in _NESTED_LISTS:
-                walk(_NESTED_LISTS[prefix + f.name], prefix + f.name + "[].")
+            item = _list_item_type((prefix + f.name).replace("[]", ""))
+            if item:
+                walk(item, prefix + f.name + "[].")
     walk(ExperimentConfig, "")
     return "\n".join(out).lstrip()

@@ -141,6 +141,17 @@ class LoRASection:
 
 
 @dataclass
+class SFTPhase:
+    name: str = opt("stage", "Phase name (its run directory is <output_dir>/<name>)")
+    sources: list = opt(list, "Data sources of this phase (default: data.sources)")
+    max_steps: Optional[int] = opt(None, "Optimizer steps of this phase (default: train.max_steps)")
+    micro_batch_size: Optional[int] = opt(None, "Micro-batch of this phase (default: train.micro_batch_size)")
+    grad_accum_steps: Optional[int] = opt(None, "Accumulation of this phase (default: train.grad_accum_steps)")
+    global_batch_size: Optional[int] = opt(None, "Checked like train.global_batch_size")
+    lr: Optional[float] = opt(None, "Peak learning rate of this phase (default: optim.lr)")
+
+
+@dataclass
 class SFTSection:
     task_weights: dict = opt(lambda: {"qa": 1.0, "code": 1.5, "translation": 0.8, "reasoning": 1.2},
                              "Loss weight per record `task` (seed 000 §1.2.5.3.1); unknown tasks weigh 1.0")
@@ -151,6 +162,10 @@ class SFTSection:
     max_turns: int = opt(15, "Assistant turns kept per dialogue (oldest dropped first)")
     turn_decay: float = opt(1.0, "Weight decay^k on the k-th assistant turn before the last (1.0: all equal)")
     lora: LoRASection = opt(LoRASection, "LoRA")
+    neftune_alpha: float = opt(0.0, "NEFTune noise on input embeddings while training (Jain et al. 2023; 5 is typical; 0 disables)")
+    phases: list = opt(list, "Run several phases back to back, each from the previous one's result (seed 000 "
+                             "§1.2.5.3.1: all instructions, then the code/reasoning subset); list of {name, sources, max_steps, "
+                             "micro_batch_size, grad_accum_steps, global_batch_size, lr}")
     eval_prompts: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task}) scored by exact match")
     eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")

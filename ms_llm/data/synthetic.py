@@ -5,6 +5,7 @@ Everything is generated from a seed, is small, and is learnable by a tiny model 
 stages can show real accuracy gains:
   * pretrain_{general,science,code}.jsonl   multi-domain text with domain tags
   * sft_alpaca.jsonl / sft_sharegpt.jsonl    instructions tagged qa, code, translation, reasoning
+  * sft_code_reasoning.jsonl                 the code/reasoning subset (SFT phase two)
   * sft_eval.jsonl                           held-out instructions of the same tasks, with reference answers
   * dialogues.jsonl                          multi-turn sharegpt conversations
   * preference.jsonl                         a correct and a subtly wrong answer per prompt
@@ -121,6 +122,7 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
         instr, ans = task_example(r, task)
         alpaca.append({"instruction": instr, "input": "", "output": ans, "task": task})
     write("sft_alpaca.jsonl", alpaca)
+    write("sft_code_reasoning.jsonl", [a for a in alpaca if a["task"] in ("code", "reasoning")])
     held_out = []
     for _ in range(n_eval):
         task = r.choice(TASKS)

@@ -11,6 +11,8 @@ Two ways in:
   * `CausalLM.step(...)` (wrapped by `generation.DecodeStep`) -> logits plus updated fixed-size KV caches,
     for incremental decoding without recompiling per token.
 """
+import math
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
@@ -176,6 +178,7 @@ class CausalLM(nn.Cell):
         self.dynamic_rope = scaling.get("rope_type", scaling.get("type")) == "dynamic"
         self.inv_freq = Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
         self.matmul_t = ops.MatMul(transpose_b=True)
+        self.neftune_alpha = 0.0          # NEFTune embedding noise while training (set by the SFT stage)
 
     def _inv_freq(self, seq_len):
         if self.dynamic_rope and seq_len > self.config.max_position_embeddings:
@@ -205,6 +208,8 @@ class CausalLM(nn.Cell):
         mask = F.mask_bias(F.causal_mask(slots, slots, attention_mask, segment_ids, segment_ids))
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(s))
         x = self.model.embed_tokens(input_ids)
+        if self.training and self.neftune_alpha > 0:   # NEFTune: uniform noise scaled by alpha / sqrt(S * H)
+            x = x + (ops.rand_like(x) * 2.0 - 1.0) * (self.neftune_alpha / math.sqrt(s * x.shape[-1]))
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
         return self.model.norm(x)

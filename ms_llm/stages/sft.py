@@ -72,9 +72,54 @@ def checkpoint_report(run_dir: str, evals: list, metric: str) -> dict:
 
 
 def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+    if cfg.sft.phases:
+        return run_phases(cfg, rank, world, reducer)
+    return run_phase(cfg, rank, world, reducer)
+
+
+def run_phases(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+    """Phases back to back (seed 000 §1.2.5.3.1), each starting from the previous one's hash-checked result."""
+    import copy
+    from ms_llm.training.metrics import write_summary
+    base = prepare_run_dir(cfg)
+    init, sha, summaries = cfg.model.init_from, cfg.model.init_sha256, []
+    for ph in cfg.sft.phases:
+        sub = copy.deepcopy(cfg)
+        sub.sft.phases = []
+        sub.train.output_dir = os.path.join(base, ph.name)
+        sub.model.init_from, sub.model.init_sha256 = init, sha
+        sub.data.sources = ph.sources or cfg.data.sources
+        sub.train.max_steps = ph.max_steps or cfg.train.max_steps
+        sub.train.micro_batch_size = ph.micro_batch_size or cfg.train.micro_batch_size
+        sub.train.grad_accum_steps = ph.grad_accum_steps or cfg.train.grad_accum_steps
+        sub.train.global_batch_size = ph.global_batch_size
+        sub.optim.lr = ph.lr or cfg.optim.lr
+        summary = run_phase(sub, rank, world, reducer)
+        if rank != 0:
+            continue
+        summaries.append({"phase": ph.name, "steps": summary["steps"], "status": summary["status"],
+                          "final": summary["final"]})
+        init, sha = summary["final"]["path"], summary["final"]["sha256"]
+    if rank != 0:
+        return {}
+    last = json_load(os.path.join(base, cfg.sft.phases[-1].name, "summary.json"))
+    metrics = dict(last["metrics"], phases=summaries)
+    return write_summary(base, cfg.stage, last["status"], sum(p["steps"] for p in summaries), metrics,
+                         last["gates"], last["final"])
+
+
+def json_load(path: str) -> dict:
+    import json
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_phase(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+    """One SFT run (see the module docstring)."""
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg)
+    model.neftune_alpha = float(cfg.sft.neftune_alpha)
     lora = cfg.sft.lora
     writer = reader = None
     if lora.enabled:

@@ -55,3 +55,16 @@ def test_lora_sft_checkpoints_hold_only_the_adapter(pretrained):
            "checkpoint.every=20", "train.eval_every=0", "sft.eval_limit=8")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert rows[-1]["step"] == 50 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.slow
+def test_two_phases_run_back_to_back_with_hash_checked_hand_off(pretrained):
+    _train(pretrained, "configs/tiny/sft_two_phase.yaml", "sft.phases[0].max_steps=30", "sft.phases[1].max_steps=20",
+           "sft.eval_limit=8", "sft.neftune_alpha=5")
+    run = pretrained / "runs" / "tiny_sft_two_phase"
+    summary = json.loads((run / "summary.json").read_text())
+    phases = summary["metrics"]["phases"]
+    assert [p["phase"] for p in phases] == ["phase1_all", "phase2_code_reasoning"] and summary["steps"] == 50
+    resolved = (run / "phase2_code_reasoning" / "config.resolved.yaml").read_text()
+    assert phases[0]["final"]["sha256"] in resolved and "sft_code_reasoning.jsonl" in resolved
+    assert summary["final"]["path"].endswith("phase2_code_reasoning/final")

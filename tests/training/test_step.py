@@ -133,3 +133,17 @@ def test_recompute_gives_the_same_update(graph_mode):
     assert abs(out["loss"] - out_plain["loss"]) < 1e-6
     wp, wr = _weights(plain), _weights(model)
     assert max(np.abs(wp[k] - wr[k]).max() for k in wp) <= 1e-6
+
+
+def test_neftune_noise_only_while_training():
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny"))
+    ids = Tensor(_batch(2, 17)[0])
+    model.set_train(False)
+    clean = model(ids).asnumpy()
+    model.neftune_alpha = 5.0
+    model.set_train(True)
+    a, b = model(ids).asnumpy(), model(ids).asnumpy()
+    assert not np.allclose(a, clean) and not np.allclose(a, b)            # fresh noise each step
+    model.set_train(False)
+    assert np.array_equal(model(ids).asnumpy(), clean)                    # none at evaluation
