@@ -82,6 +82,26 @@ def exact_match(model, tokenizer, records: list, template: str = "chatml", max_n
             "tasks": {t: float(np.mean(h)) for t, h in sorted(per_task.items())}, "n": len(hits), "outputs": outputs}
 
 
+def functional_check(candidate: str, reference: str, inputs=range(-5, 6), timeout: float = 3.0) -> bool:
+    """Does the candidate define the reference's function with the same outputs on `inputs`? (sandboxed)"""
+    from ms_llm.eval.sandbox import run_program
+    m = re.search(r"def\s+(\w+)\s*\(", reference)
+    if not m:
+        return False
+    fn = m.group(1)
+    program = (f"{extract_code(candidate)}\n_cand = {fn}\n{reference}\n_ref = {fn}\n"
+               f"for _x in {list(inputs)!r}:\n    assert _cand(_x) == _ref(_x), _x\n")
+    return run_program(program, timeout=timeout).status == "passed"
+
+
+def code_pass_at_1(outputs: list) -> float:
+    """pass@1 of greedy code answers (exact_match outputs whose reference defines a function)."""
+    code = [o for o in outputs if re.search(r"def\s+\w+\s*\(", str(o["answer"]))]
+    if not code:
+        return float("nan")
+    return float(np.mean([functional_check(o["output"], str(o["answer"])) for o in code]))
+
+
 def win_rate(prompts: list, answers_a: list, answers_b: list, judge) -> dict:
     """How often A beats B under `judge(prompt, first, second) -> 1 | 0.5 | 0` (1: first is better).
 

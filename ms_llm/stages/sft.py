@@ -15,7 +15,7 @@ from ms_llm.data.manifest import verify_dataset
 from ms_llm.data.readers import read_records
 from ms_llm.errors import MsLlmError
 from ms_llm.data.sft import SFTData
-from ms_llm.eval.generative import exact_match
+from ms_llm.eval.generative import code_pass_at_1, exact_match
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
@@ -34,6 +34,9 @@ def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
     def evaluate():
         res = exact_match(model, tokenizer, records, cfg.tokenizer.chat_template, s.eval_max_new_tokens)
         out = {"eval/exact_match": res["accuracy"]}
+        passed = code_pass_at_1(res["outputs"])
+        if passed == passed:                                   # not NaN: the set has code tasks
+            out["eval/code_pass@1"] = passed
         out.update({f"eval/exact_match/{t}": v for t, v in res["tasks"].items()})
         return out
     return evaluate

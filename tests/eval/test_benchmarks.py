@@ -169,3 +169,15 @@ def test_eval_humaneval_generates_with_a_model(tiny_model_dir, capsys):
                  "--max-new-tokens", "8", "--mode", "pynative"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["tasks"] == 2 and out["pass@1"] == 0.0          # a random tiny model solves nothing
+
+
+def test_functional_check_runs_code_answers_in_the_sandbox():
+    from ms_llm.eval.generative import code_pass_at_1, functional_check
+    ref = "def add_7(x):\n    return x + 7"
+    assert functional_check("def add_7(x):\n    return 7 + x", ref)                  # different text, same function
+    assert not functional_check("def add_7(x):\n    return x + 8", ref)
+    assert not functional_check("def add_7(x):\n    import os\n    os.system('true')\n    return x + 7", ref)
+    assert not functional_check("while True: pass", ref, timeout=1)
+    outs = [{"output": "```python\ndef add_7(x):\n    return x+7\n```", "answer": ref},
+            {"output": "def add_7(x): return 0", "answer": ref}, {"output": "42", "answer": "42"}]
+    assert code_pass_at_1(outs) == 0.5

@@ -36,6 +36,7 @@ def test_full_sft_answers_held_out_instructions(pretrained):
     m = json.loads((pretrained / "runs" / "sft_full" / "summary.json").read_text())["metrics"]
     assert m["before/eval/exact_match"] <= 0.05 and m["eval/exact_match"] >= 0.35
     assert m["eval/exact_match/code"] >= 0.8 and m["eval/exact_match/qa"] >= 0.8
+    assert m["eval/code_pass@1"] >= 0.8 and m["before/eval/code_pass@1"] == 0.0    # answers executed in the sandbox
 
 
 @pytest.mark.slow
