@@ -52,3 +52,14 @@ def torch_logits(model, ids, **kw):
     import torch
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids), dtype=torch.long), **kw).logits.float().numpy()
+
+
+def make_workdir(tmp_path_factory, name: str, **synth):
+    """A directory laid out like the project: data/tiny/ (synthetic datasets) and a copy of configs/."""
+    import shutil
+    from ms_llm.data.synthetic import synthesize
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tmp_path_factory.mktemp(name)
+    synthesize(str(d / "data" / "tiny"), **synth)
+    shutil.copytree(os.path.join(root, "configs"), d / "configs")
+    return d

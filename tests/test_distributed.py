@@ -2,7 +2,6 @@
 """msrun data parallel on CPU: equal to one process, a dead worker fails the job by name, resumable; launcher."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,19 +10,16 @@ import time
 import numpy as np
 import pytest
 
-from ms_llm.data.synthetic import synthesize
+from conftest import make_workdir
 from ms_llm.models.safetensors_io import read_safetensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["data.seq_len=64", "data.eval_fraction=0", "train.progress_bar=false", "log.plots=false",
           "lr_schedule.warmup_steps=2", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dp")
-    synthesize(str(d / "data" / "tiny"), seed=0, n_text=400, n_sft=50, n_eval=10)
-    shutil.copytree(os.path.join(ROOT, "configs"), d / "configs")
+    d = make_workdir(tmp_path_factory, "dp", seed=0, n_text=400, n_sft=50, n_eval=10)
     return d
 
 

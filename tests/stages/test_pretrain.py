@@ -2,7 +2,6 @@
 """The pretraining stage through the real CLI: loss falls, outputs exist, and a SIGKILLed run resumes exactly."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,17 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from ms_llm.data.synthetic import synthesize
+from conftest import make_workdir
 from ms_llm.models.safetensors_io import read_safetensors
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pretrain")
-    synthesize(str(d / "data" / "tiny"), seed=0, n_text=600, n_sft=50, n_eval=20)
-    shutil.copytree(os.path.join(ROOT, "configs"), d / "configs")
+    d = make_workdir(tmp_path_factory, "pretrain", seed=0, n_text=600, n_sft=50, n_eval=20)
     return d
 
 

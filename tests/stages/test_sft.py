@@ -2,22 +2,18 @@
 """The SFT stage end to end on the synthetic data: held-out answers improve; LoRA checkpoints hold only adapters."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from ms_llm.data.synthetic import synthesize
+from conftest import make_workdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sft")
-    synthesize(str(d / "data" / "tiny"))
-    shutil.copytree(os.path.join(ROOT, "configs"), d / "configs")
+    d = make_workdir(tmp_path_factory, "sft")
     _train(d, "configs/tiny/pretrain.yaml", "data.eval_fraction=0")
     return d
 
