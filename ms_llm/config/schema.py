@@ -169,6 +169,8 @@ class SFTSection:
     eval_prompts: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task}) scored by exact match")
     eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
+    eval_dialogues: Optional[str] = opt(None, "Held-out sharegpt dialogues scored for inter-turn coherence (BERTScore F1)")
+    eval_dialogue_limit: int = opt(16, "Dialogues used for the coherence score")
     dataset_manifest: Optional[str] = opt(None, "MANIFEST.json of the dataset release ({version, files: {name: sha256}}); "
                                                "its files are verified, and the version and hash are bound to the run")
     dataset_version: Optional[str] = opt(None, "Expected version tag in dataset_manifest (e.g. DATASET_v3.0_sft)")

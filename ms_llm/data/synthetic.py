@@ -7,7 +7,7 @@ stages can show real accuracy gains:
   * sft_alpaca.jsonl / sft_sharegpt.jsonl    instructions tagged qa, code, translation, reasoning
   * sft_code_reasoning.jsonl                 the code/reasoning subset (SFT phase two)
   * sft_eval.jsonl                           held-out instructions of the same tasks, with reference answers
-  * dialogues.jsonl                          multi-turn sharegpt conversations
+  * dialogues.jsonl / dialogues_eval.jsonl   multi-turn sharegpt conversations (training / held out)
   * preference.jsonl                         a correct and a subtly wrong answer per prompt
   * prompts_{train,eval}.jsonl               verifiable prompts (arithmetic, string transforms) with answers
   * eval_{general,science,code}.jsonl        held-out text per domain
@@ -133,6 +133,7 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
                                                     {"from": "gpt", "value": a["output"]}], "task": a["task"]}
                                  for a in alpaca[: n_sft // 2]])
     write("dialogues.jsonl", [dialogue(r) for _ in range(n_sft // 2)])
+    write("dialogues_eval.jsonl", [dialogue(r) for _ in range(n_eval)])
     write("preference.jsonl", [preference_pair(r) for _ in range(n_sft // 2)])
     write("prompts_train.jsonl", [verifiable_prompt(r) for _ in range(n_sft)])
     write("prompts_eval.jsonl", [verifiable_prompt(r) for _ in range(n_eval)])

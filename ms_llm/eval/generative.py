@@ -4,6 +4,7 @@ import math
 import re
 from collections import defaultdict
 
+import mindspore as ms
 import numpy as np
 
 from ms_llm.data.readers import read_records
@@ -100,6 +101,49 @@ def code_pass_at_1(outputs: list) -> float:
     if not code:
         return float("nan")
     return float(np.mean([functional_check(o["output"], str(o["answer"])) for o in code]))
+
+
+def bertscore(model, tokenizer, candidates: list, references: list) -> np.ndarray:
+    """BERTScore F1 (Zhang et al. 2020) with a chosen model's final hidden states as contextual embeddings.
+
+    Each token of one text is matched to its most similar token (cosine) of the other; precision averages
+    over the candidate's tokens, recall over the reference's, F1 is their harmonic mean. [N] float.
+    """
+    def embed(text):
+        ids = tokenizer.encode(text) or [tokenizer.eos_id]
+        model.set_train(False)
+        h = model.hidden_states(ms.Tensor([ids], ms.int32)).asnumpy()[0].astype(np.float64)
+        return h / np.maximum(np.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
+    scores = []
+    for c, r in zip(candidates, references):
+        sim = embed(c) @ embed(r).T
+        p, rec = sim.max(1).mean(), sim.max(0).mean()
+        scores.append(2 * p * rec / max(p + rec, 1e-12))
+    return np.array(scores)
+
+
+def dialogue_coherence(model, tokenizer, dialogues: list, template: str = "chatml", max_new_tokens: int = 32) -> dict:
+    """Topic consistency between turns (seed 000 §1.2.5.3.3): the model answers every user turn of a held-out
+    dialogue given the reference history, and each answer is scored with BERTScore F1 against the previous
+    exchange (user question + answer). Returns the mean and the per-dialogue scores."""
+    from ms_llm.data.chat import render, stop_token_ids
+    from ms_llm.generation import generate
+    stops = stop_token_ids(template, tokenizer)
+    per_dialogue = []
+    for msgs in dialogues:
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        answers, previous = [], []
+        for k, i in enumerate(turns[1:], 1):
+            prompt = render(msgs[:i], tokenizer, template, add_generation_prompt=True).ids
+            out = generate(model, [prompt], max_new_tokens, temperature=0, eos_token_id=stops,
+                           pad_token_id=tokenizer.pad_id)
+            toks = [t for t in out.tokens[0, :out.lengths[0]].tolist() if t not in stops]
+            answers.append(tokenizer.decode(toks))
+            j = turns[k - 1]
+            previous.append(msgs[j - 1]["content"] + " " + msgs[j]["content"])
+        if answers:
+            per_dialogue.append(float(bertscore(model, tokenizer, answers, previous).mean()))
+    return {"coherence": float(np.mean(per_dialogue)) if per_dialogue else float("nan"), "dialogues": per_dialogue}
 
 
 def win_rate(prompts: list, answers_a: list, answers_b: list, judge) -> dict:

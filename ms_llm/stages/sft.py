@@ -15,7 +15,7 @@ from ms_llm.data.manifest import verify_dataset
 from ms_llm.data.readers import read_records
 from ms_llm.errors import MsLlmError
 from ms_llm.data.sft import SFTData
-from ms_llm.eval.generative import code_pass_at_1, exact_match
+from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
@@ -26,14 +26,22 @@ KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
 
 def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
     s = cfg.sft
-    if not s.eval_prompts:
+    if not s.eval_prompts and not s.eval_dialogues:
         return None
-    records = read_records(s.eval_prompts, "prompts")
+    records = read_records(s.eval_prompts, "prompts") if s.eval_prompts else []
     records = records[:s.eval_limit] if s.eval_limit else records
+    dialogues = [r["messages"] for r in read_records(s.eval_dialogues, "sharegpt")][:s.eval_dialogue_limit] \
+        if s.eval_dialogues else []
 
     def evaluate():
+        out = {}
+        if dialogues:
+            out["eval/coherence"] = dialogue_coherence(model, tokenizer, dialogues, cfg.tokenizer.chat_template,
+                                                       s.eval_max_new_tokens)["coherence"]
+        if not records:
+            return out
         res = exact_match(model, tokenizer, records, cfg.tokenizer.chat_template, s.eval_max_new_tokens)
-        out = {"eval/exact_match": res["accuracy"]}
+        out["eval/exact_match"] = res["accuracy"]
         passed = code_pass_at_1(res["outputs"])
         if passed == passed:                                   # not NaN: the set has code tasks
             out["eval/code_pass@1"] = passed

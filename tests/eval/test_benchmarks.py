@@ -181,3 +181,17 @@ def test_functional_check_runs_code_answers_in_the_sandbox():
     outs = [{"output": "```python\ndef add_7(x):\n    return x+7\n```", "answer": ref},
             {"output": "def add_7(x): return 0", "answer": ref}, {"output": "42", "answer": "42"}]
     assert code_pass_at_1(outs) == 0.5
+
+
+def test_bertscore_and_dialogue_coherence(tiny_model_dir):
+    from ms_llm.data.readers import read_records
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.eval.generative import bertscore, dialogue_coherence
+    from ms_llm.models import load_pretrained
+    model, tok = load_pretrained(tiny_model_dir / "model"), Tokenizer.load(tiny_model_dir / "model")
+    same = bertscore(model, tok, ["the pump and the valve"], ["the pump and the valve"])
+    other = bertscore(model, tok, ["the pump and the valve"], ["What is 12 + 30?"])
+    assert same[0] == pytest.approx(1.0) and other[0] < same[0]
+    dialogues = [r["messages"] for r in read_records(str(tiny_model_dir / "data" / "dialogues_eval.jsonl"), "sharegpt")[:2]]
+    res = dialogue_coherence(model, tok, dialogues, "chatml", max_new_tokens=6)
+    assert len(res["dialogues"]) == 2 and all(-1.0 <= v <= 1.0 for v in res["dialogues"])

@@ -65,3 +65,11 @@ def test_two_phases_run_back_to_back_with_hash_checked_hand_off(pretrained):
     resolved = (run / "phase2_code_reasoning" / "config.resolved.yaml").read_text()
     assert phases[0]["final"]["sha256"] in resolved and "sft_code_reasoning.jsonl" in resolved
     assert summary["final"]["path"].endswith("phase2_code_reasoning/final")
+
+
+@pytest.mark.slow
+def test_multiturn_sft_makes_turns_more_coherent(pretrained):
+    _train(pretrained, "configs/tiny/sft_multiturn.yaml", "train.max_steps=30", "sft.eval_limit=8",
+           "sft.eval_dialogue_limit=4", "train.output_dir=runs/mt")
+    m = json.loads((pretrained / "runs" / "mt" / "summary.json").read_text())["metrics"]
+    assert m["eval/coherence"] > m["before/eval/coherence"] + 0.1
