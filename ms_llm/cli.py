@@ -168,8 +168,29 @@ def cmd_merge_lora(argv):
     print(f"{a.out}: merged (scaling alpha/r); max logit difference vs base + adapter {diff:.2e}")
 
 
+def cmd_report(argv):
+    p = argparse.ArgumentParser(prog="ms-llm report", description="Rebuild a run's report.md and plots.")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    import os
+    from ms_llm.stages.common import write_report
+    from ms_llm.training.metrics import plot_metrics
+    path = os.path.join(a.run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise MsLlmError(f"{path}: not found; is {a.run_dir} a run directory of a finished (or stopped) stage?")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except ValueError as e:
+        raise MsLlmError(f"{path}: not valid JSON ({e})") from None
+    plots = plot_metrics(a.run_dir)
+    write_report(a.run_dir, summary)
+    print(f"{os.path.join(a.run_dir, 'report.md')} ({len(plots)} plots)")
+
+
 COMMANDS = {
     "train": cmd_train,
+    "report": cmd_report,
     "merge-lora": cmd_merge_lora,
     "launch": cmd_launch,
     "eval": cmd_eval,

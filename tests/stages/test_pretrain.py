@@ -52,6 +52,10 @@ def test_tiny_pretraining_learns_and_writes_its_run_dir(workdir):
     assert summary["final"]["sha256"] == manifest["model_sha256"]
     from ms_llm.models import load_pretrained
     assert load_pretrained(str(run)).config.num_hidden_layers == 2        # run dir resolves to final/
+    (run / "report.md").unlink()
+    from ms_llm.cli import main
+    assert main(["report", str(run)]) == 0 and "| loss |" in (run / "report.md").read_text()
+    assert main(["report", str(workdir)]) == 2                            # not a run directory
     r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "generate", "--model", str(run), "--prompt",
                         "The atomic number of", "--max-new-tokens", "12", "--json"],
                        cwd=workdir, capture_output=True, text=True, timeout=300)
