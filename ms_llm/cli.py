@@ -178,11 +178,8 @@ def cmd_report(argv):
     path = os.path.join(a.run_dir, "summary.json")
     if not os.path.isfile(path):
         raise MsLlmError(f"{path}: not found; is {a.run_dir} a run directory of a finished (or stopped) stage?")
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except ValueError as e:
-        raise MsLlmError(f"{path}: not valid JSON ({e})") from None
+    from ms_llm.fileio import read_json
+    summary = read_json(path, "the run summary")
     plots = plot_metrics(a.run_dir)
     write_report(a.run_dir, summary)
     print(f"{os.path.join(a.run_dir, 'report.md')} ({len(plots)} plots)")

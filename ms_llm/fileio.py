@@ -14,6 +14,18 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str, what: str = "file"):
+    """Parse a JSON file; a missing or malformed file is an MsLlmError naming it (and `what` it should be)."""
+    from ms_llm.errors import MsLlmError
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise MsLlmError(f"{path}: cannot read {what} ({e.strerror})") from None
+    except ValueError as e:
+        raise MsLlmError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
 def write_json_atomic(path: str, obj, indent: int = 1):
     """Write JSON to a temp file, fsync it and rename it over `path` (readers never see half a file)."""
     tmp = f"{path}.tmp.{os.getpid()}"

@@ -16,6 +16,7 @@ import re
 import shutil
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import read_json
 
 CHAT_SPECIAL_TOKENS = ["\n", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>",
                        "<|end_header_id|>", "<|eot_id|>", "<think>", "</think>"]
@@ -188,13 +189,7 @@ def _token_text(v):
 
 
 def _read_json(path: str, default):
-    if not os.path.isfile(path):
-        return default
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise MsLlmError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, "a tokenizer file") if os.path.isfile(path) else default
 
 
 def train_sentencepiece(input_files, out_dir: str, vocab_size: int, model_type: str = "bpe",

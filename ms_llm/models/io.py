@@ -16,7 +16,7 @@ import mindspore as ms
 import numpy as np
 
 from ms_llm.errors import MsLlmError
-from ms_llm.fileio import write_json_atomic
+from ms_llm.fileio import read_json, write_json_atomic
 from ms_llm.models.config import ModelConfig
 from ms_llm.models.decoder import CausalLM
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
@@ -45,12 +45,7 @@ def resolve_model_dir(path: str) -> str:
 
 def read_config(model_dir: str) -> ModelConfig:
     src = os.path.join(model_dir, "config.json")
-    try:
-        with open(src) as f:
-            hf = json.load(f)
-    except ValueError as e:
-        raise MsLlmError(f"{src}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_config(hf, source=src)
+    return ModelConfig.from_hf_config(read_json(src, "the model config"), source=src)
 
 
 def read_weights(model_dir: str) -> dict:

@@ -8,7 +8,6 @@
 are saved as `adapter_model.safetensors` + `adapter_config.json` that Hugging Face PEFT loads. Merging
 folds (alpha / r) * B A into W — with the scaling, which MindFormers' merge tool leaves at 1 by default.
 """
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_llm.errors import MsLlmError
-from ms_llm.fileio import write_json_atomic
+from ms_llm.fileio import read_json, write_json_atomic
 from ms_llm.models.decoder import CausalLM, Linear
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
@@ -126,11 +125,7 @@ def save_adapter(model, out_dir: str, base_model: str = None) -> list:
 def read_adapter(adapter_dir: str):
     """(LoRAConfig, {ms_llm parameter name: array}) from a PEFT adapter directory."""
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MsLlmError(f"{cfg_path}: cannot read adapter config ({e})") from None
+    raw = read_json(cfg_path, "the adapter config")
     if raw.get("peft_type") != "LORA" or raw.get("use_rslora") or raw.get("use_dora"):
         raise MsLlmError(f"{cfg_path}: only plain LoRA adapters are supported (peft_type LORA, no rsLoRA/DoRA)")
     targets = raw["target_modules"]

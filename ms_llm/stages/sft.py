@@ -13,9 +13,10 @@ import os
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.manifest import verify_dataset
 from ms_llm.data.readers import read_records
-from ms_llm.errors import MsLlmError
 from ms_llm.data.sft import SFTData
+from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
+from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
@@ -113,16 +114,10 @@ def run_phases(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=Non
         init, sha = summary["final"]["path"], summary["final"]["sha256"]
     if rank != 0:
         return {}
-    last = json_load(os.path.join(base, cfg.sft.phases[-1].name, "summary.json"))
+    last = read_json(os.path.join(base, cfg.sft.phases[-1].name, "summary.json"), "the phase summary")
     metrics = dict(last["metrics"], phases=summaries)
     return write_summary(base, cfg.stage, last["status"], sum(p["steps"] for p in summaries), metrics,
                          last["gates"], last["final"])
-
-
-def json_load(path: str) -> dict:
-    import json
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_phase(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ms_llm import __version__
 from ms_llm.errors import MsLlmError
-from ms_llm.fileio import fsync_dir, sha256_file, write_json_atomic
+from ms_llm.fileio import fsync_dir, read_json, sha256_file, write_json_atomic
 from ms_llm.models.io import save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
@@ -49,12 +49,7 @@ def model_hash(files: dict) -> str:
 
 def verify(folder: str) -> dict:
     """Check every file against MANIFEST.json; raises MsLlmError naming the first bad file."""
-    path = os.path.join(folder, "MANIFEST.json")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MsLlmError(f"{path}: unreadable manifest ({e})") from None
+    manifest = read_json(os.path.join(folder, "MANIFEST.json"), "the checkpoint manifest")
     for name, want in manifest["files"].items():
         fpath = os.path.join(folder, name)
         if not os.path.isfile(fpath):
@@ -142,5 +137,4 @@ def load_optimizer_state(folder: str, optimizer_state: dict):
 
 
 def read_trainer_state(folder: str) -> dict:
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(folder, "trainer_state.json"), "the trainer state")
