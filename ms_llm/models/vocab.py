@@ -7,6 +7,7 @@ Logits of text that uses no new token are unchanged (the old rows are copied bit
 """
 import numpy as np
 
+from ms_llm.errors import MsLlmError
 from ms_llm.models.decoder import CausalLM
 from ms_llm.models.io import load_state_dict, model_state_dict
 
@@ -36,3 +37,31 @@ def expand_vocabulary(model: CausalLM, tokenizer, terms, pad_to_multiple: int = 
     load_state_dict(new_model, state, strict=True, source="expand_vocabulary")
     new_model.set_train(model.training)
     return new_model, added
+
+
+def vocab_alignment(student_tok, teacher_tok, student_size: int, teacher_size: int):
+    """Map every student token id to the teacher id of the same string (seed 000 §1.2.5.1.1).
+
+    Returns (vocab_map, stats): vocab_map is None when the vocabularies are identical, else a list of length
+    `student_size` holding a teacher id or None; stats has the coverage figures the stage logs. A student token
+    the teacher lacks gets no teacher probability; the teacher's mass on tokens the student lacks is given to
+    the student's unknown token by the loss. No common token at all is an error.
+    """
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab == t_vocab and student_size == teacher_size:
+        return None, {"identical": True, "student_coverage": 1.0, "teacher_coverage": 1.0}
+    vocab_map = [None] * student_size
+    for token, sid in s_vocab.items():
+        tid = t_vocab.get(token)
+        if sid < student_size and tid is not None and tid < teacher_size:
+            vocab_map[sid] = tid
+    mapped = sum(t is not None for t in vocab_map)
+    if mapped == 0:
+        raise MsLlmError("the student and teacher tokenizers share no token; distillation needs the student's "
+                         "vocabulary to be (mostly) a subset of the teacher's")
+    if student_tok.unk_id is None:
+        raise MsLlmError("the vocabularies differ and the student tokenizer has no unknown token to receive the "
+                         "teacher's probability of tokens the student lacks")
+    stats = {"identical": False, "student_coverage": mapped / max(len(s_vocab), 1),
+             "teacher_coverage": mapped / max(len(t_vocab), 1), "mapped_tokens": mapped}
+    return vocab_map, stats
