@@ -128,6 +128,24 @@ def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None, context_ready: b
     return summary
 
 
+def cmd_distill(argv):
+    p = argparse.ArgumentParser(prog="ms-llm distill", description="Distillation utilities.")
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("cache-teacher", help="run the teacher once over a distill config's data and write its "
+                                             "top-k log-probs to distill.cache_dir")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    import logging
+    from ms_llm.config import load_config
+    from ms_llm.stages.distill import cache_teacher
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(a.config, a.overrides)
+    if cfg.stage != "distill":
+        raise MsLlmError(f"{a.config}: stage is '{cfg.stage}'; cache-teacher needs a stage: distill config")
+    print(json.dumps(cache_teacher(cfg)))
+
+
 def cmd_data(argv):
     p = argparse.ArgumentParser(prog="ms-llm data", description="Data utilities.")
     sub = p.add_subparsers(dest="action", required=True)
@@ -188,6 +206,7 @@ def cmd_report(argv):
 
 COMMANDS = {
     "train": cmd_train,
+    "distill": cmd_distill,
     "report": cmd_report,
     "merge-lora": cmd_merge_lora,
     "launch": cmd_launch,

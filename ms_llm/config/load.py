@@ -196,6 +196,24 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
                              f"({cfg.parallel.data_parallel})")
     if not cfg.data.sources:
         raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file")
+    if cfg.stage == "distill":
+        d = cfg.distill
+        if not d.teacher:
+            raise MsLlmError(f"{where}: distill.teacher is required for stage: distill")
+        if d.mode == "cached" and not d.cache_dir:
+            raise MsLlmError(f"{where}: distill.mode: cached needs distill.cache_dir (write it with "
+                             "`ms-llm distill cache-teacher CONFIG`)")
+        if d.mode == "cached" and d.iterative.every:
+            raise MsLlmError(f"{where}: distill.iterative needs distill.mode: online (hard examples added during "
+                             "training have no cached teacher logits)")
+        if d.temperature <= 0 or d.alpha < 0 or d.beta < 0 or d.alpha + d.beta <= 0:
+            raise MsLlmError(f"{where}: distill.temperature must be > 0 and distill.alpha, distill.beta >= 0 "
+                             "with a positive sum")
+        if d.iterative.every and (not t.eval_every or d.iterative.every % t.eval_every):
+            raise MsLlmError(f"{where}: distill.iterative.every ({d.iterative.every}) must be a multiple of "
+                             f"train.eval_every ({t.eval_every}): hard-example rounds run at evaluations")
+        if d.top_k < 1 or d.chunk_size < 1:
+            raise MsLlmError(f"{where}: distill.top_k and distill.chunk_size must be at least 1")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise MsLlmError(f"{where}: data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
 

@@ -180,8 +180,67 @@ class SFTSection:
 
 
 @dataclass
+class DistillGenerateSection:
+    prompts: Optional[str] = opt(None, "Prompts JSONL ({prompt, answer?, task?}) the teacher answers before training "
+                                       "(seed 000 §1.2.5.1.2); kept answers join the training data")
+    temperature: float = opt(0.7, "Teacher sampling temperature")
+    top_p: float = opt(0.9, "Teacher nucleus sampling")
+    max_new_tokens: int = opt(64, "Longest teacher answer")
+    batch_size: int = opt(16, "Prompts per generation batch")
+    limit: int = opt(0, "Prompts used (0: all)")
+    max_perplexity: float = opt(3.0, "Filter: keep answers whose perplexity under the scoring model is below this")
+    max_error_rate: float = opt(0.05, "Filter: keep answers whose rule-based error rate is below this")
+    min_consistency: float = opt(0.75, "Filter: keep answers whose BERTScore F1 against the reference exceeds this "
+                                       "(records without a reference skip this filter)")
+    scorer: Optional[str] = opt(None, "Model for the perplexity filter (default: the teacher)")
+    embedder: Optional[str] = opt(None, "Model whose token embeddings BERTScore uses (default: the teacher)")
+    rules: list = opt(lambda: ["repetition", "truncation", "brackets", "mojibake", "language"],
+                      "Text-quality rules applied (ms_llm.distill.filters.RULES; plug in more there)")
+    language: str = opt("auto", "Expected script for the language rule: latin, cjk or auto (same as the prompt)")
+
+
+@dataclass
+class DistillIterativeSection:
+    every: int = opt(0, "Hard-example round every N steps (seed 000 §1.2.5.1.4); 0 disables the loop")
+    probe: Optional[str] = opt(None, "Prompts JSONL with references the student is probed on for hard examples "
+                                     "(default: distill.generate.prompts)")
+    probe_limit: int = opt(64, "Probe prompts per round")
+    max_rounds: int = opt(5, "Hard-example rounds at most")
+
+
+@dataclass
+class DistillSection:
+    teacher: Optional[str] = opt(None, "Teacher model directory (Hugging Face layout or an ms_llm run); required")
+    teacher_sha256: Optional[str] = opt(None, "Expected model_sha256 of the teacher's MANIFEST.json (refuse others)")
+    teacher_tokenizer: Optional[str] = opt(None, "Teacher tokenizer (default: the teacher directory's)")
+    mode: str = opt("online", "Where teacher probabilities come from", ["online", "cached"])
+    cache_dir: Optional[str] = opt(None, "Top-k teacher cache written by `ms-llm distill cache-teacher` (mode: cached)")
+    top_k: int = opt(20, "Teacher log-probs kept per token in the cache (plus the tail mass)")
+    cache_shard_examples: int = opt(1024, "Examples per cache shard file")
+    alpha: float = opt(0.8, "Weight of the distillation term (seed 000 §1.2.5.1.3)")
+    beta: float = opt(0.2, "Weight of the hard-label cross-entropy")
+    temperature: float = opt(1.0, "Softmax temperature for teacher and student (the KD term is scaled by tau^2)")
+    loss: str = opt("forward_kl", "Divergence", ["forward_kl", "reverse_kl", "jsd"])
+    jsd_beta: float = opt(0.5, "Mixture weight of the generalized JSD")
+    chunk_size: int = opt(128, "Sequence positions per loss chunk (memory: [B, chunk, V] at a time)")
+    task_weights: dict = opt(lambda: {"code": 1.5, "reasoning": 1.5},
+                             "Loss weight per record `task` (seed 000: code and reasoning x1.5); others 1.0")
+    generate: DistillGenerateSection = opt(DistillGenerateSection, "Teacher sample generation and filtering")
+    iterative: DistillIterativeSection = opt(DistillIterativeSection, "Iterative hard-example distillation")
+    eval_prompts: Optional[str] = opt(None, "Held-out prompts ({prompt, answer, task}) scored by exact match for "
+                                            "student and teacher (the acceptance gate)")
+    eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
+    eval_max_new_tokens: int = opt(32, "Generation length for the evaluation")
+    gate_score_ratio: float = opt(0.9, "Gate: student score >= this x the teacher's")
+    gate_plateau: float = opt(0.005, "Gate: relative training-loss improvement over the plateau window below this")
+    plateau_window: int = opt(2, "Evaluations the plateau is measured across")
+    stop_at_gates: bool = opt(True, "Stop training when both gates pass (else run to max_steps)")
+    version: str = opt("DATASET_v2.1_distill", "Version tag written into final/MANIFEST.json")
+
+
+@dataclass
 class ExperimentConfig:
-    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "sft"])
+    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "distill", "sft"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -194,6 +253,7 @@ class ExperimentConfig:
     log: LogSection = opt(LogSection, "Logging")
     pretrain: PretrainSection = opt(PretrainSection, "Pretraining stage")
     sft: SFTSection = opt(SFTSection, "Supervised fine-tuning stage")
+    distill: DistillSection = opt(DistillSection, "Logit distillation stage")
 
     @property
     def global_batch(self) -> int:

@@ -67,7 +67,7 @@ class SFTData:
 
     def __init__(self, sources, tokenizer, template: str, seq_len: int, sft_cfg, seed: int = 0,
                  on_error: str = "raise"):
-        self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.seq_len, self.pad_id, self.seed = seq_len, tokenizer.pad_id, seed
         self.stats = ReadStats()
         groups, weights = defaultdict(list), {}
         for si, src in enumerate(sources):
@@ -113,10 +113,51 @@ class SFTData:
         g, i = self.sampler.lookup(k)
         return self.groups[g][i]
 
-    def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+    def flat_index(self, k: int) -> int:
+        """Position of sample k in `examples()` order (what per-example side data, e.g. a teacher cache, keys on)."""
+        g, i = self.sampler.lookup(k)
+        return sum(len(x) for x in self.groups[:g]) + i
+
+    def examples(self):
+        """Every example, group by group (a stable order for caches and fingerprints)."""
+        for group in self.groups:
+            yield from group
+
+    def fingerprint(self) -> str:
+        """sha256 over every example's input ids, labels and weights in `examples()` order."""
+        import hashlib
+        h = hashlib.sha256(str(self.seq_len).encode())
+        for ex in self.examples():
+            for key in ("input_ids", "labels", "weights"):
+                h.update(np.ascontiguousarray(ex[key]).tobytes())
+        return h.hexdigest()
+
+    def add_group(self, key, examples: list, weight: float):
+        """Append a group (e.g. hard examples found during distillation) sampled with `weight`; k -> example stays
+        deterministic given the groups added so far."""
+        if not examples:
+            return
+        weights = list(self.sampler.p) + [weight]
+        self.keys.append(key)
+        self.groups.append(examples)
+        self.sampler = MixtureSampler([len(g) for g in self.groups], weights, self.seed)
+
+    def batch_indices(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> list:
         base = micro_index * micro_batch * world + rank * micro_batch
-        rows = [self.sample(base + i) for i in range(micro_batch)]
+        return [base + i for i in range(micro_batch)]
+
+    def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+        rows = [self.sample(k) for k in self.batch_indices(micro_index, micro_batch, rank, world)]
         return {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask", "weights", "row_weight")}
+
+    def encode_records(self, records, tokenizer, template, sft_cfg, path: str) -> list:
+        """Records (alpaca/sharegpt, as read_records returns them) -> examples, bad ones skipped and counted."""
+        out = []
+        for rec in records:
+            ex = self._example(rec, tokenizer, template, sft_cfg, path, rec.get("line", 0), "skip")
+            if ex is not None:
+                out.append(ex)
+        return out
 
 
 def _n_turns(msgs) -> int:

@@ -6,6 +6,8 @@ stages can show real accuracy gains:
   * pretrain_{general,science,code}.jsonl   multi-domain text with domain tags
   * sft_alpaca.jsonl / sft_sharegpt.jsonl    instructions tagged qa, code, translation, reasoning
   * sft_code_reasoning.jsonl                 the code/reasoning subset (SFT phase two)
+  * distill_transfer.jsonl                   half the instructions with 30% mismatched answers (distillation)
+  * distill_prompts.jsonl                    prompts with references the teacher answers (distillation)
   * sft_eval.jsonl                           held-out instructions of the same tasks, with reference answers
   * dialogues.jsonl / dialogues_eval.jsonl   multi-turn sharegpt conversations (training / held out)
   * preference.jsonl                         a correct and a subtly wrong answer per prompt
@@ -98,6 +100,23 @@ def dialogue(r: random.Random) -> dict:
 TASKS = ["qa", "code", "translation", "reasoning"]
 
 
+def noisy_transfer_set(records: list, r: random.Random, noise: float = 0.3) -> list:
+    """A distillation transfer set whose hard labels are 30% wrong: those answers belong to another record of
+    the same task (the mismatched pairs real instruction data has). A teacher trained on clean data supplies
+    the soft targets; the CE-only baseline has only these labels."""
+    by_task = {}
+    for rec in records:
+        by_task.setdefault(rec["task"], []).append(rec["output"])
+    out = []
+    for rec in records:
+        rec = dict(rec)
+        if r.random() < noise:
+            rec["output"] = r.choice([o for o in by_task[rec["task"]] if o != rec["output"]] or [rec["output"]])
+            rec["label_noise"] = True
+        out.append(rec)
+    return out
+
+
 def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 2000, n_eval: int = 200,
                vocab_size: int = 512, version: str = "SYNTH_v1") -> dict:
     """Write every dataset (see module docstring); returns the manifest. Same seed -> same bytes."""
@@ -146,6 +165,11 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     from ms_llm.data.tokenizer import train_sentencepiece
     train_sentencepiece(corpus, os.path.join(out_dir, "tokenizer"), vocab_size)
     os.remove(corpus)
+    # written after the tokenizer is trained (same distributions; keeps the tokenizer what it was before them)
+    write("distill_transfer.jsonl", noisy_transfer_set(alpaca[:n_sft // 2], random.Random(seed + 5)))
+    rp = random.Random(seed + 6)
+    write("distill_prompts.jsonl", [dict(zip(("prompt", "answer"), task_example(rp, t)), task=t)
+                                    for t in (rp.choice(TASKS) for _ in range(n_sft // 4))])
     manifest = {"version": version, "seed": seed,
                 "files": {name: sha256_file(path) for name, path in sorted(files.items())}}
     write_json_atomic(os.path.join(out_dir, "MANIFEST.json"), manifest)

@@ -103,16 +103,24 @@ def code_pass_at_1(outputs: list) -> float:
     return float(np.mean([functional_check(o["output"], str(o["answer"])) for o in code]))
 
 
-def bertscore(model, tokenizer, candidates: list, references: list) -> np.ndarray:
-    """BERTScore F1 (Zhang et al. 2020) with a chosen model's final hidden states as contextual embeddings.
+def bertscore(model, tokenizer, candidates: list, references: list, layer: str = "hidden") -> np.ndarray:
+    """BERTScore F1 (Zhang et al. 2020) with a chosen model's token vectors.
 
-    Each token of one text is matched to its most similar token (cosine) of the other; precision averages
-    over the candidate's tokens, recall over the reference's, F1 is their harmonic mean. [N] float.
+    layer="hidden": the final hidden states (contextual embeddings, as in the paper); layer="embedding": the
+    input token embeddings (what the distillation filter uses: a soft token overlap that a small model's
+    contextual states would blur). Each token of one text is matched to its most similar token (cosine) of
+    the other; precision averages over the candidate's tokens, recall over the reference's, F1 is their
+    harmonic mean. [N] float.
     """
+    table = model.model.embed_tokens.weight.asnumpy().astype(np.float64) if layer == "embedding" else None
+
     def embed(text):
         ids = tokenizer.encode(text) or [tokenizer.eos_id]
-        model.set_train(False)
-        h = model.hidden_states(ms.Tensor([ids], ms.int32)).asnumpy()[0].astype(np.float64)
+        if table is not None:
+            h = table[np.asarray(ids)]
+        else:
+            model.set_train(False)
+            h = model.hidden_states(ms.Tensor([ids], ms.int32)).asnumpy()[0].astype(np.float64)
         return h / np.maximum(np.linalg.norm(h, axis=-1, keepdims=True), 1e-12)
     scores = []
     for c, r in zip(candidates, references):

@@ -273,7 +273,7 @@ class DistillLoss(nn.Cell):
     """
 
     def __init__(self, student, cfg: DistillLossConfig, teacher=None, vocab_map=None, unk_id: int = 0,
-                 chunked: bool = True):
+                 chunked: bool = True, teacher_unk: int = 0):
         super().__init__(auto_prefix=False)
         if cfg.kind not in KINDS:
             raise ValueError(f"distill loss kind must be one of {KINDS}, got {cfg.kind!r}")
@@ -283,6 +283,9 @@ class DistillLoss(nn.Cell):
             freeze_teacher(teacher)
         self.teacher = teacher
         self.head = ChunkedDistillHead(cfg, self.cached, vocab_map, unk_id)
+        self.remap = vocab_map is not None and teacher is not None
+        if self.remap:          # the teacher reads the student's tokenization, as teacher ids of the same strings
+            self.s2t = ms.Tensor(np.asarray([t if t is not None else teacher_unk for t in vocab_map], np.int32))
         self.dummy = ms.Tensor(np.zeros((1, 1), np.float32))
         self.dummy_ids = ms.Tensor(np.zeros((1, 1, 1), np.int32))
 
@@ -293,7 +296,8 @@ class DistillLoss(nn.Cell):
         if self.cached:
             t_in, w_t = topk_logp, self.dummy
         else:
-            t_in = ops.stop_gradient(self.teacher.hidden_states(input_ids, attention_mask))
+            t_ids = _gather(self.s2t, input_ids, 0) if self.remap else input_ids
+            t_in = ops.stop_gradient(self.teacher.hidden_states(t_ids, attention_mask))
             w_t = ops.stop_gradient(lm_head_weight(self.teacher))
             topk_ids = ops.zeros(input_ids.shape + (1,), ms.int32)
             tail_logp = ops.zeros(input_ids.shape, ms.float32)

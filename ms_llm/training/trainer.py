@@ -111,8 +111,13 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if spec.evaluate and ((t.eval_every and done % t.eval_every == 0) or done == t.max_steps):
                 row.update(_evaluate(spec))
+                since = history[len(history) - (done - (evals[-1]["step"] if evals else start)):]
+                row["eval/train_loss"] = float(np.mean([h["loss"] for h in since if not h["skipped"]] or [row["loss"]]))
                 evals.append({"step": done, **{k: v for k, v in row.items() if k.startswith("eval/")}})
-                stopped = bool(spec.should_stop and done != t.max_steps and spec.should_stop(evals))
+                if spec.should_stop:       # it may annotate the evaluation (e.g. gate results): keep those too
+                    stop = spec.should_stop(evals)
+                    row.update({k: v for k, v in evals[-1].items() if k.startswith("eval/")})
+                    stopped = bool(stop and done != t.max_steps)
             if done % t.log_every == 0 or done == t.max_steps or row["skipped"] or any(k.startswith("eval/") for k in row):
                 logger.log(done, row)
             last = row

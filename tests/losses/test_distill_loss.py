@@ -209,9 +209,11 @@ def test_chunked_loss_with_vocab_map_equals_reference():
     vocab_map = [None if j % 7 == 3 else (j * 3) % 40 for j in range(20)]
     ids, labels, mask, w, rw = batch(20)
     cfg = DistillLossConfig(temperature=1.0, chunk_size=4)
-    num, _ = DistillLoss(student, cfg, teacher=teacher, vocab_map=vocab_map, unk_id=1)(*as_ms((ids, labels, mask, w, rw)))
+    num, _ = DistillLoss(student, cfg, teacher=teacher, vocab_map=vocab_map, unk_id=1, teacher_unk=2)(
+        *as_ms((ids, labels, mask, w, rw)))
     s_logits = student(ms.Tensor(ids)).asnumpy().astype(np.float64)
-    t_logits = teacher(ms.Tensor(ids)).asnumpy().astype(np.float64)
+    s2t = np.array([2 if t is None else t for t in vocab_map], np.int32)   # the teacher reads teacher ids
+    t_logits = teacher(ms.Tensor(s2t[ids])).asnumpy().astype(np.float64)
     want = ref_loss(s_logits, labels, w, 1.0, 0.8, 0.2, "forward_kl", p=ref_teacher_probs(t_logits, 1.0, vocab_map, 1))
     np.testing.assert_allclose(float(num), want, rtol=1e-5)
 

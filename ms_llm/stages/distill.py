@@ -1,0 +1,405 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Teacher -> student logit distillation (seed 000 §1.2.5.1).
+
+    ms-llm train configs/tiny/distill.yaml
+    ms-llm distill cache-teacher configs/tiny/distill.yaml       # optional: top-k teacher logits, offline
+
+1. The teacher (any load_pretrained model; frozen, eval mode) and the student's vocabulary are aligned by token
+   string (models/vocab.py); the coverage is logged.
+2. With `distill.generate.prompts`, the teacher answers the prompts (sampling) and three filters keep the good
+   answers: perplexity under a scoring model, rule-based text quality (data/filters.py) and BERTScore against the
+   reference. `distill_data/` gets kept.jsonl, rejected.jsonl (with reasons) and filter_report.md.
+3. Training minimizes alpha*tau^2*KL + beta*CE (losses/distill.py) on the SFT data plus the kept samples, with
+   the teacher online or from a top-k cache.
+4. Every `iterative.every` steps the student is probed; prompts it gets wrong (hard examples) are answered again
+   by the teacher, filtered and added to the pool (`distill_data/hard_round_N.jsonl`).
+5. Gates: student score >= gate_score_ratio x teacher score on `eval_prompts`, and training loss improving by
+   less than gate_plateau over the plateau window. Both go to metrics.jsonl and summary.json; the run stops when
+   they pass (stop_at_gates). final/ carries the version tag and SHA256 the next stage's init_sha256 names.
+"""
+import copy
+import json
+import logging
+import os
+
+import numpy as np
+
+from ms_llm.config import ExperimentConfig
+from ms_llm.data.filters import check as quality_check
+from ms_llm.data.readers import read_records
+from ms_llm.data.sft import SFTData
+from ms_llm.data.teacher_cache import TeacherCache, write_cache
+from ms_llm.errors import MsLlmError
+from ms_llm.eval.results import gate
+from ms_llm.fileio import write_json_atomic
+from ms_llm.losses.distill import DistillLoss, DistillLossConfig
+from ms_llm.models import load_pretrained
+from ms_llm.models.io import resolve_model_dir
+from ms_llm.models.vocab import vocab_alignment
+from ms_llm.stages.common import build_model, check_init_hash, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.trainer import StageSpec, train
+
+log = logging.getLogger(__name__)
+KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
+CACHE_KEYS = KEYS + ("topk_ids", "topk_logp", "tail_logp")
+
+
+# ---------------------------------------------------------------------------------------------- teacher side
+class Teacher:
+    """The frozen teacher with its tokenizer, its identity and the vocabulary map to the student."""
+
+    def __init__(self, cfg: ExperimentConfig, student_tok, student_vocab_size: int):
+        from ms_llm.data.tokenizer import Tokenizer
+        d = cfg.distill
+        model_dir = resolve_model_dir(d.teacher)
+        self.sha256 = check_init_hash(model_dir, d.teacher_sha256) if d.teacher_sha256 else _model_sha(model_dir)
+        self.model = load_pretrained(model_dir)
+        self.model.set_train(False)
+        for p in self.model.get_parameters():
+            p.requires_grad = False
+        self.tokenizer = Tokenizer.load(d.teacher_tokenizer or model_dir)
+        self.template = cfg.tokenizer.chat_template
+        self.vocab_map, self.coverage = vocab_alignment(student_tok, self.tokenizer, student_vocab_size,
+                                                        self.model.config.vocab_size)
+        self.unk = self.tokenizer.unk_id if self.tokenizer.unk_id is not None else 0
+        log.info("teacher %s (sha256 %s); vocabulary %s", model_dir, self.sha256[:12],
+                 "identical" if self.vocab_map is None else
+                 f"mapped by string: {self.coverage['student_coverage']:.1%} of the student's tokens, "
+                 f"{self.coverage['teacher_coverage']:.1%} of the teacher's")
+
+    def answer(self, prompts: list, g, seed: int) -> list:
+        """Sampled answers: [{"text", "hit_limit"}] per prompt."""
+        from ms_llm.data.chat import render, stop_token_ids
+        from ms_llm.generation import generate
+        stops = stop_token_ids(self.template, self.tokenizer)
+        out = []
+        for i in range(0, len(prompts), g.batch_size):
+            ids = [render([{"role": "user", "content": p}], self.tokenizer, self.template, add_generation_prompt=True).ids
+                   for p in prompts[i:i + g.batch_size]]
+            res = generate(self.model, ids, g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+                           eos_token_id=stops, pad_token_id=self.tokenizer.pad_id, seed=seed + i)
+            for j in range(len(ids)):
+                toks = res.tokens[j, :res.lengths[j]].tolist()
+                ended = bool(toks) and toks[-1] in stops
+                out.append({"text": self.tokenizer.decode(toks[:-1] if ended else toks), "hit_limit": not ended})
+        return out
+
+
+def _model_sha(model_dir: str) -> str:
+    from ms_llm.eval.results import model_identity
+    return model_identity(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------- filtering
+class SampleFilter:
+    """The three filters of seed 000 §1.2.5.1.2 with thresholds from distill.generate."""
+
+    def __init__(self, g, teacher: Teacher):
+        self.g = g
+        self.scorer = load_pretrained(resolve_model_dir(g.scorer)) if g.scorer else teacher.model
+        self.embedder = load_pretrained(resolve_model_dir(g.embedder)) if g.embedder else teacher.model
+        self.tokenizer, self.template = teacher.tokenizer, teacher.template
+
+    def perplexity(self, prompt: str, answer: str) -> float:
+        """exp(mean NLL of the answer tokens given the prompt, in the chat template) under the scoring model."""
+        from ms_llm.data.chat import render
+        from ms_llm.eval.scoring import sequence_logprobs
+        r = render([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], self.tokenizer,
+                   self.template)
+        lp = sequence_logprobs(self.scorer, [r.ids])[0]
+        sel = np.asarray(r.assistant_mask[1:], bool)
+        return float(np.exp(-lp[sel].mean())) if sel.any() else float("inf")
+
+    def __call__(self, rec: dict) -> dict:
+        """rec: {"prompt", "answer", "reference"?, "hit_limit"?} -> the same with scores and `reasons` ([] = kept)."""
+        from ms_llm.eval.generative import bertscore
+        g = self.g
+        q = quality_check(rec["answer"], rec["prompt"], g.rules, {"hit_limit": rec.get("hit_limit", False),
+                                                                 "language": g.language})
+        out = dict(rec, perplexity=self.perplexity(rec["prompt"], rec["answer"]), error_rate=q["error_rate"],
+                   issues=q["issues"])
+        reasons = []
+        if out["perplexity"] >= g.max_perplexity:
+            reasons.append(f"perplexity {out['perplexity']:.2f} >= {g.max_perplexity}")
+        if q["fatal"] or q["error_rate"] >= g.max_error_rate:
+            detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in q["issues"].items())
+            reasons.append(f"quality error rate {q['error_rate']:.2f} ({detail})")
+        if rec.get("reference") not in (None, ""):
+            out["consistency"] = float(bertscore(self.embedder, self.tokenizer, [rec["answer"]], [str(rec["reference"])],
+                                                 layer="embedding")[0])
+            if out["consistency"] <= g.min_consistency:
+                reasons.append(f"consistency (BERTScore F1) {out['consistency']:.2f} <= {g.min_consistency}")
+        out["reasons"] = reasons
+        return out
+
+
+def _is_valid(rec: dict) -> bool:
+    """Independent of the filters: the answer equals the reference (whitespace-normalized)."""
+    ref = rec.get("reference")
+    return ref not in (None, "") and " ".join(str(ref).split()) == " ".join(rec["answer"].split())
+
+
+def filter_samples(samples: list, flt: SampleFilter, out_dir: str, name: str) -> dict:
+    """Score and split samples; write <name>_kept.jsonl, <name>_rejected.jsonl and a before/after table."""
+    scored = [flt(s) for s in samples]
+    kept = [s for s in scored if not s["reasons"]]
+    rejected = [s for s in scored if s["reasons"]]
+    os.makedirs(out_dir, exist_ok=True)
+    for suffix, rows in (("kept", kept), ("rejected", rejected)):
+        with open(os.path.join(out_dir, f"{name}_{suffix}.jsonl"), "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    def stats(rows):
+        with_ref = [r for r in rows if r.get("reference") not in (None, "")]
+        return {"n": len(rows), "valid_rate": float(np.mean([_is_valid(r) for r in with_ref])) if with_ref else float("nan"),
+                "perplexity": float(np.median([r["perplexity"] for r in rows])) if rows else float("nan"),
+                "error_rate": float(np.mean([r["error_rate"] for r in rows])) if rows else float("nan"),
+                "consistency": float(np.mean([r["consistency"] for r in rows if "consistency" in r]))
+                if any("consistency" in r for r in rows) else float("nan")}
+    before, after = stats(scored), stats(kept)
+    counts = {}
+    for r in rejected:
+        for reason in r["reasons"]:
+            key = reason.split(" ")[0]
+            counts[key] = counts.get(key, 0) + 1
+    lines = [f"# Teacher samples: {name}", "", "| | samples | valid (= reference) | median perplexity | "
+             "mean error rate | mean consistency |", "|---|---|---|---|---|---|"]
+    for label, st in (("before filtering", before), ("after filtering", after)):
+        lines.append(f"| {label} | {st['n']} | {st['valid_rate']:.1%} | {st['perplexity']:.2f} | "
+                     f"{st['error_rate']:.3f} | {st['consistency']:.3f} |")
+    lines += ["", "Rejected: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")]
+    with open(os.path.join(out_dir, f"{name}_report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"kept": kept, "rejected": rejected, "before": before, "after": after, "rejected_by": counts}
+
+
+def as_alpaca(rows: list) -> list:
+    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
+             "task": r.get("task"), "line": i + 1} for i, r in enumerate(rows)]
+
+
+def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> dict:
+    """Teacher answers to distill.generate.prompts, filtered (cached in out_dir: reruns reuse them)."""
+    g = cfg.distill.generate
+    kept_path = os.path.join(out_dir, "generated_kept.jsonl")
+    summary_path = os.path.join(out_dir, "generated_summary.json")
+    if os.path.isfile(kept_path) and os.path.isfile(summary_path):
+        from ms_llm.fileio import read_json
+        rows = [json.loads(x) for x in open(kept_path, encoding="utf-8") if x.strip()]
+        return dict(read_json(summary_path, "the generation summary"), kept=rows)
+    records = read_records(g.prompts, "prompts")
+    records = records[:g.limit] if g.limit else records
+    answers = teacher.answer([r["prompt"] for r in records], g, cfg.train.seed)
+    samples = [{"prompt": r["prompt"], "answer": a["text"], "reference": r.get("answer"), "task": r.get("task"),
+                "hit_limit": a["hit_limit"]} for r, a in zip(records, answers)]
+    res = filter_samples(samples, SampleFilter(g, teacher), out_dir, "generated")
+    summary = {k: res[k] for k in ("before", "after", "rejected_by")}
+    write_json_atomic(summary_path, summary)
+    log.info("teacher samples: %d generated, %d kept (valid rate %.1f%% -> %.1f%%)", len(samples), len(res["kept"]),
+             100 * res["before"]["valid_rate"], 100 * res["after"]["valid_rate"])
+    return dict(summary, kept=res["kept"])
+
+
+# ---------------------------------------------------------------------------------------------- data
+def build_data(cfg: ExperimentConfig, tokenizer, generated: list) -> SFTData:
+    """The SFT-format data (distill.task_weights as loss weights) plus the kept teacher samples."""
+    sft_cfg = copy.deepcopy(cfg.sft)
+    sft_cfg.task_weights = dict(cfg.distill.task_weights)
+    d = cfg.data
+    data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, sft_cfg, d.shuffle_seed, d.on_error)
+    if generated:
+        n = sum(len(g) for g in data.groups)
+        data.add_group(("generated", "teacher"), data.encode_records(as_alpaca(generated), tokenizer,
+                                                                    cfg.tokenizer.chat_template, sft_cfg, "generated"),
+                       len(generated) / max(n + len(generated), 1))
+    return data
+
+
+def cache_expectations(cfg: ExperimentConfig, teacher_sha: str, data: SFTData) -> dict:
+    d = cfg.distill
+    return {"teacher_sha256": teacher_sha, "temperature": float(d.temperature), "seq_len": cfg.data.seq_len,
+            "data_fingerprint": data.fingerprint()}
+
+
+def prepare(cfg: ExperimentConfig, run_dir: str, tokenizer, student_vocab: int):
+    teacher = Teacher(cfg, tokenizer, student_vocab)
+    generated = generate_samples(cfg, teacher, os.path.join(run_dir, "distill_data")) if cfg.distill.generate.prompts else None
+    data = build_data(cfg, tokenizer, generated["kept"] if generated else [])
+    return teacher, generated, data
+
+
+def cache_teacher(cfg: ExperimentConfig) -> dict:
+    """`ms-llm distill cache-teacher CONFIG`: write the top-k cache distill.cache_dir names."""
+    d = cfg.distill
+    if not d.cache_dir:
+        raise MsLlmError("distill.cache_dir is not set: name the directory the cache goes to")
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg)
+    from ms_llm.context import setup_context
+    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+    student_vocab = build_model(cfg).config.vocab_size
+    teacher, _, data = prepare(cfg, run_dir, tokenizer, student_vocab)
+    manifest = write_cache(d.cache_dir, teacher.model, list(data.examples()), cache_expectations(cfg, teacher.sha256, data),
+                           d.top_k, d.temperature, teacher.vocab_map, tokenizer.unk_id or 0, teacher.unk,
+                           shard_examples=d.cache_shard_examples, progress=cfg.train.progress_bar)
+    return {"cache_dir": os.path.abspath(d.cache_dir), "examples": manifest["examples"],
+            "shards": len(manifest["shards"]), "top_k": d.top_k}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def score(model, tokenizer, template: str, records: list, max_new_tokens: int) -> dict:
+    from ms_llm.eval.generative import exact_match
+    return exact_match(model, tokenizer, records, template, max_new_tokens)
+
+
+class HardExamples:
+    """Seed 000 §1.2.5.1.4: probe the student, have the teacher answer what it got wrong, add the kept answers."""
+
+    def __init__(self, cfg: ExperimentConfig, teacher: Teacher, student, tokenizer, data: SFTData, out_dir: str):
+        it = cfg.distill.iterative
+        self.cfg, self.teacher, self.student, self.tokenizer, self.data, self.out_dir = cfg, teacher, student, tokenizer, data, out_dir
+        path = it.probe or cfg.distill.generate.prompts
+        if not path:
+            raise MsLlmError("distill.iterative needs distill.iterative.probe (or distill.generate.prompts): prompts "
+                             "with reference answers to probe the student on")
+        self.probe = [r for r in read_records(path, "prompts") if r.get("answer") not in (None, "")][:it.probe_limit]
+        self.rounds, self.previous = 0, []
+        self.filter = None
+
+    def _add(self, rows: list):
+        sft_cfg = copy.deepcopy(self.cfg.sft)
+        sft_cfg.task_weights = dict(self.cfg.distill.task_weights)
+        ex = self.data.encode_records(as_alpaca(rows), self.tokenizer, self.cfg.tokenizer.chat_template, sft_cfg,
+                                      f"hard_round_{self.rounds}")
+        self.data.add_group(("hard", self.rounds), ex, 0.25)
+
+    def restore(self, rounds: int):
+        """Reload the rounds a checkpoint had (resume sees the same data pool as the uninterrupted run)."""
+        for n in range(1, rounds + 1):
+            path = os.path.join(self.out_dir, f"hard_round_{n}_kept.jsonl")
+            if not os.path.isfile(path):
+                raise MsLlmError(f"{path}: the checkpoint used hard-example round {n}, but its samples are missing")
+            self.rounds = n
+            self._add([json.loads(x) for x in open(path, encoding="utf-8") if x.strip()])
+
+    def round(self) -> dict:
+        if self.rounds >= self.cfg.distill.iterative.max_rounds:
+            return {}
+        d = self.cfg.distill
+        res = score(self.student, self.tokenizer, self.cfg.tokenizer.chat_template, self.probe, d.eval_max_new_tokens)
+        wrong = [o for o in res["outputs"] if not o["correct"]]
+        right = {o["prompt"] for o in res["outputs"] if o["correct"]}
+        recall = float(np.mean([p in right for p in self.previous])) if self.previous else float("nan")
+        out = {"eval/hard/found": float(len(wrong)), "eval/hard/probe_accuracy": res["accuracy"]}
+        if recall == recall:
+            out["eval/hard/recall"] = recall      # share of the last round's hard examples now answered right
+        self.previous = [o["prompt"] for o in wrong]
+        if not wrong:
+            return out
+        self.rounds += 1
+        if self.filter is None:
+            self.filter = SampleFilter(d.generate, self.teacher)
+        answers = self.teacher.answer([o["prompt"] for o in wrong], d.generate, self.cfg.train.seed + 7919 * self.rounds)
+        task = {r["prompt"]: r.get("task") for r in self.probe}
+        samples = [{"prompt": o["prompt"], "answer": a["text"], "reference": o["answer"], "task": task.get(o["prompt"]),
+                    "hit_limit": a["hit_limit"]} for o, a in zip(wrong, answers)]
+        kept = filter_samples(samples, self.filter, self.out_dir, f"hard_round_{self.rounds}")["kept"]
+        self._add(kept)
+        out["eval/hard/added"] = float(len(kept))
+        return out
+
+
+def plateau(values: list, window: int) -> float:
+    """Relative improvement of the last value over the one `window` evaluations earlier (inf if too few)."""
+    if len(values) <= window or window < 1:
+        return float("inf")
+    old, new = values[-window - 1], values[-1]
+    return (old - new) / max(abs(old), 1e-12)
+
+
+def gates(cfg: ExperimentConfig, evals: list) -> dict:
+    d = cfg.distill
+    ratio = evals[-1].get("eval/score_ratio", float("nan")) if evals else float("nan")
+    losses = [e["eval/train_loss"] for e in evals if "eval/train_loss" in e]
+    return {"score_ratio": gate(ratio if ratio == ratio else 0.0, d.gate_score_ratio, ">="),
+            "loss_plateau": gate(plateau(losses, d.plateau_window), d.gate_plateau, "<")}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+    d = cfg.distill
+    run_dir = prepare_run_dir(cfg)
+    data_dir = os.path.join(run_dir, "distill_data")
+    tokenizer = load_tokenizer(cfg)
+    student = build_model(cfg)
+    teacher, generated, data = prepare(cfg, run_dir, tokenizer, student.config.vocab_size)
+    lcfg = DistillLossConfig(d.alpha, d.beta, d.temperature, d.loss, d.jsd_beta, d.chunk_size)
+    unk = tokenizer.unk_id if tokenizer.unk_id is not None else 0
+    cache = None
+    if d.mode == "cached":
+        cache = TeacherCache(d.cache_dir, cache_expectations(cfg, teacher.sha256, data))
+        if cache.manifest["top_k"] != d.top_k:
+            log.info("cache has top_k=%d (config says %d); using the cache's", cache.manifest["top_k"], d.top_k)
+        loss = DistillLoss(student, lcfg, None, teacher.vocab_map, unk)
+    else:
+        loss = DistillLoss(student, lcfg, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
+    mbs = cfg.train.micro_batch_size
+
+    def next_batch(i):
+        b = data.batch(i, mbs, rank, world)
+        if cache is not None:
+            b.update(cache.rows([data.flat_index(k) for k in data.batch_indices(i, mbs, rank, world)]))
+        return b
+
+    records = []
+    if d.eval_prompts:
+        records = read_records(d.eval_prompts, "prompts")
+        records = records[:d.eval_limit] if d.eval_limit else records
+    template = cfg.tokenizer.chat_template
+    teacher_score = score(teacher.model, teacher.tokenizer, template, records, d.eval_max_new_tokens)["accuracy"] \
+        if records and rank == 0 else float("nan")
+    hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
+    n_evals = {"calls": 0}
+
+    def evaluate():
+        n_evals["calls"] += 1
+        out = {}
+        if records:
+            acc = score(student, tokenizer, template, records, d.eval_max_new_tokens)["accuracy"]
+            out.update({"eval/exact_match": acc, "eval/teacher_exact_match": teacher_score,
+                        "eval/score_ratio": acc / teacher_score if teacher_score > 0 else float("nan")})
+        if hard is not None and (n_evals["calls"] * cfg.train.eval_every) % d.iterative.every == 0:
+            out.update(hard.round())
+        return out
+
+    def should_stop(evals):
+        g = gates(cfg, evals)
+        for name, v in g.items():
+            evals[-1][f"eval/gate/{name}"] = float(v["passed"])
+        return d.stop_at_gates and all(v["passed"] for v in g.values())
+
+    def check_resume(state: dict):
+        if hard is not None:
+            hard.restore(int(state.get("hard_rounds", 0)))
+
+    spec = StageSpec(loss_net=loss, batch_keys=CACHE_KEYS if cache is not None else KEYS, next_batch=next_batch,
+                     tokens_per_micro=mbs * cfg.data.seq_len, evaluate=evaluate if (records or hard) else None,
+                     loss_norm=float(mbs), params=student.trainable_params(),
+                     extra_state=lambda: {"hard_rounds": hard.rounds if hard else 0, "teacher_sha256": teacher.sha256},
+                     check_resume=check_resume, should_stop=should_stop)
+    result = train(cfg, student, spec, run_dir, rank, reducer)
+    if rank != 0:
+        return {}
+    student.set_train(False)
+    final = export_final(run_dir, student, tokenizer, d.version)
+    final["teacher_sha256"] = teacher.sha256
+    g = gates(cfg, result.evals)
+    metrics = dict(result.metrics, teacher_exact_match=teacher_score, vocab_student_coverage=teacher.coverage["student_coverage"],
+                   vocab_teacher_coverage=teacher.coverage["teacher_coverage"], hard_rounds=hard.rounds if hard else 0)
+    if generated:
+        metrics.update({"generated/before_valid_rate": generated["before"]["valid_rate"],
+                        "generated/after_valid_rate": generated["after"]["valid_rate"],
+                        "generated/kept": generated["after"]["n"], "generated/total": generated["before"]["n"]})
+    status = "stopped_early" if result.stopped_early else "completed"
+    return finish(run_dir, cfg.stage, status, result.steps, metrics, final, gates=g, plots=cfg.log.plots)

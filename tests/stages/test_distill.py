@@ -1,0 +1,184 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The distillation stage end to end on the synthetic tasks: a tiny teacher trained here, a student distilled
+from it online and from a top-k cache, a CE-only baseline, teacher-sample filtering, hard-example rounds and
+the frozen hand-off."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_workdir
+
+ALL_EVAL = ("distill.eval_limit=0", "train.eval_every=0")
+
+
+def _run(workdir, *args, expect: int = 0):
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", *args], cwd=workdir, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == expect, (r.stdout[-2000:], r.stderr[-3000:])
+    return r
+
+
+def _train(workdir, config, *overrides, expect: int = 0):
+    return _run(workdir, "train", config, "train.progress_bar=false", "log.plots=false", *overrides, expect=expect)
+
+
+def _summary(workdir, run):
+    return json.loads((workdir / "runs" / run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = make_workdir(tmp_path_factory, "distill")
+    _train(d, "configs/tiny/distill_teacher.yaml", "train.eval_every=0")
+    return d
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher):
+    _train(teacher, "configs/tiny/distill.yaml", *ALL_EVAL)
+    return _summary(teacher, "tiny_distill")
+
+
+@pytest.mark.slow
+def test_student_reaches_the_teacher_and_beats_ce_only(teacher, distilled):
+    _train(teacher, "configs/tiny/distill.yaml", "distill.alpha=0", "distill.beta=1",
+           "train.output_dir=runs/tiny_distill_ce", *ALL_EVAL)
+    kd, ce = distilled["metrics"], _summary(teacher, "tiny_distill_ce")["metrics"]
+    print(f"teacher {kd['teacher_exact_match']:.3f} distilled {kd['eval/exact_match']:.3f} "
+          f"ce-only {ce['eval/exact_match']:.3f}")
+    assert kd["teacher_exact_match"] >= 0.6
+    assert kd["eval/exact_match"] >= 0.9 * kd["teacher_exact_match"]
+    assert kd["eval/exact_match"] > ce["eval/exact_match"]
+    g = distilled["gates"]
+    assert g["score_ratio"]["passed"] and g["score_ratio"]["threshold"] == 0.9
+    assert set(g) == {"score_ratio", "loss_plateau"}
+    final = distilled["final"]
+    assert final["version"] == "DATASET_v2.1_distill" and len(final["sha256"]) == 64
+    manifest = json.loads(open(os.path.join(final["path"], "MANIFEST.json")).read())
+    assert manifest["version"] == "DATASET_v2.1_distill" and manifest["model_sha256"] == final["sha256"]
+
+
+@pytest.mark.slow
+def test_cached_top_k_matches_online_and_bad_caches_are_refused(teacher, distilled):
+    _run(teacher, "distill", "cache-teacher", "configs/tiny/distill.yaml", "distill.cache_dir=runs/cache",
+         "train.output_dir=runs/cache_run", "train.progress_bar=false", "distill.top_k=8")
+    cache = teacher / "runs" / "cache"
+    manifest = json.loads((cache / "MANIFEST.json").read_text())
+    assert manifest["top_k"] == 8 and manifest["examples"] == 1000 and manifest["temperature"] == 2.0
+    _train(teacher, "configs/tiny/distill.yaml", "distill.mode=cached", "distill.cache_dir=runs/cache",
+           "distill.top_k=8", "train.output_dir=runs/tiny_distill_cached", *ALL_EVAL)
+    online = distilled["metrics"]["eval/exact_match"]
+    cached = _summary(teacher, "tiny_distill_cached")["metrics"]["eval/exact_match"]
+    print(f"online {online:.3f} cached top-8 {cached:.3f}")
+    assert abs(cached - online) <= 0.05
+    # a temperature the cache was not written for
+    r = _train(teacher, "configs/tiny/distill.yaml", "distill.mode=cached", "distill.cache_dir=runs/cache",
+               "distill.temperature=1.0", "train.output_dir=runs/bad", expect=2)
+    assert "temperature" in r.stderr and "cache-teacher" in r.stderr
+    # one flipped byte in a shard
+    shard = cache / "shard_00000.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    r = _train(teacher, "configs/tiny/distill.yaml", "distill.mode=cached", "distill.cache_dir=runs/cache",
+               "train.output_dir=runs/bad", expect=2)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "shard_00000.safetensors" in last and "corrupt" in last
+
+
+@pytest.mark.slow
+def test_hand_off_hash_is_checked(teacher, distilled):
+    final = distilled["final"]
+    base = ("configs/tiny/pretrain.yaml", f"model.init_from={final['path']}", "model.preset=null",
+            "train.max_steps=2", "lr_schedule.warmup_steps=0", "checkpoint.every=0", "data.eval_fraction=0")
+    r = _train(teacher, *base, "model.init_sha256=" + "ab" * 32, "train.output_dir=runs/cpt_bad", expect=2)
+    assert "does not match model.init_sha256" in r.stderr
+    _train(teacher, *base, f"model.init_sha256={final['sha256']}", "train.output_dir=runs/cpt_ok")
+    assert _summary(teacher, "cpt_ok")["steps"] == 2
+
+
+@pytest.mark.slow
+def test_filters_reject_injected_bad_samples_for_the_right_reason(teacher):
+    from ms_llm.config import load_config
+    from ms_llm.stages.distill import SampleFilter, Teacher, filter_samples
+    from ms_llm.data.tokenizer import Tokenizer
+    os.chdir(teacher)
+    cfg = load_config("configs/tiny/distill.yaml")
+    tok = Tokenizer.load("data/tiny/tokenizer")
+    t = Teacher(cfg, tok, 512)
+    prompts = [json.loads(x) for x in open("data/tiny/distill_prompts.jsonl")][:40]
+    answers = t.answer([p["prompt"] for p in prompts], cfg.distill.generate, 0)
+    good = [{"prompt": p["prompt"], "answer": a["text"], "reference": p["answer"], "task": p["task"],
+             "hit_limit": a["hit_limit"]} for p, a in zip(prompts, answers) if a["text"].strip() == p["answer"]]
+    assert len(good) >= 20
+    code = next(p for p in prompts if p["task"] == "code")
+    qa = next(p for p in prompts if p["task"] == "qa")
+    tr = next(p for p in prompts if p["task"] == "translation")
+    bad = {
+        "repetition": {"prompt": tr["prompt"], "answer": " ".join([tr["answer"]] * 8), "reference": tr["answer"]},
+        "truncation": {"prompt": code["prompt"], "answer": code["answer"].rsplit(" ", 1)[0] + " +",
+                       "reference": code["answer"]},
+        "consistency": {"prompt": qa["prompt"], "answer": code["answer"], "reference": qa["answer"]},
+    }
+    res = filter_samples(good + list(bad.values()), SampleFilter(cfg.distill.generate, t), str(teacher / "flt"), "t")
+    kept_prompts = [(k["prompt"], k["answer"]) for k in res["kept"]]
+    assert len(res["kept"]) >= 0.9 * len(good)
+    for reason, sample in bad.items():
+        assert (sample["prompt"], sample["answer"]) not in kept_prompts
+        rej = next(r for r in res["rejected"] if r["answer"] == sample["answer"] and r["prompt"] == sample["prompt"])
+        assert any(reason in x for x in rej["reasons"]), (reason, rej["reasons"])
+    report = (teacher / "flt" / "t_report.md").read_text()
+    assert "before filtering" in report and "after filtering" in report
+    assert res["after"]["valid_rate"] > res["before"]["valid_rate"]
+    lines = [json.loads(x) for x in open(teacher / "flt" / "t_rejected.jsonl")]
+    assert len(lines) == len(res["rejected"]) and all(x["reasons"] for x in lines)
+
+
+@pytest.mark.slow
+def test_generation_and_hard_example_rounds_run_in_the_stage(teacher):
+    _train(teacher, "configs/tiny/distill.yaml", "train.max_steps=100", "train.eval_every=50",
+           "lr_schedule.warmup_steps=10", "checkpoint.every=50", "distill.eval_limit=16",
+           "distill.generate.prompts=data/tiny/distill_prompts.jsonl", "distill.generate.limit=64",
+           "distill.iterative.every=50", "distill.iterative.probe=data/tiny/distill_prompts.jsonl",
+           "distill.iterative.probe_limit=32", "train.output_dir=runs/iterative")
+    run = teacher / "runs" / "iterative"
+    summary = _summary(teacher, "iterative")
+    m = summary["metrics"]
+    assert m["generated/total"] == 64 and 0 < m["generated/kept"] <= 64
+    assert (run / "distill_data" / "generated_report.md").is_file()
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    evals = [r for r in rows if "eval/hard/found" in r]
+    assert [r["step"] for r in evals] == [50, 100]
+    assert evals[0]["eval/hard/found"] > 0 and (run / "distill_data" / "hard_round_1_kept.jsonl").is_file()
+    assert "eval/hard/recall" in evals[1]                 # the first round's hard examples, probed again
+    assert all("eval/gate/score_ratio" in r for r in evals)
+    state = json.loads((run / "checkpoints" / "step_000100" / "trainer_state.json").read_text())
+    assert state["hard_rounds"] == m["hard_rounds"] >= 1
+
+
+def test_vocabulary_alignment(tmp_path):
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.errors import MsLlmError
+    from ms_llm.models.vocab import vocab_alignment
+
+    def make(name, vocab):
+        t = HF(models.WordLevel(vocab, unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        (tmp_path / name).mkdir()
+        t.save(str(tmp_path / name / "tokenizer.json"))
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"unk_token": "[UNK]"}))
+        return Tokenizer.load(tmp_path / name)
+    teacher = make("t", {"[UNK]": 0, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5})
+    student = make("s", {"[UNK]": 0, "c": 1, "a": 2, "z": 3})
+    vmap, stats = vocab_alignment(student, teacher, 4, 6)
+    assert vmap == [0, 3, 1, None]
+    assert stats["student_coverage"] == 0.75 and stats["teacher_coverage"] == 0.5
+    same, stats = vocab_alignment(teacher, teacher, 6, 6)
+    assert same is None and stats["identical"]
+    other = make("o", {"x": 0, "y": 1})
+    with pytest.raises(MsLlmError, match="share no token"):
+        vocab_alignment(other, teacher, 2, 6)
