@@ -32,7 +32,7 @@ def rms_norm(x, weight, eps: float, fused: bool = False):
     if fused:
         return ops.rms_norm(x, weight, eps)[0]
     var = ops.mean(ops.square(x), -1, keep_dims=True)
-    return x * ops.rsqrt(var + eps) * weight
+    return x * ops.broadcast_to(ops.rsqrt(var + eps), x.shape) * ops.broadcast_to(weight, x.shape)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict = None, seq_len: int = 0,
@@ -93,7 +93,7 @@ def apply_rotary(x, cos, sin, fused: bool = False):
         return ops.rotary_position_embedding(x, cos, sin, 0)
     half = x.shape[-1] // 2
     rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
-    return x * cos + rotated * sin
+    return x * ops.broadcast_to(cos, x.shape) + rotated * ops.broadcast_to(sin, x.shape)
 
 
 def swiglu(gate, up, fused: bool = False):
@@ -144,7 +144,7 @@ class RowSoftmax(nn.Cell):
     def bprop(self, x, out, dout):
         n = x.shape[-1]
         row = ops.matmul((dout * out).reshape(-1, n), ops.ones((n, 1), out.dtype))
-        return (out * (dout - row.reshape(x.shape[:-1] + (1,))),)
+        return (out * (dout - ops.broadcast_to(row.reshape(x.shape[:-1] + (1,)), x.shape)),)
 
 
 _row_softmax = RowSoftmax()
@@ -172,7 +172,7 @@ def attention(q, k, v, bias, scale: float, compute_dtype=ms.float32, fused: bool
         k = ops.broadcast_to(k.expand_dims(2), (b, nkv, rep, k.shape[2], d)).reshape(b, n, k.shape[2], d)
         v = ops.broadcast_to(v.expand_dims(2), (b, nkv, rep, v.shape[2], d)).reshape(b, n, v.shape[2], d)
     scores = _bmm_nt((q * scale).astype(compute_dtype), k.astype(compute_dtype))
-    scores = scores.astype(ms.float32) + bias
+    scores = scores.astype(ms.float32) + ops.broadcast_to(bias, scores.shape)
     probs = _row_softmax(scores).astype(compute_dtype)
     out = ops.matmul(probs, v.astype(compute_dtype))
     return out.transpose(0, 2, 1, 3).reshape(b, sq, n * d)
