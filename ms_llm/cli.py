@@ -5,6 +5,7 @@ User errors (MsLlmError) print one line on stderr and exit with code 2.
 """
 import argparse
 import json
+import os
 import sys
 
 from ms_llm.errors import MsLlmError
@@ -77,10 +78,66 @@ def cmd_tokenizer(argv):
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--output", required=True, help="output directory")
     t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    e = sub.add_parser("expand", help="add frequent domain terms to a model's tokenizer and grow its embeddings "
+                                      "(new rows = mean of the rows of the pieces each term used to split into)")
+    e.add_argument("--model", required=True, help="model directory (Hugging Face layout or ms_llm run)")
+    e.add_argument("--corpus", required=True, action="append", help="text or JSONL ({text}) corpus (repeatable)")
+    e.add_argument("--out", required=True, help="output model directory (weights + tokenizer + MANIFEST.json)")
+    e.add_argument("--max-terms", type=int, default=100)
+    e.add_argument("--min-count", type=int, default=5)
+    e.add_argument("--terms", help="file with one term per line instead of mining the corpus")
+    e.add_argument("--pad-to-multiple", type=int, default=1, help="round the vocabulary size up (Ascend: 128)")
     a = p.parse_args(argv)
+    if a.action == "expand":
+        return _tokenizer_expand(a)
     from ms_llm.data.tokenizer import train_sentencepiece
     tok = train_sentencepiece(a.input, a.output, a.vocab_size, a.model_type)
     print(f"{a.output}: vocabulary of {tok.vocab_size} tokens")
+
+
+def _corpus_texts(paths):
+    for path in paths:
+        if not os.path.isfile(path):
+            raise MsLlmError(f"{path}: corpus file not found")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if path.endswith(".jsonl") and line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise MsLlmError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+                else:
+                    yield line
+
+
+def _tokenizer_expand(a):
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.models import load_pretrained, save_pretrained
+    from ms_llm.models.io import resolve_model_dir
+    from ms_llm.models.vocab import domain_terms, expand_vocabulary
+    from ms_llm.training.checkpoint import write_manifest
+    src = resolve_model_dir(a.model)
+    tok = Tokenizer.load(src)
+    model = load_pretrained(src)
+    if a.terms:
+        if not os.path.isfile(a.terms):
+            raise MsLlmError(f"{a.terms}: terms file not found")
+        terms = [(t.strip(), 0, len(tok.encode(t.strip()))) for t in open(a.terms, encoding="utf-8") if t.strip()]
+    else:
+        terms = domain_terms(tok, _corpus_texts(a.corpus), a.max_terms, a.min_count)
+    grown, added = expand_vocabulary(model, tok, [t for t, _, _ in terms], a.pad_to_multiple)
+    tmp = a.out.rstrip("/") + ".tmp"
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(grown, tmp)
+    tok.save(tmp)
+    write_manifest(tmp, extra={"expanded_from": src, "added_terms": added})
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.rename(tmp, a.out)
+    pieces = {t: p for t, _, p in terms}
+    for t in added:
+        print(f"  {t!r}: {pieces[t]} tokens -> 1")
+    print(f"{a.out}: {len(added)} terms added; vocabulary {model.config.vocab_size} -> {grown.config.vocab_size}")
 
 
 def cmd_bench(argv):

@@ -39,6 +39,28 @@ def expand_vocabulary(model: CausalLM, tokenizer, terms, pad_to_multiple: int = 
     return new_model, added
 
 
+def domain_terms(tokenizer, texts, max_terms: int = 100, min_count: int = 5, min_pieces: int = 2,
+                 min_length: int = 4) -> list:
+    """Frequent domain words the tokenizer splits into several tokens (seed 002 §3.3), best first.
+
+    Counts words (letters, digits, '-', '_'; at least `min_length` characters) over `texts`; keeps those seen
+    `min_count` times that encode to `min_pieces` or more tokens; ranks them by tokens saved over the corpus,
+    count x (pieces - 1). Returns [(term, count, pieces)].
+    """
+    import re
+    from collections import Counter
+    counts = Counter(w for text in texts for w in re.findall(r"[^\W_][\w\-]*[^\W_]", text) if len(w) >= min_length)
+    found = []
+    for word, c in counts.items():
+        if c < min_count:
+            continue
+        pieces = len(tokenizer.encode(word))
+        if pieces >= min_pieces:
+            found.append((word, c, pieces))
+    found.sort(key=lambda t: (-t[1] * (t[2] - 1), t[0]))
+    return found[:max_terms]
+
+
 def vocab_alignment(student_tok, teacher_tok, student_size: int, teacher_size: int):
     """Map every student token id to the teacher id of the same string (seed 000 §1.2.5.1.1).
 

@@ -29,3 +29,44 @@ def test_expand_vocabulary(tmp_path):
     assert np.array_equal(after[..., :before.shape[-1]], before)
     new_row = grown.model.embed_tokens.weight.asnumpy()[tok.token_to_id("reactor coolant")]
     np.testing.assert_allclose(new_row, emb_before[old_pieces].mean(0), rtol=1e-6)
+
+
+def test_tokenizer_expand_cli_mines_terms_and_keeps_old_logits(tmp_path):
+    """`ms-llm tokenizer expand`: frequent multi-piece words become single tokens; text without them keeps its
+    logits; the output directory is a loadable model with a manifest."""
+    import json
+    import subprocess
+    import sys
+    from ms_llm.data.synthetic import synthesize
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.models import load_pretrained, save_pretrained
+    data = tmp_path / "data"
+    synthesize(str(data), n_text=300, n_sft=40, n_eval=10)
+    tok = Tokenizer.load(data / "tokenizer")
+    model = CausalLM(preset("tiny", vocab_size=tok.vocab_size))
+    save_pretrained(model, str(tmp_path / "base"))
+    tok.save(str(tmp_path / "base"))
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "tokenizer", "expand", "--model", str(tmp_path / "base"),
+                        "--corpus", str(data / "pretrain_science.jsonl"), "--max-terms", "5", "--min-count", "3",
+                        "--out", str(tmp_path / "grown")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((tmp_path / "grown" / "MANIFEST.json").read_text())
+    added = manifest["added_terms"]
+    assert 1 <= len(added) <= 5
+    old_tok, new_tok = Tokenizer.load(tmp_path / "base"), Tokenizer.load(tmp_path / "grown")
+    for term in added:
+        assert len(old_tok.encode(term)) >= 2 and len(new_tok.encode(term)) == 1
+    grown = load_pretrained(str(tmp_path / "grown"))
+    assert grown.config.vocab_size == model.config.vocab_size + len(added)
+    text = "Ana went to the market and bought 3 apples."
+    assert not any(t in text for t in added)
+    ids = ms.Tensor([new_tok.encode(text)], ms.int32)
+    assert new_tok.encode(text) == old_tok.encode(text)
+    model.set_train(False)
+    grown.set_train(False)
+    before, after = model(ids).asnumpy(), grown(ids).asnumpy()
+    assert np.array_equal(after[..., :before.shape[-1]], before)
+    bad = subprocess.run([sys.executable, "-m", "ms_llm.cli", "tokenizer", "expand", "--model", str(tmp_path / "base"),
+                          "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "missing.txt" in bad.stderr
