@@ -8,10 +8,11 @@ import typing
 
 import yaml
 
-from ms_llm.config.schema import DataSource, ExperimentConfig, SFTPhase
+from ms_llm.config.schema import CPTPhase, DataSource, ExperimentConfig, SFTPhase
 from ms_llm.errors import MsLlmError
 
-_NESTED_LISTS = {"data.sources": DataSource, "sft.phases": SFTPhase, "sft.phases.sources": DataSource}
+_NESTED_LISTS = {"data.sources": DataSource, "sft.phases": SFTPhase, "sft.phases.sources": DataSource,
+                 "cpt.phases": CPTPhase}
 
 
 def _list_item_type(key: str):
@@ -196,6 +197,19 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
                              f"({cfg.parallel.data_parallel})")
     if not cfg.data.sources:
         raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file")
+    if cfg.stage == "cpt":
+        c = cfg.cpt
+        if not c.phases:
+            raise MsLlmError(f"{where}: cpt.phases is empty; give at least one {{name, weights}} phase")
+        ends = [ph.until_tokens for ph in c.phases[:-1]]
+        if any(e is None for e in ends) or ends != sorted(ends):
+            raise MsLlmError(f"{where}: cpt.phases[*].until_tokens must be set and increasing for every phase but "
+                             "the last")
+        for i, ph in enumerate(c.phases):
+            if not ph.weights or any(w < 0 for w in ph.weights.values()) or sum(ph.weights.values()) <= 0:
+                raise MsLlmError(f"{where}: cpt.phases[{i}].weights needs non-negative weights with a positive sum")
+        if c.monitor.sets and not t.eval_every:
+            raise MsLlmError(f"{where}: cpt.monitor.sets needs train.eval_every (the monitor runs at evaluations)")
     if cfg.stage == "distill":
         d = cfg.distill
         if not d.teacher:

@@ -239,8 +239,41 @@ class DistillSection:
 
 
 @dataclass
+class CPTPhase:
+    name: str = opt("phase", "Phase name (logged as the live phase)")
+    until_tokens: Optional[float] = opt(None, "Consumed tokens where this phase ends (the last phase: leave unset)")
+    weights: dict = opt(dict, "Domain -> sampling weight, e.g. {general: 60, science: 30, code: 10}")
+
+
+@dataclass
+class CPTMonitorSection:
+    sets: dict = opt(dict, "Domain -> held-out text JSONL; evaluated at every train.eval_every (perplexity)")
+    max_docs: int = opt(64, "Documents per held-out set")
+    threshold: float = opt(0.02, "Alarm when a domain's held-out loss rises more than this (relative) over its "
+                                 "baseline (seed: a 2-point drop)")
+    boost: float = opt(1.3, "On alarm, that domain's sampling weight is multiplied by this (then renormalized)")
+    window: int = opt(3, "Terminate when the mean held-out loss varied less than `tolerance` across this many "
+                         "evaluations and no domain is over its threshold (seed: 5k steps)")
+    tolerance: float = opt(0.001, "Relative variation for termination (seed: 0.1%)")
+    stop: bool = opt(True, "Apply the termination rule (else run to train.max_steps)")
+
+
+@dataclass
+class CPTSection:
+    phases: list = opt(list, "Mixture curriculum by consumed tokens: list of {name, until_tokens, weights} "
+                             "(seed 000 §1.2.5.2.2); data.sources carry the domain tags")
+    smoothing_tokens: float = opt(0.0, "Blend neighbouring phases linearly over this many tokens around a switch")
+    anneal_weights: dict = opt(dict, "Domain weights from the start of the WSD decay on (annealing data, MiniCPM); "
+                                     "empty: keep the curriculum")
+    token_budget: Optional[float] = opt(None, "Tokens the run is meant to consume (progress is logged against it)")
+    targets: dict = opt(dict, "Target held-out losses per domain (progress logged as eval/target_gap/<domain>)")
+    monitor: CPTMonitorSection = opt(CPTMonitorSection, "Catastrophic-forgetting monitor (seed 000 §1.2.5.2.4)")
+    export_version: Optional[str] = opt(None, "Version tag written into final/MANIFEST.json")
+
+
+@dataclass
 class ExperimentConfig:
-    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "distill", "sft"])
+    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "cpt", "distill", "sft"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -254,6 +287,7 @@ class ExperimentConfig:
     pretrain: PretrainSection = opt(PretrainSection, "Pretraining stage")
     sft: SFTSection = opt(SFTSection, "Supervised fine-tuning stage")
     distill: DistillSection = opt(DistillSection, "Logit distillation stage")
+    cpt: CPTSection = opt(CPTSection, "Continual pretraining stage")
 
     @property
     def global_batch(self) -> int:

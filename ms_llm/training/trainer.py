@@ -38,6 +38,7 @@ class StageSpec:
     loss_norm: Optional[float] = None                # typical loss denominator per micro-batch (default: tokens)
     check_resume: Optional[Callable[[dict], None]] = None     # raise if a checkpoint's trainer_state does not fit
     should_stop: Optional[Callable[[list], bool]] = None       # list of evaluation rows -> stop early?
+    step_metrics: Optional[Callable[[int], dict]] = None       # steps done -> extra values for this step's row
 
 
 @dataclass
@@ -106,6 +107,8 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                    "skipped": not out["finite"]}
             history.append(row)
             done = step + 1
+            if spec.step_metrics is not None:
+                row.update(spec.step_metrics(done))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")

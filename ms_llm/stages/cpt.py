@@ -1,0 +1,191 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Continual pretraining (seed 000 §1.2.5.2, seed 002 §3): the pretrain stage's loss and data, plus
+
+* a verified start point: `model.init_from` with `model.init_sha256` (the distillation manifest's hash);
+* a domain-mixture curriculum by consumed tokens (data/curriculum.py), logged live as `mix/<domain>` and
+  `phase`, and continued exactly on resume;
+* with `lr_schedule.type: wsd` and `cpt.anneal_weights`, the mixture switches to the anneal data when the
+  learning-rate decay starts;
+* a forgetting monitor: per-domain held-out loss at every evaluation; a domain whose loss rose more than
+  `monitor.threshold` over its baseline raises an alarm and has its sampling weight multiplied by
+  `monitor.boost` from that sample on; the run ends when the mean held-out loss varied less than
+  `monitor.tolerance` over `monitor.window` evaluations with every domain within its threshold.
+  The decisions go to metrics.jsonl and `decisions.md` in the run directory.
+
+    ms-llm train configs/tiny/cpt.yaml
+"""
+import logging
+import math
+import os
+
+from ms_llm.config import ExperimentConfig
+from ms_llm.data.curriculum import CurriculumSampler, Phase, Schedule
+from ms_llm.data.loader import PretrainData
+from ms_llm.errors import MsLlmError
+from ms_llm.eval.generative import perplexity
+from ms_llm.losses.lm import LMLoss
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.trainer import StageSpec, train
+
+log = logging.getLogger(__name__)
+
+
+def schedule_from(cfg: ExperimentConfig) -> Schedule:
+    c = cfg.cpt
+    phases = [Phase(ph.name, ph.until_tokens if ph.until_tokens is not None and i < len(c.phases) - 1 else math.inf,
+                    {k: float(v) for k, v in ph.weights.items()}) for i, ph in enumerate(c.phases)]
+    return Schedule(phases, float(c.smoothing_tokens), {k: float(v) for k, v in c.anneal_weights.items()} or None)
+
+
+def decay_start(cfg: ExperimentConfig):
+    """First optimizer step of the WSD decay (None for other schedules)."""
+    s, t = cfg.lr_schedule, cfg.train
+    if s.type != "wsd":
+        return None
+    span = s.decay_steps if s.decay_steps is not None else max(1, round(0.1 * t.max_steps))
+    return t.max_steps - span
+
+
+class ForgettingMonitor:
+    """Seed 000 §1.2.5.2.4: held-out loss per domain, alarms, re-weighting and the termination rule."""
+
+    def __init__(self, cfg: ExperimentConfig, model, tokenizer):
+        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
+        m = cfg.cpt.monitor
+        for domain, path in m.sets.items():
+            if not os.path.isfile(path):
+                raise MsLlmError(f"cpt.monitor.sets.{domain}: {path} not found")
+        self.baseline, self.history, self.decisions = {}, [], []
+
+    def losses(self) -> dict:
+        m = self.cfg.cpt.monitor
+        self.model.set_train(False)
+        out = {d: math.log(perplexity(self.model, self.tokenizer, path, self.cfg.data.seq_len, 8, m.max_docs)["perplexity"])
+               for d, path in sorted(m.sets.items())}
+        self.model.set_train(True)
+        return out
+
+    def check(self, step: int, losses: dict) -> tuple:
+        """(metrics for the row, domains in alarm)."""
+        m = self.cfg.cpt.monitor
+        if not self.baseline:
+            self.baseline = dict(losses)
+        row, alarms = {}, []
+        for d, v in losses.items():
+            rise = (v - self.baseline[d]) / max(abs(self.baseline[d]), 1e-12)
+            row[f"eval/loss/{d}"] = v
+            row[f"eval/rise/{d}"] = rise
+            target = self.cfg.cpt.targets.get(d)
+            if target is not None:
+                row[f"eval/target_gap/{d}"] = v - float(target)
+            if rise > m.threshold:
+                alarms.append(d)
+        mean = sum(losses.values()) / max(len(losses), 1)
+        self.history.append(mean)
+        row["eval/loss/mean"] = mean
+        row["eval/alarms"] = float(len(alarms))
+        return row, alarms
+
+    def converged(self) -> bool:
+        m = self.cfg.cpt.monitor
+        if len(self.history) < m.window or m.window < 2:
+            return False
+        recent = self.history[-m.window:]
+        return (max(recent) - min(recent)) / max(abs(recent[-1]), 1e-12) < m.tolerance
+
+
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+    c, d, t = cfg.cpt, cfg.data, cfg.train
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg)
+    cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
+    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
+                        d.eval_fraction, d.on_error)
+    schedule = schedule_from(cfg)
+    try:
+        data.sampler = CurriculumSampler(data.n_train, data.domains, data.weights, schedule, d.seq_len, d.shuffle_seed)
+    except ValueError as e:
+        raise MsLlmError(f"cpt.phases: {e}") from None
+    keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask else ("input_ids", "labels")
+    mbs = t.micro_batch_size
+    samples_per_step = mbs * t.grad_accum_steps * cfg.parallel.data_parallel
+    tokens_per_step = samples_per_step * d.seq_len
+    anneal_step = decay_start(cfg) if schedule.anneal_weights else None
+    monitor = ForgettingMonitor(cfg, model, tokenizer) if c.monitor.sets else None
+    state = {"step": 0}
+    decisions = []
+
+    def step_metrics(done: int) -> dict:
+        state["step"] = done
+        if anneal_step is not None and done == anneal_step and schedule.anneal_from_tokens is None:
+            schedule.anneal_from_tokens = float(done * tokens_per_step)
+            data.sampler.reset(done * samples_per_step)
+            decisions.append(f"step {done}: learning-rate decay starts; mixture switched to the anneal weights "
+                             f"{schedule.anneal_weights}")
+        tokens = done * tokens_per_step
+        w = schedule.domain_weights(tokens, done * samples_per_step)
+        row = {f"mix/{k}": v for k, v in sorted(w.items())}
+        row["tokens"] = float(tokens)
+        if c.token_budget:
+            row["token_budget_done"] = tokens / float(c.token_budget)
+        return row
+
+    def evaluate():
+        if monitor is None:
+            return {}
+        done = state["step"]
+        row, alarms = monitor.check(done, monitor.losses())
+        for dom in alarms:
+            schedule.boosts.append((done * samples_per_step, dom, c.monitor.boost))
+            decisions.append(f"step {done}: alarm on '{dom}' (held-out loss {row[f'eval/loss/{dom}']:.4f}, "
+                             f"+{row[f'eval/rise/{dom}']:.1%} over baseline {monitor.baseline[dom]:.4f}); its "
+                             f"sampling weight x{c.monitor.boost}")
+            row[f"eval/alarm/{dom}"] = 1.0
+        if alarms:
+            data.sampler.reset(done * samples_per_step)
+        w = schedule.domain_weights(done * tokens_per_step, done * samples_per_step)
+        row.update({f"eval/mix/{k}": v for k, v in sorted(w.items())})
+        return row
+
+    def should_stop(evals: list) -> bool:
+        if monitor is None or not c.monitor.stop:
+            return False
+        stop = monitor.converged() and evals[-1].get("eval/alarms", 1.0) == 0
+        if stop:
+            decisions.append(f"step {evals[-1]['step']}: held-out loss varied < {c.monitor.tolerance:.2%} over "
+                             f"{c.monitor.window} evaluations with no domain over its threshold: terminate")
+        return stop
+
+    def check_resume(saved: dict):
+        schedule.load_state(saved.get("curriculum", {}))
+        data.sampler.reset(0)
+        if monitor is not None and saved.get("monitor_baseline"):
+            monitor.baseline = dict(saved["monitor_baseline"])
+            monitor.history = list(saved.get("monitor_history", []))
+
+    spec = StageSpec(loss_net=LMLoss(model), batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, rank, world),
+                     tokens_per_micro=mbs * d.seq_len, evaluate=evaluate if monitor is not None else None,
+                     extra_state=lambda: {"curriculum": schedule.state(),
+                                          "monitor_baseline": monitor.baseline if monitor else {},
+                                          "monitor_history": monitor.history if monitor else []},
+                     check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
+    if monitor is not None and rank == 0 and not _has_checkpoint(run_dir):
+        row, _ = monitor.check(0, monitor.losses())                # the baseline, before any CPT step
+        decisions.append("baseline held-out loss: " + ", ".join(f"{k[len('eval/loss/'):]} {v:.4f}" for k, v in row.items()
+                                                                if k.startswith("eval/loss/") and k != "eval/loss/mean"))
+    result = train(cfg, model, spec, run_dir, rank, reducer)
+    if rank != 0:
+        return {}
+    with open(os.path.join(run_dir, "decisions.md"), "a") as f:
+        f.write("".join(f"- {x}\n" for x in decisions))
+    final = export_final(run_dir, model, tokenizer, c.export_version)
+    metrics = dict(result.metrics, data_skipped_records=data.skipped, alarms=sum("alarm on" in x for x in decisions),
+                   tokens=float(result.steps * tokens_per_step))
+    status = "stopped_early" if result.stopped_early else "completed"
+    return finish(run_dir, cfg.stage, status, result.steps, metrics, final, plots=cfg.log.plots)
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    return os.path.isdir(os.path.join(run_dir, "checkpoints")) and any(
+        n.startswith("step_") for n in os.listdir(os.path.join(run_dir, "checkpoints")))
