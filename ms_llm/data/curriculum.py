@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ms_llm.data.mixture import MixtureSampler
+
 BLOCK = 1024
 
 
@@ -66,8 +68,12 @@ class Schedule:
         self.boosts = [tuple(b) for b in state.get("boosts", [])]
 
 
-class CurriculumSampler:
-    """lookup(k) -> (source, item) under a Schedule; sources carry a domain and a weight within it."""
+class CurriculumSampler(MixtureSampler):
+    """lookup(k) -> (source, item) under a Schedule; sources carry a domain and a weight within it.
+
+    Only the choice of source differs from MixtureSampler (per-sample weights from the schedule); items
+    within a source are walked the same way."""
+    block = BLOCK
 
     def __init__(self, sizes, domains, source_weights, schedule: Schedule, tokens_per_sample: int, seed: int = 0):
         self.sizes, self.domains = [int(s) for s in sizes], list(domains)
@@ -84,7 +90,7 @@ class CurriculumSampler:
 
     def reset(self, from_sample: int = 0):
         """Forget cached blocks that reach `from_sample` or later (the schedule changed from there on)."""
-        self._blocks = {b: v for b, v in self._blocks.items() if (b + 1) * BLOCK <= from_sample}
+        self._blocks = {b: v for b, v in self._blocks.items() if (b + 1) * self.block <= from_sample}
 
     def source_probs(self, k: int) -> np.ndarray:
         w = self.schedule.domain_weights(k * self.tokens_per_sample, k)
@@ -100,25 +106,9 @@ class CurriculumSampler:
             n = len(self.sizes)
             before = np.zeros(n, np.int64) if b == 0 else self._block(b - 1)[1] + np.bincount(
                 self._block(b - 1)[0], minlength=n)
-            u = np.random.default_rng([self.seed, b, 13]).random(BLOCK)
-            ks = range(b * BLOCK, (b + 1) * BLOCK)
+            u = np.random.default_rng([self.seed, b, 13]).random(self.block)
+            ks = range(b * self.block, (b + 1) * self.block)
             cum = np.cumsum(np.stack([self.source_probs(k) for k in ks]), 1)
             choices = np.minimum((u[:, None] >= cum).sum(1), n - 1)
             self._blocks[b] = (choices, before)
         return self._blocks[b]
-
-    def _perm(self, src: int, epoch: int):
-        key = (src, epoch)
-        if key not in self._perms:
-            self._perms[key] = np.random.default_rng([self.seed, src, epoch, 17]).permutation(self.sizes[src])
-            if len(self._perms) > 64:
-                self._perms.pop(next(iter(self._perms)))
-        return self._perms[key]
-
-    def lookup(self, k: int):
-        b, i = divmod(int(k), BLOCK)
-        choices, before = self._block(b)
-        src = int(choices[i])
-        n = int(before[src] + np.count_nonzero(choices[:i] == src))
-        epoch, j = divmod(n, self.sizes[src])
-        return src, int(self._perm(src, epoch)[j])

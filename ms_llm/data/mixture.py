@@ -12,6 +12,8 @@ BLOCK = 4096
 
 
 class MixtureSampler:
+    block = BLOCK              # samples per block of source draws
+
     def __init__(self, sizes, weights, seed: int = 0):
         self.sizes = [int(s) for s in sizes]
         w = np.asarray(weights, np.float64)
@@ -27,7 +29,7 @@ class MixtureSampler:
             before = np.zeros(len(self.sizes), np.int64) if b == 0 else self._block(b - 1)[1] + np.bincount(
                 self._block(b - 1)[0], minlength=len(self.sizes))
             rng = np.random.default_rng([self.seed, b, 7])
-            choices = rng.choice(len(self.sizes), size=BLOCK, p=self.p) if len(self.sizes) > 1 else np.zeros(BLOCK, np.int64)
+            choices = rng.choice(len(self.sizes), size=self.block, p=self.p) if len(self.sizes) > 1 else np.zeros(self.block, np.int64)
             self._blocks[b] = (choices, before)
         return self._blocks[b]
 
@@ -41,7 +43,7 @@ class MixtureSampler:
 
     def lookup(self, k: int):
         """(source index, item index) of the k-th sample."""
-        b, i = divmod(int(k), BLOCK)
+        b, i = divmod(int(k), self.block)
         choices, before = self._block(b)
         src = int(choices[i])
         n = int(before[src] + np.count_nonzero(choices[:i] == src))     # samples of this source before k
