@@ -15,10 +15,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 
 import numpy as np
+
+from ms_llm.bench import run_worker
 
 
 def _rss_mb() -> float:
@@ -102,14 +102,9 @@ def run(argv=None):
         return worker(a)
     results = {}
     for variant in ("floor", "naive", "chunked"):
-        args = [sys.executable, "-m", "ms_llm.cli", "bench", "distill-memory", "--worker", variant] + [
-            f"--{k}={getattr(a, k)}" for k in ("vocab", "seq", "batch", "hidden", "chunk", "steps", "workdir")]
-        r = subprocess.run(args, capture_output=True, text=True)
-        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
-        if r.returncode or not line:
-            print(f"{variant}: failed\n{r.stderr[-2000:]}")
-            continue
-        results[variant] = json.loads(line[-1])
+        res = run_worker("distill-memory", variant, a, ("vocab", "seq", "batch", "hidden", "chunk", "steps", "workdir"))
+        if res is not None:
+            results[variant] = res
     full_mb = a.batch * a.seq * a.vocab * 4 / 2 ** 20
     print(f"distillation loss, online teacher: vocab {a.vocab}, batch {a.batch} x seq {a.seq}, hidden {a.hidden}, "
           f"chunk {a.chunk}; one fp32 [B, S, V] tensor = {full_mb:.0f} MB")

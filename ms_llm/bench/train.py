@@ -11,11 +11,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
+
+from ms_llm.bench import run_worker
 
 FRAMEWORKS = ("ms_llm", "ms_llm_lora", "torch", "mindformers")
 
@@ -162,14 +162,9 @@ def run(argv=None):
             if importlib.util.find_spec("mindformers") is None:
                 print("mindformers: not installed (pip install -e .[mindformers]); skipped")
                 continue
-        args = [sys.executable, "-m", "ms_llm.cli", "bench", "train", "--worker", fw] + [
-            f"--{k}={getattr(a, k)}" for k in ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "steps", "workdir")]
-        r = subprocess.run(args, capture_output=True, text=True)
-        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
-        if r.returncode or not line:
-            print(f"{fw}: failed\n{r.stderr[-2000:]}")
+        res = run_worker("train", fw, a, ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "steps", "workdir"))
+        if res is None:
             continue
-        res = json.loads(line[-1])
         res["mfu"] = res["tokens_per_s"] * flops_tok / (peak["peak"] * 1e9)
         results.append(res)
     print(f"Llama: hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab {a.vocab}; "
