@@ -40,7 +40,6 @@ KINDS = ("forward_kl", "reverse_kl", "jsd")
 # ops.one_hot, ...) that is reached from both a construct and a custom bprop fails to compile in MindSpore
 # 2.7 ("func graph is empty").
 _zeros_like = ops.ZerosLike()
-_one_hot = ops.OneHot()
 _gather = ops.Gather()
 _matmul = ops.MatMul()
 _matmul_tn = ops.MatMul(transpose_a=True)
