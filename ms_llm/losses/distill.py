@@ -219,7 +219,7 @@ class ChunkedDistillHead(nn.Cell):
             logm = _safe_log(cfg.jsd_beta * p + (1.0 - cfg.jsd_beta) * q)
             hb = q * (logq - logm) * (1.0 - cfg.jsd_beta)
         total_h = hb.sum(-1, keepdims=True)
-        s_q = ops.exp(s_logq)
+        s_q = ops.exp(s_logq) if self.cached else q         # online: q is already exp(s_logq) over the vocabulary
         if self.cached:
             k = topk_ids.shape[-1]
             slot_valid = (t_in > -1e30).astype(ms.float32)

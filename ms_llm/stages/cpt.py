@@ -65,7 +65,7 @@ class ForgettingMonitor:
         self.model.set_train(True)
         return out
 
-    def check(self, step: int, losses: dict) -> tuple:
+    def check(self, losses: dict) -> tuple:
         """(metrics for the row, domains in alarm)."""
         m = self.cfg.cpt.monitor
         if not self.baseline:
@@ -135,7 +135,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         if monitor is None:
             return {}
         done = state["step"]
-        row, alarms = monitor.check(done, monitor.losses())
+        row, alarms = monitor.check(monitor.losses())
         for dom in alarms:
             schedule.boosts.append((done * samples_per_step, dom, c.monitor.boost))
             decisions.append(f"step {done}: alarm on '{dom}' (held-out loss {row[f'eval/loss/{dom}']:.4f}, "
@@ -171,7 +171,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
                                           "monitor_history": monitor.history if monitor else []},
                      check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
     if monitor is not None and rank == 0 and not _has_checkpoint(run_dir):
-        row, _ = monitor.check(0, monitor.losses())                # the baseline, before any CPT step
+        row, _ = monitor.check(monitor.losses())                # the baseline, before any CPT step
         decisions.append("baseline held-out loss: " + ", ".join(f"{k[len('eval/loss/'):]} {v:.4f}" for k, v in row.items()
                                                                 if k.startswith("eval/loss/") and k != "eval/loss/mean"))
     result = train(cfg, model, spec, run_dir, rank, reducer)

@@ -30,6 +30,7 @@ from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData
 from ms_llm.data.teacher_cache import TeacherCache, write_cache
 from ms_llm.errors import MsLlmError
+from ms_llm.eval.generative import exact_match
 from ms_llm.eval.results import gate
 from ms_llm.fileio import write_json_atomic
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
@@ -202,17 +203,27 @@ def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> d
 
 
 # ---------------------------------------------------------------------------------------------- data
-def build_data(cfg: ExperimentConfig, tokenizer, generated: list) -> SFTData:
-    """The SFT-format data (distill.task_weights as loss weights) plus the kept teacher samples."""
+def sft_settings(cfg: ExperimentConfig):
+    """The SFT data settings with distill.task_weights as the loss weights."""
     sft_cfg = copy.deepcopy(cfg.sft)
     sft_cfg.task_weights = dict(cfg.distill.task_weights)
+    return sft_cfg
+
+
+def add_samples(cfg: ExperimentConfig, tokenizer, data: SFTData, rows: list, key, weight: float):
+    """Teacher samples ({prompt, answer, task}) as a new, weighted group of `data`."""
+    ex = data.encode_records(as_alpaca(rows), tokenizer, cfg.tokenizer.chat_template, sft_settings(cfg), str(key))
+    data.add_group(key, ex, weight)
+
+
+def build_data(cfg: ExperimentConfig, tokenizer, generated: list) -> SFTData:
+    """The SFT-format data (distill.task_weights as loss weights) plus the kept teacher samples."""
     d = cfg.data
-    data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, sft_cfg, d.shuffle_seed, d.on_error)
+    data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, sft_settings(cfg), d.shuffle_seed,
+                   d.on_error)
     if generated:
         n = sum(len(g) for g in data.groups)
-        data.add_group(("generated", "teacher"), data.encode_records(as_alpaca(generated), tokenizer,
-                                                                    cfg.tokenizer.chat_template, sft_cfg, "generated"),
-                       len(generated) / max(n + len(generated), 1))
+        add_samples(cfg, tokenizer, data, generated, ("generated", "teacher"), len(generated) / max(n + len(generated), 1))
     return data
 
 
@@ -248,11 +259,6 @@ def cache_teacher(cfg: ExperimentConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def score(model, tokenizer, template: str, records: list, max_new_tokens: int) -> dict:
-    from ms_llm.eval.generative import exact_match
-    return exact_match(model, tokenizer, records, template, max_new_tokens)
-
-
 class HardExamples:
     """Seed 000 §1.2.5.1.4: probe the student, have the teacher answer what it got wrong, add the kept answers."""
 
@@ -268,11 +274,7 @@ class HardExamples:
         self.filter = None
 
     def _add(self, rows: list):
-        sft_cfg = copy.deepcopy(self.cfg.sft)
-        sft_cfg.task_weights = dict(self.cfg.distill.task_weights)
-        ex = self.data.encode_records(as_alpaca(rows), self.tokenizer, self.cfg.tokenizer.chat_template, sft_cfg,
-                                      f"hard_round_{self.rounds}")
-        self.data.add_group(("hard", self.rounds), ex, 0.25)
+        add_samples(self.cfg, self.tokenizer, self.data, rows, ("hard", self.rounds), 0.25)
 
     def restore(self, rounds: int):
         """Reload the rounds a checkpoint had (resume sees the same data pool as the uninterrupted run)."""
@@ -287,7 +289,7 @@ class HardExamples:
         if self.rounds >= self.cfg.distill.iterative.max_rounds:
             return {}
         d = self.cfg.distill
-        res = score(self.student, self.tokenizer, self.cfg.tokenizer.chat_template, self.probe, d.eval_max_new_tokens)
+        res = exact_match(self.student, self.tokenizer, self.probe, self.cfg.tokenizer.chat_template, d.eval_max_new_tokens)
         wrong = [o for o in res["outputs"] if not o["correct"]]
         right = {o["prompt"] for o in res["outputs"] if o["correct"]}
         recall = float(np.mean([p in right for p in self.previous])) if self.previous else float("nan")
@@ -357,7 +359,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         records = read_records(d.eval_prompts, "prompts")
         records = records[:d.eval_limit] if d.eval_limit else records
     template = cfg.tokenizer.chat_template
-    teacher_score = score(teacher.model, teacher.tokenizer, template, records, d.eval_max_new_tokens)["accuracy"] \
+    teacher_score = exact_match(teacher.model, teacher.tokenizer, records, template, d.eval_max_new_tokens)["accuracy"] \
         if records and rank == 0 else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
     n_evals = {"calls": 0}
@@ -366,7 +368,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         n_evals["calls"] += 1
         out = {}
         if records:
-            acc = score(student, tokenizer, template, records, d.eval_max_new_tokens)["accuracy"]
+            acc = exact_match(student, tokenizer, records, template, d.eval_max_new_tokens)["accuracy"]
             out.update({"eval/exact_match": acc, "eval/teacher_exact_match": teacher_score,
                         "eval/score_ratio": acc / teacher_score if teacher_score > 0 else float("nan")})
         if hard is not None and (n_evals["calls"] * cfg.train.eval_every) % d.iterative.every == 0:
