@@ -95,6 +95,46 @@ def cmd_tokenizer(argv):
     print(f"{a.output}: vocabulary of {tok.vocab_size} tokens")
 
 
+def cmd_mup(argv):
+    p = argparse.ArgumentParser(prog="ms-llm mup", description="μP tools (models/mup.py).")
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("coord-check", help="train a few Adam steps at several widths under standard "
+                                           "parametrization and μP; plot mean |activation| per width")
+    c.add_argument("--widths", default="64,128,256,512,1024", help="comma-separated hidden sizes (multiples of 16)")
+    c.add_argument("--steps", type=int, default=5)
+    c.add_argument("--lr", type=float, default=1e-2, help="the same Adam learning rate at every width")
+    c.add_argument("--base-width", type=int, help="μP base width (default: the smallest width)")
+    c.add_argument("--lr-exponent", type=float, default=1.0, help="α: hidden-matrix lr x (base/width)^α")
+    c.add_argument("--init-std", type=float, help="σ: every matrix under standard parametrization, the base width "
+                                                   "under μP (default 1/√base_width)")
+    c.add_argument("--no-zero-readout", action="store_true", help="μP: draw lm_head with std σ instead of zeros")
+    c.add_argument("--layers", type=int, default=2)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="mup_coord_check.png", help="PNG to write (the numbers go next to it as .json)")
+    a = p.parse_args(argv)
+    try:
+        widths = sorted({int(w) for w in a.widths.split(",") if w.strip()})
+    except ValueError:
+        raise MsLlmError(f"--widths: '{a.widths}' is not a comma-separated list of integers") from None
+    if len(widths) < 2 or any(w < 16 or w % 16 for w in widths):
+        raise MsLlmError(f"--widths: need at least two widths, each a multiple of 16 (head_dim), got {widths}")
+    if a.steps < 1 or a.lr <= 0:
+        raise MsLlmError("--steps must be at least 1 and --lr positive")
+    from ms_llm.context import setup_context
+    from ms_llm.models import coord_check as cc
+    setup_context("graph", seed=a.seed)
+    settings = cc.CheckSettings(base_width=a.base_width or widths[0], lr_exponent=a.lr_exponent,
+                                zero_readout=not a.no_zero_readout, init_std=a.init_std)
+    result = cc.coord_check(widths, a.steps, a.lr, settings, a.layers, seed=a.seed)
+    cc.plot(result, a.out)
+    cc.write_json(result, os.path.splitext(a.out)[0] + ".json")
+    print(f"growth of mean |activation| from width {widths[0]} to {widths[-1]} after {a.steps} steps:")
+    print(f"  {'activation':24s} {'standard':>10s} {'μP':>10s}")
+    for name in result["names"]:
+        print(f"  {name:24s} {cc.growth(result, 'sp', name):10.2f} {cc.growth(result, 'mup', name):10.2f}")
+    print(f"wrote {a.out}")
+
+
 def _corpus_texts(paths):
     for path in paths:
         if not os.path.isfile(path):
@@ -273,6 +313,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "generate": cmd_generate,
     "tokenizer": cmd_tokenizer,
+    "mup": cmd_mup,
 }
 
 

@@ -228,6 +228,15 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
                              f"train.eval_every ({t.eval_every}): hard-example rounds run at evaluations")
         if d.top_k < 1 or d.chunk_size < 1:
             raise MsLlmError(f"{where}: distill.top_k and distill.chunk_size must be at least 1")
+    mu = cfg.mup
+    if mu.enabled:
+        if mu.base_width < 1 or not 0 <= mu.lr_exponent <= 2:
+            raise MsLlmError(f"{where}: mup.base_width must be at least 1 and mup.lr_exponent in [0, 2], got "
+                             f"{mu.base_width} and {mu.lr_exponent}")
+        if mu.embedding_multiplier <= 0 or mu.output_multiplier <= 0 or (mu.init_std is not None and mu.init_std <= 0):
+            raise MsLlmError(f"{where}: mup.embedding_multiplier, mup.output_multiplier and mup.init_std must be positive")
+        if cfg.stage == "sft" and cfg.sft.lora.enabled:
+            raise MsLlmError(f"{where}: mup.enabled with sft.lora: LoRA adapters have no μP rule here; disable one")
     if not 0 <= cfg.data.eval_fraction < 1:
         raise MsLlmError(f"{where}: data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
 

@@ -272,6 +272,19 @@ class CPTSection:
 
 
 @dataclass
+class MupSection:
+    enabled: bool = opt(False, "Train in μP (models/mup.py): hyperparameters tuned at base_width transfer to this width")
+    base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on")
+    lr_exponent: float = opt(1.0, "α: hidden matrices get lr x (base_width / hidden_size)^α; 1 is μP, the seed fitted "
+                                  "0.85 (seed 000 §1.2.5.2.3)")
+    embedding_multiplier: float = opt(1.0, "Token embeddings are multiplied by this (MiniCPM uses 12)")
+    output_multiplier: float = opt(1.0, "Logits are multiplied by this x base_width / hidden_size")
+    zero_readout: bool = opt(True, "Start an untied lm_head at zero (μP advice); models not loaded with init_from")
+    init_std: Optional[float] = opt(None, "σ of the proxy: hidden matrices start at σ/√m (default: the model's "
+                                          "initializer_range); only for models not loaded with init_from")
+
+
+@dataclass
 class ExperimentConfig:
     stage: str = opt("pretrain", "Which stage runs", ["pretrain", "cpt", "distill", "sft"])
     model: ModelSection = opt(ModelSection, "Model")
@@ -288,6 +301,7 @@ class ExperimentConfig:
     sft: SFTSection = opt(SFTSection, "Supervised fine-tuning stage")
     distill: DistillSection = opt(DistillSection, "Logit distillation stage")
     cpt: CPTSection = opt(CPTSection, "Continual pretraining stage")
+    mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
 
     @property
     def global_batch(self) -> int:

@@ -290,13 +290,13 @@ class DistillLoss(nn.Cell):
 
     def construct(self, input_ids, labels, attention_mask, weights, row_weight, topk_ids=None, topk_logp=None,
                   tail_logp=None):
-        hidden = self.student.hidden_states(input_ids, attention_mask)
+        hidden = self.student.readout_input(self.student.hidden_states(input_ids, attention_mask))
         w = lm_head_weight(self.student)
         if self.cached:
             t_in, w_t = topk_logp, self.dummy
         else:
             t_ids = _gather(self.s2t, input_ids, 0) if self.remap else input_ids
-            t_in = ops.stop_gradient(self.teacher.hidden_states(t_ids, attention_mask))
+            t_in = ops.stop_gradient(self.teacher.readout_input(self.teacher.hidden_states(t_ids, attention_mask)))
             w_t = ops.stop_gradient(lm_head_weight(self.teacher))
             topk_ids = ops.zeros(input_ids.shape + (1,), ms.int32)
             tail_logp = ops.zeros(input_ids.shape, ms.float32)

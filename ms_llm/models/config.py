@@ -15,6 +15,7 @@ from ms_llm.errors import MsLlmError
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _FAMILY_TO_ARCH = {v: k for k, v in HF_ARCHITECTURES.items()}
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+MUP_KEY = "ms_llm_mup"          # config.json entry recording folded μP multipliers
 
 
 @dataclass
@@ -47,6 +48,10 @@ class ModelConfig:
     eos_token_id: Optional[Union[int, list]] = 2
     pad_token_id: Optional[int] = None
     initializer_range: float = 0.02
+    embedding_multiplier: float = 1.0
+    """Token embeddings are multiplied by this (μP; see models/mup.py). Folded into the weights on export."""
+    logit_multiplier: float = 1.0
+    """Final hidden states are multiplied by this before lm_head (μP: output_multiplier x base_width / width)."""
     compute_dtype: str = "float32"
     """dtype of matmuls (float32, float16, bfloat16); parameters, norms, softmax and rotary stay float32."""
     extra: dict = field(default_factory=dict)
@@ -68,6 +73,8 @@ class ModelConfig:
                              f"num_attention_heads ({self.num_attention_heads})")
         if self.head_dim % 2:
             raise MsLlmError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not (self.embedding_multiplier > 0 and self.logit_multiplier > 0):
+            raise MsLlmError("model.embedding_multiplier and model.logit_multiplier must be positive")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise MsLlmError(f"model.compute_dtype: '{self.compute_dtype}' is not one of {COMPUTE_DTYPES}")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
@@ -98,7 +105,8 @@ class ModelConfig:
             raise MsLlmError(f"{source}: key 'use_sliding_window' = true is not supported")
         if hf.get("mlp_bias"):
             raise MsLlmError(f"{source}: key 'mlp_bias' = true is not supported")
-        known = {f.name for f in dataclasses.fields(cls)} - {"family", "qkv_bias", "qk_norm", "extra", "compute_dtype"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"family", "qkv_bias", "qk_norm", "extra", "compute_dtype",
+                                                          "embedding_multiplier", "logit_multiplier"}
         token_ids = ("bos_token_id", "eos_token_id", "pad_token_id")   # None is meaningful for these
         kwargs = {k: hf[k] for k in known if k in hf and (hf[k] is not None or k in token_ids)}
         if "rope_scaling" not in hf and isinstance(hf.get("rope_parameters"), dict):
@@ -108,10 +116,21 @@ class ModelConfig:
                 kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if hf.get("hidden_act", "silu") != "silu":
             raise MsLlmError(f"{source}: key 'hidden_act' = '{hf['hidden_act']}' is not supported (only silu)")
+        mup = hf.get(MUP_KEY)
+        if mup is not None:          # written by to_hf_config: the weights on disk have the multipliers folded in
+            if not isinstance(mup, dict) or not {"embedding_multiplier", "logit_multiplier"} <= set(mup):
+                raise MsLlmError(f"{source}: key '{MUP_KEY}' needs embedding_multiplier and logit_multiplier")
+            kwargs.update(embedding_multiplier=float(mup["embedding_multiplier"]),
+                          logit_multiplier=float(mup["logit_multiplier"]),
+                          tie_word_embeddings=bool(mup.get("tie_word_embeddings", kwargs.get("tie_word_embeddings"))))
         skip = known | {"architectures", "model_type", "hidden_act", "torch_dtype", "dtype", "rope_parameters",
-                        "transformers_version", "use_cache", "use_sliding_window", "mlp_bias"}
+                        "transformers_version", "use_cache", "use_sliding_window", "mlp_bias", MUP_KEY}
         extra = {k: v for k, v in hf.items() if k not in skip}
         return cls(family=family, qkv_bias=family == "qwen2", qk_norm=family == "qwen3", extra=extra, **kwargs)
+
+    @property
+    def has_multipliers(self) -> bool:
+        return self.embedding_multiplier != 1.0 or self.logit_multiplier != 1.0
 
     def to_hf_config(self) -> dict:
         """A config.json dict for `transformers` (float32 weights)."""
@@ -130,6 +149,12 @@ class ModelConfig:
         })
         if self.family == "qwen2":
             out["use_sliding_window"] = False
+        if self.has_multipliers:
+            # Plain Llama/Qwen readers know no multipliers: save_pretrained folds them into the weights (which
+            # needs a separate lm_head); this entry lets ms_llm restore the parametrization it trains in.
+            out["tie_word_embeddings"] = False
+            out[MUP_KEY] = {"embedding_multiplier": self.embedding_multiplier,
+                            "logit_multiplier": self.logit_multiplier, "tie_word_embeddings": self.tie_word_embeddings}
         return out
 
     def num_parameters(self) -> int:

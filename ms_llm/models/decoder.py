@@ -179,6 +179,25 @@ class CausalLM(nn.Cell):
         self.inv_freq = Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
         self.matmul_t = ops.MatMul(transpose_b=True)
         self.neftune_alpha = 0.0          # NEFTune embedding noise while training (set by the SFT stage)
+        self.set_multipliers(config.embedding_multiplier, config.logit_multiplier)
+
+    def set_multipliers(self, embedding: float, logit: float):
+        """μP's forward multipliers (1.0: none). Read when a graph compiles: set them before the first call."""
+        self.embedding_multiplier, self.logit_multiplier = float(embedding), float(logit)
+        self.config = self.config.replace(embedding_multiplier=float(embedding), logit_multiplier=float(logit))
+
+    def embed(self, input_ids):
+        """Token embeddings [B, S, H] float32, times the embedding multiplier."""
+        x = self.model.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
+        return x
+
+    def readout_input(self, hidden):
+        """What lm_head multiplies: the final hidden states times the logit multiplier."""
+        if self.logit_multiplier != 1.0:
+            return hidden * self.logit_multiplier
+        return hidden
 
     def _inv_freq(self, seq_len):
         if self.dynamic_rope and seq_len > self.config.max_position_embeddings:
@@ -207,7 +226,7 @@ class CausalLM(nn.Cell):
             position_ids = slots
         mask = F.mask_bias(F.causal_mask(slots, slots, attention_mask, segment_ids, segment_ids))
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(s))
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         if self.training and self.neftune_alpha > 0:   # NEFTune: uniform noise scaled by alpha / sqrt(S * H)
             x = x + (ops.rand_like(x) * 2.0 - 1.0) * (self.neftune_alpha / math.sqrt(s * x.shape[-1]))
         for layer in self.model.layers:
@@ -216,6 +235,7 @@ class CausalLM(nn.Cell):
 
     def logits(self, hidden):
         """lm_head over hidden states [..., H] -> float32 logits [..., V]."""
+        hidden = self.readout_input(hidden)
         if self.tied:
             lead = hidden.shape[:-1]
             out = self.matmul_t(hidden.reshape(-1, hidden.shape[-1]).astype(self.compute_dtype),
@@ -239,7 +259,7 @@ class CausalLM(nn.Cell):
         all_slots = ops.broadcast_to(ops.arange(smax, dtype=ms.int32).reshape(1, smax), (b, smax))
         mask = F.mask_bias(F.causal_mask(slot_ids, all_slots, key_valid))
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(smax))
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         new = ()
         for i in range(self.num_layers):
             x, k, v = self.model.layers[i](x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], place, write)

@@ -117,6 +117,48 @@ def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "we
     return report
 
 
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def fold_multipliers(state: dict, cfg: ModelConfig) -> dict:
+    """Weights a plain Llama/Qwen reader computes the same logits with: the embedding times the embedding
+    multiplier, a separate lm_head times the logit multiplier (μP models; others pass through)."""
+    if not cfg.has_multipliers:
+        return state
+    out = dict(state)
+    out[EMBED] = state[EMBED] * np.float32(cfg.embedding_multiplier)
+    out[HEAD] = (state[EMBED] if cfg.tie_word_embeddings else state[HEAD]) * np.float32(cfg.logit_multiplier)
+    return out
+
+
+def unfold_multipliers(tensors: dict, cfg: ModelConfig, source: str = "weights") -> dict:
+    """The inverse of fold_multipliers, for a model built with `cfg`'s multipliers."""
+    if not cfg.has_multipliers:
+        return tensors
+    missing = [k for k in (EMBED, HEAD) if k not in tensors]
+    if missing:
+        raise MsLlmError(f"{source}: config.json records μP multipliers, so {missing} must be stored")
+    out = dict(tensors)
+    out[EMBED] = tensors[EMBED] / np.float32(cfg.embedding_multiplier)
+    if cfg.tie_word_embeddings:
+        out.pop(HEAD)
+    else:
+        out[HEAD] = tensors[HEAD] / np.float32(cfg.logit_multiplier)
+    return out
+
+
+def load_weights(model, model_dir: str, strict: bool = True) -> dict:
+    """Read `model_dir`'s weights into `model` (built from that dir's config), undoing folded multipliers."""
+    cfg = read_config(model_dir)
+    tensors = read_weights(model_dir)
+    if cfg.has_multipliers:
+        if (cfg.embedding_multiplier, cfg.logit_multiplier) != (model.embedding_multiplier, model.logit_multiplier):
+            raise MsLlmError(f"{model_dir}: its μP multipliers ({cfg.embedding_multiplier}, {cfg.logit_multiplier}) "
+                             f"differ from the model's ({model.embedding_multiplier}, {model.logit_multiplier})")
+        tensors = unfold_multipliers(tensors, cfg, model_dir)
+    return load_state_dict(model, tensors, strict=strict, source=model_dir)
+
+
 def load_pretrained(path, dtype: str = "float32", strict: bool = True) -> CausalLM:
     """Build a CausalLM from a Hugging Face or ms_llm directory.
 
@@ -128,7 +170,7 @@ def load_pretrained(path, dtype: str = "float32", strict: bool = True) -> Causal
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir).replace(compute_dtype=dtype)
     model = CausalLM(cfg)
-    load_state_dict(model, read_weights(model_dir), strict=strict, source=model_dir)
+    load_weights(model, model_dir, strict)
     model.set_train(False)
     return model
 
@@ -136,11 +178,12 @@ def load_pretrained(path, dtype: str = "float32", strict: bool = True) -> Causal
 def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30, metadata: dict = None) -> list:
     """Write config.json and float32 weights in the Hugging Face layout; returns the written file names.
 
-    Tied models do not store lm_head.weight (as transformers does). Above `max_shard_bytes` the weights are
+    Tied models do not store lm_head.weight (as transformers does); μP multipliers are folded into the
+    embedding and lm_head (fold_multipliers), so any Llama/Qwen reader gets the same logits. Above `max_shard_bytes` the weights are
     split into model-0000i-of-0000n.safetensors with an index.
     """
     os.makedirs(path, exist_ok=True)
-    state = model_state_dict(model)
+    state = fold_multipliers(model_state_dict(model), model.config)
     shards, cur, size = [], {}, 0
     for name, arr in state.items():
         if cur and size + arr.nbytes > max_shard_bytes:

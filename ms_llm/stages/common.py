@@ -51,6 +51,9 @@ def build_model(cfg: ExperimentConfig) -> CausalLM:
             model = CausalLM(preset(m.preset, **m.overrides))
         except TypeError as e:
             raise MsLlmError(f"model.overrides: {e}") from None
+    if cfg.mup.enabled:
+        from ms_llm.models import mup
+        mup.apply(model, cfg.mup, fresh=not m.init_from, init_std=cfg.mup.init_std)
     if cfg.parallel.recompute:
         for layer in model.model.layers:
             layer.recompute()          # keep only layer inputs; recompute the rest in the backward pass

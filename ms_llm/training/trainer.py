@@ -58,10 +58,14 @@ def uses_loss_scaling(cfg: ExperimentConfig) -> bool:
     return t.loss_scale == "dynamic"
 
 
-def build_optimizer(cfg: ExperimentConfig, spec: StageSpec):
+def build_optimizer(cfg: ExperimentConfig, spec: StageSpec, model=None):
     params = spec.params if spec.params is not None else spec.loss_net.trainable_params()
     o = cfg.optim
-    return AdamW(params, (o.beta1, o.beta2), o.eps, o.weight_decay, spec.lr_scales)
+    scales = spec.lr_scales
+    if scales is None and cfg.mup.enabled and model is not None:
+        from ms_llm.models import mup
+        scales = mup.lr_scales(model, params, cfg.mup)
+    return AdamW(params, (o.beta1, o.beta2), o.eps, o.weight_decay, scales)
 
 
 def optimizer_state(opt: AdamW, scale: LossScaleState) -> dict:
@@ -76,7 +80,7 @@ def _to_tensors(batch: dict, keys) -> tuple:
 
 def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int = 0, reducer=None) -> TrainResult:
     t = cfg.train
-    opt = build_optimizer(cfg, spec)
+    opt = build_optimizer(cfg, spec, model)
     scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor, t.loss_scale_window)
     step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
                         loss_norm=float(spec.loss_norm or spec.tokens_per_micro))
@@ -161,8 +165,8 @@ def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dic
     if spec.weights_reader is not None:
         spec.weights_reader(path)
     else:
-        from ms_llm.models.io import load_state_dict, read_weights
-        load_state_dict(model, read_weights(path), strict=True, source=path)
+        from ms_llm.models.io import load_weights
+        load_weights(model, path, strict=True)
     ckpt.load_optimizer_state(path, state)
     ts = ckpt.read_trainer_state(path)
     if spec.check_resume is not None:
