@@ -111,6 +111,17 @@ def cmd_mup(argv):
     c.add_argument("--layers", type=int, default=2)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="mup_coord_check.png", help="PNG to write (the numbers go next to it as .json)")
+    w = sub.add_parser("lr-sweep", help="train each width at several learning rates in both parametrizations; "
+                                        "plot final loss against lr")
+    w.add_argument("--widths", default="64,256")
+    w.add_argument("--lrs", default="0.001,0.003,0.01,0.03,0.1")
+    w.add_argument("--steps", type=int, default=100)
+    w.add_argument("--base-width", type=int)
+    w.add_argument("--lr-exponent", type=float, default=1.0)
+    w.add_argument("--init-std", type=float)
+    w.add_argument("--layers", type=int, default=2)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--out", default="mup_lr_sweep.png")
     a = p.parse_args(argv)
     try:
         widths = sorted({int(w) for w in a.widths.split(",") if w.strip()})
@@ -118,13 +129,27 @@ def cmd_mup(argv):
         raise MsLlmError(f"--widths: '{a.widths}' is not a comma-separated list of integers") from None
     if len(widths) < 2 or any(w < 16 or w % 16 for w in widths):
         raise MsLlmError(f"--widths: need at least two widths, each a multiple of 16 (head_dim), got {widths}")
-    if a.steps < 1 or a.lr <= 0:
-        raise MsLlmError("--steps must be at least 1 and --lr positive")
+    lrs = [a.lr] if a.action == "coord-check" else _floats(a.lrs, "--lrs")
+    if a.steps < 1 or min(lrs) <= 0:
+        raise MsLlmError("--steps must be at least 1 and learning rates positive")
     from ms_llm.context import setup_context
     from ms_llm.models import coord_check as cc
     setup_context("graph", seed=a.seed)
     settings = cc.CheckSettings(base_width=a.base_width or widths[0], lr_exponent=a.lr_exponent,
-                                zero_readout=not a.no_zero_readout, init_std=a.init_std)
+                                zero_readout=not getattr(a, "no_zero_readout", False), init_std=a.init_std)
+    if a.action == "lr-sweep":
+        result = cc.lr_sweep(widths, lrs, a.steps, settings, a.layers, seed=a.seed)
+        cc.plot_sweep(result, a.out)
+        cc.write_json(result, os.path.splitext(a.out)[0] + ".json")
+        print(f"final training loss (mean of the last 10 of {a.steps} steps):")
+        print(f"  {'':10s}{'lr':>8s} " + " ".join(f"{'w=' + str(w):>9s}" for w in widths))
+        for p in ("sp", "mup"):
+            for lr in lrs:
+                print(f"  {'μP' if p == 'mup' else 'standard':10s}{lr:8g} "
+                      + " ".join(f"{result[p][str(w)][repr(lr)]:9.4f}" for w in widths))
+            print(f"  {'':10s}best lr per width: {cc.best_lrs(result, p)}")
+        print(f"wrote {a.out}")
+        return
     result = cc.coord_check(widths, a.steps, a.lr, settings, a.layers, seed=a.seed)
     cc.plot(result, a.out)
     cc.write_json(result, os.path.splitext(a.out)[0] + ".json")
@@ -133,6 +158,13 @@ def cmd_mup(argv):
     for name in result["names"]:
         print(f"  {name:24s} {cc.growth(result, 'sp', name):10.2f} {cc.growth(result, 'mup', name):10.2f}")
     print(f"wrote {a.out}")
+
+
+def _floats(text: str, flag: str) -> list:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MsLlmError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
 
 
 def _corpus_texts(paths):
@@ -252,10 +284,41 @@ def cmd_data(argv):
     s.add_argument("--n-text", type=int, default=2000, help="documents per pretraining domain")
     s.add_argument("--n-sft", type=int, default=2000, help="instruction records")
     s.add_argument("--vocab-size", type=int, default=512)
+    x = sub.add_parser("index", help="tokenize text JSONL into a shard index with a domain tag on every shard")
+    x.add_argument("inputs", nargs="+", metavar="PATH[:DOMAIN]",
+                   help="text JSONL; records without a 'domain' field get DOMAIN (default: general)")
+    x.add_argument("--tokenizer", required=True, help="tokenizer dir or file")
+    x.add_argument("--out", required=True, help="index directory to create")
+    x.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (documents are not split)")
+    x.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="a malformed record: stop or skip")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing index directory")
+    v = sub.add_parser("verify-index", help="check every shard of an index against its SHA256")
+    v.add_argument("index")
+    v.add_argument("--tokenizer", required=True)
     a = p.parse_args(argv)
+    if a.action in ("index", "verify-index"):
+        return _data_index(a)
     from ms_llm.data.synthetic import synthesize
     manifest = synthesize(a.out, a.seed, a.n_text, a.n_sft, vocab_size=a.vocab_size)
     print(f"{a.out}: {len(manifest['files'])} files, version {manifest['version']}")
+
+
+def _data_index(a):
+    from ms_llm.data import shard_index
+    from ms_llm.data.tokenizer import Tokenizer
+    tok = Tokenizer.load(a.tokenizer)
+    if a.action == "verify-index":
+        shards = shard_index.open_index(a.index, tok, verify=True)
+        print(f"{a.index}: {len(shards)} shards match their SHA256")
+        return
+    index = shard_index.build_index([shard_index.parse_input(i) for i in a.inputs], tok, a.out, a.shard_tokens,
+                                    a.on_error, a.overwrite)
+    print(f"{a.out}: {len(index['shards'])} shards")
+    for d, v in index["domains"].items():
+        print(f"  {d:16s} {v['shards']:5d} shards {v['tokens']:12d} tokens {v['docs']:9d} documents")
+    skipped = sum(s["skipped"] for s in index["sources"])
+    if skipped:
+        print(f"  skipped {skipped} malformed records (see index.json)")
 
 
 def cmd_eval(argv):

@@ -195,8 +195,11 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
             raise MsLlmError(f"{where}: sft.phases[{i}].global_batch_size ({ph.global_batch_size}) must equal "
                              f"micro_batch_size ({mbs}) x grad_accum_steps ({acc}) x data_parallel "
                              f"({cfg.parallel.data_parallel})")
-    if not cfg.data.sources:
-        raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file")
+    if not cfg.data.sources and not (cfg.data.index and cfg.stage in ("pretrain", "cpt")):
+        raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file"
+                         + (" or set data.index" if cfg.stage in ("pretrain", "cpt") else ""))
+    if cfg.data.index and cfg.stage not in ("pretrain", "cpt"):
+        raise MsLlmError(f"{where}: data.index is read by the pretrain and cpt stages, not by stage '{cfg.stage}'")
     if cfg.stage == "cpt":
         c = cfg.cpt
         if not c.phases:
@@ -208,8 +211,9 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
         for i, ph in enumerate(c.phases):
             if not ph.weights or any(w < 0 for w in ph.weights.values()) or sum(ph.weights.values()) <= 0:
                 raise MsLlmError(f"{where}: cpt.phases[{i}].weights needs non-negative weights with a positive sum")
-        if c.monitor.sets and not t.eval_every:
-            raise MsLlmError(f"{where}: cpt.monitor.sets needs train.eval_every (the monitor runs at evaluations)")
+        if (c.monitor.sets or c.monitor.choice_sets) and not t.eval_every:
+            raise MsLlmError(f"{where}: cpt.monitor.sets / choice_sets need train.eval_every (the monitor runs at "
+                             "evaluations)")
     if cfg.stage == "distill":
         d = cfg.distill
         if not d.teacher:

@@ -41,6 +41,8 @@ class DataSource:
 @dataclass
 class DataSection:
     sources: list = opt(list, "List of {path, format, weight, domain} sources")
+    index: Optional[str] = opt(None, "Tokenized shard index (`ms-llm data index`): its domain-tagged shards join the "
+                                     "sources, weighted by tokens within their domain (pretrain and cpt)")
     seq_len: int = opt(256, "Tokens per training sequence")
     packing: bool = opt(True, "Join documents with eos into full-length sequences (pretraining)")
     document_mask: bool = opt(True, "With packing: no attention across document boundaries; positions restart per document")
@@ -249,6 +251,12 @@ class CPTPhase:
 class CPTMonitorSection:
     sets: dict = opt(dict, "Domain -> held-out text JSONL; evaluated at every train.eval_every (perplexity)")
     max_docs: int = opt(64, "Documents per held-out set")
+    choice_sets: dict = opt(dict, "Domain -> multiple-choice JSONL ({question, choices, answer}); accuracy is "
+                                  "evaluated with the held-out sets")
+    choice_method: str = opt("cloze", "How choices are scored (eval/multiple_choice.py)", ["cloze", "choice", "letter"])
+    max_questions: int = opt(64, "Questions per multiple-choice set")
+    accuracy_threshold: float = opt(0.02, "Alarm when a domain's accuracy drops more than this (absolute; seed: 2 "
+                                          "points) below its baseline")
     threshold: float = opt(0.02, "Alarm when a domain's held-out loss rises more than this (relative) over its "
                                  "baseline (seed: a 2-point drop)")
     boost: float = opt(1.3, "On alarm, that domain's sampling weight is multiplied by this (then renormalized)")

@@ -22,8 +22,7 @@ CACHE_VERSION = 1
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(tokenizer.source.encode())
-    h.update(sha256_file(tokenizer.source).encode())
+    h = hashlib.sha256(sha256_file(tokenizer.source).encode())       # content only: the same file anywhere
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())[-64:]).encode())   # added tokens change the tail
     return h.hexdigest()[:16]
 

@@ -12,6 +12,7 @@ import numpy as np
 from ms_llm.data.cache import build_text_cache
 from ms_llm.data.mixture import MixtureSampler
 from ms_llm.data.packing import PackedSource
+from ms_llm.data.shard_index import open_index
 from ms_llm.errors import MsLlmError
 
 
@@ -19,7 +20,10 @@ class PretrainData:
     """Packed next-token data over a weighted mixture of text sources, with a held-out split."""
 
     def __init__(self, sources, tokenizer, seq_len: int, cache_dir: str, document_mask: bool = True,
-                 seed: int = 0, eval_fraction: float = 0.0, on_error: str = "raise"):
+                 seed: int = 0, eval_fraction: float = 0.0, on_error: str = "raise", index: str = None,
+                 index_domains=None):
+        """`index`: a shard index (data/shard_index.py) whose shards join `sources`, each tagged with its
+        domain and weighted by its tokens; `index_domains` limits which domains' shards are opened."""
         self.seq_len, self.document_mask = seq_len, document_mask
         self.packed, self.names, self.weights, self.domains = [], [], [], []
         for src in sources:
@@ -30,16 +34,30 @@ class PretrainData:
             if len(packed) < 1:
                 raise MsLlmError(f"{src.path}: {cache.index['num_tokens']} tokens is less than one sequence of "
                                  f"data.seq_len={seq_len} + 1")
-            self.packed.append(packed)
-            self.names.append(os.path.basename(src.path))
-            self.weights.append(src.weight)
-            self.domains.append(src.domain or (cache.index["domains"] or ["general"])[0])
+            self._add(packed, os.path.basename(src.path), src.weight,
+                      src.domain or (cache.index["domains"] or ["general"])[0])
+        if index:
+            shards = open_index(index, tokenizer, index_domains)
+            for cache, domain, rel in shards:
+                packed = PackedSource(cache, seq_len, document_mask)
+                if len(packed) >= 1:            # a domain's last shard may hold less than one sequence
+                    self._add(packed, rel, float(cache.index["num_tokens"]), domain)
+            empty = sorted({d for _, d, _ in shards} - set(self.domains))
+            if empty:
+                raise MsLlmError(f"data.index: domain(s) {empty} of {index} hold less than one sequence of "
+                                 f"data.seq_len={seq_len} + 1 tokens")
         self.skipped = sum(p.cache.index["skipped"] for p in self.packed)
         self.n_eval = [int(len(p) * eval_fraction) for p in self.packed]
         self.n_train = [len(p) - e for p, e in zip(self.packed, self.n_eval)]
         if any(n < 1 for n in self.n_train):
             raise MsLlmError("data.eval_fraction leaves a source without training sequences")
         self.sampler = MixtureSampler(self.n_train, self.weights, seed)
+
+    def _add(self, packed, name: str, weight: float, domain: str):
+        self.packed.append(packed)
+        self.names.append(name)
+        self.weights.append(weight)
+        self.domains.append(domain)
 
     def sample(self, k: int) -> dict:
         src, item = self.sampler.lookup(k)

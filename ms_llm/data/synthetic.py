@@ -30,6 +30,7 @@ NAMES = ["Ana", "Bo", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun",
 PLACES = ["market", "station", "library", "harbor", "plant", "school", "garden", "lab"]
 ITEMS = ["apples", "valves", "books", "pumps", "cables", "lamps", "pipes", "tools"]
 WORDS = ["pump", "valve", "core", "rod", "steam", "water", "fuel", "loop", "grid", "wind", "solar", "cable"]
+SHARD_TOKENS = 16384          # small shards, so each synthetic domain spans several
 
 
 def zorbish(word: str) -> str:
@@ -46,6 +47,18 @@ def general_text(r: random.Random) -> str:
 def science_text(r: random.Random) -> str:
     (e1, z1), (e2, z2) = r.sample(ELEMENTS, 2)
     return f"The atomic number of {e1} is {z1}. The atomic number of {e2} is {z2}. {e1.capitalize()} has {z1} protons."
+
+
+def science_choices(r: random.Random, n: int) -> list:
+    """Multiple-choice questions on the science text's facts: the atomic number among three wrong ones."""
+    out = []
+    for _ in range(n):
+        (e, z), *others = r.sample(ELEMENTS, 4)
+        choices = [str(z)] + [str(x) for _, x in others]
+        r.shuffle(choices)
+        out.append({"question": f"The atomic number of {e} is", "choices": choices, "answer": choices.index(str(z)),
+                    "subject": "science"})
+    return out
 
 
 def code_text(r: random.Random) -> str:
@@ -170,6 +183,12 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     rp = random.Random(seed + 6)
     write("distill_prompts.jsonl", [dict(zip(("prompt", "answer"), task_example(rp, t)), task=t)
                                     for t in (rp.choice(TASKS) for _ in range(n_sft // 4))])
+    write("eval_science_mc.jsonl", science_choices(random.Random(seed + 7), n_eval // 2))
+    # the pretraining text again as a domain-tagged shard index (configs/tiny/cpt.yaml samples it by domain)
+    from ms_llm.data.shard_index import build_index
+    from ms_llm.data.tokenizer import Tokenizer
+    build_index([(files[f"pretrain_{d}.jsonl"], d) for d in makers], Tokenizer.load(os.path.join(out_dir, "tokenizer")),
+                os.path.join(out_dir, "index"), shard_tokens=SHARD_TOKENS, overwrite=True, progress=False)
     manifest = {"version": version, "seed": seed,
                 "files": {name: sha256_file(path) for name, path in sorted(files.items())}}
     write_json_atomic(os.path.join(out_dir, "MANIFEST.json"), manifest)

@@ -3,7 +3,7 @@
 
     ms-llm eval humaneval --samples samples.jsonl [--k 1,10] [--timeout 5]
     ms-llm eval humaneval --model DIR [--n 1] [--limit 20]
-    ms-llm eval mc --model DIR --data DIR_OR_JSONL --layout mmlu|ceval|cmmlu|jsonl [--k-shot 5] [--method letter|choice]
+    ms-llm eval mc --model DIR --data DIR_OR_JSONL --layout mmlu|ceval|cmmlu|jsonl [--k-shot 5] [--method letter|choice|cloze]
     ms-llm eval ppl --model DIR --data held_out.jsonl
     ms-llm eval em --model DIR --data prompts.jsonl [--template chatml]
 Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, settings) and DIR/results.md.
@@ -33,7 +33,7 @@ def main(argv):
     p.add_argument("--timeout", type=float, default=5.0, help="humaneval: seconds per program")
     p.add_argument("--layout", default="jsonl", choices=["mmlu", "ceval", "cmmlu", "jsonl"])
     p.add_argument("--k-shot", type=int, default=0)
-    p.add_argument("--method", default="letter", choices=["letter", "choice"])
+    p.add_argument("--method", default="letter", choices=["letter", "choice", "cloze"])
     p.add_argument("--template", default="chatml", help="em: chat template for the prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])

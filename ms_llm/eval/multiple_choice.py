@@ -7,8 +7,10 @@
     JSONL  {"question", "choices": [...], "answer": "B" | 1, "subject"?}
 
 Each question is scored zero- or k-shot (k examples from the dev split of its subject) either by the
-log-probability of each answer letter after "Answer:" (`method="letter"`) or by the log-likelihood of each
-choice's text (`method="choice"`, length-normalized). Accuracy per subject, per category and on average.
+log-probability of each answer letter after "Answer:" (`method="letter"`), by the log-likelihood of each
+choice's text after that prompt (`method="choice"`, length-normalized), or by the log-likelihood of each
+choice right after the bare question (`method="cloze"`, length-normalized: what small models can answer).
+Accuracy per subject, per category and on average.
 """
 import csv
 import glob
@@ -116,7 +118,10 @@ def evaluate(model, tokenizer, items: list, dev: dict = None, k_shot: int = 0, m
     predictions = []
     for item in items:
         shots = (dev or {}).get(item["subject"], [])[:k_shot]
-        context = tokenizer.encode(build_prompt(item, shots), add_bos=True)
+        if method == "cloze":         # the bare question continued by each choice (no lettered list)
+            context = tokenizer.encode(item["question"], add_bos=True)
+        else:
+            context = tokenizer.encode(build_prompt(item, shots), add_bos=True)
         if method == "letter":
             conts = [tokenizer.encode(f" {LETTERS[i]}") for i in range(len(item["choices"]))]
             scores = continuation_scores(model, context, conts)

@@ -7,6 +7,7 @@ Activations are measured on the first training batch after every step. Under sta
 model widens; under μP they stay the same size, which is what makes the proxy's hyperparameters carry over.
 
     ms-llm mup coord-check --widths 64,128,256,512,1024 --out docs/img/mup_coord_check.png
+    ms-llm mup lr-sweep --widths 64,256 --out docs/img/mup_lr_sweep.png   # the payoff: the best lr stays put
 """
 import json
 import os
@@ -85,9 +86,8 @@ def markov_batches(steps: int, batch: int, seq_len: int, vocab: int, seed: int =
     return out
 
 
-def run_one(width: int, parametrization: str, batches: list, lr: float, settings: CheckSettings,
-            layers: int = 2, seed: int = 0) -> list:
-    """[step][activation] mean |x| for one width; step 0 is the initialization."""
+def _trainer(width: int, parametrization: str, settings: CheckSettings, layers: int, seed: int, tokens: int):
+    """(model, step) for one width: the model drawn (standard) or re-drawn in μP, Adam without clipping."""
     ms.set_seed(seed)
     model = model_at_width(width, layers, settings.init_std or settings.base_width ** -0.5)
     if parametrization == "mup":
@@ -95,18 +95,84 @@ def run_one(width: int, parametrization: str, batches: list, lr: float, settings
     params = model.trainable_params()
     scales = mup.lr_scales(model, params, settings) if parametrization == "mup" else None
     loss_net = LMLoss(model)
+    loss_net.set_train(True)
     step = TrainStep(loss_net, AdamW(params, (0.9, 0.95), 1e-8, 0.0, scales), LossScaleState(False), clip=0.0,
-                     loss_norm=float(batches[0][0].size))
+                     loss_norm=float(tokens))
+    return model, step
+
+
+def run_one(width: int, parametrization: str, batches: list, lr: float, settings: CheckSettings,
+            layers: int = 2, seed: int = 0) -> list:
+    """[step][activation] mean |x| for one width; step 0 is the initialization."""
+    model, step = _trainer(width, parametrization, settings, layers, seed, batches[0][0].size)
     probe = _Probe(model)
     # the first training batch: in a few steps on random embeddings, unseen tokens share almost no learned
     # direction with the update, so their activations change by a width-decaying (1/√width) amount
     probe_ids = ms.Tensor(batches[0][0])
     rows = [[float(v.asnumpy()) for v in probe(probe_ids)]]
-    loss_net.set_train(True)
     for ids, labels in batches:
         step([(ms.Tensor(ids), ms.Tensor(labels))], lr)
         rows.append([float(v.asnumpy()) for v in probe(probe_ids)])
     return rows
+
+
+def lr_sweep(widths, lrs, steps: int = 100, settings: CheckSettings = None, layers: int = 2, batch: int = 8,
+             seq_len: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """Mean training loss of the last 10 steps for every (parametrization, width, lr): under μP the best lr
+    stays put as the width grows, under standard parametrization it moves."""
+    settings = settings or CheckSettings(base_width=min(widths))
+    batches = markov_batches(steps, batch, seq_len, 512, seed)
+    result = {"widths": list(widths), "lrs": list(lrs), "steps": steps, "base_width": settings.base_width,
+              "lr_exponent": settings.lr_exponent}
+    runs = [(p, w, lr) for p in ("sp", "mup") for w in widths for lr in lrs]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(runs), desc="lr-sweep", dynamic_ncols=True)
+    for p, w, lr in runs:
+        _, step = _trainer(w, p, settings, layers, seed, batch * seq_len)
+        losses = [step([(ms.Tensor(ids), ms.Tensor(labels))], lr)["loss"] for ids, labels in batches]
+        tail = [x for x in losses[-10:] if np.isfinite(x)]
+        result.setdefault(p, {}).setdefault(str(w), {})[repr(lr)] = float(np.mean(tail)) if len(tail) == len(
+            losses[-10:]) else float("nan")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def best_lrs(result: dict, parametrization: str) -> dict:
+    """{width: the lr with the lowest final loss}."""
+    out = {}
+    for w, by_lr in result[parametrization].items():
+        finite = {float(lr): v for lr, v in by_lr.items() if np.isfinite(v)}
+        out[int(w)] = min(finite, key=finite.get) if finite else None
+    return out
+
+
+def plot_sweep(result: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    cmap = plt.get_cmap("viridis")
+    widths = sorted(int(w) for w in result["sp"])
+    for ax, p in zip(axes, ("sp", "mup")):
+        for j, w in enumerate(widths):
+            by_lr = result[p][str(w)]
+            lrs = sorted(by_lr, key=float)
+            ax.plot([float(x) for x in lrs], [by_lr[x] for x in lrs], marker="o", ms=3,
+                    color=cmap(j / max(len(widths) - 1, 1)), label=f"width {w}")
+        ax.set_xscale("log")
+        ax.set_xlabel("Adam learning rate")
+        ax.set_title("μP" if p == "mup" else "standard")
+    axes[0].set_ylabel(f"training loss (mean of the last 10 of {result['steps']} steps)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def coord_check(widths, steps: int = 4, lr: float = 1e-2, settings: CheckSettings = None, layers: int = 2,

@@ -6,8 +6,9 @@
   `phase`, and continued exactly on resume;
 * with `lr_schedule.type: wsd` and `cpt.anneal_weights`, the mixture switches to the anneal data when the
   learning-rate decay starts;
-* a forgetting monitor: per-domain held-out loss at every evaluation; a domain whose loss rose more than
-  `monitor.threshold` over its baseline raises an alarm and has its sampling weight multiplied by
+* a forgetting monitor: per-domain held-out loss (and multiple-choice accuracy for `monitor.choice_sets`)
+  at every evaluation; a domain whose loss rose more than `monitor.threshold` over its baseline, or whose
+  accuracy fell more than `monitor.accuracy_threshold`, raises an alarm and has its sampling weight multiplied by
   `monitor.boost` from that sample on; the run ends when the mean held-out loss varied less than
   `monitor.tolerance` over `monitor.window` evaluations with every domain within its threshold.
   The decisions go to metrics.jsonl and `decisions.md` in the run directory.
@@ -47,29 +48,38 @@ def decay_start(cfg: ExperimentConfig):
 
 
 class ForgettingMonitor:
-    """Seed 000 §1.2.5.2.4: held-out loss per domain, alarms, re-weighting and the termination rule."""
+    """Seed 000 §1.2.5.2.4: held-out loss (and multiple-choice accuracy) per domain, alarms, re-weighting and
+    the termination rule."""
 
     def __init__(self, cfg: ExperimentConfig, model, tokenizer):
+        from ms_llm.eval.multiple_choice import read_jsonl
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         m = cfg.cpt.monitor
-        for domain, path in m.sets.items():
-            if not os.path.isfile(path):
-                raise MsLlmError(f"cpt.monitor.sets.{domain}: {path} not found")
-        self.baseline, self.history, self.decisions = {}, [], []
+        for key, sets in (("sets", m.sets), ("choice_sets", m.choice_sets)):
+            for domain, path in sets.items():
+                if not os.path.isfile(path):
+                    raise MsLlmError(f"cpt.monitor.{key}.{domain}: {path} not found")
+        self.questions = {d: read_jsonl(p)[:m.max_questions] for d, p in sorted(m.choice_sets.items())}
+        self.baseline, self.baseline_acc, self.history, self.decisions = {}, {}, [], []
 
-    def losses(self) -> dict:
+    def measure(self) -> tuple:
+        """({domain: held-out loss}, {domain: multiple-choice accuracy})."""
+        from ms_llm.eval.multiple_choice import evaluate
         m = self.cfg.cpt.monitor
         self.model.set_train(False)
-        out = {d: math.log(perplexity(self.model, self.tokenizer, path, self.cfg.data.seq_len, 8, m.max_docs)["perplexity"])
-               for d, path in sorted(m.sets.items())}
+        losses = {d: math.log(perplexity(self.model, self.tokenizer, path, self.cfg.data.seq_len, 8, m.max_docs)["perplexity"])
+                  for d, path in sorted(m.sets.items())}
+        accuracy = {d: evaluate(self.model, self.tokenizer, items, method=m.choice_method)["accuracy"]
+                    for d, items in self.questions.items()}
         self.model.set_train(True)
-        return out
+        return losses, accuracy
 
-    def check(self, losses: dict) -> tuple:
-        """(metrics for the row, domains in alarm)."""
-        m = self.cfg.cpt.monitor
-        if not self.baseline:
-            self.baseline = dict(losses)
+    def check(self, losses: dict, accuracy: dict = None) -> tuple:
+        """(metrics for the row, domains in alarm): loss up more than `threshold` (relative) or accuracy down
+        more than `accuracy_threshold` (absolute) from the first measurement."""
+        m, accuracy = self.cfg.cpt.monitor, accuracy or {}
+        if not self.baseline and not self.baseline_acc:
+            self.baseline, self.baseline_acc = dict(losses), dict(accuracy)
         row, alarms = {}, []
         for d, v in losses.items():
             rise = (v - self.baseline[d]) / max(abs(self.baseline[d]), 1e-12)
@@ -80,11 +90,27 @@ class ForgettingMonitor:
                 row[f"eval/target_gap/{d}"] = v - float(target)
             if rise > m.threshold:
                 alarms.append(d)
+        for d, acc in accuracy.items():
+            drop = self.baseline_acc[d] - acc
+            row[f"eval/accuracy/{d}"], row[f"eval/accuracy_drop/{d}"] = acc, drop
+            if drop > m.accuracy_threshold and d not in alarms:
+                alarms.append(d)
         mean = sum(losses.values()) / max(len(losses), 1)
         self.history.append(mean)
         row["eval/loss/mean"] = mean
         row["eval/alarms"] = float(len(alarms))
         return row, alarms
+
+    def reason(self, row: dict, domain: str) -> str:
+        """Why `domain` alarmed, for decisions.md."""
+        m, parts = self.cfg.cpt.monitor, []
+        if row.get(f"eval/rise/{domain}", 0.0) > m.threshold:
+            parts.append(f"held-out loss {row[f'eval/loss/{domain}']:.4f}, +{row[f'eval/rise/{domain}']:.1%} over "
+                         f"baseline {self.baseline[domain]:.4f}")
+        if row.get(f"eval/accuracy_drop/{domain}", 0.0) > m.accuracy_threshold:
+            parts.append(f"accuracy {row[f'eval/accuracy/{domain}']:.1%}, {row[f'eval/accuracy_drop/{domain}']:.1%} "
+                         f"below baseline {self.baseline_acc[domain]:.1%}")
+        return "; ".join(parts)
 
     def converged(self) -> bool:
         m = self.cfg.cpt.monitor
@@ -100,9 +126,11 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg)
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
-    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
-                        d.eval_fraction, d.on_error)
     schedule = schedule_from(cfg)
+    sampled = {k for ph in schedule.phases for k, v in ph.weights.items() if v > 0}
+    sampled |= {k for k, v in (schedule.anneal_weights or {}).items() if v > 0}
+    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
+                        d.eval_fraction, d.on_error, d.index, sorted(sampled) if d.index else None)
     try:
         data.sampler = CurriculumSampler(data.n_train, data.domains, data.weights, schedule, d.seq_len, d.shuffle_seed)
     except ValueError as e:
@@ -112,7 +140,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     samples_per_step = mbs * t.grad_accum_steps * cfg.parallel.data_parallel
     tokens_per_step = samples_per_step * d.seq_len
     anneal_step = decay_start(cfg) if schedule.anneal_weights else None
-    monitor = ForgettingMonitor(cfg, model, tokenizer) if c.monitor.sets else None
+    monitor = ForgettingMonitor(cfg, model, tokenizer) if c.monitor.sets or c.monitor.choice_sets else None
     state = {"step": 0}
     decisions = []
 
@@ -135,12 +163,11 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         if monitor is None:
             return {}
         done = state["step"]
-        row, alarms = monitor.check(monitor.losses())
+        row, alarms = monitor.check(*monitor.measure())
         for dom in alarms:
             schedule.boosts.append((done * samples_per_step, dom, c.monitor.boost))
-            decisions.append(f"step {done}: alarm on '{dom}' (held-out loss {row[f'eval/loss/{dom}']:.4f}, "
-                             f"+{row[f'eval/rise/{dom}']:.1%} over baseline {monitor.baseline[dom]:.4f}); its "
-                             f"sampling weight x{c.monitor.boost}")
+            decisions.append(f"step {done}: alarm on '{dom}' ({monitor.reason(row, dom)}); its sampling weight "
+                             f"x{c.monitor.boost}")
             row[f"eval/alarm/{dom}"] = 1.0
         if alarms:
             data.sampler.reset(done * samples_per_step)
@@ -160,20 +187,24 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     def check_resume(saved: dict):
         schedule.load_state(saved.get("curriculum", {}))
         data.sampler.reset(0)
-        if monitor is not None and saved.get("monitor_baseline"):
-            monitor.baseline = dict(saved["monitor_baseline"])
+        if monitor is not None and (saved.get("monitor_baseline") or saved.get("monitor_baseline_accuracy")):
+            monitor.baseline = dict(saved.get("monitor_baseline", {}))
+            monitor.baseline_acc = dict(saved.get("monitor_baseline_accuracy", {}))
             monitor.history = list(saved.get("monitor_history", []))
 
     spec = StageSpec(loss_net=LMLoss(model), batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, rank, world),
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate if monitor is not None else None,
                      extra_state=lambda: {"curriculum": schedule.state(),
                                           "monitor_baseline": monitor.baseline if monitor else {},
+                                          "monitor_baseline_accuracy": monitor.baseline_acc if monitor else {},
                                           "monitor_history": monitor.history if monitor else []},
                      check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
     if monitor is not None and rank == 0 and not _has_checkpoint(run_dir):
-        row, _ = monitor.check(monitor.losses())                # the baseline, before any CPT step
+        row, _ = monitor.check(*monitor.measure())             # the baseline, before any CPT step
         decisions.append("baseline held-out loss: " + ", ".join(f"{k[len('eval/loss/'):]} {v:.4f}" for k, v in row.items()
                                                                 if k.startswith("eval/loss/") and k != "eval/loss/mean"))
+        if monitor.baseline_acc:
+            decisions.append("baseline accuracy: " + ", ".join(f"{d} {v:.1%}" for d, v in monitor.baseline_acc.items()))
     result = train(cfg, model, spec, run_dir, rank, reducer)
     if rank != 0:
         return {}

@@ -36,7 +36,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     d = cfg.data
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
-                        d.eval_fraction, d.on_error)
+                        d.eval_fraction, d.on_error, d.index)
     keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask else ("input_ids", "labels")
     loss_net = LMLoss(model)
     mbs = cfg.train.micro_batch_size
