@@ -111,3 +111,26 @@ def test_coordinate_check_is_flat_under_mup_and_grows_under_standard(graph_mode)
         assert 0.75 < cc.growth(result, "mup", name) < 1.33, (name, cc.growth(result, "mup", name))
     for name, least in (("layer 1 attention out", 3.0), ("layer 1 MLP out", 3.0), ("logits", 1.5)):  # 4x wider
         assert cc.growth(result, "sp", name) > least, (name, cc.growth(result, "sp", name))
+
+
+@pytest.mark.slow
+def test_tiny_mup_pretraining_learns_and_exports_a_plain_llama(tmp_path_factory):
+    import json
+    import subprocess
+    import sys
+    import transformers
+    from conftest import make_workdir
+    d = make_workdir(tmp_path_factory, "mup", n_text=300, n_sft=40)
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/pretrain_mup.yaml", "train.max_steps=30",
+                        "train.eval_every=0", "data.eval_fraction=0", "train.progress_bar=false", "log.plots=false"],
+                       cwd=d, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in open(d / "runs" / "tiny_pretrain_mup" / "metrics.jsonl")]
+    assert rows[-1]["loss"] < 0.75 * rows[0]["loss"]
+    final = d / "runs" / "tiny_pretrain_mup" / "final"
+    model = load_pretrained(final)
+    assert (model.embedding_multiplier, model.logit_multiplier, model.config.hidden_size) == (1.0, 0.5, 128)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final)
+    with torch.no_grad():
+        got = hf(torch.tensor(ids().asnumpy()).long()).logits.numpy()
+    np.testing.assert_allclose(got, model(ids()).asnumpy(), atol=1e-5)
