@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Data-parallel training under msrun: process-group init, the gradient reducer, and worker status files.
+"""Training under msrun: process groups (data and tensor parallel), the gradient reducer, worker status files.
 
 Each msrun worker runs `worker_main` (scripts/train.py). Gradients, loss numerators and denominators are
 summed over ranks with AllReduce inside the train-step graph (see training/step.py), so N ranks with
@@ -19,11 +19,12 @@ from ms_llm.errors import MsLlmError
 
 
 class SumReducer(nn.Cell):
-    """AllReduce(sum) of the gradient tuple and of the loss numerator and denominator."""
+    """AllReduce(sum) of the gradient tuple and of the loss numerator and denominator (over `group`, the
+    data-parallel ranks; default all)."""
 
-    def __init__(self):
+    def __init__(self, group: str = None):
         super().__init__(auto_prefix=False)
-        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, group=group) if group else ops.AllReduce(ops.ReduceOp.SUM)
         self.map = ops.HyperMap()
 
     def construct(self, grads, num, den):
@@ -35,19 +36,36 @@ def launched_by_msrun() -> bool:
 
 
 def init_data_parallel(cfg):
-    """(rank, world, reducer) for this process; checks the world size against parallel.data_parallel."""
-    want = cfg.parallel.data_parallel
+    """(rank, world, reducer, tp) for this process.
+
+    world = parallel.data_parallel x parallel.tensor_parallel. Ranks r·tp ... r·tp + tp − 1 form tensor-parallel
+    group r (`tp`, a TPGroup, or None); ranks with the same position in their group form a data-parallel
+    group, over which `reducer` sums gradients."""
+    dp, tpn = cfg.parallel.data_parallel, cfg.parallel.tensor_parallel
+    want = dp * tpn
     if not launched_by_msrun():
         if want != 1:
-            raise MsLlmError(f"parallel.data_parallel is {want} but this process was not started by msrun; "
-                             f"use `ms-llm launch --nproc-per-node {want} CONFIG`")
-        return 0, 1, None
-    from mindspore.communication import get_group_size, get_rank, init
+            raise MsLlmError(f"parallel.data_parallel x tensor_parallel is {want} but this process was not started "
+                             f"by msrun; use `ms-llm launch --nproc-per-node {want} CONFIG`")
+        return 0, 1, None, None
+    from mindspore.communication import create_group, get_group_size, get_rank, init
     init()
     rank, world = get_rank(), get_group_size()
     if world != want:
-        raise MsLlmError(f"parallel.data_parallel is {want} but msrun started {world} workers")
-    return rank, world, SumReducer() if world > 1 else None
+        raise MsLlmError(f"parallel.data_parallel ({dp}) x tensor_parallel ({tpn}) is {want} but msrun started "
+                         f"{world} workers")
+    tp = dp_group = None
+    if tpn > 1:
+        from ms_llm.models.tensor_parallel import TPGroup
+        index, pos = divmod(rank, tpn)
+        group = None
+        if dp > 1:                       # the whole world is one tensor-parallel group when dp == 1
+            group = f"tp_{index}"
+            create_group(group, [index * tpn + i for i in range(tpn)])
+            dp_group = f"dp_{pos}"
+            create_group(dp_group, [d * tpn + pos for d in range(dp)])
+        tp = TPGroup(tpn, pos, group)
+    return rank, world, SumReducer(dp_group) if dp > 1 else None, tp
 
 
 def status_path(rank: int) -> str:
@@ -75,8 +93,8 @@ def worker_main(argv=None) -> int:
         cfg = load_config(argv[0], argv[1:])
         from ms_llm.context import setup_context
         setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
-        rank, world, reducer = init_data_parallel(cfg)
-        run_stage(cfg, rank, world, reducer, context_ready=True)
+        rank, world, reducer, tp = init_data_parallel(cfg)
+        run_stage(cfg, rank, world, reducer, context_ready=True, tp=tp)
     except MsLlmError as e:
         write_status(rank, f"failed: {e}")
         print(f"error: {e}", file=sys.stderr)

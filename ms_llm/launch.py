@@ -104,7 +104,10 @@ def main(argv) -> int:
     overrides = list(a.overrides)
     if a.device:
         overrides.append(f"context.device_target={a.device}")
-    overrides.append(f"parallel.data_parallel={world}")
+    tp = load_config(a.config, overrides).parallel.tensor_parallel if world > 1 else 1
+    if world % tp:
+        raise MsLlmError(f"{world} workers do not split into tensor-parallel groups of parallel.tensor_parallel={tp}")
+    overrides.append(f"parallel.data_parallel={world // tp}")
     cfg = load_config(a.config, overrides)
     a.overrides = overrides
     env = {}

@@ -34,20 +34,38 @@ def _losses(run):
     return [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
 
 
+@pytest.fixture(scope="module")
+def one_process(workdir):
+    """The reference: one process, micro-batch 8, 6 steps (kept as runs/one6), then resumed to 8 (runs/one)."""
+    import shutil
+    one = workdir / "runs" / "one"
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=6", "checkpoint.every=3",
+             "train.micro_batch_size=8", f"train.output_dir={one}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(one, workdir / "runs" / "one6")
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=8", "checkpoint.every=3",
+             "train.micro_batch_size=8", f"train.output_dir={one}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir / "runs" / "one6", one
+
+
+def _weights_gap(a_dir, b_dir) -> float:
+    a, b = (read_safetensors(str(d / "final" / "model.safetensors")) for d in (a_dir, b_dir))
+    assert set(a) == set(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_msrun_workers_equal_one_process(workdir):
+def test_two_msrun_workers_equal_one_process(workdir, one_process):
+    one6, _ = one_process
     common = [*COMMON, "train.max_steps=6", "checkpoint.every=3"]
     r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *common, "train.micro_batch_size=4",
              "train.output_dir=runs/dp2", "--nproc-per-node", "2", "--master-port", "8151", "--log-dir", "logs_eq",
              "--cluster-timeout", "60")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *common, "train.micro_batch_size=8", "train.output_dir=runs/dp1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    a = read_safetensors(str(workdir / "runs" / "dp1" / "final" / "model.safetensors"))
-    b = read_safetensors(str(workdir / "runs" / "dp2" / "final" / "model.safetensors"))
-    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
-    np.testing.assert_allclose(_losses(workdir / "runs" / "dp2"), _losses(workdir / "runs" / "dp1"), rtol=1e-6)
+    assert _weights_gap(one6, workdir / "runs" / "dp2") <= 1e-5
+    np.testing.assert_allclose(_losses(workdir / "runs" / "dp2"), _losses(one6), rtol=1e-6)
     statuses = [json.load(open(workdir / "logs_eq" / f"rank_{r}.status"))["status"] for r in (0, 1)]
     assert statuses == ["completed", "completed"]
     # the checkpoint remembers its world size: resuming it in one process is refused unless asked to reshard
@@ -58,6 +76,65 @@ def test_two_msrun_workers_equal_one_process(workdir):
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((workdir / "runs" / "dp2" / "checkpoints" / "step_000008" / "trainer_state.json").read_text())
     assert state["consumed_samples"] == 8 * 8 and state["world_size"] == 1
+
+
+def _two_ranks_then_resume(workdir, name: str, port: str, *extra, micro: int = 4):
+    """Launch 2 workers for 6 steps, then again to 8 (resuming the step-6 checkpoint); returns the run dir
+    and a copy of its step-6 state."""
+    launch = ["--nproc-per-node", "2", "--master-port", port, "--log-dir", f"logs_{name}", "--cluster-timeout", "60"]
+    run = workdir / "runs" / name
+    seen = {}
+    for steps in (6, 8):
+        r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *COMMON, f"train.max_steps={steps}",
+                 "checkpoint.every=3", f"train.micro_batch_size={micro}", *extra, f"train.output_dir={run}", *launch)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if steps == 6:
+            seen["losses"] = _losses(run)
+            seen["final"] = read_safetensors(str(run / "final" / "model.safetensors"))
+            seen["summary"] = json.loads((run / "summary.json").read_text())
+    return run, seen
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sharded_optimizer_state_equals_the_unsharded_run_with_half_the_moments_per_rank(workdir, one_process):
+    """parallel.optimizer_shard (ZeRO stage 1): same weights, losses and checkpointed Adam state as one
+    process, each rank holding half of the moments; its checkpoint resumes sharded."""
+    one6, one = one_process
+    two, seen = _two_ranks_then_resume(workdir, "zero", "8155", "parallel.optimizer_shard=true")
+    ref = read_safetensors(str(one6 / "final" / "model.safetensors"))
+    assert max(np.abs(ref[k] - seen["final"][k]).max() for k in ref) <= 1e-5
+    np.testing.assert_allclose(seen["losses"], _losses(one6), rtol=1e-6)
+    oa, ob = (read_safetensors(str(d / "checkpoints" / "step_000006" / "optimizer.safetensors")) for d in (one, two))
+    assert set(oa) == set(ob) and all(oa[k].shape == ob[k].shape for k in oa)      # whole state, gathered
+    assert max(np.abs(oa[k] - ob[k]).max() for k in oa) <= 1e-6
+    held = [json.loads((one6 / "summary.json").read_text())["metrics"]["optimizer_state_elements"],
+            seen["summary"]["metrics"]["optimizer_state_elements"]]
+    assert 0.45 * held[0] <= held[1] <= 0.55 * held[0]
+    # resumed sharded from step 6 to 8: continues like the single process does
+    np.testing.assert_allclose(_losses(two)[-2:], _losses(one)[-2:], rtol=1e-6)
+    assert _weights_gap(one, two) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_tensor_parallel_over_two_ranks_equals_one_process(workdir, one_process):
+    """parallel.tensor_parallel=2: heads and MLP columns split over 2 ranks that read the same batch of 8;
+    same losses, gradient norms and (whole, gathered) checkpoints as one process; resumes split."""
+    one6, one = one_process
+    two, seen = _two_ranks_then_resume(workdir, "tp", "8157", "parallel.tensor_parallel=2", micro=8)
+    ref = read_safetensors(str(one6 / "final" / "model.safetensors"))
+    # partial sums of the row-parallel matmuls add in another order: a few ulps per step, through Adam
+    assert max(np.abs(ref[k] - seen["final"][k]).max() for k in ref) <= 2e-5
+    np.testing.assert_allclose(seen["losses"], _losses(one6), rtol=1e-6)
+    norms = [[json.loads(x)["grad_norm"] for x in open(d / "metrics.jsonl")][:6] for d in (one6, two)]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
+    oa, ob = (read_safetensors(str(d / "checkpoints" / "step_000006" / "optimizer.safetensors")) for d in (one, two))
+    assert set(oa) == set(ob) and max(np.abs(oa[k] - ob[k]).max() for k in oa) <= 1e-6
+    held = [json.loads((d / "summary.json").read_text())["metrics"]["parameters_on_rank"] for d in (one6,)]
+    assert seen["summary"]["metrics"]["parameters_on_rank"] < 0.8 * held[0]
+    np.testing.assert_allclose(_losses(two)[-2:], _losses(one)[-2:], rtol=1e-6)
+    assert _weights_gap(one, two) <= 2e-5
 
 
 @pytest.mark.slow

@@ -176,13 +176,21 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
         raise MsLlmError(f"{where}: lr_schedule.warmup_steps ({cfg.lr_schedule.warmup_steps}) must be below "
                          f"train.max_steps ({t.max_steps})")
     par = cfg.parallel
-    if (par.tensor_parallel > 1 or par.pipeline_stages > 1 or par.optimizer_shard) and cfg.context.device_target != "ascend":
-        raise MsLlmError(f"{where}: parallel.tensor_parallel / pipeline_stages / optimizer_shard need "
-                         "context.device_target: ascend (MindSpore's semi-auto parallel lacks ReduceScatter and "
-                         "AllReduce(max) on CPU); on CPU use parallel.data_parallel")
-    if par.tensor_parallel > 1 or par.pipeline_stages > 1 or par.optimizer_shard:
-        raise MsLlmError(f"{where}: parallel.tensor_parallel, pipeline_stages and optimizer_shard are not "
-                         "implemented in this release; use data_parallel (with recompute for memory)")
+    if par.pipeline_stages > 1:
+        raise MsLlmError(f"{where}: parallel.pipeline_stages is not implemented in this release; use data_parallel "
+                         "and tensor_parallel (with optimizer_shard and recompute for memory)")
+    if par.tensor_parallel < 1:
+        raise MsLlmError(f"{where}: parallel.tensor_parallel must be at least 1, got {par.tensor_parallel}")
+    if par.tensor_parallel > 1:
+        if cfg.stage not in ("pretrain", "cpt"):
+            raise MsLlmError(f"{where}: parallel.tensor_parallel is supported by the pretrain and cpt stages, not by "
+                             f"stage '{cfg.stage}' in this release")
+        if par.optimizer_shard:
+            raise MsLlmError(f"{where}: parallel.optimizer_shard together with tensor_parallel is not supported in "
+                             "this release; choose one")
+    if par.optimizer_shard and par.data_parallel < 2:
+        raise MsLlmError(f"{where}: parallel.optimizer_shard splits the optimizer state over data-parallel ranks; "
+                         f"it needs parallel.data_parallel >= 2, got {par.data_parallel}")
     if t.amp_level == "O3":
         raise MsLlmError(f"{where}: train.amp_level O3 (half-precision master weights) is not supported; use O2 "
                          "(half-precision matmuls, float32 master weights)")

@@ -107,9 +107,11 @@ class CheckpointSection:
 @dataclass
 class ParallelSection:
     data_parallel: int = opt(1, "Data-parallel ranks (msrun workers); 1 runs without msrun")
-    tensor_parallel: int = opt(1, "Tensor-parallel degree (MindSpore semi-auto parallel; Ascend only)")
+    tensor_parallel: int = opt(1, "Tensor-parallel degree: attention heads and MLP columns split over this many ranks "
+                                  "(Megatron layout, models/tensor_parallel.py; pretrain and cpt stages)")
     pipeline_stages: int = opt(1, "Pipeline stages (MindSpore semi-auto parallel; Ascend only)")
-    optimizer_shard: bool = opt(False, "Shard optimizer state across data-parallel ranks (MindSpore parallel optimizer; Ascend only)")
+    optimizer_shard: bool = opt(False, "Shard the Adam moments across data-parallel ranks (ZeRO stage 1: each rank "
+                                       "keeps ~1/data_parallel of them; results equal the unsharded run)")
     recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
     visible_devices: Optional[str] = opt(None, "ASCEND_RT_VISIBLE_DEVICES for the job, e.g. '0,1,2,3,4,5,6,7'")
     hccl_connect_timeout: int = opt(1800, "HCCL_CONNECT_TIMEOUT seconds (multi-node start-up can take minutes)")

@@ -69,10 +69,14 @@ class RMSNorm(nn.Cell):
 class Attention(nn.Cell):
     """Grouped-query self-attention with optional q/k/v bias (Qwen2) and q/k norm (Qwen3)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
         cd, std = DTYPES[cfg.compute_dtype], cfg.initializer_range
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.tp = tp is not None          # cfg holds this rank's heads (models/tensor_parallel.py)
+        if self.tp:
+            from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP
+            self.tp_in, self.tp_out = CopyToTP(tp), ReduceFromTP(tp)
         qkv_bias = cfg.qkv_bias or cfg.attention_bias
         self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, qkv_bias, cd, std)
         self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, qkv_bias, cd, std)
@@ -96,6 +100,8 @@ class Attention(nn.Cell):
         placement matrix `place` [Smax, S] (one-hot rows) and `write` [Smax] (1 where written), and
         attention runs over the whole cache. Returns (out [B, S, H] float32, keys, values).
         """
+        if self.tp:
+            x = self.tp_in(x)
         q = self._heads(self.q_proj(x), self.n_heads)
         k = self._heads(self.k_proj(x), self.n_kv)
         v = self._heads(self.v_proj(x), self.n_kv)
@@ -108,7 +114,10 @@ class Attention(nn.Cell):
             k = _write_cache(cache_k, k, place, write)
             v = _write_cache(cache_v, v, place, write)
         out = F.attention(q, k, v, mask, self.scale, self.compute_dtype, self.fused)
-        return self.o_proj(out).astype(ms.float32), k, v
+        out = self.o_proj(out).astype(ms.float32)
+        if self.tp:
+            out = self.tp_out(out)
+        return out, k, v
 
 
 def _write_cache(cache, new, place, write):
@@ -121,25 +130,34 @@ def _write_cache(cache, new, place, write):
 
 
 class MLP(nn.Cell):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
         cd, std = DTYPES[cfg.compute_dtype], cfg.initializer_range
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, cd, std)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, cd, std)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, cd, std)
         self.fused = F.use_fused()
+        self.tp = tp is not None
+        if self.tp:
+            from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP
+            self.tp_in, self.tp_out = CopyToTP(tp), ReduceFromTP(tp)
 
     def construct(self, x):
-        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x), self.fused)).astype(ms.float32)
+        if self.tp:
+            x = self.tp_in(x)
+        out = self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x), self.fused)).astype(ms.float32)
+        if self.tp:
+            out = self.tp_out(out)
+        return out
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, place=None, write=None):
         """Returns x [B, S, H] float32; with caches, (x, new_k, new_v)."""
@@ -154,20 +172,25 @@ class DecoderLayer(nn.Cell):
 class DecoderModel(nn.Cell):
     """Embeddings, the layer stack and the final norm (Hugging Face's `model.` prefix)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range)
-        self.layers = nn.CellList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        layer_cfg = cfg
+        if tp is not None:
+            from ms_llm.models.tensor_parallel import local_config
+            layer_cfg = local_config(cfg, tp.size)
+        self.layers = nn.CellList([DecoderLayer(layer_cfg, tp) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Cell):
     """Decoder-only language model. Call with int32 input_ids [B, S]; returns float32 logits [B, S, V]."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp=None):
+        """tp: a tensor_parallel.TPGroup to hold only this rank's slice of every layer (config stays whole)."""
         super().__init__()
-        self.config = config
-        self.model = DecoderModel(config)
+        self.config, self.tp = config, tp
+        self.model = DecoderModel(config, tp)
         self.tied = config.tie_word_embeddings
         if not self.tied:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, DTYPES[config.compute_dtype],

@@ -156,6 +156,9 @@ def load_weights(model, model_dir: str, strict: bool = True) -> dict:
             raise MsLlmError(f"{model_dir}: its μP multipliers ({cfg.embedding_multiplier}, {cfg.logit_multiplier}) "
                              f"differ from the model's ({model.embedding_multiplier}, {model.logit_multiplier})")
         tensors = unfold_multipliers(tensors, cfg, model_dir)
+    if getattr(model, "tp", None) is not None:                 # tensor parallel: this rank's slices
+        from ms_llm.models.tensor_parallel import shard_state
+        tensors = shard_state(tensors, model.tp)
     return load_state_dict(model, tensors, strict=strict, source=model_dir)
 
 
@@ -182,8 +185,13 @@ def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30, metadata: dic
     embedding and lm_head (fold_multipliers), so any Llama/Qwen reader gets the same logits. Above `max_shard_bytes` the weights are
     split into model-0000i-of-0000n.safetensors with an index.
     """
+    return save_state_dict(model_state_dict(model), model.config, path, max_shard_bytes, metadata)
+
+
+def save_state_dict(state: dict, config: ModelConfig, path, max_shard_bytes: int = 5 * 2**30, metadata: dict = None) -> list:
+    """save_pretrained for a {Hugging Face name: array} dict of the whole model described by `config`."""
     os.makedirs(path, exist_ok=True)
-    state = fold_multipliers(model_state_dict(model), model.config)
+    state = fold_multipliers(state, config)
     shards, cur, size = [], {}, 0
     for name, arr in state.items():
         if cur and size + arr.nbytes > max_shard_bytes:
@@ -207,6 +215,6 @@ def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30, metadata: dic
         total = sum(a.nbytes for a in state.values())
         write_json_atomic(os.path.join(path, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
         files.append(INDEX)
-    write_json_atomic(os.path.join(path, "config.json"), model.config.to_hf_config())
+    write_json_atomic(os.path.join(path, "config.json"), config.to_hf_config())
     files.append("config.json")
     return files

@@ -37,8 +37,9 @@ def check_init_hash(path: str, expected: str) -> str:
     return got
 
 
-def build_model(cfg: ExperimentConfig) -> CausalLM:
-    """The stage's model: init_from (hash-checked) or a preset with overrides, at the configured AMP level."""
+def build_model(cfg: ExperimentConfig, tp=None) -> CausalLM:
+    """The stage's model: init_from (hash-checked) or a preset with overrides, at the configured AMP level.
+    With `tp` (a TPGroup) every rank builds the same whole model and keeps its slice of each layer."""
     m = cfg.model
     if m.init_from:
         if m.init_sha256:
@@ -54,6 +55,12 @@ def build_model(cfg: ExperimentConfig) -> CausalLM:
     if cfg.mup.enabled:
         from ms_llm.models import mup
         mup.apply(model, cfg.mup, fresh=not m.init_from, init_std=cfg.mup.init_std)
+    if tp is not None:
+        from ms_llm.models.io import load_state_dict, model_state_dict
+        from ms_llm.models.tensor_parallel import shard_state
+        whole = model_state_dict(model)
+        model = CausalLM(model.config, tp)
+        load_state_dict(model, shard_state(whole, tp), strict=True, source="tensor-parallel slices")
     if cfg.parallel.recompute:
         for layer in model.model.layers:
             layer.recompute()          # keep only layer inputs; recompute the rest in the backward pass
@@ -67,13 +74,32 @@ def load_tokenizer(cfg: ExperimentConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def export_final(run_dir: str, model, tokenizer, version: str = None) -> dict:
-    """final/: Hugging Face layout + tokenizer + MANIFEST.json; returns summary.json's `final` entry."""
+def data_position(rank: int, world: int, tp=None) -> tuple:
+    """(data rank, data ranks): tensor-parallel ranks of one group read the same batches."""
+    return (rank // tp.size, world // tp.size) if tp is not None else (rank, world)
+
+
+def whole_weights(model):
+    """{name: array} of the whole model when it is split over tensor-parallel ranks (a collective: call it on
+    every rank), else None."""
+    if getattr(model, "tp", None) is None:
+        return None
+    from ms_llm.models.tensor_parallel import gather_state
+    return gather_state(dict(model.parameters_and_names()), model.tp)
+
+
+def export_final(run_dir: str, model, tokenizer, version: str = None, weights: dict = None) -> dict:
+    """final/: Hugging Face layout + tokenizer + MANIFEST.json; returns summary.json's `final` entry.
+    `weights`: the whole model's arrays (from whole_weights) instead of the model's own parameters."""
     final = os.path.join(run_dir, "final")
     tmp = final + ".tmp"
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp)
+    if weights is not None:
+        from ms_llm.models.io import save_state_dict
+        save_state_dict(weights, model.config, tmp)
+    else:
+        save_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
     manifest = ckpt.write_manifest(tmp, version=version)

@@ -25,7 +25,8 @@ from ms_llm.data.loader import PretrainData
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import perplexity
 from ms_llm.losses.lm import LMLoss
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.stages.common import (build_model, data_position, export_final, finish, load_tokenizer, prepare_run_dir,
+                                  whole_weights)
 from ms_llm.training.trainer import StageSpec, train
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,12 @@ class ForgettingMonitor:
         return (max(recent) - min(recent)) / max(abs(recent[-1]), 1e-12) < m.tolerance
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None) -> dict:
     c, d, t = cfg.cpt, cfg.data, cfg.train
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, tp)
+    data_rank, data_world = data_position(rank, world, tp)
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     schedule = schedule_from(cfg)
     sampled = {k for ph in schedule.phases for k, v in ph.weights.items() if v > 0}
@@ -192,25 +194,28 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
             monitor.baseline_acc = dict(saved.get("monitor_baseline_accuracy", {}))
             monitor.history = list(saved.get("monitor_history", []))
 
-    spec = StageSpec(loss_net=LMLoss(model), batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, rank, world),
+    spec = StageSpec(loss_net=LMLoss(model), batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate if monitor is not None else None,
                      extra_state=lambda: {"curriculum": schedule.state(),
                                           "monitor_baseline": monitor.baseline if monitor else {},
                                           "monitor_baseline_accuracy": monitor.baseline_acc if monitor else {},
                                           "monitor_history": monitor.history if monitor else []},
                      check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
-    if monitor is not None and rank == 0 and not _has_checkpoint(run_dir):
-        row, _ = monitor.check(*monitor.measure())             # the baseline, before any CPT step
+    # the baseline, before any CPT step, on every rank: the alarms (and so the data mixture) must agree across
+    # data-parallel ranks, and under tensor parallelism the evaluation is a collective
+    if monitor is not None and not _has_checkpoint(run_dir):
+        row, _ = monitor.check(*monitor.measure())
         decisions.append("baseline held-out loss: " + ", ".join(f"{k[len('eval/loss/'):]} {v:.4f}" for k, v in row.items()
                                                                 if k.startswith("eval/loss/") and k != "eval/loss/mean"))
         if monitor.baseline_acc:
             decisions.append("baseline accuracy: " + ", ".join(f"{d} {v:.1%}" for d, v in monitor.baseline_acc.items()))
     result = train(cfg, model, spec, run_dir, rank, reducer)
+    weights = whole_weights(model)
     if rank != 0:
         return {}
     with open(os.path.join(run_dir, "decisions.md"), "a") as f:
         f.write("".join(f"- {x}\n" for x in decisions))
-    final = export_final(run_dir, model, tokenizer, c.export_version)
+    final = export_final(run_dir, model, tokenizer, c.export_version, weights)
     metrics = dict(result.metrics, data_skipped_records=data.skipped, alarms=sum("alarm on" in x for x in decisions),
                    tokens=float(result.steps * tokens_per_step))
     status = "stopped_early" if result.stopped_early else "completed"

@@ -11,7 +11,8 @@ import mindspore as ms
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.loader import PretrainData
 from ms_llm.losses.lm import LMLoss
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.stages.common import (build_model, data_position, export_final, finish, load_tokenizer, prepare_run_dir,
+                                  whole_weights)
 from ms_llm.training.trainer import StageSpec, train
 
 
@@ -25,10 +26,11 @@ def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
     return {"eval/loss": num / den, "eval/ppl": math.exp(min(num / den, 50.0))}
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, tp)
+    data_rank, data_world = data_position(rank, world, tp)
     if tokenizer.vocab_size > model.config.vocab_size:
         from ms_llm.errors import MsLlmError
         raise MsLlmError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -41,12 +43,13 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     loss_net = LMLoss(model)
     mbs = cfg.train.micro_batch_size
     spec = StageSpec(loss_net=loss_net, batch_keys=keys,
-                     next_batch=lambda i: data.batch(i, mbs, rank, world),
+                     next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
                      tokens_per_micro=mbs * d.seq_len,
                      evaluate=(lambda: eval_loss(loss_net, data, keys, mbs)) if d.eval_fraction > 0 else None)
     result = train(cfg, model, spec, run_dir, rank, reducer)
+    weights = whole_weights(model)
     if rank != 0:
         return {}
-    final = export_final(run_dir, model, tokenizer, cfg.pretrain.export_version)
+    final = export_final(run_dir, model, tokenizer, cfg.pretrain.export_version, weights)
     metrics = dict(result.metrics, data_skipped_records=data.skipped)
     return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, plots=cfg.log.plots)

@@ -75,7 +75,7 @@ def save_checkpoint(root: str, step: int, model, optimizer_state: dict, trainer_
     os.makedirs(tmp)
     (weights_writer or (lambda d: save_pretrained(model, d)))(tmp)
     write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
-                      {k: np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
+                      {k: v if isinstance(v, np.ndarray) else np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
     write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
     write_manifest(tmp, extra={"step": step})
     if os.path.exists(final):
@@ -121,10 +121,13 @@ def find_resume(root: str):
     return None
 
 
-def load_optimizer_state(folder: str, optimizer_state: dict):
-    """Copy optimizer.safetensors into the given {name: Parameter}; every name must be present."""
+def load_optimizer_state(folder: str, optimizer_state: dict, transform=None):
+    """Copy optimizer.safetensors into the given {name: Parameter}; every name must be present.
+    `transform` maps the saved {name: array} first (tensor parallel: this rank's slices)."""
     import mindspore as ms
     saved = read_safetensors(os.path.join(folder, "optimizer.safetensors"))
+    if transform is not None:
+        saved = transform(saved)
     missing = sorted(set(optimizer_state) - set(saved))
     if missing:
         raise MsLlmError(f"{folder}/optimizer.safetensors: missing optimizer state {missing[:5]} "

@@ -10,6 +10,7 @@ so a Parameter lr silently stayed at its first value.)
 import math
 
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 _adamw = ops.MultitypeFuncGraph("adamw")
@@ -27,19 +28,54 @@ def _adamw_update(beta1, beta2, eps, bc1, bc2, lr, wd, param, m, v, grad):
     return ops.assign(param, param - lr * update)
 
 
+@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor", "Bool")
+def _adamw_delta(beta1, beta2, eps, bc1, bc2, lr, wd, param, m, v, grad, owned):
+    """Sharded form: the owner returns lr x update (and updates its moments); other ranks return zeros."""
+    if not owned:
+        return ops.zeros_like(param)
+    g = grad.astype(ms.float32)
+    m_new = beta1 * m + (1.0 - beta1) * g
+    v_new = beta2 * v + (1.0 - beta2) * ops.square(g)
+    update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps) + wd * param
+    delta = ops.depend(lr * update, ops.assign(m, m_new))
+    return ops.depend(delta, ops.assign(v, v_new))
+
+
+def partition(sizes, world: int) -> list:
+    """Owner rank of each parameter: largest first onto the least-loaded rank (deterministic)."""
+    load, owner = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i], load[r] = r, load[r] + sizes[i]
+    return owner
+
+
 def no_decay(name: str, shape) -> bool:
     """Norm weights, biases and other vectors get no weight decay."""
     return len(shape) < 2 or name.endswith(".bias") or "norm" in name
 
 
 class AdamW(nn.Cell):
-    """Decoupled-weight-decay Adam over `params`; call with a tuple of gradients."""
+    """Decoupled-weight-decay Adam over `params`; call with a tuple of gradients.
 
-    def __init__(self, params, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0, lr_scales=None):
+    With `shard=(rank, world)` (ZeRO stage 1 over data-parallel ranks) each parameter's moments live on one
+    rank only (`partition`): the owner computes lr x update, every rank contributes zeros for the parameters
+    it does not own, and one AllReduce(sum) of those deltas gives every rank the same new weights — exactly
+    the unsharded result, since adding zeros is exact. Moments of parameters a rank does not own are
+    1-element placeholders, so each rank holds about 1/world of the optimizer state.
+    """
+
+    def __init__(self, params, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0, lr_scales=None,
+                 shard=None):
         super().__init__(auto_prefix=False)
         self.parameters = ParameterTuple(params)
-        self.m = self.parameters.clone(prefix="adam_m", init="zeros")
-        self.v = self.parameters.clone(prefix="adam_v", init="zeros")
+        rank, world = shard or (0, 1)
+        self.sharded = world > 1
+        owners = partition([int(p.size) for p in self.parameters], world) if self.sharded else [0] * len(self.parameters)
+        self.owned = tuple(o == rank for o in owners)
+        self.m = self._moments("adam_m")
+        self.v = self._moments("adam_v")
         self.step = Parameter(Tensor(0, ms.int32), name="adam_step", requires_grad=False)
         scales = lr_scales or [1.0] * len(self.parameters)
         self.lr_scales = tuple(Tensor(s, ms.float32) for s in scales)    # per-parameter lr multipliers (μP)
@@ -49,6 +85,14 @@ class AdamW(nn.Cell):
         self.map = ops.HyperMap()
         # state names fixed now: MindSpore may rewrite Parameter.name when a graph with frozen params compiles
         self.state_names = tuple(p.name for p in (*self.m, *self.v, self.step))
+        self.shapes = tuple(tuple(p.shape) for p in self.parameters)
+        if self.sharded:
+            self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+            self.gather = _GatherMoments(self)
+
+    def _moments(self, prefix: str) -> ParameterTuple:
+        return ParameterTuple(Parameter(Tensor(np.zeros(p.shape if own else (1,), np.float32)), name=f"{prefix}.{p.name}",
+                                        requires_grad=False) for p, own in zip(self.parameters, self.owned))
 
     def construct(self, grads, lr):
         """grads: tuple matching `parameters`; lr: float32 scalar Tensor."""
@@ -57,12 +101,57 @@ class AdamW(nn.Cell):
         t = step.astype(ms.float32)
         bc1, bc2 = 1.0 - ops.pow(self.beta1, t), 1.0 - ops.pow(self.beta2, t)
         lrs = self.map(ops.partial(ops.mul, lr), self.lr_scales)
-        return self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
-                        self.parameters, self.m, self.v, grads)
+        if not self.sharded:
+            return self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
+                            self.parameters, self.m, self.v, grads)
+        deltas = self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
+                          self.parameters, self.m, self.v, grads, self.owned)
+        return self.map(ops.assign_sub, self.parameters, _ordered_all_reduce(self.all_reduce, deltas))
 
     def state_tensors(self) -> dict:
-        """{name: Parameter} of the optimizer state, for checkpoints."""
-        return dict(zip(self.state_names, (*self.m, *self.v, self.step)))
+        """{name: Parameter} of the optimizer state this rank holds (what a checkpoint is loaded into)."""
+        pairs = [(n, p) for n, p, own in zip(self.state_names, (*self.m, *self.v), self.owned * 2) if own]
+        return dict(pairs + [(self.state_names[-1], self.step)])
+
+    def full_state(self) -> dict:
+        """{name: tensor} of the whole optimizer state, for a checkpoint. Sharded: a collective — every rank
+        must call it at the same step."""
+        if not self.sharded:
+            return dict(zip(self.state_names, (*self.m, *self.v, self.step)))
+        return dict(zip(self.state_names, (*self.gather(), self.step)))
+
+    def state_elements(self) -> int:
+        """Number of moment values this rank holds."""
+        return sum(int(p.size) for p in (*self.m, *self.v))
+
+
+class _GatherMoments(nn.Cell):
+    """Every parameter's moments on every rank: AllReduce(sum) of the owner's values and the others' zeros."""
+
+    def __init__(self, opt: AdamW):
+        super().__init__(auto_prefix=False)
+        self.m, self.v, self.owned, self.shapes = opt.m, opt.v, opt.owned, opt.shapes
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
+
+    def construct(self):
+        ms_, vs = (), ()
+        for i in range(len(self.shapes)):
+            if self.owned[i]:
+                ms_, vs = ms_ + (self.m[i] * 1.0,), vs + (self.v[i] * 1.0,)
+            else:
+                ms_, vs = ms_ + (ops.zeros(self.shapes[i], ms.float32),), vs + (ops.zeros(self.shapes[i], ms.float32),)
+        return _ordered_all_reduce(self.all_reduce, ms_ + vs)
+
+
+def _ordered_all_reduce(all_reduce, tensors):
+    """AllReduce each tensor in turn. Ranks whose graphs differ (owner vs not) would otherwise issue the
+    collectives in different orders and pair up tensors of different sizes; each input waits for the
+    previous result, so every rank runs them in tuple order."""
+    out = ()
+    for i in range(len(tensors)):
+        x = tensors[i] if i == 0 else ops.depend(tensors[i], out[i - 1])
+        out = out + (all_reduce(x),)
+    return out
 
 
 def lr_at(step: int, peak: float, max_steps: int, kind: str = "cosine", warmup: int = 0, min_ratio: float = 0.0,

@@ -49,6 +49,25 @@ def _global_norm(grads):
     return ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
 
 
+class TPNorm(nn.Cell):
+    """Global gradient norm under tensor parallelism: replicated gradients counted once, the squares of
+    sharded ones summed over the tensor-parallel group (`sharded`: one bool per gradient)."""
+
+    def __init__(self, sharded, tp):
+        super().__init__(auto_prefix=False)
+        self.sharded, self.all_reduce = tuple(sharded), tp.all_reduce()
+
+    def construct(self, grads):
+        rep, shard = (), ()
+        for i in range(len(self.sharded)):
+            sq = ops.square(grads[i].astype(ms.float32)).sum()
+            if self.sharded[i]:
+                shard = shard + (sq,)
+            else:
+                rep = rep + (sq,)
+        return ops.sqrt(ops.addn(rep) + self.all_reduce(ops.addn(shard)))
+
+
 class _Apply:
     """Shared tail of FusedStep and ApplyStep (a plain mixin; the cells call it inside construct)."""
 
@@ -56,7 +75,7 @@ class _Apply:
         scale = self.loss_scale.scale
         inv = self.loss_norm / (scale * ops.maximum(denom, 1e-12))
         grads = self.map(ops.partial(ops.mul, inv), grads)
-        norm = _global_norm(grads)
+        norm = _global_norm(grads) if self.tp_norm is None else self.tp_norm(grads)
         finite = ops.isfinite(norm)          # any inf/nan gradient makes the norm inf/nan
         if self.clip > 0:
             factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
@@ -71,9 +90,10 @@ class FusedStep(nn.Cell, _Apply):
     """forward + backward + update for one micro-batch. Returns (loss, grad_norm, finite, loss_scale)."""
 
     def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None,
-                 loss_norm: float = 1.0):
+                 loss_norm: float = 1.0, tp_norm=None):
         super().__init__(auto_prefix=False)
         self.loss_net, self.optimizer, self.loss_scale, self.clip = loss_net, optimizer, loss_scale, clip
+        self.tp_norm = tp_norm
         self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
         self.map, self.reducer, self.loss_norm = ops.HyperMap(), reducer, loss_norm
 
@@ -114,9 +134,11 @@ class MicroStep(nn.Cell):
 class ApplyStep(nn.Cell, _Apply):
     """Apply the accumulated gradients. Returns (loss over the whole update, grad_norm, finite, loss_scale)."""
 
-    def __init__(self, micro: MicroStep, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None):
+    def __init__(self, micro: MicroStep, optimizer, loss_scale: LossScaleState, clip: float = 1.0, reducer=None,
+                 tp_norm=None):
         super().__init__(auto_prefix=False)
         self.micro, self.optimizer, self.loss_scale, self.clip = micro, optimizer, loss_scale, clip
+        self.tp_norm = tp_norm
         self.loss_norm = micro.loss_norm
         self.accum, self.map, self.reducer = micro.accum, ops.HyperMap(), reducer
 
@@ -137,14 +159,14 @@ class TrainStep:
     """What the trainer calls: `step(micro_batches, lr)` -> dict of loss, grad_norm, finite, loss_scale."""
 
     def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum_steps: int = 1, clip: float = 1.0,
-                 reducer=None, loss_norm: float = 1.0):
+                 reducer=None, loss_norm: float = 1.0, tp_norm: TPNorm = None):
         self.accum_steps = accum_steps
         if accum_steps == 1:
-            self.fused = FusedStep(loss_net, optimizer, loss_scale, clip, reducer, loss_norm)
+            self.fused = FusedStep(loss_net, optimizer, loss_scale, clip, reducer, loss_norm, tp_norm)
         else:
             buffers = optimizer.parameters.clone(prefix="accum", init="zeros")
             self.micro = MicroStep(loss_net, optimizer, loss_scale, buffers, loss_norm)
-            self.apply = ApplyStep(self.micro, optimizer, loss_scale, clip, reducer)
+            self.apply = ApplyStep(self.micro, optimizer, loss_scale, clip, reducer, tp_norm)
 
     def __call__(self, micro_batches, lr: float) -> dict:
         lr = Tensor(lr, ms.float32)

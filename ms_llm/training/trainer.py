@@ -58,18 +58,22 @@ def uses_loss_scaling(cfg: ExperimentConfig) -> bool:
     return t.loss_scale == "dynamic"
 
 
-def build_optimizer(cfg: ExperimentConfig, spec: StageSpec, model=None):
+def build_optimizer(cfg: ExperimentConfig, spec: StageSpec, model=None, rank: int = 0):
     params = spec.params if spec.params is not None else spec.loss_net.trainable_params()
     o = cfg.optim
     scales = spec.lr_scales
     if scales is None and cfg.mup.enabled and model is not None:
         from ms_llm.models import mup
         scales = mup.lr_scales(model, params, cfg.mup)
-    return AdamW(params, (o.beta1, o.beta2), o.eps, o.weight_decay, scales)
+    world = cfg.parallel.data_parallel
+    shard = (rank, world) if cfg.parallel.optimizer_shard and world > 1 else None
+    return AdamW(params, (o.beta1, o.beta2), o.eps, o.weight_decay, scales, shard)
 
 
-def optimizer_state(opt: AdamW, scale: LossScaleState) -> dict:
-    state = opt.state_tensors()
+def optimizer_state(opt: AdamW, scale: LossScaleState, full: bool = False) -> dict:
+    """{name: tensor} of the optimizer and loss-scale state: this rank's share (to load a checkpoint into) or,
+    with `full`, everything (to write one)."""
+    state = opt.full_state() if full else opt.state_tensors()
     state.update(zip(scale.state_names, (scale.scale, scale.good)))
     return state
 
@@ -80,10 +84,21 @@ def _to_tensors(batch: dict, keys) -> tuple:
 
 def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int = 0, reducer=None) -> TrainResult:
     t = cfg.train
-    opt = build_optimizer(cfg, spec, model)
+    opt = build_optimizer(cfg, spec, model, rank)
+    if opt.sharded:
+        total = 2 * sum(int(p.size) for p in opt.parameters)
+        log.info("optimizer state sharded over %d ranks: rank %d holds %d of %d moment values (%.1f MB)",
+                 cfg.parallel.data_parallel, rank, opt.state_elements(), total, 4 * opt.state_elements() / 2**20)
     scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor, t.loss_scale_window)
+    tp = getattr(model, "tp", None)
+    tp_norm = None
+    if tp is not None:
+        from ms_llm.models.tensor_parallel import shard_axis
+        from ms_llm.training.step import TPNorm
+        names = {id(p): n for n, p in model.parameters_and_names()}
+        tp_norm = TPNorm([shard_axis(names.get(id(p), p.name)) is not None for p in opt.parameters], tp)
     step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
-                        loss_norm=float(spec.loss_norm or spec.tokens_per_micro))
+                        loss_norm=float(spec.loss_norm or spec.tokens_per_micro), tp_norm=tp_norm)
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
     resumed, start, micro_index = _resume(cfg, root, model, spec, state)
@@ -129,13 +144,21 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                 logger.log(done, row)
             last = row
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.max_steps or stopped:
+                full = optimizer_state(opt, scale, full=True)    # sharded: every rank takes part in the gather
+                writer = spec.weights_writer
+                if tp is not None:                               # whole tensors from every rank's slices
+                    from ms_llm.models.io import save_state_dict
+                    from ms_llm.models.tensor_parallel import gather_state
+                    weights = gather_state(dict(model.parameters_and_names()), tp)
+                    full = gather_state(full, tp)
+                    writer = lambda d, w=weights: save_state_dict(w, model.config, d)    # noqa: E731
                 if rank == 0:
-                    ckpt.save_checkpoint(root, done, model, state,
+                    ckpt.save_checkpoint(root, done, model, full,
                                          {"step": done, "data_position": micro_index, "seed": t.seed,
                                           "world_size": cfg.parallel.data_parallel, "micro_batch_size": t.micro_batch_size,
                                           "consumed_samples": micro_index * t.micro_batch_size * cfg.parallel.data_parallel,
                                           "loss_scale": float(scale.scale.asnumpy()), **spec.extra_state()},
-                                         cfg.checkpoint.keep, spec.weights_writer)
+                                         cfg.checkpoint.keep, writer)
             if stopped:
                 log.info("stopping early at step %d: the evaluation metric converged", done)
                 break
@@ -145,6 +168,8 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
         logger.close()
     spec.loss_net.set_train(False)
     metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics["optimizer_state_elements"] = opt.state_elements()
+    metrics["parameters_on_rank"] = sum(int(p.size) for p in model.get_parameters())
     if history:
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(h["skipped"] for h in history)
@@ -167,7 +192,12 @@ def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dic
     else:
         from ms_llm.models.io import load_weights
         load_weights(model, path, strict=True)
-    ckpt.load_optimizer_state(path, state)
+    tp = getattr(model, "tp", None)
+    if tp is not None:
+        from ms_llm.models.tensor_parallel import shard_state
+        ckpt.load_optimizer_state(path, state, lambda saved: shard_state(saved, tp))
+    else:
+        ckpt.load_optimizer_state(path, state)
     ts = ckpt.read_trainer_state(path)
     if spec.check_resume is not None:
         spec.check_resume(ts)
