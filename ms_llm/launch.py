@@ -104,7 +104,7 @@ def main(argv) -> int:
     overrides = list(a.overrides)
     if a.device:
         overrides.append(f"context.device_target={a.device}")
-    tp = load_config(a.config, overrides).parallel.tensor_parallel if world > 1 else 1
+    tp = max(1, load_config(a.config, overrides, check=False).parallel.tensor_parallel) if world > 1 else 1
     if world % tp:
         raise MsLlmError(f"{world} workers do not split into tensor-parallel groups of parallel.tensor_parallel={tp}")
     overrides.append(f"parallel.data_parallel={world // tp}")

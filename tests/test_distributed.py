@@ -190,7 +190,14 @@ def test_ascend_without_cann_fails_fast(workdir):
 
 
 def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
-    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "parallel.tensor_parallel=2")
-    assert r.returncode == 2 and "need context.device_target: ascend" in r.stderr
-    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "parallel.data_parallel=2")
-    assert r.returncode == 2 and "not started by msrun" in r.stderr
+    for overrides, message in ((["parallel.pipeline_stages=2"], "pipeline_stages is not implemented"),
+                               (["parallel.tensor_parallel=2"], "not started by msrun"),
+                               (["parallel.data_parallel=2"], "not started by msrun"),
+                               (["parallel.optimizer_shard=true"], "needs parallel.data_parallel >= 2"),
+                               (["parallel.tensor_parallel=2", "parallel.data_parallel=2", "parallel.optimizer_shard=true"],
+                                "optimizer_shard together with tensor_parallel"),
+                               (["parallel.tensor_parallel=3"], "must divide model.num_attention_heads (4)")):
+        r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *overrides)
+        assert r.returncode == 2 and message in r.stderr, (overrides, r.stderr[-500:])
+    r = _cli(workdir, "train", "configs/tiny/sft_lora.yaml", "parallel.tensor_parallel=2")
+    assert r.returncode == 2 and "supported by the pretrain and cpt stages" in r.stderr

@@ -125,8 +125,8 @@ def parse_override(text: str):
         raise MsLlmError(f"override '{text}': value is not valid YAML ({e})") from None
 
 
-def load_config(path: str, overrides=()) -> ExperimentConfig:
-    """Read YAML, apply dotted overrides, build strictly and validate."""
+def load_config(path: str, overrides=(), check: bool = True) -> ExperimentConfig:
+    """Read YAML, apply dotted overrides, build strictly and (unless `check` is false) validate."""
     try:
         with open(path) as f:
             text = f.read()
@@ -156,7 +156,8 @@ def load_config(path: str, overrides=()) -> ExperimentConfig:
         node[keys[-1]] = value
         lines[".".join(keys)] = ov
     cfg = _build(ExperimentConfig, raw, "", path, lines)
-    validate(cfg, path)
+    if check:
+        validate(cfg, path)
     return cfg
 
 
@@ -188,6 +189,18 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
         if par.optimizer_shard:
             raise MsLlmError(f"{where}: parallel.optimizer_shard together with tensor_parallel is not supported in "
                              "this release; choose one")
+        if cfg.model.preset and not cfg.model.init_from:     # init_from models are checked when loaded
+            from ms_llm.models.config import preset
+            from ms_llm.models.tensor_parallel import check_config
+            try:
+                shape = preset(cfg.model.preset, **cfg.model.overrides)
+            except TypeError:
+                shape = None                                  # reported with the model section when built
+            if shape is not None:
+                try:
+                    check_config(shape, par.tensor_parallel)
+                except MsLlmError as e:
+                    raise MsLlmError(f"{where}: {e}") from None
     if par.optimizer_shard and par.data_parallel < 2:
         raise MsLlmError(f"{where}: parallel.optimizer_shard splits the optimizer state over data-parallel ranks; "
                          f"it needs parallel.data_parallel >= 2, got {par.data_parallel}")
