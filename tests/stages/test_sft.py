@@ -71,8 +71,8 @@ def test_two_phases_run_back_to_back_with_hash_checked_hand_off(pretrained):
 def test_multiturn_sft_reports_coherence_before_and_after(pretrained):
     """The hook runs at both ends and training changes what it measures (the value itself is noisy on a
     2-layer model: see docs/sft.md)."""
-    _train(pretrained, "configs/tiny/sft_multiturn.yaml", "train.max_steps=30", "sft.eval_limit=8",
-           "sft.eval_dialogue_limit=4", "train.output_dir=runs/mt")
+    _train(pretrained, "configs/tiny/sft_multiturn.yaml", "train.max_steps=30", "sft.eval_limit=4",
+           "sft.eval_dialogue_limit=2", "train.output_dir=runs/mt")
     m = json.loads((pretrained / "runs" / "mt" / "summary.json").read_text())["metrics"]
     for key in ("eval/coherence", "before/eval/coherence"):
         assert -1.0 <= m[key] <= 1.0
