@@ -3,8 +3,9 @@
 hyperparameters and record the typical size of each activation coordinate (mean |x|) after every step.
 
 Activations are measured on the first training batch after every step. Under standard parametrization
-(SP: every matrix drawn with the same std at every width, one learning rate) the updates grow with width, so activations and logits blow up as the
-model widens; under μP they stay the same size, which is what makes the proxy's hyperparameters carry over.
+(SP: every matrix drawn with the same std at every width, one learning rate) the updates grow with width,
+so activations and logits blow up as the model widens; under μP they stay the same size, which is what
+makes the proxy's hyperparameters carry over.
 
     ms-llm mup coord-check --widths 64,128,256,512,1024 --out docs/img/mup_coord_check.png
     ms-llm mup lr-sweep --widths 64,256 --out docs/img/mup_lr_sweep.png   # the payoff: the best lr stays put
@@ -24,9 +25,6 @@ from ms_llm.models.config import preset
 from ms_llm.models.decoder import CausalLM
 from ms_llm.training.optim import AdamW
 from ms_llm.training.step import LossScaleState, TrainStep
-
-KINDS = ("embedding", "attention out", "MLP out", "logits")
-
 
 @dataclass
 class CheckSettings:
