@@ -78,6 +78,25 @@ def test_two_msrun_workers_equal_one_process(workdir, one_process):
     assert state["consumed_samples"] == 8 * 8 and state["world_size"] == 1
 
 
+def _optimizer_gap(a_dir, b_dir) -> float:
+    a, b = (read_safetensors(str(d / "checkpoints" / "step_000006" / "optimizer.safetensors")) for d in (a_dir, b_dir))
+    assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _six_steps_on_two_ranks(workdir, run, port: str, *extra):
+    r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=6", "checkpoint.every=3",
+             *extra, f"train.output_dir={run}", "--nproc-per-node", "2", "--master-port", port,
+             "--log-dir", f"logs_{run.name}", "--cluster-timeout", "60")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _resume_to_eight_in_one_process(workdir, run, *extra):
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=8", "checkpoint.every=3",
+             "train.micro_batch_size=8", *extra, f"train.output_dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sharded_optimizer_state_equals_the_unsharded_run_with_half_the_moments_per_rank(workdir, one_process):
@@ -85,21 +104,14 @@ def test_sharded_optimizer_state_equals_the_unsharded_run_with_half_the_moments_
     process, each rank holding half of the moments; its checkpoint resumes in one process."""
     one6, one = one_process
     two = workdir / "runs" / "zero"
-    r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=6", "checkpoint.every=3",
-             "train.micro_batch_size=4", "parallel.optimizer_shard=true", f"train.output_dir={two}", "--nproc-per-node",
-             "2", "--master-port", "8155", "--log-dir", "logs_zero", "--cluster-timeout", "60")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _six_steps_on_two_ranks(workdir, two, "8155", "train.micro_batch_size=4", "parallel.optimizer_shard=true")
     assert _weights_gap(one6, two) <= 1e-5
     np.testing.assert_allclose(_losses(two), _losses(one6), rtol=1e-6)
-    oa, ob = (read_safetensors(str(d / "checkpoints" / "step_000006" / "optimizer.safetensors")) for d in (one6, two))
-    assert set(oa) == set(ob) and all(oa[k].shape == ob[k].shape for k in oa)      # whole state, gathered
-    assert max(np.abs(oa[k] - ob[k]).max() for k in oa) <= 1e-6
+    assert _optimizer_gap(one6, two) <= 1e-6                                       # whole state, gathered
     held = [json.loads((d / "summary.json").read_text())["metrics"]["optimizer_state_elements"] for d in (one6, two)]
     assert 0.45 * held[0] <= held[1] <= 0.55 * held[0]
     # the gathered checkpoint resumes in one process (resharding the data position) like the reference continues
-    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=8", "checkpoint.every=3",
-             "train.micro_batch_size=8", "checkpoint.reshard=true", f"train.output_dir={two}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _resume_to_eight_in_one_process(workdir, two, "checkpoint.reshard=true")
     np.testing.assert_allclose(_losses(two)[-2:], _losses(one)[-2:], rtol=1e-6)
     assert _weights_gap(one, two) <= 1e-5
 
@@ -111,23 +123,17 @@ def test_tensor_parallel_over_two_ranks_equals_one_process(workdir, one_process)
     same losses, gradient norms and (whole, gathered) checkpoints as one process, which resumes them."""
     one6, one = one_process
     two = workdir / "runs" / "tp"
-    r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=6", "checkpoint.every=3",
-             "train.micro_batch_size=8", "parallel.tensor_parallel=2", f"train.output_dir={two}", "--nproc-per-node",
-             "2", "--master-port", "8157", "--log-dir", "logs_tp", "--cluster-timeout", "60")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _six_steps_on_two_ranks(workdir, two, "8157", "train.micro_batch_size=8", "parallel.tensor_parallel=2")
     # partial sums of the row-parallel matmuls add in another order: a few ulps per step, through Adam
     assert _weights_gap(one6, two) <= 2e-5
     np.testing.assert_allclose(_losses(two), _losses(one6), rtol=1e-6)
     norms = [[json.loads(x)["grad_norm"] for x in open(d / "metrics.jsonl")] for d in (one6, two)]
     np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
-    oa, ob = (read_safetensors(str(d / "checkpoints" / "step_000006" / "optimizer.safetensors")) for d in (one6, two))
-    assert set(oa) == set(ob) and max(np.abs(oa[k] - ob[k]).max() for k in oa) <= 1e-6
+    assert _optimizer_gap(one6, two) <= 1e-6
     held = [json.loads((d / "summary.json").read_text())["metrics"]["parameters_on_rank"] for d in (one6, two)]
     assert held[1] == held[0] - 92160 // 2          # each rank keeps half of the 2 layers x 46,080 matrix values
     # the whole checkpoint resumes in one process (tensor-parallel size 2 -> 1) and continues like the reference
-    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=8", "checkpoint.every=3",
-             "train.micro_batch_size=8", f"train.output_dir={two}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    _resume_to_eight_in_one_process(workdir, two)
     np.testing.assert_allclose(_losses(two)[-2:], _losses(one)[-2:], rtol=1e-6)
     assert _weights_gap(one, two) <= 2e-5
 
