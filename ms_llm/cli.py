@@ -239,7 +239,7 @@ def cmd_train(argv):
     run_stage(cfg)
 
 
-def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None, context_ready: bool = False, tp=None):
+def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None, context_ready: bool = False, tp=None, pp=None):
     """Set up MindSpore for `cfg` and run its stage (also what scripts/train.py calls under msrun)."""
     import logging
     from ms_llm.context import setup_context
@@ -247,10 +247,12 @@ def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None, context_ready: b
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not context_ready:
         setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
-        if cfg.parallel.data_parallel * cfg.parallel.tensor_parallel > 1:
+        par = cfg.parallel
+        if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:
             from ms_llm.distributed import init_data_parallel
-            rank, world, reducer, tp = init_data_parallel(cfg)
-    summary = STAGES[cfg.stage](cfg, rank=rank, world=world, reducer=reducer, **({"tp": tp} if tp else {}))
+            rank, world, reducer, tp, pp = init_data_parallel(cfg)
+    layout = {k: v for k, v in (("tp", tp), ("pp", pp)) if v is not None}
+    summary = STAGES[cfg.stage](cfg, rank=rank, world=world, reducer=reducer, **layout)
     if rank == 0 and summary:
         print(json.dumps({"stage": summary["stage"], "status": summary["status"], "steps": summary["steps"],
                           "loss": summary["metrics"].get("loss"), "final": (summary.get("final") or {}).get("path")}))

@@ -36,24 +36,28 @@ def launched_by_msrun() -> bool:
 
 
 def init_data_parallel(cfg):
-    """(rank, world, reducer, tp) for this process.
+    """(rank, world, reducer, tp, pp) for this process.
 
-    world = parallel.data_parallel x parallel.tensor_parallel. Ranks r·tp ... r·tp + tp − 1 form tensor-parallel
-    group r (`tp`, a TPGroup, or None); ranks with the same position in their group form a data-parallel
-    group, over which `reducer` sums gradients."""
-    dp, tpn = cfg.parallel.data_parallel, cfg.parallel.tensor_parallel
-    want = dp * tpn
+    world = parallel.data_parallel x tensor_parallel x pipeline_stages (at most one of the last two above 1).
+    Ranks r·n ... r·n + n − 1 form tensor-parallel group r (`tp`, a TPGroup, or None) or pipeline r (`pp`, a
+    PPGroup, or None), n being the group's size; ranks with the same position in their group form a
+    data-parallel group, over which `reducer` sums gradients."""
+    dp, tpn, ppn = cfg.parallel.data_parallel, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_stages
+    want = dp * tpn * ppn
     if not launched_by_msrun():
         if want != 1:
-            raise MsLlmError(f"parallel.data_parallel x tensor_parallel is {want} but this process was not started "
-                             f"by msrun; use `ms-llm launch --nproc-per-node {want} CONFIG`")
-        return 0, 1, None, None
+            raise MsLlmError(f"parallel.data_parallel x tensor_parallel x pipeline_stages is {want} but this process "
+                             f"was not started by msrun; use `ms-llm launch --nproc-per-node {want} CONFIG`")
+        return 0, 1, None, None, None
     from mindspore.communication import create_group, get_group_size, get_rank, init
     init()
     rank, world = get_rank(), get_group_size()
     if world != want:
-        raise MsLlmError(f"parallel.data_parallel ({dp}) x tensor_parallel ({tpn}) is {want} but msrun started "
-                         f"{world} workers")
+        raise MsLlmError(f"parallel.data_parallel ({dp}) x tensor_parallel ({tpn}) x pipeline_stages ({ppn}) is "
+                         f"{want} but msrun started {world} workers")
+    if ppn > 1:
+        pp, dp_group = _pipeline_groups(cfg, rank, dp, ppn, create_group)
+        return rank, world, SumReducer(dp_group) if dp > 1 else None, None, pp
     tp = dp_group = None
     if tpn > 1:
         from ms_llm.models.tensor_parallel import TPGroup
@@ -65,7 +69,37 @@ def init_data_parallel(cfg):
             dp_group = f"dp_{pos}"
             create_group(dp_group, [d * tpn + pos for d in range(dp)])
         tp = TPGroup(tpn, pos, group)
-    return rank, world, SumReducer(dp_group) if dp > 1 else None, tp
+    return rank, world, SumReducer(dp_group) if dp > 1 else None, tp, None
+
+
+def _pipeline_groups(cfg, rank: int, dp: int, stages: int, create_group):
+    """(PPGroup, data-parallel group name) of `rank`: stage rank % stages of pipeline rank // stages. Only
+    the groups this rank belongs to are created; a group spanning the whole world is the world group."""
+    from ms_llm.models.config import preset
+    from ms_llm.models.io import read_config, resolve_model_dir
+    from ms_llm.models.pipeline import PPGroup, split_layers
+    m = cfg.model
+    shape = read_config(resolve_model_dir(m.init_from)) if m.init_from else preset(m.preset, **m.overrides)
+    index, stage = divmod(rank, stages)
+    start, end = split_layers(shape.num_hidden_layers, stages)[stage]
+    members = [index * stages + s for s in range(stages)]
+
+    def group(name, ranks):
+        if len(ranks) == dp * stages:
+            return None
+        if rank in ranks:
+            create_group(name, ranks)
+        return name
+
+    whole = group(f"pp_{index}", members)
+    links = [whole if stages == 2 else group(f"pp_{index}_{s}", members[s:s + 2]) for s in range(stages - 1)]
+    embed = None
+    if shape.tie_word_embeddings and stage in (0, stages - 1):
+        embed = whole if stages == 2 else group(f"ppe_{index}", [members[0], members[-1]])
+    pp = PPGroup(stages, stage, start, end, whole, links[stage - 1] if stage > 0 else None,
+                 links[stage] if stage < stages - 1 else None, embed)
+    dp_group = group(f"dpp_{stage}", [d * stages + stage for d in range(dp)]) if dp > 1 else None
+    return pp, dp_group
 
 
 def status_path(rank: int) -> str:
@@ -93,8 +127,8 @@ def worker_main(argv=None) -> int:
         cfg = load_config(argv[0], argv[1:])
         from ms_llm.context import setup_context
         setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
-        rank, world, reducer, tp = init_data_parallel(cfg)
-        run_stage(cfg, rank, world, reducer, context_ready=True, tp=tp)
+        rank, world, reducer, tp, pp = init_data_parallel(cfg)
+        run_stage(cfg, rank, world, reducer, context_ready=True, tp=tp, pp=pp)
     except MsLlmError as e:
         write_status(rank, f"failed: {e}")
         print(f"error: {e}", file=sys.stderr)

@@ -104,10 +104,13 @@ def main(argv) -> int:
     overrides = list(a.overrides)
     if a.device:
         overrides.append(f"context.device_target={a.device}")
-    tp = max(1, load_config(a.config, overrides, check=False).parallel.tensor_parallel) if world > 1 else 1
-    if world % tp:
-        raise MsLlmError(f"{world} workers do not split into tensor-parallel groups of parallel.tensor_parallel={tp}")
-    overrides.append(f"parallel.data_parallel={world // tp}")
+    par = load_config(a.config, overrides, check=False).parallel if world > 1 else None
+    tp = max(1, par.tensor_parallel) if par else 1
+    pp = max(1, par.pipeline_stages) if par else 1
+    if world % (tp * pp):
+        raise MsLlmError(f"{world} workers do not split into groups of parallel.tensor_parallel ({tp}) x "
+                         f"parallel.pipeline_stages ({pp}) ranks")
+    overrides.append(f"parallel.data_parallel={world // (tp * pp)}")
     cfg = load_config(a.config, overrides)
     a.overrides = overrides
     env = {}

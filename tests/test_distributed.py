@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""msrun data parallel on CPU: equal to one process, a dead worker fails the job by name, resumable; launcher."""
+"""msrun on CPU: data, tensor and pipeline parallel runs equal one process; a dead worker fails the job by name,
+resumable; launcher."""
 import json
 import os
 import signal
@@ -138,6 +139,36 @@ def test_tensor_parallel_over_two_ranks_equals_one_process(workdir, one_process)
     assert _weights_gap(one, two) <= 2e-5
 
 
+PIPE = ["model.overrides.num_hidden_layers=3", "model.overrides.tie_word_embeddings=true", "train.micro_batch_size=4",
+        "train.grad_accum_steps=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_pipeline_of_two_stages_equals_one_process(workdir):
+    """parallel.pipeline_stages=2 on a 3-layer model with tied embeddings (stage 0: embedding + layers 0-1,
+    stage 1: layer 2 + norm + the tied head), 2 micro-batches per step: same losses, gradient norms, weights and
+    Adam state as one process; a one-process checkpoint continues under the pipeline like the original run."""
+    import shutil
+    ref, two, resumed = (workdir / "runs" / n for n in ("pipe_ref", "pipe", "pipe_resumed"))
+    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=6", "checkpoint.every=3", *PIPE,
+             f"train.output_dir={ref}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _six_steps_on_two_ranks(workdir, two, "8159", *PIPE, "parallel.pipeline_stages=2")
+    np.testing.assert_allclose(_losses(two), _losses(ref), rtol=1e-6)
+    norms = [[json.loads(x)["grad_norm"] for x in open(d / "metrics.jsonl")] for d in (ref, two)]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
+    assert _weights_gap(ref, two) <= 1e-5
+    assert _optimizer_gap(ref, two) <= 1e-6
+    held = json.loads((two / "summary.json").read_text())["metrics"]["parameters_on_rank"]
+    assert held == 512 * 64 + 2 * 46208          # rank 0: the embedding and two of the three layers
+    # the reference's step-3 checkpoint (whole model, one process) resumed as two stages
+    shutil.copytree(ref / "checkpoints" / "step_000003", resumed / "checkpoints" / "step_000003")
+    _six_steps_on_two_ranks(workdir, resumed, "8163", *PIPE, "parallel.pipeline_stages=2")
+    np.testing.assert_allclose(_losses(resumed), _losses(ref)[3:], rtol=1e-6)
+    assert _weights_gap(ref, resumed) <= 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_killed_worker_fails_the_job_by_name_and_the_run_resumes(workdir):
@@ -191,7 +222,10 @@ def test_ascend_without_cann_fails_fast(workdir):
 
 
 def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
-    for overrides, message in ((["parallel.pipeline_stages=2"], "pipeline_stages is not implemented"),
+    for overrides, message in ((["parallel.pipeline_stages=2"], "not started by msrun"),
+                               (["parallel.pipeline_stages=3"], "needs at least one decoder layer per stage"),
+                               (["parallel.pipeline_stages=2", "parallel.tensor_parallel=2"],
+                                "tensor_parallel together with parallel.pipeline_stages"),
                                (["parallel.tensor_parallel=2"], "not started by msrun"),
                                (["parallel.data_parallel=2"], "not started by msrun"),
                                (["parallel.optimizer_shard=true"], "needs parallel.data_parallel >= 2"),
@@ -200,5 +234,6 @@ def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
                                (["parallel.tensor_parallel=3"], "must divide model.num_attention_heads (4)")):
         r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *overrides)
         assert r.returncode == 2 and message in r.stderr, (overrides, r.stderr[-500:])
-    r = _cli(workdir, "train", "configs/tiny/sft_lora.yaml", "parallel.tensor_parallel=2")
-    assert r.returncode == 2 and "supported by the pretrain and cpt stages" in r.stderr
+    for knob in ("parallel.tensor_parallel=2", "parallel.pipeline_stages=2"):
+        r = _cli(workdir, "train", "configs/tiny/sft_lora.yaml", knob)
+        assert r.returncode == 2 and "supported by the pretrain and cpt stages" in r.stderr, r.stderr[-500:]

@@ -161,6 +161,32 @@ def load_config(path: str, overrides=(), check: bool = True) -> ExperimentConfig
     return cfg
 
 
+def _check_pipeline(cfg: ExperimentConfig, where: str):
+    par = cfg.parallel
+    if cfg.stage not in ("pretrain", "cpt"):
+        raise MsLlmError(f"{where}: parallel.pipeline_stages is supported by the pretrain and cpt stages, not by stage "
+                         f"'{cfg.stage}' in this release")
+    for key, on in (("parallel.tensor_parallel", par.tensor_parallel > 1), ("parallel.optimizer_shard", par.optimizer_shard)):
+        if on:
+            raise MsLlmError(f"{where}: {key} together with parallel.pipeline_stages is not supported in this "
+                             "release; choose one")
+    if cfg.stage == "cpt" and (cfg.cpt.monitor.sets or cfg.cpt.monitor.choice_sets):
+        raise MsLlmError(f"{where}: cpt.monitor evaluates the whole model on one rank and does not run under "
+                         "parallel.pipeline_stages in this release; use data_parallel/tensor_parallel, or drop "
+                         "cpt.monitor.sets and cpt.monitor.choice_sets")
+    if cfg.model.preset and not cfg.model.init_from:     # init_from models are checked when loaded
+        from ms_llm.models.config import preset
+        from ms_llm.models.pipeline import check_config
+        try:
+            shape = preset(cfg.model.preset, **cfg.model.overrides)
+        except TypeError:
+            return                                        # reported with the model section when built
+        try:
+            check_config(shape, par.pipeline_stages)
+        except MsLlmError as e:
+            raise MsLlmError(f"{where}: {e}") from None
+
+
 def validate(cfg: ExperimentConfig, where: str = "config"):
     """Cross-field rules; each failure names the keys involved."""
     t = cfg.train
@@ -177,9 +203,10 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
         raise MsLlmError(f"{where}: lr_schedule.warmup_steps ({cfg.lr_schedule.warmup_steps}) must be below "
                          f"train.max_steps ({t.max_steps})")
     par = cfg.parallel
+    if par.pipeline_stages < 1:
+        raise MsLlmError(f"{where}: parallel.pipeline_stages must be at least 1, got {par.pipeline_stages}")
     if par.pipeline_stages > 1:
-        raise MsLlmError(f"{where}: parallel.pipeline_stages is not implemented in this release; use data_parallel "
-                         "and tensor_parallel (with optimizer_shard and recompute for memory)")
+        _check_pipeline(cfg, where)
     if par.tensor_parallel < 1:
         raise MsLlmError(f"{where}: parallel.tensor_parallel must be at least 1, got {par.tensor_parallel}")
     if par.tensor_parallel > 1:

@@ -109,7 +109,8 @@ class ParallelSection:
     data_parallel: int = opt(1, "Data-parallel ranks (msrun workers); 1 runs without msrun")
     tensor_parallel: int = opt(1, "Tensor-parallel degree: attention heads and MLP columns split over this many ranks "
                                   "(Megatron layout, models/tensor_parallel.py; pretrain and cpt stages)")
-    pipeline_stages: int = opt(1, "Pipeline stages (MindSpore semi-auto parallel; Ascend only)")
+    pipeline_stages: int = opt(1, "Pipeline stages: consecutive decoder layers per rank, trained with GPipe's schedule "
+                                  "over train.grad_accum_steps micro-batches (models/pipeline.py; pretrain and cpt)")
     optimizer_shard: bool = opt(False, "Shard the Adam moments across data-parallel ranks (ZeRO stage 1: each rank "
                                        "keeps ~1/data_parallel of them; results equal the unsharded run)")
     recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")

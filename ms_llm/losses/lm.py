@@ -18,8 +18,12 @@ class LMLoss(nn.Cell):
 
     def construct(self, input_ids, labels, position_ids=None, segment_ids=None):
         """input_ids, labels: [B, S] int32; position_ids, segment_ids: [B, S] (packed documents)."""
-        logits = self.model(input_ids, None, position_ids, segment_ids)
-        valid = labels != self.ignore_index
-        safe = ops.where(valid, labels, ops.zeros_like(labels))
-        nll = -F.token_log_probs(logits, safe) * valid.astype(ms.float32)
-        return nll.sum(), valid.astype(ms.float32).sum()
+        return nll_sum(self.model(input_ids, None, position_ids, segment_ids), labels, self.ignore_index)
+
+
+def nll_sum(logits, labels, ignore_index: int = -100):
+    """(sum of -log p(label) over counted positions, number of counted positions) for [B, S, V] logits."""
+    valid = labels != ignore_index
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    nll = -F.token_log_probs(logits, safe) * valid.astype(ms.float32)
+    return nll.sum(), valid.astype(ms.float32).sum()

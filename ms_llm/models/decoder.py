@@ -241,14 +241,19 @@ class CausalLM(nn.Cell):
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
-        """Final-norm hidden states [B, S, H] float32 (what reward/value heads and chunked losses read)."""
-        b, s = input_ids.shape
+    def attention_inputs(self, b: int, s: int, attention_mask=None, position_ids=None, segment_ids=None):
+        """(additive mask [B, 1, S, S], rotary cos, sin) for a [B, S] batch (what every layer reads)."""
         slots = ops.broadcast_to(ops.arange(s, dtype=ms.int32).reshape(1, s), (b, s))
         if position_ids is None:
             position_ids = slots
         mask = F.mask_bias(F.causal_mask(slots, slots, attention_mask, segment_ids, segment_ids))
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(s))
+        return mask, cos, sin
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+        """Final-norm hidden states [B, S, H] float32 (what reward/value heads and chunked losses read)."""
+        b, s = input_ids.shape
+        mask, cos, sin = self.attention_inputs(b, s, attention_mask, position_ids, segment_ids)
         x = self.embed(input_ids)
         if self.training and self.neftune_alpha > 0:   # NEFTune: uniform noise scaled by alpha / sqrt(S * H)
             x = x + (ops.rand_like(x) * 2.0 - 1.0) * (self.neftune_alpha / math.sqrt(s * x.shape[-1]))

@@ -159,6 +159,8 @@ def load_weights(model, model_dir: str, strict: bool = True) -> dict:
     if getattr(model, "tp", None) is not None:                 # tensor parallel: this rank's slices
         from ms_llm.models.tensor_parallel import shard_state
         tensors = shard_state(tensors, model.tp)
+    if getattr(model, "pp", None) is not None:                 # pipeline stage: its own layers
+        tensors = model.select(tensors)
     return load_state_dict(model, tensors, strict=strict, source=model_dir)
 
 

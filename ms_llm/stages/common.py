@@ -37,9 +37,10 @@ def check_init_hash(path: str, expected: str) -> str:
     return got
 
 
-def build_model(cfg: ExperimentConfig, tp=None) -> CausalLM:
+def build_model(cfg: ExperimentConfig, tp=None, pp=None) -> CausalLM:
     """The stage's model: init_from (hash-checked) or a preset with overrides, at the configured AMP level.
-    With `tp` (a TPGroup) every rank builds the same whole model and keeps its slice of each layer."""
+    With `tp` (a TPGroup) every rank builds the same whole model and keeps its slice of each layer; with `pp`
+    (a PPGroup) it keeps its pipeline stage (models/pipeline.py)."""
     m = cfg.model
     if m.init_from:
         if m.init_sha256:
@@ -61,6 +62,13 @@ def build_model(cfg: ExperimentConfig, tp=None) -> CausalLM:
         whole = model_state_dict(model)
         model = CausalLM(model.config, tp)
         load_state_dict(model, shard_state(whole, tp), strict=True, source="tensor-parallel slices")
+    if pp is not None:
+        from ms_llm.models.pipeline import build_stage, check_config
+        try:
+            check_config(model.config, pp.size)
+        except MsLlmError as e:
+            raise MsLlmError(f"{m.init_from or 'model'}: {e}") from None
+        model = build_stage(model, pp)
     if cfg.parallel.recompute:
         for layer in model.model.layers:
             layer.recompute()          # keep only layer inputs; recompute the rest in the backward pass
@@ -74,14 +82,19 @@ def load_tokenizer(cfg: ExperimentConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def data_position(rank: int, world: int, tp=None) -> tuple:
-    """(data rank, data ranks): tensor-parallel ranks of one group read the same batches."""
-    return (rank // tp.size, world // tp.size) if tp is not None else (rank, world)
+def data_position(rank: int, world: int, tp=None, pp=None) -> tuple:
+    """(data rank, data ranks): the tensor-parallel ranks of one group, and the stages of one pipeline, read
+    the same batches."""
+    group = tp or pp
+    return (rank // group.size, world // group.size) if group is not None else (rank, world)
 
 
 def whole_weights(model):
-    """{name: array} of the whole model when it is split over tensor-parallel ranks (a collective: call it on
-    every rank), else None."""
+    """{name: array} of the whole model when it is split over tensor-parallel ranks or pipeline stages (a
+    collective: call it on every rank), else None."""
+    if getattr(model, "pp", None) is not None:
+        from ms_llm.models.pipeline import gather_weights
+        return gather_weights(model)
     if getattr(model, "tp", None) is None:
         return None
     from ms_llm.models.tensor_parallel import gather_state

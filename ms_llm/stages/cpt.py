@@ -121,12 +121,12 @@ class ForgettingMonitor:
         return (max(recent) - min(recent)) / max(abs(recent[-1]), 1e-12) < m.tolerance
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None) -> dict:
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None, pp=None) -> dict:
     c, d, t = cfg.cpt, cfg.data, cfg.train
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tp)
-    data_rank, data_world = data_position(rank, world, tp)
+    model = build_model(cfg, tp, pp)
+    data_rank, data_world = data_position(rank, world, tp, pp)
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     schedule = schedule_from(cfg)
     sampled = {k for ph in schedule.phases for k, v in ph.weights.items() if v > 0}
@@ -194,7 +194,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=N
             monitor.baseline_acc = dict(saved.get("monitor_baseline_accuracy", {}))
             monitor.history = list(saved.get("monitor_history", []))
 
-    spec = StageSpec(loss_net=LMLoss(model), batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
+    spec = StageSpec(loss_net=LMLoss(model) if pp is None else model, batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate if monitor is not None else None,
                      extra_state=lambda: {"curriculum": schedule.state(),
                                           "monitor_baseline": monitor.baseline if monitor else {},

@@ -26,11 +26,17 @@ def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
     return {"eval/loss": num / den, "eval/ppl": math.exp(min(num / den, 50.0))}
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None) -> dict:
+def pipeline_loss(model):
+    """Under pipeline parallelism the loss is computed by passing the batch through every stage."""
+    from ms_llm.training.pipeline import PipelineLoss
+    return PipelineLoss(model)
+
+
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None, pp=None) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tp)
-    data_rank, data_world = data_position(rank, world, tp)
+    model = build_model(cfg, tp, pp)
+    data_rank, data_world = data_position(rank, world, tp, pp)
     if tokenizer.vocab_size > model.config.vocab_size:
         from ms_llm.errors import MsLlmError
         raise MsLlmError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -40,12 +46,13 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=N
     data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
                         d.eval_fraction, d.on_error, d.index)
     keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask else ("input_ids", "labels")
-    loss_net = LMLoss(model)
+    loss_net = LMLoss(model) if pp is None else model
+    loss_fn = loss_net if pp is None else pipeline_loss(model)
     mbs = cfg.train.micro_batch_size
     spec = StageSpec(loss_net=loss_net, batch_keys=keys,
                      next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
                      tokens_per_micro=mbs * d.seq_len,
-                     evaluate=(lambda: eval_loss(loss_net, data, keys, mbs)) if d.eval_fraction > 0 else None)
+                     evaluate=(lambda: eval_loss(loss_fn, data, keys, mbs)) if d.eval_fraction > 0 else None)
     result = train(cfg, model, spec, run_dir, rank, reducer)
     weights = whole_weights(model)
     if rank != 0:

@@ -97,8 +97,14 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
         from ms_llm.training.step import TPNorm
         names = {id(p): n for n, p in model.parameters_and_names()}
         tp_norm = TPNorm([shard_axis(names.get(id(p), p.name)) is not None for p in opt.parameters], tp)
-    step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
-                        loss_norm=float(spec.loss_norm or spec.tokens_per_micro), tp_norm=tp_norm)
+    pp = getattr(model, "pp", None)
+    loss_norm = float(spec.loss_norm or spec.tokens_per_micro)
+    if pp is not None:
+        from ms_llm.training.pipeline import PipelineStep
+        step_fn = PipelineStep(model, opt, scale, t.clip_grad_norm, reducer, loss_norm)
+    else:
+        step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
+                            loss_norm=loss_norm, tp_norm=tp_norm)
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
     resumed, start, micro_index = _resume(cfg, root, model, spec, state)
@@ -151,6 +157,12 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                     from ms_llm.models.tensor_parallel import gather_state
                     weights = gather_state(dict(model.parameters_and_names()), tp)
                     full = gather_state(full, tp)
+                    writer = lambda d, w=weights: save_state_dict(w, model.config, d)    # noqa: E731
+                elif pp is not None:                             # whole tensors from every stage
+                    from ms_llm.models.io import save_state_dict
+                    from ms_llm.models.pipeline import gather_optimizer_state, gather_weights
+                    weights = gather_weights(model)
+                    full = gather_optimizer_state(full, model)
                     writer = lambda d, w=weights: save_state_dict(w, model.config, d)    # noqa: E731
                 if rank == 0:
                     ckpt.save_checkpoint(root, done, model, full,
