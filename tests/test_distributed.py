@@ -140,7 +140,7 @@ def test_tensor_parallel_over_two_ranks_equals_one_process(workdir, one_process)
 
 
 PIPE = ["model.overrides.num_hidden_layers=3", "model.overrides.tie_word_embeddings=true", "train.micro_batch_size=4",
-        "train.grad_accum_steps=2"]
+        "train.grad_accum_steps=2", "data.eval_fraction=0.05", "train.eval_every=3"]
 
 
 @pytest.mark.slow
@@ -158,6 +158,9 @@ def test_pipeline_of_two_stages_equals_one_process(workdir):
     np.testing.assert_allclose(_losses(two), _losses(ref), rtol=1e-6)
     norms = [[json.loads(x)["grad_norm"] for x in open(d / "metrics.jsonl")] for d in (ref, two)]
     np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
+    evals = [[json.loads(x)["eval/loss"] for x in open(d / "metrics.jsonl") if "eval/loss" in x] for d in (ref, two)]
+    assert len(evals[1]) == 2                    # held-out loss at steps 3 and 6, passed through both stages
+    np.testing.assert_allclose(evals[1], evals[0], rtol=1e-6)
     assert _weights_gap(ref, two) <= 1e-5
     assert _optimizer_gap(ref, two) <= 1e-6
     held = json.loads((two / "summary.json").read_text())["metrics"]["parameters_on_rank"]
@@ -173,10 +176,11 @@ def test_pipeline_of_two_stages_equals_one_process(workdir):
 @pytest.mark.multiprocess
 def test_killed_worker_fails_the_job_by_name_and_the_run_resumes(workdir):
     from ms_llm.training import checkpoint as ckpt
+    # with sharded optimizer state, so the resume below loads each rank's own moments from the gathered file
     args = ["launch", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=2000", "checkpoint.every=10",
-            "train.micro_batch_size=4", "train.output_dir=runs/kill", "--nproc-per-node", "2",
-            "--master-port", "8153", "--log-dir", "logs_kill", "--cluster-timeout", "20"]
-    proc = _cli(workdir, *args, wait=False)
+            "train.micro_batch_size=4", "parallel.optimizer_shard=true", "train.output_dir=runs/kill",
+            "--nproc-per-node", "2", "--log-dir", "logs_kill", "--cluster-timeout", "20"]
+    proc = _cli(workdir, *args, "--master-port", "8153", wait=False)
     marker = workdir / "runs" / "kill" / "checkpoints" / "step_000010" / "MANIFEST.json"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
@@ -192,8 +196,8 @@ def test_killed_worker_fails_the_job_by_name_and_the_run_resumes(workdir):
     newest = ckpt.find_resume(root)                                         # verified against its manifest
     step = json.loads(open(os.path.join(newest, "trainer_state.json")).read())["step"]
     assert step >= 10 and open(os.path.join(root, "latest")).read() == os.path.basename(newest)
-    r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *COMMON, f"train.max_steps={step + 10}",
-             "checkpoint.every=10", "train.micro_batch_size=8", "checkpoint.reshard=true", "train.output_dir=runs/kill")
+    args[args.index("train.max_steps=2000")] = f"train.max_steps={step + 10}"
+    r = _cli(workdir, *args, "--master-port", "8165")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((workdir / "runs" / "kill" / "summary.json").read_text())
     assert summary["steps"] == step + 10 and summary["status"] == "completed"

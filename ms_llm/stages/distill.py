@@ -46,6 +46,33 @@ CACHE_KEYS = KEYS + ("topk_ids", "topk_logp", "tail_logp")
 
 
 # ---------------------------------------------------------------------------------------------- teacher side
+def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: str) -> float:
+    """The teacher's exact match on the evaluation prompts. Greedy decoding of a frozen teacher gives the same
+    score every time, so it is kept in `<runs>/.cache/teacher_scores.json` (or data.cache_dir), keyed by the
+    teacher's weights and tokenizer, the prompts, the chat template and the answer length: runs that share a
+    teacher (a CE-only baseline, a cached-logit run, a rerun) score it once."""
+    import hashlib
+    from ms_llm.data.cache import tokenizer_fingerprint
+    from ms_llm.fileio import read_json, write_json_atomic
+    d = cfg.distill
+    key = hashlib.sha256(json.dumps({"teacher": teacher.sha256, "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
+                                     "records": records, "template": cfg.tokenizer.chat_template,
+                                     "max_new_tokens": d.eval_max_new_tokens}, sort_keys=True).encode()).hexdigest()
+    root = cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
+    path = os.path.join(root, "teacher_scores.json")
+    scores = read_json(path, "the teacher-score cache") if os.path.isfile(path) else {}
+    if key in scores:
+        log.info("teacher exact match %.4f (cached in %s)", scores[key], path)
+        return float(scores[key])
+    score = exact_match(teacher.model, teacher.tokenizer, records, cfg.tokenizer.chat_template,
+                        d.eval_max_new_tokens)["accuracy"]
+    os.makedirs(root, exist_ok=True)
+    scores = read_json(path, "the teacher-score cache") if os.path.isfile(path) else {}   # another run may have added
+    scores[key] = score
+    write_json_atomic(path, scores)
+    return score
+
+
 class Teacher:
     """The frozen teacher with its tokenizer, its identity and the vocabulary map to the student."""
 
@@ -359,8 +386,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         records = read_records(d.eval_prompts, "prompts")
         records = records[:d.eval_limit] if d.eval_limit else records
     template = cfg.tokenizer.chat_template
-    teacher_score = exact_match(teacher.model, teacher.tokenizer, records, template, d.eval_max_new_tokens)["accuracy"] \
-        if records and rank == 0 else float("nan")
+    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and rank == 0 else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
     n_evals = {"calls": 0}
 
