@@ -241,3 +241,5 @@ def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
     for knob in ("parallel.tensor_parallel=2", "parallel.pipeline_stages=2"):
         r = _cli(workdir, "train", "configs/tiny/sft_lora.yaml", knob)
         assert r.returncode == 2 and "supported by the pretrain and cpt stages" in r.stderr, r.stderr[-500:]
+    r = _cli(workdir, "bench", "layouts", "--layouts", "dp2,dp3")
+    assert r.returncode == 2 and "--layouts: unknown ['dp3']" in r.stderr, r.stderr[-500:]
