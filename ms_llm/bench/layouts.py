@@ -3,8 +3,8 @@
 
 Each layout trains the same model on the same global batch (8 sequences: 2 micro-batches of 4, split over the
 data-parallel ranks) for a few steps under msrun. The table gives how far its losses, gradient norms,
-final weights and checkpointed Adam state are from a one-process run, and how many parameters rank 0
-holds. Layouts with 4 workers need 4 CPU processes. The 2-core test suite therefore runs only the 2-worker
+final weights and checkpointed Adam state are from a one-process run, and how many parameters and Adam
+moment values rank 0 holds. Layouts with 4 workers need 4 CPU processes. The 2-core test suite therefore runs only the 2-worker
 layouts; this is where the 4-worker ones are checked.
 
 Expect weights about 1e-5 apart when the data-parallel or tensor-parallel split changes the order of a sum:
@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.models.safetensors_io import read_safetensors
 
 # name -> (data_parallel, tensor_parallel, pipeline_stages, extra overrides)
 LAYOUTS = {
@@ -58,11 +59,11 @@ def _cli(*args) -> float:
 
 
 def _rows(run: str, key: str) -> list:
-    return [json.loads(x)[key] for x in open(os.path.join(run, "metrics.jsonl")) if key in json.loads(x)]
+    rows = (json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")))
+    return [row[key] for row in rows if key in row]
 
 
 def _gap(a_path: str, b_path: str) -> float:
-    from ms_llm.models.safetensors_io import read_safetensors
     a, b = read_safetensors(a_path), read_safetensors(b_path)
     if set(a) != set(b):
         raise MsLlmError(f"{b_path}: tensors differ from {a_path}: {sorted(set(a) ^ set(b))[:5]}")
@@ -83,7 +84,7 @@ def run(argv):
               "model.overrides.tie_word_embeddings=true", "train.grad_accum_steps=2"]
     ref = os.path.join(a.out, "one_process")
     shutil.rmtree(a.out, ignore_errors=True)
-    seconds = {"one process": _cli("train", a.config, *common, "train.micro_batch_size=4", f"train.output_dir={ref}")}
+    ref_seconds = _cli("train", a.config, *common, "train.micro_batch_size=4", f"train.output_dir={ref}")
     last = f"step_{a.steps:06d}"
     print(f"{'layout':<9} {'workers':>7} {'loss rel':>9} {'norm rel':>9} {'weights':>9} {'Adam':>9} "
           f"{'params rank 0':>13} {'Adam rank 0':>11} {'seconds':>8}")
@@ -91,7 +92,7 @@ def run(argv):
     ref_m = json.load(open(os.path.join(ref, "summary.json")))["metrics"]
     ref_params, ref_moments = ref_m["parameters_on_rank"], ref_m["optimizer_state_elements"]
     print(f"{'1 process':<9} {1:>7} {'-':>9} {'-':>9} {'-':>9} {'-':>9} {ref_params:>13} {ref_moments:>11} "
-          f"{seconds['one process']:>8.1f}")
+          f"{ref_seconds:>8.1f}")
     results = {}
     for i, name in enumerate(names):
         dp, tp, pp, extra = LAYOUTS[name]
@@ -114,6 +115,5 @@ def run(argv):
               f"{moments:>11} {secs:>8.1f}", flush=True)
     with open(os.path.join(a.out, "layouts.json"), "w") as f:
         json.dump({"steps": a.steps, "layers": a.layers, "parameters_one_process": ref_params,
-                   "adam_elements_one_process": ref_moments, "layouts": results}, f,
-                  indent=1)
+                   "adam_elements_one_process": ref_moments, "layouts": results}, f, indent=1)
     print(f"max absolute differences after {a.steps} steps; results in {os.path.join(a.out, 'layouts.json')}")
