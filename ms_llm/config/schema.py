@@ -283,6 +283,31 @@ class CPTSection:
 
 
 @dataclass
+class RewardSection:
+    num_layers: Optional[int] = opt(None, "Decoder layers kept from model.init_from, counted from the bottom (seed 000 "
+                                          "§1.2.5.4.1: the first 30 of the 7B); empty: all of them")
+    head_hidden: Optional[int] = opt(None, "Width h of the MLP head hidden -> h -> 1 (default: the model's hidden size)")
+    activation: str = opt("gelu", "Activation between the head's two layers", ["gelu", "relu", "tanh", "silu"])
+    center_coef: float = opt(0.0, "Reward centering c * mean((r_chosen + r_rejected)^2) (Eisenstein et al. 2023; "
+                                  "0.01 when on, 0 disables)")
+    use_margin: bool = opt(True, "Subtract each pair's `margin` field inside the sigmoid (pairs without one: 0)")
+    tag_shares: dict = opt(lambda: {"safety_boundary": 0.25, "logical_contradiction": 0.15},
+                           "Share of sampled pairs per `tag` (hard-example mixing, seed 000 §1.2.5.4.1); other tags "
+                           "share the rest by size")
+    lora: LoRASection = opt(LoRASection, "LoRA on the backbone (the head always trains in full)")
+    eval_data: Optional[str] = opt(None, "Held-out preference JSONL: accuracy, AUC, per-tag accuracy, ECE")
+    eval_limit: int = opt(0, "Held-out pairs used (0: all)")
+    eval_batch_size: int = opt(16, "Pairs per scoring batch")
+    calibration_fraction: float = opt(0.5, "Share of the held-out pairs Platt scaling is fitted on; the metrics "
+                                           "are reported on the rest")
+    gate_auc: float = opt(0.92, "Gate: held-out AUC at least this (seed 000: 0.92)")
+    dataset_manifest: Optional[str] = opt(None, "MANIFEST.json of the preference data release; its files are "
+                                               "verified and its version bound to the run")
+    dataset_version: Optional[str] = opt(None, "Expected version tag in dataset_manifest (seed: DATASET_v2.2_rm)")
+    export_version: Optional[str] = opt(None, "Version tag written into final/MANIFEST.json")
+
+
+@dataclass
 class MupSection:
     enabled: bool = opt(False, "Train in μP (models/mup.py): hyperparameters tuned at base_width transfer to this width")
     base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on")
@@ -297,7 +322,7 @@ class MupSection:
 
 @dataclass
 class ExperimentConfig:
-    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "cpt", "distill", "sft"])
+    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "cpt", "distill", "sft", "reward"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -312,6 +337,7 @@ class ExperimentConfig:
     sft: SFTSection = opt(SFTSection, "Supervised fine-tuning stage")
     distill: DistillSection = opt(DistillSection, "Logit distillation stage")
     cpt: CPTSection = opt(CPTSection, "Continual pretraining stage")
+    reward: RewardSection = opt(RewardSection, "Reward-model stage")
     mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
 
     @property

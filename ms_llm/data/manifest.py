@@ -9,7 +9,7 @@ from ms_llm.errors import MsLlmError
 from ms_llm.fileio import sha256_file
 
 
-def verify_dataset(manifest_path: str, expected_version: str = None) -> dict:
+def verify_dataset(manifest_path: str, expected_version: str = None, key: str = "sft.dataset_version") -> dict:
     """Check every listed file's SHA256 and the version tag; returns {"version", "sha256"} (of the manifest)."""
     try:
         with open(manifest_path) as f:
@@ -18,7 +18,7 @@ def verify_dataset(manifest_path: str, expected_version: str = None) -> dict:
     except (OSError, ValueError, KeyError) as e:
         raise MsLlmError(f"{manifest_path}: not a dataset manifest with a 'files' table ({e})") from None
     if expected_version and manifest.get("version") != expected_version:
-        raise MsLlmError(f"{manifest_path}: version {manifest.get('version')!r} but sft.dataset_version expects "
+        raise MsLlmError(f"{manifest_path}: version {manifest.get('version')!r} but {key} expects "
                          f"{expected_version!r}")
     folder = os.path.dirname(os.path.abspath(manifest_path))
     for name, want in files.items():

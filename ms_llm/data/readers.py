@@ -4,7 +4,7 @@
     text        {"text": str, "domain"?: str}
     alpaca      {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...], "task"?}
     sharegpt    {"conversations": [{"from": human|gpt|function_call|observation, "value"}], "system"?, "tools"?, "task"?}
-    preference  {"prompt": str, "chosen": str, "rejected": str}
+    preference  {"prompt": str | [{"role", "content"}], "chosen": str, "rejected": str, "margin"?: number, "tag"?: str}
     prompts     {"prompt": str, "answer"?: str, "task"?: str}
 
 Conversational formats become {"messages": [{"role", "content"}], "task"}. Every record keeps its file
@@ -85,11 +85,22 @@ def _sharegpt(rec):
 def _preference(rec):
     prompt = rec.get("prompt")
     if isinstance(prompt, list):
+        for i, m in enumerate(prompt):
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(f"prompt[{i}] needs a role (system, user, assistant, tool) and a string content")
+        if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+            raise ValueError("a multi-turn prompt must end with a user (or tool) message")
         msgs = prompt
     else:
         msgs = [{"role": "user", "content": _need_str(rec, "prompt")}]
+    margin, tag = rec.get("margin"), rec.get("tag")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise ValueError("field 'margin' must be a number")
+    if tag is not None and not isinstance(tag, str):
+        raise ValueError("field 'tag' must be a string")
     return {"messages": msgs, "chosen": _need_str(rec, "chosen"), "rejected": _need_str(rec, "rejected"),
-            "task": rec.get("task")}
+            "task": rec.get("task"), "margin": margin, "tag": tag}
 
 
 def _prompts(rec):

@@ -101,9 +101,10 @@ def whole_weights(model):
     return gather_state(dict(model.parameters_and_names()), model.tp)
 
 
-def export_final(run_dir: str, model, tokenizer, version: str = None, weights: dict = None) -> dict:
+def export_final(run_dir: str, model, tokenizer, version: str = None, weights: dict = None, extra=None) -> dict:
     """final/: Hugging Face layout + tokenizer + MANIFEST.json; returns summary.json's `final` entry.
-    `weights`: the whole model's arrays (from whole_weights) instead of the model's own parameters."""
+    `weights`: the whole model's arrays (from whole_weights) instead of the model's own parameters;
+    `extra(folder)`: writes further files (e.g. a reward head) before the manifest hashes them."""
     final = os.path.join(run_dir, "final")
     tmp = final + ".tmp"
     import shutil
@@ -115,6 +116,8 @@ def export_final(run_dir: str, model, tokenizer, version: str = None, weights: d
         save_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
+    if extra is not None:
+        extra(tmp)
     manifest = ckpt.write_manifest(tmp, version=version)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)

@@ -1,0 +1,135 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reward-model stage (seed 000 §1.2.5.4.1): Bradley–Terry training on preference pairs.
+
+    ms-llm train configs/tiny/reward.yaml model.init_from=runs/tiny_sft_lora
+
+The model is the first `reward.num_layers` decoder layers of `model.init_from` plus a 2-layer MLP head
+(models/reward.py), trained in full or with LoRA on the backbone. Pairs are drawn by tag at the configured
+shares (hard-example mixing); the realised shares go into summary.json. Held-out pairs (`reward.eval_data`)
+are split into a calibration part, on which Platt scaling is fitted at the end, and a test part, on which
+accuracy, AUC, per-tag accuracy and ECE (before and after calibration) are reported; AUC is the gate.
+`final/` holds the backbone, the head, its config with the Platt coefficients and the tokenizer
+(`ms_llm.models.load_reward_model` reads it).
+"""
+import os
+
+import numpy as np
+
+from ms_llm.config import ExperimentConfig
+from ms_llm.data.manifest import verify_dataset
+from ms_llm.data.preference import KEYS, PreferenceData, read_pairs
+from ms_llm.errors import MsLlmError
+from ms_llm.eval.reward import fit_platt, pair_metrics, score_pairs, split_calibration
+from ms_llm.eval.results import gate
+from ms_llm.losses.reward import RewardLoss
+from ms_llm.models.io import load_weights, save_pretrained
+from ms_llm.models.reward import HEAD_FILE, RewardModel, save_head, truncate
+from ms_llm.models.safetensors_io import read_safetensors
+from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.trainer import StageSpec, train
+
+
+def build_reward_model(cfg: ExperimentConfig) -> RewardModel:
+    r = cfg.reward
+    backbone = truncate(build_model(cfg), r.num_layers)
+    if r.lora.enabled:
+        apply_lora(backbone, LoRAConfig(r.lora.r, r.lora.alpha, r.lora.dropout, list(r.lora.targets)))
+    return RewardModel(backbone, r.head_hidden, r.activation)
+
+
+def checkpoint_io(cfg: ExperimentConfig, rm: RewardModel):
+    """(writer, reader) of a checkpoint's weights: the backbone (or its adapter) and the head."""
+    lora = cfg.reward.lora.enabled
+
+    def write(folder):
+        if lora:
+            save_adapter(rm.backbone, folder, cfg.model.init_from)
+        else:
+            save_pretrained(rm.backbone, folder)
+        save_head(rm, folder, chat_template=cfg.tokenizer.chat_template)
+
+    def read(folder):
+        if lora:
+            load_adapter(rm.backbone, folder)
+        else:
+            load_weights(rm.backbone, folder, strict=True)
+        rm.load_head(read_safetensors(os.path.join(folder, HEAD_FILE)), os.path.join(folder, HEAD_FILE))
+    return write, read
+
+
+def make_evaluator(cfg: ExperimentConfig, rm: RewardModel, tokenizer, stats):
+    """evaluate() -> eval/* metrics on the test part of the held-out pairs; keeps the last scores of every
+    held-out pair in `evaluate.scores` for the calibration fit."""
+    r = cfg.reward
+    if not r.eval_data:
+        return None, [], []
+    pairs = read_pairs(r.eval_data, tokenizer, cfg.tokenizer.chat_template, cfg.data.seq_len, cfg.data.on_error, stats)
+    pairs = pairs[:r.eval_limit] if r.eval_limit else pairs
+    cal, test = split_calibration(len(pairs), r.calibration_fraction, cfg.train.seed)
+    if not len(test):
+        raise MsLlmError(f"reward.calibration_fraction={r.calibration_fraction} leaves no test pairs of "
+                         f"{len(pairs)} in {r.eval_data}")
+    tags = [pairs[i]["tag"] for i in test]
+
+    def evaluate():
+        c, j = score_pairs(rm, pairs, r.eval_batch_size)
+        evaluate.scores = (c, j)
+        return {f"eval/{k}": v for k, v in pair_metrics(c[test], j[test], tags).items()}
+    evaluate.scores = None
+    return evaluate, cal, test
+
+
+def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg)
+    r, d = cfg.reward, cfg.data
+    binding = verify_dataset(r.dataset_manifest, r.dataset_version, "reward.dataset_version") \
+        if r.dataset_manifest else None
+    rm = build_reward_model(cfg)
+    data = PreferenceData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, r.tag_shares,
+                          d.shuffle_seed, d.on_error)
+    evaluate, cal, test = make_evaluator(cfg, rm, tokenizer, data.stats)
+    mbs = cfg.train.micro_batch_size
+
+    def next_batch(i):
+        batch = data.batch(i, mbs, rank, world)
+        if not r.use_margin:
+            batch["margin"] = np.zeros_like(batch["margin"])
+        return batch
+
+    def check_resume(state: dict):
+        if binding and state.get("dataset") != binding:
+            raise MsLlmError(f"the checkpoint was trained on dataset {state.get('dataset')}, the config names "
+                             f"{binding} ({r.dataset_manifest}); refusing to resume on different data")
+    writer, reader = checkpoint_io(cfg, rm)
+    spec = StageSpec(loss_net=RewardLoss(rm, r.center_coef), batch_keys=KEYS, next_batch=next_batch,
+                     tokens_per_micro=2 * mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
+                     weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
+                     check_resume=check_resume)
+    result = train(cfg, rm, spec, run_dir, rank, reducer)
+    if rank != 0:
+        return {}
+    rm.set_train(False)
+    metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
+                   data_truncated_prompts=data.stats.truncated_prompts)
+    samples = result.steps * cfg.global_batch
+    metrics.update({f"data/share/{t}": v for t, v in data.realised_shares(samples).items()})
+    metrics.update({f"data/target_share/{t}": v for t, v in data.shares.items()})
+    calibration, gates = {"a": 1.0, "b": 0.0}, {}
+    if evaluate is not None:
+        if evaluate.scores is None:              # resumed at the last step: nothing evaluated in this process
+            metrics.update(evaluate())
+        c, j = evaluate.scores
+        if len(cal):
+            calibration = fit_platt(c[cal] - j[cal])
+        final_eval = pair_metrics(c[test], j[test], [None] * len(test), calibration)
+        metrics.update({"eval/ece_calibrated": final_eval["ece_calibrated"], "platt/a": calibration["a"],
+                        "platt/b": calibration["b"]})
+        gates["auc"] = gate(metrics["eval/auc"], r.gate_auc)
+    backbone = merge_lora(rm.backbone) if r.lora.enabled else rm.backbone
+    final = export_final(run_dir, backbone, tokenizer, r.export_version,
+                         extra=lambda folder: save_head(rm, folder, calibration, cfg.tokenizer.chat_template))
+    if binding:
+        final["dataset"] = binding
+    return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)
