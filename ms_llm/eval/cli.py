@@ -6,6 +6,7 @@
     ms-llm eval mc --model DIR --data DIR_OR_JSONL --layout mmlu|ceval|cmmlu|jsonl [--k-shot 5] [--method letter|choice|cloze]
     ms-llm eval ppl --model DIR --data held_out.jsonl
     ms-llm eval em --model DIR --data prompts.jsonl [--template chatml]
+    ms-llm eval rm --model REWARD_DIR --data pairs.jsonl [--seq-len 512]
 Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, settings) and DIR/results.md.
 """
 import argparse
@@ -20,9 +21,26 @@ def _model(a):
     return load_pretrained(a.model), Tokenizer.load(a.tokenizer or resolve_model_dir(a.model))
 
 
+def _reward_metrics(a) -> dict:
+    """Accuracy, AUC, per-tag accuracy and ECE (raw and with the model's stored Platt coefficients)."""
+    from ms_llm.context import setup_context
+    from ms_llm.data.preference import read_pairs
+    from ms_llm.errors import MsLlmError
+    from ms_llm.eval.reward import pair_metrics, score_pairs
+    from ms_llm.models.reward import load_reward_model
+    if not a.model or not a.data:
+        raise MsLlmError("eval rm: --model and --data are required")
+    setup_context(a.mode, seed=0)
+    scorer = load_reward_model(a.model)
+    pairs = read_pairs(a.data, scorer.tokenizer, scorer.chat_template, a.seq_len)
+    pairs = pairs[:a.limit] if a.limit else pairs
+    chosen, rejected = score_pairs(scorer.rm, pairs, a.batch_size)
+    return pair_metrics(chosen, rejected, [p["tag"] for p in pairs], {"a": scorer.a, "b": scorer.b})
+
+
 def main(argv):
     p = argparse.ArgumentParser(prog="ms-llm eval", description="Evaluate a model or scored samples.")
-    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em"])
+    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em", "rm"])
     p.add_argument("--model", help="model dir, checkpoint dir or run dir")
     p.add_argument("--tokenizer", help="tokenizer (default: the model dir)")
     p.add_argument("--data", help="benchmark file or directory")
@@ -36,6 +54,8 @@ def main(argv):
     p.add_argument("--method", default="letter", choices=["letter", "choice", "cloze"])
     p.add_argument("--template", default="chatml", help="em: chat template for the prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512, help="rm: tokens per scored row (the prompt is cut first)")
+    p.add_argument("--batch-size", type=int, default=16, help="rm: pairs per scoring batch")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--out", help="write results JSON + results.md here")
     a = p.parse_args(argv)
@@ -55,6 +75,8 @@ def main(argv):
         res = he.score_samples(samples, problems, tuple(int(k) for k in a.k.split(",")), a.timeout)
         metrics = {k: v for k, v in res.items() if k != "results"}
         dataset = he.dataset_path()
+    elif a.benchmark == "rm":
+        metrics, dataset = _reward_metrics(a), a.data
     else:
         if not a.model or not a.data:
             raise MsLlmError(f"eval {a.benchmark}: --model and --data are required")

@@ -59,19 +59,26 @@ def ece(diff, a: float = 1.0, b: float = 0.0, bins: int = 10) -> float:
 
 
 def fit_platt(diff, iters: int = 100, l2: float = 1e-6) -> dict:
-    """Logistic regression of the label on (diff, 1) over both orders, by Newton's method: {"a", "b"}."""
+    """Logistic regression of the label on (diff, 1) over both orders: Newton's method from (0, 0) with step
+    halving, so the negative log-likelihood never rises. Returns {"a", "b"}."""
     x, y = _both_orders(diff)
     if not len(x):
         raise MsLlmError("Platt scaling needs at least one calibration pair")
     X = np.stack([x, np.ones_like(x)], 1)
-    w = np.array([1.0, 0.0])
+
+    def nll(w):
+        z = X @ w
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * w @ w)
+    w = np.zeros(2)
     for _ in range(iters):
         p = _sigmoid(X @ w)
         grad = X.T @ (p - y) + l2 * w
         hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
+        step, t, base = np.linalg.solve(hess, grad), 1.0, nll(w)
+        while nll(w - t * step) > base and t > 1e-8:
+            t *= 0.5
+        w = w - t * step
+        if np.abs(t * step).max() < 1e-10:
             break
     return {"a": float(w[0]), "b": float(w[1])}
 

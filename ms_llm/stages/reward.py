@@ -123,7 +123,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         c, j = evaluate.scores
         if len(cal):
             calibration = fit_platt(c[cal] - j[cal])
-        final_eval = pair_metrics(c[test], j[test], [None] * len(test), calibration)
+        final_eval = pair_metrics(c[test], j[test], None, calibration)
         metrics.update({"eval/ece_calibrated": final_eval["ece_calibrated"], "platt/a": calibration["a"],
                         "platt/b": calibration["b"]})
         gates["auc"] = gate(metrics["eval/auc"], r.gate_auc)

@@ -1,0 +1,113 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Preference pairs: encoding through the chat template, prompt-first truncation, bad pairs named by file:line
+(or counted), and tag mixing at the configured shares."""
+import json
+
+import numpy as np
+import pytest
+
+from ms_llm.config.schema import DataSource
+from ms_llm.data.chat import render
+from ms_llm.data.preference import PreferenceData, read_pairs, tag_weights
+from ms_llm.data.synthetic import synthesize
+from ms_llm.data.tokenizer import Tokenizer
+from ms_llm.errors import MsLlmError
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prefdata")
+    synthesize(str(d), n_text=50, n_sft=300, n_eval=60)
+    return d, Tokenizer.load(d / "tokenizer")
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_pair_rows_are_prompt_plus_answer_right_padded(synth, tmp_path):
+    _, tok = synth
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5."},
+            {"role": "user", "content": "And 2 + 4?"}]
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": msgs, "chosen": "6.", "rejected": "7.", "margin": 1.5,
+                                          "tag": "math"}])
+    (pair,) = read_pairs(path, tok, "chatml", 96)
+    want = render(msgs + [{"role": "assistant", "content": "6."}], tok, "chatml").ids
+    n = int(pair["chosen_mask"].sum())
+    assert pair["chosen_ids"][:n].tolist() == want and not pair["chosen_mask"][n:].any()
+    assert pair["margin"] == np.float32(1.5) and pair["tag"] == "math"
+
+
+def test_long_prompt_is_cut_from_its_start_and_counted(synth, tmp_path):
+    _, tok = synth
+    from ms_llm.data.preference import PairStats
+    answer = "The answer is 5 and not 6."
+
+    def lengths(n):
+        msgs = [{"role": "user", "content": "pump " * n + "What is 2 + 3?"}]
+        return (len(render(msgs, tok, "chatml", add_generation_prompt=True).ids),
+                render(msgs + [{"role": "assistant", "content": answer}], tok, "chatml").ids)
+    n = next(n for n in range(60) if lengths(n)[0] < 64 < len(lengths(n)[1]))      # fits alone, not with the answer
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "pump " * n + "What is 2 + 3?", "chosen": answer,
+                                          "rejected": "The answer is 6."}])
+    stats = PairStats()
+    (pair,) = read_pairs(path, tok, "chatml", 64, stats=stats)
+    assert stats.truncated_prompts == 1 and pair["chosen_mask"].all()
+    assert pair["chosen_ids"].tolist() == lengths(n)[1][-64:]          # the answer and the prompt's end are kept
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
+    ({"prompt": "q", "chosen": "a"}, "field 'rejected' must be a non-empty string"),
+    ({"prompt": "pump " * 200, "chosen": "a", "rejected": "b"}, "the prompt .or an answer. alone is longer than data.seq_len=64"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "field 'margin' must be a number"),
+    ({"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "a", "rejected": "b"}, "a multi-turn prompt must end with a user"),
+])
+def test_bad_pairs_are_named_by_file_and_line_or_counted(synth, tmp_path, record, reason):
+    _, tok = synth
+    path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, record])
+    with pytest.raises(MsLlmError, match=r"bad\.jsonl:2: " + reason):
+        read_pairs(path, tok, "chatml", 64)
+    from ms_llm.data.preference import PairStats
+    stats = PairStats()
+    assert len(read_pairs(path, tok, "chatml", 64, on_error="skip", stats=stats)) == 1
+    assert stats.skipped == 1 and "bad.jsonl:2" in stats.reasons[0]
+
+
+def test_tags_are_drawn_at_their_shares(synth):
+    d, tok = synth
+    src = [DataSource(path=str(d / "preference.jsonl"), format="preference")]
+    data = PreferenceData(src, tok, "chatml", 96, {"safety_boundary": 0.25, "logical_contradiction": 0.15}, seed=3)
+    assert data.tags == ["correctness", "logical_contradiction", "safety_boundary"]
+    assert data.shares == pytest.approx({"correctness": 0.6, "logical_contradiction": 0.15, "safety_boundary": 0.25})
+    got = data.realised_shares(8000)
+    for tag, share in data.shares.items():
+        assert abs(got[tag] - share) < 0.02
+    b0, b1 = data.batch(5, 4, rank=0, world=2), data.batch(5, 4, rank=1, world=2)
+    assert b0["chosen_ids"].shape == (4, 96) and not np.array_equal(b0["chosen_ids"], b1["chosen_ids"])
+    np.testing.assert_array_equal(b0["chosen_ids"], data.batch(5, 4, rank=0, world=2)["chosen_ids"])   # resumable
+
+
+def test_tag_weights_rules():
+    assert tag_weights({"a": 10, "b": 30, "s": 5}, {"s": 0.4}) == pytest.approx({"s": 0.4, "a": 0.15, "b": 0.45})
+    with pytest.raises(MsLlmError, match="no pairs with that tag"):
+        tag_weights({"a": 10}, {"safety_boundary": 0.25})
+    with pytest.raises(MsLlmError, match="add up to 1.200"):
+        tag_weights({"a": 1, "b": 1}, {"a": 0.6, "b": 0.6})
+
+
+def test_synthetic_pairs_carry_signal_in_every_tag(synth):
+    d, _ = synth
+    rows = [json.loads(line) for line in open(d / "preference.jsonl")]
+    by_tag = {}
+    for r in rows:
+        by_tag.setdefault(r["tag"], []).append(r)
+    assert sorted(by_tag) == ["correctness", "logical_contradiction", "safety_boundary"]
+    refusals = {r["chosen"].startswith("I can not") for r in by_tag["safety_boundary"]}
+    assert refusals == {True, False}          # refusing is right for harmful requests only
+    for r in by_tag["logical_contradiction"]:
+        stated, concluded = r["chosen"].split(" = ")[-1].split(".")[0], r["chosen"].rstrip(".").split()[-1]
+        if " + " in r["prompt"]:
+            assert stated == concluded and r["rejected"].rstrip(".").split()[-1] != concluded
+    assert (d / "preference_eval.jsonl").is_file()
