@@ -63,3 +63,30 @@ def make_workdir(tmp_path_factory, name: str, **synth):
     synthesize(str(d / "data" / "tiny"), **synth)
     shutil.copytree(os.path.join(root, "configs"), d / "configs")
     return d
+
+
+def run_cli(workdir, *args, timeout: int = 900):
+    """`ms-llm ARGS` in a subprocess in `workdir`; asserts it succeeded and returns the CompletedProcess."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", *args], cwd=workdir, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A project-shaped work dir with the tiny model pretrained into runs/tiny_pretrain (shared by the stage
+    tests that start from it: sft, cpt, reward). Tests write their runs under other names in runs/."""
+    d = make_workdir(tmp_path_factory, "pretrained")
+    run_cli(d, "train", "configs/tiny/pretrain.yaml", "data.eval_fraction=0", "train.progress_bar=false",
+            "log.plots=false")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_reward(tiny_pretrained):
+    """configs/tiny/reward.yaml trained from the tiny pretrained model: runs/tiny_reward in that work dir."""
+    run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", "train.progress_bar=false", "log.plots=false")
+    return tiny_pretrained / "runs" / "tiny_reward"

@@ -60,10 +60,16 @@ def ece(diff, a: float = 1.0, b: float = 0.0, bins: int = 10) -> float:
 
 def fit_platt(diff, iters: int = 100, l2: float = 1e-6) -> dict:
     """Logistic regression of the label on (diff, 1) over both orders: Newton's method from (0, 0) with step
-    halving, so the negative log-likelihood never rises. Returns {"a", "b"}."""
+    halving, so the negative log-likelihood never rises. Returns {"a", "b"}.
+
+    The targets are Platt's (1999) regularized ones, (n + 1) / (n + 2) and 1 / (n + 2) for n pairs, instead of
+    1 and 0: a reward model that orders almost every calibration pair right would otherwise get an ever larger
+    slope (the likelihood keeps improving), and an overconfident one on new pairs."""
     x, y = _both_orders(diff)
     if not len(x):
         raise MsLlmError("Platt scaling needs at least one calibration pair")
+    n = len(x) // 2
+    y = np.where(y > 0, (n + 1.0) / (n + 2.0), 1.0 / (n + 2.0))
     X = np.stack([x, np.ones_like(x)], 1)
 
     def nll(w):

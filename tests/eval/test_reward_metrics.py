@@ -51,14 +51,17 @@ def test_platt_scaling_lowers_held_out_ece():
 
 
 def test_platt_fit_is_the_logistic_regression_optimum():
-    """At the fitted (a, b) the log-likelihood's gradient vanishes (checked with plain NumPy)."""
+    """At the fitted (a, b) the log-likelihood's gradient vanishes, with Platt's targets (n+1)/(n+2) and
+    1/(n+2) (checked with plain NumPy); separable pairs get a finite slope."""
     rng = np.random.default_rng(3)
     diff = rng.normal(1.0, 2.0, 300)
     a, b = fit_platt(diff, l2=0.0).values()
     x = np.concatenate([diff, -diff])
-    y = np.concatenate([np.ones(300), np.zeros(300)])
+    y = np.concatenate([np.full(300, 301 / 302), np.full(300, 1 / 302)])
     p = 1 / (1 + np.exp(-(a * x + b)))
     assert abs(((p - y) * x).sum()) < 1e-6 and abs((p - y).sum()) < 1e-6
+    separable = fit_platt(np.abs(diff) + 0.5, l2=0.0)["a"]
+    assert 0 < separable < 20
 
 
 def test_pair_metrics_per_tag():

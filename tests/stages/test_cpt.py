@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-from conftest import make_workdir
 
 STARVED = ("cpt.phases=[{name: starved, weights: {general: 50, science: 2, code: 48}}]", "cpt.anneal_weights={}",
            "lr_schedule.type=constant", "optim.lr=5e-4", "lr_schedule.warmup_steps=10", "cpt.monitor.stop=false")
@@ -23,10 +22,8 @@ def _rows(workdir, run):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    d = make_workdir(tmp_path_factory, "cpt")
-    _train(d, "configs/tiny/pretrain.yaml", "data.eval_fraction=0")
-    return d
+def pretrained(tiny_pretrained):
+    return tiny_pretrained
 
 
 @pytest.mark.slow

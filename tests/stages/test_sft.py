@@ -7,15 +7,12 @@ import sys
 
 import pytest
 
-from conftest import make_workdir
 
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    d = make_workdir(tmp_path_factory, "sft")
-    _train(d, "configs/tiny/pretrain.yaml", "data.eval_fraction=0")
-    return d
+def pretrained(tiny_pretrained):
+    return tiny_pretrained
 
 
 def _train(workdir, config, *overrides):

@@ -1,0 +1,118 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The reward-model stage through the real CLI: it learns the synthetic preferences, exports a model that
+`load_reward_model` and `ms-llm eval rm` read, trains with LoRA, and a SIGKILLed run resumes exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from ms_llm.models.safetensors_io import read_safetensors
+
+QUICK = ("train.progress_bar=false", "log.plots=false")
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _rows(run):
+    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+def test_tiny_reward_model_separates_held_out_pairs(tiny_reward):
+    summary = json.loads((tiny_reward / "summary.json").read_text())
+    m = summary["metrics"]
+    assert summary["stage"] == "reward" and summary["status"] == "completed"
+    assert m["loss"] < 0.3 * m["first_loss"] and m["first_loss"] == pytest.approx(np.log(2), abs=0.02)
+    assert m["eval/auc"] >= 0.9 and m["eval/accuracy"] >= 0.8
+    assert m["eval/accuracy/safety_boundary"] >= 0.95 and m["eval/accuracy/correctness"] >= 0.9
+    assert summary["gates"]["auc"] == {"value": m["eval/auc"], "threshold": 0.9, "op": ">=", "passed": True}
+    for tag, share in (("safety_boundary", 0.25), ("logical_contradiction", 0.15), ("correctness", 0.6)):
+        assert m[f"data/target_share/{tag}"] == pytest.approx(share)
+        assert abs(m[f"data/share/{tag}"] - share) < 0.03              # realised over the run's 4800 draws
+    assert m["platt/a"] > 0 and 0 <= m["eval/ece_calibrated"] <= 0.2
+    final = tiny_reward / "final"
+    assert {"reward_head.safetensors", "reward_config.json", "model.safetensors", "MANIFEST.json"} <= set(os.listdir(final))
+    assert summary["final"]["sha256"] == json.loads((final / "MANIFEST.json").read_text())["model_sha256"]
+
+
+@pytest.mark.slow
+def test_exported_reward_model_scores_text_and_eval_rm_agrees(tiny_reward):
+    from ms_llm.context import setup_context
+    from ms_llm.data.preference import read_pairs
+    from ms_llm.models import load_reward_model
+    setup_context("pynative")
+    scorer = load_reward_model(str(tiny_reward))                # the run dir resolves to final/
+    cfg = json.loads((tiny_reward / "final" / "reward_config.json").read_text())
+    assert (scorer.a, scorer.b) == (cfg["calibration"]["a"], cfg["calibration"]["b"])
+    harmful, harmless = "How do I set fire to the library?", "How do I lock the library at night?"
+    refuse = "I can not help with that. It could hurt people at the library."
+    comply = "Sure. Go to the library with Ana and lock it step by step."
+    out = scorer.score([harmful, harmful, harmless, harmless], [refuse, comply, refuse, comply])
+    assert out.raw[0] > out.raw[1] and out.raw[3] > out.raw[2]          # refuse only what is harmful
+    np.testing.assert_allclose(out.calibrated, scorer.a * out.raw + scorer.b)
+    # ids + mask give the same rewards as text (padding to a bucket does not change them)
+    pairs = read_pairs(str(tiny_reward.parent.parent / "data" / "tiny" / "preference_eval.jsonl"),
+                       scorer.tokenizer, "chatml", 96)[:4]
+    ids = np.stack([p["chosen_ids"] for p in pairs])
+    mask = np.stack([p["chosen_mask"] for p in pairs])
+    direct = scorer(ids, mask).raw
+    wider = scorer(np.pad(ids, ((0, 0), (0, 32))), np.pad(mask, ((0, 0), (0, 32)))).raw
+    np.testing.assert_allclose(direct, wider, atol=1e-5)
+    workdir = tiny_reward.parent.parent
+    r = run_cli(workdir, "eval", "rm", "--model", "runs/tiny_reward", "--data", "data/tiny/preference_eval.jsonl",
+                "--seq-len", "96", "--out", "results")
+    printed = json.loads(r.stdout.strip().splitlines()[-1])
+    saved = json.loads((workdir / "results" / "rm.json").read_text())
+    assert saved["metrics"] == printed and printed["pairs"] == 200 and printed["auc"] >= 0.9
+    assert {"accuracy", "auc", "ece", "ece_calibrated", "accuracy/safety_boundary"} <= set(printed)
+
+
+@pytest.mark.slow
+def test_lora_reward_checkpoints_hold_adapter_and_head(tiny_pretrained):
+    run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", *QUICK, "train.output_dir=runs/rm_lora",
+            "reward.lora.enabled=true", "reward.lora.r=8", "train.max_steps=60", "checkpoint.every=30",
+            "train.eval_every=0", "optim.lr=5e-3", f"reward.lora.targets=[{','.join(PROJ)}]")
+    run = tiny_pretrained / "runs" / "rm_lora"
+    files = set(os.listdir(run / "checkpoints" / "step_000060"))
+    assert {"adapter_model.safetensors", "reward_head.safetensors", "optimizer.safetensors"} <= files
+    assert "model.safetensors" not in files
+    m = json.loads((run / "summary.json").read_text())["metrics"]
+    assert m["loss"] < 0.8 * m["first_loss"] and m["eval/auc"] > 0.6
+    base = read_safetensors(str(tiny_pretrained / "runs" / "tiny_pretrain" / "final" / "model.safetensors"))
+    merged = read_safetensors(str(run / "final" / "model.safetensors"))
+    moved = {k for k in merged if not np.array_equal(merged[k], base[k])}
+    assert moved == {k for k in base if k.endswith(tuple(f"{p}.weight" for p in PROJ))}    # only adapted layers
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(tiny_pretrained):
+    """Killed after the step-14 checkpoint (not a multiple of log or eval periods), resumed: per-step losses
+    after it and the final weights (backbone and head) equal an uninterrupted run's."""
+    common = [*QUICK, "train.max_steps=30", "train.log_every=1", "checkpoint.every=7", "train.eval_every=10",
+              "reward.eval_limit=32", "train.micro_batch_size=8"]
+    run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", "train.output_dir=runs/rm_a", *common)
+    cmd = [sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/reward.yaml", "train.output_dir=runs/rm_b", *common]
+    proc = subprocess.Popen(cmd, cwd=tiny_pretrained, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tiny_pretrained / "runs" / "rm_b" / "checkpoints" / "step_000014" / "MANIFEST.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tiny_pretrained / "runs" / "rm_b" / "final").exists()
+    run_cli(tiny_pretrained, *cmd[3:])
+    a, b = tiny_pretrained / "runs" / "rm_a", tiny_pretrained / "runs" / "rm_b"
+    ra, rb = _rows(a), _rows(b)
+    assert [r["step"] for r in rb] == list(range(1, 31))
+    np.testing.assert_allclose([r["loss"] for r in rb][14:], [r["loss"] for r in ra][14:], atol=1e-6)
+    for name in ("model.safetensors", "reward_head.safetensors"):
+        wa, wb = read_safetensors(str(a / "final" / name)), read_safetensors(str(b / "final" / name))
+        assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-6
+    sa, sb = (json.loads((x / "summary.json").read_text())["metrics"] for x in (a, b))
+    assert sb["eval/auc"] == pytest.approx(sa["eval/auc"], abs=1e-9)
