@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-def opt(default, help: str, choices=None):
-    """A config field with help text (and allowed values) kept in its metadata."""
+def opt(default, help: str, choices=None, range: str = None):
+    """A config field with help text, allowed values and, for numbers, an allowed range kept in its metadata.
+
+    `range` is an interval such as "(0, inf)", "[1, inf)" or "[0, 1)"; numeric fields without one must be
+    non-negative ("[0, inf)"): no key of this config means anything below zero.
+    """
     kw = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"help": help, "choices": choices}, **kw)
+    return field(metadata={"help": help, "choices": choices, "range": range}, **kw)
 
 
 @dataclass
@@ -43,23 +47,23 @@ class DataSection:
     sources: list = opt(list, "List of {path, format, weight, domain} sources")
     index: Optional[str] = opt(None, "Tokenized shard index (`ms-llm data index`): its domain-tagged shards join the "
                                      "sources, weighted by tokens within their domain (pretrain and cpt)")
-    seq_len: int = opt(256, "Tokens per training sequence")
+    seq_len: int = opt(256, "Tokens per training sequence", range="[1, inf)")
     packing: bool = opt(True, "Join documents with eos into full-length sequences (pretraining)")
     document_mask: bool = opt(True, "With packing: no attention across document boundaries; positions restart per document")
     cache_dir: Optional[str] = opt(None, "Tokenized cache directory (np.memmap shards + index); default <output_dir>/../.cache")
     on_error: str = opt("raise", "A malformed record: raise (error naming file:line) or skip and count it",
                         ["raise", "skip"])
     shuffle_seed: int = opt(1234, "Seed of the sample order (deterministic and resumable)")
-    eval_fraction: float = opt(0.0, "Share of sequences held out for evaluation loss")
+    eval_fraction: float = opt(0.0, "Share of sequences held out for evaluation loss", range="[0, 1)")
 
 
 @dataclass
 class TrainSection:
     output_dir: str = opt("runs/default", "Run directory (metrics, checkpoints, final export)")
-    max_steps: int = opt(100, "Optimizer steps")
-    micro_batch_size: int = opt(4, "Sequences per micro-batch per data-parallel rank")
-    grad_accum_steps: int = opt(1, "Micro-batches accumulated into one update")
-    global_batch_size: Optional[int] = opt(None, "Checked against micro_batch_size x grad_accum_steps x data_parallel")
+    max_steps: int = opt(100, "Optimizer steps", range="[1, inf)")
+    micro_batch_size: int = opt(4, "Sequences per micro-batch per data-parallel rank", range="[1, inf)")
+    grad_accum_steps: int = opt(1, "Micro-batches accumulated into one update", range="[1, inf)")
+    global_batch_size: Optional[int] = opt(None, "Checked against micro_batch_size x grad_accum_steps x data_parallel", range="[1, inf)")
     clip_grad_norm: float = opt(1.0, "Global gradient-norm clip (0 disables)")
     amp_level: str = opt("O0", "Mixed precision: O0 fp32; O1 attention/MLP matmuls in compute_dtype; "
                                "O2 all matmuls incl. lm_head, fp32 master weights; O3 not supported on this release",
@@ -68,10 +72,10 @@ class TrainSection:
                              ["float16", "bfloat16"])
     loss_scale: str = opt("auto", "auto (dynamic for float16, none otherwise), dynamic, or none",
                           ["auto", "dynamic", "none"])
-    loss_scale_init: float = opt(65536.0, "Initial dynamic loss scale")
-    loss_scale_factor: float = opt(2.0, "Scale divided by this on overflow and multiplied after a clean window")
-    loss_scale_window: int = opt(1000, "Clean steps before the scale grows")
-    log_every: int = opt(10, "Steps between metric lines")
+    loss_scale_init: float = opt(65536.0, "Initial dynamic loss scale", range="(0, inf)")
+    loss_scale_factor: float = opt(2.0, "Scale divided by this on overflow and multiplied after a clean window", range="(1, inf)")
+    loss_scale_window: int = opt(1000, "Clean steps before the scale grows", range="[1, inf)")
+    log_every: int = opt(10, "Steps between metric lines", range="[1, inf)")
     eval_every: int = opt(0, "Steps between evaluations (0: only at the end)")
     seed: int = opt(0, "Seed for weights init and every RNG")
     progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
@@ -79,26 +83,26 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
-    lr: float = opt(3e-4, "Peak learning rate")
+    lr: float = opt(3e-4, "Peak learning rate", range="(0, inf)")
     weight_decay: float = opt(0.1, "AdamW decoupled weight decay (never on norms and biases)")
-    beta1: float = opt(0.9, "Adam beta1")
-    beta2: float = opt(0.95, "Adam beta2")
-    eps: float = opt(1e-8, "Adam epsilon")
+    beta1: float = opt(0.9, "Adam beta1", range="[0, 1)")
+    beta2: float = opt(0.95, "Adam beta2", range="[0, 1)")
+    eps: float = opt(1e-8, "Adam epsilon", range="(0, inf)")
 
 
 @dataclass
 class LRScheduleSection:
     type: str = opt("cosine", "Schedule shape", ["constant", "linear", "cosine", "wsd"])
     warmup_steps: int = opt(0, "Linear warmup from 0")
-    min_lr_ratio: float = opt(0.1, "Final lr as a fraction of the peak (linear, cosine, wsd)")
-    decay_steps: Optional[int] = opt(None, "WSD: length of the decay phase at the end (default 10% of max_steps)")
+    min_lr_ratio: float = opt(0.1, "Final lr as a fraction of the peak (linear, cosine, wsd)", range="[0, 1]")
+    decay_steps: Optional[int] = opt(None, "WSD: length of the decay phase at the end (default 10% of max_steps)", range="[1, inf)")
     decay_shape: str = opt("cosine", "WSD decay shape", ["linear", "cosine", "sqrt", "exp"])
 
 
 @dataclass
 class CheckpointSection:
     every: int = opt(100, "Steps between checkpoints (0: only the final one)")
-    keep: int = opt(5, "Checkpoints kept (older ones deleted)")
+    keep: int = opt(5, "Checkpoints kept (older ones deleted)", range="[1, inf)")
     resume: str = opt("auto", "auto: continue from the newest valid checkpoint; none: start fresh; or a checkpoint path")
     reshard: bool = opt(False, "Allow resuming with a different data-parallel world size (weights are not sharded, so "
                                "only the data position is re-split; it must divide evenly)")
@@ -106,17 +110,17 @@ class CheckpointSection:
 
 @dataclass
 class ParallelSection:
-    data_parallel: int = opt(1, "Data-parallel ranks (msrun workers); 1 runs without msrun")
+    data_parallel: int = opt(1, "Data-parallel ranks (msrun workers); 1 runs without msrun", range="[1, inf)")
     tensor_parallel: int = opt(1, "Tensor-parallel degree: attention heads and MLP columns split over this many ranks "
-                                  "(Megatron layout, models/tensor_parallel.py; pretrain and cpt stages)")
+                                  "(Megatron layout, models/tensor_parallel.py; pretrain and cpt stages)", range="[1, inf)")
     pipeline_stages: int = opt(1, "Pipeline stages: consecutive decoder layers per rank, trained with GPipe's schedule "
-                                  "over train.grad_accum_steps micro-batches (models/pipeline.py; pretrain and cpt)")
+                                  "over train.grad_accum_steps micro-batches (models/pipeline.py; pretrain and cpt)", range="[1, inf)")
     optimizer_shard: bool = opt(False, "Shard the Adam moments across data-parallel ranks (ZeRO stage 1: each rank "
                                        "keeps ~1/data_parallel of them; results equal the unsharded run)")
     recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
     visible_devices: Optional[str] = opt(None, "ASCEND_RT_VISIBLE_DEVICES for the job, e.g. '0,1,2,3,4,5,6,7'")
-    hccl_connect_timeout: int = opt(1800, "HCCL_CONNECT_TIMEOUT seconds (multi-node start-up can take minutes)")
-    hccl_exec_timeout: int = opt(1800, "HCCL_EXEC_TIMEOUT seconds for a collective to complete")
+    hccl_connect_timeout: int = opt(1800, "HCCL_CONNECT_TIMEOUT seconds (multi-node start-up can take minutes)", range="[1, inf)")
+    hccl_exec_timeout: int = opt(1800, "HCCL_EXEC_TIMEOUT seconds for a collective to complete", range="[1, inf)")
 
 
 @dataclass
@@ -139,9 +143,9 @@ class PretrainSection:
 @dataclass
 class LoRASection:
     enabled: bool = opt(False, "Train LoRA adapters instead of all weights")
-    r: int = opt(8, "LoRA rank")
-    alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)")
-    dropout: float = opt(0.05, "Dropout on the LoRA branch input")
+    r: int = opt(8, "LoRA rank", range="[1, inf)")
+    alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)", range="(0, inf)")
+    dropout: float = opt(0.05, "Dropout on the LoRA branch input", range="[0, 1)")
     targets: list = opt(lambda: ["q_proj", "v_proj"], "Linear layers to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
 
 
@@ -149,11 +153,11 @@ class LoRASection:
 class SFTPhase:
     name: str = opt("stage", "Phase name (its run directory is <output_dir>/<name>)")
     sources: list = opt(list, "Data sources of this phase (default: data.sources)")
-    max_steps: Optional[int] = opt(None, "Optimizer steps of this phase (default: train.max_steps)")
-    micro_batch_size: Optional[int] = opt(None, "Micro-batch of this phase (default: train.micro_batch_size)")
-    grad_accum_steps: Optional[int] = opt(None, "Accumulation of this phase (default: train.grad_accum_steps)")
-    global_batch_size: Optional[int] = opt(None, "Checked like train.global_batch_size")
-    lr: Optional[float] = opt(None, "Peak learning rate of this phase (default: optim.lr)")
+    max_steps: Optional[int] = opt(None, "Optimizer steps of this phase (default: train.max_steps)", range="[1, inf)")
+    micro_batch_size: Optional[int] = opt(None, "Micro-batch of this phase (default: train.micro_batch_size)", range="[1, inf)")
+    grad_accum_steps: Optional[int] = opt(None, "Accumulation of this phase (default: train.grad_accum_steps)", range="[1, inf)")
+    global_batch_size: Optional[int] = opt(None, "Checked like train.global_batch_size", range="[1, inf)")
+    lr: Optional[float] = opt(None, "Peak learning rate of this phase (default: optim.lr)", range="(0, inf)")
 
 
 @dataclass
@@ -164,15 +168,15 @@ class SFTSection:
     identity: dict = opt(dict, "Self-cognition placeholders, e.g. {NAME: ms_llm-bot, AUTHOR: ms_llm team}, "
                                "substituted for {{NAME}} / {{AUTHOR}} in every message")
     keep_think: bool = opt(True, "Keep <think>...</think> reasoning blocks in assistant answers (false strips them)")
-    max_turns: int = opt(15, "Assistant turns kept per dialogue (oldest dropped first)")
-    turn_decay: float = opt(1.0, "Weight decay^k on the k-th assistant turn before the last (1.0: all equal)")
+    max_turns: int = opt(15, "Assistant turns kept per dialogue (oldest dropped first)", range="[1, inf)")
+    turn_decay: float = opt(1.0, "Weight decay^k on the k-th assistant turn before the last (1.0: all equal)", range="(0, 1]")
     lora: LoRASection = opt(LoRASection, "LoRA")
     neftune_alpha: float = opt(0.0, "NEFTune noise on input embeddings while training (Jain et al. 2023; 5 is typical; 0 disables)")
     phases: list = opt(list, "Run several phases back to back, each from the previous one's result (seed 000 "
                              "§1.2.5.3.1: all instructions, then the code/reasoning subset); list of {name, sources, max_steps, "
                              "micro_batch_size, grad_accum_steps, global_batch_size, lr}")
     eval_prompts: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task}) scored by exact match")
-    eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation")
+    eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation", range="[1, inf)")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
     eval_dialogues: Optional[str] = opt(None, "Held-out sharegpt dialogues scored for inter-turn coherence (BERTScore F1)")
     eval_dialogue_limit: int = opt(16, "Dialogues used for the coherence score")
@@ -189,18 +193,18 @@ class DistillGenerateSection:
     prompts: Optional[str] = opt(None, "Prompts JSONL ({prompt, answer?, task?}) the teacher answers before training "
                                        "(seed 000 §1.2.5.1.2); kept answers join the training data")
     temperature: float = opt(0.7, "Teacher sampling temperature")
-    top_p: float = opt(0.9, "Teacher nucleus sampling")
-    max_new_tokens: int = opt(64, "Longest teacher answer")
-    batch_size: int = opt(16, "Prompts per generation batch")
+    top_p: float = opt(0.9, "Teacher nucleus sampling", range="(0, 1]")
+    max_new_tokens: int = opt(64, "Longest teacher answer", range="[1, inf)")
+    batch_size: int = opt(16, "Prompts per generation batch", range="[1, inf)")
     limit: int = opt(0, "Prompts used (0: all)")
     max_perplexity: float = opt(3.0, "Filter: keep answers whose perplexity under the scoring model is below this")
-    max_error_rate: float = opt(0.05, "Filter: keep answers whose rule-based error rate is below this")
+    max_error_rate: float = opt(0.05, "Filter: keep answers whose rule-based error rate is below this", range="[0, 1]")
     min_consistency: float = opt(0.75, "Filter: keep answers whose BERTScore F1 against the reference exceeds this "
-                                       "(records without a reference skip this filter)")
+                                       "(records without a reference skip this filter)", range="[-1, 1]")
     scorer: Optional[str] = opt(None, "Model for the perplexity filter (default: the teacher)")
     embedder: Optional[str] = opt(None, "Model whose token embeddings BERTScore uses (default: the teacher)")
     rules: list = opt(lambda: ["repetition", "truncation", "brackets", "mojibake", "language"],
-                      "Text-quality rules applied (ms_llm.distill.filters.RULES; plug in more there)")
+                      "Text-quality rules applied (ms_llm.data.filters.RULES; plug in more there)")
     language: str = opt("auto", "Expected script for the language rule: latin, cjk or auto (same as the prompt)")
 
 
@@ -210,7 +214,7 @@ class DistillIterativeSection:
     probe: Optional[str] = opt(None, "Prompts JSONL with references the student is probed on for hard examples "
                                      "(default: distill.generate.prompts)")
     probe_limit: int = opt(64, "Probe prompts per round")
-    max_rounds: int = opt(5, "Hard-example rounds at most")
+    max_rounds: int = opt(5, "Hard-example rounds at most", range="[1, inf)")
 
 
 @dataclass
@@ -220,14 +224,14 @@ class DistillSection:
     teacher_tokenizer: Optional[str] = opt(None, "Teacher tokenizer (default: the teacher directory's)")
     mode: str = opt("online", "Where teacher probabilities come from", ["online", "cached"])
     cache_dir: Optional[str] = opt(None, "Top-k teacher cache written by `ms-llm distill cache-teacher` (mode: cached)")
-    top_k: int = opt(20, "Teacher log-probs kept per token in the cache (plus the tail mass)")
-    cache_shard_examples: int = opt(1024, "Examples per cache shard file")
+    top_k: int = opt(20, "Teacher log-probs kept per token in the cache (plus the tail mass)", range="[1, inf)")
+    cache_shard_examples: int = opt(1024, "Examples per cache shard file", range="[1, inf)")
     alpha: float = opt(0.8, "Weight of the distillation term (seed 000 §1.2.5.1.3)")
     beta: float = opt(0.2, "Weight of the hard-label cross-entropy")
-    temperature: float = opt(1.0, "Softmax temperature for teacher and student (the KD term is scaled by tau^2)")
+    temperature: float = opt(1.0, "Softmax temperature for teacher and student (the KD term is scaled by tau^2)", range="(0, inf)")
     loss: str = opt("forward_kl", "Divergence", ["forward_kl", "reverse_kl", "jsd"])
-    jsd_beta: float = opt(0.5, "Mixture weight of the generalized JSD")
-    chunk_size: int = opt(128, "Sequence positions per loss chunk (memory: [B, chunk, V] at a time)")
+    jsd_beta: float = opt(0.5, "Mixture weight of the generalized JSD", range="[0, 1]")
+    chunk_size: int = opt(128, "Sequence positions per loss chunk (memory: [B, chunk, V] at a time)", range="[1, inf)")
     task_weights: dict = opt(lambda: {"code": 1.5, "reasoning": 1.5},
                              "Loss weight per record `task` (seed 000: code and reasoning x1.5); others 1.0")
     generate: DistillGenerateSection = opt(DistillGenerateSection, "Teacher sample generation and filtering")
@@ -235,10 +239,10 @@ class DistillSection:
     eval_prompts: Optional[str] = opt(None, "Held-out prompts ({prompt, answer, task}) scored by exact match for "
                                             "student and teacher (the acceptance gate)")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
-    eval_max_new_tokens: int = opt(32, "Generation length for the evaluation")
+    eval_max_new_tokens: int = opt(32, "Generation length for the evaluation", range="[1, inf)")
     gate_score_ratio: float = opt(0.9, "Gate: student score >= this x the teacher's")
     gate_plateau: float = opt(0.005, "Gate: relative training-loss improvement over the plateau window below this")
-    plateau_window: int = opt(2, "Evaluations the plateau is measured across")
+    plateau_window: int = opt(2, "Evaluations the plateau is measured across", range="[1, inf)")
     stop_at_gates: bool = opt(True, "Stop training when both gates pass (else run to max_steps)")
     version: str = opt("DATASET_v2.1_distill", "Version tag written into final/MANIFEST.json")
 
@@ -262,9 +266,9 @@ class CPTMonitorSection:
                                           "points) below its baseline")
     threshold: float = opt(0.02, "Alarm when a domain's held-out loss rises more than this (relative) over its "
                                  "baseline (seed: a 2-point drop)")
-    boost: float = opt(1.3, "On alarm, that domain's sampling weight is multiplied by this (then renormalized)")
+    boost: float = opt(1.3, "On alarm, that domain's sampling weight is multiplied by this (then renormalized)", range="(0, inf)")
     window: int = opt(3, "Terminate when the mean held-out loss varied less than `tolerance` across this many "
-                         "evaluations and no domain is over its threshold (seed: 5k steps)")
+                         "evaluations and no domain is over its threshold (seed: 5k steps)", range="[1, inf)")
     tolerance: float = opt(0.001, "Relative variation for termination (seed: 0.1%)")
     stop: bool = opt(True, "Apply the termination rule (else run to train.max_steps)")
 
@@ -285,8 +289,8 @@ class CPTSection:
 @dataclass
 class RewardSection:
     num_layers: Optional[int] = opt(None, "Decoder layers kept from model.init_from, counted from the bottom (seed 000 "
-                                          "§1.2.5.4.1: the first 30 of the 7B); empty: all of them")
-    head_hidden: Optional[int] = opt(None, "Width h of the MLP head hidden -> h -> 1 (default: the model's hidden size)")
+                                          "§1.2.5.4.1: the first 30 of the 7B); empty: all of them", range="[1, inf)")
+    head_hidden: Optional[int] = opt(None, "Width h of the MLP head hidden -> h -> 1 (default: the model's hidden size)", range="[1, inf)")
     activation: str = opt("gelu", "Activation between the head's two layers", ["gelu", "relu", "tanh", "silu"])
     center_coef: float = opt(0.0, "Reward centering c * mean((r_chosen + r_rejected)^2) (Eisenstein et al. 2023; "
                                   "0.01 when on, 0 disables)")
@@ -297,10 +301,10 @@ class RewardSection:
     lora: LoRASection = opt(LoRASection, "LoRA on the backbone (the head always trains in full)")
     eval_data: Optional[str] = opt(None, "Held-out preference JSONL: accuracy, AUC, per-tag accuracy, ECE")
     eval_limit: int = opt(0, "Held-out pairs used (0: all)")
-    eval_batch_size: int = opt(16, "Pairs per scoring batch")
+    eval_batch_size: int = opt(16, "Pairs per scoring batch", range="[1, inf)")
     calibration_fraction: float = opt(0.5, "Share of the held-out pairs Platt scaling is fitted on; the metrics "
-                                           "are reported on the rest")
-    gate_auc: float = opt(0.92, "Gate: held-out AUC at least this (seed 000: 0.92)")
+                                           "are reported on the rest", range="[0, 1)")
+    gate_auc: float = opt(0.92, "Gate: held-out AUC at least this (seed 000: 0.92)", range="[0, 1]")
     dataset_manifest: Optional[str] = opt(None, "MANIFEST.json of the preference data release; its files are "
                                                "verified and its version bound to the run")
     dataset_version: Optional[str] = opt(None, "Expected version tag in dataset_manifest (seed: DATASET_v2.2_rm)")
@@ -310,19 +314,20 @@ class RewardSection:
 @dataclass
 class MupSection:
     enabled: bool = opt(False, "Train in μP (models/mup.py): hyperparameters tuned at base_width transfer to this width")
-    base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on")
+    base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on", range="[1, inf)")
     lr_exponent: float = opt(1.0, "α: hidden matrices get lr x (base_width / hidden_size)^α; 1 is μP, the seed fitted "
-                                  "0.85 (seed 000 §1.2.5.2.3)")
-    embedding_multiplier: float = opt(1.0, "Token embeddings are multiplied by this (MiniCPM uses 12)")
-    output_multiplier: float = opt(1.0, "Logits are multiplied by this x base_width / hidden_size")
+                                  "0.85 (seed 000 §1.2.5.2.3)", range="[0, 2]")
+    embedding_multiplier: float = opt(1.0, "Token embeddings are multiplied by this (MiniCPM uses 12)", range="(0, inf)")
+    output_multiplier: float = opt(1.0, "Logits are multiplied by this x base_width / hidden_size", range="(0, inf)")
     zero_readout: bool = opt(True, "Start an untied lm_head at zero (μP advice); models not loaded with init_from")
     init_std: Optional[float] = opt(None, "σ of the proxy: hidden matrices start at σ/√m (default: the model's "
-                                          "initializer_range); only for models not loaded with init_from")
+                                          "initializer_range); only for models not loaded with init_from", range="(0, inf)")
 
 
 @dataclass
 class ExperimentConfig:
-    stage: str = opt("pretrain", "Which stage runs", ["pretrain", "cpt", "distill", "sft", "reward"])
+    stage: str = opt("pretrain", "Which stage runs (what each supports: config/validate.py STAGE_RULES)",
+                     ["pretrain", "cpt", "distill", "sft", "reward"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")

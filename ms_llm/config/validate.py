@@ -1,0 +1,161 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Cross-field config rules. What each stage supports (layouts, the shard index, μP) and its own checks come
+from one table, `STAGE_RULES`; single-field types and ranges are checked earlier, when the YAML is read.
+
+Every failure is an MsLlmError naming the file and the keys involved.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ms_llm.config.schema import ExperimentConfig
+from ms_llm.errors import MsLlmError
+
+
+def _check_cpt(cfg: ExperimentConfig, where: str):
+    c = cfg.cpt
+    if not c.phases:
+        raise MsLlmError(f"{where}: cpt.phases is empty; give at least one {{name, weights}} phase")
+    ends = [ph.until_tokens for ph in c.phases[:-1]]
+    if any(e is None for e in ends) or ends != sorted(ends):
+        raise MsLlmError(f"{where}: cpt.phases[*].until_tokens must be set and increasing for every phase but the last")
+    for i, ph in enumerate(c.phases):
+        if not ph.weights or any(w < 0 for w in ph.weights.values()) or sum(ph.weights.values()) <= 0:
+            raise MsLlmError(f"{where}: cpt.phases[{i}].weights needs non-negative weights with a positive sum")
+    if (c.monitor.sets or c.monitor.choice_sets) and not cfg.train.eval_every:
+        raise MsLlmError(f"{where}: cpt.monitor.sets / choice_sets need train.eval_every (the monitor runs at "
+                         "evaluations)")
+    if cfg.parallel.pipeline_stages > 1 and (c.monitor.sets or c.monitor.choice_sets):
+        raise MsLlmError(f"{where}: cpt.monitor evaluates the whole model on one rank and does not run under "
+                         "parallel.pipeline_stages in this release; use data_parallel/tensor_parallel, or drop "
+                         "cpt.monitor.sets and cpt.monitor.choice_sets")
+
+
+def _check_distill(cfg: ExperimentConfig, where: str):
+    from ms_llm.data.filters import RULES
+    d = cfg.distill
+    if not d.teacher:
+        raise MsLlmError(f"{where}: distill.teacher is required for stage: distill")
+    if d.mode == "cached" and not d.cache_dir:
+        raise MsLlmError(f"{where}: distill.mode: cached needs distill.cache_dir (write it with "
+                         "`ms-llm distill cache-teacher CONFIG`)")
+    if d.mode == "cached" and d.iterative.every:
+        raise MsLlmError(f"{where}: distill.iterative needs distill.mode: online (hard examples added during "
+                         "training have no cached teacher logits)")
+    if d.alpha + d.beta <= 0:
+        raise MsLlmError(f"{where}: distill.alpha and distill.beta must not both be 0")
+    if d.iterative.every and (not cfg.train.eval_every or d.iterative.every % cfg.train.eval_every):
+        raise MsLlmError(f"{where}: distill.iterative.every ({d.iterative.every}) must be a multiple of "
+                         f"train.eval_every ({cfg.train.eval_every}): hard-example rounds run at evaluations")
+    unknown = [r for r in d.generate.rules if r not in RULES]
+    if unknown:
+        raise MsLlmError(f"{where}: distill.generate.rules names unknown rules {unknown}; known: {sorted(RULES)}")
+
+
+def _check_sft(cfg: ExperimentConfig, where: str):
+    t = cfg.train
+    for i, ph in enumerate(cfg.sft.phases):
+        mbs = ph.micro_batch_size or t.micro_batch_size
+        acc = ph.grad_accum_steps or t.grad_accum_steps
+        if ph.global_batch_size is not None and ph.global_batch_size != mbs * acc * cfg.parallel.data_parallel:
+            raise MsLlmError(f"{where}: sft.phases[{i}].global_batch_size ({ph.global_batch_size}) must equal "
+                             f"micro_batch_size ({mbs}) x grad_accum_steps ({acc}) x data_parallel "
+                             f"({cfg.parallel.data_parallel})")
+    if cfg.mup.enabled and cfg.sft.lora.enabled:
+        raise MsLlmError(f"{where}: mup.enabled with sft.lora: LoRA adapters have no μP rule here; disable one")
+
+
+def _check_reward(cfg: ExperimentConfig, where: str):
+    bad = [s.path for s in cfg.data.sources if s.format != "preference"]
+    if bad:
+        raise MsLlmError(f"{where}: stage reward reads preference pairs; data.sources {bad} have another format")
+    shares = cfg.reward.tag_shares
+    if any(not isinstance(v, (int, float)) or v < 0 for v in shares.values()) or sum(shares.values()) > 1:
+        raise MsLlmError(f"{where}: reward.tag_shares needs non-negative shares adding up to at most 1, got {shares}")
+
+
+@dataclass(frozen=True)
+class StageRules:
+    layouts: frozenset = frozenset()          # beyond data parallel and ZeRO-1: tensor_parallel, pipeline_stages
+    reads_index: bool = False                 # data.index (tokenized shards) instead of / besides data.sources
+    mup: bool = True                          # μP training of the whole model
+    check: Optional[Callable] = None          # the stage's own rules: (cfg, where) -> None or MsLlmError
+
+
+STAGE_RULES = {
+    "pretrain": StageRules(frozenset({"tensor_parallel", "pipeline_stages"}), reads_index=True),
+    "cpt": StageRules(frozenset({"tensor_parallel", "pipeline_stages"}), reads_index=True, check=_check_cpt),
+    "distill": StageRules(check=_check_distill),
+    "sft": StageRules(check=_check_sft),
+    "reward": StageRules(mup=False, check=_check_reward),
+}
+
+
+def _check_model_split(cfg: ExperimentConfig, where: str, key: str, size: int):
+    """A preset model (init_from models are checked when loaded) must split into `size` parts for `key`."""
+    if not cfg.model.preset or cfg.model.init_from:
+        return
+    from ms_llm.models.config import preset
+    if key == "parallel.tensor_parallel":
+        from ms_llm.models.tensor_parallel import check_config
+    else:
+        from ms_llm.models.pipeline import check_config
+    try:
+        shape = preset(cfg.model.preset, **cfg.model.overrides)
+    except TypeError:
+        return                                        # reported with the model section when built
+    try:
+        check_config(shape, size)
+    except MsLlmError as e:
+        raise MsLlmError(f"{where}: {e}") from None
+
+
+def _check_layout(cfg: ExperimentConfig, rules: StageRules, where: str):
+    par = cfg.parallel
+    for key, size in (("pipeline_stages", par.pipeline_stages), ("tensor_parallel", par.tensor_parallel)):
+        if size > 1 and key not in rules.layouts:
+            which = " and ".join(s for s, r in STAGE_RULES.items() if key in r.layouts)
+            raise MsLlmError(f"{where}: parallel.{key} is supported by the {which} stages, not by stage "
+                             f"'{cfg.stage}' in this release")
+    if par.pipeline_stages > 1:
+        for key, on in (("parallel.tensor_parallel", par.tensor_parallel > 1), ("parallel.optimizer_shard", par.optimizer_shard)):
+            if on:
+                raise MsLlmError(f"{where}: {key} together with parallel.pipeline_stages is not supported in this "
+                                 "release; choose one")
+        _check_model_split(cfg, where, "parallel.pipeline_stages", par.pipeline_stages)
+    if par.tensor_parallel > 1:
+        if par.optimizer_shard:
+            raise MsLlmError(f"{where}: parallel.optimizer_shard together with tensor_parallel is not supported in "
+                             "this release; choose one")
+        _check_model_split(cfg, where, "parallel.tensor_parallel", par.tensor_parallel)
+    if par.optimizer_shard and par.data_parallel < 2:
+        raise MsLlmError(f"{where}: parallel.optimizer_shard splits the optimizer state over data-parallel ranks; "
+                         f"it needs parallel.data_parallel >= 2, got {par.data_parallel}")
+
+
+def validate(cfg: ExperimentConfig, where: str = "config"):
+    """Cross-field rules; each failure names the keys involved."""
+    rules = STAGE_RULES[cfg.stage]
+    t = cfg.train
+    if t.global_batch_size is not None and t.global_batch_size != cfg.global_batch:
+        raise MsLlmError(f"{where}: train.global_batch_size ({t.global_batch_size}) must equal micro_batch_size "
+                         f"({t.micro_batch_size}) x grad_accum_steps ({t.grad_accum_steps}) x parallel.data_parallel "
+                         f"({cfg.parallel.data_parallel}) = {cfg.global_batch}")
+    if cfg.lr_schedule.warmup_steps >= t.max_steps and t.max_steps > 1:
+        raise MsLlmError(f"{where}: lr_schedule.warmup_steps ({cfg.lr_schedule.warmup_steps}) must be below "
+                         f"train.max_steps ({t.max_steps})")
+    _check_layout(cfg, rules, where)
+    if t.amp_level == "O3":
+        raise MsLlmError(f"{where}: train.amp_level O3 (half-precision master weights) is not supported; use O2 "
+                         "(half-precision matmuls, float32 master weights)")
+    if not cfg.model.preset and not cfg.model.init_from:
+        raise MsLlmError(f"{where}: set model.preset or model.init_from")
+    if not cfg.data.sources and not (cfg.data.index and rules.reads_index):
+        raise MsLlmError(f"{where}: data.sources is empty; list at least one JSONL file"
+                         + (" or set data.index" if rules.reads_index else ""))
+    if cfg.data.index and not rules.reads_index:
+        readers = " and ".join(s for s, r in STAGE_RULES.items() if r.reads_index)
+        raise MsLlmError(f"{where}: data.index is read by the {readers} stages, not by stage '{cfg.stage}'")
+    if cfg.mup.enabled and not rules.mup:
+        raise MsLlmError(f"{where}: mup.enabled is not supported by stage '{cfg.stage}'")
+    if rules.check is not None:
+        rules.check(cfg, where)
