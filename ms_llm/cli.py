@@ -235,28 +235,8 @@ def cmd_train(argv):
         return
     if not a.config:
         p.error("CONFIG is required")
-    cfg = load_config(a.config, a.overrides)
-    run_stage(cfg)
-
-
-def run_stage(cfg, rank: int = 0, world: int = 1, reducer=None, context_ready: bool = False, tp=None, pp=None):
-    """Set up MindSpore for `cfg` and run its stage (also what scripts/train.py calls under msrun)."""
-    import logging
-    from ms_llm.context import setup_context
-    from ms_llm.stages import STAGES
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not context_ready:
-        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
-        par = cfg.parallel
-        if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:
-            from ms_llm.distributed import init_data_parallel
-            rank, world, reducer, tp, pp = init_data_parallel(cfg)
-    layout = {k: v for k, v in (("tp", tp), ("pp", pp)) if v is not None}
-    summary = STAGES[cfg.stage](cfg, rank=rank, world=world, reducer=reducer, **layout)
-    if rank == 0 and summary:
-        print(json.dumps({"stage": summary["stage"], "status": summary["status"], "steps": summary["steps"],
-                          "loss": summary["metrics"].get("loss"), "final": (summary.get("final") or {}).get("path")}))
-    return summary
+    from ms_llm.stages import run_stage
+    run_stage(load_config(a.config, a.overrides))
 
 
 def cmd_distill(argv):

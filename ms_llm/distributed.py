@@ -16,6 +16,7 @@ import traceback
 from mindspore import nn, ops
 
 from ms_llm.errors import MsLlmError
+from ms_llm.training.layout import Layout
 
 
 class SumReducer(nn.Cell):
@@ -35,8 +36,8 @@ def launched_by_msrun() -> bool:
     return "MS_WORKER_NUM" in os.environ and "MS_ROLE" in os.environ
 
 
-def init_data_parallel(cfg):
-    """(rank, world, reducer, tp, pp) for this process.
+def init_layout(cfg) -> Layout:
+    """This process's Layout (rank, world, reducer, tp, pp).
 
     world = parallel.data_parallel x tensor_parallel x pipeline_stages (at most one of the last two above 1).
     Ranks r·n ... r·n + n − 1 form tensor-parallel group r (`tp`, a TPGroup, or None) or pipeline r (`pp`, a
@@ -48,7 +49,7 @@ def init_data_parallel(cfg):
         if want != 1:
             raise MsLlmError(f"parallel.data_parallel x tensor_parallel x pipeline_stages is {want} but this process "
                              f"was not started by msrun; use `ms-llm launch --nproc-per-node {want} CONFIG`")
-        return 0, 1, None, None, None
+        return Layout()
     from mindspore.communication import create_group, get_group_size, get_rank, init
     init()
     rank, world = get_rank(), get_group_size()
@@ -57,7 +58,7 @@ def init_data_parallel(cfg):
                          f"{want} but msrun started {world} workers")
     if ppn > 1:
         pp, dp_group = _pipeline_groups(cfg, rank, dp, ppn, create_group)
-        return rank, world, SumReducer(dp_group) if dp > 1 else None, None, pp
+        return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, pp=pp)
     tp = dp_group = None
     if tpn > 1:
         from ms_llm.models.tensor_parallel import TPGroup
@@ -69,7 +70,7 @@ def init_data_parallel(cfg):
             dp_group = f"dp_{pos}"
             create_group(dp_group, [d * tpn + pos for d in range(dp)])
         tp = TPGroup(tpn, pos, group)
-    return rank, world, SumReducer(dp_group) if dp > 1 else None, tp, None
+    return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, tp=tp)
 
 
 def _pipeline_groups(cfg, rank: int, dp: int, stages: int, create_group):
@@ -116,8 +117,8 @@ def write_status(rank: int, status: str):
 
 def worker_main(argv=None) -> int:
     """Entry point of one msrun worker: `scripts/train.py CONFIG [k=v ...]`."""
-    from ms_llm.cli import run_stage
     from ms_llm.config import load_config
+    from ms_llm.stages import run_stage
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK_ID", "0"))
     write_status(rank, "running")
@@ -125,10 +126,7 @@ def worker_main(argv=None) -> int:
         if not argv:
             raise MsLlmError("usage: train.py CONFIG [section.key=value ...]")
         cfg = load_config(argv[0], argv[1:])
-        from ms_llm.context import setup_context
-        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
-        rank, world, reducer, tp, pp = init_data_parallel(cfg)
-        run_stage(cfg, rank, world, reducer, context_ready=True, tp=tp, pp=pp)
+        run_stage(cfg)
     except MsLlmError as e:
         write_status(rank, f"failed: {e}")
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,12 @@ def read_json(path: str, what: str = "file"):
         raise MsLlmError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
+def read_jsonl(path: str) -> list:
+    """Every non-empty line of a JSONL file the project wrote itself, parsed (the file is closed after)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def write_json_atomic(path: str, obj, indent: int = 1):
     """Write JSON to a temp file, fsync it and rename it over `path` (readers never see half a file)."""
     tmp = f"{path}.tmp.{os.getpid()}"

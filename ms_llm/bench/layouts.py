@@ -26,7 +26,9 @@ import time
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import read_json
 from ms_llm.models.safetensors_io import read_safetensors
+from ms_llm.training.metrics import read_metrics
 
 # name -> (data_parallel, tensor_parallel, pipeline_stages, extra overrides)
 LAYOUTS = {
@@ -59,8 +61,7 @@ def _cli(*args) -> float:
 
 
 def _rows(run: str, key: str) -> list:
-    rows = (json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")))
-    return [row[key] for row in rows if key in row]
+    return [row[key] for row in read_metrics(run) if key in row]
 
 
 def _gap(a_path: str, b_path: str) -> float:
@@ -89,7 +90,7 @@ def run(argv):
     print(f"{'layout':<9} {'workers':>7} {'loss rel':>9} {'norm rel':>9} {'weights':>9} {'Adam':>9} "
           f"{'params rank 0':>13} {'Adam rank 0':>11} {'seconds':>8}")
     ref_loss, ref_norm = np.array(_rows(ref, "loss")), np.array(_rows(ref, "grad_norm"))
-    ref_m = json.load(open(os.path.join(ref, "summary.json")))["metrics"]
+    ref_m = read_json(os.path.join(ref, "summary.json"), "the run summary")["metrics"]
     ref_params, ref_moments = ref_m["parameters_on_rank"], ref_m["optimizer_state_elements"]
     print(f"{'1 process':<9} {1:>7} {'-':>9} {'-':>9} {'-':>9} {'-':>9} {ref_params:>13} {ref_moments:>11} "
           f"{ref_seconds:>8.1f}")
@@ -107,7 +108,7 @@ def run(argv):
         weights = _gap(os.path.join(ref, "final", "model.safetensors"), os.path.join(run_dir, "final", "model.safetensors"))
         adam = _gap(os.path.join(ref, "checkpoints", last, "optimizer.safetensors"),
                     os.path.join(run_dir, "checkpoints", last, "optimizer.safetensors"))
-        m = json.load(open(os.path.join(run_dir, "summary.json")))["metrics"]
+        m = read_json(os.path.join(run_dir, "summary.json"), "the run summary")["metrics"]
         params, moments = m["parameters_on_rank"], m["optimizer_state_elements"]
         results[name] = {"workers": workers, "loss_rel": loss, "grad_norm_rel": norm, "weights": weights,
                          "adam": adam, "parameters_rank0": params, "adam_elements_rank0": moments, "seconds": secs}

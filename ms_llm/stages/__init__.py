@@ -1,5 +1,30 @@
 # SPDX-License-Identifier: Apache-2.0
-"""One module per stage; STAGES maps the config's `stage:` value to its `run(cfg)` function."""
+"""One module per stage, each with `run(cfg, layout) -> summary`; STAGES maps the config's `stage:` to it.
+
+`run_stage(cfg)` is what `ms-llm train` and every msrun worker (distributed.worker_main) call: it sets up
+MindSpore, finds this process's Layout (one process, or its place under msrun) and runs the stage.
+"""
+import json
+import logging
+
 from ms_llm.stages import cpt, distill, pretrain, reward, sft
 
 STAGES = {"pretrain": pretrain.run, "cpt": cpt.run, "distill": distill.run, "sft": sft.run, "reward": reward.run}
+
+
+def run_stage(cfg) -> dict:
+    """Set up MindSpore for `cfg`, build this process's Layout and run its stage; rank 0 prints a JSON line."""
+    from ms_llm.context import setup_context
+    from ms_llm.training.layout import Layout
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+    par = cfg.parallel
+    layout = Layout()
+    if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:
+        from ms_llm.distributed import init_layout
+        layout = init_layout(cfg)
+    summary = STAGES[cfg.stage](cfg, layout)
+    if layout.main and summary:
+        print(json.dumps({"stage": summary["stage"], "status": summary["status"], "steps": summary["steps"],
+                          "loss": summary["metrics"].get("loss"), "final": (summary.get("final") or {}).get("path")}))
+    return summary

@@ -10,6 +10,7 @@ from ms_llm.models import CausalLM, load_pretrained, preset, save_pretrained
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.training import checkpoint as ckpt
 from ms_llm.training.amp import apply_amp
+from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import plot_metrics, read_metrics, write_summary
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,9 @@ def check_init_hash(path: str, expected: str) -> str:
     return got
 
 
-def build_model(cfg: ExperimentConfig, tp=None, pp=None) -> CausalLM:
+def build_model(cfg: ExperimentConfig, layout: Layout = None) -> CausalLM:
     """The stage's model: init_from (hash-checked) or a preset with overrides, at the configured AMP level.
-    With `tp` (a TPGroup) every rank builds the same whole model and keeps its slice of each layer; with `pp`
-    (a PPGroup) it keeps its pipeline stage (models/pipeline.py)."""
+    Under a split layout every rank builds the same whole model and keeps its part (Layout.localize)."""
     m = cfg.model
     if m.init_from:
         if m.init_sha256:
@@ -56,19 +56,8 @@ def build_model(cfg: ExperimentConfig, tp=None, pp=None) -> CausalLM:
     if cfg.mup.enabled:
         from ms_llm.models import mup
         mup.apply(model, cfg.mup, fresh=not m.init_from, init_std=cfg.mup.init_std)
-    if tp is not None:
-        from ms_llm.models.io import load_state_dict, model_state_dict
-        from ms_llm.models.tensor_parallel import shard_state
-        whole = model_state_dict(model)
-        model = CausalLM(model.config, tp)
-        load_state_dict(model, shard_state(whole, tp), strict=True, source="tensor-parallel slices")
-    if pp is not None:
-        from ms_llm.models.pipeline import build_stage, check_config
-        try:
-            check_config(model.config, pp.size)
-        except MsLlmError as e:
-            raise MsLlmError(f"{m.init_from or 'model'}: {e}") from None
-        model = build_stage(model, pp)
+    if layout is not None:
+        model = layout.localize(model, m.init_from or "model")
     if cfg.parallel.recompute:
         for layer in model.model.layers:
             layer.recompute()          # keep only layer inputs; recompute the rest in the backward pass
@@ -82,28 +71,9 @@ def load_tokenizer(cfg: ExperimentConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def data_position(rank: int, world: int, tp=None, pp=None) -> tuple:
-    """(data rank, data ranks): the tensor-parallel ranks of one group, and the stages of one pipeline, read
-    the same batches."""
-    group = tp or pp
-    return (rank // group.size, world // group.size) if group is not None else (rank, world)
-
-
-def whole_weights(model):
-    """{name: array} of the whole model when it is split over tensor-parallel ranks or pipeline stages (a
-    collective: call it on every rank), else None."""
-    if getattr(model, "pp", None) is not None:
-        from ms_llm.models.pipeline import gather_weights
-        return gather_weights(model)
-    if getattr(model, "tp", None) is None:
-        return None
-    from ms_llm.models.tensor_parallel import gather_state
-    return gather_state(dict(model.parameters_and_names()), model.tp)
-
-
 def export_final(run_dir: str, model, tokenizer, version: str = None, weights: dict = None, extra=None) -> dict:
     """final/: Hugging Face layout + tokenizer + MANIFEST.json; returns summary.json's `final` entry.
-    `weights`: the whole model's arrays (from whole_weights) instead of the model's own parameters;
+    `weights`: the whole model's arrays (Layout.whole_weights) instead of the model's own parameters;
     `extra(folder)`: writes further files (e.g. a reward head) before the manifest hashes them."""
     final = os.path.join(run_dir, "final")
     tmp = final + ".tmp"

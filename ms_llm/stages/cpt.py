@@ -25,8 +25,9 @@ from ms_llm.data.loader import PretrainData
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import perplexity
 from ms_llm.losses.lm import LMLoss
-from ms_llm.stages.common import (build_model, data_position, export_final, finish, load_tokenizer, prepare_run_dir,
-                                  whole_weights)
+from ms_llm.eval.results import gate
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
 log = logging.getLogger(__name__)
@@ -113,20 +114,34 @@ class ForgettingMonitor:
                          f"below baseline {self.baseline_acc[domain]:.1%}")
         return "; ".join(parts)
 
-    def converged(self) -> bool:
+    def variation(self) -> float:
+        """Relative spread of the mean held-out loss over the last `window` evaluations (inf before then)."""
         m = self.cfg.cpt.monitor
         if len(self.history) < m.window or m.window < 2:
-            return False
+            return math.inf
         recent = self.history[-m.window:]
-        return (max(recent) - min(recent)) / max(abs(recent[-1]), 1e-12) < m.tolerance
+        return (max(recent) - min(recent)) / max(abs(recent[-1]), 1e-12)
+
+    def converged(self) -> bool:
+        return self.variation() < self.cfg.cpt.monitor.tolerance
+
+    def gates(self, row: dict) -> dict:
+        """summary.json gates from the last evaluation's row: per domain, the loss rise and the accuracy drop
+        against their thresholds, and the termination rule (mean-loss variation over the window)."""
+        m, out = self.cfg.cpt.monitor, {}
+        for d in self.baseline:
+            out[f"forgetting/loss/{d}"] = gate(row[f"eval/rise/{d}"], m.threshold, "<=")
+        for d in self.baseline_acc:
+            out[f"forgetting/accuracy/{d}"] = gate(row[f"eval/accuracy_drop/{d}"], m.accuracy_threshold, "<=")
+        out["converged"] = gate(self.variation(), m.tolerance, "<")
+        return out
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None, pp=None) -> dict:
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     c, d, t = cfg.cpt, cfg.data, cfg.train
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tp, pp)
-    data_rank, data_world = data_position(rank, world, tp, pp)
+    model = build_model(cfg, layout)
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     schedule = schedule_from(cfg)
     sampled = {k for ph in schedule.phases for k, v in ph.weights.items() if v > 0}
@@ -194,7 +209,8 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=N
             monitor.baseline_acc = dict(saved.get("monitor_baseline_accuracy", {}))
             monitor.history = list(saved.get("monitor_history", []))
 
-    spec = StageSpec(loss_net=LMLoss(model) if pp is None else model, batch_keys=keys, next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
+    spec = StageSpec(loss_net=LMLoss(model) if layout.pp is None else model, batch_keys=keys,
+                     next_batch=lambda i: data.batch(i, mbs, layout.data_rank, layout.data_world),
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate if monitor is not None else None,
                      extra_state=lambda: {"curriculum": schedule.state(),
                                           "monitor_baseline": monitor.baseline if monitor else {},
@@ -209,9 +225,9 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=N
                                                                 if k.startswith("eval/loss/") and k != "eval/loss/mean"))
         if monitor.baseline_acc:
             decisions.append("baseline accuracy: " + ", ".join(f"{d} {v:.1%}" for d, v in monitor.baseline_acc.items()))
-    result = train(cfg, model, spec, run_dir, rank, reducer)
-    weights = whole_weights(model)
-    if rank != 0:
+    result = train(cfg, model, spec, run_dir, layout)
+    weights = layout.whole_weights(model)
+    if not layout.main:
         return {}
     with open(os.path.join(run_dir, "decisions.md"), "a") as f:
         f.write("".join(f"- {x}\n" for x in decisions))
@@ -219,7 +235,8 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=N
     metrics = dict(result.metrics, data_skipped_records=data.skipped, alarms=sum("alarm on" in x for x in decisions),
                    tokens=float(result.steps * tokens_per_step))
     status = "stopped_early" if result.stopped_early else "completed"
-    return finish(run_dir, cfg.stage, status, result.steps, metrics, final, plots=cfg.log.plots)
+    gates = monitor.gates(result.evals[-1]) if monitor is not None and result.evals else None
+    return finish(run_dir, cfg.stage, status, result.steps, metrics, final, gates, plots=cfg.log.plots)
 
 
 def _has_checkpoint(run_dir: str) -> bool:

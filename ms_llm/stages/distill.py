@@ -32,12 +32,13 @@ from ms_llm.data.teacher_cache import TeacherCache, write_cache
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import exact_match
 from ms_llm.eval.results import gate
-from ms_llm.fileio import write_json_atomic
+from ms_llm.fileio import read_jsonl, write_json_atomic
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.vocab import vocab_alignment
 from ms_llm.stages.common import build_model, check_init_hash, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> d
     summary_path = os.path.join(out_dir, "generated_summary.json")
     if os.path.isfile(kept_path) and os.path.isfile(summary_path):
         from ms_llm.fileio import read_json
-        rows = [json.loads(x) for x in open(kept_path, encoding="utf-8") if x.strip()]
+        rows = read_jsonl(kept_path)
         return dict(read_json(summary_path, "the generation summary"), kept=rows)
     records = read_records(g.prompts, "prompts")
     records = records[:g.limit] if g.limit else records
@@ -310,7 +311,7 @@ class HardExamples:
             if not os.path.isfile(path):
                 raise MsLlmError(f"{path}: the checkpoint used hard-example round {n}, but its samples are missing")
             self.rounds = n
-            self._add([json.loads(x) for x in open(path, encoding="utf-8") if x.strip()])
+            self._add(read_jsonl(path))
 
     def round(self) -> dict:
         if self.rounds >= self.cfg.distill.iterative.max_rounds:
@@ -356,7 +357,7 @@ def gates(cfg: ExperimentConfig, evals: list) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     d = cfg.distill
     run_dir = prepare_run_dir(cfg)
     data_dir = os.path.join(run_dir, "distill_data")
@@ -375,6 +376,8 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         loss = DistillLoss(student, lcfg, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
     mbs = cfg.train.micro_batch_size
 
+    rank, world = layout.data_rank, layout.data_world
+
     def next_batch(i):
         b = data.batch(i, mbs, rank, world)
         if cache is not None:
@@ -386,18 +389,21 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
         records = read_records(d.eval_prompts, "prompts")
         records = records[:d.eval_limit] if d.eval_limit else records
     template = cfg.tokenizer.chat_template
-    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and rank == 0 else float("nan")
+    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
-    n_evals = {"calls": 0}
+    progress = {"step": 0}
+
+    def step_metrics(done: int) -> dict:
+        progress["step"] = done               # the step being evaluated (survives a resume, unlike a call count)
+        return {}
 
     def evaluate():
-        n_evals["calls"] += 1
         out = {}
         if records:
             acc = exact_match(student, tokenizer, records, template, d.eval_max_new_tokens)["accuracy"]
             out.update({"eval/exact_match": acc, "eval/teacher_exact_match": teacher_score,
                         "eval/score_ratio": acc / teacher_score if teacher_score > 0 else float("nan")})
-        if hard is not None and (n_evals["calls"] * cfg.train.eval_every) % d.iterative.every == 0:
+        if hard is not None and progress["step"] % d.iterative.every == 0:
             out.update(hard.round())
         return out
 
@@ -415,9 +421,9 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
                      tokens_per_micro=mbs * cfg.data.seq_len, evaluate=evaluate if (records or hard) else None,
                      loss_norm=float(mbs), params=student.trainable_params(),
                      extra_state=lambda: {"hard_rounds": hard.rounds if hard else 0, "teacher_sha256": teacher.sha256},
-                     check_resume=check_resume, should_stop=should_stop)
-    result = train(cfg, student, spec, run_dir, rank, reducer)
-    if rank != 0:
+                     check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
+    result = train(cfg, student, spec, run_dir, layout)
+    if not layout.main:
         return {}
     student.set_train(False)
     final = export_final(run_dir, student, tokenizer, d.version)

@@ -11,8 +11,8 @@ import mindspore as ms
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.loader import PretrainData
 from ms_llm.losses.lm import LMLoss
-from ms_llm.stages.common import (build_model, data_position, export_final, finish, load_tokenizer, prepare_run_dir,
-                                  whole_weights)
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
 
@@ -26,17 +26,10 @@ def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
     return {"eval/loss": num / den, "eval/ppl": math.exp(min(num / den, 50.0))}
 
 
-def pipeline_loss(model):
-    """Under pipeline parallelism the loss is computed by passing the batch through every stage."""
-    from ms_llm.training.pipeline import PipelineLoss
-    return PipelineLoss(model)
-
-
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=None, pp=None) -> dict:
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, tp, pp)
-    data_rank, data_world = data_position(rank, world, tp, pp)
+    model = build_model(cfg, layout)
     if tokenizer.vocab_size > model.config.vocab_size:
         from ms_llm.errors import MsLlmError
         raise MsLlmError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -46,16 +39,16 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None, tp=N
     data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
                         d.eval_fraction, d.on_error, d.index)
     keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask else ("input_ids", "labels")
-    loss_net = LMLoss(model) if pp is None else model
-    loss_fn = loss_net if pp is None else pipeline_loss(model)
+    loss_net = LMLoss(model) if layout.pp is None else model       # a pipeline stage computes its own part
+    loss_fn = layout.eval_loss_fn(loss_net, model)
     mbs = cfg.train.micro_batch_size
     spec = StageSpec(loss_net=loss_net, batch_keys=keys,
-                     next_batch=lambda i: data.batch(i, mbs, data_rank, data_world),
+                     next_batch=lambda i: data.batch(i, mbs, layout.data_rank, layout.data_world),
                      tokens_per_micro=mbs * d.seq_len,
                      evaluate=(lambda: eval_loss(loss_fn, data, keys, mbs)) if d.eval_fraction > 0 else None)
-    result = train(cfg, model, spec, run_dir, rank, reducer)
-    weights = whole_weights(model)
-    if rank != 0:
+    result = train(cfg, model, spec, run_dir, layout)
+    weights = layout.whole_weights(model)
+    if not layout.main:
         return {}
     final = export_final(run_dir, model, tokenizer, cfg.pretrain.export_version, weights)
     metrics = dict(result.metrics, data_skipped_records=data.skipped)

@@ -27,6 +27,7 @@ from ms_llm.models.reward import HEAD_FILE, RewardModel, save_head, truncate
 from ms_llm.models.safetensors_io import read_safetensors
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
 
@@ -80,7 +81,7 @@ def make_evaluator(cfg: ExperimentConfig, rm: RewardModel, tokenizer, stats):
     return evaluate, cal, test
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     r, d = cfg.reward, cfg.data
@@ -93,7 +94,7 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
     mbs = cfg.train.micro_batch_size
 
     def next_batch(i):
-        batch = data.batch(i, mbs, rank, world)
+        batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
         if not r.use_margin:
             batch["margin"] = np.zeros_like(batch["margin"])
         return batch
@@ -107,8 +108,8 @@ def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> d
                      tokens_per_micro=2 * mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
                      weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
                      check_resume=check_resume)
-    result = train(cfg, rm, spec, run_dir, rank, reducer)
-    if rank != 0:
+    result = train(cfg, rm, spec, run_dir, layout)
+    if not layout.main:
         return {}
     rm.set_train(False)
     metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,

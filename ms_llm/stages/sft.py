@@ -20,6 +20,7 @@ from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
 KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
@@ -83,13 +84,13 @@ def checkpoint_report(run_dir: str, evals: list, metric: str) -> dict:
     return {"best_step": best["step"], f"best/{metric}": best.get(metric)}
 
 
-def run(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     if cfg.sft.phases:
-        return run_phases(cfg, rank, world, reducer)
-    return run_phase(cfg, rank, world, reducer)
+        return run_phases(cfg, layout)
+    return run_phase(cfg, layout)
 
 
-def run_phases(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run_phases(cfg: ExperimentConfig, layout: Layout) -> dict:
     """Phases back to back (seed 000 §1.2.5.3.1), each starting from the previous one's hash-checked result."""
     import copy
     from ms_llm.training.metrics import write_summary
@@ -106,13 +107,13 @@ def run_phases(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=Non
         sub.train.grad_accum_steps = ph.grad_accum_steps or cfg.train.grad_accum_steps
         sub.train.global_batch_size = ph.global_batch_size
         sub.optim.lr = ph.lr or cfg.optim.lr
-        summary = run_phase(sub, rank, world, reducer)
-        if rank != 0:
+        summary = run_phase(sub, layout)
+        if not layout.main:
             continue
         summaries.append({"phase": ph.name, "steps": summary["steps"], "status": summary["status"],
                           "final": summary["final"]})
         init, sha = summary["final"]["path"], summary["final"]["sha256"]
-    if rank != 0:
+    if not layout.main:
         return {}
     last = read_json(os.path.join(base, cfg.sft.phases[-1].name, "summary.json"), "the phase summary")
     metrics = dict(last["metrics"], phases=summaries)
@@ -120,7 +121,7 @@ def run_phases(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=Non
                          last["gates"], last["final"])
 
 
-def run_phase(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None) -> dict:
+def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     """One SFT run (see the module docstring)."""
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -143,14 +144,15 @@ def run_phase(cfg: ExperimentConfig, rank: int = 0, world: int = 1, reducer=None
     data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, cfg.sft, d.shuffle_seed, d.on_error)
     mbs = cfg.train.micro_batch_size
     evaluate = make_evaluator(cfg, model, tokenizer)
-    before = evaluate() if evaluate and rank == 0 else {}
-    spec = StageSpec(loss_net=SFTLoss(model), batch_keys=KEYS, next_batch=lambda i: data.batch(i, mbs, rank, world),
+    before = evaluate() if evaluate and layout.main else {}
+    spec = StageSpec(loss_net=SFTLoss(model), batch_keys=KEYS,
+                     next_batch=lambda i: data.batch(i, mbs, layout.data_rank, layout.data_world),
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
                      weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
                      check_resume=check_resume,
                      should_stop=converged(s.converge_metric, s.converge_tolerance, s.converge_patience))
-    result = train(cfg, model, spec, run_dir, rank, reducer)
-    if rank != 0:
+    result = train(cfg, model, spec, run_dir, layout)
+    if not layout.main:
         return {}
     model.set_train(False)
     if lora.enabled:

@@ -16,9 +16,10 @@ import numpy as np
 from ms_llm.config import ExperimentConfig
 from ms_llm.errors import MsLlmError
 from ms_llm.training import checkpoint as ckpt
+from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import RunLogger
 from ms_llm.training.optim import AdamW, lr_at
-from ms_llm.training.step import LossScaleState, TrainStep
+from ms_llm.training.step import LossScaleState
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ def _to_tensors(batch: dict, keys) -> tuple:
     return tuple(ms.Tensor(np.ascontiguousarray(batch[k])) for k in keys)
 
 
-def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int = 0, reducer=None) -> TrainResult:
+def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, layout: Layout = None) -> TrainResult:
+    layout = layout or Layout()
+    rank = layout.rank
     t = cfg.train
     opt = build_optimizer(cfg, spec, model, rank)
     if opt.sharded:
@@ -90,24 +93,11 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
         log.info("optimizer state sharded over %d ranks: rank %d holds %d of %d moment values (%.1f MB)",
                  cfg.parallel.data_parallel, rank, opt.state_elements(), total, 4 * opt.state_elements() / 2**20)
     scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor, t.loss_scale_window)
-    tp = getattr(model, "tp", None)
-    tp_norm = None
-    if tp is not None:
-        from ms_llm.models.tensor_parallel import shard_axis
-        from ms_llm.training.step import TPNorm
-        names = {id(p): n for n, p in model.parameters_and_names()}
-        tp_norm = TPNorm([shard_axis(names.get(id(p), p.name)) is not None for p in opt.parameters], tp)
-    pp = getattr(model, "pp", None)
     loss_norm = float(spec.loss_norm or spec.tokens_per_micro)
-    if pp is not None:
-        from ms_llm.training.pipeline import PipelineStep
-        step_fn = PipelineStep(model, opt, scale, t.clip_grad_norm, reducer, loss_norm)
-    else:
-        step_fn = TrainStep(spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, reducer,
-                            loss_norm=loss_norm, tp_norm=tp_norm)
+    step_fn = layout.train_step(model, spec.loss_net, opt, scale, t.grad_accum_steps, t.clip_grad_norm, loss_norm)
     state = optimizer_state(opt, scale)
     root = os.path.join(run_dir, "checkpoints")
-    resumed, start, micro_index = _resume(cfg, root, model, spec, state)
+    resumed, start, micro_index = _resume(cfg, root, model, spec, state, layout)
     logger = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.log.tensorboard)
     logger.truncate_after(start)
     bar = None
@@ -150,19 +140,11 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
                 logger.log(done, row)
             last = row
             if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == t.max_steps or stopped:
-                full = optimizer_state(opt, scale, full=True)    # sharded: every rank takes part in the gather
-                writer = spec.weights_writer
-                if tp is not None:                               # whole tensors from every rank's slices
+                # every rank takes part: ZeRO-1 moments, tensor-parallel slices and pipeline stages are gathered
+                full = layout.whole_optimizer_state(optimizer_state(opt, scale, full=True), model)
+                weights, writer = layout.whole_weights(model), spec.weights_writer
+                if weights is not None:
                     from ms_llm.models.io import save_state_dict
-                    from ms_llm.models.tensor_parallel import gather_state
-                    weights = gather_state(dict(model.parameters_and_names()), tp)
-                    full = gather_state(full, tp)
-                    writer = lambda d, w=weights: save_state_dict(w, model.config, d)    # noqa: E731
-                elif pp is not None:                             # whole tensors from every stage
-                    from ms_llm.models.io import save_state_dict
-                    from ms_llm.models.pipeline import gather_optimizer_state, gather_weights
-                    weights = gather_weights(model)
-                    full = gather_optimizer_state(full, model)
                     writer = lambda d, w=weights: save_state_dict(w, model.config, d)    # noqa: E731
                 if rank == 0:
                     ckpt.save_checkpoint(root, done, model, full,
@@ -189,7 +171,7 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, rank: int
     return TrainResult(steps, metrics, history, resumed, evals, stopped)
 
 
-def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dict):
+def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dict, layout: Layout):
     """Restore weights, optimizer/loss-scale state and data position; returns (path, step, micro_index)."""
     how = cfg.checkpoint.resume
     if how == "none":
@@ -204,12 +186,7 @@ def _resume(cfg: ExperimentConfig, root: str, model, spec: StageSpec, state: dic
     else:
         from ms_llm.models.io import load_weights
         load_weights(model, path, strict=True)
-    tp = getattr(model, "tp", None)
-    if tp is not None:
-        from ms_llm.models.tensor_parallel import shard_state
-        ckpt.load_optimizer_state(path, state, lambda saved: shard_state(saved, tp))
-    else:
-        ckpt.load_optimizer_state(path, state)
+    ckpt.load_optimizer_state(path, state, layout.local_optimizer_state)
     ts = ckpt.read_trainer_state(path)
     if spec.check_resume is not None:
         spec.check_resume(ts)

@@ -1,0 +1,109 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where one process sits in a run, and everything that depends on it.
+
+    layout = Layout()                                   # one process
+    layout = Layout(rank, world, reducer, tp=TPGroup)   # from distributed.init_data_parallel under msrun
+
+A stage receives a Layout and asks it, never the model, how the run is split: which batches this rank reads
+(`data_rank`, `data_world`), how to cut a whole model into this rank's part (`localize`), which train-step
+cell to use, and how to gather whole weights and optimizer state for a checkpoint (`whole_weights`,
+`whole_optimizer_state`) or slice them again on resume (`local_optimizer_state`). Data parallelism and ZeRO-1
+need nothing beyond the reducer; tensor parallelism (`tp`) and pipeline stages (`pp`) are at most one at a time.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+from ms_llm.errors import MsLlmError
+
+
+@dataclass
+class Layout:
+    rank: int = 0
+    world: int = 1
+    reducer: Optional[object] = None        # data-parallel gradient reducer (distributed.SumReducer)
+    tp: Optional[object] = None             # models.tensor_parallel.TPGroup
+    pp: Optional[object] = None             # models.pipeline.PPGroup
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes metrics, checkpoints, final/ and summary.json."""
+        return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """The tensor-parallel ranks of one group, and the stages of one pipeline, read the same batches."""
+        group = self.tp or self.pp
+        return self.rank // group.size if group is not None else self.rank
+
+    @property
+    def data_world(self) -> int:
+        group = self.tp or self.pp
+        return self.world // group.size if group is not None else self.world
+
+    def localize(self, model, source: str = "model"):
+        """This rank's part of a whole CausalLM: its tensor-parallel slices or its pipeline stage."""
+        if self.tp is not None:
+            from ms_llm.models import CausalLM
+            from ms_llm.models.io import load_state_dict, model_state_dict
+            from ms_llm.models.tensor_parallel import shard_state
+            whole = model_state_dict(model)
+            model = CausalLM(model.config, self.tp)
+            load_state_dict(model, shard_state(whole, self.tp), strict=True, source="tensor-parallel slices")
+        if self.pp is not None:
+            from ms_llm.models.pipeline import build_stage, check_config
+            try:
+                check_config(model.config, self.pp.size)
+            except MsLlmError as e:
+                raise MsLlmError(f"{source}: {e}") from None
+            model = build_stage(model, self.pp)
+        return model
+
+    def train_step(self, model, loss_net, optimizer, loss_scale, accum_steps: int, clip: float, loss_norm: float):
+        """The step cell for this layout: the GPipe schedule over pipeline stages, else TrainStep (with the
+        tensor-parallel gradient norm when layers are sliced)."""
+        from ms_llm.training.step import TrainStep
+        if self.pp is not None:
+            from ms_llm.training.pipeline import PipelineStep
+            return PipelineStep(model, optimizer, loss_scale, clip, self.reducer, loss_norm)
+        tp_norm = None
+        if self.tp is not None:
+            from ms_llm.models.tensor_parallel import shard_axis
+            from ms_llm.training.step import TPNorm
+            names = {id(p): n for n, p in model.parameters_and_names()}
+            tp_norm = TPNorm([shard_axis(names.get(id(p), p.name)) is not None for p in optimizer.parameters], self.tp)
+        return TrainStep(loss_net, optimizer, loss_scale, accum_steps, clip, self.reducer, loss_norm=loss_norm,
+                         tp_norm=tp_norm)
+
+    def eval_loss_fn(self, loss_net, model):
+        """What evaluates a batch's loss: the loss cell, or under pipeline stages a pass through all of them."""
+        if self.pp is None:
+            return loss_net
+        from ms_llm.training.pipeline import PipelineLoss
+        return PipelineLoss(model)
+
+    def whole_weights(self, model) -> Optional[dict]:
+        """{name: array} of the whole model when it is split (a collective: call it on every rank), else None."""
+        if self.pp is not None:
+            from ms_llm.models.pipeline import gather_weights
+            return gather_weights(model)
+        if self.tp is not None:
+            from ms_llm.models.tensor_parallel import gather_state
+            return gather_state(dict(model.parameters_and_names()), self.tp)
+        return None
+
+    def whole_optimizer_state(self, state: dict, model) -> dict:
+        """The whole optimizer state from every rank's share (a collective when the model is split)."""
+        if self.pp is not None:
+            from ms_llm.models.pipeline import gather_optimizer_state
+            return gather_optimizer_state(state, model)
+        if self.tp is not None:
+            from ms_llm.models.tensor_parallel import gather_state
+            return gather_state(state, self.tp)
+        return state
+
+    def local_optimizer_state(self, saved: dict) -> dict:
+        """This rank's slices of a whole saved optimizer state (pipeline stages select by name on load)."""
+        if self.tp is not None:
+            from ms_llm.models.tensor_parallel import shard_state
+            return shard_state(saved, self.tp)
+        return saved
