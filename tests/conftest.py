@@ -90,3 +90,32 @@ def tiny_reward(tiny_pretrained):
     """configs/tiny/reward.yaml trained from the tiny pretrained model: runs/tiny_reward in that work dir."""
     run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", "train.progress_bar=false", "log.plots=false")
     return tiny_pretrained / "runs" / "tiny_reward"
+
+
+def kill_once_written(workdir, args, marker, timeout: int = 300):
+    """Start `ms-llm ARGS`, SIGKILL it as soon as `marker` exists (e.g. a checkpoint's MANIFEST.json)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "ms_llm.cli", *args], cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_resumed_run_equals(a, b, steps: int, killed_at: int, weight_files=("model.safetensors",)):
+    """Run dir `b` (killed after step `killed_at`, then resumed) logged every step once, its per-step losses
+    after the kill equal uninterrupted run `a`'s, and so do its final weights (all <= 1e-6)."""
+    import json
+    from ms_llm.models.safetensors_io import read_safetensors
+    ra, rb = ([json.loads(x) for x in open(r / "metrics.jsonl")] for r in (a, b))
+    assert [r["step"] for r in rb] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in rb][killed_at:], [r["loss"] for r in ra][killed_at:], atol=1e-6)
+    for name in weight_files:
+        wa, wb = read_safetensors(str(a / "final" / name)), read_safetensors(str(b / "final" / name))
+        assert set(wa) == set(wb) and max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-6

@@ -225,7 +225,10 @@ def test_ascend_without_cann_fails_fast(workdir):
     assert r.returncode == 2 and "CANN toolkit was not found" in r.stderr
 
 
-def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
+def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir, monkeypatch, capsys):
+    """In process (each refusal comes before any training): exit code 2 and one message naming the knob."""
+    from ms_llm.cli import main
+    monkeypatch.chdir(workdir)
     for overrides, message in ((["parallel.pipeline_stages=2"], "not started by msrun"),
                                (["parallel.pipeline_stages=3"], "needs at least one decoder layer per stage"),
                                (["parallel.pipeline_stages=2", "parallel.tensor_parallel=2"],
@@ -236,10 +239,10 @@ def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir):
                                (["parallel.tensor_parallel=2", "parallel.data_parallel=2", "parallel.optimizer_shard=true"],
                                 "optimizer_shard together with tensor_parallel"),
                                (["parallel.tensor_parallel=3"], "must divide model.num_attention_heads (4)")):
-        r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *overrides)
-        assert r.returncode == 2 and message in r.stderr, (overrides, r.stderr[-500:])
+        code, err = main(["train", "configs/tiny/pretrain.yaml", *overrides]), capsys.readouterr().err
+        assert code == 2 and message in err, (overrides, err[-500:])
     for knob in ("parallel.tensor_parallel=2", "parallel.pipeline_stages=2"):
-        r = _cli(workdir, "train", "configs/tiny/sft_lora.yaml", knob)
-        assert r.returncode == 2 and "supported by the pretrain and cpt stages" in r.stderr, r.stderr[-500:]
+        code, err = main(["train", "configs/tiny/sft_lora.yaml", knob]), capsys.readouterr().err
+        assert code == 2 and "supported by the pretrain and cpt stages" in err, err[-500:]
     r = _cli(workdir, "bench", "layouts", "--layouts", "dp2,dp3")
     assert r.returncode == 2 and "--layouts: unknown ['dp3']" in r.stderr, r.stderr[-500:]

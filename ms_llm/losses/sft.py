@@ -15,9 +15,10 @@ class SFTLoss(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model, self.ignore_index = model, ignore_index
 
-    def construct(self, input_ids, labels, attention_mask, weights, row_weight):
-        """input_ids, labels, attention_mask: [B, S] int32; weights: [B, S] float32; row_weight: [B] float32."""
-        logits = self.model(input_ids, attention_mask)
+    def construct(self, input_ids, labels, attention_mask, weights, row_weight, embed_noise=None):
+        """input_ids, labels, attention_mask: [B, S] int32; weights: [B, S] float32; row_weight: [B] float32;
+        embed_noise: [B, S, H] NEFTune noise (optional, see CausalLM.construct)."""
+        logits = self.model(input_ids, attention_mask, None, None, embed_noise)
         valid = labels != self.ignore_index
         safe = ops.where(valid, labels, ops.zeros_like(labels))
         nll = -F.token_log_probs(logits, safe)

@@ -201,7 +201,7 @@ class CausalLM(nn.Cell):
         self.dynamic_rope = scaling.get("rope_type", scaling.get("type")) == "dynamic"
         self.inv_freq = Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
         self.matmul_t = ops.MatMul(transpose_b=True)
-        self.neftune_alpha = 0.0          # NEFTune embedding noise while training (set by the SFT stage)
+        self.neftune_alpha = 0.0          # NEFTune noise scale while training (set by the SFT stage)
         self.set_multipliers(config.embedding_multiplier, config.logit_multiplier)
 
     def set_multipliers(self, embedding: float, logit: float):
@@ -228,7 +228,7 @@ class CausalLM(nn.Cell):
                                           seq_len, self.config.max_position_embeddings))
         return self.inv_freq
 
-    def construct(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+    def construct(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, embed_noise=None):
         """Logits for every position.
 
         Args:
@@ -236,10 +236,13 @@ class CausalLM(nn.Cell):
             attention_mask: [B, S] 1 for real tokens, 0 for padding (optional).
             position_ids: [B, S] int (optional; defaults to 0..S-1).
             segment_ids: [B, S] document ids for packed sequences; no attention across documents (optional).
+            embed_noise: [B, S, H] float32 uniform in [-1, 1] (optional): NEFTune noise, used only while
+                training, scaled by neftune_alpha / sqrt(S * H). It comes from the caller (drawn from the run's
+                seed and the micro-batch index), so a resumed run adds exactly the noise it would have.
         Returns:
             [B, S, V] float32.
         """
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids))
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, segment_ids, embed_noise))
 
     def attention_inputs(self, b: int, s: int, attention_mask=None, position_ids=None, segment_ids=None):
         """(additive mask [B, 1, S, S], rotary cos, sin) for a [B, S] batch (what every layer reads)."""
@@ -250,13 +253,13 @@ class CausalLM(nn.Cell):
         cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(s))
         return mask, cos, sin
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None, embed_noise=None):
         """Final-norm hidden states [B, S, H] float32 (what reward/value heads and chunked losses read)."""
         b, s = input_ids.shape
         mask, cos, sin = self.attention_inputs(b, s, attention_mask, position_ids, segment_ids)
         x = self.embed(input_ids)
-        if self.training and self.neftune_alpha > 0:   # NEFTune: uniform noise scaled by alpha / sqrt(S * H)
-            x = x + (ops.rand_like(x) * 2.0 - 1.0) * (self.neftune_alpha / math.sqrt(s * x.shape[-1]))
+        if embed_noise is not None and self.training and self.neftune_alpha > 0:   # NEFTune (Jain et al. 2023)
+            x = x + embed_noise * (self.neftune_alpha / math.sqrt(s * x.shape[-1]))
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask)
         return self.model.norm(x)

@@ -13,7 +13,7 @@ import os
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.manifest import verify_dataset
 from ms_llm.data.readers import read_records
-from ms_llm.data.sft import SFTData
+from ms_llm.data.sft import SFTData, neftune_noise
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.fileio import read_json
@@ -145,8 +145,15 @@ def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     mbs = cfg.train.micro_batch_size
     evaluate = make_evaluator(cfg, model, tokenizer)
     before = evaluate() if evaluate and layout.main else {}
-    spec = StageSpec(loss_net=SFTLoss(model), batch_keys=KEYS,
-                     next_batch=lambda i: data.batch(i, mbs, layout.data_rank, layout.data_world),
+    noisy = cfg.sft.neftune_alpha > 0
+
+    def next_batch(i):
+        batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
+        if noisy:
+            where = data.batch_indices(i, mbs, layout.data_rank, layout.data_world)
+            batch["embed_noise"] = neftune_noise(cfg.train.seed, where, d.seq_len, model.config.hidden_size)
+        return batch
+    spec = StageSpec(loss_net=SFTLoss(model), batch_keys=KEYS + (("embed_noise",) if noisy else ()), next_batch=next_batch,
                      tokens_per_micro=mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
                      weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
                      check_resume=check_resume,

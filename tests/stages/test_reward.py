@@ -3,15 +3,11 @@
 `load_reward_model` and `ms-llm eval rm` read, trains with LoRA, and a SIGKILLed run resumes exactly."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_resumed_run_equals, kill_once_written, run_cli
 from ms_llm.models.safetensors_io import read_safetensors
 
 QUICK = ("train.progress_bar=false", "log.plots=false")
@@ -95,24 +91,13 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_pretrained):
     after it and the final weights (backbone and head) equal an uninterrupted run's."""
     common = [*QUICK, "train.max_steps=30", "train.log_every=1", "checkpoint.every=7", "train.eval_every=10",
               "reward.eval_limit=32", "train.micro_batch_size=8"]
-    run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", "train.output_dir=runs/rm_a", *common)
-    cmd = [sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/reward.yaml", "train.output_dir=runs/rm_b", *common]
-    proc = subprocess.Popen(cmd, cwd=tiny_pretrained, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = tiny_pretrained / "runs" / "rm_b" / "checkpoints" / "step_000014" / "MANIFEST.json"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tiny_pretrained / "runs" / "rm_b" / "final").exists()
-    run_cli(tiny_pretrained, *cmd[3:])
-    a, b = tiny_pretrained / "runs" / "rm_a", tiny_pretrained / "runs" / "rm_b"
-    ra, rb = _rows(a), _rows(b)
-    assert [r["step"] for r in rb] == list(range(1, 31))
-    np.testing.assert_allclose([r["loss"] for r in rb][14:], [r["loss"] for r in ra][14:], atol=1e-6)
-    for name in ("model.safetensors", "reward_head.safetensors"):
-        wa, wb = read_safetensors(str(a / "final" / name)), read_safetensors(str(b / "final" / name))
-        assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-6
+    args = ["train", "configs/tiny/reward.yaml", *common]
+    run_cli(tiny_pretrained, *args, "train.output_dir=runs/rm_a")
+    b = tiny_pretrained / "runs" / "rm_b"
+    kill_once_written(tiny_pretrained, [*args, "train.output_dir=runs/rm_b"], b / "checkpoints" / "step_000014" / "MANIFEST.json")
+    assert not (b / "final").exists()
+    run_cli(tiny_pretrained, *args, "train.output_dir=runs/rm_b")
+    a = tiny_pretrained / "runs" / "rm_a"
+    assert_resumed_run_equals(a, b, 30, 14, ("model.safetensors", "reward_head.safetensors"))
     sa, sb = (json.loads((x / "summary.json").read_text())["metrics"] for x in (a, b))
     assert sb["eval/auc"] == pytest.approx(sa["eval/auc"], abs=1e-9)

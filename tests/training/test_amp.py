@@ -2,6 +2,7 @@
 """AMP levels: which matmuls run in half precision, and O2 fp16 training tracks fp32 within 2%."""
 import mindspore as ms
 import numpy as np
+import pytest
 from mindspore import Tensor
 
 from ms_llm.losses.lm import LMLoss
@@ -41,6 +42,7 @@ def _curve(level, steps=30):
     return np.array(losses)
 
 
+@pytest.mark.slow
 def test_o2_fp16_loss_curve_within_2_percent_of_fp32(graph_mode):
     fp32, o2 = _curve("O0"), _curve("O2")
     assert o2[-1] < 0.8 * o2[0]                                          # it trains

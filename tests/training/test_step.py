@@ -136,14 +136,28 @@ def test_recompute_gives_the_same_update(graph_mode):
 
 
 def test_neftune_noise_only_while_training():
+    """The noise is U(-1, 1) x alpha / sqrt(S H) on the embeddings, while training only, and a function of
+    (seed, sample position): the same for a sample whatever its batch, different across samples."""
+    from ms_llm.data.sft import neftune_noise
     ms.set_seed(0)
     model = CausalLM(preset("tiny"))
     ids = Tensor(_batch(2, 17)[0])
+    b, s = ids.shape
+    h = model.config.hidden_size
+    noise = neftune_noise(7, [3, 4], s, h)
+    assert noise.shape == (b, s, h) and -1 <= noise.min() < -0.9 and 0.9 < noise.max() <= 1
+    np.testing.assert_array_equal(noise[1], neftune_noise(7, [4], s, h)[0])
+    assert not np.allclose(noise[0], noise[1]) and not np.allclose(noise, neftune_noise(8, [3, 4], s, h))
     model.set_train(False)
     clean = model(ids).asnumpy()
     model.neftune_alpha = 5.0
     model.set_train(True)
-    a, b = model(ids).asnumpy(), model(ids).asnumpy()
-    assert not np.allclose(a, clean) and not np.allclose(a, b)            # fresh noise each step
+    noisy = model(ids, None, None, None, Tensor(noise)).asnumpy()
+    assert not np.allclose(noisy, clean)
+    x = Tensor(model.embed(ids).asnumpy() + noise * 5.0 / np.sqrt(s * h))       # the same noise, added by hand
+    mask, cos, sin = model.attention_inputs(b, s)
+    for layer in model.model.layers:
+        x = layer(x, cos, sin, mask)
+    np.testing.assert_allclose(noisy, model.logits(model.model.norm(x)).asnumpy(), atol=1e-5)
     model.set_train(False)
-    assert np.array_equal(model(ids).asnumpy(), clean)                    # none at evaluation
+    assert np.array_equal(model(ids, None, None, None, Tensor(noise)).asnumpy(), clean)     # none at evaluation
