@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from conftest import assert_resumed_run_equals, kill_once_written
+
 
 STARVED = ("cpt.phases=[{name: starved, weights: {general: 50, science: 2, code: 48}}]", "cpt.anneal_weights={}",
            "lr_schedule.type=constant", "optim.lr=5e-4", "lr_schedule.warmup_steps=10", "cpt.monitor.stop=false")
@@ -119,3 +121,19 @@ def test_resume_continues_the_schedule_and_the_monitor_state(starved):
         assert split[step]["loss"] == pytest.approx(whole[step]["loss"], abs=1e-5), step
         assert split[step]["mix/science"] == pytest.approx(whole[step]["mix/science"], abs=1e-12), step
     assert split[50]["eval/mix/science"] == pytest.approx(whole[50]["eval/mix/science"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(starved):
+    """The starved run again, killed after the step-36 checkpoint (evaluations every 25, so between the alarm
+    at 25 and the next one) and resumed: per-step losses afterwards and the final weights equal runs/starved."""
+    workdir, common = starved
+    args = ["train", *common, "train.max_steps=150", "checkpoint.every=12", "train.progress_bar=false", "log.plots=false"]
+    b = workdir / "runs" / "starved_killed"
+    kill_once_written(workdir, [*args, "train.output_dir=runs/starved_killed"],
+                      b / "checkpoints" / "step_000036" / "MANIFEST.json")
+    _train(workdir, *args[1:], "train.output_dir=runs/starved_killed")
+    assert_resumed_run_equals(workdir / "runs" / "starved", b, 150, 36)
+    gates = json.loads((b / "summary.json").read_text())["gates"]
+    assert gates == json.loads((workdir / "runs" / "starved" / "summary.json").read_text())["gates"]
+    assert {"forgetting/loss/science", "forgetting/accuracy/science", "converged"} <= set(gates)

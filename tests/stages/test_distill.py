@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import make_workdir
+from conftest import assert_resumed_run_equals, kill_once_written, make_workdir
 
 # the configs' 600 steps shortened to 450 for the suite's time budget (docs/distill.md reports 600)
 ALL_EVAL = ("distill.eval_limit=0", "train.eval_every=0", "train.max_steps=450")
@@ -163,6 +163,28 @@ def test_generation_and_hard_example_rounds_run_in_the_stage(teacher):
     assert all("eval/gate/score_ratio" in r for r in evals)
     state = json.loads((run / "checkpoints" / "step_000040" / "trainer_state.json").read_text())
     assert state["hard_rounds"] == m["hard_rounds"] >= 1
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_hard_example_rounds_equals_uninterrupted(teacher):
+    """Killed after the step-18 checkpoint (evaluations every 10, rounds every 20), resumed: the round at step 20
+    happens in both runs (rounds follow the step, not an evaluation count that restarts on resume), and the
+    per-step losses afterwards and the final weights equal the uninterrupted run's."""
+    args = ["train", "configs/tiny/distill.yaml", "train.progress_bar=false", "log.plots=false", "train.max_steps=30",
+            "train.eval_every=10", "train.log_every=1", "lr_schedule.warmup_steps=5", "checkpoint.every=9",
+            "distill.eval_limit=8", "distill.generate.prompts=data/tiny/distill_prompts.jsonl",
+            "distill.generate.limit=16", "distill.iterative.every=20",
+            "distill.iterative.probe=data/tiny/distill_prompts.jsonl", "distill.iterative.probe_limit=8"]
+    _run(teacher, *args, "train.output_dir=runs/hard_a")
+    b = teacher / "runs" / "hard_b"
+    kill_once_written(teacher, [*args, "train.output_dir=runs/hard_b"], b / "checkpoints" / "step_000018" / "MANIFEST.json")
+    _run(teacher, *args, "train.output_dir=runs/hard_b")
+    a = teacher / "runs" / "hard_a"
+    assert_resumed_run_equals(a, b, 30, 18)
+    for run in (a, b):
+        rounds = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if "eval/hard/found" in r]
+        assert rounds == [20]
+    assert _summary(teacher, "hard_b")["metrics"]["hard_rounds"] == _summary(teacher, "hard_a")["metrics"]["hard_rounds"] == 1
 
 
 def test_vocabulary_alignment(tmp_path):
