@@ -346,32 +346,41 @@ def cmd_report(argv):
     print(f"{os.path.join(a.run_dir, 'report.md')} ({len(plots)} plots)")
 
 
-COMMANDS = {
-    "train": cmd_train,
-    "distill": cmd_distill,
-    "report": cmd_report,
-    "merge-lora": cmd_merge_lora,
-    "launch": cmd_launch,
-    "eval": cmd_eval,
-    "data": cmd_data,
-    "bench": cmd_bench,
-    "convert": cmd_convert,
-    "generate": cmd_generate,
-    "tokenizer": cmd_tokenizer,
-    "mup": cmd_mup,
+COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
+    "train": (cmd_train, "run the stage a YAML config describes (pretrain, cpt, distill, sft, reward)"),
+    "launch": (cmd_launch, "start a config on several workers with msrun (CPU or Ascend), or print the command"),
+    "eval": (cmd_eval, "evaluate a model: humaneval, mc, ppl, em, rm (reward model)"),
+    "generate": (cmd_generate, "print a model's completion of a prompt"),
+    "data": (cmd_data, "make the synthetic datasets, or index domain-tagged token shards"),
+    "tokenizer": (cmd_tokenizer, "train a tokenizer, or add frequent domain terms to a model's"),
+    "distill": (cmd_distill, "distillation tools: cache a teacher's top-k log-probs"),
+    "convert": (cmd_convert, "convert weights between Hugging Face and MindFormers layouts"),
+    "merge-lora": (cmd_merge_lora, "fold a LoRA adapter into its base model (verified)"),
+    "report": (cmd_report, "rebuild a run directory's report.md and plots"),
+    "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, layouts"),
+    "mup": (cmd_mup, "μP tools: coordinate check and learning-rate sweep across widths"),
 }
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: ms-llm COMMAND [ARGS ...]     (ms-llm COMMAND --help for a command's options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: ms-llm {" + ",".join(COMMANDS) + "} ...", file=sys.stderr if argv else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
-            return 2
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
         return 0
+    if argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
+        return 2
     try:
-        COMMANDS[argv[0]](argv[1:])
+        COMMANDS[argv[0]][0](argv[1:])
     except MsLlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
