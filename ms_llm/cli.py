@@ -133,7 +133,7 @@ def cmd_mup(argv):
     if a.steps < 1 or min(lrs) <= 0:
         raise MsLlmError("--steps must be at least 1 and learning rates positive")
     from ms_llm.context import setup_context
-    from ms_llm.models import coord_check as cc
+    from ms_llm.bench import coord_check as cc
     setup_context("graph", seed=a.seed)
     settings = cc.CheckSettings(base_width=a.base_width or widths[0], lr_exponent=a.lr_exponent,
                                 zero_readout=not getattr(a, "no_zero_readout", False), init_std=a.init_std)
@@ -187,7 +187,7 @@ def _tokenizer_expand(a):
     from ms_llm.models import load_pretrained, save_pretrained
     from ms_llm.models.io import resolve_model_dir
     from ms_llm.models.vocab import domain_terms, expand_vocabulary
-    from ms_llm.training.checkpoint import write_manifest
+    from ms_llm.manifest import write_manifest
     src = resolve_model_dir(a.model)
     tok = Tokenizer.load(src)
     model = load_pretrained(src)

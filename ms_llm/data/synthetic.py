@@ -23,8 +23,6 @@ import json
 import os
 import random
 
-from ms_llm.fileio import sha256_file, write_json_atomic
-
 ELEMENTS = [("hydrogen", 1), ("helium", 2), ("lithium", 3), ("carbon", 6), ("nitrogen", 7), ("oxygen", 8),
             ("sodium", 11), ("aluminium", 13), ("silicon", 14), ("sulfur", 16), ("chlorine", 17), ("argon", 18),
             ("potassium", 19), ("calcium", 20), ("iron", 26), ("copper", 29), ("zinc", 30), ("silver", 47),
@@ -241,10 +239,8 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     from ms_llm.data.tokenizer import Tokenizer
     build_index([(files[f"pretrain_{d}.jsonl"], d) for d in makers], Tokenizer.load(os.path.join(out_dir, "tokenizer")),
                 os.path.join(out_dir, "index"), shard_tokens=SHARD_TOKENS, overwrite=True, progress=False)
-    manifest = {"version": version, "seed": seed,
-                "files": {name: sha256_file(path) for name, path in sorted(files.items())}}
-    write_json_atomic(os.path.join(out_dir, "MANIFEST.json"), manifest)
-    return manifest
+    from ms_llm.manifest import write_manifest
+    return write_manifest(out_dir, version, extra={"seed": seed})
 
 
 def _strings(obj):

@@ -87,7 +87,7 @@ def write_cache(cache_dir: str, teacher, examples: list, info: dict, k: int, tem
     """Run the teacher over `examples` (dicts with input_ids, attention_mask) once and write the cache."""
     import mindspore as ms
     from safetensors.numpy import save_file
-    from ms_llm.training.checkpoint import write_manifest
+    from ms_llm.manifest import write_manifest
     tmp = cache_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -131,7 +131,7 @@ class TeacherCache:
     def __init__(self, cache_dir: str, expect: dict):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        from ms_llm.training.checkpoint import verify
+        from ms_llm.manifest import verify
         if not os.path.isfile(os.path.join(cache_dir, "MANIFEST.json")):
             raise MsLlmError(f"{cache_dir}: no teacher cache here (MANIFEST.json missing); write one with "
                              "`ms-llm distill cache-teacher CONFIG`")

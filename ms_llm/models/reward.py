@@ -166,7 +166,7 @@ def load_reward_model(path: str, verify: bool = True) -> RewardScorer:
     checked against MANIFEST.json first."""
     from ms_llm.data.tokenizer import Tokenizer
     from ms_llm.models.io import load_pretrained, resolve_model_dir
-    from ms_llm.training.checkpoint import verify as verify_manifest
+    from ms_llm.manifest import verify as verify_manifest
     folder = resolve_model_dir(path)
     cfg = read_head_config(folder)
     if verify and os.path.isfile(os.path.join(folder, "MANIFEST.json")):

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
-from ms_llm.data.manifest import verify_dataset
+from ms_llm.manifest import verify_dataset
 from ms_llm.data.preference import KEYS, PreferenceData, read_pairs
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.reward import fit_platt, pair_metrics, score_pairs, split_calibration

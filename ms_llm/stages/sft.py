@@ -11,7 +11,7 @@ Held-out prompts (`sft.eval_prompts`) are scored by exact match at every evaluat
 import os
 
 from ms_llm.config import ExperimentConfig
-from ms_llm.data.manifest import verify_dataset
+from ms_llm.manifest import verify_dataset
 from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData, neftune_noise
 from ms_llm.errors import MsLlmError

@@ -9,8 +9,6 @@ written last, then the directory is renamed into place and `latest` replaced. A 
 manifest (a crash mid-write) is skipped by `find_resume` with a warning; a file whose SHA256 does not match
 its manifest is refused with an error, since silently training on corrupt weights is worse than stopping.
 """
-import hashlib
-import json
 import logging
 import os
 import re
@@ -19,46 +17,14 @@ import time
 
 import numpy as np
 
-from ms_llm import __version__
 from ms_llm.errors import MsLlmError
-from ms_llm.fileio import fsync_dir, read_json, sha256_file, write_json_atomic
+from ms_llm.fileio import fsync_dir, read_json, write_json_atomic
+from ms_llm.manifest import verify, write_manifest       # noqa: F401  (checkpoints are verified through these)
 from ms_llm.models.io import save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
-WEIGHT_FILES = re.compile(r".*\.safetensors(\.index\.json)?$")
-
-
-def write_manifest(folder: str, version: str = None, extra: dict = None) -> dict:
-    """Hash every file in `folder` into MANIFEST.json (written atomically); returns the manifest."""
-    files = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
-             if n != "MANIFEST.json" and os.path.isfile(os.path.join(folder, n)) and ".tmp." not in n}
-    manifest = {"ms_llm_version": __version__, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "files": files, "model_sha256": model_hash(files), **(extra or {})}
-    write_json_atomic(os.path.join(folder, "MANIFEST.json"), manifest)
-    fsync_dir(folder)
-    return manifest
-
-
-def model_hash(files: dict) -> str:
-    """The model's identity for stage hand-off: SHA256 over the hashes of its weight files."""
-    weights = {k: v for k, v in files.items() if WEIGHT_FILES.match(k) and not k.startswith("optimizer")}
-    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
-
-
-def verify(folder: str) -> dict:
-    """Check every file against MANIFEST.json; raises MsLlmError naming the first bad file."""
-    manifest = read_json(os.path.join(folder, "MANIFEST.json"), "the checkpoint manifest")
-    for name, want in manifest["files"].items():
-        fpath = os.path.join(folder, name)
-        if not os.path.isfile(fpath):
-            raise MsLlmError(f"{fpath}: listed in MANIFEST.json but missing")
-        got = sha256_file(fpath)
-        if got != want:
-            raise MsLlmError(f"{fpath}: SHA256 {got[:16]}... does not match MANIFEST.json ({want[:16]}...); "
-                             "the file is corrupt — restore it or resume from another checkpoint")
-    return manifest
 
 
 def save_checkpoint(root: str, step: int, model, optimizer_state: dict, trainer_state: dict, keep: int = 5,

@@ -105,7 +105,7 @@ def test_trainer_optimizer_gets_mup_rates_and_config_is_validated(tmp_path):
 
 @pytest.mark.slow
 def test_coordinate_check_is_flat_under_mup_and_grows_under_standard(graph_mode):
-    from ms_llm.models import coord_check as cc
+    from ms_llm.bench import coord_check as cc
     result = cc.coord_check([64, 256], steps=3, lr=1e-2, progress=False)
     for name in result["names"][1:]:
         assert 0.75 < cc.growth(result, "mup", name) < 1.33, (name, cc.growth(result, "mup", name))
