@@ -147,7 +147,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     """Generate up to `max_new_tokens` per prompt.
 
     Args:
-        model: a CausalLM (put in eval mode here).
+        model: a CausalLM (in eval mode while generating; the caller's mode is restored after).
         prompts: list of token-id lists (ragged is fine), or None to continue from `state`.
         temperature: 0 for greedy; top_k / top_p / repetition_penalty as in Hugging Face.
         eos_token_id: int or list; a row stops after emitting one (defaults to the model config's).
@@ -155,8 +155,16 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         state: a previous output's `state` to continue from; its cache must have room.
         use_cache: False recomputes the whole sequence each step (reference path, slow).
     """
+    was_training = model.training
     model.set_train(False)
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    try:
+        return _generate(model, prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty),
+                         eos_token_id, pad_token_id, seed, cache_len, state, use_cache)
+    finally:
+        model.set_train(was_training)
+
+
+def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed, cache_len, state, use_cache):
     eos = set(model.config.eos_ids if eos_token_id is None else
               (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
     rng = np.random.default_rng(seed)

@@ -218,10 +218,16 @@ class DistillIterativeSection:
 
 
 @dataclass
+class FrozenModelSection:
+    path: Optional[str] = opt(None, "Model directory (Hugging Face layout or an ms_llm run)")
+    sha256: Optional[str] = opt(None, "Expected model_sha256 of its MANIFEST.json (any other model is refused)")
+    dtype: str = opt("float32", "Compute dtype of its matmuls", ["float32", "float16", "bfloat16"])
+    tokenizer: Optional[str] = opt(None, "Its tokenizer (default: the model directory's)")
+
+
+@dataclass
 class DistillSection:
-    teacher: Optional[str] = opt(None, "Teacher model directory (Hugging Face layout or an ms_llm run); required")
-    teacher_sha256: Optional[str] = opt(None, "Expected model_sha256 of the teacher's MANIFEST.json (refuse others)")
-    teacher_tokenizer: Optional[str] = opt(None, "Teacher tokenizer (default: the teacher directory's)")
+    teacher: FrozenModelSection = opt(FrozenModelSection, "The frozen teacher (teacher.path is required)")
     mode: str = opt("online", "Where teacher probabilities come from", ["online", "cached"])
     cache_dir: Optional[str] = opt(None, "Top-k teacher cache written by `ms-llm distill cache-teacher` (mode: cached)")
     top_k: int = opt(20, "Teacher log-probs kept per token in the cache (plus the tail mass)", range="[1, inf)")

@@ -33,8 +33,8 @@ def _check_cpt(cfg: ExperimentConfig, where: str):
 def _check_distill(cfg: ExperimentConfig, where: str):
     from ms_llm.data.filters import RULES
     d = cfg.distill
-    if not d.teacher:
-        raise MsLlmError(f"{where}: distill.teacher is required for stage: distill")
+    if not d.teacher.path:
+        raise MsLlmError(f"{where}: distill.teacher.path is required for stage: distill")
     if d.mode == "cached" and not d.cache_dir:
         raise MsLlmError(f"{where}: distill.mode: cached needs distill.cache_dir (write it with "
                          "`ms-llm distill cache-teacher CONFIG`)")

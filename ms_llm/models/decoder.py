@@ -202,7 +202,14 @@ class CausalLM(nn.Cell):
         self.inv_freq = Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
         self.matmul_t = ops.MatMul(transpose_b=True)
         self.neftune_alpha = 0.0          # NEFTune noise scale while training (set by the SFT stage)
+        self.frozen = False               # models/frozen.py: stays in eval mode whatever its parent's mode
         self.set_multipliers(config.embedding_multiplier, config.logit_multiplier)
+
+    def add_flags_recursive(self, **flags):
+        """set_train reaches every cell through this; a frozen model keeps training=False."""
+        if self.frozen and "training" in flags:
+            flags = dict(flags, training=False)
+        return super().add_flags_recursive(**flags)
 
     def set_multipliers(self, embedding: float, logit: float):
         """μP's forward multipliers (1.0: none). Read when a graph compiles: set them before the first call."""

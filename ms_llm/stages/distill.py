@@ -37,7 +37,8 @@ from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.vocab import vocab_alignment
-from ms_llm.stages.common import build_model, check_init_hash, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.models.frozen import load_frozen
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
@@ -78,15 +79,8 @@ class Teacher:
     """The frozen teacher with its tokenizer, its identity and the vocabulary map to the student."""
 
     def __init__(self, cfg: ExperimentConfig, student_tok, student_vocab_size: int):
-        from ms_llm.data.tokenizer import Tokenizer
-        d = cfg.distill
-        model_dir = resolve_model_dir(d.teacher)
-        self.sha256 = check_init_hash(model_dir, d.teacher_sha256) if d.teacher_sha256 else _model_sha(model_dir)
-        self.model = load_pretrained(model_dir)
-        self.model.set_train(False)
-        for p in self.model.get_parameters():
-            p.requires_grad = False
-        self.tokenizer = Tokenizer.load(d.teacher_tokenizer or model_dir)
+        aux = load_frozen(cfg.distill.teacher, "distill.teacher")
+        self.model, self.tokenizer, self.sha256, model_dir = aux.model, aux.tokenizer, aux.sha256, aux.path
         self.template = cfg.tokenizer.chat_template
         self.vocab_map, self.coverage = vocab_alignment(student_tok, self.tokenizer, student_vocab_size,
                                                         self.model.config.vocab_size)
@@ -112,11 +106,6 @@ class Teacher:
                 ended = bool(toks) and toks[-1] in stops
                 out.append({"text": self.tokenizer.decode(toks[:-1] if ended else toks), "hit_limit": not ended})
         return out
-
-
-def _model_sha(model_dir: str) -> str:
-    from ms_llm.eval.results import model_identity
-    return model_identity(model_dir)
 
 
 # ---------------------------------------------------------------------------------------------- filtering

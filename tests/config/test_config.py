@@ -111,4 +111,4 @@ def test_stage_rules_come_from_the_table(tmp_path):
     with pytest.raises(MsLlmError, match=r"mup.enabled is not supported by stage 'reward'"):
         load_config(path, ["stage=reward", "mup.enabled=true", "data.sources[0].format=preference"])
     with pytest.raises(MsLlmError, match=r"distill.generate.rules names unknown rules \['spelling'\]"):
-        load_config(path, ["stage=distill", "distill.teacher=t", "distill.generate.rules=[repetition, spelling]"])
+        load_config(path, ["stage=distill", "distill.teacher.path=t", "distill.generate.rules=[repetition, spelling]"])
