@@ -125,8 +125,10 @@ def test_tensor_parallel_over_two_ranks_equals_one_process(workdir, one_process)
     one6, one = one_process
     two = workdir / "runs" / "tp"
     _six_steps_on_two_ranks(workdir, two, "8157", "train.micro_batch_size=8", "parallel.tensor_parallel=2")
-    # partial sums of the row-parallel matmuls add in another order: a few ulps per step, through Adam
-    assert _weights_gap(one6, two) <= 2e-5
+    # partial sums of the row-parallel matmuls add in another order: a few ulps, which Adam's first step turns into
+    # up to a sizeable fraction of lr where a gradient is at round-off level (docs/launch.md). This CI machine
+    # measures 2.16e-5 here, at this commit and at the one before it (gate_proj of layer 1, one element)
+    assert _weights_gap(one6, two) <= 3e-5
     np.testing.assert_allclose(_losses(two), _losses(one6), rtol=1e-6)
     norms = [[json.loads(x)["grad_norm"] for x in open(d / "metrics.jsonl")] for d in (one6, two)]
     np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)

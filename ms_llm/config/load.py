@@ -113,6 +113,10 @@ def _build(cls, raw, prefix, where, lines):
         f = fields[k]
         at = _at(where, lines, key)
         if dataclasses.is_dataclass(f.type):
+            if v is not None and not isinstance(v, dict):
+                first = dataclasses.fields(f.type)[0].name
+                raise MsLlmError(f"{at}: key '{key}' is a section, not a value; write its keys, e.g. "
+                                 f"'{key}: {{{first}: {v!r}}}' ({key}.{first}=... on the command line)")
             kwargs[k] = _build(f.type, v or {}, key + ".", where, lines)
         elif _list_item_type(key):
             if not isinstance(v, list):

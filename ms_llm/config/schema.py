@@ -169,7 +169,8 @@ class SFTSection:
                                "substituted for {{NAME}} / {{AUTHOR}} in every message")
     keep_think: bool = opt(True, "Keep <think>...</think> reasoning blocks in assistant answers (false strips them)")
     max_turns: int = opt(15, "Assistant turns kept per dialogue (oldest dropped first)", range="[1, inf)")
-    turn_decay: float = opt(1.0, "Weight decay^k on the k-th assistant turn before the last (1.0: all equal)", range="(0, 1]")
+    turn_decay: float = opt(1.0, "Weight decay^k on the k-th assistant turn before the last (1.0: all equal; 0: last "
+                                 "turn only)", range="[0, 1]")
     lora: LoRASection = opt(LoRASection, "LoRA")
     neftune_alpha: float = opt(0.0, "NEFTune noise on input embeddings while training (Jain et al. 2023; 5 is typical; 0 disables)")
     phases: list = opt(list, "Run several phases back to back, each from the previous one's result (seed 000 "
@@ -274,7 +275,7 @@ class CPTMonitorSection:
                                  "baseline (seed: a 2-point drop)")
     boost: float = opt(1.3, "On alarm, that domain's sampling weight is multiplied by this (then renormalized)", range="(0, inf)")
     window: int = opt(3, "Terminate when the mean held-out loss varied less than `tolerance` across this many "
-                         "evaluations and no domain is over its threshold (seed: 5k steps)", range="[1, inf)")
+                         "evaluations and no domain is over its threshold (seed: 5k steps)", range="[2, inf)")
     tolerance: float = opt(0.001, "Relative variation for termination (seed: 0.1%)")
     stop: bool = opt(True, "Apply the termination rule (else run to train.max_steps)")
 
@@ -301,9 +302,9 @@ class RewardSection:
     center_coef: float = opt(0.0, "Reward centering c * mean((r_chosen + r_rejected)^2) (Eisenstein et al. 2023; "
                                   "0.01 when on, 0 disables)")
     use_margin: bool = opt(True, "Subtract each pair's `margin` field inside the sigmoid (pairs without one: 0)")
-    tag_shares: dict = opt(lambda: {"safety_boundary": 0.25, "logical_contradiction": 0.15},
-                           "Share of sampled pairs per `tag` (hard-example mixing, seed 000 §1.2.5.4.1); other tags "
-                           "share the rest by size")
+    tag_shares: dict = opt(dict, "Share of sampled pairs per `tag` (hard-example mixing; seed 000 §1.2.5.4.1: "
+                                 "{safety_boundary: 0.25, logical_contradiction: 0.15}); other tags share the rest "
+                                 "by size; empty: every pair equally likely")
     lora: LoRASection = opt(LoRASection, "LoRA on the backbone (the head always trains in full)")
     eval_data: Optional[str] = opt(None, "Held-out preference JSONL: accuracy, AUC, per-tag accuracy, ECE")
     eval_limit: int = opt(0, "Held-out pairs used (0: all)")

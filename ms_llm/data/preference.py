@@ -100,6 +100,9 @@ def tag_weights(sizes: dict, shares: dict) -> dict:
     if fixed > 1.0 + 1e-9:
         raise MsLlmError(f"reward.tag_shares add up to {fixed:.3f}; they must leave room (at most 1)")
     rest = {t: n for t, n in sizes.items() if t not in shares}
+    if not rest and abs(fixed - 1.0) > 1e-9:
+        raise MsLlmError(f"reward.tag_shares name every tag in the data ({sorted(sizes)}) but add up to {fixed:.3f}, "
+                         "not 1: there is no other tag to take the rest")
     total_rest = sum(rest.values())
     weights = {t: shares[t] for t in sizes if t in shares}
     for t, n in rest.items():

@@ -163,8 +163,10 @@ class SFTData:
 def neftune_noise(seed: int, sample_positions, seq_len: int, hidden: int) -> np.ndarray:
     """NEFTune noise [B, S, H] uniform in [-1, 1], one row per sample position of the run, drawn from
     (seed, position): the same whatever the micro-batch split, the data-parallel rank or a resume."""
-    return np.stack([np.random.default_rng([seed, int(k), 31]).uniform(-1.0, 1.0, (seq_len, hidden)).astype(np.float32)
-                     for k in sample_positions])
+    out = np.empty((len(sample_positions), seq_len, hidden), np.float32)
+    for i, k in enumerate(sample_positions):
+        np.random.default_rng([seed, int(k), 31]).random((seq_len, hidden), dtype=np.float32, out=out[i])
+    return out * 2.0 - 1.0
 
 
 def _n_turns(msgs) -> int:

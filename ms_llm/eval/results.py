@@ -63,6 +63,9 @@ def write_markdown(out_dir: str):
 _OPS = {">=": lambda v, t: v >= t, ">": lambda v, t: v > t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t}
 
 
-def gate(value: float, threshold: float, op: str = ">=") -> dict:
-    """A stage gate in summary.json's form: {"value", "threshold", "op", "passed"}."""
+def gate(value, threshold: float, op: str = ">=") -> dict:
+    """A stage gate in summary.json's form: {"value", "threshold", "op", "passed"}; a value that could not be
+    measured (None) does not pass."""
+    if value is None:
+        return {"value": None, "threshold": float(threshold), "op": op, "passed": False}
     return {"value": float(value), "threshold": float(threshold), "op": op, "passed": bool(_OPS[op](value, threshold))}

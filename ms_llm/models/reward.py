@@ -58,7 +58,8 @@ class RewardHead(nn.Cell):
 
 
 class RewardModel(nn.Cell):
-    """(input_ids [B, S] int32, attention_mask [B, S] int32, right-padded) -> rewards [B] float32."""
+    """(input_ids [B, S] int32, attention_mask [B, S] int32) -> rewards [B] float32, read at each row's last real
+    token (right or left padding alike)."""
 
     def __init__(self, backbone: CausalLM, head_hidden: int = None, activation: str = "gelu"):
         super().__init__()
@@ -71,10 +72,13 @@ class RewardModel(nn.Cell):
                 p.requires_grad = False           # kept so the backbone stays a loadable CausalLM; never read
 
     def construct(self, input_ids, attention_mask):
-        hidden = self.backbone.hidden_states(input_ids, attention_mask)           # [B, S, H]
+        mask = attention_mask.astype(ms.int32)
+        positions = ops.maximum(ops.cumsum(mask, 1) - 1, 0)                      # left padding: real tokens from 0
+        hidden = self.backbone.hidden_states(input_ids, attention_mask, positions)   # [B, S, H]
         s = input_ids.shape[1]
-        last = attention_mask.astype(ms.int32).sum(-1) - 1                       # [B]
-        pick = ops.equal(ops.arange(s, dtype=ms.int32).reshape(1, s), last.reshape(-1, 1)).astype(ms.float32)
+        slots = ops.arange(s, dtype=ms.int32).reshape(1, s)
+        last = ops.amax(mask * slots, -1)                                          # [B] last real token, any padding
+        pick = ops.equal(slots, last.reshape(-1, 1)).astype(ms.float32)
         h = (hidden * pick.expand_dims(-1)).sum(1)                                # [B, H]
         return self.score_head(h)
 

@@ -133,7 +133,8 @@ class ForgettingMonitor:
             out[f"forgetting/loss/{d}"] = gate(row[f"eval/rise/{d}"], m.threshold, "<=")
         for d in self.baseline_acc:
             out[f"forgetting/accuracy/{d}"] = gate(row[f"eval/accuracy_drop/{d}"], m.accuracy_threshold, "<=")
-        out["converged"] = gate(self.variation(), m.tolerance, "<")
+        spread = self.variation()
+        out["converged"] = gate(spread if spread != math.inf else None, m.tolerance, "<")   # None: too few evaluations
         return out
 
 

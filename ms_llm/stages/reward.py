@@ -17,7 +17,7 @@ import numpy as np
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.manifest import verify_dataset
-from ms_llm.data.preference import KEYS, PreferenceData, read_pairs
+from ms_llm.data.preference import KEYS, PairStats, PreferenceData, read_pairs
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.reward import fit_platt, pair_metrics, score_pairs, split_calibration
 from ms_llm.eval.results import gate
@@ -59,7 +59,7 @@ def checkpoint_io(cfg: ExperimentConfig, rm: RewardModel):
     return write, read
 
 
-def make_evaluator(cfg: ExperimentConfig, rm: RewardModel, tokenizer, stats):
+def make_evaluator(cfg: ExperimentConfig, rm: RewardModel, tokenizer, stats: PairStats):
     """evaluate() -> eval/* metrics on the test part of the held-out pairs; keeps the last scores of every
     held-out pair in `evaluate.scores` for the calibration fit."""
     r = cfg.reward
@@ -90,7 +90,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     rm = build_reward_model(cfg)
     data = PreferenceData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, r.tag_shares,
                           d.shuffle_seed, d.on_error)
-    evaluate, cal, test = make_evaluator(cfg, rm, tokenizer, data.stats)
+    eval_stats = PairStats()
+    evaluate, cal, test = make_evaluator(cfg, rm, tokenizer, eval_stats)
     mbs = cfg.train.micro_batch_size
 
     def next_batch(i):
@@ -113,7 +114,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         return {}
     rm.set_train(False)
     metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
-                   data_truncated_prompts=data.stats.truncated_prompts)
+                   data_truncated_prompts=data.stats.truncated_prompts, eval_skipped_pairs=eval_stats.skipped,
+                   eval_truncated_prompts=eval_stats.truncated_prompts)
     samples = result.steps * cfg.global_batch
     metrics.update({f"data/share/{t}": v for t, v in data.realised_shares(samples).items()})
     metrics.update({f"data/target_share/{t}": v for t, v in data.shares.items()})

@@ -156,7 +156,8 @@ class ApplyStep(nn.Cell, _Apply):
 
 
 class TrainStep:
-    """What the trainer calls: `step(micro_batches, lr)` -> dict of loss, grad_norm, finite, loss_scale."""
+    """What the trainer calls: `step(micro_batches, lr)` -> dict of loss, grad_norm, finite, loss_scale.
+    `micro_batches` is any iterable of batch tuples (consumed once, in order)."""
 
     def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum_steps: int = 1, clip: float = 1.0,
                  reducer=None, loss_norm: float = 1.0, tp_norm: TPNorm = None):
@@ -171,7 +172,7 @@ class TrainStep:
     def __call__(self, micro_batches, lr: float) -> dict:
         lr = Tensor(lr, ms.float32)
         if self.accum_steps == 1:
-            loss, norm, finite, scale = self.fused(lr, *micro_batches[0])
+            loss, norm, finite, scale = self.fused(lr, *next(iter(micro_batches)))
         else:
             for batch in micro_batches:
                 self.micro(*batch)

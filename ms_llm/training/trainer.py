@@ -112,7 +112,10 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, layout: L
         for step in range(start, t.max_steps):
             lr = lr_at(step, cfg.optim.lr, t.max_steps, s.type, s.warmup_steps, s.min_lr_ratio, s.decay_steps,
                        s.decay_shape)
-            batches = [_to_tensors(spec.next_batch(micro_index + j), spec.batch_keys) for j in range(t.grad_accum_steps)]
+            # built one at a time as the step consumes them (a micro-batch may carry large inputs, e.g. NEFTune
+            # noise); the pipeline schedule walks them twice, so it gets a list
+            batches = (_to_tensors(spec.next_batch(micro_index + j), spec.batch_keys) for j in range(t.grad_accum_steps))
+            batches = list(batches) if layout.pp is not None else batches
             tic = time.perf_counter()
             out = step_fn(batches, lr)
             dt = time.perf_counter() - tic

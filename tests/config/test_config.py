@@ -101,6 +101,13 @@ def test_numbers_out_of_range_are_refused_at_load(tmp_path, override, message):
     assert "(range (0, inf))" in help_text()
 
 
+def test_a_section_given_a_value_names_its_line_and_keys(tmp_path):
+    path = _write(tmp_path, BASE + "distill:\n  teacher: runs/teacher\n")
+    with pytest.raises(MsLlmError, match=r"c.yaml:8: key 'distill.teacher' is a section, not a value; write its keys, "
+                                         r"e.g. 'distill.teacher: \{path: 'runs/teacher'\}'"):
+        load_config(path)
+
+
 def test_stage_rules_come_from_the_table(tmp_path):
     path = _write(tmp_path, BASE)
     with pytest.raises(MsLlmError, match=r"parallel.tensor_parallel is supported by the pretrain and cpt stages, not "

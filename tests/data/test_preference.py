@@ -95,6 +95,9 @@ def test_tag_weights_rules():
         tag_weights({"a": 10}, {"safety_boundary": 0.25})
     with pytest.raises(MsLlmError, match="add up to 1.200"):
         tag_weights({"a": 1, "b": 1}, {"a": 0.6, "b": 0.6})
+    with pytest.raises(MsLlmError, match=r"name every tag in the data \(\['a', 'b'\]\) but add up to 0.500"):
+        tag_weights({"a": 1, "b": 1}, {"a": 0.25, "b": 0.25})
+    assert tag_weights({"a": 1, "b": 3}, {}) == pytest.approx({"a": 0.25, "b": 0.75})     # no shares: by size
 
 
 def test_synthetic_pairs_carry_signal_in_every_tag(synth):

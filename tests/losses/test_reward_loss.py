@@ -52,6 +52,17 @@ def test_reward_reads_the_last_real_token_only(rm):
     np.testing.assert_allclose(base, want, atol=1e-5)
 
 
+def test_left_and_right_padding_give_the_same_reward(rm):
+    rng = np.random.default_rng(4)
+    ids, mask = _batch(rng)
+    n = mask[0].sum(1)
+    left_ids, left_mask = np.zeros_like(ids[0]), np.zeros_like(mask[0])
+    for i, k in enumerate(n):
+        left_ids[i, -k:], left_mask[i, -k:] = ids[0][i, :k], 1
+    right = rm(Tensor(ids[0]), Tensor(mask[0])).asnumpy()
+    np.testing.assert_allclose(rm(Tensor(left_ids), Tensor(left_mask)).asnumpy(), right, atol=1e-5)
+
+
 @pytest.mark.parametrize("center", [0.0, 0.01])
 def test_bradley_terry_loss_matches_numpy(rm, center):
     rng = np.random.default_rng(1)
