@@ -207,7 +207,7 @@ class CausalLM(nn.Cell):
 
     def add_flags_recursive(self, **flags):
         """set_train reaches every cell through this; a frozen model keeps training=False."""
-        if self.frozen and "training" in flags:
+        if getattr(self, "frozen", False) and "training" in flags:     # (pipeline stages skip __init__)
             flags = dict(flags, training=False)
         return super().add_flags_recursive(**flags)
 
