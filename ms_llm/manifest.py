@@ -21,13 +21,24 @@ from ms_llm.fileio import fsync_dir, read_json, sha256_file, write_json_atomic
 WEIGHT_FILES = re.compile(r".*\.safetensors(\.index\.json)?$")
 
 
+def _walk(folder: str, sub: str = ""):
+    """Relative paths ("a/b.json") of every file under folder, sorted, subfolders included."""
+    for n in sorted(os.listdir(os.path.join(folder, sub))):
+        rel = f"{sub}/{n}" if sub else n
+        if os.path.isdir(os.path.join(folder, rel)):
+            yield from _walk(folder, rel)
+        elif os.path.isfile(os.path.join(folder, rel)):
+            yield rel
+
+
 def write_manifest(folder: str, version: str = None, extra: dict = None) -> dict:
-    """Hash every file in `folder` into MANIFEST.json (written atomically); returns the manifest."""
-    files = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
-             if n != "MANIFEST.json" and os.path.isfile(os.path.join(folder, n)) and ".tmp." not in n}
+    """Hash every file under `folder` (subfolders too, e.g. a checkpoint's second model) into MANIFEST.json
+    (written atomically); returns the manifest."""
+    files = {n: sha256_file(os.path.join(folder, n)) for n in _walk(folder)
+             if n != "MANIFEST.json" and ".tmp." not in n}
     manifest = {"ms_llm_version": __version__, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": files, **(extra or {})}
-    if any(WEIGHT_FILES.match(n) for n in files):
+    if any(WEIGHT_FILES.match(n) and "/" not in n for n in files):
         manifest["model_sha256"] = model_hash(files)
     write_json_atomic(os.path.join(folder, "MANIFEST.json"), manifest)
     fsync_dir(folder)
@@ -35,8 +46,9 @@ def write_manifest(folder: str, version: str = None, extra: dict = None) -> dict
 
 
 def model_hash(files: dict) -> str:
-    """The model's identity for stage hand-off: SHA256 over the hashes of its weight files."""
-    weights = {k: v for k, v in files.items() if WEIGHT_FILES.match(k) and not k.startswith("optimizer")}
+    """The model's identity for stage hand-off: SHA256 over the hashes of its weight files (top level only:
+    a checkpoint's further models live in subfolders and have identities of their own)."""
+    weights = {k: v for k, v in files.items() if WEIGHT_FILES.match(k) and "/" not in k and not k.startswith("optimizer")}
     return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
 
 

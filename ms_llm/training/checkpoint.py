@@ -2,7 +2,13 @@
 """Crash-safe checkpoints.
 
     checkpoints/step_000200/{model.safetensors, config.json, optimizer.safetensors, trainer_state.json, MANIFEST.json}
+    checkpoints/step_000200/value/{model.safetensors, config.json}      (a stage's further models, by name)
     checkpoints/latest        -> "step_000200" (updated last, atomically)
+
+A checkpoint holds named models (the stage's main model at the top level, loadable as a model directory; the
+others in subfolders named after them), every updater's optimizer and loss-scale state in
+optimizer.safetensors under `<updater>/`, and the stage's state (data position, RNG positions, controllers,
+queues) in trainer_state.json.
 
 A checkpoint is written into `.tmp_step_...`, every file fsynced, MANIFEST.json (SHA256 of every file)
 written last, then the directory is renamed into place and `latest` replaced. A directory without a
@@ -15,6 +21,7 @@ import re
 import shutil
 
 import numpy as np
+from mindspore import nn
 
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import fsync_dir, read_json, write_json_atomic
@@ -26,11 +33,12 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def save_checkpoint(root: str, step: int, model, optimizer_state: dict, trainer_state: dict, keep: int = 5,
-                    weights_writer=None) -> str:
+def save_checkpoint(root: str, step: int, models: dict, optimizer_state: dict, trainer_state: dict,
+                    keep: int = 5) -> str:
     """Write checkpoint `step` atomically, point `latest` at it, prune to `keep`; returns its path.
 
-    `weights_writer(folder)` replaces the full-model export (LoRA writes only its adapter).
+    models: {name: CausalLM, or writer(folder)} — the first at the top level, the others in `<name>/`
+    (a writer replaces the full-model export, e.g. LoRA writes only its adapter).
     """
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:06d}"
@@ -38,7 +46,13 @@ def save_checkpoint(root: str, step: int, model, optimizer_state: dict, trainer_
     tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    (weights_writer or (lambda d: save_pretrained(model, d)))(tmp)
+    for i, (model_name, model) in enumerate(models.items()):
+        folder = tmp if i == 0 else os.path.join(tmp, model_name)
+        os.makedirs(folder, exist_ok=True)
+        if isinstance(model, nn.Cell):
+            save_pretrained(model, folder)
+        else:
+            model(folder)
     write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
                       {k: v if isinstance(v, np.ndarray) else np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
     write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
@@ -88,7 +102,7 @@ def find_resume(root: str):
 
 def load_optimizer_state(folder: str, optimizer_state: dict, transform=None):
     """Copy optimizer.safetensors into the given {name: Parameter}; every name must be present.
-    `transform` maps the saved {name: array} first (tensor parallel: this rank's slices)."""
+    `transform` maps the saved {name: array} first (an updater's part, tensor parallel: this rank's slices)."""
     import mindspore as ms
     saved = read_safetensors(os.path.join(folder, "optimizer.safetensors"))
     if transform is not None:

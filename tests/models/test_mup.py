@@ -12,7 +12,7 @@ from ms_llm.models import CausalLM, load_pretrained, mup, preset, save_pretraine
 from ms_llm.models.config import MUP_KEY
 from ms_llm.training.optim import AdamW
 from ms_llm.training.step import LossScaleState, TrainStep
-from ms_llm.training.trainer import StageSpec, build_optimizer
+from ms_llm.training.updater import Updater
 
 
 class Section:
@@ -96,7 +96,7 @@ def test_trainer_optimizer_gets_mup_rates_and_config_is_validated(tmp_path):
     (tmp_path / "c.yaml").write_text("model: {preset: tiny}\ndata: {sources: [{path: x.jsonl}]}\n")
     cfg = load_config(str(tmp_path / "c.yaml"), ["mup.enabled=true", "mup.base_width=32", "mup.lr_exponent=0.85"])
     model = CausalLM(preset("tiny", hidden_size=128))
-    opt = build_optimizer(cfg, StageSpec(loss_net=model, batch_keys=(), next_batch=None, tokens_per_micro=1), model)
+    opt = Updater("model", cfg, model, model).optimizer
     scales = sorted({round(float(s.asnumpy()), 6) for s in opt.lr_scales})
     assert scales == [round(4 ** -0.85, 6), 1.0]
     with pytest.raises(MsLlmError, match="mup.base_width"):

@@ -19,7 +19,7 @@ def saved(tmp_path):
     opt = AdamW(model.trainable_params())
     root = str(tmp_path / "checkpoints")
     for step in (10, 20, 30):
-        ckpt.save_checkpoint(root, step, model, opt.state_tensors(), {"step": step, "data_position": step}, keep=2)
+        ckpt.save_checkpoint(root, step, {"model": model}, opt.state_tensors(), {"step": step, "data_position": step}, keep=2)
     return root, model, opt
 
 
@@ -61,7 +61,7 @@ def test_optimizer_state_round_trip(saved):
     for p in state.values():
         p.set_data(ms.Tensor(rng.normal(size=p.shape).astype(p.asnumpy().dtype) if p.shape else np.array(7, p.asnumpy().dtype)))
     want = {n: p.asnumpy().copy() for n, p in state.items()}
-    ckpt.save_checkpoint(root, 40, model, state, {"step": 40, "data_position": 40})
+    ckpt.save_checkpoint(root, 40, {"model": model}, state, {"step": 40, "data_position": 40})
     for p in state.values():                                         # change the live state after saving
         p.set_data(ms.Tensor(p.asnumpy() + 1))
     fresh = AdamW(model.trainable_params())
