@@ -224,6 +224,8 @@ class FrozenModelSection:
     sha256: Optional[str] = opt(None, "Expected model_sha256 of its MANIFEST.json (any other model is refused)")
     dtype: str = opt("float32", "Compute dtype of its matmuls", ["float32", "float16", "bfloat16"])
     tokenizer: Optional[str] = opt(None, "Its tokenizer (default: the model directory's)")
+    policy_without_adapter: bool = opt(False, "Instead of a path: the stage's own LoRA policy with its adapter "
+                                              "disabled (one base model in memory; RLHF reference models)")
 
 
 @dataclass

@@ -6,6 +6,10 @@ by one function:
     aux = load_frozen(cfg.distill.teacher, "distill.teacher")
     aux.model, aux.tokenizer, aux.sha256, aux.path
 
+With `policy_without_adapter: true` the section names no path: the frozen model is the stage's LoRA policy seen
+with its adapter switched off (peft.lora.AdapterDisabled) — the base weights the policy already holds, so a
+reference model costs no second copy.
+
 A frozen model has no trainable parameters and stays in eval mode whatever mode the cell that holds it is
 switched to (CausalLM.frozen), so a loss cell's set_train(True) never puts a teacher into training.
 """
@@ -31,13 +35,16 @@ def freeze(model):
     return model
 
 
-def load_frozen(section, key: str) -> FrozenModel:
+def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_tokenizer=None) -> FrozenModel:
     """Load the model a FrozenModelSection names (`key` is its config key, for messages), refusing one whose
-    manifest hash differs from `section.sha256` when that is set."""
+    manifest hash differs from `section.sha256` when that is set. `policy` (a LoRA CausalLM), its base model
+    directory and tokenizer serve `policy_without_adapter`."""
     from ms_llm.data.tokenizer import Tokenizer
     from ms_llm.eval.results import model_identity
     from ms_llm.models.io import load_pretrained, resolve_model_dir
     from ms_llm.stages.common import check_init_hash
+    if section.policy_without_adapter:
+        return _policy_base(section, key, policy, policy_dir, policy_tokenizer)
     if not section.path:
         raise MsLlmError(f"{key}.path is not set")
     model_dir = resolve_model_dir(section.path)
@@ -50,3 +57,16 @@ def load_frozen(section, key: str) -> FrozenModel:
         sha = model_identity(model_dir)
     model = freeze(load_pretrained(model_dir, dtype=section.dtype))
     return FrozenModel(model, Tokenizer.load(section.tokenizer or model_dir), sha, model_dir)
+
+
+def _policy_base(section, key: str, policy, policy_dir, tokenizer) -> FrozenModel:
+    from ms_llm.eval.results import model_identity
+    from ms_llm.peft.lora import AdapterDisabled
+    if section.path:
+        raise MsLlmError(f"{key}: set {key}.path or {key}.policy_without_adapter, not both")
+    if policy is None or getattr(policy, "lora_config", None) is None:
+        raise MsLlmError(f"{key}.policy_without_adapter needs a LoRA policy (enable the stage's lora section)")
+    sha = model_identity(policy_dir) if policy_dir else None
+    if section.sha256 and sha != section.sha256:
+        raise MsLlmError(f"{key}.sha256 {section.sha256} does not match the policy's base model {policy_dir} ({sha})")
+    return FrozenModel(AdapterDisabled(policy), tokenizer, sha, policy_dir)

@@ -7,12 +7,17 @@
 `lora_A.weight` / `lora_B.weight`, so parameter names are PEFT's (`...q_proj.lora_A.weight`). Adapters
 are saved as `adapter_model.safetensors` + `adapter_config.json` that Hugging Face PEFT loads. Merging
 folds (alpha / r) * B A into W — with the scaling, which MindFormers' merge tool leaves at 1 by default.
+
+Every LoRA layer of a model multiplies its update by one shared, untrained gate (`lora_gate`, 1.0).
+`AdapterDisabled(model)` is the base model seen through the same cells with the gate at 0 for the length of
+its own call: an RLHF reference for a LoRA policy with one base in memory.
 """
 import math
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_llm.errors import MsLlmError
@@ -38,7 +43,7 @@ class LoRAConfig:
 class LoRALinear(Linear):
     """A Linear whose output adds a scaled low-rank update; the base weight and bias are the original ones."""
 
-    def __init__(self, base: Linear, r: int, alpha: float, dropout: float):
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, gate: Parameter):
         nn.Cell.__init__(self)
         self.in_features, self.out_features, self.compute_dtype = base.in_features, base.out_features, base.compute_dtype
         self.weight, self.has_bias = base.weight, base.has_bias
@@ -50,6 +55,7 @@ class LoRALinear(Linear):
         self.lora_A = _Weight(a)
         self.lora_B = _Weight(np.zeros((self.out_features, r), np.float32))
         self.scaling, self.p = alpha / r, dropout
+        self.lora_gate = gate                               # shared by every LoRA layer of the model
 
     def construct(self, x):
         y = Linear.construct(self, x)
@@ -59,7 +65,7 @@ class LoRALinear(Linear):
             h = ops.dropout(h, self.p)
         cd = self.compute_dtype
         low = self.matmul(h.astype(cd), self.lora_A.weight.astype(cd))
-        delta = self.matmul(low, self.lora_B.weight.astype(cd)) * self.scaling
+        delta = self.matmul(low, self.lora_B.weight.astype(cd)) * (self.lora_gate * self.scaling).astype(cd)
         return y + delta.reshape(lead + (self.out_features,)).astype(y.dtype)
 
 
@@ -88,22 +94,55 @@ def apply_lora(model: CausalLM, cfg: LoRAConfig) -> list:
         raise MsLlmError(f"lora.targets {cfg.targets} match no Linear layer; names look like q_proj, k_proj, "
                          "v_proj, o_proj, gate_proj, up_proj, down_proj")
     params = []
+    gate = Parameter(Tensor(1.0, ms.float32), name="lora_gate", requires_grad=False)
     for name, cell in found:
-        wrapped = LoRALinear(cell, cfg.r, cfg.alpha, cfg.dropout)
+        wrapped = LoRALinear(cell, cfg.r, cfg.alpha, cfg.dropout, gate)
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, wrapped)
         wrapped.lora_A.weight.name = f"{name}.lora_A.weight"      # after attaching, which renames locally
         wrapped.lora_B.weight.name = f"{name}.lora_B.weight"
         params += [wrapped.lora_A.weight, wrapped.lora_B.weight]
     for name, p in model.parameters_and_names():
-        p.requires_grad = ".lora_" in name
+        p.requires_grad = is_lora_weight(name)
     object.__setattr__(model, "lora_config", cfg)
+    object.__setattr__(model, "lora_gate", gate)
     return params
+
+
+def is_lora_weight(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+class AdapterDisabled(nn.Cell):
+    """The base of a LoRA model: calls it with every adapter switched off, then switches them back on.
+
+    Same weights, same cells, no copy. Its outputs carry no gradient (a reference, not a policy). The gate is
+    set and restored inside this cell's own graph, ordered around the model call, so the model called
+    directly (or by a train step) always sees its adapters.
+    """
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        if getattr(model, "lora_config", None) is None:
+            raise MsLlmError("the adapter-disabled view needs a LoRA model (apply_lora or load_adapter first)")
+        self.model, self.gate = model, model.lora_gate
+
+    def add_flags_recursive(self, **flags):
+        """Switching the view's mode would switch the policy's: the view leaves the mode alone (the adapters'
+        dropout, the only mode-dependent part of a LoRA layer, is multiplied by the closed gate anyway)."""
+        flags.pop("training", None)
+        return super().add_flags_recursive(**flags) if flags else self
+
+    def construct(self, input_ids, *args):
+        off = ops.assign(self.gate, ops.zeros_like(self.gate))
+        out = self.model(ops.depend(input_ids, off), *args)
+        out = ops.depend(out, ops.assign(self.gate, ops.ones_like(self.gate)))
+        return ops.stop_gradient(out)
 
 
 def lora_parameters(model) -> dict:
     """{structural name: Parameter} of the LoRA weights (see models.io.named_parameters)."""
-    return {n: p for n, p in model.parameters_and_names() if ".lora_" in n}
+    return {n: p for n, p in model.parameters_and_names() if is_lora_weight(n)}
 
 
 def save_adapter(model, out_dir: str, base_model: str = None) -> list:

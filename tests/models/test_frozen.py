@@ -52,3 +52,29 @@ def test_generate_restores_the_callers_mode():
     model.set_train(False)
     generate(model, [[5, 6, 7]], 2, temperature=0.0)
     assert not model.training
+
+
+def test_reference_can_be_the_lora_policy_without_its_adapter(exported):
+    import numpy as np
+    from mindspore import Tensor
+    from ms_llm.models.io import load_pretrained
+    from ms_llm.peft import LoRAConfig, apply_lora
+    run, final = exported
+    policy = load_pretrained(str(run / "final"))
+    apply_lora(policy, LoRAConfig(4, 8, 0.0, ["q_proj", "v_proj"]))
+    for n, p in policy.parameters_and_names():
+        if ".lora_B" in n:
+            p.set_data(Tensor(np.full(p.shape, 0.05, np.float32)))
+    section = FrozenModelSection(policy_without_adapter=True, sha256=final["sha256"])
+    aux = load_frozen(section, "ppo.reference", policy, str(run / "final"))
+    ids = Tensor(np.arange(12, dtype=np.int32).reshape(2, 6))
+    base = load_pretrained(str(run / "final"))(ids).asnumpy()
+    assert aux.sha256 == final["sha256"] and np.abs(policy(ids).asnumpy() - base).max() > 1e-4
+    np.testing.assert_allclose(aux.model(ids).asnumpy(), base, atol=1e-5)
+    with pytest.raises(MsLlmError, match="needs a LoRA policy"):
+        load_frozen(section, "ppo.reference", CausalLM(preset("tiny")), str(run / "final"))
+    with pytest.raises(MsLlmError, match="not both"):
+        load_frozen(FrozenModelSection(path=str(run), policy_without_adapter=True), "ppo.reference", policy)
+    with pytest.raises(MsLlmError, match="does not match the policy's base"):
+        load_frozen(FrozenModelSection(policy_without_adapter=True, sha256="0" * 64), "ppo.reference", policy,
+                    str(run / "final"))

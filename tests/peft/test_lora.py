@@ -12,6 +12,7 @@ from ms_llm.errors import MsLlmError
 from ms_llm.losses.lm import LMLoss
 from ms_llm.models import CausalLM, load_pretrained, preset, save_pretrained
 from ms_llm.peft import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter, set_adapter
+from ms_llm.peft.lora import AdapterDisabled
 from ms_llm.training.optim import AdamW
 from ms_llm.training.step import LossScaleState, TrainStep
 
@@ -88,3 +89,50 @@ def test_several_adapters_on_one_base(tmp_path):
     assert np.abs(base(Tensor(IDS)).asnumpy() - a(Tensor(IDS)).asnumpy()).max() <= 1e-5
     with pytest.raises(MsLlmError, match="adapter 'c' is not loaded"):
         set_adapter(base, "c")
+
+
+class _PolicyMinusReference(ms.nn.Cell):
+    """Both views of one LoRA model in one graph, in either order (as a loss cell with an online reference)."""
+
+    def __init__(self, model, ref_first):
+        super().__init__()
+        self.model, self.ref, self.ref_first = model, AdapterDisabled(model), ref_first
+
+    def construct(self, ids):
+        if self.ref_first:
+            ref = self.ref(ids)
+            pol = self.model(ids)
+        else:
+            pol = self.model(ids)
+            ref = self.ref(ids)
+        return ms.ops.square(pol - ref).sum(), ref
+
+
+def test_adapter_disabled_view_is_the_base_and_leaves_the_policy_alone(tmp_path, graph_mode):
+    model = _trained_lora(tmp_path)
+    ours = model(Tensor(IDS)).asnumpy()
+    base = load_pretrained(tmp_path / "base")(Tensor(IDS)).asnumpy()
+    assert np.abs(base - ours).max() > 1e-3
+    view = AdapterDisabled(model)
+    np.testing.assert_allclose(view(Tensor(IDS)).asnumpy(), base, atol=1e-5)
+    np.testing.assert_allclose(model(Tensor(IDS)).asnumpy(), ours, atol=1e-6)     # adapters back on
+    view.set_train(True)
+    assert not model.training                                                   # the view leaves modes alone
+    lora = [p for n, p in model.parameters_and_names() if ".lora_B" in n]
+    want_grads = None
+    for ref_first in (False, True):                     # inside one differentiated graph, either order
+        net = _PolicyMinusReference(model, ref_first)
+        (value, ref), grads = ms.value_and_grad(net, None, lora, has_aux=True)(Tensor(IDS))
+        np.testing.assert_allclose(ref.asnumpy(), base, atol=1e-5)
+        assert float(value.asnumpy()) == pytest.approx(float(np.square(ours - base).sum()), rel=1e-4)
+        g = [x.asnumpy() for x in grads]
+        assert all(np.abs(x).max() > 0 for x in g)      # the policy half carries the gradient
+        want_grads = want_grads or g
+        for x, y in zip(g, want_grads):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+    assert float(model.lora_gate.asnumpy()) == 1.0
+    with pytest.raises(MsLlmError, match="needs a LoRA model"):
+        AdapterDisabled(load_pretrained(tmp_path / "base"))
+    saved = save_adapter(model, tmp_path / "adapter2")
+    from ms_llm.models.safetensors_io import read_safetensors
+    assert not any("gate" in k for k in read_safetensors(str(tmp_path / "adapter2" / saved[0])))
