@@ -86,7 +86,8 @@ class _Buffers(nn.Cell):
         self.accum = optimizer.parameters.clone(prefix="accum", init="zeros")
         self.num = Parameter(Tensor(0.0, ms.float32), name="accum_num", requires_grad=False)
         self.den = Parameter(Tensor(0.0, ms.float32), name="accum_den", requires_grad=False)
-        self.loss_norm = loss_norm
+        self.stats = Parameter(Tensor(np.zeros(1, np.float32)), name="accum_stats", requires_grad=False)
+        self.loss_norm, self.n_stats = loss_norm, 0          # the LM loss of a pipeline reports no sums
 
 
 class _LastGrad(nn.Cell):
@@ -247,6 +248,6 @@ class PipelineStep(PipelineLoss):
                 dx = self.stage_grad(kept[m], dy, *extra)
             if not self.pp.first:
                 self.prev.send(dx)
-        loss, norm, finite, scale = self.apply(Tensor(lr, ms.float32))
+        loss, norm, finite, scale, _ = self.apply(Tensor(lr, ms.float32))
         return {"loss": float(loss.asnumpy()), "grad_norm": float(norm.asnumpy()),
                 "finite": bool(finite.asnumpy()), "loss_scale": float(scale.asnumpy())}

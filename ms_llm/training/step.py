@@ -15,10 +15,15 @@ The scaled numerator is also divided by `loss_norm`, a fixed estimate of the den
 micro-batch), and multiplied back at the end: the result is unchanged, but float16 gradients have the
 magnitude of a mean loss's, which is what loss-scale values are tuned for, instead of a sum's.
 
+A loss cell may return a third output, a vector of sums to report (its class names them in `stat_names`, e.g.
+DPO's chosen and rejected rewards): they are summed like the numerator and divided by the same denominator, so a
+reported value is the mean over the whole update however it was split.
+
 A non-finite gradient skips the optimizer entirely (weights, Adam moments and step count untouched) and
 shrinks the loss scale by `factor`; `window` clean steps in a row grow it by `factor`.
 """
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 
@@ -68,8 +73,21 @@ class TPNorm(nn.Cell):
         return ops.sqrt(ops.addn(rep) + self.all_reduce(ops.addn(shard)))
 
 
+def stat_count(loss_net) -> int:
+    """How many reported sums the loss cell returns after (numerator, denominator)."""
+    return len(getattr(loss_net, "stat_names", ()))
+
+
 class _Apply:
     """Shared tail of FusedStep and ApplyStep (a plain mixin; the cells call it inside construct)."""
+
+    def _reduce(self, grads, num, den, stats):
+        """Sum over data-parallel ranks; reported sums travel with the denominator in one collective."""
+        if not self.n_stats:
+            grads, num, den = self.reducer(grads, num, den)
+            return grads, num, den, stats
+        grads, num, packed = self.reducer(grads, num, ops.concat((den.reshape((1,)), stats)))
+        return grads, num, packed[0], packed[1:]
 
     def _finish(self, grads, denom, lr):
         scale = self.loss_scale.scale
@@ -96,17 +114,20 @@ class FusedStep(nn.Cell, _Apply):
         self.tp_norm = tp_norm
         self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
         self.map, self.reducer, self.loss_norm = ops.HyperMap(), reducer, loss_norm
+        self.n_stats = stat_count(loss_net)
 
     def _scaled(self, *batch):
-        num, den = self.loss_net(*batch)
-        return num * (self.loss_scale.scale / self.loss_norm), num, den
+        out = self.loss_net(*batch)
+        num = out[0]
+        return num * (self.loss_scale.scale / self.loss_norm), num, out[1], (out[2] if self.n_stats else num)
 
     def construct(self, lr, *batch):
-        (_, num, den), grads = self.grad_fn(*batch)
+        (_, num, den, stats), grads = self.grad_fn(*batch)
         if self.reducer is not None:
-            grads, num, den = self.reducer(grads, num, den)
+            grads, num, den, stats = self._reduce(grads, num, den, stats)
         norm, finite, scale = self._finish(grads, den, lr)
-        return num / ops.maximum(den, 1e-12), norm, finite, scale
+        d = ops.maximum(den, 1e-12)
+        return num / d, norm, finite, scale, stats / d
 
 
 class MicroStep(nn.Cell):
@@ -118,16 +139,21 @@ class MicroStep(nn.Cell):
         self.grad_fn = ms.value_and_grad(self._scaled, None, optimizer.parameters, has_aux=True)
         self.num = Parameter(Tensor(0.0, ms.float32), name="accum_num", requires_grad=False)
         self.den = Parameter(Tensor(0.0, ms.float32), name="accum_den", requires_grad=False)
+        self.n_stats = stat_count(loss_net)
+        self.stats = Parameter(Tensor(np.zeros(max(self.n_stats, 1), np.float32)), name="accum_stats", requires_grad=False)
         self.map = ops.HyperMap()
 
     def _scaled(self, *batch):
-        num, den = self.loss_net(*batch)
-        return num * (self.loss_scale.scale / self.loss_norm), num, den
+        out = self.loss_net(*batch)
+        num = out[0]
+        return num * (self.loss_scale.scale / self.loss_norm), num, out[1], (out[2] if self.n_stats else num)
 
     def construct(self, *batch):
-        (_, num, den), grads = self.grad_fn(*batch)
+        (_, num, den, stats), grads = self.grad_fn(*batch)
         ops.assign_add(self.num, num)
         ops.assign_add(self.den, den)
+        if self.n_stats:
+            ops.assign_add(self.stats, stats)
         return ops.depend(num / ops.maximum(den, 1e-12), self.map(ops.assign_add, self.accum, grads))
 
 
@@ -141,18 +167,21 @@ class ApplyStep(nn.Cell, _Apply):
         self.tp_norm = tp_norm
         self.loss_norm = micro.loss_norm
         self.accum, self.map, self.reducer = micro.accum, ops.HyperMap(), reducer
+        self.n_stats = micro.n_stats
 
     def construct(self, lr):
-        grads, num, den = self.accum, self.micro.num * 1.0, self.micro.den * 1.0
+        grads, num, den, stats = self.accum, self.micro.num * 1.0, self.micro.den * 1.0, self.micro.stats * 1.0
         if self.reducer is not None:
-            grads, num, den = self.reducer(grads, num, den)
+            grads, num, den, stats = self._reduce(grads, num, den, stats)
         norm, finite, scale = self._finish(grads, den, lr)
-        loss = num / ops.maximum(den, 1e-12)
+        d = ops.maximum(den, 1e-12)
+        loss = num / d
         zeroed = self.map(ops.assign, self.accum, self.map(ops.zeros_like, self.accum))
         loss = ops.depend(loss, zeroed)
         loss = ops.depend(loss, ops.assign(self.micro.num, ops.zeros_like(num)))
         loss = ops.depend(loss, ops.assign(self.micro.den, ops.zeros_like(den)))
-        return loss, norm, finite, scale
+        loss = ops.depend(loss, ops.assign(self.micro.stats, ops.zeros_like(self.micro.stats)))
+        return loss, norm, finite, scale, stats / d
 
 
 class TrainStep:
@@ -162,6 +191,7 @@ class TrainStep:
     def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum_steps: int = 1, clip: float = 1.0,
                  reducer=None, loss_norm: float = 1.0, tp_norm: TPNorm = None):
         self.accum_steps = accum_steps
+        self.stat_names = tuple(getattr(loss_net, "stat_names", ()))
         if accum_steps == 1:
             self.fused = FusedStep(loss_net, optimizer, loss_scale, clip, reducer, loss_norm, tp_norm)
         else:
@@ -172,10 +202,13 @@ class TrainStep:
     def __call__(self, micro_batches, lr: float) -> dict:
         lr = Tensor(lr, ms.float32)
         if self.accum_steps == 1:
-            loss, norm, finite, scale = self.fused(lr, *next(iter(micro_batches)))
+            loss, norm, finite, scale, stats = self.fused(lr, *next(iter(micro_batches)))
         else:
             for batch in micro_batches:
                 self.micro(*batch)
-            loss, norm, finite, scale = self.apply(lr)
-        return {"loss": float(loss.asnumpy()), "grad_norm": float(norm.asnumpy()),
-                "finite": bool(finite.asnumpy()), "loss_scale": float(scale.asnumpy())}
+            loss, norm, finite, scale, stats = self.apply(lr)
+        out = {"loss": float(loss.asnumpy()), "grad_norm": float(norm.asnumpy()),
+               "finite": bool(finite.asnumpy()), "loss_scale": float(scale.asnumpy())}
+        if self.stat_names:
+            out.update(zip(self.stat_names, stats.asnumpy().tolist()))
+        return out

@@ -28,6 +28,15 @@ class SquaredError(nn.Cell):
         return err.sum(), mask.sum()
 
 
+class ReportingSquaredError(SquaredError):
+    """SquaredError that also reports the sum of its masked predictions' first coordinate."""
+    stat_names = ("pred0",)
+
+    def construct(self, x, y, mask):
+        num, den = super().construct(x, y, mask)
+        return num, den, (self.net(x)[:, 0] * mask).sum().reshape((1,))
+
+
 class AbsError(nn.Cell):
     """(sum of masked absolute errors, twice the masked rows): a different denominator on purpose."""
 
@@ -74,12 +83,17 @@ def test_each_updater_normalises_by_its_own_denominator_across_accumulation(tmp_
         a, b = dense(0), dense(1, n_out=1)
         want = [numpy_grads(n.weight.asnumpy(), n.bias.asnumpy(), x, y, mask, k)
                 for n, y, k in ((a, ys, "sq"), (b, yv, "abs"))]
-        pol, val = Updater("policy", cfg, SquaredError(a), a), Updater("value", cfg, AbsError(b), b, lr=1e-3)
+        pol, val = Updater("policy", cfg, ReportingSquaredError(a), a), Updater("value", cfg, AbsError(b), b, lr=1e-3)
+        pred0 = float(((x @ a.weight.asnumpy().T + a.bias.asnumpy())[:, 0] * mask).sum() / mask.sum())
         for upd, y, (loss, gw, gb) in zip((pol, val), (ys, yv), want):
             halves = [(x, y, mask)] if accum == 1 else [(x[:3], y[:3], mask[:3]), (x[3:], y[3:], mask[3:])]
             out = upd([tuple(Tensor(v) for v in h) for h in halves], 0)
             assert out["loss"] == pytest.approx(loss, rel=1e-6)
             assert out["grad_norm"] == pytest.approx(np.sqrt((gw ** 2).sum() + (gb ** 2).sum()), rel=1e-5)
+            if upd is pol:                                  # a reported sum, divided like the loss
+                assert out["pred0"] == pytest.approx(pred0, rel=1e-5)
+            else:
+                assert "pred0" not in out
         assert val.peak_lr == 1e-3 and pol.peak_lr == cfg.optim.lr
 
 
