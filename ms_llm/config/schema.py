@@ -37,7 +37,7 @@ class TokenizerSection:
 @dataclass
 class DataSource:
     path: str = opt("", "JSONL file")
-    format: str = opt("text", "Record format", ["text", "alpaca", "sharegpt", "preference", "prompts"])
+    format: str = opt("text", "Record format", ["text", "alpaca", "sharegpt", "preference", "prompts", "unpaired"])
     weight: float = opt(1.0, "Sampling weight in the mixture (normalized over sources)")
     domain: Optional[str] = opt(None, "Domain tag (defaults to the record's `domain` field, else 'general')")
 
@@ -321,6 +321,43 @@ class RewardSection:
 
 
 @dataclass
+class WinRateSection:
+    judge: Optional[str] = opt(None, "Reward model (an exported reward run) that judges; empty: no win-rate")
+    prompts: Optional[str] = opt(None, "Prompts JSONL ({\"prompt\"}) to answer (default: the held-out pairs' prompts)")
+    limit: int = opt(64, "Prompts judged", range="[1, inf)")
+    max_new_tokens: int = opt(32, "Tokens generated per answer (greedy)", range="[1, inf)")
+
+
+@dataclass
+class DPOSection:
+    loss: str = opt("sigmoid", "Objective (formulas and sources in docs/rl.md)",
+                    ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"])
+    beta: float = opt(0.1, "β: strength of the KL-regularisation (sigmoid, robust, ipo, hinge, kto), reward scale "
+                           "(simpo: the paper uses 2.0-2.5) or odds-ratio weight λ (orpo)", range="(0, inf)")
+    label_smoothing: float = opt(0.0, "ε: assumed share of flipped labels (sigmoid: cDPO; robust)", range="[0, 0.5)")
+    simpo_gamma: float = opt(0.5, "SimPO target margin γ", range="[0, inf)")
+    nll_coef: float = opt(0.0, "α of an added NLL term on the chosen answers (RPO; TRL's rpo_alpha); orpo has its own",
+                          range="[0, inf)")
+    kto_desirable_weight: float = opt(1.0, "KTO λ_D", range="(0, inf)")
+    kto_undesirable_weight: float = opt(1.0, "KTO λ_U", range="(0, inf)")
+    reference: FrozenModelSection = opt(FrozenModelSection, "The frozen reference; empty: a frozen copy of "
+                                        "model.init_from, or with LoRA the policy with its adapter disabled")
+    reference_mode: str = opt("online", "online: the reference scores every micro-batch; cached: it scores the "
+                                        "whole dataset once into cache_dir and is unloaded before training",
+                              ["online", "cached"])
+    cache_dir: Optional[str] = opt(None, "Reference log-prob cache (default: <output_dir>/reference_logps)")
+    lora: LoRASection = opt(LoRASection, "Train LoRA adapters on the policy instead of all weights")
+    eval_data: Optional[str] = opt(None, "Held-out preference JSONL: preference accuracy and margin of the "
+                                         "implicit reward (KTO: desirable vs undesirable pairs built from it)")
+    eval_limit: int = opt(0, "Held-out pairs used (0: all)")
+    eval_batch_size: int = opt(16, "Pairs per scoring batch", range="[1, inf)")
+    winrate: WinRateSection = opt(WinRateSection, "Win-rate of the trained model against the starting model, "
+                                                  "judged by a reward model in both answer orders")
+    gate_accuracy: Optional[float] = opt(None, "Gate: held-out preference accuracy at least this", range="[0, 1]")
+    export_version: Optional[str] = opt(None, "Version tag written into final/MANIFEST.json")
+
+
+@dataclass
 class MupSection:
     enabled: bool = opt(False, "Train in μP (models/mup.py): hyperparameters tuned at base_width transfer to this width")
     base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on", range="[1, inf)")
@@ -336,7 +373,7 @@ class MupSection:
 @dataclass
 class ExperimentConfig:
     stage: str = opt("pretrain", "Which stage runs (what each supports: config/validate.py STAGE_RULES)",
-                     ["pretrain", "cpt", "distill", "sft", "reward"])
+                     ["pretrain", "cpt", "distill", "sft", "reward", "dpo"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -352,6 +389,7 @@ class ExperimentConfig:
     distill: DistillSection = opt(DistillSection, "Logit distillation stage")
     cpt: CPTSection = opt(CPTSection, "Continual pretraining stage")
     reward: RewardSection = opt(RewardSection, "Reward-model stage")
+    dpo: DPOSection = opt(DPOSection, "Preference-optimisation stage (DPO family, KTO)")
     mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
 
     @property

@@ -73,6 +73,35 @@ def _check_reward(cfg: ExperimentConfig, where: str):
         raise MsLlmError(f"{where}: reward.tag_shares needs non-negative shares adding up to at most 1, got {shares}")
 
 
+def _check_dpo(cfg: ExperimentConfig, where: str):
+    from ms_llm.losses.dpo import REFERENCE_FREE
+    d = cfg.dpo
+    allowed = ("unpaired", "preference") if d.loss == "kto" else ("preference",)
+    bad = [s.path for s in cfg.data.sources if s.format not in allowed]
+    if bad:
+        raise MsLlmError(f"{where}: dpo.loss {d.loss} reads {' or '.join(allowed)} records; data.sources {bad} "
+                         "have another format")
+    if not cfg.model.init_from:
+        raise MsLlmError(f"{where}: stage dpo starts from a trained model: set model.init_from (the SFT final/)")
+    ref = d.reference
+    if d.loss in REFERENCE_FREE and (ref.path or ref.policy_without_adapter):
+        raise MsLlmError(f"{where}: dpo.loss {d.loss} is reference-free; remove dpo.reference")
+    if ref.path and ref.policy_without_adapter:
+        raise MsLlmError(f"{where}: set dpo.reference.path or dpo.reference.policy_without_adapter, not both")
+    if ref.policy_without_adapter and not d.lora.enabled:
+        raise MsLlmError(f"{where}: dpo.reference.policy_without_adapter needs dpo.lora.enabled")
+    if d.loss == "kto" and d.reference_mode == "cached":
+        raise MsLlmError(f"{where}: dpo.loss kto scores mismatched pairs that change with every batch; use "
+                         "dpo.reference_mode: online")
+    if d.loss == "kto" and cfg.train.micro_batch_size < 2:
+        raise MsLlmError(f"{where}: dpo.loss kto needs train.micro_batch_size >= 2 (each row's KL partner is "
+                         "another row of its micro-batch)")
+    if d.winrate.judge and not (d.winrate.prompts or d.eval_data):
+        raise MsLlmError(f"{where}: dpo.winrate.judge needs prompts: set dpo.winrate.prompts or dpo.eval_data")
+    if d.gate_accuracy is not None and not d.eval_data:
+        raise MsLlmError(f"{where}: dpo.gate_accuracy needs dpo.eval_data")
+
+
 @dataclass(frozen=True)
 class StageRules:
     layouts: frozenset = frozenset()          # beyond data parallel and ZeRO-1: tensor_parallel, pipeline_stages
@@ -87,6 +116,7 @@ STAGE_RULES = {
     "distill": StageRules(check=_check_distill),
     "sft": StageRules(check=_check_sft),
     "reward": StageRules(mup=False, check=_check_reward),
+    "dpo": StageRules(mup=False, check=_check_dpo),
 }
 
 

@@ -35,23 +35,43 @@ class PairStats(ReadStats):
     truncated_prompts: int = 0
 
 
-def encode_side(messages: list, answer: str, tokenizer, template: str, seq_len: int):
-    """(ids [seq_len] int32, mask [seq_len] int32, prompt tokens cut) or None when the prompt alone fills
-    seq_len. The prompt is cut from its start; the answer is kept whole."""
+def split_side(messages: list, answer: str, tokenizer, template: str):
+    """(prompt ids ending with the generation prompt, answer ids) through the chat template."""
     prompt = render(messages, tokenizer, template, add_generation_prompt=True).ids
     full = render(list(messages) + [{"role": "assistant", "content": answer}], tokenizer, template).ids
     assert full[:len(prompt)] == prompt, "the template renders a prompt differently with an answer after it"
-    answer_ids = full[len(prompt):]
-    room = seq_len - len(answer_ids)
+    return prompt, full[len(prompt):]
+
+
+def pack(prompt: list, answer: list, seq_len: int, pad_id: int):
+    """(ids [seq_len] int32, mask [seq_len] int32, prompt tokens cut, index of the first answer token) or None
+    when the prompt alone fills seq_len. The prompt is cut from its start; the answer is kept whole."""
+    room = seq_len - len(answer)
     if room < 1 or len(prompt) >= seq_len:
         return None
     cut = max(0, len(prompt) - room)
-    ids = prompt[cut:] + answer_ids
-    row = np.full(seq_len, tokenizer.pad_id or 0, np.int32)
+    ids = prompt[cut:] + answer
+    row = np.full(seq_len, pad_id, np.int32)
     row[:len(ids)] = ids
     mask = np.zeros(seq_len, np.int32)
     mask[:len(ids)] = 1
-    return row, mask, cut
+    return row, mask, cut, len(prompt) - cut
+
+
+def encode_side(messages: list, answer: str, tokenizer, template: str, seq_len: int):
+    """`pack` of one conversation and its answer."""
+    return pack(*split_side(messages, answer, tokenizer, template), seq_len, tokenizer.pad_id or 0)
+
+
+def answer_labels(ids, mask, start):
+    """Next-token labels of the answer only: labels[t] = ids[t + 1] where t + 1 is an answer token, −100
+    elsewhere (prompt and padding). ids, mask: [B, S]; start: [B] index of each row's first answer token."""
+    ids, mask, start = np.asarray(ids), np.asarray(mask), np.asarray(start)
+    s = ids.shape[1]
+    nxt = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], 1)
+    nxt_real = np.concatenate([mask[:, 1:], np.zeros_like(mask[:, :1])], 1) > 0
+    t = np.arange(s)[None, :]
+    return np.where(nxt_real & (t + 1 >= start[:, None]), nxt, -100).astype(np.int32)
 
 
 def encode_pair(rec: dict, tokenizer, template: str, seq_len: int, where: str):
@@ -62,15 +82,16 @@ def encode_pair(rec: dict, tokenizer, template: str, seq_len: int, where: str):
     sides = [encode_side(rec["messages"], rec[k], tokenizer, template, seq_len) for k in ("chosen", "rejected")]
     if any(s is None for s in sides):
         raise ValueError(f"the prompt (or an answer) alone is longer than data.seq_len={seq_len}")
-    (ci, cm, cc), (ri, rm, rc) = sides
+    (ci, cm, cc, cs), (ri, rm, rc, rs) = sides
     return {"chosen_ids": ci, "chosen_mask": cm, "rejected_ids": ri, "rejected_mask": rm,
             "margin": np.float32(rec.get("margin") or 0.0), "tag": rec.get("tag") or UNTAGGED,
-            "truncated": bool(cc or rc)}
+            "chosen_start": np.int32(cs), "rejected_start": np.int32(rs), "truncated": bool(cc or rc)}
 
 
 def read_pairs(path: str, tokenizer, template: str, seq_len: int, on_error: str = "raise",
-               stats: PairStats = None) -> list:
-    """Encoded pairs of one preference JSONL file (see the module docstring for the rules)."""
+               stats: PairStats = None, keep_messages: bool = False) -> list:
+    """Encoded pairs of one preference JSONL file (see the module docstring for the rules); with
+    `keep_messages` each keeps its prompt conversation under "messages"."""
     stats = stats if stats is not None else PairStats()
     out = []
     for rec in read_records(path, "preference", on_error, stats):
@@ -85,6 +106,8 @@ def read_pairs(path: str, tokenizer, template: str, seq_len: int, on_error: str 
                 stats.reasons.append(f"{where}: {e}")
             continue
         stats.truncated_prompts += pair.pop("truncated")
+        if keep_messages:
+            pair["messages"] = rec["messages"]
         out.append(pair)
     return out
 
@@ -126,16 +149,110 @@ class PreferenceData:
             raise MsLlmError("data.sources hold no usable preference pairs")
         self.tags = sorted(groups)
         self.groups = [groups[t] for t in self.tags]
+        self.offsets = np.cumsum([0] + [len(g) for g in self.groups])[:-1]
+        self.flat = [(g, i) for g, grp in enumerate(self.groups) for i in range(len(grp))]
         weights = tag_weights({t: len(groups[t]) for t in self.tags}, shares)
         self.sampler = MixtureSampler([len(g) for g in self.groups], [weights[t] for t in self.tags], seed)
         self.shares = {t: float(p) for t, p in zip(self.tags, self.sampler.p)}
 
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
     def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+        """The fields of KEYS, each pair's answer starts, and `pair_index` (its position in `rows()`)."""
         base = micro_index * micro_batch * world + rank * micro_batch
-        rows = [self.groups[g][i] for g, i in (self.sampler.lookup(base + j) for j in range(micro_batch))]
-        return {k: np.stack([r[k] for r in rows]) for k in KEYS}
+        picks = [self.sampler.lookup(base + j) for j in range(micro_batch)]
+        return self._stack([self.groups[g][i] for g, i in picks], [self.offsets[g] + i for g, i in picks])
+
+    def rows(self, start: int, count: int) -> dict:
+        """Pairs start .. start + count − 1 in a fixed order (tag by tag), stacked like `batch`."""
+        index = list(range(start, min(start + count, len(self))))
+        return self._stack([self.groups[g][i] for g, i in (self.flat[k] for k in index)], index)
+
+    @staticmethod
+    def _stack(rows: list, index: list) -> dict:
+        out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        out["pair_index"] = np.asarray(index, np.int64)
+        return out
 
     def realised_shares(self, samples: int) -> dict:
         """Share of each tag among the first `samples` pairs the run drew."""
         counts = np.bincount([self.sampler.lookup(k)[0] for k in range(samples)], minlength=len(self.tags))
         return {t: float(c) / max(samples, 1) for t, c in zip(self.tags, counts)}
+
+
+@dataclass
+class Completion:
+    prompt: list             # token ids, ending with the generation prompt
+    answer: list             # token ids of the completion
+    desirable: bool
+
+
+def read_completions(path: str, fmt: str, tokenizer, template: str, seq_len: int, on_error: str = "raise",
+                     stats: PairStats = None) -> list:
+    """KTO's unpaired completions: from `unpaired` records, or from `preference` pairs (chosen desirable,
+    rejected not). A prompt that leaves no room for its completion is refused (file:line) or counted."""
+    stats = stats if stats is not None else PairStats()
+    out = []
+    for rec in read_records(path, fmt, on_error, stats):
+        sides = [(rec["completion"], rec["label"])] if fmt == "unpaired" else [(rec["chosen"], True),
+                                                                                (rec["rejected"], False)]
+        done = []
+        for answer, good in sides:
+            prompt, ids = split_side(rec["messages"], answer, tokenizer, template)
+            if pack(prompt, ids, seq_len, 0) is None:
+                done = None
+                break
+            stats.truncated_prompts += len(prompt) + len(ids) > seq_len
+            done.append(Completion(prompt, ids, bool(good)))
+        if done is None:
+            where = f"{path}:{rec['line']}"
+            if on_error != "skip":
+                raise MsLlmError(f"{where}: the prompt (or the completion) alone is longer than data.seq_len={seq_len} "
+                                 "(fix the record, or set data.on_error: skip)")
+            stats.skipped += 1
+            continue
+        out += done
+    return out
+
+
+class CompletionData:
+    """Unpaired completions for KTO, shuffled per epoch; each micro-batch also carries its mismatched rows
+    (prompt i with completion i + 1 of the same micro-batch), whose log-ratios estimate KL(π‖ρ)."""
+
+    def __init__(self, sources, tokenizer, template: str, seq_len: int, seed: int = 0, on_error: str = "raise"):
+        self.stats, self.seq_len, self.pad = PairStats(), seq_len, tokenizer.pad_id or 0
+        self.rows = []
+        for src in sources:
+            if src.format not in ("unpaired", "preference"):
+                raise MsLlmError(f"data.sources: {src.path} has format '{src.format}'; KTO reads unpaired or "
+                                 "preference records")
+            self.rows += read_completions(src.path, src.format, tokenizer, template, seq_len, on_error, self.stats)
+        if len(self.rows) < 2:
+            raise MsLlmError("data.sources hold fewer than 2 usable completions (KTO needs a mismatched partner)")
+        self.seed, self._orders = seed, {}
+
+    def _order(self, epoch: int):
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))}
+        return self._orders[epoch]
+
+    def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+        if micro_batch < 2:
+            raise MsLlmError("KTO needs train.micro_batch_size >= 2 (each row's KL partner is another row)")
+        base = micro_index * micro_batch * world + rank * micro_batch
+        n = len(self.rows)
+        picks = [self.rows[self._order((base + j) // n)[(base + j) % n]] for j in range(micro_batch)]
+        rows, kl = [], []
+        for j, c in enumerate(picks):
+            rows.append(pack(c.prompt, c.answer, self.seq_len, self.pad))
+            partner = picks[(j + 1) % micro_batch]
+            kl.append(pack(c.prompt, partner.answer, self.seq_len, self.pad)
+                      or pack(partner.prompt, partner.answer, self.seq_len, self.pad))
+        out = {}
+        for name, packed in (("", rows), ("kl_", kl)):
+            ids, mask = np.stack([p[0] for p in packed]), np.stack([p[1] for p in packed])
+            out[f"{name}ids"] = ids
+            out[f"{name}labels"] = answer_labels(ids, mask, np.array([p[3] for p in packed]))
+        out["desirable"] = np.array([c.desirable for c in picks], np.float32)
+        return out

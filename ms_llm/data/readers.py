@@ -6,6 +6,7 @@
     sharegpt    {"conversations": [{"from": human|gpt|function_call|observation, "value"}], "system"?, "tools"?, "task"?}
     preference  {"prompt": str | [{"role", "content"}], "chosen": str, "rejected": str, "margin"?: number, "tag"?: str}
     prompts     {"prompt": str, "answer"?: str, "task"?: str}
+    unpaired    {"prompt": str | [{"role", "content"}], "completion": str, "label": bool}   (KTO)
 
 Conversational formats become {"messages": [{"role", "content"}], "task"}. Every record keeps its file
 line number as "line". A malformed line raises
@@ -82,7 +83,7 @@ def _sharegpt(rec):
     return {"messages": msgs, "task": rec.get("task"), "tools": rec.get("tools")}
 
 
-def _preference(rec):
+def _prompt_messages(rec):
     prompt = rec.get("prompt")
     if isinstance(prompt, list):
         for i, m in enumerate(prompt):
@@ -94,6 +95,11 @@ def _preference(rec):
         msgs = prompt
     else:
         msgs = [{"role": "user", "content": _need_str(rec, "prompt")}]
+    return msgs
+
+
+def _preference(rec):
+    msgs = _prompt_messages(rec)
     margin, tag = rec.get("margin"), rec.get("tag")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise ValueError("field 'margin' must be a number")
@@ -110,7 +116,15 @@ def _prompts(rec):
     return {"prompt": _need_str(rec, "prompt"), "answer": None if ans is None else str(ans), "task": rec.get("task")}
 
 
-PARSERS = {"text": _text, "alpaca": _alpaca, "sharegpt": _sharegpt, "preference": _preference, "prompts": _prompts}
+def _unpaired(rec):
+    if not isinstance(rec.get("label"), bool):
+        raise ValueError("field 'label' must be true (desirable) or false (undesirable)")
+    return {"messages": _prompt_messages(rec), "completion": _need_str(rec, "completion"), "label": rec["label"],
+            "task": rec.get("task")}
+
+
+PARSERS = {"text": _text, "alpaca": _alpaca, "sharegpt": _sharegpt, "preference": _preference, "prompts": _prompts,
+           "unpaired": _unpaired}
 
 
 def read_records(path: str, fmt: str, on_error: str = "raise", stats: ReadStats = None) -> list:

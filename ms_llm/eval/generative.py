@@ -56,29 +56,38 @@ def extract_code(text: str) -> str:
     return m.group(1) if m else text
 
 
-def exact_match(model, tokenizer, records: list, template: str = "chatml", max_new_tokens: int = 32,
-                style: str = "auto", batch_size: int = 16) -> dict:
-    """Greedy answers to prompt records ({"prompt", "answer", "task"?}); accuracy overall and per task."""
+def chat_answers(model, tokenizer, conversations: list, template: str = "chatml", max_new_tokens: int = 32,
+                 batch_size: int = 16) -> list:
+    """Greedy assistant answers (text, end-of-turn token removed) to each list of chat messages."""
     from ms_llm.data.chat import render, stop_token_ids
     from ms_llm.generation import generate
-    hits, per_task, outputs = [], defaultdict(list), []
     stops = stop_token_ids(template, tokenizer)
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        ids = [render([{"role": "user", "content": r["prompt"]}], tokenizer, template,
-                      add_generation_prompt=True).ids for r in chunk]
+    answers = []
+    for i in range(0, len(conversations), batch_size):
+        ids = [render(msgs, tokenizer, template, add_generation_prompt=True).ids
+               for msgs in conversations[i:i + batch_size]]
         out = generate(model, ids, max_new_tokens, temperature=0, eos_token_id=stops, pad_token_id=tokenizer.pad_id)
-        for j, r in enumerate(chunk):
+        for j in range(len(ids)):
             toks = out.tokens[j, :out.lengths[j]].tolist()
             if toks and toks[-1] in stops:
                 toks = toks[:-1]                              # the end-of-turn token is not part of the answer
-            text = tokenizer.decode(toks)
-            got = extract_answer(text, style)
-            ref = str(r["answer"]).strip()
-            ok = got == ref or " ".join(text.split()) == " ".join(ref.split())   # whole answer, whitespace-normalized
-            hits.append(ok)
-            per_task[r.get("task") or "all"].append(ok)
-            outputs.append({"prompt": r["prompt"], "answer": r["answer"], "output": text, "extracted": got, "correct": ok})
+            answers.append(tokenizer.decode(toks))
+    return answers
+
+
+def exact_match(model, tokenizer, records: list, template: str = "chatml", max_new_tokens: int = 32,
+                style: str = "auto", batch_size: int = 16) -> dict:
+    """Greedy answers to prompt records ({"prompt", "answer", "task"?}); accuracy overall and per task."""
+    hits, per_task, outputs = [], defaultdict(list), []
+    texts = chat_answers(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in records], template,
+                         max_new_tokens, batch_size)
+    for r, text in zip(records, texts):
+        got = extract_answer(text, style)
+        ref = str(r["answer"]).strip()
+        ok = got == ref or " ".join(text.split()) == " ".join(ref.split())   # whole answer, whitespace-normalized
+        hits.append(ok)
+        per_task[r.get("task") or "all"].append(ok)
+        outputs.append({"prompt": r["prompt"], "answer": r["answer"], "output": text, "extracted": got, "correct": ok})
     return {"accuracy": float(np.mean(hits)) if hits else 0.0,
             "tasks": {t: float(np.mean(h)) for t, h in sorted(per_task.items())}, "n": len(hits), "outputs": outputs}
 

@@ -16,6 +16,10 @@ Every loss reads sequence log-probabilities of the answer tokens only (prompt an
     orpo      −π_c/n_c − β·log σ(log odds_c − log odds_r)    ORPO (Hong et al. 2024), reference-free;
               log odds = ℓ − log(1 − e^ℓ) with ℓ = π/n the mean token log-probability
 
+Any paired loss but orpo may add α·(−π_c/n_c), the chosen answer's mean token NLL (`nll_coef`; RPO, Pang et al.
+2024 "Iterative Reasoning Preference Optimization"): DPO alone lowers the likelihood of both answers and greedy
+generations can drift; the NLL term holds the chosen answers' likelihood up.
+
 KTO (Ethayarajh et al. 2024) takes unpaired completions y with a label (desirable or not):
 
     r = π(y|x) − ρ(y|x),  z = max(0, mean over the micro-batch of π(y'|x) − ρ(y'|x)), detached,
@@ -90,12 +94,13 @@ class PreferenceLoss(nn.Cell):
                   "logps/rejected")
 
     def __init__(self, model, kind: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5):
+                 simpo_gamma: float = 0.5, nll_coef: float = 0.0):
         super().__init__(auto_prefix=False)
         if kind not in PAIRED:
             raise ValueError(f"dpo.loss {kind!r} is not a paired loss {PAIRED}")
         self.model, self.kind, self.beta = model, kind, float(beta)
         self.eps, self.gamma = float(label_smoothing), float(simpo_gamma)
+        self.nll_coef = float(nll_coef) if kind != "orpo" else 0.0          # orpo has its own NLL term
 
     def logps(self, chosen_ids, chosen_labels, rejected_ids, rejected_labels):
         """(π_c, π_r, n_c, n_r), each [B]."""
@@ -108,6 +113,8 @@ class PreferenceLoss(nn.Cell):
         pc, pr, nc, nr = self.logps(chosen_ids, chosen_labels, rejected_ids, rejected_labels)
         nc, nr = ops.maximum(nc, 1.0), ops.maximum(nr, 1.0)
         loss = paired_loss(self.kind, pc, pr, ref_chosen, ref_rejected, nc, nr, self.beta, self.eps, self.gamma)
+        if self.nll_coef:
+            loss = loss - self.nll_coef * pc / nc
         wc, wr = implicit_rewards(self.kind, pc, pr, ref_chosen, ref_rejected, nc, nr, self.beta)
         wc, wr = ops.stop_gradient(wc), ops.stop_gradient(wr)
         stats = ops.stack((wc.sum(), wr.sum(), (wc - wr).sum(), (wc > wr).astype(ms.float32).sum(),

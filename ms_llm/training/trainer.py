@@ -86,6 +86,7 @@ def supervised_step(cfg: ExperimentConfig, spec: StageSpec, updater: Updater, la
         row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens_per_step / max(dt, 1e-9), "loss_scale": out["loss_scale"],
                "skipped": not out["finite"]}
+        row.update({k: out[k] for k in updater.stat_names})
         return row, accum
     return run_step
 

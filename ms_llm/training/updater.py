@@ -73,6 +73,11 @@ class Updater:
         return dict(out, lr=lr)
 
     @property
+    def stat_names(self) -> tuple:
+        """Names of the sums the loss cell reports (training/step.py), each in every step's result."""
+        return tuple(getattr(self.loss_net, "stat_names", ()))
+
+    @property
     def parameters(self):
         return self.optimizer.parameters
 

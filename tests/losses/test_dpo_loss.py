@@ -108,18 +108,18 @@ def test_sequence_logps_count_only_answer_tokens():
     np.testing.assert_array_equal(n.asnumpy(), want_n)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "simpo", "orpo"])
-def test_preference_cell_equals_numpy_with_masks(kind):
+@pytest.mark.parametrize("kind,nll", [("sigmoid", 0.0), ("sigmoid", 0.5), ("simpo", 0.0), ("orpo", 0.0)])
+def test_preference_cell_equals_numpy_with_masks(kind, nll):
     rng = np.random.default_rng(5)
     b, s, v = 4, 10, 13
     logits = rng.normal(size=(2 * b, s, v)).astype(np.float32)
     labels = masked_labels(rng, 2 * b, s, v)
     ref = rng.normal(-10, 2, size=(2, b)).astype(np.float32)
-    cell = PreferenceLoss(LogitTable(logits), kind, beta=0.2)
+    cell = PreferenceLoss(LogitTable(logits), kind, beta=0.2, nll_coef=nll)
     ids = Tensor(np.zeros((b, s), np.int32))
     total, count, stats = cell(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]), Tensor(ref[0]), Tensor(ref[1]))
     lp, n = np_seq_logps(logits, labels)
-    want = np_paired(kind, lp[:b], lp[b:], ref[0], ref[1], n[:b], n[b:], 0.2, 0.0, 0.5)
+    want = np_paired(kind, lp[:b], lp[b:], ref[0], ref[1], n[:b], n[b:], 0.2, 0.0, 0.5) - nll * lp[:b] / n[:b]
     assert float(count.asnumpy()) == b
     np.testing.assert_allclose(float(total.asnumpy()), want.sum(), rtol=1e-5)
     wc = 0.2 * (lp[:b] / n[:b] if kind != "sigmoid" else lp[:b] - ref[0])

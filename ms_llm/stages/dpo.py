@@ -1,0 +1,299 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Preference optimisation (seed 002 §5.2.2): DPO and its family, and KTO, on the SFT model.
+
+    ms-llm train configs/tiny/dpo.yaml                 # from runs/tiny_sft_lora/final
+    ms-llm train configs/tiny/dpo.yaml dpo.loss=simpo dpo.beta=2.0
+
+The policy starts from `model.init_from` (full or LoRA). The reference is frozen, and its log-probs enter the
+loss as inputs (losses/dpo.py), computed one of two ways:
+
+  online   a frozen model scores every micro-batch: a copy of model.init_from, the model `dpo.reference` names,
+           or — with LoRA — the policy itself with its adapter disabled (one base in memory);
+  cached   the reference scores every training and held-out pair once, into `dpo.cache_dir` (safetensors +
+           MANIFEST.json bound to the data's and the reference's hashes), and is unloaded before training.
+           A cache built for other data or another reference is refused; resume reuses it.
+
+SimPO and ORPO need no reference and load none. KTO reads unpaired completions (or splits pairs), scores
+each row's mismatched partner for its KL estimate, and runs with an online reference.
+
+Every step logs the loss and the implicit rewards (chosen, rejected, margin, accuracy) with the policy's
+log-probs; evaluations report held-out preference accuracy; at the end, with `dpo.winrate.judge`, greedy
+answers of the trained model and of the starting model are judged by a reward model in both orders.
+"""
+import hashlib
+import logging
+import os
+import shutil
+
+import numpy as np
+from mindspore import Tensor, nn
+
+from ms_llm.config import ExperimentConfig
+from ms_llm.config.schema import FrozenModelSection
+from ms_llm.data.preference import CompletionData, PairStats, PreferenceData, answer_labels, read_pairs
+from ms_llm.errors import MsLlmError
+from ms_llm.eval.results import gate, model_identity
+from ms_llm.losses.dpo import REFERENCE_FREE, KTOLoss, PreferenceLoss, implicit_rewards, sequence_logps
+from ms_llm.manifest import verify, write_manifest
+from ms_llm.models.frozen import load_frozen
+from ms_llm.models.io import resolve_model_dir
+from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.training.layout import Layout
+from ms_llm.training.trainer import StageSpec, train
+
+log = logging.getLogger(__name__)
+KEYS = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "ref_chosen", "ref_rejected")
+KTO_KEYS = ("ids", "labels", "kl_ids", "kl_labels", "ref_logps", "ref_kl_logps", "desirable")
+CACHE_FILE = "reference_logps.safetensors"
+
+
+class SequenceScorer(nn.Cell):
+    """(ids, labels) [N, S] -> summed log-probs of the labelled tokens [N]: a graph of its own, no gradients."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, ids, labels):
+        return sequence_logps(self.model(ids), labels)[0]
+
+
+def score_rows(scorer: SequenceScorer, ids, labels, batch: int) -> np.ndarray:
+    out = [scorer(Tensor(ids[i:i + batch]), Tensor(labels[i:i + batch])).asnumpy()
+           for i in range(0, len(ids), batch)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def with_labels(pairs: dict) -> dict:
+    """Adds chosen_labels / rejected_labels (answer tokens only) to stacked pairs."""
+    for side in ("chosen", "rejected"):
+        pairs[f"{side}_labels"] = answer_labels(pairs[f"{side}_ids"], pairs[f"{side}_mask"], pairs[f"{side}_start"])
+    return pairs
+
+
+def score_pairs(scorer: SequenceScorer, pairs: dict, batch: int):
+    """(log p(chosen), log p(rejected)) [N] of stacked, labelled pairs."""
+    return tuple(score_rows(scorer, pairs[f"{s}_ids"], pairs[f"{s}_labels"], batch) for s in ("chosen", "rejected"))
+
+
+def stack(pairs: list) -> dict:
+    return with_labels({k: np.stack([p[k] for p in pairs]) for k in pairs[0] if k not in ("tag", "messages")}) \
+        if pairs else {}
+
+
+def data_identity(chunks) -> str:
+    """SHA256 of the token rows and labels every pair is scored on (covers files, tokenizer, template, seq_len),
+    over an iterable of stacked chunks."""
+    h = hashlib.sha256()
+    for pairs in chunks:
+        for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+            if k in pairs:
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(pairs[k]).tobytes())
+    return h.hexdigest()
+
+
+def chunks(data: PreferenceData, size: int):
+    """Every training pair, stacked and labelled, `size` at a time in `rows` order."""
+    for start in range(0, len(data), size):
+        yield with_labels(data.rows(start, size))
+
+
+def reference_section(cfg: ExperimentConfig) -> FrozenModelSection:
+    """dpo.reference as configured; empty: model.init_from frozen, or the adapter-disabled LoRA policy."""
+    ref = cfg.dpo.reference
+    if ref.path or ref.policy_without_adapter:
+        return ref
+    if cfg.dpo.lora.enabled:
+        return FrozenModelSection(policy_without_adapter=True, sha256=ref.sha256)
+    return FrozenModelSection(path=cfg.model.init_from, sha256=ref.sha256 or cfg.model.init_sha256, dtype=ref.dtype,
+                              tokenizer=ref.tokenizer)
+
+
+def reference_identity(cfg: ExperimentConfig, section: FrozenModelSection) -> str:
+    path = cfg.model.init_from if section.policy_without_adapter else section.path
+    return f"{model_identity(resolve_model_dir(path))}:{section.dtype}"
+
+
+def load_reference(cfg: ExperimentConfig, section: FrozenModelSection, policy, tokenizer):
+    aux = load_frozen(section, "dpo.reference", policy, resolve_model_dir(cfg.model.init_from), tokenizer)
+    if aux.tokenizer is not None and aux.tokenizer.vocab_size != tokenizer.vocab_size:
+        raise MsLlmError(f"dpo.reference: {aux.path} has a tokenizer of {aux.tokenizer.vocab_size} tokens, the "
+                         f"policy's has {tokenizer.vocab_size}; the log-probs would not be comparable")
+    return SequenceScorer(aux.model)
+
+
+def reference_cache(cfg: ExperimentConfig, run_dir: str, data: PreferenceData, eval_pairs: dict, build) -> dict:
+    """{"train/chosen", "train/rejected", "eval/chosen", "eval/rejected"} from `dpo.cache_dir`, built with
+    `build()` when absent; a cache whose data or reference identity differs is refused."""
+    folder = cfg.dpo.cache_dir or os.path.join(run_dir, "reference_logps")
+    want = {"data_sha256": data_identity([*chunks(data, 256), eval_pairs]),
+            "reference": reference_identity(cfg, reference_section(cfg))}
+    if os.path.isfile(os.path.join(folder, "MANIFEST.json")):
+        manifest = verify(folder)
+        for key, value in want.items():
+            if manifest.get(key) != value:
+                what = "data (pairs, tokenizer, template or seq_len)" if key == "data_sha256" else "reference model"
+                raise MsLlmError(f"{folder}: this reference cache was built for other {what} ({key} "
+                                 f"{manifest.get(key)} != {value}); delete it or set dpo.cache_dir elsewhere")
+        log.info("reference log-probs from the cache %s", folder)
+        return read_safetensors(os.path.join(folder, CACHE_FILE))
+    values = build()
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_safetensors(os.path.join(tmp, CACHE_FILE), values)
+    write_manifest(tmp, extra={"format": "ms_llm.reference_logps.v1", **want})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    log.info("reference log-probs of %d training pairs cached in %s", len(values["train/chosen"]), folder)
+    return values
+
+
+def score_dataset(scorer: SequenceScorer, data: PreferenceData, eval_pairs: dict, batch: int, progress: bool) -> dict:
+    chosen, rejected = [], []
+    parts = chunks(data, batch)
+    if progress:
+        from tqdm import tqdm
+        parts = tqdm(parts, total=-(-len(data) // batch), desc="reference log-probs", dynamic_ncols=True)
+    for pairs in parts:
+        c, r = score_pairs(scorer, pairs, batch)
+        chosen.append(c)
+        rejected.append(r)
+    ec, er = score_pairs(scorer, eval_pairs, batch) if eval_pairs else (np.zeros(0, np.float32),) * 2
+    return {"train/chosen": np.concatenate(chosen), "train/rejected": np.concatenate(rejected), "eval/chosen": ec,
+            "eval/rejected": er}
+
+
+def make_evaluator(cfg: ExperimentConfig, policy, pairs: dict, ref: tuple):
+    """Held-out preference accuracy and margin of the implicit reward."""
+    d = cfg.dpo
+    if not pairs:
+        return None
+    scorer = SequenceScorer(policy)
+
+    def evaluate():
+        pc, pr = score_pairs(scorer, pairs, d.eval_batch_size)
+        nc, nr = (np.maximum((pairs[f"{s}_labels"] != -100).sum(-1), 1) for s in ("chosen", "rejected"))
+        wc, wr = implicit_rewards(d.loss if d.loss != "kto" else "sigmoid", pc, pr, ref[0], ref[1], nc, nr, d.beta)
+        # a tie (the policy still equals the reference) counts half: the starting point is chance, not 0
+        won = (wc > wr) + 0.5 * (wc == wr)
+        return {"eval/preference_accuracy": float(np.mean(won)), "eval/reward_margin": float(np.mean(wc - wr)),
+                "eval/rewards_chosen": float(np.mean(wc)), "eval/rewards_rejected": float(np.mean(wr))}
+    return evaluate
+
+
+def win_rate_against_start(cfg: ExperimentConfig, trained, tokenizer, eval_records: list) -> dict:
+    """Greedy answers of the trained and the starting model, judged by `dpo.winrate.judge` in both orders."""
+    from ms_llm.data.readers import read_records
+    from ms_llm.eval.generative import chat_answers, score_judge, win_rate
+    from ms_llm.models import load_pretrained
+    from ms_llm.models.reward import load_reward_model
+    w = cfg.dpo.winrate
+    judge = load_reward_model(w.judge)
+    if w.prompts:
+        convs = [[{"role": "user", "content": r["prompt"]}] for r in read_records(w.prompts, "prompts")]
+    else:
+        convs = [r["messages"] for r in eval_records]
+    convs = convs[:w.limit]
+    if not convs:
+        raise MsLlmError("dpo.winrate: no prompts (set dpo.winrate.prompts or dpo.eval_data)")
+    template = cfg.tokenizer.chat_template
+    ours = chat_answers(trained, tokenizer, convs, template, w.max_new_tokens)
+    start = chat_answers(load_pretrained(cfg.model.init_from), tokenizer, convs, template, w.max_new_tokens)
+    res = win_rate(convs, ours, start, score_judge(lambda p, a: float(judge.score([p], [a]).raw[0])))
+    return {"winrate/win_rate": res["win_rate"], "winrate/position_bias": res["position_bias"], "winrate/n": res["n"],
+            "winrate/identical_answers": float(np.mean([a == b for a, b in zip(ours, start)]))}
+
+
+def checkpoint_io(cfg: ExperimentConfig, policy):
+    if not cfg.dpo.lora.enabled:
+        return None, None
+    return (lambda folder: save_adapter(policy, folder, cfg.model.init_from),      # noqa: E731
+            lambda folder: load_adapter(policy, folder))
+
+
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg)
+    d, data_cfg, mbs = cfg.dpo, cfg.data, cfg.train.micro_batch_size
+    template = cfg.tokenizer.chat_template
+    policy = build_model(cfg)
+    if d.lora.enabled:
+        lo = d.lora
+        apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+    eval_stats = PairStats()
+    eval_records = read_pairs(d.eval_data, tokenizer, template, data_cfg.seq_len, data_cfg.on_error, eval_stats,
+                              keep_messages=True) if d.eval_data else []
+    eval_records = eval_records[:d.eval_limit] if d.eval_limit else eval_records
+    eval_pairs = stack(eval_records)
+    kto = d.loss == "kto"
+    if kto:
+        data = CompletionData(data_cfg.sources, tokenizer, template, data_cfg.seq_len, data_cfg.shuffle_seed,
+                              data_cfg.on_error)
+    else:
+        data = PreferenceData(data_cfg.sources, tokenizer, template, data_cfg.seq_len, {}, data_cfg.shuffle_seed,
+                              data_cfg.on_error)
+    needs_ref = d.loss not in REFERENCE_FREE
+    ref_scorer, cached, eval_ref = None, None, (np.zeros(len(eval_records), np.float32),) * 2
+    if needs_ref and d.reference_mode == "cached":
+        def build():
+            scorer = load_reference(cfg, reference_section(cfg), policy, tokenizer)
+            return score_dataset(scorer, data, eval_pairs, d.eval_batch_size, cfg.train.progress_bar and layout.main)
+        cached = reference_cache(cfg, run_dir, data, eval_pairs, build)
+        eval_ref = (cached["eval/chosen"], cached["eval/rejected"])
+    elif needs_ref:
+        ref_scorer = load_reference(cfg, reference_section(cfg), policy, tokenizer)
+        if eval_records:
+            eval_ref = score_pairs(ref_scorer, eval_pairs, d.eval_batch_size)
+
+    def next_batch(i):
+        batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
+        if kto:
+            both = ref_scorer(Tensor(np.concatenate([batch["ids"], batch["kl_ids"]])),
+                              Tensor(np.concatenate([batch["labels"], batch["kl_labels"]]))).asnumpy()
+            batch["ref_logps"], batch["ref_kl_logps"] = both[:mbs], both[mbs:]
+            return batch
+        batch = with_labels(batch)
+        if cached is not None:
+            batch["ref_chosen"] = cached["train/chosen"][batch["pair_index"]]
+            batch["ref_rejected"] = cached["train/rejected"][batch["pair_index"]]
+        elif ref_scorer is not None:
+            both = ref_scorer(Tensor(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])),
+                              Tensor(np.concatenate([batch["chosen_labels"], batch["rejected_labels"]]))).asnumpy()
+            batch["ref_chosen"], batch["ref_rejected"] = both[:mbs], both[mbs:]
+        else:
+            batch["ref_chosen"] = batch["ref_rejected"] = np.zeros(mbs, np.float32)
+        return batch
+
+    if kto:
+        loss = KTOLoss(policy, d.beta, d.kto_desirable_weight, d.kto_undesirable_weight)
+    else:
+        loss = PreferenceLoss(policy, d.loss, d.beta, d.label_smoothing, d.simpo_gamma, d.nll_coef)
+    evaluate = make_evaluator(cfg, policy, eval_pairs, eval_ref)
+    before = evaluate() if evaluate and layout.main else {}
+    writer, reader = checkpoint_io(cfg, policy)
+    spec = StageSpec(loss_net=loss, batch_keys=KTO_KEYS if kto else KEYS, next_batch=next_batch,
+                     tokens_per_micro=2 * mbs * data_cfg.seq_len, evaluate=evaluate, weights_writer=writer,
+                     weights_reader=reader, loss_norm=float(mbs))
+    result = train(cfg, policy, spec, run_dir, layout)
+    if not layout.main:
+        return {}
+    policy.set_train(False)
+    if d.lora.enabled:
+        save_adapter(policy, os.path.join(run_dir, "final_adapter"), cfg.model.init_from)
+    trained = merge_lora(policy) if d.lora.enabled else policy
+    metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
+                   data_truncated_prompts=data.stats.truncated_prompts, eval_skipped_pairs=eval_stats.skipped,
+                   **{f"before/{k}": v for k, v in before.items()})
+    if evaluate is not None and "eval/preference_accuracy" not in metrics:
+        metrics.update(evaluate())                   # resumed at the last step: nothing evaluated in this process
+    if d.winrate.judge:
+        metrics.update(win_rate_against_start(cfg, trained, tokenizer, eval_records))
+    gates = {}
+    if d.gate_accuracy is not None and evaluate is not None:
+        gates["preference_accuracy"] = gate(metrics["eval/preference_accuracy"], d.gate_accuracy)
+    final = export_final(run_dir, trained, tokenizer, d.export_version)
+    return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)

@@ -1,0 +1,142 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The DPO stage: ln 2 at the start, exact accumulation, held-out accuracy rises, the reference cache is bound
+to its data and reference, resume is exact, SimPO / KTO / LoRA with the adapter-disabled reference train."""
+import json
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from conftest import assert_resumed_run_equals, kill_once_written, run_cli
+
+QUICK = ("train.progress_bar=false", "log.plots=false")
+BASE = ("model.init_from=runs/tiny_pretrain", "dpo.winrate.judge=null", "dpo.gate_accuracy=null",
+        "dpo.eval_limit=64", "lr_schedule.warmup_steps=0")
+
+
+def _dpo(workdir, *over):
+    return run_cli(workdir, "train", "configs/tiny/dpo.yaml", *QUICK, *BASE, *over)
+
+
+def _summary(run):
+    return json.loads((run / "summary.json").read_text())
+
+
+def _rows(run):
+    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+
+
+def _random_pairs(rng, n, s=12, v=256):
+    ids = rng.integers(3, v, (2, n, s)).astype(np.int32)
+    labels = np.where(np.arange(s)[None, None, :] >= rng.integers(2, 6, (2, n, 1)), np.roll(ids, -1, -1), -100)
+    labels[..., -1] = -100
+    ref = rng.normal(-30, 3, (2, n)).astype(np.float32)
+    return ids, labels.astype(np.int32), ref
+
+
+def test_batch_of_8_equals_8_accumulated_micro_batches(tmp_path, graph_mode):
+    """The loss, every reported sum and the updated weights of one step: batch 8 vs 8 x 1 (<= 1e-5)."""
+    from ms_llm.config import load_config
+    from ms_llm.losses.dpo import PreferenceLoss
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.models.io import load_state_dict, model_state_dict
+    from ms_llm.training.updater import Updater
+    (tmp_path / "c.yaml").write_text("model: {preset: tiny}\ndata: {sources: [{path: x.jsonl}]}\n")
+    ids, labels, ref = _random_pairs(np.random.default_rng(0), 8)
+    ms.set_seed(0)
+    start = model_state_dict(CausalLM(preset("tiny", vocab_size=256)))
+    results = []
+    for accum in (1, 8):
+        cfg = load_config(str(tmp_path / "c.yaml"), [f"train.grad_accum_steps={accum}", "optim.lr=1e-3",
+                                                     "train.loss_scale=none"])
+        model = CausalLM(preset("tiny", vocab_size=256))
+        load_state_dict(model, start)
+        upd = Updater("policy", cfg, PreferenceLoss(model, "sigmoid", 0.1), model)
+        parts = np.split(np.arange(8), accum)
+        batches = [tuple(Tensor(x) for x in (ids[0][p], labels[0][p], ids[1][p], labels[1][p], ref[0][p], ref[1][p]))
+                   for p in parts]
+        results.append((upd(batches, 0), model_state_dict(model)))
+    (a, wa), (b, wb) = results
+    for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+    assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-5
+    assert max(np.abs(wa[k] - start[k]).max() for k in wa) > 1e-4          # the step moved the weights
+
+
+@pytest.mark.slow
+def test_dpo_starts_at_ln2_and_lifts_held_out_accuracy(tiny_pretrained, tiny_reward):
+    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_a", "train.max_steps=40", "checkpoint.every=0",
+         "dpo.winrate.judge=runs/tiny_reward", "dpo.winrate.limit=8", "dpo.gate_accuracy=0.6")
+    run = tiny_pretrained / "runs" / "dpo_a"
+    s = _summary(run)
+    m = s["metrics"]
+    assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-6)        # policy == reference at step 1
+    assert m["before/eval/preference_accuracy"] == 0.5                     # every held-out pair a tie
+    assert m["eval/preference_accuracy"] >= 0.75 and m["eval/reward_margin"] > 0
+    assert m["loss"] < 0.6 and m["rewards/margin"] > 0
+    assert s["gates"]["preference_accuracy"]["passed"]
+    assert m["winrate/n"] == 8 and 0.0 <= m["winrate/win_rate"] <= 1.0
+    assert abs(m["winrate/position_bias"]) <= 0.5
+    manifest = json.loads((run / "reference_logps" / "MANIFEST.json").read_text())
+    assert manifest["reference"].startswith(_summary(tiny_pretrained / "runs" / "tiny_pretrain")["final"]["sha256"])
+
+
+@pytest.mark.slow
+def test_dpo_resume_equals_uninterrupted_and_reuses_the_cache(tiny_pretrained):
+    over = ("train.max_steps=9", "checkpoint.every=4", "train.eval_every=0", "train.log_every=1")
+    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_full", *over)
+    args = ["train", "configs/tiny/dpo.yaml", *QUICK, *BASE, "train.output_dir=runs/dpo_kill", *over]
+    run = tiny_pretrained / "runs" / "dpo_kill"
+    kill_once_written(tiny_pretrained, args, run / "checkpoints" / "step_000004" / "MANIFEST.json")
+    cache = run / "reference_logps" / "MANIFEST.json"
+    before = cache.stat().st_mtime_ns
+    r = run_cli(tiny_pretrained, *args)
+    assert "reference log-probs from the cache" in r.stderr and cache.stat().st_mtime_ns == before
+    assert_resumed_run_equals(tiny_pretrained / "runs" / "dpo_full", run, 9, 4)
+
+
+@pytest.mark.slow
+def test_a_cache_for_other_data_or_another_reference_is_refused(tiny_pretrained):
+    import subprocess
+    import sys
+    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_c", "train.max_steps=1", "checkpoint.every=0")
+    cache = "dpo.cache_dir=runs/dpo_c/reference_logps"
+
+    def refused(*over):
+        r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/dpo.yaml", *QUICK, *BASE,
+                            "train.output_dir=runs/dpo_c2", "train.max_steps=1", cache, *over],
+                           cwd=tiny_pretrained, capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr[-2000:]
+        return r.stderr
+    assert "built for other data" in refused("data.seq_len=80")
+    assert "built for other reference model" in refused("dpo.reference.path=runs/tiny_reward")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,extra", [("simpo", ("dpo.beta=2.0",)), ("kto", ()), ("orpo", ())])
+def test_reference_free_and_unpaired_objectives_train(tiny_pretrained, loss, extra):
+    out = f"runs/dpo_{loss}"
+    _dpo(tiny_pretrained, f"train.output_dir={out}", "train.max_steps=30", "checkpoint.every=0",
+         "dpo.reference_mode=online", f"dpo.loss={loss}", *extra)
+    run = tiny_pretrained / out
+    m, rows = _summary(run)["metrics"], _rows(run)
+    assert np.mean([r["loss"] for r in rows[-2:]]) < 0.9 * m["first_loss"]
+    assert m["eval/preference_accuracy"] > m["before/eval/preference_accuracy"] or m["eval/preference_accuracy"] > 0.7
+    if loss in ("simpo", "orpo"):
+        assert not (run / "reference_logps").exists()                   # no reference was loaded or scored
+    if loss == "kto":
+        assert "kto/kl" in rows[-1] and rows[-1]["kto/kl"] >= 0
+
+
+@pytest.mark.slow
+def test_lora_policy_uses_its_base_as_the_reference(tiny_pretrained):
+    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_lora", "train.max_steps=20", "checkpoint.every=10",
+         "dpo.reference_mode=online", "dpo.lora.enabled=true", "dpo.lora.dropout=0", "optim.lr=5e-3")
+    run = tiny_pretrained / "runs" / "dpo_lora"
+    m = _summary(run)["metrics"]
+    assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-6)        # adapter B = 0: base == reference
+    assert m["loss"] < m["first_loss"] and m["eval/preference_accuracy"] > 0.6
+    assert (run / "final_adapter" / "adapter_model.safetensors").exists()
+    assert (run / "checkpoints" / "step_000010" / "adapter_model.safetensors").exists()
