@@ -141,14 +141,19 @@ def reference_cache(cfg: ExperimentConfig, run_dir: str, data: PreferenceData, e
         log.info("reference log-probs from the cache %s", folder)
         return read_safetensors(os.path.join(folder, CACHE_FILE))
     values = build()
-    tmp = folder + ".tmp"
+    # every data-parallel rank computes the same values; whichever renames its copy first wins
+    tmp = f"{folder}.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write_safetensors(os.path.join(tmp, CACHE_FILE), values)
     write_manifest(tmp, extra={"format": "ms_llm.reference_logps.v1", **want})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
-    log.info("reference log-probs of %d training pairs cached in %s", len(values["train/chosen"]), folder)
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "MANIFEST.json")):
+        shutil.rmtree(folder, ignore_errors=True)           # left half-written by a crash
+    try:
+        os.rename(tmp, folder)
+        log.info("reference log-probs of %d training pairs cached in %s", len(values["train/chosen"]), folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return values
 
 

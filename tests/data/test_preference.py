@@ -114,3 +114,39 @@ def test_synthetic_pairs_carry_signal_in_every_tag(synth):
         if " + " in r["prompt"]:
             assert stated == concluded and r["rejected"].rstrip(".").split()[-1] != concluded
     assert (d / "preference_eval.jsonl").is_file()
+
+
+def test_answer_labels_cover_exactly_the_answer_tokens(synth, tmp_path):
+    from ms_llm.data.preference import answer_labels
+    _, tok = synth
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?", "chosen": "It is 5.", "rejected": "It is 6."}])
+    (pair,) = read_pairs(path, tok, "chatml", 64)
+    ids, mask, start = pair["chosen_ids"][None], pair["chosen_mask"][None], pair["chosen_start"][None]
+    labels = answer_labels(ids, mask, start)[0]
+    n = int(mask.sum())
+    answer = render([{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."}],
+                    tok, "chatml").ids[int(start[0]):]
+    assert labels[labels != -100].tolist() == answer == ids[0, int(start[0]):n].tolist()
+    assert (labels[:int(start[0]) - 1] == -100).all() and (labels[n - 1:] == -100).all()
+
+
+def test_unpaired_completions_and_their_kl_partners(synth, tmp_path):
+    from ms_llm.data.preference import CompletionData
+    _, tok = synth
+    rows = [{"prompt": f"Q{i}?", "completion": f"answer {i}", "label": i % 3 != 0} for i in range(6)]
+    src = DataSource(path=_jsonl(tmp_path / "u.jsonl", rows), format="unpaired")
+    data = CompletionData([src], tok, "chatml", 48, seed=1)
+    b = data.batch(0, 3)
+    assert b["ids"].shape == b["kl_ids"].shape == (3, 48) and b["desirable"].dtype == np.float32
+    text = [tok.decode([t for t in r if t != (tok.pad_id or 0)]) for r in b["ids"]]
+    kl = [tok.decode([t for t in r if t != (tok.pad_id or 0)]) for r in b["kl_ids"]]
+    for j in range(3):              # row j's partner: its own prompt with row j + 1's completion
+        prompt_j = text[j].split("answer")[0]
+        assert kl[j].startswith(prompt_j) and kl[j].split("answer")[1] == text[(j + 1) % 3].split("answer")[1]
+        assert b["desirable"][j] == float(int(text[j].split("answer ")[1][0]) % 3 != 0)
+    pairs = CompletionData([DataSource(path=_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "a", "rejected": "b"}]),
+                                       format="preference")], tok, "chatml", 48)
+    assert [c.desirable for c in pairs.rows] == [True, False]            # a pair splits into two completions
+    bad = _jsonl(tmp_path / "bad.jsonl", [rows[0], {"prompt": "Q?", "completion": "a", "label": "yes"}])
+    with pytest.raises(MsLlmError, match=r"bad.jsonl:2.*'label' must be true"):
+        CompletionData([DataSource(path=bad, format="unpaired")], tok, "chatml", 48)

@@ -140,3 +140,23 @@ def test_lora_policy_uses_its_base_as_the_reference(tiny_pretrained):
     assert m["loss"] < m["first_loss"] and m["eval/preference_accuracy"] > 0.6
     assert (run / "final_adapter" / "adapter_model.safetensors").exists()
     assert (run / "checkpoints" / "step_000010" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_msrun_ranks_equal_one_process_and_accumulation(tiny_pretrained):
+    """Batch 8 in one process = 1 x 8 accumulated = 2 msrun ranks of 4: per-step losses and final weights."""
+    from ms_llm.models.safetensors_io import read_safetensors
+    over = ("train.max_steps=3", "checkpoint.every=0", "train.eval_every=0", "train.log_every=1", "dpo.eval_data=null")
+    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_b8", "train.micro_batch_size=8", *over)
+    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_acc", "train.micro_batch_size=1", "train.grad_accum_steps=8", *over)
+    run_cli(tiny_pretrained, "launch", "configs/tiny/dpo.yaml", *QUICK, *BASE, *over, "train.micro_batch_size=4",
+            "train.output_dir=runs/dpo_dp2", "--nproc-per-node", "2", "--master-port", "8171", "--log-dir",
+            "logs_dpo", "--cluster-timeout", "60")
+    runs = [tiny_pretrained / "runs" / n for n in ("dpo_b8", "dpo_acc", "dpo_dp2")]
+    losses = [[r["loss"] for r in _rows(run)] for run in runs]
+    weights = [read_safetensors(str(run / "final" / "model.safetensors")) for run in runs]
+    for other, w in zip(losses[1:], weights[1:]):
+        np.testing.assert_allclose(other, losses[0], atol=1e-5)
+        assert max(np.abs(w[k] - weights[0][k]).max() for k in w) <= 1e-5
+    assert losses[0][0] == pytest.approx(math.log(2), abs=1e-6) and losses[0][-1] != losses[0][0]
