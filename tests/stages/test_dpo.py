@@ -3,6 +3,8 @@
 to its data and reference, resume is exact, SimPO / KTO / LoRA with the adapter-disabled reference train."""
 import json
 import math
+import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -95,39 +97,30 @@ def test_dpo_resume_equals_uninterrupted_and_reuses_the_cache(tiny_pretrained):
     r = run_cli(tiny_pretrained, *args)
     assert "reference log-probs from the cache" in r.stderr and cache.stat().st_mtime_ns == before
     assert_resumed_run_equals(tiny_pretrained / "runs" / "dpo_full", run, 9, 4)
-
-
-@pytest.mark.slow
-def test_a_cache_for_other_data_or_another_reference_is_refused(tiny_pretrained):
-    import subprocess
-    import sys
-    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_c", "train.max_steps=1", "checkpoint.every=0")
-    cache = "dpo.cache_dir=runs/dpo_c/reference_logps"
-
-    def refused(*over):
+    # that cache, named for a run on other data or with another reference, is refused (exit 2) before training
+    for over, why in (("data.seq_len=80", "built for other data"),
+                      ("dpo.reference.path=runs/tiny_pretrain/checkpoints/step_000100", "built for other reference model")):
         r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/dpo.yaml", *QUICK, *BASE,
-                            "train.output_dir=runs/dpo_c2", "train.max_steps=1", cache, *over],
+                            "train.output_dir=runs/dpo_other", "dpo.cache_dir=runs/dpo_kill/reference_logps", over],
                            cwd=tiny_pretrained, capture_output=True, text=True)
-        assert r.returncode == 2, r.stderr[-2000:]
-        return r.stderr
-    assert "built for other data" in refused("data.seq_len=80")
-    assert "built for other reference model" in refused("dpo.reference.path=runs/tiny_reward")
+        assert r.returncode == 2 and why in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,extra", [("simpo", ("dpo.beta=2.0",)), ("kto", ()), ("orpo", ())])
-def test_reference_free_and_unpaired_objectives_train(tiny_pretrained, loss, extra):
+@pytest.mark.parametrize("loss,extra", [("simpo", ("dpo.beta=2.0",)), ("kto", ())])
+def test_simpo_and_kto_train(tiny_pretrained, loss, extra):
     out = f"runs/dpo_{loss}"
-    _dpo(tiny_pretrained, f"train.output_dir={out}", "train.max_steps=30", "checkpoint.every=0",
+    _dpo(tiny_pretrained, f"train.output_dir={out}", "train.max_steps=30", "checkpoint.every=0", "train.log_every=1",
          "dpo.reference_mode=online", f"dpo.loss={loss}", *extra)
     run = tiny_pretrained / out
-    m, rows = _summary(run)["metrics"], _rows(run)
-    assert np.mean([r["loss"] for r in rows[-2:]]) < 0.9 * m["first_loss"]
-    assert m["eval/preference_accuracy"] > m["before/eval/preference_accuracy"] or m["eval/preference_accuracy"] > 0.7
-    if loss in ("simpo", "orpo"):
-        assert not (run / "reference_logps").exists()                   # no reference was loaded or scored
-    if loss == "kto":
-        assert "kto/kl" in rows[-1] and rows[-1]["kto/kl"] >= 0
+    m, losses = _summary(run)["metrics"], [r["loss"] for r in _rows(run)]
+    assert np.mean(losses[-10:]) < np.mean(losses[:5])
+    assert m["eval/preference_accuracy"] > m["before/eval/preference_accuracy"]
+    if loss == "simpo":
+        assert not (run / "reference_logps").exists()                   # reference-free: none loaded or scored
+    else:
+        kl = [r["kto/kl"] for r in _rows(run)]
+        assert min(kl) >= 0 and max(kl) > 0                            # z: clamped at 0, and moving
 
 
 @pytest.mark.slow
@@ -144,16 +137,16 @@ def test_lora_policy_uses_its_base_as_the_reference(tiny_pretrained):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_msrun_ranks_equal_one_process_and_accumulation(tiny_pretrained):
-    """Batch 8 in one process = 1 x 8 accumulated = 2 msrun ranks of 4: per-step losses and final weights."""
+def test_two_msrun_ranks_equal_one_process(tiny_pretrained):
+    """Batch 8 in one process = 2 msrun ranks of 4: per-step losses and final weights (batch 8 = 8 x 1
+    accumulation is checked in process above)."""
     from ms_llm.models.safetensors_io import read_safetensors
     over = ("train.max_steps=3", "checkpoint.every=0", "train.eval_every=0", "train.log_every=1", "dpo.eval_data=null")
     _dpo(tiny_pretrained, "train.output_dir=runs/dpo_b8", "train.micro_batch_size=8", *over)
-    _dpo(tiny_pretrained, "train.output_dir=runs/dpo_acc", "train.micro_batch_size=1", "train.grad_accum_steps=8", *over)
     run_cli(tiny_pretrained, "launch", "configs/tiny/dpo.yaml", *QUICK, *BASE, *over, "train.micro_batch_size=4",
             "train.output_dir=runs/dpo_dp2", "--nproc-per-node", "2", "--master-port", "8171", "--log-dir",
             "logs_dpo", "--cluster-timeout", "60")
-    runs = [tiny_pretrained / "runs" / n for n in ("dpo_b8", "dpo_acc", "dpo_dp2")]
+    runs = [tiny_pretrained / "runs" / n for n in ("dpo_b8", "dpo_dp2")]
     losses = [[r["loss"] for r in _rows(run)] for run in runs]
     weights = [read_safetensors(str(run / "final" / "model.safetensors")) for run in runs]
     for other, w in zip(losses[1:], weights[1:]):
