@@ -14,8 +14,10 @@ from mindspore import Tensor
 from conftest import assert_resumed_run_equals, kill_once_written, run_cli
 
 QUICK = ("train.progress_bar=false", "log.plots=false")
+# plain full-weight DPO from the pretrained model (the config's LoRA + NLL variant is set back where a test wants it)
 BASE = ("model.init_from=runs/tiny_pretrain", "dpo.winrate.judge=null", "dpo.gate_accuracy=null",
-        "dpo.eval_limit=64", "lr_schedule.warmup_steps=0")
+        "dpo.eval_limit=64", "lr_schedule.warmup_steps=0", "dpo.lora.enabled=false", "dpo.nll_coef=0",
+        "optim.lr=5e-4")
 
 
 def _dpo(workdir, *over):
