@@ -46,6 +46,9 @@ def _check_distill(cfg: ExperimentConfig, where: str):
     if d.iterative.every and (not cfg.train.eval_every or d.iterative.every % cfg.train.eval_every):
         raise MsLlmError(f"{where}: distill.iterative.every ({d.iterative.every}) must be a multiple of "
                          f"train.eval_every ({cfg.train.eval_every}): hard-example rounds run at evaluations")
+    if d.teacher.policy_without_adapter:
+        raise MsLlmError(f"{where}: distill.teacher.policy_without_adapter is for RLHF references; the teacher is "
+                         "a model of its own (distill.teacher.path)")
     unknown = [r for r in d.generate.rules if r not in RULES]
     if unknown:
         raise MsLlmError(f"{where}: distill.generate.rules names unknown rules {unknown}; known: {sorted(RULES)}")

@@ -218,7 +218,8 @@ def read_completions(path: str, fmt: str, tokenizer, template: str, seq_len: int
 
 class CompletionData:
     """Unpaired completions for KTO, shuffled per epoch; each micro-batch also carries its mismatched rows
-    (prompt i with completion i + 1 of the same micro-batch), whose log-ratios estimate KL(π‖ρ)."""
+    (prompt i with the completion of the next row of the micro-batch that answers another prompt), whose
+    log-ratios estimate KL(π‖ρ)."""
 
     def __init__(self, sources, tokenizer, template: str, seq_len: int, seed: int = 0, on_error: str = "raise"):
         self.stats, self.seq_len, self.pad = PairStats(), seq_len, tokenizer.pad_id or 0
@@ -246,9 +247,10 @@ class CompletionData:
         rows, kl = [], []
         for j, c in enumerate(picks):
             rows.append(pack(c.prompt, c.answer, self.seq_len, self.pad))
-            partner = picks[(j + 1) % micro_batch]
-            kl.append(pack(c.prompt, partner.answer, self.seq_len, self.pad)
-                      or pack(partner.prompt, partner.answer, self.seq_len, self.pad))
+            # the next row answering another prompt (a pair split in two, or a wrapped epoch, repeats prompts)
+            others = [picks[(j + k) % micro_batch] for k in range(1, micro_batch)]
+            partner = next((o for o in others if o.prompt != c.prompt), others[0])
+            kl.append(pack(c.prompt, partner.answer, self.seq_len, self.pad))
         out = {}
         for name, packed in (("", rows), ("kl_", kl)):
             ids, mask = np.stack([p[0] for p in packed]), np.stack([p[1] for p in packed])

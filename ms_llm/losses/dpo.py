@@ -117,7 +117,8 @@ class PreferenceLoss(nn.Cell):
             loss = loss - self.nll_coef * pc / nc
         wc, wr = implicit_rewards(self.kind, pc, pr, ref_chosen, ref_rejected, nc, nr, self.beta)
         wc, wr = ops.stop_gradient(wc), ops.stop_gradient(wr)
-        stats = ops.stack((wc.sum(), wr.sum(), (wc - wr).sum(), (wc > wr).astype(ms.float32).sum(),
+        won = (wc > wr).astype(ms.float32) + 0.5 * (wc == wr).astype(ms.float32)       # a tie counts half
+        stats = ops.stack((wc.sum(), wr.sum(), (wc - wr).sum(), won.sum(),
                            ops.stop_gradient(pc).sum(), ops.stop_gradient(pr).sum()))
         return loss.sum(), ops.ones_like(pc).sum(), stats
 
@@ -136,7 +137,7 @@ class KTOLoss(nn.Cell):
     Inputs: ids, labels, kl_ids, kl_labels [B, S] int32; ref_logps, ref_kl_logps [B] float32; desirable [B]
     float32 (1 or 0).
     """
-    stat_names = ("kto/kl", "rewards/desirable", "rewards/undesirable", "desirable_share")
+    stat_names = ("kto/kl", "rewards/mean", "kto/desirable_share")
 
     def __init__(self, model, beta: float = 0.1, w_desirable: float = 1.0, w_undesirable: float = 1.0):
         super().__init__(auto_prefix=False)
@@ -150,5 +151,5 @@ class KTOLoss(nn.Cell):
         r, r_kl = lp[:b] - ref_logps, lp[b:] - ref_kl_logps
         loss, z = kto_loss(r, r_kl, desirable, self.beta, self.wd, self.wu)
         w = ops.stop_gradient(self.beta * r)
-        stats = ops.stack((z * b, (w * desirable).sum(), (w * (1.0 - desirable)).sum(), desirable.sum()))
+        stats = ops.stack((z * b, w.sum(), desirable.sum()))
         return loss.sum(), ops.ones_like(r).sum(), stats

@@ -20,7 +20,9 @@ Every step logs the loss and the implicit rewards (chosen, rejected, margin, acc
 log-probs; evaluations report held-out preference accuracy; at the end, with `dpo.winrate.judge`, greedy
 answers of the trained model and of the starting model are judged by a reward model in both orders.
 """
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -101,20 +103,41 @@ def chunks(data: PreferenceData, size: int):
         yield with_labels(data.rows(start, size))
 
 
+def policy_dtype(cfg: ExperimentConfig) -> str:
+    return cfg.train.compute_dtype if cfg.train.amp_level != "O0" else "float32"
+
+
 def reference_section(cfg: ExperimentConfig) -> FrozenModelSection:
-    """dpo.reference as configured; empty: model.init_from frozen, or the adapter-disabled LoRA policy."""
+    """dpo.reference as configured; empty: model.init_from frozen at the policy's compute dtype (so the policy
+    and its reference agree at the start), or the adapter-disabled LoRA policy."""
     ref = cfg.dpo.reference
     if ref.path or ref.policy_without_adapter:
         return ref
     if cfg.dpo.lora.enabled:
         return FrozenModelSection(policy_without_adapter=True, sha256=ref.sha256)
-    return FrozenModelSection(path=cfg.model.init_from, sha256=ref.sha256 or cfg.model.init_sha256, dtype=ref.dtype,
-                              tokenizer=ref.tokenizer)
+    return FrozenModelSection(path=cfg.model.init_from, sha256=ref.sha256 or cfg.model.init_sha256,
+                              dtype=policy_dtype(cfg), tokenizer=ref.tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def weights_identity(model_dir: str) -> str:
+    """The model_sha256 of its manifest, else a hash over the SHA256 of every weight file (file names alone do
+    not tell two checkpoints of one architecture apart)."""
+    from ms_llm.fileio import sha256_file
+    if os.path.isfile(os.path.join(model_dir, "MANIFEST.json")):
+        return model_identity(model_dir)
+    files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    h = hashlib.sha256()
+    for n in files:
+        h.update(f"{n}:{sha256_file(os.path.join(model_dir, n))}".encode())
+    return h.hexdigest()
 
 
 def reference_identity(cfg: ExperimentConfig, section: FrozenModelSection) -> str:
-    path = cfg.model.init_from if section.policy_without_adapter else section.path
-    return f"{model_identity(resolve_model_dir(path))}:{section.dtype}"
+    """What the cached log-probs depend on besides the data: the reference's weights and compute dtype."""
+    if section.policy_without_adapter:
+        return f"{weights_identity(resolve_model_dir(cfg.model.init_from))}:{policy_dtype(cfg)}"
+    return f"{weights_identity(resolve_model_dir(section.path))}:{section.dtype}"
 
 
 def load_reference(cfg: ExperimentConfig, section: FrozenModelSection, policy, tokenizer):
@@ -129,8 +152,15 @@ def reference_cache(cfg: ExperimentConfig, run_dir: str, data: PreferenceData, e
     """{"train/chosen", "train/rejected", "eval/chosen", "eval/rejected"} from `dpo.cache_dir`, built with
     `build()` when absent; a cache whose data or reference identity differs is refused."""
     folder = cfg.dpo.cache_dir or os.path.join(run_dir, "reference_logps")
-    want = {"data_sha256": data_identity([*chunks(data, 256), eval_pairs]),
-            "reference": reference_identity(cfg, reference_section(cfg))}
+    section = reference_section(cfg)
+    want = {"data_sha256": data_identity(itertools.chain(chunks(data, 256), [eval_pairs])),
+            "reference": reference_identity(cfg, section)}
+    if section.sha256 and not want["reference"].startswith(section.sha256 + ":"):
+        raise MsLlmError(f"dpo.reference.sha256 {section.sha256} does not match the reference model "
+                         f"({want['reference'].split(':')[0]}); refusing to train against other weights")
+    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "MANIFEST.json")):
+        raise MsLlmError(f"dpo.cache_dir {folder} exists but holds no reference cache (no MANIFEST.json); point "
+                         "dpo.cache_dir at a new folder or remove this one")
     if os.path.isfile(os.path.join(folder, "MANIFEST.json")):
         manifest = verify(folder)
         for key, value in want.items():
@@ -147,8 +177,6 @@ def reference_cache(cfg: ExperimentConfig, run_dir: str, data: PreferenceData, e
     os.makedirs(tmp)
     write_safetensors(os.path.join(tmp, CACHE_FILE), values)
     write_manifest(tmp, extra={"format": "ms_llm.reference_logps.v1", **want})
-    if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "MANIFEST.json")):
-        shutil.rmtree(folder, ignore_errors=True)           # left half-written by a crash
     try:
         os.rename(tmp, folder)
         log.info("reference log-probs of %d training pairs cached in %s", len(values["train/chosen"]), folder)
@@ -209,6 +237,7 @@ def win_rate_against_start(cfg: ExperimentConfig, trained, tokenizer, eval_recor
     ours = chat_answers(trained, tokenizer, convs, template, w.max_new_tokens)
     start = chat_answers(load_pretrained(cfg.model.init_from), tokenizer, convs, template, w.max_new_tokens)
     res = win_rate(convs, ours, start, score_judge(lambda p, a: float(judge.score([p], [a]).raw[0])))
+    # a scalar judge has no position bias (both orders agree by construction); an LLM judge would
     return {"winrate/win_rate": res["win_rate"], "winrate/position_bias": res["position_bias"], "winrate/n": res["n"],
             "winrate/identical_answers": float(np.mean([a == b for a, b in zip(ours, start)]))}
 
@@ -225,10 +254,9 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     tokenizer = load_tokenizer(cfg)
     d, data_cfg, mbs = cfg.dpo, cfg.data, cfg.train.micro_batch_size
     template = cfg.tokenizer.chat_template
-    policy = build_model(cfg)
-    if d.lora.enabled:
-        lo = d.lora
-        apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+    for key, path in (("dpo.winrate.judge", d.winrate.judge), ("dpo.winrate.prompts", d.winrate.prompts)):
+        if path and not os.path.exists(path):                # found before training, not after it
+            raise MsLlmError(f"{key}: {path} does not exist")
     eval_stats = PairStats()
     eval_records = read_pairs(d.eval_data, tokenizer, template, data_cfg.seq_len, data_cfg.on_error, eval_stats,
                               keep_messages=True) if d.eval_data else []
@@ -242,17 +270,29 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         data = PreferenceData(data_cfg.sources, tokenizer, template, data_cfg.seq_len, {}, data_cfg.shuffle_seed,
                               data_cfg.on_error)
     needs_ref = d.loss not in REFERENCE_FREE
+    section = reference_section(cfg) if needs_ref else None
     ref_scorer, cached, eval_ref = None, None, (np.zeros(len(eval_records), np.float32),) * 2
-    if needs_ref and d.reference_mode == "cached":
+    progress = cfg.train.progress_bar and layout.main
+
+    def cache_with(policy_or_none):
         def build():
-            scorer = load_reference(cfg, reference_section(cfg), policy, tokenizer)
-            return score_dataset(scorer, data, eval_pairs, d.eval_batch_size, cfg.train.progress_bar and layout.main)
-        cached = reference_cache(cfg, run_dir, data, eval_pairs, build)
-        eval_ref = (cached["eval/chosen"], cached["eval/rejected"])
-    elif needs_ref:
-        ref_scorer = load_reference(cfg, reference_section(cfg), policy, tokenizer)
+            scorer = load_reference(cfg, section, policy_or_none, tokenizer)
+            return score_dataset(scorer, data, eval_pairs, d.eval_batch_size, progress)
+        return reference_cache(cfg, run_dir, data, eval_pairs, build)
+    if needs_ref and d.reference_mode == "cached" and not section.policy_without_adapter:
+        cached = cache_with(None)               # the reference is scored and released before the policy is built
+    policy = build_model(cfg)
+    if d.lora.enabled:
+        lo = d.lora
+        apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+    if needs_ref and d.reference_mode == "cached" and section.policy_without_adapter:
+        cached = cache_with(policy)
+    elif needs_ref and d.reference_mode == "online":
+        ref_scorer = load_reference(cfg, section, policy, tokenizer)
         if eval_records:
             eval_ref = score_pairs(ref_scorer, eval_pairs, d.eval_batch_size)
+    if cached is not None:
+        eval_ref = (cached["eval/chosen"], cached["eval/rejected"])
 
     def next_batch(i):
         batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
@@ -279,10 +319,20 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         loss = PreferenceLoss(policy, d.loss, d.beta, d.label_smoothing, d.simpo_gamma, d.nll_coef)
     evaluate = make_evaluator(cfg, policy, eval_pairs, eval_ref)
     before = evaluate() if evaluate and layout.main else {}
+    if d.gate_accuracy is not None and evaluate is None:
+        raise MsLlmError(f"dpo.gate_accuracy is set but {d.eval_data} left no held-out pair to measure it on")
     writer, reader = checkpoint_io(cfg, policy)
+    objective = {"loss": d.loss, "beta": d.beta, "label_smoothing": d.label_smoothing, "simpo_gamma": d.simpo_gamma,
+                 "nll_coef": d.nll_coef, "reference": reference_identity(cfg, section) if needs_ref else None}
+
+    def check_resume(state: dict):
+        if state.get("objective", objective) != objective:
+            raise MsLlmError(f"the checkpoint was trained with {state['objective']}, this config asks for "
+                             f"{objective}; resume with the same objective and reference, or start a new run")
     spec = StageSpec(loss_net=loss, batch_keys=KTO_KEYS if kto else KEYS, next_batch=next_batch,
                      tokens_per_micro=2 * mbs * data_cfg.seq_len, evaluate=evaluate, weights_writer=writer,
-                     weights_reader=reader, loss_norm=float(mbs))
+                     weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"objective": objective},
+                     check_resume=check_resume)
     result = train(cfg, policy, spec, run_dir, layout)
     if not layout.main:
         return {}
@@ -295,10 +345,10 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                    **{f"before/{k}": v for k, v in before.items()})
     if evaluate is not None and "eval/preference_accuracy" not in metrics:
         metrics.update(evaluate())                   # resumed at the last step: nothing evaluated in this process
+    final = export_final(run_dir, trained, tokenizer, d.export_version)      # before the win-rate's generation
     if d.winrate.judge:
         metrics.update(win_rate_against_start(cfg, trained, tokenizer, eval_records))
     gates = {}
-    if d.gate_accuracy is not None and evaluate is not None:
+    if d.gate_accuracy is not None:
         gates["preference_accuracy"] = gate(metrics["eval/preference_accuracy"], d.gate_accuracy)
-    final = export_final(run_dir, trained, tokenizer, d.export_version)
     return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)
