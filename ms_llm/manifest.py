@@ -31,11 +31,12 @@ def _walk(folder: str, sub: str = ""):
             yield rel
 
 
-def write_manifest(folder: str, version: str = None, extra: dict = None) -> dict:
-    """Hash every file under `folder` (subfolders too, e.g. a checkpoint's second model) into MANIFEST.json
-    (written atomically); returns the manifest."""
-    files = {n: sha256_file(os.path.join(folder, n)) for n in _walk(folder)
-             if n != "MANIFEST.json" and ".tmp." not in n}
+def write_manifest(folder: str, version: str = None, extra: dict = None, recursive: bool = False) -> dict:
+    """Hash every file in `folder` — with `recursive`, in its subfolders too (a checkpoint's further models) —
+    into MANIFEST.json (written atomically); returns the manifest."""
+    names = _walk(folder) if recursive else (n for n in sorted(os.listdir(folder))
+                                             if os.path.isfile(os.path.join(folder, n)))
+    files = {n: sha256_file(os.path.join(folder, n)) for n in names if n != "MANIFEST.json" and ".tmp." not in n}
     manifest = {"ms_llm_version": __version__, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "files": files, **(extra or {})}
     if any(WEIGHT_FILES.match(n) and "/" not in n for n in files):

@@ -56,7 +56,7 @@ def save_checkpoint(root: str, step: int, models: dict, optimizer_state: dict, t
     write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
                       {k: v if isinstance(v, np.ndarray) else np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
     write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
-    write_manifest(tmp, extra={"step": step})
+    write_manifest(tmp, extra={"step": step}, recursive=True)
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
