@@ -108,6 +108,7 @@ class _PolicyMinusReference(ms.nn.Cell):
         return ms.ops.square(pol - ref).sum(), ref
 
 
+@pytest.mark.slow
 def test_adapter_disabled_view_is_the_base_and_leaves_the_policy_alone(tmp_path, graph_mode):
     model = _trained_lora(tmp_path)
     ours = model(Tensor(IDS)).asnumpy()

@@ -40,6 +40,7 @@ def _random_pairs(rng, n, s=12, v=256):
     return ids, labels.astype(np.int32), ref
 
 
+@pytest.mark.slow
 def test_batch_of_8_equals_8_accumulated_micro_batches(tmp_path, graph_mode):
     """The loss, every reported sum and the updated weights of one step: batch 8 vs 8 x 1 (<= 1e-5)."""
     from ms_llm.config import load_config
