@@ -4,7 +4,6 @@ value, like PPO) checkpoints both models, both optimizer states and its own stat
 import json
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
