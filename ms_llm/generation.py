@@ -6,6 +6,10 @@
     out.logprobs    # [B, N] float32, log p(token) under the model at `temperature` (0 after eos)
     more = generate(model, None, max_new_tokens=32, state=out.state)   # continue (chunked rollouts)
 
+A continued call samples from the state's random generator, so generating N tokens in chunks gives the tokens
+one call of N would (`seed` only seeds a new generation). `rollout.StateCache` keeps states between chunks
+and writes them to disk.
+
 Prompts are left-padded into one batch. The cache has a fixed length, so in GRAPH_MODE the step compiles
 once for the prompt shape and once for the one-token shape, never per generated token. Sampling
 (temperature, top-k, top-p, repetition penalty) runs on the host in numpy with a seeded generator.
@@ -41,6 +45,7 @@ class GenerationState:
     next_tokens: np.ndarray          # [B] sampled but not yet fed
     finished: np.ndarray             # [B] bool
     history: list = field(default_factory=list)   # per-row token ids seen (repetition penalty)
+    rng: object = None               # the sampler's numpy Generator: a continued call draws what one call would
 
 
 @dataclass
@@ -105,11 +110,11 @@ def _one_hot_place(smax: int, slots: np.ndarray):
     return Tensor(place), Tensor(place.sum(1))
 
 
-def _prefill(model, prompts, cache_len, pad_id):
+def _prefill(model, prompts, cache_len, pad_id, prompt_width=None):
     lengths = np.array([len(p) for p in prompts])
     if (lengths == 0).any():
         raise MsLlmError("generate: every prompt needs at least one token")
-    width = int(lengths.max())
+    width = max(int(lengths.max()), prompt_width or 0)
     b = len(prompts)
     ids = np.full((b, width), pad_id, np.int32)
     pads = width - lengths
@@ -143,7 +148,7 @@ def _feed(model, state: GenerationState):
 def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id: int = 0, seed: int = 0,
              cache_len: Optional[int] = None, state: Optional[GenerationState] = None,
-             use_cache: bool = True) -> GenerationOutput:
+             use_cache: bool = True, prompt_width: Optional[int] = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt.
 
     Args:
@@ -154,34 +159,39 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         cache_len: KV-cache slots (default: longest prompt + max_new_tokens, rounded up to 64).
         state: a previous output's `state` to continue from; its cache must have room.
         use_cache: False recomputes the whole sequence each step (reference path, slow).
+        prompt_width: left-pad the prompts to at least this many slots, so batches of other prompt lengths
+            reuse one compiled prefill graph (rollouts); the tokens do not depend on it.
     """
     was_training = model.training
     model.set_train(False)
     try:
         return _generate(model, prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty),
-                         eos_token_id, pad_token_id, seed, cache_len, state, use_cache)
+                         eos_token_id, pad_token_id, seed, cache_len, state, use_cache, prompt_width)
     finally:
         model.set_train(was_training)
 
 
-def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed, cache_len, state, use_cache):
+def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed, cache_len, state, use_cache,
+              prompt_width=None):
     eos = set(model.config.eos_ids if eos_token_id is None else
               (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
-    rng = np.random.default_rng(seed)
+    rng = state.rng if state is not None and state.rng is not None else np.random.default_rng(seed)
     if not use_cache:
         return _generate_recompute(model, prompts, max_new_tokens, params, eos, pad_token_id, rng)
     if state is None:
         if not prompts:
             raise MsLlmError("generate: give prompts or a state to continue from")
-        need = max(len(p) for p in prompts) + max_new_tokens
+        need = max(max(len(p) for p in prompts), prompt_width or 0) + max_new_tokens
         cache_len = cache_len or -(-need // 64) * 64
         if cache_len < need:
             raise MsLlmError(f"generate: cache_len {cache_len} < longest prompt + max_new_tokens ({need})")
-        logits, state = _prefill(model, prompts, cache_len, pad_token_id)
+        logits, state = _prefill(model, prompts, cache_len, pad_token_id, prompt_width)
+        state.rng = rng
     else:
         if state.next_slot + max_new_tokens > state.key_valid.shape[1]:
             raise MsLlmError(f"generate: the cache has {state.key_valid.shape[1] - state.next_slot} free slots, "
                              f"{max_new_tokens} requested; start with a larger cache_len")
+        state.rng = rng
         logits = _feed(model, state)
     b = len(state.pads)
     tokens = np.full((b, max_new_tokens), pad_token_id, np.int32)

@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where paused generations wait: `StateCache` holds `generation.GenerationState`s by key between the chunks
+of a rollout, and writes them to (and reads them from) a folder, so a rollout paused in one process continues
+in another and draws the same tokens.
+
+    cache = StateCache()
+    out = generate(policy, prompts, max_new_tokens=256, seed=7)
+    cache.put("round3", out.state)
+    cache.save("runs/x/rollout_state")                 # caches, slots, finished flags, history, RNG
+    later = StateCache.load("runs/x/rollout_state", policy)
+    more = generate(policy, None, max_new_tokens=256, state=later.pop("round3"))
+"""
+import json
+import os
+import shutil
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from ms_llm.errors import MsLlmError
+from ms_llm.generation import GenerationState
+from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+
+ARRAYS, META = "state.safetensors", "state.json"
+
+
+class StateCache:
+    def __init__(self):
+        self.states = {}
+
+    def put(self, key: str, state: GenerationState):
+        self.states[key] = state
+
+    def pop(self, key: str) -> GenerationState:
+        if key not in self.states:
+            raise MsLlmError(f"no paused generation under '{key}' (have {sorted(self.states)})")
+        return self.states.pop(key)
+
+    def __contains__(self, key):
+        return key in self.states
+
+    def __len__(self):
+        return len(self.states)
+
+    def save(self, folder: str):
+        """Every state into `folder` (written beside it, then renamed: a reader never sees half a cache)."""
+        tmp = folder.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        meta = {}
+        for key, st in self.states.items():
+            os.makedirs(os.path.join(tmp, key))
+            arrays = {f"cache.{i}": c.astype(ms.float32).asnumpy() for i, c in enumerate(st.caches)}
+            arrays.update(key_valid=st.key_valid, pads=np.asarray(st.pads, np.int64),
+                          next_tokens=np.asarray(st.next_tokens, np.int32), finished=st.finished.astype(np.int8))
+            write_safetensors(os.path.join(tmp, key, ARRAYS), arrays)
+            meta[key] = {"next_slot": int(st.next_slot), "history": st.history, "n_caches": len(st.caches),
+                         "rng": st.rng.bit_generator.state if st.rng is not None else None}
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(meta, f)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+
+    @classmethod
+    def load(cls, folder: str, model) -> "StateCache":
+        """States saved by `save`, their caches in `model`'s compute dtype."""
+        index = os.path.join(folder, "index.json")
+        if not os.path.isfile(index):
+            raise MsLlmError(f"{folder}: no index.json; not a saved generation state cache")
+        with open(index) as f:
+            meta = json.load(f)
+        cache = cls()
+        for key, m in meta.items():
+            a = read_safetensors(os.path.join(folder, key, ARRAYS))
+            caches = tuple(Tensor(a[f"cache.{i}"], model.compute_dtype) for i in range(m["n_caches"]))
+            rng = None
+            if m["rng"] is not None:
+                rng = np.random.default_rng()
+                rng.bit_generator.state = m["rng"]
+            cache.put(key, GenerationState(caches, a["key_valid"].astype(np.int32), a["pads"], m["next_slot"],
+                                           a["next_tokens"].astype(np.int32), a["finished"].astype(bool),
+                                           m["history"], rng))
+        return cache
