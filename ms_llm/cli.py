@@ -214,7 +214,8 @@ def _tokenizer_expand(a):
 
 def cmd_bench(argv):
     benches = {"generate": "ms_llm.bench.generation", "train": "ms_llm.bench.train", "lora": "ms_llm.bench.train",
-               "distill-memory": "ms_llm.bench.distill", "layouts": "ms_llm.bench.layouts"}
+               "distill-memory": "ms_llm.bench.distill", "layouts": "ms_llm.bench.layouts",
+               "ppo-digits": "ms_llm.bench.ppo", "ppo-memory": "ms_llm.bench.ppo"}
     if not argv or argv[0] not in benches:
         raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
     if argv[0] == "lora":           # full fine-tuning vs LoRA on the same model, batch and sequence
@@ -255,6 +256,25 @@ def cmd_distill(argv):
     if cfg.stage != "distill":
         raise MsLlmError(f"{a.config}: stage is '{cfg.stage}'; cache-teacher needs a stage: distill config")
     print(json.dumps(cache_teacher(cfg)))
+
+
+def cmd_rlhf(argv):
+    p = argparse.ArgumentParser(prog="ms-llm rlhf", description="RLHF utilities.")
+    sub = p.add_subparsers(dest="action", required=True)
+    i = sub.add_parser("audit-import", help="add the reviewed problems of an audit round to a preference pool as "
+                                            "new pairs under its next version")
+    i.add_argument("file", help="a reviewed audit/round_K.jsonl")
+    i.add_argument("--pool", required=True, help="the preference pool folder (pairs.jsonl + MANIFEST.json)")
+    st = sub.add_parser("audit-status", help="list a PPO run's audit rounds; overdue ones are flagged")
+    st.add_argument("run_dir")
+    st.add_argument("--review-hours", type=float, default=48.0)
+    a = p.parse_args(argv)
+    from ms_llm.rollout.audit import audit_status, import_reviews
+    if a.action == "audit-import":
+        print(json.dumps(import_reviews(a.file, a.pool)))
+    else:
+        for row in audit_status(a.run_dir, a.review_hours):
+            print(json.dumps(row))
 
 
 def cmd_data(argv):
@@ -357,7 +377,9 @@ COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
     "convert": (cmd_convert, "convert weights between Hugging Face and MindFormers layouts"),
     "merge-lora": (cmd_merge_lora, "fold a LoRA adapter into its base model (verified)"),
     "report": (cmd_report, "rebuild a run directory's report.md and plots"),
-    "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, layouts"),
+    "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, layouts, ppo-digits, "
+                         "ppo-memory"),
+    "rlhf": (cmd_rlhf, "RLHF audit loop: audit-import reviewed rounds into the preference pool, audit-status"),
     "mup": (cmd_mup, "μP tools: coordinate check and learning-rate sweep across widths"),
 }
 

@@ -358,6 +358,91 @@ class DPOSection:
 
 
 @dataclass
+class PPOKLSection:
+    estimator: str = opt("k1", "Per-token estimator of KL(π‖π_ref) in the reward: k1 = d, k2 = d²/2, "
+                               "k3 = e^-d - 1 + d with d = log π - log π_ref", ["k1", "k2", "k3"])
+    controller: str = opt("adaptive", "fixed: β stays; adaptive: β follows the target KL (Ziegler et al. 2019)",
+                          ["fixed", "adaptive"])
+    init_coef: float = opt(0.05, "Initial β", range="[0, inf)")
+    target: float = opt(0.02, "Target per-sequence KL of the adaptive controller (seed: 0.02)", range="(0, inf)")
+    horizon: float = opt(10000.0, "Adaptive controller horizon in samples", range="(0, inf)")
+    alarm: Optional[float] = opt(0.05, "KL above this raises an alarm and decays the policy lr (seed: 0.05); "
+                                       "empty: no alarm", range="(0, inf)")
+    lr_decay: float = opt(0.5, "Policy lr factor multiplied by this on each alarm", range="(0, 1]")
+    lr_floor: float = opt(0.05, "The policy lr factor never goes below this", range="(0, 1]")
+
+
+@dataclass
+class SafetySection:
+    weight: float = opt(0.0, "λ: R_total = R_rm + λ·R_safety (seed: 0.3); 0 disables the safety reward",
+                        range="[0, inf)")
+    word_list: Optional[str] = opt(None, "Sensitive phrases, one per line: R_safety -= match_weight·min(1, "
+                                         "matches / saturation)")
+    saturation: int = opt(1, "Matches that give the full penalty", range="[1, inf)")
+    match_weight: float = opt(1.0, "Weight of the sensitive-phrase score in R_safety", range="[0, inf)")
+    classifier: Optional[str] = opt(None, "Safety classifier (a reward model trained on safe vs unsafe answers): "
+                                          "R_safety += classifier_weight·σ(calibrated score)")
+    classifier_weight: float = opt(1.0, "Weight of the classifier's P(safe) in R_safety", range="[0, inf)")
+    unsafe_tag: str = opt("safety_boundary", "Prompt tag whose held-out completions count toward eval/unsafe_rate")
+
+
+@dataclass
+class AuditSection:
+    every: int = opt(0, "Steps per audit round: a share of each round's rollouts goes to audit/round_K.jsonl for "
+                        "human review; 0 disables")
+    share: float = opt(0.05, "Share of rollouts kept for review (seed: 5%)", range="(0, 1]")
+    review_hours: float = opt(48.0, "A round still unreviewed this long after it was written is flagged in the "
+                                    "report", range="(0, inf)")
+
+
+@dataclass
+class PPOSection:
+    reward_model: Optional[str] = opt(None, "The reward model (an exported reward run)")
+    reward_sha256: Optional[str] = opt(None, "Expected model_sha256 of the reward model's MANIFEST.json")
+    reference: FrozenModelSection = opt(FrozenModelSection, "The frozen reference; empty: a frozen copy of "
+                                        "model.init_from, or with LoRA the policy with its adapter disabled")
+    value_init: str = opt("reward", "The value model starts as the reward model (backbone and head) or as the "
+                                    "policy's weights with a new head", ["reward", "policy"])
+    value_path: Optional[str] = opt(None, "With value_init reward: another reward-model-shaped directory (backbone "
+                                          "and reward head) to start the value model from")
+    value_lr: Optional[float] = opt(None, "Peak lr of the value model (default optim.lr)", range="(0, inf)")
+    lora: LoRASection = opt(LoRASection, "Train LoRA adapters on the policy instead of all weights")
+    rollout_batch_size: int = opt(16, "Prompts rolled out per step", range="[1, inf)")
+    mini_batch_size: int = opt(8, "Responses per PPO update (dividing rollout_batch_size); each response is "
+                                  "scored in ceil(max_new_tokens / chunk_size) windows, and train.micro_batch_size "
+                                  "counts windows per forward pass", range="[1, inf)")
+    ppo_epochs: int = opt(1, "Passes over each rollout batch", range="[1, inf)")
+    max_prompt_len: int = opt(48, "Prompt tokens (longer prompts lose tokens from the start)", range="[1, inf)")
+    max_new_tokens: int = opt(32, "Response tokens generated", range="[1, inf)")
+    temperature: float = opt(1.0, "Sampling temperature of rollouts (the losses score at the same one)",
+                             range="(0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling of rollouts", range="(0, 1]")
+    chunk_size: int = opt(2048, "Response tokens generated and scored per chunk (seed: 2048)", range="[1, inf)")
+    chunk_overlap: int = opt(256, "Preceding tokens each scoring chunk sees as context (seed: 256)")
+    exact_scoring: bool = opt(False, "Score whole rows (full context) instead of chunks")
+    gamma: float = opt(1.0, "GAE discount γ", range="[0, 1]")
+    lam: float = opt(0.95, "GAE λ", range="[0, 1]")
+    whiten_advantages: bool = opt(True, "Whiten advantages over the rollout batch's tokens")
+    clip_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 - ε_low", range="(0, 1)")
+    clip_high: float = opt(0.2, "ε_high: the ratio is clipped above at 1 + ε_high", range="(0, inf)")
+    dual_clip: float = opt(3.0, "c of dual-clip for negative advantages (> 1); 0 disables", range="[0, inf)")
+    value_clip: float = opt(0.2, "Value clipping range around the rollout's values; 0 disables", range="[0, inf)")
+    vf_coef: float = opt(0.5, "Value-loss coefficient", range="(0, inf)")
+    ent_coef: float = opt(0.01, "Entropy bonus coefficient", range="[0, inf)")
+    kl: PPOKLSection = opt(PPOKLSection, "KL penalty coefficient, its controller and the KL alarm")
+    safety: SafetySection = opt(SafetySection, "Safety reward (seed 000 §1.2.5.4.4)")
+    audit: AuditSection = opt(AuditSection, "Human audit rounds (ms-llm rlhf audit-import adds reviewed problems "
+                                            "to the preference pool)")
+    fluctuation_gate: float = opt(0.03, "Gate: mean |ratio - 1| per update below this (seed: 3%)", range="(0, inf)")
+    eval_data: Optional[str] = opt(None, "Held-out prompts (preference or prompts JSONL): reward-model score of "
+                                         "answers sampled as rollouts are (fixed seed) and the unsafe rate on the "
+                                         "safety prompts")
+    eval_limit: int = opt(64, "Held-out prompts used (0: all)")
+    eval_max_new_tokens: int = opt(32, "Tokens per held-out answer", range="[1, inf)")
+    export_version: Optional[str] = opt(None, "Version tag written into final/MANIFEST.json")
+
+
+@dataclass
 class MupSection:
     enabled: bool = opt(False, "Train in μP (models/mup.py): hyperparameters tuned at base_width transfer to this width")
     base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on", range="[1, inf)")
@@ -373,7 +458,7 @@ class MupSection:
 @dataclass
 class ExperimentConfig:
     stage: str = opt("pretrain", "Which stage runs (what each supports: config/validate.py STAGE_RULES)",
-                     ["pretrain", "cpt", "distill", "sft", "reward", "dpo"])
+                     ["pretrain", "cpt", "distill", "sft", "reward", "dpo", "ppo"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -390,6 +475,7 @@ class ExperimentConfig:
     cpt: CPTSection = opt(CPTSection, "Continual pretraining stage")
     reward: RewardSection = opt(RewardSection, "Reward-model stage")
     dpo: DPOSection = opt(DPOSection, "Preference-optimisation stage (DPO family, KTO)")
+    ppo: PPOSection = opt(PPOSection, "PPO-RLHF stage (policy, reference, value and reward models)")
     mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
 
     @property

@@ -76,6 +76,35 @@ def _check_reward(cfg: ExperimentConfig, where: str):
         raise MsLlmError(f"{where}: reward.tag_shares needs non-negative shares adding up to at most 1, got {shares}")
 
 
+def _check_ppo(cfg: ExperimentConfig, where: str):
+    p, t = cfg.ppo, cfg.train
+    bad = [s.path for s in cfg.data.sources if s.format not in ("prompts", "preference")]
+    if bad:
+        raise MsLlmError(f"{where}: stage ppo reads prompts (format prompts or preference); data.sources {bad} "
+                         "have another format")
+    if not cfg.model.init_from:
+        raise MsLlmError(f"{where}: stage ppo starts from a trained model: set model.init_from (the SFT final/)")
+    if not p.reward_model:
+        raise MsLlmError(f"{where}: stage ppo needs ppo.reward_model (an exported reward run)")
+    if cfg.parallel.data_parallel > 1:
+        raise MsLlmError(f"{where}: stage ppo runs in one process in this release (advantage whitening and the KL "
+                         "controller read the whole rollout batch); set parallel.data_parallel: 1")
+    windows = 1 if p.exact_scoring else -(-p.max_new_tokens // min(p.chunk_size, p.max_new_tokens))
+    if p.rollout_batch_size % p.mini_batch_size or (p.mini_batch_size * windows) % t.micro_batch_size:
+        raise MsLlmError(f"{where}: ppo.mini_batch_size {p.mini_batch_size} must divide ppo.rollout_batch_size "
+                         f"{p.rollout_batch_size}, and its {p.mini_batch_size * windows} scoring windows ({windows} "
+                         f"per response) must split into micro-batches of train.micro_batch_size {t.micro_batch_size}")
+    if t.grad_accum_steps != 1:
+        raise MsLlmError(f"{where}: stage ppo accumulates ppo.mini_batch_size / train.micro_batch_size "
+                         "micro-batches per update; leave train.grad_accum_steps at 1")
+    if p.dual_clip and p.dual_clip <= 1:
+        raise MsLlmError(f"{where}: ppo.dual_clip must be > 1 (or 0 to disable), got {p.dual_clip}")
+    if p.reference.policy_without_adapter and not p.lora.enabled:
+        raise MsLlmError(f"{where}: ppo.reference.policy_without_adapter needs ppo.lora.enabled")
+    if p.safety.weight > 0 and not (p.safety.word_list or p.safety.classifier):
+        raise MsLlmError(f"{where}: ppo.safety.weight > 0 needs ppo.safety.word_list or ppo.safety.classifier")
+
+
 def _check_dpo(cfg: ExperimentConfig, where: str):
     from ms_llm.losses.dpo import REFERENCE_FREE
     d = cfg.dpo
@@ -120,6 +149,7 @@ STAGE_RULES = {
     "sft": StageRules(check=_check_sft),
     "reward": StageRules(mup=False, check=_check_reward),
     "dpo": StageRules(mup=False, check=_check_dpo),
+    "ppo": StageRules(mup=False, check=_check_ppo),
 }
 
 

@@ -14,6 +14,8 @@ stages can show real accuracy gains:
       safety_boundary (refuse a harmful request, help with a harmless one that sounds alike),
       logical_contradiction (an answer that contradicts itself vs one that does not),
       correctness (the right atomic number vs a wrong one)
+  * sft_rlhf.jsonl                           the pairs' prompts answered right or wrong at random (the tiny
+                                             RLHF runs start from an SFT model trained on it)
   * prompts_{train,eval}.jsonl               verifiable prompts (arithmetic, string transforms) with answers
   * eval_{general,science,code}.jsonl        held-out text per domain
   * tokenizer/                               a SentencePiece model trained on all of it
@@ -149,6 +151,17 @@ def tagged_preference_pairs(r: random.Random, n: int) -> list:
     return [makers[i % 3](r) for i in range(n)]
 
 
+def half_right_answers(r: random.Random, n: int) -> list:
+    """Instructions from the tagged pairs' prompts answered with the chosen or the rejected answer at random: SFT
+    on them gives a model that is right half the time (complying with harmful requests, contradicting itself,
+    naming wrong atomic numbers), where RLHF has something to fix."""
+    out = []
+    for pair in tagged_preference_pairs(r, n):
+        answer = pair["chosen"] if r.random() < 0.5 else pair["rejected"]
+        out.append({"instruction": pair["prompt"], "input": "", "output": answer, "task": pair["tag"]})
+    return out
+
+
 def dialogue(r: random.Random) -> dict:
     conv = []
     for _ in range(r.randint(2, 4)):
@@ -234,6 +247,7 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     # the tagged reward/DPO pairs replace the untagged ones the tokenizer was trained with (same tokenizer as before)
     write("preference.jsonl", tagged_preference_pairs(random.Random(seed + 8), n_sft // 2))
     write("preference_eval.jsonl", tagged_preference_pairs(random.Random(seed + 9), n_eval))
+    write("sft_rlhf.jsonl", half_right_answers(random.Random(seed + 10), n_sft // 2))
     # the pretraining text again as a domain-tagged shard index (configs/tiny/cpt.yaml samples it by domain)
     from ms_llm.data.shard_index import build_index
     from ms_llm.data.tokenizer import Tokenizer

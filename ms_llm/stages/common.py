@@ -103,6 +103,55 @@ def finish(run_dir: str, stage: str, status: str, steps: int, metrics: dict, fin
     return summary
 
 
+def _audit_lines(run_dir: str) -> list:
+    """The human-audit rounds of an RLHF run (rollout/audit.py), overdue ones flagged; read when the report is
+    written, so `ms-llm report RUN_DIR` later shows what is overdue by then."""
+    from ms_llm.rollout.audit import audit_status
+    hours = 48.0
+    try:
+        from ms_llm.config import load_config
+        hours = load_config(os.path.join(run_dir, "config.resolved.yaml")).ppo.audit.review_hours
+    except Exception:                  # noqa: BLE001 - an old or hand-written run dir: the default applies
+        pass
+    rounds = audit_status(run_dir, hours)
+    if not rounds:
+        return []
+    lines = ["", "## Audit rounds", "", "| round | records | reviewed | status |", "|---|---|---|---|"]
+    for r in rounds:
+        status = f"**OVERDUE: unreviewed after {hours:g} h**" if r["overdue"] else (
+            "reviewed" if r["reviewed"] else "awaiting review")
+        lines.append(f"| {r['round']} | {r['records']} | {r['reviewed']} | {status} |")
+    return lines
+
+
+def policy_dtype(cfg: ExperimentConfig) -> str:
+    return cfg.train.compute_dtype if cfg.train.amp_level != "O0" else "float32"
+
+
+def reference_section(cfg: ExperimentConfig, section):
+    """The frozen reference of an RL stage (`section`: cfg.dpo or cfg.ppo) as configured; empty: model.init_from
+    frozen at the policy's compute dtype (so the policy and its reference agree at the start), or with LoRA the
+    policy itself with its adapter disabled."""
+    from ms_llm.config.schema import FrozenModelSection
+    ref = section.reference
+    if ref.path or ref.policy_without_adapter:
+        return ref
+    if section.lora.enabled:
+        return FrozenModelSection(policy_without_adapter=True, sha256=ref.sha256)
+    return FrozenModelSection(path=cfg.model.init_from, sha256=ref.sha256 or cfg.model.init_sha256,
+                              dtype=policy_dtype(cfg), tokenizer=ref.tokenizer)
+
+
+def trained_model(cfg: ExperimentConfig, run_dir: str, model, lora_enabled: bool):
+    """After training: eval mode; with LoRA, final_adapter/ (PEFT format) and the merged model; else the model."""
+    from ms_llm.peft.lora import merge_lora, save_adapter
+    model.set_train(False)
+    if not lora_enabled:
+        return model
+    save_adapter(model, os.path.join(run_dir, "final_adapter"), cfg.model.init_from)
+    return merge_lora(model)
+
+
 def write_report(run_dir: str, summary: dict):
     rows = read_metrics(run_dir)
     lines = [f"# {summary['stage']} run: {summary['status']}", "", f"Steps: {summary['steps']}", "",
@@ -115,5 +164,6 @@ def write_report(run_dir: str, summary: dict):
         lines += ["", f"Final model: `{summary['final']['path']}` (sha256 `{summary['final']['sha256']}`)"]
     if rows:
         lines += ["", f"Logged steps: {len(rows)}; plots in `plots/`."]
+    lines += _audit_lines(run_dir)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -40,8 +40,10 @@ from ms_llm.manifest import verify, write_manifest
 from ms_llm.models.frozen import load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
-from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.stages import common
+from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir,
+                                  trained_model)
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
@@ -103,20 +105,8 @@ def chunks(data: PreferenceData, size: int):
         yield with_labels(data.rows(start, size))
 
 
-def policy_dtype(cfg: ExperimentConfig) -> str:
-    return cfg.train.compute_dtype if cfg.train.amp_level != "O0" else "float32"
-
-
 def reference_section(cfg: ExperimentConfig) -> FrozenModelSection:
-    """dpo.reference as configured; empty: model.init_from frozen at the policy's compute dtype (so the policy
-    and its reference agree at the start), or the adapter-disabled LoRA policy."""
-    ref = cfg.dpo.reference
-    if ref.path or ref.policy_without_adapter:
-        return ref
-    if cfg.dpo.lora.enabled:
-        return FrozenModelSection(policy_without_adapter=True, sha256=ref.sha256)
-    return FrozenModelSection(path=cfg.model.init_from, sha256=ref.sha256 or cfg.model.init_sha256,
-                              dtype=policy_dtype(cfg), tokenizer=ref.tokenizer)
+    return common.reference_section(cfg, cfg.dpo)
 
 
 @functools.lru_cache(maxsize=8)
@@ -336,10 +326,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     result = train(cfg, policy, spec, run_dir, layout)
     if not layout.main:
         return {}
-    policy.set_train(False)
-    if d.lora.enabled:
-        save_adapter(policy, os.path.join(run_dir, "final_adapter"), cfg.model.init_from)
-    trained = merge_lora(policy) if d.lora.enabled else policy
+    trained = trained_model(cfg, run_dir, policy, d.lora.enabled)
     metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
                    data_truncated_prompts=data.stats.truncated_prompts, eval_skipped_pairs=eval_stats.skipped,
                    **{f"before/{k}": v for k, v in before.items()})

@@ -18,8 +18,8 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
-from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 
@@ -161,12 +161,7 @@ def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     result = train(cfg, model, spec, run_dir, layout)
     if not layout.main:
         return {}
-    model.set_train(False)
-    if lora.enabled:
-        save_adapter(model, os.path.join(run_dir, "final_adapter"), cfg.model.init_from)
-        exported = merge_lora(model)
-    else:
-        exported = model
+    exported = trained_model(cfg, run_dir, model, lora.enabled)
     final = export_final(run_dir, exported, tokenizer, None)
     metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
                    **{f"before/{k}": v for k, v in before.items()}, **checkpoint_report(run_dir, result.evals, s.converge_metric))

@@ -227,3 +227,15 @@ def test_adaptive_kl_controller_equals_the_recurrence_and_alarms():
     fixed = KLController("fixed", init=0.1)
     fixed.update(1.0, 64)
     assert fixed.beta == 0.1
+
+
+@pytest.mark.slow
+def test_ppo_learns_the_verifiable_digit_task(graph_mode):
+    """verl-style toy: a random-init tiny model continues arithmetic sequences mod 10 under a dense per-token
+    reward. 40 PPO steps lift the mean reward per response well above chance (0.6 of 6 tokens); measured 0.56
+    over the first 5 steps and 1.2 over the last 5 (`ms-llm bench ppo-digits`: 2.2 after 100 steps)."""
+    from ms_llm.bench.ppo import run_digits
+    res = run_digits(steps=40, seed=0)
+    first, last = np.mean(res["rewards"][:5]), np.mean(res["rewards"][-5:])
+    assert first < 0.8 and last >= 0.95 and last >= first + 0.4, res["rewards"]
+    assert res["after"] > res["before"]

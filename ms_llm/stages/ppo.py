@@ -1,0 +1,431 @@
+# SPDX-License-Identifier: Apache-2.0
+"""PPO-RLHF (seed 000 §1.2.5.4.2-4): the SFT policy against a reward model, with a frozen reference, a value
+model, an adaptive KL penalty with an alarm, chunk-wise rollouts and an optional safety reward.
+
+    ms-llm train configs/tiny/ppo.yaml                # from runs/tiny_sft_lora and runs/tiny_reward
+
+Four models: the policy (model.init_from, full or LoRA), the reference (a frozen copy, or the LoRA policy with
+its adapter disabled), the value model (from the reward model or the policy, unsquashed scalar head) and the
+reward model (`load_reward_model`). One step:
+
+  1. roll out: ppo.rollout_batch_size prompts, sampled `chunk_size` tokens at a time (rollout/chunks.py)
+  2. score the rollout in chunk windows (or exactly): old-policy and reference log-probs, values; reward model
+     and safety reward on the decoded text (R_total = R_rm + λ·R_safety)
+  3. per-token rewards −β·KL plus the score at the last token, GAE, whitening (losses/policy.py)
+  4. ppo_epochs passes of mini-batches: each one update of the policy (clipped surrogate, dual-clip, entropy)
+     and one of the value model (clipped value loss), every update a token-mean over its mini-batch
+  5. the KL controller adapts β; KL over ppo.kl.alarm raises an alarm and decays the policy lr
+
+Every step's rollout draws from a generator seeded by (train.seed, step), so a run killed anywhere resumes from
+its last checkpoint (policy, value model, both optimizers, β and the lr factor) and continues as if never
+stopped. Metrics: docs/rl.md.
+"""
+import json
+import logging
+import os
+import time
+
+import numpy as np
+from mindspore import Tensor
+
+from ms_llm.config import ExperimentConfig
+from ms_llm.data.chat import render, stop_token_ids
+from ms_llm.data.readers import read_records
+from ms_llm.errors import MsLlmError
+from ms_llm.eval.results import gate
+from ms_llm.losses.policy import (PolicyLoss, TokenLogps, ValueLoss, explained_variance, gae, kl_estimate,
+                                  token_rewards, whiten)
+from ms_llm.models.frozen import freeze, load_frozen
+from ms_llm.models.io import resolve_model_dir
+from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.rollout.audit import AuditSampler
+from ms_llm.rollout.chunks import ChunkPlan, generate_chunked
+from ms_llm.rollout.kl_control import KLController
+from ms_llm.rollout.rewards import SafetyReward, SensitivePhrases
+from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, prepare_run_dir,
+                                  reference_section, trained_model)
+from ms_llm.training.layout import Layout
+from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.updater import Updater
+
+log = logging.getLogger(__name__)
+POLICY_KEYS = ("ids", "attention_mask", "position_ids", "targets", "loss_mask", "old_logps", "advantages")
+VALUE_KEYS = ("ids", "attention_mask", "position_ids", "loss_mask", "old_values", "returns")
+
+
+def read_prompts(paths_formats: list, tokenizer, template: str, max_len: int, on_error: str = "raise") -> tuple:
+    """[{"messages", "tag", "ids"}] from prompt or preference JSONL files, ids rendered with the generation
+    prompt and cut from the start to `max_len`; returns (prompts, number cut)."""
+    out, cut = [], 0
+    for path, fmt in paths_formats:
+        for rec in read_records(path, fmt, on_error):
+            msgs = rec["messages"] if fmt == "preference" else [{"role": "user", "content": rec["prompt"]}]
+            ids = render(msgs, tokenizer, template, add_generation_prompt=True).ids
+            if len(ids) > max_len:
+                ids, cut = ids[-max_len:], cut + 1
+            out.append({"messages": msgs, "tag": rec.get("tag") or rec.get("task") or "all", "ids": ids})
+    return out, cut
+
+
+def same_tokenizer(a, b, probe: int = 4096) -> bool:
+    if a.vocab_size != b.vocab_size:
+        return False
+    ids = list(range(min(a.vocab_size, probe)))
+    return all(a.decode([i]) == b.decode([i]) for i in ids)
+
+
+def load_reward(cfg: ExperimentConfig, tokenizer):
+    from ms_llm.models.reward import load_reward_model
+    from ms_llm.stages.common import check_init_hash
+    p = cfg.ppo
+    if not os.path.exists(p.reward_model):
+        raise MsLlmError(f"ppo.reward_model: {p.reward_model} does not exist")
+    if p.reward_sha256:
+        try:
+            check_init_hash(resolve_model_dir(p.reward_model), p.reward_sha256)
+        except MsLlmError as e:
+            raise MsLlmError(f"ppo.reward_sha256: {e}") from None
+    rm = load_reward_model(p.reward_model)
+    if not same_tokenizer(rm.tokenizer, tokenizer):
+        raise MsLlmError(f"ppo.reward_model: {rm.source} has another tokenizer ({rm.tokenizer.vocab_size} tokens) "
+                         f"than the policy ({tokenizer.vocab_size} tokens); its scores would not read the policy's "
+                         "responses as the policy wrote them. Train the reward model with the policy's tokenizer")
+    return rm
+
+
+def build_value(cfg: ExperimentConfig, policy):
+    from ms_llm.models.value import value_from_policy, value_from_reward
+    p = cfg.ppo
+    if p.value_init == "reward":
+        source = p.value_path or p.reward_model
+        if not os.path.exists(source):
+            raise MsLlmError(f"ppo.value_path: {source} does not exist")
+        vm = value_from_reward(source)
+    else:
+        vm = value_from_policy(cfg.model.init_from)
+    got, want = vm.backbone.config, policy.config
+    if got.vocab_size != want.vocab_size:
+        raise MsLlmError(f"ppo.value_init={p.value_init}: the value model has a vocabulary of {got.vocab_size}, the "
+                         f"policy {want.vocab_size}; it must read the policy's tokens")
+    return vm
+
+
+def build_safety(cfg: ExperimentConfig, tokenizer):
+    s = cfg.ppo.safety
+    phrases = SensitivePhrases(s.word_list, s.saturation) if s.word_list else None
+    classifier = None
+    if s.classifier:
+        from ms_llm.models.reward import load_reward_model
+        classifier = load_reward_model(s.classifier)
+        if not same_tokenizer(classifier.tokenizer, tokenizer):
+            raise MsLlmError(f"ppo.safety.classifier: {s.classifier} has another tokenizer than the policy")
+    if phrases is None and classifier is None:
+        return None
+    return SafetyReward(phrases, classifier, s.match_weight, s.classifier_weight)
+
+
+class Rollout:
+    """One step's rollout batch, its scores and advantages (host arrays); `windows` feed the updaters."""
+
+    def __init__(self, prompts, tokens, lengths, behaviour, plan: ChunkPlan, pad: int):
+        b, p = len(prompts), plan.prompt_len
+        self.prompts, self.tokens, self.lengths, self.behaviour = prompts, tokens, lengths, behaviour
+        n = plan.max_new
+        self.response_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+        rows = np.full((b, p + n), pad, np.int32)
+        row_mask = np.zeros((b, p + n), np.int32)
+        for i, pr in enumerate(prompts):
+            rows[i, p - len(pr["ids"]):p], row_mask[i, p - len(pr["ids"]):p] = pr["ids"], 1
+        rows[:, p:p + tokens.shape[1]] = np.where(self.response_mask[:, :tokens.shape[1]] > 0, tokens, pad)
+        row_mask[:, p:] = self.response_mask
+        self.windows = plan.windows(rows, row_mask, self.response_mask)
+
+
+def score_windows(cell, windows: dict, keys, rows: int) -> np.ndarray:
+    """Run a scoring cell over the window rows `rows` at a time; [B·K, W] float."""
+    out = []
+    for i in range(0, len(windows["ids"]), rows):
+        args = [Tensor(np.ascontiguousarray(windows[k][i:i + rows])) for k in keys]
+        out.append(cell(*args).asnumpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+class PPOLoop:
+    """One PPO step over a batch of prompts: roll out, score, advantages, updates, KL control (module docstring).
+
+    reward_fn(prompts, tokens [B, N], lengths [B]) -> {"total": [B] sequence scores, "parts": {name: [B]} to log,
+    "dense": [B, N] per-token rewards or None}. The stage passes the reward model (and safety reward); a
+    verifiable task passes its own checker. Prompts are dicts with "ids" (and "tag", grouped in the metrics).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, policy, reference, value, reward_fn, layout: Layout = None,
+                 pad: int = 0, stops=(), decisions: str = None):
+        p, t = cfg.ppo, cfg.train
+        self.cfg, self.p, self.seed, self.mbs = cfg, p, t.seed, t.micro_batch_size
+        self.policy, self.value, self.reward_fn, self.pad, self.stops = policy, value, reward_fn, pad, list(stops)
+        self.decisions, self.main = decisions, layout is None or layout.main
+        self.plan = ChunkPlan(p.max_prompt_len, p.max_new_tokens, p.chunk_size, p.chunk_overlap, p.exact_scoring)
+        accum = p.mini_batch_size * self.plan.n_windows // self.mbs    # a micro-batch is mbs scoring windows
+        norm = float(self.mbs * self.plan.chunk)
+        self.updaters = [
+            Updater("policy", cfg, PolicyLoss(policy, p.clip_low, p.clip_high, p.dual_clip, p.ent_coef,
+                                              p.temperature), policy, layout, accum_steps=accum, loss_norm=norm),
+            Updater("value", cfg, ValueLoss(value, p.value_clip, p.vf_coef), value, layout, lr=p.value_lr,
+                    accum_steps=accum, loss_norm=norm)]
+        self.policy_peak = self.updaters[0].peak_lr
+        self.old_scorer, self.ref_scorer = TokenLogps(policy, p.temperature), TokenLogps(reference, p.temperature)
+        self.kl = KLController(p.kl.controller, p.kl.init_coef, p.kl.target, p.kl.horizon, p.kl.alarm,
+                               p.kl.lr_decay, p.kl.lr_floor)
+
+    def roll_out(self, step: int, prompts: list) -> Rollout:
+        p = self.p
+        tic = time.perf_counter()
+        out, _ = generate_chunked(self.policy, [x["ids"] for x in prompts], p.max_new_tokens, p.chunk_size,
+                                  temperature=p.temperature, top_p=p.top_p, eos_token_id=self.stops or -1,
+                                  pad_token_id=self.pad, seed=[self.seed, 7919, step], prompt_width=p.max_prompt_len)
+        ro = Rollout(prompts, out.tokens, out.lengths, out.logprobs, self.plan, self.pad)
+        ro.generate_s = time.perf_counter() - tic
+        return ro
+
+    def score(self, ro: Rollout) -> dict:
+        p, plan, w = self.p, self.plan, ro.windows
+        keys = ("ids", "attention_mask", "position_ids", "targets")
+        modes = [(m, m.training) for m in (self.policy, self.value)]
+        for m, _ in modes:
+            m.set_train(False)                        # the rollout's values and log-probs without dropout
+        old = plan.to_response(score_windows(self.old_scorer, w, keys, self.mbs), w["index"])
+        refl = plan.to_response(score_windows(self.ref_scorer, w, keys, self.mbs), w["index"])
+        values = plan.to_response(score_windows(self.value, w, keys[:3], self.mbs), w["index"])
+        for m, mode in modes:
+            m.set_train(mode)
+        got = self.reward_fn(ro.prompts, ro.tokens, ro.lengths)
+        mask = ro.response_mask
+        kl_tok = kl_estimate(old, refl, p.kl.estimator) * mask
+        rewards = token_rewards(got["total"], kl_tok, mask, self.kl.beta)
+        if got.get("dense") is not None:
+            rewards = rewards + np.asarray(got["dense"], np.float64)[:, :mask.shape[1]] * mask
+        adv, ret = gae(rewards, values, mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            adv = whiten(adv, mask)
+        n = ro.behaviour.shape[1]
+        gap = np.abs((ro.behaviour - old[:, :n]) * mask[:, :n]).sum() / max(mask.sum(), 1)
+        return {"old": old, "values": values, "advantages": adv, "returns": ret, "reward": got,
+                "kl": float(kl_tok.sum(-1).mean()), "explained_variance": explained_variance(values, ret, mask),
+                "logprob_gap": float(gap)}
+
+    def update(self, ro: Rollout, sc: dict, step: int) -> dict:
+        p, plan, mbs, upd = self.p, self.plan, self.mbs, self.updaters
+        index = ro.windows["index"]
+        w = dict(ro.windows, old_logps=plan.to_windows(sc["old"], index),
+                 advantages=plan.to_windows(sc["advantages"], index),
+                 old_values=plan.to_windows(sc["values"], index), returns=plan.to_windows(sc["returns"], index))
+        k = plan.n_windows
+        rows = []
+        upd[0].peak_lr = self.policy_peak * self.kl.lr_factor
+        for epoch in range(p.ppo_epochs):
+            perm = np.random.default_rng([self.seed, 104729, step, epoch]).permutation(len(ro.prompts))
+            for m in range(0, len(perm), p.mini_batch_size):
+                seqs = perm[m:m + p.mini_batch_size]
+                sel = (seqs[:, None] * k + np.arange(k)[None]).reshape(-1)       # the sequences' windows
+                micro = [{key: np.ascontiguousarray(v[sel[j:j + mbs]]) for key, v in w.items()}
+                         for j in range(0, len(sel), mbs)]
+                out_p = upd[0]([tuple(Tensor(mb[key]) for key in POLICY_KEYS) for mb in micro], step)
+                out_v = upd[1]([tuple(Tensor(mb[key]) for key in VALUE_KEYS) for mb in micro], step)
+                rows.append((out_p, out_v))
+        agg = {"loss": float(np.mean([a["loss"] for a, _ in rows])),
+               "value_loss": float(np.mean([b["loss"] for _, b in rows])),
+               "lr": rows[-1][0]["lr"], "value_lr": rows[-1][1]["lr"],
+               "grad_norm": float(np.mean([a["grad_norm"] for a, _ in rows])),
+               "value_grad_norm": float(np.mean([b["grad_norm"] for _, b in rows])),
+               "skipped": not all(a["finite"] and b["finite"] for a, b in rows), "updates": len(rows)}
+        for src, u in enumerate(upd):
+            for name in u.stat_names:
+                agg[name] = float(np.mean([r[src][name] for r in rows]))
+        return agg
+
+    def step(self, step: int, prompts: list) -> dict:
+        """One PPO step on `prompts`; returns the metrics row."""
+        ro = self.roll_out(step, prompts)
+        sc = self.score(ro)
+        tic = time.perf_counter()
+        row = self.update(ro, sc, step)
+        train_s = time.perf_counter() - tic
+        beta = self.kl.beta
+        event = self.kl.update(sc["kl"], len(prompts))
+        n_tokens = float(ro.lengths.sum())
+        row.update({"kl": sc["kl"], "kl_coef": beta, "kl_alarm": float(event["alarm"]),
+                    "policy_lr_factor": self.kl.lr_factor, "explained_variance": sc["explained_variance"],
+                    "response_length": float(ro.lengths.mean()), "rollout/logprob_gap": sc["logprob_gap"],
+                    "rollout_tokens_per_s": n_tokens / max(ro.generate_s, 1e-9),
+                    "train_tokens_per_s": n_tokens * self.p.ppo_epochs / max(train_s, 1e-9)})
+        got = self.last_reward = sc["reward"]
+        row["reward/total"] = float(np.mean(got["total"]))
+        if got.get("dense") is not None:
+            row["reward/dense"] = float((np.asarray(got["dense"])[:, :ro.response_mask.shape[1]]
+                                         * ro.response_mask).sum(-1).mean())
+        for name, vals in got.get("parts", {}).items():
+            row[f"reward/{name}"] = float(np.mean(vals))
+        if "rm" in got.get("parts", {}):
+            for tag in sorted({x.get("tag", "all") for x in prompts}):
+                sel = [i for i, x in enumerate(prompts) if x.get("tag", "all") == tag]
+                row[f"reward/rm/{tag}"] = float(np.mean(got["parts"]["rm"][sel]))
+        if event["alarm"]:
+            self._alarm(step, event)
+        return row
+
+    def _alarm(self, step: int, event: dict):
+        log.warning("step %d: KL %.4g above %.4g; policy lr factor %.3g -> %.3g", step + 1, event["kl"],
+                    event["threshold"], event["lr_factor_before"], event["lr_factor_after"])
+        if self.decisions and self.main:
+            with open(self.decisions, "a") as f:
+                f.write(json.dumps({"step": step + 1, "decision": "policy lr decayed",
+                                    "reason": f"KL {event['kl']:.4g} above the alarm threshold {event['threshold']}",
+                                    **{k: v for k, v in event.items() if k.startswith("lr_")}}) + "\n")
+
+
+def rm_reward(cfg: ExperimentConfig, reward_model, safety, tokenizer, stops):
+    """The stage's reward_fn: R_rm (+ λ·R_safety) of the decoded responses."""
+    lam = cfg.ppo.safety.weight
+
+    def reward_fn(prompts, tokens, lengths):
+        texts = [tokenizer.decode([x for x in tokens[i, :lengths[i]].tolist() if x not in stops])
+                 for i in range(len(prompts))]
+        msgs = [x["messages"] for x in prompts]
+        rm = reward_model.score(msgs, texts).raw
+        parts, total = {"rm": rm}, rm
+        if safety is not None:
+            s = safety(msgs, texts)
+            parts.update(safety=s["safety"], sensitive_match=s["match"])
+            if s["p_safe"] is not None:
+                parts["p_safe"] = s["p_safe"]
+            total = rm + lam * s["safety"]
+        return {"total": total, "parts": parts, "dense": None, "texts": texts}
+    return reward_fn
+
+
+def run(cfg: ExperimentConfig, layout: Layout) -> dict:
+    run_dir = prepare_run_dir(cfg)
+    tokenizer = load_tokenizer(cfg)
+    p, t = cfg.ppo, cfg.train
+    template = cfg.tokenizer.chat_template
+    stops = stop_token_ids(template, tokenizer)
+    pad = tokenizer.pad_id or 0
+    sources = [(s.path, s.format) for s in cfg.data.sources]
+    prompts, cut = read_prompts(sources, tokenizer, template, p.max_prompt_len, cfg.data.on_error)
+    if not prompts:
+        raise MsLlmError(f"data.sources {[s for s, _ in sources]}: no prompts to roll out")
+    eval_prompts = []
+    if p.eval_data:
+        if not os.path.isfile(p.eval_data):
+            raise MsLlmError(f"ppo.eval_data: {p.eval_data} does not exist")
+        fmt = "preference" if '"chosen"' in open(p.eval_data, encoding="utf-8").readline() else "prompts"
+        eval_prompts = read_prompts([(p.eval_data, fmt)], tokenizer, template, p.max_prompt_len)[0]
+        eval_prompts = eval_prompts[:p.eval_limit] if p.eval_limit else eval_prompts
+    reward_model = load_reward(cfg, tokenizer)
+    safety = build_safety(cfg, tokenizer) if p.safety.weight > 0 else None
+    policy = build_model(cfg)
+    if p.lora.enabled:
+        lo = p.lora
+        apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+    section = reference_section(cfg, p)
+    ref = load_frozen(section, "ppo.reference", policy, resolve_model_dir(cfg.model.init_from), tokenizer)
+    if ref.tokenizer is not None and not same_tokenizer(ref.tokenizer, tokenizer):
+        raise MsLlmError(f"ppo.reference: {ref.path} has another tokenizer than the policy")
+    value = build_value(cfg, policy)
+    freeze_reward(reward_model, safety)
+    loop = PPOLoop(cfg, policy, ref.model, value, rm_reward(cfg, reward_model, safety, tokenizer, stops), layout,
+                   pad, stops, os.path.join(run_dir, "decisions.jsonl"))
+    mbs, kl = t.micro_batch_size, loop.kl
+    audit = AuditSampler(p.audit.share, t.seed) if p.audit.every else None
+    order_cache = {}
+
+    def prompt_at(i: int) -> dict:
+        epoch, k = divmod(i, len(prompts))
+        if epoch not in order_cache:
+            order_cache[epoch] = np.random.default_rng([t.seed, epoch]).permutation(len(prompts))
+        return prompts[order_cache[epoch][k]]
+
+    def run_step(step: int, micro_index: int):
+        start = micro_index * mbs                     # prompts consumed so far
+        batch = [prompt_at(start + j) for j in range(p.rollout_batch_size)]
+        row = loop.step(step, batch)
+        if audit is not None:
+            got = loop.last_reward
+            audit.add(step, batch, got["texts"], got["parts"], got["total"])
+            if (step + 1) % p.audit.every == 0 and layout.main:
+                audit.flush(run_dir, (step + 1) // p.audit.every)
+        return row, p.rollout_batch_size // mbs
+
+    def evaluate() -> dict:
+        return evaluate_policy(cfg, policy, tokenizer, reward_model, eval_prompts, stops)
+
+    # LoRA: checkpoints hold the adapter only; full weights: the trainer's own checkpoint I/O
+    write_policy = (lambda folder: save_adapter(policy, folder, cfg.model.init_from)) if p.lora.enabled else None
+    read_policy = (lambda folder: load_adapter(policy, folder)) if p.lora.enabled else None
+
+    objective = {"reward_model": reward_model.source, "kl_estimator": p.kl.estimator, "value_init": p.value_init}
+
+    def check_resume(state: dict):
+        if state.get("objective", objective) != objective:
+            raise MsLlmError(f"the checkpoint was trained with {state['objective']}, this config asks for "
+                             f"{objective}; resume with the same reward model and KL estimator, or start a new run")
+        kl.load_state(state["kl_controller"])
+        if audit is not None:
+            audit.load_state(state.get("audit_pending"))
+
+    before = evaluate() if eval_prompts else {}
+    spec = StageSpec(updaters=loop.updaters, run_step=run_step, weights_writer=write_policy, weights_reader=read_policy,
+                     models={"value": (value.save, value.load)}, evaluate=evaluate if eval_prompts else None,
+                     extra_state=lambda: {"kl_controller": kl.state(), "objective": objective,
+                                          "audit_pending": audit.state() if audit is not None else []},
+                     check_resume=check_resume)
+    result = train(cfg, policy, spec, run_dir, layout)
+    if not layout.main:
+        return {}
+    trained = trained_model(cfg, run_dir, policy, p.lora.enabled)
+    metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut, kl_alarms=kl.alarms, kl_coef=kl.beta,
+                   **{f"before/{k}": v for k, v in before.items()})
+    if eval_prompts and "eval/reward" not in metrics:
+        metrics.update(evaluate())
+    fluct = [h["policy/ratio_fluctuation"] for h in result.history]
+    if fluct:
+        metrics["policy/ratio_fluctuation_mean"] = float(np.mean(fluct))
+    final = export_final(run_dir, trained, tokenizer, p.export_version)
+    gates = {}
+    if fluct:
+        gates["ratio_fluctuation"] = gate(metrics["policy/ratio_fluctuation_mean"], p.fluctuation_gate, "<")
+    if p.kl.alarm is not None and result.history:
+        gates["kl"] = gate(float(np.mean([h["kl"] for h in result.history])), p.kl.alarm, "<=")
+    return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)
+
+
+def freeze_reward(reward_model, safety):
+    freeze(reward_model.rm)
+    if safety is not None and safety.classifier is not None:
+        freeze(safety.classifier.rm)
+
+
+def evaluate_policy(cfg: ExperimentConfig, policy, tokenizer, reward_model, prompts: list, stops) -> dict:
+    """Answers to held-out prompts sampled as the rollouts are (temperature, top_p; a fixed seed, so every
+    evaluation reads the same random draws): mean reward-model score, overall and per tag, and with a word list
+    the share of unsafe answers (any sensitive phrase) on the `safety.unsafe_tag` prompts."""
+    from ms_llm.generation import generate
+    p = cfg.ppo
+    texts = []
+    for i in range(0, len(prompts), 16):
+        chunk = prompts[i:i + 16]
+        out = generate(policy, [x["ids"] for x in chunk], p.eval_max_new_tokens, temperature=p.temperature,
+                       top_p=p.top_p, eos_token_id=stops, pad_token_id=tokenizer.pad_id or 0, seed=[cfg.train.seed, i],
+                       prompt_width=p.max_prompt_len)
+        texts += [tokenizer.decode([x for x in out.tokens[j, :out.lengths[j]].tolist() if x not in stops])
+                  for j in range(len(chunk))]
+    scores = reward_model.score([x["messages"] for x in prompts], texts).raw
+    res = {"eval/reward": float(np.mean(scores))}
+    for tag in sorted({x["tag"] for x in prompts}):
+        res[f"eval/reward/{tag}"] = float(np.mean([s for s, x in zip(scores, prompts) if x["tag"] == tag]))
+    if p.safety.word_list:
+        phrases = SensitivePhrases(p.safety.word_list, p.safety.saturation)
+        sel = [i for i, x in enumerate(prompts) if x["tag"] == p.safety.unsafe_tag]
+        if sel:
+            res["eval/unsafe_rate"] = float(np.mean([phrases.matches(texts[i]) > 0 for i in sel]))
+    return res

@@ -1,0 +1,146 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The PPO stage: a kill between steps resumes to the uninterrupted run, a mini-batch of 8 equals 4 accumulated
+micro-batches of 2, and bad inputs (a reward model with another tokenizer, a value head that does not fit its
+backbone, no prompts) fail with one message and exit 2."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from conftest import assert_resumed_run_equals, kill_once_written, run_cli
+
+QUICK = ["train.max_steps=4", "train.micro_batch_size=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
+         "ppo.max_new_tokens=12", "ppo.chunk_size=4", "ppo.chunk_overlap=36", "ppo.max_prompt_len=40",
+         "ppo.eval_data=null", "model.init_from=runs/tiny_pretrain", "ppo.reward_model=runs/tiny_reward",
+         "ppo.lora.enabled=false", "train.log_every=1", "checkpoint.every=2", "train.progress_bar=false",
+         "log.plots=false"]
+
+
+def _rows(run):
+    return [json.loads(x) for x in open(run / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_and_resume_equals_uninterrupted(tiny_pretrained, tiny_reward):
+    """Killed once step 2's checkpoint exists (in step 3's rollout or update), resumed: the per-step losses,
+    rewards, KL and β after the kill and the final policy equal the uninterrupted run's."""
+    d = tiny_pretrained
+    a, b = d / "runs" / "ppo_a", d / "runs" / "ppo_b"
+    audit = ["ppo.audit.every=2", "ppo.audit.share=0.5"]
+    run_cli(d, "train", "configs/tiny/ppo.yaml", *QUICK, *audit, f"train.output_dir={a}")
+    args = ["train", "configs/tiny/ppo.yaml", *QUICK, *audit, f"train.output_dir={b}"]
+    kill_once_written(d, args, b / "checkpoints" / "step_000002" / "MANIFEST.json")
+    assert not (b / "final").exists()
+    run_cli(d, *args)
+    assert_resumed_run_equals(a, b, steps=4, killed_at=2)
+    ra, rb = _rows(a), _rows(b)
+    for key in ("reward/rm", "reward/total", "kl", "kl_coef", "value_loss", "policy/clipfrac"):
+        np.testing.assert_allclose([r[key] for r in rb][2:], [r[key] for r in ra][2:], atol=1e-6, err_msg=key)
+    va = a / "checkpoints" / "step_000004" / "value"
+    vb = b / "checkpoints" / "step_000004" / "value"
+    from ms_llm.models.safetensors_io import read_safetensors
+    for name in ("model.safetensors", "value_head.safetensors"):
+        wa, wb = read_safetensors(str(va / name)), read_safetensors(str(vb / name))
+        assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-6
+    for k in (1, 2):                                   # audit rounds: the resumed run kept the round's pending picks
+        fa, fb = (r / "audit" / f"round_{k:04d}.jsonl" for r in (a, b))
+        assert fa.read_text() == fb.read_text() and fa.read_text().count("\n") >= 2
+    assert "## Audit rounds" in (a / "report.md").read_text()
+    summary = json.loads((a / "summary.json").read_text())
+    m = summary["metrics"]
+    assert m["prompts"] > 100 and "ratio_fluctuation" in summary["gates"]
+    row = ra[-1]
+    for key in ("policy/entropy", "policy/approx_kl", "explained_variance", "response_length", "reward/safety",
+                "rollout_tokens_per_s", "train_tokens_per_s", "reward/rm/safety_boundary", "policy/dual_clipfrac"):
+        assert key in row and np.isfinite(row[key]), key
+    assert row["kl_coef"] != 0.05                        # the adaptive controller moved β
+
+
+@pytest.mark.slow
+def test_mini_batch_of_8_equals_4_accumulated_micro_batches_of_2(tmp_path, graph_mode):
+    from ms_llm.config import load_config
+    from ms_llm.losses.policy import PolicyLoss
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.training.updater import Updater
+    (tmp_path / "c.yaml").write_text("model: {preset: tiny}\ndata: {sources: [{path: x.jsonl}]}\n")
+    cfg = load_config(str(tmp_path / "c.yaml"), ["train.loss_scale=none", "lr_schedule.warmup_steps=0",
+                                                 "train.clip_grad_norm=0.5", "optim.lr=1e-3"])
+    r = np.random.default_rng(0)
+    b, t = 8, 10
+    ids = r.integers(1, 500, (b, t)).astype(np.int32)
+    att = np.ones((b, t), np.int32)
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    targets = r.integers(1, 500, (b, t)).astype(np.int32)
+    mask = (r.random((b, t)) < 0.6).astype(np.float32)            # rows of different token counts
+    old = r.normal(-6.3, 0.2, (b, t)).astype(np.float32)
+    adv = r.normal(0, 1, (b, t)).astype(np.float32)
+    batch = (ids, att, pos, targets, mask, old, adv)
+    weights = []
+    for accum in (1, 4):
+        ms.set_seed(5)
+        model = CausalLM(preset("tiny"))
+        upd = Updater("policy", cfg, PolicyLoss(model, 0.2, 0.2, 3.0, 0.01), model, accum_steps=accum)
+        upd.loss_net.set_train(True)
+        size = b // accum
+        micro = [tuple(Tensor(x[i * size:(i + 1) * size]) for x in batch) for i in range(accum)]
+        out = upd(micro, 0)
+        weights.append({p.name: p.asnumpy().copy() for p in model.trainable_params()})
+        weights.append(out)
+    (w1, o1), (w4, o4) = (weights[0], weights[1]), (weights[2], weights[3])
+    assert abs(o1["loss"] - o4["loss"]) <= 1e-6 and abs(o1["grad_norm"] - o4["grad_norm"]) <= 1e-5
+    assert o1["grad_norm"] > 0.5                                  # clipping is active in both
+    for name in ("policy/clipfrac", "policy/entropy", "policy/ratio_fluctuation"):
+        assert abs(o1[name] - o4[name]) <= 1e-6
+    assert max(np.abs(w1[k] - w4[k]).max() for k in w1) <= 1e-6
+
+
+def _fails(workdir, *args):
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", *args], cwd=workdir, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    return r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_bad_inputs_fail_with_one_message(tiny_pretrained, tiny_reward, tmp_path_factory):
+    d = tiny_pretrained
+    final = tiny_reward / "final"
+    # a reward model exported with another tokenizer
+    other = tmp_path_factory.mktemp("other_tok")
+    from ms_llm.data.synthetic import synthesize
+    synthesize(str(other), n_text=200, n_sft=50, n_eval=10, vocab_size=384)
+    rm2 = d / "runs" / "rm_other_tokenizer"
+    shutil.copytree(final, rm2)
+    shutil.rmtree(rm2 / "tokenizer", ignore_errors=True)
+    for name in os.listdir(rm2):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "MANIFEST.json"):
+            p = rm2 / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in os.listdir(other / "tokenizer"):
+        shutil.copy(other / "tokenizer" / name, rm2 / name)
+    msg = _fails(d, "train", "configs/tiny/ppo.yaml", *QUICK, f"ppo.reward_model={rm2}", "train.output_dir=runs/bad1")
+    assert "ppo.reward_model" in msg and "another tokenizer" in msg and "384" in msg
+    # a value model whose head was made for another hidden size
+    vm = d / "runs" / "value_other_size"
+    shutil.copytree(final, vm)
+    (vm / "MANIFEST.json").unlink()
+    from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+    head = read_safetensors(str(vm / "reward_head.safetensors"))
+    head["dense.weight"] = np.zeros((head["dense.weight"].shape[0], 32), np.float32)
+    write_safetensors(str(vm / "reward_head.safetensors"), head)
+    msg = _fails(d, "train", "configs/tiny/ppo.yaml", *QUICK, f"ppo.value_path={vm}", "train.output_dir=runs/bad2")
+    assert "reward_head.safetensors" in msg and "hidden size 64" in msg
+    # no prompts
+    (d / "empty.jsonl").write_text("\n")
+    msg = _fails(d, "train", "configs/tiny/ppo.yaml", *QUICK, "data.sources=[{path: empty.jsonl, format: prompts}]",
+                 "train.output_dir=runs/bad3")
+    assert "empty.jsonl" in msg and "no prompts" in msg
+    for run in ("bad1", "bad2", "bad3"):
+        assert not (d / "runs" / run / "checkpoints").exists()
