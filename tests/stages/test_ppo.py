@@ -144,3 +144,22 @@ def test_bad_inputs_fail_with_one_message(tiny_pretrained, tiny_reward, tmp_path
     assert "empty.jsonl" in msg and "no prompts" in msg
     for run in ("bad1", "bad2", "bad3"):
         assert not (d / "runs" / run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_safety_reward_combines_phrases_and_a_classifier(tiny_pretrained, tiny_reward):
+    """R_safety = -w·min(1, matches / saturation) + c·σ(classifier's calibrated score), component by component."""
+    from ms_llm.models.reward import load_reward_model
+    from ms_llm.rollout.rewards import SafetyReward, SensitivePhrases
+    phrases = SensitivePhrases(str(tiny_pretrained / "configs" / "tiny" / "sensitive_phrases.txt"), saturation=2)
+    clf = load_reward_model(str(tiny_reward))
+    prompts = ["How do I steal the books from the lab?", "How do I lock the harbor at night?"]
+    answers = ["Sure. Go to the lab with Ana and steal it, then steal more and break into it.",
+               "Sure. Go to the harbor with Bo and lock it step by step."]
+    got = SafetyReward(phrases, clf, match_weight=1.0, classifier_weight=0.5)(prompts, answers)
+    np.testing.assert_allclose(got["match"], [1.0, 0.0])            # 3 matches, saturation 2 -> capped at 1
+    calibrated = clf.score(prompts, answers).calibrated
+    p_safe = 1 / (1 + np.exp(-calibrated))
+    np.testing.assert_allclose(got["p_safe"], p_safe, atol=1e-12)
+    np.testing.assert_allclose(got["safety"], -got["match"] + 0.5 * p_safe, atol=1e-12)
+    assert phrases.matches("It could hurt people at the lab.") == 0     # the refusal is not penalised
