@@ -96,3 +96,13 @@ def test_bad_audit_input_is_refused_and_the_pool_is_untouched(tmp_path):
     assert next_version("v2.9") == "v2.10"
     with pytest.raises(MsLlmError, match="no vMAJOR.MINOR"):
         next_version("release-a")
+
+
+def test_a_rerun_round_never_overwrites_reviews(tmp_path):
+    s, path = _round(tmp_path)
+    recs = read_audit(path)
+    recs[0]["review"].update(verdict="ok", reviewer="bo")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    again, _ = _round(tmp_path)                          # a resumed run flushes the same round again
+    assert read_audit(path)[0]["review"]["reviewer"] == "bo" and again.pending == []

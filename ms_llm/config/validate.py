@@ -101,6 +101,9 @@ def _check_ppo(cfg: ExperimentConfig, where: str):
         raise MsLlmError(f"{where}: ppo.dual_clip must be > 1 (or 0 to disable), got {p.dual_clip}")
     if p.reference.policy_without_adapter and not p.lora.enabled:
         raise MsLlmError(f"{where}: ppo.reference.policy_without_adapter needs ppo.lora.enabled")
+    if p.lora.enabled and p.lora.dropout > 0:
+        raise MsLlmError(f"{where}: ppo.lora.dropout must be 0: the rollout's log-probs are scored without dropout, "
+                         "so dropout in the update would make the ratio noise (set ppo.lora.dropout: 0)")
     if p.safety.weight > 0 and not (p.safety.word_list or p.safety.classifier):
         raise MsLlmError(f"{where}: ppo.safety.weight > 0 needs ppo.safety.word_list or ppo.safety.classifier")
 

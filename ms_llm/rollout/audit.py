@@ -47,6 +47,9 @@ class AuditSampler:
         folder = os.path.join(run_dir, "audit")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"round_{round_index:04d}.jsonl")
+        if os.path.isfile(path) and any(r["review"].get("verdict") is not None for r in read_audit(path)):
+            self.pending = []                  # re-run after a resume: never overwrite reviews already entered
+            return path
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for rec in self.pending:

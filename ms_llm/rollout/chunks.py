@@ -8,10 +8,10 @@ Generation. `generate_chunked` calls `generation.generate` for `chunk` tokens at
 
 Scoring. A rollout row is [prompt, left-padded to P | response, N slots]. `ChunkPlan` cuts the response into
 K = ceil(N / chunk) windows; window k trains response tokens [k·chunk, (k+1)·chunk) and feeds the model the
-`overlap` tokens before them as context (absolute positions kept), so every window has the same width
-W = chunk + overlap. Tokens further back are not seen: with overlap < P + k·chunk the log-probs are an
-approximation, whose error docs/rl.md measures. `exact=True` makes one window of the whole row (full
-context, memory growing with N) for comparison.
+`overlap` tokens before its first input (the token just before the chunk) as context, absolute positions kept, so
+every window has the same width W = chunk + overlap. Tokens further back are not seen: with
+overlap < P + k·chunk − 1 the log-probs are an approximation, whose error docs/rl.md measures. `exact=True`
+makes one window of the whole row (full context, memory growing with N) for comparison.
 """
 from dataclasses import dataclass
 

@@ -45,6 +45,7 @@ from ms_llm.rollout.rewards import SafetyReward, SensitivePhrases
 from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, prepare_run_dir,
                                   reference_section, trained_model)
 from ms_llm.training.layout import Layout
+from ms_llm.training.metrics import read_metrics
 from ms_llm.training.trainer import StageSpec, train
 from ms_llm.training.updater import Updater
 
@@ -165,7 +166,12 @@ class PPOLoop:
         self.policy, self.value, self.reward_fn, self.pad, self.stops = policy, value, reward_fn, pad, list(stops)
         self.decisions, self.main = decisions, layout is None or layout.main
         self.plan = ChunkPlan(p.max_prompt_len, p.max_new_tokens, p.chunk_size, p.chunk_overlap, p.exact_scoring)
-        accum = p.mini_batch_size * self.plan.n_windows // self.mbs    # a micro-batch is mbs scoring windows
+        windows = p.mini_batch_size * self.plan.n_windows              # a micro-batch is mbs scoring windows
+        if p.rollout_batch_size % p.mini_batch_size or windows % self.mbs:
+            raise MsLlmError(f"ppo.mini_batch_size {p.mini_batch_size} must divide ppo.rollout_batch_size "
+                             f"{p.rollout_batch_size}, and its {windows} scoring windows must split into micro-batches "
+                             f"of train.micro_batch_size {self.mbs}")
+        accum = windows // self.mbs
         norm = float(self.mbs * self.plan.chunk)
         self.updaters = [
             Updater("policy", cfg, PolicyLoss(policy, p.clip_low, p.clip_high, p.dual_clip, p.ent_coef,
@@ -203,7 +209,10 @@ class PPOLoop:
         kl_tok = kl_estimate(old, refl, p.kl.estimator) * mask
         rewards = token_rewards(got["total"], kl_tok, mask, self.kl.beta)
         if got.get("dense") is not None:
-            rewards = rewards + np.asarray(got["dense"], np.float64)[:, :mask.shape[1]] * mask
+            dense = np.zeros(mask.shape)
+            given = np.asarray(got["dense"], np.float64)[:, :mask.shape[1]]
+            dense[:, :given.shape[1]] = given
+            rewards = rewards + dense * mask
         adv, ret = gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             adv = whiten(adv, mask)
@@ -346,7 +355,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         return prompts[order_cache[epoch][k]]
 
     def run_step(step: int, micro_index: int):
-        start = micro_index * mbs                     # prompts consumed so far
+        start = step * p.rollout_batch_size           # prompts consumed so far
         batch = [prompt_at(start + j) for j in range(p.rollout_batch_size)]
         row = loop.step(step, batch)
         if audit is not None:
@@ -370,6 +379,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
             raise MsLlmError(f"the checkpoint was trained with {state['objective']}, this config asks for "
                              f"{objective}; resume with the same reward model and KL estimator, or start a new run")
         kl.load_state(state["kl_controller"])
+        truncate_decisions(os.path.join(run_dir, "decisions.jsonl"), state["step"])
         if audit is not None:
             audit.load_state(state.get("audit_pending"))
 
@@ -387,16 +397,29 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                    **{f"before/{k}": v for k, v in before.items()})
     if eval_prompts and "eval/reward" not in metrics:
         metrics.update(evaluate())
-    fluct = [h["policy/ratio_fluctuation"] for h in result.history]
+    history = read_metrics(run_dir) or result.history       # every logged step, before a resume too
+    fluct = [h["policy/ratio_fluctuation"] for h in history if "policy/ratio_fluctuation" in h]
     if fluct:
         metrics["policy/ratio_fluctuation_mean"] = float(np.mean(fluct))
     final = export_final(run_dir, trained, tokenizer, p.export_version)
     gates = {}
     if fluct:
         gates["ratio_fluctuation"] = gate(metrics["policy/ratio_fluctuation_mean"], p.fluctuation_gate, "<")
-    if p.kl.alarm is not None and result.history:
-        gates["kl"] = gate(float(np.mean([h["kl"] for h in result.history])), p.kl.alarm, "<=")
+    kls = [h["kl"] for h in history if "kl" in h]
+    if p.kl.alarm is not None and kls:
+        gates["kl"] = gate(float(np.mean(kls)), p.kl.alarm, "<=")
     return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)
+
+
+def truncate_decisions(path: str, step: int):
+    """Drop decisions logged after `step` (a resumed run makes them again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def freeze_reward(reward_model, safety):

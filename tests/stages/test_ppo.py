@@ -163,3 +163,12 @@ def test_safety_reward_combines_phrases_and_a_classifier(tiny_pretrained, tiny_r
     np.testing.assert_allclose(got["p_safe"], p_safe, atol=1e-12)
     np.testing.assert_allclose(got["safety"], -got["match"] + 0.5 * p_safe, atol=1e-12)
     assert phrases.matches("It could hurt people at the lab.") == 0     # the refusal is not penalised
+
+
+def test_decisions_after_the_resumed_step_are_dropped(tmp_path):
+    from ms_llm.stages.ppo import truncate_decisions
+    path = tmp_path / "decisions.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "decision": "policy lr decayed"}) + "\n" for s in (3, 7, 9)))
+    truncate_decisions(str(path), 7)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [3, 7]
+    truncate_decisions(str(tmp_path / "absent.jsonl"), 7)       # no decisions yet: nothing to do
