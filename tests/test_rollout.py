@@ -30,6 +30,7 @@ def test_chunked_greedy_generation_equals_one_call(model):
     assert len(set(whole.tokens[0].tolist())) > 1
 
 
+@pytest.mark.slow
 def test_paused_sampled_rollout_resumes_from_disk_and_equals_an_uninterrupted_one(model, tmp_path):
     kw = dict(temperature=0.9, top_p=0.95, eos_token_id=-1, seed=11, prompt_width=8)
     whole, _ = generate_chunked(model, PROMPTS, 28, 6, **kw)
