@@ -56,6 +56,18 @@ class RewardHead(nn.Cell):
     def construct(self, h):
         return self.out_proj(self.act(self.dense(h))).squeeze(-1)
 
+    def load(self, tensors: dict, source: str, what: str = "head"):
+        """Set the weights from {name: array} (names as `parameters_and_names` gives them); a missing key or a
+        shape that does not fit this head's hidden size is refused, naming `source`."""
+        params = dict(self.parameters_and_names())
+        if set(params) != set(tensors):
+            raise MsLlmError(f"{source}: {what} keys {sorted(tensors)} do not match {sorted(params)}")
+        for name, p in params.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise MsLlmError(f"{source}: '{name}' has shape {list(tensors[name].shape)}, the {what} on a backbone "
+                                 f"of hidden size {self.dense.weight.shape[1]} needs {list(p.shape)}")
+            p.set_data(Tensor(np.asarray(tensors[name], np.float32)))
+
 
 class RewardModel(nn.Cell):
     """(input_ids [B, S] int32, attention_mask [B, S] int32) -> rewards [B] float32, read at each row's last real
@@ -86,13 +98,7 @@ class RewardModel(nn.Cell):
         return {n: p.asnumpy() for n, p in self.score_head.parameters_and_names()}
 
     def load_head(self, tensors: dict, source: str):
-        params = dict(self.score_head.parameters_and_names())
-        if set(params) != set(tensors):
-            raise MsLlmError(f"{source}: reward head keys {sorted(tensors)} do not match {sorted(params)}")
-        for name, p in params.items():
-            if tuple(tensors[name].shape) != tuple(p.shape):
-                raise MsLlmError(f"{source}: '{name}' has shape {list(tensors[name].shape)}, expected {list(p.shape)}")
-            p.set_data(Tensor(np.asarray(tensors[name], np.float32)))
+        self.score_head.load(tensors, source, "reward head")
 
     def config_dict(self, calibration: dict = None, chat_template: str = None) -> dict:
         return {"num_layers": self.backbone.config.num_hidden_layers, "head_hidden": self.head_hidden,

@@ -11,8 +11,7 @@ value_config.json, and read back with `load_value_model`.
 """
 import os
 
-import numpy as np
-from mindspore import Tensor, nn
+from mindspore import nn
 
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
@@ -38,14 +37,7 @@ class ValueModel(nn.Cell):
         return self.value_head(self.backbone.hidden_states(input_ids, attention_mask, position_ids))
 
     def load_head(self, tensors: dict, source: str):
-        params = dict(self.value_head.parameters_and_names())
-        if set(params) != set(tensors):
-            raise MsLlmError(f"{source}: value head keys {sorted(tensors)} do not match {sorted(params)}")
-        for name, p in params.items():
-            if tuple(tensors[name].shape) != tuple(p.shape):
-                raise MsLlmError(f"{source}: '{name}' has shape {list(tensors[name].shape)}, the value model's "
-                                 f"backbone (hidden size {self.backbone.config.hidden_size}) needs {list(p.shape)}")
-            p.set_data(Tensor(np.asarray(tensors[name], np.float32)))
+        self.value_head.load(tensors, source, "value head")
 
     def save(self, folder: str):
         from ms_llm.models.io import save_pretrained
