@@ -215,7 +215,8 @@ def _tokenizer_expand(a):
 def cmd_bench(argv):
     benches = {"generate": "ms_llm.bench.generation", "train": "ms_llm.bench.train", "lora": "ms_llm.bench.train",
                "distill-memory": "ms_llm.bench.distill", "layouts": "ms_llm.bench.layouts",
-               "ppo-digits": "ms_llm.bench.ppo", "ppo-memory": "ms_llm.bench.ppo"}
+               "ppo-digits": "ms_llm.bench.ppo", "ppo-memory": "ms_llm.bench.ppo",
+               "sandbox": "ms_llm.bench.sandbox"}
     if not argv or argv[0] not in benches:
         raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
     if argv[0] == "lora":           # full fine-tuning vs LoRA on the same model, batch and sequence

@@ -179,6 +179,8 @@ class SFTSection:
     eval_prompts: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task}) scored by exact match")
     eval_max_new_tokens: int = opt(32, "Generation length for the exact-match evaluation", range="[1, inf)")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")
+    eval_unsafe_no_isolation: bool = opt(False, "Run code answers without the namespace sandbox (an in-process "
+                                                "guard and limits only; docs/eval.md) where it cannot be had")
     eval_dialogues: Optional[str] = opt(None, "Held-out sharegpt dialogues scored for inter-turn coherence (BERTScore F1)")
     eval_dialogue_limit: int = opt(16, "Dialogues used for the coherence score")
     dataset_manifest: Optional[str] = opt(None, "MANIFEST.json of the dataset release ({version, files: {name: sha256}}); "

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """`ms-llm eval <benchmark> ...`: run one evaluation, print its metrics as JSON, optionally save results.
 
-    ms-llm eval humaneval --samples samples.jsonl [--k 1,10] [--timeout 5]
+    ms-llm eval humaneval --samples samples.jsonl [--k 1,10] [--timeout 5] [--unsafe-no-isolation]
     ms-llm eval humaneval --model DIR [--n 1] [--limit 20]
     ms-llm eval mc --model DIR --data DIR_OR_JSONL --layout mmlu|ceval|cmmlu|jsonl [--k-shot 5] [--method letter|choice|cloze]
     ms-llm eval ppl --model DIR --data held_out.jsonl
@@ -49,6 +49,9 @@ def main(argv):
     p.add_argument("--n", type=int, default=1, help="humaneval: samples per task when generating")
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--timeout", type=float, default=5.0, help="humaneval: seconds per program")
+    p.add_argument("--unsafe-no-isolation", action="store_true",
+                   help="humaneval: run completions without the namespace sandbox (only an in-process guard and "
+                        "limits, which code written to escape can leave); for machines that cannot isolate")
     p.add_argument("--layout", default="jsonl", choices=["mmlu", "ceval", "cmmlu", "jsonl"])
     p.add_argument("--k-shot", type=int, default=0)
     p.add_argument("--method", default="letter", choices=["letter", "choice", "cloze"])
@@ -63,7 +66,10 @@ def main(argv):
     settings = {k: v for k, v in vars(a).items() if k not in ("out",)}
     if a.benchmark == "humaneval":
         from ms_llm.eval import humaneval as he
+        from ms_llm.eval.sandbox import require_isolation
         problems = he.read_problems()
+        if not a.unsafe_no_isolation:
+            require_isolation()                     # before anything is generated
         if a.samples:
             samples = he.read_samples(a.samples, problems)
         elif a.model:
@@ -72,7 +78,8 @@ def main(argv):
             samples = he.generate_samples(model, tok, chosen, a.n, a.max_new_tokens, 0.0 if a.n == 1 else 0.8)
         else:
             raise MsLlmError("eval humaneval: give --samples FILE or --model DIR")
-        res = he.score_samples(samples, problems, tuple(int(k) for k in a.k.split(",")), a.timeout)
+        res = he.score_samples(samples, problems, tuple(int(k) for k in a.k.split(",")), a.timeout,
+                               isolation="none" if a.unsafe_no_isolation else "namespaces")
         metrics = {k: v for k, v in res.items() if k != "results"}
         dataset = he.dataset_path()
     elif a.benchmark == "rm":

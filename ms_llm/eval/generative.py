@@ -92,24 +92,35 @@ def exact_match(model, tokenizer, records: list, template: str = "chatml", max_n
             "tasks": {t: float(np.mean(h)) for t, h in sorted(per_task.items())}, "n": len(hits), "outputs": outputs}
 
 
-def functional_check(candidate: str, reference: str, inputs=range(-5, 6), timeout: float = 3.0) -> bool:
-    """Does the candidate define the reference's function with the same outputs on `inputs`? (sandboxed)"""
-    from ms_llm.eval.sandbox import run_program
+def functional_program(candidate: str, reference: str, inputs=range(-5, 6)):
+    """A program that passes when the candidate defines the reference's function with the same outputs on
+    `inputs`; None when the reference defines no function."""
     m = re.search(r"def\s+(\w+)\s*\(", reference)
     if not m:
-        return False
+        return None
     fn = m.group(1)
-    program = (f"{extract_code(candidate)}\n_cand = {fn}\n{reference}\n_ref = {fn}\n"
-               f"for _x in {list(inputs)!r}:\n    assert _cand(_x) == _ref(_x), _x\n")
-    return run_program(program, timeout=timeout).status == "passed"
+    return (f"{extract_code(candidate)}\n_cand = {fn}\n{reference}\n_ref = {fn}\n"
+            f"for _x in {list(inputs)!r}:\n    assert _cand(_x) == _ref(_x), _x\n")
 
 
-def code_pass_at_1(outputs: list) -> float:
-    """pass@1 of greedy code answers (exact_match outputs whose reference defines a function)."""
-    code = [o for o in outputs if re.search(r"def\s+\w+\s*\(", str(o["answer"]))]
-    if not code:
+def functional_check(candidate: str, reference: str, inputs=range(-5, 6), timeout: float = 3.0,
+                     isolation: str = "namespaces") -> bool:
+    """Does the candidate define the reference's function with the same outputs on `inputs`? (sandboxed)"""
+    from ms_llm.eval.sandbox import run_program
+    program = functional_program(candidate, reference, inputs)
+    return program is not None and run_program(program, timeout=timeout, isolation=isolation).status == "passed"
+
+
+def code_pass_at_1(outputs: list, isolation: str = "namespaces", timeout: float = 3.0) -> float:
+    """pass@1 of greedy code answers (exact_match outputs whose reference defines a function), run in the
+    sandbox on all available cores."""
+    from ms_llm.eval.sandbox import run_programs
+    programs = [functional_program(o["output"], str(o["answer"])) for o in outputs]
+    programs = [p for p in programs if p is not None]
+    if not programs:
         return float("nan")
-    return float(np.mean([functional_check(o["output"], str(o["answer"])) for o in code]))
+    runs = run_programs(programs, timeout=timeout, isolation=isolation)
+    return float(np.mean([r.status == "passed" for r in runs]))
 
 
 def bertscore(model, tokenizer, candidates: list, references: list, layer: str = "hidden") -> np.ndarray:

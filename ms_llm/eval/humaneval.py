@@ -11,12 +11,10 @@ execution code is used. Each completion runs as prompt + completion + test + che
 import gzip
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from ms_llm.errors import MsLlmError
-from ms_llm.eval.sandbox import run_program
+from ms_llm.eval.sandbox import run_programs
 
 
 def dataset_path() -> str:
@@ -55,6 +53,8 @@ def check_program(problem: dict, completion: str) -> str:
 
 
 def read_samples(path: str, problems: dict) -> list:
+    if not os.path.isfile(path):
+        raise MsLlmError(f"{path}: no such samples file (JSONL with task_id and completion per line)")
     samples = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -67,17 +67,20 @@ def read_samples(path: str, problems: dict) -> list:
                 raise MsLlmError(f"{path}:{lineno}: a sample needs 'task_id' and 'completion' ({e})") from None
             if tid not in problems:
                 raise MsLlmError(f"{path}:{lineno}: unknown task_id '{tid}'")
+            if not isinstance(completion, str):
+                raise MsLlmError(f"{path}:{lineno}: 'completion' must be a string, not {type(completion).__name__}")
             samples.append({"task_id": tid, "completion": completion})
     return samples
 
 
-def score_samples(samples: list, problems: dict, ks=(1, 10, 100), timeout: float = 5.0, workers: int = 2) -> dict:
-    """Run every sample; returns {"pass@k": ..., "results": [per-sample status], "tasks": n}."""
-    def run(s):
-        r = run_program(check_program(problems[s["task_id"]], s["completion"]), timeout=timeout)
-        return {**s, "status": r.status, "passed": r.status == "passed", "detail": r.detail}
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(run, samples))
+def score_samples(samples: list, problems: dict, ks=(1, 10, 100), timeout: float = 5.0, workers: int = None,
+                  isolation: str = "namespaces") -> dict:
+    """Run every sample in the sandbox, `workers` at a time (default: the available cores); returns
+    {"pass@k": ..., "results": [per-sample status], "tasks": n}."""
+    programs = [check_program(problems[s["task_id"]], s["completion"]) for s in samples]
+    runs = run_programs(programs, timeout=timeout, workers=workers, isolation=isolation)
+    results = [{**s, "status": r.status, "passed": r.status == "passed", "detail": r.detail}
+               for s, r in zip(samples, runs)]
     per_task = {}
     for r in results:
         n, c = per_task.get(r["task_id"], (0, 0))

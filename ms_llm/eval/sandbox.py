@@ -1,44 +1,71 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Run untrusted, model-written Python in a separate, locked-down process.
+"""Run untrusted, model-written Python where it cannot reach anything outside its own run.
 
-Each program runs in a fresh temporary directory (deleted afterwards) under `python -I` with:
-  * a wall-clock limit (the whole process group is SIGKILLed) and a CPU-time limit (RLIMIT_CPU);
-  * address-space, file-size, open-file and core-dump limits (RLIMIT_AS / FSIZE / NOFILE / CORE);
-  * a new session, so nothing it spawns outlives it; a fresh network namespace when the evaluator may
-    create one (root on Linux), else no network through the guard below;
-  * an environment with nothing of the caller's (only PATH, LANG and a temporary HOME);
-  * a guard, run before the candidate, that removes process creation (fork, exec, spawn, system,
-    subprocess, multiprocessing, ctypes), sockets and destructive file calls. Using one ends the program
-    with status "refused".
+The boundary is the kernel's. Each program runs in new user, pid, network, mount, IPC and UTS namespaces,
+created with unshare(2) through libc (so every supported Python can do it), as an unprivileged uid/gid that
+is neither the caller's nor root and has no supplementary groups:
+
+  * files: a fresh root holding only the system directories and the Python installation, bound read-only;
+    a private, size-capped tmpfs at /tmp (the working directory); /dev with null, zero, full, random and
+    urandom only; /proc of the sandbox's own pid namespace. The program itself sits read-only in /sandbox.
+  * processes: the program is pid 2 under a pid-1 init that the evaluator owns. When the program ends,
+    init exits and the kernel kills everything left in the namespace (setsid and double-forked children
+    included); a timeout kills init from outside, which does the same. Other processes are invisible.
+  * network: an empty network namespace, loopback down.
+  * environment: empty. Limits: CPU time, address space, processes, file size, open files, no core dumps.
+  * PR_SET_NO_NEW_PRIVS, so nothing it executes can gain privileges.
+
+Inside, an in-process guard removes process creation, sockets and destructive file calls before the
+candidate runs and ends the program with status "refused" when one is used. It is a second layer that makes
+the common case cheap and the status telling; the namespaces are the boundary.
+
+Root callers map the sandbox to host uids/gids from 1,600,000,000 up (two per concurrent slot). Other
+callers need `newuidmap`/`newgidmap` (package uidmap) and a range for their user in /etc/subuid and
+/etc/subgid. Where isolation cannot be had, `run_program` raises `SandboxUnavailable` naming what is missing;
+`isolation="none"` (the CLI's --unsafe-no-isolation) runs with only the guard and the limits, in a new session
+and a temporary directory, which code written to escape can leave.
 
 Statuses: passed, failed (an exception or non-zero exit), timeout, memory (MemoryError or RLIMIT_AS),
 refused (the guard stopped it), killed (a signal).
 """
+import json
 import os
+import pwd
 import resource
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-REFUSED_EXIT, MEMORY_EXIT = 117, 118
+from ms_llm.errors import MsLlmError
+
+REFUSED_EXIT, MEMORY_EXIT, SETUP_EXIT = 117, 118, 125
+HOST_ID_BASE = 1_600_000_000          # root callers: host uid/gid of slot s are BASE + 2s (setup) and + 1 (program)
+INSIDE_ID = 65534                     # the program's uid/gid inside its user namespace
+ISOLATIONS = ("namespaces", "none")
 
 GUARD = r'''
-import builtins, os, sys
+import builtins, os, posix, sys
 class SandboxViolation(BaseException):
     pass
 def _deny(name):
     def f(*a, **k):
         raise SandboxViolation(name)
     return f
-for _n in ("system", "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp",
-           "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-           "posix_spawn", "posix_spawnp", "popen", "kill", "killpg", "setuid", "putenv", "unsetenv",
-           "removedirs", "rmdir", "chmod", "chown", "truncate", "fchdir", "chroot", "unshare", "setns"):
-    if hasattr(os, _n):
-        setattr(os, _n, _deny("os." + _n))
+for _mod in (os, posix):
+    for _n in ("system", "fork", "forkpty", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp",
+               "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
+               "posix_spawn", "posix_spawnp", "popen", "kill", "killpg", "setuid", "putenv", "unsetenv",
+               "removedirs", "rmdir", "chmod", "chown", "truncate", "fchdir", "chroot", "unshare", "setns",
+               "setsid", "register_at_fork"):
+        if hasattr(_mod, _n):
+            setattr(_mod, _n, _deny(_mod.__name__ + "." + _n))
 import shutil as _sh
 _sh.rmtree = _deny("shutil.rmtree"); _sh.move = _deny("shutil.move"); _sh.chown = _deny("shutil.chown")
 import socket as _so
@@ -73,6 +100,133 @@ except MemoryError:
     os._exit(MEMORY_EXIT)
 '''.replace("REFUSED_EXIT", str(REFUSED_EXIT)).replace("MEMORY_EXIT", str(MEMORY_EXIT))
 
+# Runs as `python -I -S -c LAUNCHER CONFIG` with the program on stdin. It unshares the namespaces, waits for
+# the evaluator to write its uid/gid maps, forks init (pid 1 of the new pid namespace), which builds the
+# file system, pivots into it and forks the program as the unprivileged id. Init reports the program's
+# exit ("exit N" / "signal N") or a failed setup step ("setup WHAT: ERROR") on the status pipe.
+LAUNCHER = r'''
+import ctypes, json, os, resource, signal, sys
+cfg = json.loads(sys.argv[1])
+status = cfg["status_fd"]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+def fail(what):
+    os.write(status, ("setup " + what + ": " + os.strerror(ctypes.get_errno()) + "\n").encode())
+    os._exit(SETUP_EXIT)
+def call(ret, what):
+    if ret != 0:
+        fail(what)
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+ATIME = {1024: 1024, 2048: 2048, 4096: 1 << 21}                  # statvfs ST_* bit -> mount MS_* bit
+def mount(src, dst, fstype, flags, data=None):
+    call(libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), flags,
+                    data and data.encode()), "mount " + dst)
+def read_only(path):                                             # keep the atime flags the kernel locks
+    f = os.statvfs(path).f_flag
+    mount(None, path, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | sum(v for k, v in ATIME.items() if f & k))
+program = sys.stdin.buffer.read()
+libc.prctl(1, signal.SIGKILL)                                    # PR_SET_PDEATHSIG: die with the evaluator
+NEWNS, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+call(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare(user, pid, net, mount, ipc, uts)")
+os.write(cfg["ready_fd"], b"R")
+if os.read(cfg["go_fd"], 1) != b"G":
+    os._exit(SETUP_EXIT)
+init = os.fork()
+if init:
+    os.close(status)
+    os.waitpid(init, 0)
+    os._exit(0)
+libc.prctl(1, signal.SIGKILL)
+binds = []                                       # opened in our mount namespace while the host uid (its owner) is still ours
+for path in cfg["binds"]:
+    if os.path.islink(path):
+        binds.append((path, "link", -1))
+    elif os.path.exists(path):
+        binds.append((path, "dir" if os.path.isdir(path) else "file", os.open(path, os.O_PATH)))
+try:
+    os.setgroups([])                                             # host root's groups (0) would stay otherwise
+    os.setresgid(0, 0, 0)                                        # the namespace's root: the slot's setup id
+    os.setresuid(0, 0, 0)
+except OSError as e:
+    os.write(status, ("setup become the namespace's root: %s\n" % e).encode())
+    os._exit(SETUP_EXIT)
+call(libc.sethostname(b"sandbox", 7), "sethostname")
+mount(None, "/", None, REC | PRIVATE)
+root = "/tmp"
+mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
+for path, kind, fd in binds:
+    target = root + path
+    os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+    if kind == "link":
+        os.symlink(os.readlink(path), target)
+        continue
+    if kind == "dir":
+        os.makedirs(target, 0o755, exist_ok=True)
+    else:
+        open(target, "w").close()
+    mount("/proc/self/fd/%d" % fd, target, None, BIND)
+    read_only(target)
+os.makedirs(root + "/dev", 0o755)
+mount("tmpfs", root + "/dev", "tmpfs", NOSUID | NOEXEC, "size=64k,mode=755")
+for dev in ("null", "zero", "full", "random", "urandom"):
+    open(root + "/dev/" + dev, "w").close()
+    mount("/dev/" + dev, root + "/dev/" + dev, None, BIND)
+for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                     ("stderr", "/proc/self/fd/2")):
+    os.symlink(target, root + "/dev/" + name)
+read_only(root + "/dev")
+os.makedirs(root + "/proc", 0o755)
+mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+os.makedirs(root + "/tmp", 0o755)
+mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, "size=%dk,nr_inodes=4096,mode=1777" % (cfg["file_mb"] * 1024))
+os.makedirs(root + "/sandbox", 0o755)
+with open(root + "/sandbox/candidate.py", "wb") as f:
+    f.write(program)
+os.chdir(root)
+call(libc.syscall({"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155), b".", b"."), "pivot_root")
+call(libc.umount2(b".", 2), "detach the old root")
+os.chdir("/")
+read_only("/")
+candidate = os.fork()
+if candidate == 0:
+    try:
+        uid = cfg["inside_id"]
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        call(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+        lim = cfg["limits"]
+        for name, value in (("CPU", lim["cpu_s"]), ("AS", lim["memory_mb"] << 20), ("FSIZE", lim["file_mb"] << 20),
+                            ("NOFILE", 64), ("CORE", 0), ("NPROC", lim["nproc"])):
+            hard = value + 1 if name == "CPU" else value
+            resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, hard))
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.closerange(3, status)
+        os.closerange(status + 1, 65536)
+        os.set_inheritable(status, False)                        # closed by exec; open to report a failed exec
+        os.chdir("/tmp")
+        argv = [cfg["python"], "-I", "-c", cfg["guard"], "/sandbox/candidate.py"] if cfg["guard"] else \
+               [cfg["python"], "-I", "/sandbox/candidate.py"]
+        os.execve(cfg["python"], argv, {})
+    except BaseException as e:
+        os.write(status, ("setup start the program: %r\n" % (e,)).encode())
+    os._exit(SETUP_EXIT)
+signal.signal(signal.SIGINT, signal.SIG_DFL)                    # init takes no signal it has no handler for
+while True:
+    pid, st = os.wait()
+    if pid == candidate:
+        break
+code = ("signal %d" % os.WTERMSIG(st)) if os.WIFSIGNALED(st) else ("exit %d" % os.WEXITSTATUS(st))
+os.write(status, (code + "\n").encode())
+os._exit(0)
+'''.replace("SETUP_EXIT", str(SETUP_EXIT))
+
+
+class SandboxUnavailable(MsLlmError):
+    """Model-written code cannot be isolated on this machine; the message says what is missing."""
+
 
 @dataclass
 class RunResult:
@@ -81,34 +235,308 @@ class RunResult:
     returncode: int = 0
 
 
-def _limits(cpu_s: int, memory_mb: int, file_mb: int, isolate_net: bool):
+def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16,
+                isolation: str = "namespaces", guard: bool = True) -> RunResult:
+    """Execute `program` (Python source) in the sandbox and classify the outcome.
+
+    isolation: "namespaces" (the boundary; raises SandboxUnavailable where it cannot be had) or "none" (only
+    the guard and the limits: the explicit opt-out). guard=False leaves out the in-process guard, which tests
+    use to show that the namespaces hold on their own."""
+    if isolation not in ISOLATIONS:
+        raise MsLlmError(f"sandbox: isolation must be one of {ISOLATIONS}, not {isolation!r}")
+    if isolation == "none":
+        return _run_unisolated(program, timeout, memory_mb, file_mb, guard)
+    require_isolation()
+    return _run_isolated(program, timeout, memory_mb, file_mb, guard)
+
+
+def run_programs(programs: list, timeout: float = 5.0, workers: int = None, **kw) -> list:
+    """Run many programs, `workers` at a time (default: the cores this process may use); results in order."""
+    workers = workers or len(os.sched_getaffinity(0))
+    if kw.get("isolation", "namespaces") == "namespaces" and programs:
+        require_isolation()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(lambda p: run_program(p, timeout=timeout, **kw), programs))
+
+
+# -- isolation ---------------------------------------------------------------------------------------------
+
+class _Slots:
+    """Each sandbox running at once gets its own host uids, so one program's process limit is its own.
+    Slots are offset by the evaluator's pid so that two evaluators on one machine rarely share."""
+    def __init__(self, n: int = 256):
+        self.lock, self.free, self.n = threading.Lock(), list(range(n)), n
+
+    def take(self) -> int:
+        with self.lock:
+            if not self.free:
+                raise RuntimeError("sandbox: more than 256 programs at once")
+            return self.free.pop(0)
+
+    def give(self, slot: int):
+        with self.lock:
+            self.free.append(slot)
+
+    def ids(self, slot: int, base: int, span: int) -> tuple:
+        """(setup id, program id) on the host for `slot`, inside a range of `span` ids from `base`."""
+        k = ((os.getpid() % 4096) * self.n + slot) % (span // 2)
+        return base + 2 * k, base + 2 * k + 1
+
+
+_SLOTS = _Slots()
+_probe = {}
+
+
+def _subordinate_range(path: str, user: str, uid: int):
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] in (user, str(uid)) and int(parts[2]) >= 2:
+                    return int(parts[1]), int(parts[2])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _id_source():
+    """How host ids are given to a sandbox: ("root", None) or ("helpers", (uid range, gid range)), or an
+    explanation of what is missing."""
+    if os.geteuid() == 0:
+        return ("root", None), None
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    missing = [t for t in ("newuidmap", "newgidmap") if not shutil.which(t)]
+    if missing:
+        return None, (f"not root, and {' and '.join(missing)} not found (Debian/Ubuntu package: uidmap), so the "
+                      "sandbox cannot run as a uid other than yours")
+    ranges = (_subordinate_range("/etc/subuid", user, uid), _subordinate_range("/etc/subgid", user, uid))
+    if None in ranges:
+        return None, f"not root, and user {user} has no range in /etc/subuid and /etc/subgid (usermod --add-subuids)"
+    return ("helpers", ranges), None
+
+
+def isolation_problem():
+    """None when model-written code can be isolated here, else a sentence naming what is missing."""
+    if "problem" not in _probe:
+        _probe["problem"] = _find_problem()
+    return _probe["problem"]
+
+
+def _find_problem():
+    if not sys.platform.startswith("linux"):
+        return f"namespaces need Linux (this is {sys.platform})"
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if int(f.read()) == 0:
+                return "user namespaces are disabled (sysctl user.max_user_namespaces = 0)"
+    except (OSError, ValueError):
+        pass
+    src, why = _id_source()
+    if why:
+        return why
+    try:
+        r = _run_isolated("import os\nassert os.getuid() != 0\n", 20.0, 256, 1, True)
+    except _SetupError as e:
+        hint = ""
+        if "unshare" in str(e) and os.path.exists("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"):
+            hint = " (AppArmor restricts unprivileged user namespaces: kernel.apparmor_restrict_unprivileged_userns)"
+        return f"{e}{hint}"
+    if r.status != "passed":
+        return f"a trial program did not pass in the sandbox ({r.status}: {r.detail})"
+    return None
+
+
+def require_isolation():
+    problem = isolation_problem()
+    if problem:
+        raise SandboxUnavailable(
+            f"sandbox: cannot isolate model-written code on this machine: {problem}. Run as root, or install "
+            "uidmap with a subordinate id range for your user and allow user namespaces; or pass "
+            "--unsafe-no-isolation (Python: isolation='none') to run it with only an in-process guard and "
+            "resource limits, which code written to escape can leave (docs/eval.md)")
+
+
+class _SetupError(RuntimeError):
+    pass
+
+
+def _binds() -> list:
+    paths = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
+    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(
+        os.path.realpath(sys.executable))))}
+    for p in sorted(prefixes):
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in paths if os.path.isdir(q)
+                   and not os.path.islink(q)):
+            paths.append(p)
+    if os.path.isfile("/etc/ld.so.cache"):
+        paths.append("/etc/ld.so.cache")
+    return [p for p in paths if os.path.lexists(p)]
+
+
+def _write_maps(pid: int, slot: int, src):
+    kind, ranges = src
+    if kind == "root":
+        setup, prog = _SLOTS.ids(slot, HOST_ID_BASE, 1 << 24)
+        for name in ("uid_map", "gid_map"):
+            try:
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(f"0 {setup} 1\n{INSIDE_ID} {prog} 1\n")
+            except OSError as e:
+                raise _SetupError(f"cannot give the sandbox host ids {setup} and {prog} ({name}: {e.strerror}); "
+                                  "is this root inside a container or user namespace that does not map them?") from None
+        return setup, prog
+    for tool, (start, count) in zip(("newuidmap", "newgidmap"), ranges):
+        setup, prog = _SLOTS.ids(slot, start, count)
+        r = subprocess.run([tool, str(pid), "0", str(setup), "1", str(INSIDE_ID), str(prog), "1"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise _SetupError(f"{tool} failed: {r.stderr.strip() or r.returncode}")
+        if tool == "newuidmap":
+            uids = (setup, prog)
+    return uids
+
+
+def _run_isolated(program: str, timeout: float, memory_mb: int, file_mb: int, guard: bool) -> RunResult:
+    src, why = _id_source()
+    if why:
+        raise _SetupError(why)
+    slot = _SLOTS.take()
+    pipes = [os.pipe() for _ in range(3)]          # status (init -> us), ready (launcher -> us), go (us -> launcher)
+    (status_r, status_w), (ready_r, ready_w), (go_r, go_w) = pipes
+    cfg = {"status_fd": status_w, "ready_fd": ready_w, "go_fd": go_r, "inside_id": INSIDE_ID,
+           "python": os.path.realpath(sys.executable), "guard": GUARD if guard else "", "binds": _binds(),
+           "file_mb": file_mb, "limits": {"cpu_s": int(timeout) + 1, "memory_mb": memory_mb, "file_mb": file_mb,
+                                          "nproc": 64}}
+    proc, ids = None, None
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)], cwd="/", env={},
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                pass_fds=(status_w, ready_w, go_r), start_new_session=True)
+        for fd in (status_w, ready_w, go_r):
+            os.close(fd)
+        proc.stdin.write(program.encode())
+        proc.stdin.close()
+        proc.stdin = None                                        # so communicate() does not flush it
+        ok = select.select([ready_r], [], [], 20.0)[0] and os.read(ready_r, 1) == b"R"
+        if not ok:
+            _kill_group(proc)
+            proc.wait()
+            raise _SetupError(_read_all(status_r).strip() or "the launcher did not start")
+        ids = _write_maps(proc.pid, slot, src)
+        os.write(go_w, b"G")
+        t0 = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=timeout + 0.5)      # + the namespace set-up (~0.1 s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            _wait_gone(ids)
+            return RunResult("timeout", f"exceeded {timeout:g} s", -9)
+        line = _read_all(status_r).strip()
+        if line.startswith("setup"):
+            raise _SetupError(line)
+        if not line:                                             # init was killed: by the clock or the kernel
+            if time.monotonic() - t0 >= timeout:
+                return RunResult("timeout", f"exceeded {timeout:g} s", -9)
+            return RunResult("killed", "the sandbox's init was killed", -9)
+        kind, value = line.split()
+        rc = -int(value) if kind == "signal" else int(value)
+        return _classify(rc, err)
+    finally:
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc)
+            proc.wait()
+            if ids:
+                _wait_gone(ids)
+        for fd in (status_r, ready_r, go_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for fd in (status_w, ready_w, go_r):
+            if proc is None:
+                os.close(fd)
+        _SLOTS.give(slot)
+
+
+def _wait_gone(uids, limit: float = 10.0):
+    """Block until no process runs as the slot's host uids: a killed init takes its namespace down
+    asynchronously, and the slot must not be reused before it is empty."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        alive = False
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            alive = int(line.split()[1]) in uids
+                            break
+            except OSError:
+                continue
+            if alive:
+                break
+        if not alive:
+            return
+        time.sleep(0.01)
+
+
+def _read_all(fd) -> str:
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(b)
+
+
+def _classify(rc: int, err: bytes) -> RunResult:
+    err = err.decode(errors="replace")[-2000:]
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    if rc == 0:
+        return RunResult("passed", "", 0)
+    if rc == REFUSED_EXIT:
+        return RunResult("refused", last, rc)
+    if rc == MEMORY_EXIT or "MemoryError" in err:
+        return RunResult("memory", "out of memory", rc)
+    if rc < 0:
+        if -rc == signal.SIGXCPU:
+            return RunResult("timeout", "CPU time limit", rc)
+        why = "file size limit" if -rc == signal.SIGXFSZ else f"signal {-rc}"
+        return RunResult("killed", why, rc)
+    return RunResult("failed", last or f"exit {rc}", rc)
+
+
+# -- the explicit opt-out ------------------------------------------------------------------------------------
+
+def _limits(cpu_s: int, memory_mb: int, file_mb: int):
     def apply():
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb << 20, file_mb << 20))
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))     # not enforced for root; the guard covers it
-        if isolate_net:
-            try:
-                os.unshare(os.CLONE_NEWNET)                      # an empty network namespace: no interfaces
-            except (AttributeError, OSError):
-                pass
     return apply
 
 
-def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16) -> RunResult:
-    """Execute `program` (Python source) in the sandbox and classify the outcome."""
+def _run_unisolated(program: str, timeout: float, memory_mb: int, file_mb: int, guard: bool) -> RunResult:
+    """The guard, the limits, a new session and a temporary directory: no boundary (see the module doc)."""
     work = tempfile.mkdtemp(prefix="ms_llm_sandbox_")
     try:
         path = os.path.join(work, "candidate.py")
         with open(path, "w") as f:
             f.write(program)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen([sys.executable, "-I", "-c", GUARD, path], cwd=work, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True,
-                                preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb, os.geteuid() == 0))
+        argv = [sys.executable, "-I", "-c", GUARD, path] if guard else [sys.executable, "-I", path]
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb))
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -117,20 +545,7 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, file_
             return RunResult("timeout", f"exceeded {timeout:g} s", -9)
         finally:
             _kill_group(proc)                                    # anything it left behind in its session
-        err = err.decode(errors="replace")[-2000:]
-        rc = proc.returncode
-        if rc == 0:
-            return RunResult("passed", "", 0)
-        if rc == REFUSED_EXIT:
-            return RunResult("refused", err.strip().splitlines()[-1] if err.strip() else "", rc)
-        if rc == MEMORY_EXIT or "MemoryError" in err:
-            return RunResult("memory", "out of memory", rc)
-        if rc < 0:
-            if -rc == signal.SIGXCPU:
-                return RunResult("timeout", "CPU time limit", rc)
-            why = "file size limit" if -rc == signal.SIGXFSZ else f"signal {-rc}"
-            return RunResult("killed", why, rc)
-        return RunResult("failed", err.strip().splitlines()[-1] if err.strip() else f"exit {rc}", rc)
+        return _classify(proc.returncode, err)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

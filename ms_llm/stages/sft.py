@@ -9,6 +9,7 @@ the adapter alone, and the run exports `final_adapter/` (PEFT format) plus the m
 Held-out prompts (`sft.eval_prompts`) are scored by exact match at every evaluation and at the end.
 """
 import os
+import re
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.manifest import verify_dataset
@@ -16,6 +17,7 @@ from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData, neftune_noise
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
+from ms_llm.eval.sandbox import require_isolation
 from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
@@ -35,6 +37,10 @@ def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
     dialogues = [r["messages"] for r in read_records(s.eval_dialogues, "sharegpt")][:s.eval_dialogue_limit] \
         if s.eval_dialogues else []
 
+    isolation = "none" if s.eval_unsafe_no_isolation else "namespaces"
+    if isolation == "namespaces" and any(re.search(r"def\s+\w+\s*\(", str(r.get("answer", ""))) for r in records):
+        require_isolation()                               # code answers will run: refuse now, not mid-run
+
     def evaluate():
         out = {}
         if dialogues:
@@ -44,7 +50,7 @@ def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
             return out
         res = exact_match(model, tokenizer, records, cfg.tokenizer.chat_template, s.eval_max_new_tokens)
         out["eval/exact_match"] = res["accuracy"]
-        passed = code_pass_at_1(res["outputs"])
+        passed = code_pass_at_1(res["outputs"], isolation)
         if passed == passed:                                   # not NaN: the set has code tasks
             out["eval/code_pass@1"] = passed
         out.update({f"eval/exact_match/{t}": v for t, v in res["tasks"].items()})

@@ -83,3 +83,16 @@ def test_candidate_sees_no_caller_environment(monkeypatch):
     monkeypatch.setenv("MS_LLM_SECRET", "hunter2")
     assert run_program("import os\nassert 'MS_LLM_SECRET' not in os.environ").status == "passed"
     assert run_program("import os\nassert os.getcwd().startswith('/tmp')\nopen('x', 'w').write('ok')").status == "passed"
+
+
+def test_bad_samples_files_end_in_one_message(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main(["eval", "humaneval", "--samples", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such samples file" in err and "Traceback" not in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return True\n"}) + "\n"
+                   + json.dumps({"task_id": "HumanEval/1", "completion": ["    return []\n"]}) + "\n")
+    assert main(["eval", "humaneval", "--samples", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2" in err and "'completion' must be a string, not list" in err

@@ -1,0 +1,263 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Escape attempts against the sandbox. Most run with the in-process guard left out (guard=False): the
+namespaces must contain them on their own. Each test checks what is visible from outside — files, processes,
+connections, the evaluator — not what the program says about itself."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from ms_llm.eval.sandbox import HOST_ID_BASE, _binds, run_program, run_programs
+
+
+def _sandbox_processes():
+    """Processes on the host whose real uid is one of the sandbox's host ids."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+            except (OSError, StopIteration):
+                continue
+            if HOST_ID_BASE <= uid < HOST_ID_BASE + (1 << 24):
+                found.append(int(pid))
+    return found
+
+
+def _run(program, timeout=5.0, **kw):
+    r = run_program(program, timeout=timeout, guard=kw.pop("guard", False), **kw)
+    assert not _sandbox_processes(), "a process of the sandbox outlived its run"
+    return r
+
+
+@pytest.fixture
+def victims(tmp_path):
+    """Host files a program must not touch: one in the test's directory, one straight in /tmp."""
+    files = [tmp_path / "victim.txt", tmp_path.parent / f"ms_llm_victim_{os.getpid()}.txt"]
+    for f in files:
+        f.write_text("original")
+    yield files
+    files[1].unlink(missing_ok=True)
+
+
+def _untouched(victims, markers=()):
+    for f in victims:
+        assert f.read_text() == "original", f
+    for m in markers:
+        assert not os.path.exists(m), m
+
+
+def test_identity_is_unprivileged_and_alone():
+    allowed = {"sandbox", "tmp", "proc", "dev"} | {p.split("/")[1] for p in _binds()}
+    program = f"""
+import os, socket
+assert os.getuid() == os.geteuid() == 65534 and os.getgid() == 65534 and os.getgroups() == []
+assert socket.gethostname() == 'sandbox'
+assert set(os.environ) <= {{'LC_CTYPE'}}, dict(os.environ)                  # Python's own locale coercion only
+assert os.getpid() == 2 and os.getppid() == 1
+assert sorted(p for p in os.listdir('/proc') if p.isdigit()) == ['1', '2']
+assert set(os.listdir('/')) <= {allowed!r}, os.listdir('/')
+assert os.listdir('/etc') in ([], ['ld.so.cache'])
+assert 'CapEff:\\t0000000000000000' in open('/proc/self/status').read()
+assert 'NoNewPrivs:\\t1' in open('/proc/self/status').read()
+"""
+    r = _run(program)
+    assert r.status == "passed", r
+    # and the host sees it under an id that is neither the caller's nor root
+    r = _run("import os\nopen('/tmp/x', 'w').write('x')\nassert os.stat('/tmp/x').st_uid == 65534")
+    assert r.status == "passed"
+
+
+def test_process_creation_is_contained(victims, tmp_path):
+    markers = [tmp_path / f"m{i}" for i in range(4)]
+    attempts = [
+        f"import posix\nposix.system('echo pwned > {markers[0]}; echo pwned > {victims[0]}; rm -f {victims[1]}')",
+        f"import posix\npid = posix.fork()\nif pid == 0:\n    posix.execv('/bin/sh', ['sh', '-c', 'touch {markers[1]}'])\n"
+        "else:\n    posix.waitpid(pid, 0)",
+        f"import os\npid = os.posix_spawn('/usr/bin/touch', ['touch', '{markers[2]}'], {{}})\nos.waitpid(pid, 0)",
+    ]
+    for program in attempts:
+        _run(program)
+        _untouched(victims, markers)
+    # with the guard on, the same calls are refused outright
+    for program in attempts:
+        assert _run(program, guard=True).status == "refused", program
+
+
+def test_guard_tampering_then_ctypes_and_subprocess_is_contained(victims, tmp_path):
+    marker = tmp_path / "meta_path"
+    program = f"""
+import sys
+sys.meta_path = [m for m in sys.meta_path if 'Blocker' not in getattr(m, '__name__', type(m).__name__)]
+import ctypes, subprocess
+subprocess.run(['sh', '-c', 'touch {marker}; echo pwned > {victims[0]}'])
+ctypes.CDLL(None).system(b'rm -f {victims[1]}')
+"""
+    r = _run(program, guard=True)
+    assert r.status in ("passed", "failed", "refused")
+    _untouched(victims, [marker])
+
+
+def test_other_processes_and_the_callers_environment_are_invisible(monkeypatch):
+    monkeypatch.setenv("MS_LLM_SECRET", "hunter2")
+    me = os.getpid()
+    program = f"""
+import os
+seen = b''
+for pid in [p for p in os.listdir('/proc') if p.isdigit()] + ['{me}', '{os.getppid()}', '1']:
+    for name in ('environ', 'cmdline', 'mem'):
+        try:
+            with open(f'/proc/{{pid}}/{{name}}', 'rb') as f:
+                seen += f.read(1 << 16)
+        except OSError:
+            pass
+assert b'hunter2' not in seen and b'pytest' not in seen
+assert not os.path.exists('/proc/{me}/environ') or '{me}' in ('1', '2')
+"""
+    assert _run(program).status == "passed"
+    assert os.environ["MS_LLM_SECRET"] == "hunter2"
+
+
+def test_files_outside_the_work_dir_are_out_of_reach(victims, tmp_path):
+    program = f"""
+import os, shutil
+for path in {[str(v) for v in victims]!r} + ['/tmp/ms_llm_new_file', '{tmp_path}/new', '/usr/ms_llm_x', '/etc/passwd',
+                                             '/sandbox/candidate.py', '/root/x']:
+    for attempt in (lambda: open(path, 'w').write('pwned'), lambda: os.remove(path), lambda: shutil.rmtree(path)):
+        try:
+            attempt()
+        except OSError:
+            pass
+for top in ('/usr', '/root', '/proc/sys/kernel'):
+    try:
+        open(top + '/ms_llm_x', 'w')
+        raise SystemExit('wrote under ' + top)
+    except OSError:
+        pass
+open('/tmp/mine.txt', 'w').write('the private /tmp is writable')
+"""
+    before = set(os.listdir("/tmp"))
+    r = _run(program)
+    assert r.status == "passed", r
+    _untouched(victims, [tmp_path / "new", "/usr/ms_llm_x", "/root/x"])
+    assert set(os.listdir("/tmp")) - before == set()
+
+
+def test_no_network_even_to_loopback():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    program = f"""
+import _socket
+s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+try:
+    s.connect(('127.0.0.1', {port}))
+    raise SystemExit(7)
+except OSError:
+    pass
+import socket
+assert [n for _, n in socket.if_nameindex()] == ['lo']
+"""
+    try:
+        r = _run(program)
+        with pytest.raises(socket.timeout):
+            server.accept()                   # nobody connected
+    finally:
+        server.close()
+    assert r.status == "passed", r
+
+
+def test_nothing_it_starts_outlives_the_run():
+    for program in [
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n",
+        "import os, time\nif os.fork() == 0:\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n"
+        "    os._exit(0)\n",
+    ]:
+        assert _run(program).status == "passed"     # _run asserts that no sandbox process is left
+
+
+def test_fork_bomb_is_contained_and_killed():
+    t0 = time.time()
+    r = _run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", timeout=3)
+    assert r.status in ("timeout", "killed"), r
+    assert time.time() - t0 < 15
+    assert _run("pass").status == "passed"           # the next program starts normally
+
+
+def test_filling_the_disk_stops_at_the_private_tmp_limit():
+    import shutil
+    free = shutil.disk_usage("/tmp").free
+    r = _run("f = open('/tmp/fill', 'wb')\nwhile True:\n    f.write(b'x' * (1 << 20))\n    f.flush()\n",
+             file_mb=8)
+    assert r.status in ("failed", "killed"), r
+    assert "No space" in r.detail or "file size" in r.detail or "File too large" in r.detail, r
+    assert shutil.disk_usage("/tmp").free > free - (64 << 20)
+
+
+def test_signals_do_not_leave_the_sandbox():
+    canary = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        program = f"""
+import os, signal
+for pid in (os.getppid(), 1, {os.getpid()}, {canary.pid}, -1):
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+"""
+        r = _run(program)
+        assert r.status == "passed", r                       # init ignored them; the program lived on
+        assert canary.poll() is None
+    finally:
+        canary.kill()
+        canary.wait()
+
+
+def test_time_and_memory_limits():
+    assert _run("while True:\n    pass", timeout=2).status == "timeout"
+    assert _run("x = bytearray(10 * 1024 ** 3)").status == "memory"
+
+
+def test_pool_runs_programs_in_parallel_and_in_order():
+    programs = [f"import time\ntime.sleep(0.5)\nraise SystemExit({i % 2})" for i in range(4)]
+    t0 = time.time()
+    results = run_programs(programs, timeout=5, workers=4)
+    took = time.time() - t0
+    assert [r.status for r in results] == ["passed", "failed"] * 2
+    assert took < 4 * 0.5 + 0.5, took                  # not one after another
+    assert not _sandbox_processes()
+
+
+def _as_namespaced_root(argv):
+    """Run `argv` as root of a user namespace that maps only the caller's uid: root inside a rootless
+    container, which cannot give the sandbox ids of its own."""
+    return subprocess.run(["unshare", "--user", "--map-root-user"] + argv, capture_output=True, text=True, cwd="/")
+
+
+def test_refuses_without_isolation_unless_told(tmp_path):
+    code = ("import json\nfrom ms_llm.eval.sandbox import isolation_problem, run_program\n"
+            "print(json.dumps({'problem': isolation_problem(), 'unsafe': run_program('pass', isolation='none').status}))\n"
+            "run_program('pass')\n")
+    r = _as_namespaced_root([sys.executable, "-c", code])
+    out = json.loads(r.stdout.strip().splitlines()[0])
+    assert "cannot give the sandbox host ids" in out["problem"], out
+    assert out["unsafe"] == "passed"
+    assert "SandboxUnavailable" in r.stderr and "--unsafe-no-isolation" in r.stderr
+    # the CLI: one message, exit 2, before anything runs; with the opt-out it scores
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return False\n"}) + "\n")
+    cli = [sys.executable, "-m", "ms_llm.cli", "eval", "humaneval", "--samples", str(samples), "--k", "1"]
+    r = _as_namespaced_root(cli)
+    assert r.returncode == 2 and "cannot isolate" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _as_namespaced_root(cli + ["--unsafe-no-isolation"])
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["pass@1"] == 0.0, r.stderr
