@@ -368,7 +368,7 @@ def cmd_report(argv):
 
 
 COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
-    "train": (cmd_train, "run the stage a YAML config describes (pretrain, cpt, distill, sft, reward)"),
+    "train": (cmd_train, "run the stage a YAML config describes (pretrain, cpt, distill, sft, reward, dpo, ppo)"),
     "launch": (cmd_launch, "start a config on several workers with msrun (CPU or Ascend), or print the command"),
     "eval": (cmd_eval, "evaluate a model: humaneval, mc, ppl, em, rm (reward model)"),
     "generate": (cmd_generate, "print a model's completion of a prompt"),
@@ -379,7 +379,7 @@ COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
     "merge-lora": (cmd_merge_lora, "fold a LoRA adapter into its base model (verified)"),
     "report": (cmd_report, "rebuild a run directory's report.md and plots"),
     "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, layouts, ppo-digits, "
-                         "ppo-memory"),
+                         "ppo-memory, sandbox"),
     "rlhf": (cmd_rlhf, "RLHF audit loop: audit-import reviewed rounds into the preference pool, audit-status"),
     "mup": (cmd_mup, "μP tools: coordinate check and learning-rate sweep across widths"),
 }

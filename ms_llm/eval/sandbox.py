@@ -12,12 +12,17 @@ is neither the caller's nor root and has no supplementary groups:
     init exits and the kernel kills everything left in the namespace (setsid and double-forked children
     included); a timeout kills init from outside, which does the same. Other processes are invisible.
   * network: an empty network namespace, loopback down.
-  * environment: empty. Limits: CPU time, address space, processes, file size, open files, no core dumps.
-  * PR_SET_NO_NEW_PRIVS, so nothing it executes can gain privileges.
+  * environment: empty; a new session keyring. Limits: CPU time, address space, processes, file size, open
+    files, no core dumps. No nested user namespaces (max_user_namespaces = 0 inside).
+  * PR_SET_NO_NEW_PRIVS, so nothing it executes can gain privileges. If the evaluator dies, the launcher and
+    init die with it (PR_SET_PDEATHSIG), and the namespace with them.
 
 Inside, an in-process guard removes process creation, sockets and destructive file calls before the
 candidate runs and ends the program with status "refused" when one is used. It is a second layer that makes
-the common case cheap and the status telling; the namespaces are the boundary.
+the common case cheap and the status telling; the namespaces are the boundary. The guard also hands back a
+per-run token once the program has run to its end, so a program that leaves early with status 0
+(sys.exit(0), quit(), os._exit(0): skipping the tests after it) is "failed", not "passed". Code written to
+forge the token can (it shares the guard's process); it cannot reach anything outside.
 
 Root callers map the sandbox to host uids/gids from 1,600,000,000 up (two per concurrent slot). Other
 callers need `newuidmap`/`newgidmap` (package uidmap) and a range for their user in /etc/subuid and
@@ -31,7 +36,6 @@ refused (the guard stopped it), killed (a signal).
 import json
 import os
 import pwd
-import resource
 import select
 import shutil
 import signal
@@ -52,6 +56,7 @@ ISOLATIONS = ("namespaces", "none")
 
 GUARD = r'''
 import builtins, os, posix, sys
+_os_write, _os_read, _os_open, _os_dup2, _os_close, _os_exit = os.write, os.read, os.open, os.dup2, os.close, os._exit
 class SandboxViolation(BaseException):
     pass
 def _deny(name):
@@ -87,17 +92,22 @@ class _Blocker:
             raise SandboxViolation("import " + name)
         return None
 sys.meta_path.insert(0, _Blocker)
-_path = sys.argv[1]
-sys.argv = sys.argv[1:]
-_code = compile(open(_path).read(), _path, "exec")
-try:
-    exec(_code, {"__name__": "__main__", "__builtins__": builtins})
-except SandboxViolation as e:
-    sys.stderr.write("sandbox: refused " + str(e) + "\n")
-    os._exit(REFUSED_EXIT)
-except MemoryError:
-    sys.stderr.write("sandbox: out of memory\n")
-    os._exit(MEMORY_EXIT)
+def _main(done_fd, path):
+    nonce = _os_read(0, 64)                      # the evaluator's token for "the program ran to its end"
+    _os_dup2(_os_open("/dev/null", os.O_RDWR), 0)
+    sys.argv = [path]
+    code = compile(open(path, encoding="utf-8", errors="surrogateescape").read(), path, "exec")
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except SandboxViolation as e:
+        sys.stderr.write("sandbox: refused " + str(e) + "\n")
+        _os_exit(REFUSED_EXIT)
+    except MemoryError:
+        sys.stderr.write("sandbox: out of memory\n")
+        _os_exit(MEMORY_EXIT)
+    _os_write(done_fd, nonce)                    # not reached after sys.exit(), quit() or os._exit() in the program
+    _os_close(done_fd)
+_main(int(sys.argv[1]), sys.argv[2])
 '''.replace("REFUSED_EXIT", str(REFUSED_EXIT)).replace("MEMORY_EXIT", str(MEMORY_EXIT))
 
 # Runs as `python -I -S -c LAUNCHER CONFIG` with the program on stdin. It unshares the namespaces, waits for
@@ -105,7 +115,7 @@ except MemoryError:
 # file system, pivots into it and forks the program as the unprivileged id. Init reports the program's
 # exit ("exit N" / "signal N") or a failed setup step ("setup WHAT: ERROR") on the status pipe.
 LAUNCHER = r'''
-import ctypes, json, os, resource, signal, sys
+import ctypes, fcntl, json, os, resource, select, signal, sys
 cfg = json.loads(sys.argv[1])
 status = cfg["status_fd"]
 libc = ctypes.CDLL(None, use_errno=True)
@@ -132,12 +142,13 @@ call(libc.unshare(NEWUSER | NEWNS | NEWPID | NEWNET | NEWIPC | NEWUTS), "unshare
 os.write(cfg["ready_fd"], b"R")
 if os.read(cfg["go_fd"], 1) != b"G":
     os._exit(SETUP_EXIT)
+alive_r, alive_w = os.pipe()                                     # EOF for init once the launcher is gone
 init = os.fork()
 if init:
     os.close(status)
     os.waitpid(init, 0)
     os._exit(0)
-libc.prctl(1, signal.SIGKILL)
+os.close(alive_w)
 binds = []                                       # opened in our mount namespace while the host uid (its owner) is still ours
 for path in cfg["binds"]:
     if os.path.islink(path):
@@ -150,6 +161,9 @@ try:
     os.setresuid(0, 0, 0)
 except OSError as e:
     os.write(status, ("setup become the namespace's root: %s\n" % e).encode())
+    os._exit(SETUP_EXIT)
+libc.prctl(1, signal.SIGKILL)                                    # set after the uid change, which clears it
+if select.select([alive_r], [], [], 0)[0]:                       # the launcher died before that: so do we
     os._exit(SETUP_EXIT)
 call(libc.sethostname(b"sandbox", 7), "sethostname")
 mount(None, "/", None, REC | PRIVATE)
@@ -178,6 +192,12 @@ for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("st
 read_only(root + "/dev")
 os.makedirs(root + "/proc", 0o755)
 mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+try:                                                             # no nested user namespaces for the program
+    with open(root + "/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
+except OSError as e:
+    os.write(status, ("setup limit nested user namespaces: %s\n" % e).encode())
+    os._exit(SETUP_EXIT)
 os.makedirs(root + "/tmp", 0o755)
 mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, "size=%dk,nr_inodes=4096,mode=1777" % (cfg["file_mb"] * 1024))
 os.makedirs(root + "/sandbox", 0o755)
@@ -188,6 +208,12 @@ call(libc.syscall({"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155), b
 call(libc.umount2(b".", 2), "detach the old root")
 os.chdir("/")
 read_only("/")
+status = fcntl.fcntl(status, fcntl.F_DUPFD_CLOEXEC, 10)          # clear of fds 0-3; closed by exec
+nonce = os.urandom(16).hex().encode()
+in_r, in_w = os.pipe()
+done_r, done_w = os.pipe()
+os.write(in_w, nonce)
+os.close(in_w)
 candidate = os.fork()
 if candidate == 0:
     try:
@@ -195,31 +221,41 @@ if candidate == 0:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
         call(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
+        keyctl = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine, 250)
+        if libc.syscall(keyctl, 1, None) < 0:                    # a new session keyring, not the evaluator's
+            fail("join a new session keyring")
         lim = cfg["limits"]
         for name, value in (("CPU", lim["cpu_s"]), ("AS", lim["memory_mb"] << 20), ("FSIZE", lim["file_mb"] << 20),
                             ("NOFILE", 64), ("CORE", 0), ("NPROC", lim["nproc"])):
             hard = value + 1 if name == "CPU" else value
             resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, hard))
         null = os.open("/dev/null", os.O_RDWR)
-        os.dup2(null, 0)
+        os.dup2(in_r, 0)                                         # the nonce, which the guard reads first
         os.dup2(null, 1)
-        os.closerange(3, status)
+        os.dup2(done_w, 3)                                       # where the guard writes it back at the end
+        os.closerange(4, status)
         os.closerange(status + 1, 65536)
-        os.set_inheritable(status, False)                        # closed by exec; open to report a failed exec
         os.chdir("/tmp")
-        argv = [cfg["python"], "-I", "-c", cfg["guard"], "/sandbox/candidate.py"] if cfg["guard"] else \
+        argv = [cfg["python"], "-I", "-c", cfg["guard"], "3", "/sandbox/candidate.py"] if cfg["guard"] else \
                [cfg["python"], "-I", "/sandbox/candidate.py"]
         os.execve(cfg["python"], argv, {})
     except BaseException as e:
         os.write(status, ("setup start the program: %r\n" % (e,)).encode())
     os._exit(SETUP_EXIT)
+os.close(done_w)
+os.close(in_r)
 signal.signal(signal.SIGINT, signal.SIG_DFL)                    # init takes no signal it has no handler for
 while True:
     pid, st = os.wait()
     if pid == candidate:
         break
+os.set_blocking(done_r, False)
+try:
+    done = os.read(done_r, 4096) == nonce
+except BlockingIOError:
+    done = False
 code = ("signal %d" % os.WTERMSIG(st)) if os.WIFSIGNALED(st) else ("exit %d" % os.WEXITSTATUS(st))
-os.write(status, (code + "\n").encode())
+os.write(status, (code + (" done" if done else "") + "\n").encode())
 os._exit(0)
 '''.replace("SETUP_EXIT", str(SETUP_EXIT))
 
@@ -252,7 +288,7 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, file_
 
 def run_programs(programs: list, timeout: float = 5.0, workers: int = None, **kw) -> list:
     """Run many programs, `workers` at a time (default: the cores this process may use); results in order."""
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = min(workers or len(os.sched_getaffinity(0)), 256)
     if kw.get("isolation", "namespaces") == "namespaces" and programs:
         require_isolation()
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -405,37 +441,40 @@ def _run_isolated(program: str, timeout: float, memory_mb: int, file_mb: int, gu
     if why:
         raise _SetupError(why)
     slot = _SLOTS.take()
-    pipes = [os.pipe() for _ in range(3)]          # status (init -> us), ready (launcher -> us), go (us -> launcher)
-    (status_r, status_w), (ready_r, ready_w), (go_r, go_w) = pipes
-    cfg = {"status_fd": status_w, "ready_fd": ready_w, "go_fd": go_r, "inside_id": INSIDE_ID,
-           "python": os.path.realpath(sys.executable), "guard": GUARD if guard else "", "binds": _binds(),
-           "file_mb": file_mb, "limits": {"cpu_s": int(timeout) + 1, "memory_mb": memory_mb, "file_mb": file_mb,
-                                          "nproc": 64}}
+    ours, theirs = [], []            # pipe ends still open here; theirs are closed once the launcher has them
     proc, ids = None, None
     try:
+        for _ in range(3):           # status (init -> us), ready (launcher -> us), go (us -> launcher)
+            r, w = os.pipe()
+            ours.append(r if len(ours) < 2 else w)
+            theirs.append(w if len(theirs) < 2 else r)
+        (status_r, ready_r, go_w), (status_w, ready_w, go_r) = ours, theirs
+        cfg = {"status_fd": status_w, "ready_fd": ready_w, "go_fd": go_r, "inside_id": INSIDE_ID,
+               "python": os.path.realpath(sys.executable), "guard": GUARD if guard else "", "binds": _binds(),
+               "file_mb": file_mb, "limits": {"cpu_s": int(timeout) + 1, "memory_mb": memory_mb,
+                                              "file_mb": file_mb, "nproc": 64}}
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)], cwd="/", env={},
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=(status_w, ready_w, go_r), start_new_session=True)
-        for fd in (status_w, ready_w, go_r):
-            os.close(fd)
-        proc.stdin.write(program.encode())
+        while theirs:
+            os.close(theirs.pop())
+        proc.stdin.write(program.encode("utf-8", "surrogatepass"))
         proc.stdin.close()
-        proc.stdin = None                                        # so communicate() does not flush it
-        ok = select.select([ready_r], [], [], 20.0)[0] and os.read(ready_r, 1) == b"R"
-        if not ok:
+        proc.stdin = None
+        if not (_readable(ready_r, 20.0) and os.read(ready_r, 1) == b"R"):
             _kill_group(proc)
             proc.wait()
             raise _SetupError(_read_all(status_r).strip() or "the launcher did not start")
         ids = _write_maps(proc.pid, slot, src)
         os.write(go_w, b"G")
         t0 = time.monotonic()
-        try:
-            _, err = proc.communicate(timeout=timeout + 0.5)      # + the namespace set-up (~0.1 s)
-        except subprocess.TimeoutExpired:
+        err, timed_out = _collect(proc, timeout + 0.5)             # + the namespace set-up (~0.1 s)
+        if timed_out:
             _kill_group(proc)
-            proc.communicate()
+            proc.wait()
             _wait_gone(ids)
             return RunResult("timeout", f"exceeded {timeout:g} s", -9)
+        proc.wait()
         line = _read_all(status_r).strip()
         if line.startswith("setup"):
             raise _SetupError(line)
@@ -443,24 +482,52 @@ def _run_isolated(program: str, timeout: float, memory_mb: int, file_mb: int, gu
             if time.monotonic() - t0 >= timeout:
                 return RunResult("timeout", f"exceeded {timeout:g} s", -9)
             return RunResult("killed", "the sandbox's init was killed", -9)
-        kind, value = line.split()
+        kind, value, *mark = line.split()
         rc = -int(value) if kind == "signal" else int(value)
-        return _classify(rc, err)
+        return _classify(rc, err, finished=bool(mark) or not guard)
     finally:
         if proc is not None and proc.poll() is None:
             _kill_group(proc)
             proc.wait()
             if ids:
                 _wait_gone(ids)
-        for fd in (status_r, ready_r, go_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        for fd in (status_w, ready_w, go_r):
-            if proc is None:
-                os.close(fd)
+        for fd in ours + theirs:
+            os.close(fd)
         _SLOTS.give(slot)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(p.poll(timeout * 1000))
+
+
+TAIL = 64 << 10
+
+
+def _collect(proc, timeout: float, grace: float = 1.0):
+    """Read the program's stderr until EOF, keeping its last 64 KiB, for at most `timeout` seconds, and at most
+    `grace` seconds after the process itself ended (a child may hold the pipe). Returns (tail, timed_out)."""
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    tail, deadline, ended = bytearray(), time.monotonic() + timeout, False
+    while True:
+        now = time.monotonic()
+        if not ended and proc.poll() is not None:
+            ended, deadline = True, min(deadline, now + grace)
+        if now >= deadline:
+            return bytes(tail), not ended
+        if poller.poll(min(deadline - now, 0.05) * 1000):
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return bytes(tail), False
+            tail += chunk
+            del tail[:-TAIL]
 
 
 def _wait_gone(uids, limit: float = 10.0):
@@ -496,10 +563,14 @@ def _read_all(fd) -> str:
         chunks.append(b)
 
 
-def _classify(rc: int, err: bytes) -> RunResult:
+def _classify(rc: int, err: bytes, finished: bool = True) -> RunResult:
+    """`finished`: the guard saw the program run to its end (False after sys.exit(0), quit() or os._exit(0),
+    which would otherwise pass a test they skipped)."""
     err = err.decode(errors="replace")[-2000:]
     last = err.strip().splitlines()[-1] if err.strip() else ""
     if rc == 0:
+        if not finished:
+            return RunResult("failed", "exited with status 0 before the end of the program", 0)
         return RunResult("passed", "", 0)
     if rc == REFUSED_EXIT:
         return RunResult("refused", last, rc)
@@ -515,38 +586,57 @@ def _classify(rc: int, err: bytes) -> RunResult:
 
 # -- the explicit opt-out ------------------------------------------------------------------------------------
 
-def _limits(cpu_s: int, memory_mb: int, file_mb: int):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb << 20, file_mb << 20))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+# Sets the limits, then becomes the program: `python -I -S -c LIMITS CONFIG PYTHON ARGS...` (no preexec_fn in
+# the evaluator, whose pool threads make forking Python code unsafe).
+LIMITS = r'''
+import json, os, resource, sys
+lim = json.loads(sys.argv[1])
+for name, value in (("CPU", lim["cpu_s"]), ("AS", lim["memory_mb"] << 20), ("FSIZE", lim["file_mb"] << 20),
+                    ("NOFILE", 64), ("CORE", 0), ("NPROC", lim["nproc"])):
+    resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value, value + 1 if name == "CPU" else value))
+os.execve(sys.argv[2], sys.argv[2:], lim["env"])
+'''
 
 
 def _run_unisolated(program: str, timeout: float, memory_mb: int, file_mb: int, guard: bool) -> RunResult:
     """The guard, the limits, a new session and a temporary directory: no boundary (see the module doc)."""
     work = tempfile.mkdtemp(prefix="ms_llm_sandbox_")
+    done_r, done_w = os.pipe()
     try:
         path = os.path.join(work, "candidate.py")
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8", errors="surrogatepass") as f:
             f.write(program)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "PYTHONDONTWRITEBYTECODE": "1"}
-        argv = [sys.executable, "-I", "-c", GUARD, path] if guard else [sys.executable, "-I", path]
-        proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_limits(int(timeout) + 1, memory_mb, file_mb))
+        lim = {"cpu_s": int(timeout) + 1, "memory_mb": memory_mb, "file_mb": file_mb, "nproc": 256, "env": env}
+        target = ["-I", "-c", GUARD, str(done_w), path] if guard else ["-I", path]
+        nonce = os.urandom(16).hex().encode()
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LIMITS, json.dumps(lim), sys.executable, *target],
+                                cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, start_new_session=True, pass_fds=(done_w,))
+        os.close(done_w)
+        done_w = None
         try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
+            proc.stdin.write(nonce)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        proc.stdin = None
+        err, timed_out = _collect(proc, timeout)
+        _kill_group(proc)                                        # anything it left behind in its session
+        if timed_out:
+            proc.wait()
             return RunResult("timeout", f"exceeded {timeout:g} s", -9)
-        finally:
-            _kill_group(proc)                                    # anything it left behind in its session
-        return _classify(proc.returncode, err)
+        proc.wait()
+        os.set_blocking(done_r, False)
+        try:
+            done = os.read(done_r, 4096) == nonce
+        except BlockingIOError:
+            done = False
+        return _classify(proc.returncode, err, finished=done or not guard)
     finally:
+        for fd in (done_r, done_w):
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -229,7 +229,7 @@ def test_time_and_memory_limits():
 
 
 def test_pool_runs_programs_in_parallel_and_in_order():
-    programs = [f"import time\ntime.sleep(0.5)\nraise SystemExit({i % 2})" for i in range(4)]
+    programs = [f"import time\ntime.sleep(0.5)\nassert {i % 2} == 0" for i in range(4)]
     t0 = time.time()
     results = run_programs(programs, timeout=5, workers=4)
     took = time.time() - t0
@@ -261,3 +261,90 @@ def test_refuses_without_isolation_unless_told(tmp_path):
     assert r.returncode == 2 and "cannot isolate" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = _as_namespaced_root(cli + ["--unsafe-no-isolation"])
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["pass@1"] == 0.0, r.stderr
+
+
+@pytest.mark.parametrize("isolation", ["namespaces", "none"])
+def test_an_early_exit_does_not_pass(isolation):
+    for early in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "quit()"):
+        r = run_program(early + "\nassert False, 'the test that was skipped'\n", isolation=isolation)
+        assert r.status == "failed" and "before the end" in r.detail, (early, r)
+    assert run_program("assert True\n", isolation=isolation).status == "passed"
+    # a lone surrogate in the source is the program's failure, not the evaluator's
+    assert run_program('x = "\ud800"\nassert False\n', isolation=isolation).status == "failed"
+
+
+def test_the_callers_session_keyring_is_out_of_reach():
+    nr = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+    code = f"""
+import ctypes, json
+from ms_llm.eval.sandbox import run_program
+libc = ctypes.CDLL(None, use_errno=True)
+add_key, keyctl = {nr}
+assert libc.syscall(keyctl, 1, b"ms_llm_eval_session") > 0            # join a named session keyring
+key = libc.syscall(add_key, b"user", b"hf_token", b"hunter2", 7, -3)  # -3: the session keyring
+assert key > 0
+program = f'''
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(64)
+got = libc.syscall({{keyctl}}, 11, {{key}}, buf, 64)                  # KEYCTL_READ
+libc.syscall({{keyctl}}, 2, {{key}}, b"pwned", 5)                     # KEYCTL_UPDATE
+libc.syscall({{add_key}}, b"user", b"planted", b"x", 1, -3)
+assert got < 0 and b"hunter2" not in buf.raw, buf.raw
+'''
+r = run_program(program, guard=False)
+buf = ctypes.create_string_buffer(64)
+n = libc.syscall(keyctl, 11, key, buf, 64)
+print(json.dumps({{"status": r.status, "detail": r.detail, "value": buf.raw[:n].decode()}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "passed" and out["value"] == "hunter2", (out, r.stderr[-2000:])
+
+
+def test_killing_the_evaluator_takes_the_sandbox_down():
+    ev = subprocess.Popen([sys.executable, "-c", "from ms_llm.eval.sandbox import run_program\n"
+                           "run_program('import time\\ntime.sleep(600)', timeout=600, guard=False)"])
+    try:
+        deadline = time.time() + 30
+        while not _sandbox_processes() and time.time() < deadline:
+            time.sleep(0.05)
+        assert _sandbox_processes(), "the sandbox did not start"
+        time.sleep(0.3)
+        ev.kill()
+        ev.wait()
+        deadline = time.time() + 5
+        while _sandbox_processes() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _sandbox_processes(), "init or the program outlived the evaluator"
+    finally:
+        ev.kill()
+
+
+def test_no_nested_user_namespaces():
+    program = ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               "assert libc.unshare(0x10000000) != 0, 'a nested user namespace was created'\n")
+    assert _run(program).status == "passed"
+
+
+def test_a_flood_on_stderr_is_cut_to_its_tail():
+    code = ("import json\nfrom ms_llm.eval.sandbox import run_program\n"
+            "r = run_program('import os\\nfor _ in range(2048):\\n    os.write(2, b\"x\" * (1 << 18))\\n"
+            "os.write(2, b\"the end\")\\nraise SystemExit(1)', timeout=30, guard=False)\n"
+            "print(json.dumps({'status': r.status, 'detail': r.detail, "
+            "'rss_mb': int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["status"] == "failed" and out["detail"].endswith("the end"), out
+    assert out["rss_mb"] < 100, out                     # 512 MiB went through; at most 64 KiB was kept
+
+
+def test_unisolated_run_does_not_wait_for_a_background_child():
+    tag = f"ms_llm_bg_{os.getpid()}"
+    program = f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)  # {tag}\n"
+    t0 = time.time()
+    try:
+        r = run_program(program, timeout=3, isolation="none", guard=False)
+        assert r.status == "passed" and time.time() - t0 < 3, (r, time.time() - t0)
+    finally:                       # without isolation the child escaped its session: that is the documented risk
+        subprocess.run(["pkill", "-f", tag])
