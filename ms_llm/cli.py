@@ -350,11 +350,45 @@ def cmd_merge_lora(argv):
     print(f"{a.out}: merged (scaling alpha/r); max logit difference vs base + adapter {diff:.2e}")
 
 
-def cmd_report(argv):
-    p = argparse.ArgumentParser(prog="ms-llm report", description="Rebuild a run's report.md and plots.")
-    p.add_argument("run_dir")
+def cmd_pipeline(argv):
+    p = argparse.ArgumentParser(prog="ms-llm pipeline", description="Run the stages a pipeline YAML names, in "
+                                "order, with hash-checked hand-offs, gates and resume (ms_llm/pipeline.py).")
+    p.add_argument("config", help="pipeline YAML (configs/tiny/pipeline.yaml)")
+    p.add_argument("overrides", nargs="*", help="output_dir=DIR, gate_policy=stop|warn, or STAGE.section.key=value")
+    p.add_argument("--technical", action="store_true", help="also write technical_report.md at the end")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage (the rest stay pending)")
     a = p.parse_args(argv)
     import os
+    from ms_llm.pipeline import load_pipeline, run_pipeline
+    from ms_llm.pipeline_report import write_technical_report
+    pipe = load_pipeline(a.config, a.overrides)
+
+    def say(line):
+        print(line, flush=True)
+    rc = run_pipeline(pipe, say, a.until)
+    if a.technical:
+        write_technical_report(pipe.output_dir)
+    say(f"report: {os.path.join(pipe.output_dir, 'report.md')}")
+    return rc
+
+
+def cmd_report(argv):
+    p = argparse.ArgumentParser(prog="ms-llm report", description="Rebuild a run's report.md and plots, or a "
+                                "pipeline's (its directory holds pipeline.json); --technical writes a pipeline's "
+                                "technical_report.md in seed 001's outline from its records.")
+    p.add_argument("run_dir")
+    p.add_argument("--technical", action="store_true", help="write PIPELINE_DIR/technical_report.md")
+    a = p.parse_args(argv)
+    import os
+    if os.path.isfile(os.path.join(a.run_dir, "pipeline.json")):
+        from ms_llm.pipeline import read_state
+        from ms_llm.pipeline_report import write_pipeline_report, write_technical_report
+        print(write_pipeline_report(a.run_dir, read_state(a.run_dir)))
+        if a.technical:
+            print(write_technical_report(a.run_dir))
+        return
+    if a.technical:
+        raise MsLlmError(f"{a.run_dir}: no pipeline.json; --technical reads a pipeline directory (ms-llm pipeline)")
     from ms_llm.stages.common import write_report
     from ms_llm.training.metrics import plot_metrics
     path = os.path.join(a.run_dir, "summary.json")
@@ -369,6 +403,7 @@ def cmd_report(argv):
 
 COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
     "train": (cmd_train, "run the stage a YAML config describes (pretrain, cpt, distill, sft, reward, dpo, ppo)"),
+    "pipeline": (cmd_pipeline, "run a chain of stages (distill -> cpt -> sft -> reward -> ppo) with gates and resume"),
     "launch": (cmd_launch, "start a config on several workers with msrun (CPU or Ascend), or print the command"),
     "eval": (cmd_eval, "evaluate a model: humaneval, mc, ppl, em, rm (reward model)"),
     "generate": (cmd_generate, "print a model's completion of a prompt"),
@@ -403,11 +438,11 @@ def main(argv=None) -> int:
         print(f"error: unknown command '{argv[0]}'", file=sys.stderr)
         return 2
     try:
-        COMMANDS[argv[0]][0](argv[1:])
+        rc = COMMANDS[argv[0]][0](argv[1:])
     except MsLlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0     # pipeline: 1 when a stage stopped it
 
 
 if __name__ == "__main__":
