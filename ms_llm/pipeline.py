@@ -20,7 +20,8 @@ A pipeline YAML:
 model section (distill.teacher, dpo.reference, ppo.reference) gets .path and .sha256; ppo.reward_model gets
 ppo.reward_sha256 too. Without `inputs`, a stage after the first starts from the previous stage's model.
 
-Each stage runs as `ms-llm train` in a child process with train.output_dir=<output_dir>/<name>, its log in
+Each stage runs as `ms-llm train` in a child process (or, with `launch: [flags]`, as `ms-llm launch` with those
+flags: msrun workers on this node) with train.output_dir=<output_dir>/<name>, its log in
 <output_dir>/logs/<name>.log. pipeline.json records per stage: status (pending, running, completed,
 stopped_early, failed, gate_failed), run_dir, config hash, input and output SHA256, gates and wall time.
 On a rerun a finished stage is skipped when its config hash and input hashes are unchanged and its final/
@@ -60,6 +61,7 @@ class PipelineStage:
     overrides: list
     inputs: dict
     gate_policy: str
+    launch: list = None              # `ms-llm launch` flags (msrun workers); None: one `ms-llm train` process
 
 
 @dataclasses.dataclass
@@ -119,7 +121,7 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
         where = f"{path}: stages[{i}]"
         if not isinstance(item, dict):
             raise MsLlmError(f"{where}: a stage is a mapping (name, config, overrides, inputs, gate_policy)")
-        bad = set(item) - {"name", "config", "overrides", "inputs", "gate_policy"}
+        bad = set(item) - {"name", "config", "overrides", "inputs", "gate_policy", "launch"}
         if bad:
             raise MsLlmError(f"{where}: unknown key(s) {sorted(bad)}")
         name, config = item.get("name"), item.get("config")
@@ -145,7 +147,12 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
         ovs = list(item.get("overrides") or []) + stage_overrides.pop(name, [])
         if not all(isinstance(o, str) for o in ovs):
             raise MsLlmError(f"{where} ({name}): overrides are strings like train.max_steps=100")
-        stage = PipelineStage(name, config, ovs, dict(inputs), stage_policy)
+        launch = item.get("launch")
+        if launch is not None and not (isinstance(launch, list) and all(isinstance(x, (str, int)) for x in launch)):
+            raise MsLlmError(f"{where} ({name}): 'launch' is a list of ms-llm launch flags, e.g. "
+                             "[--nproc-per-node, 8]")
+        stage = PipelineStage(name, config, ovs, dict(inputs), stage_policy,
+                              [str(x) for x in launch] if launch is not None else None)
         try:
             load_config(config, _stage_overrides(stage, raw.get("output_dir", "runs/pipeline"), {}))
         except MsLlmError as e:
@@ -227,8 +234,12 @@ def _die_with_parent():
 def _run_stage(p: Pipeline, stage: PipelineStage, handoffs: dict, resume: bool) -> tuple:
     os.makedirs(os.path.join(p.output_dir, "logs"), exist_ok=True)
     log = os.path.join(p.output_dir, "logs", f"{stage.name}.log")
-    argv = [sys.executable, "-m", "ms_llm.cli", "train", stage.config, *_stage_overrides(stage, p.output_dir, handoffs),
-            "train.progress_bar=false", f"checkpoint.resume={'auto' if resume else 'none'}"]
+    ovs = [*_stage_overrides(stage, p.output_dir, handoffs), "train.progress_bar=false",
+           f"checkpoint.resume={'auto' if resume else 'none'}"]
+    if stage.launch is None:
+        argv = [sys.executable, "-m", "ms_llm.cli", "train", stage.config, *ovs]
+    else:
+        argv = [sys.executable, "-m", "ms_llm.cli", "launch", stage.config, *ovs, *stage.launch]
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(argv[1:])}\n")

@@ -22,6 +22,7 @@ stages:
     config: configs/tiny/pretrain.yaml
     overrides: [train.max_steps=4, train.eval_every=0, checkpoint.every=2, lr_schedule.warmup_steps=0,
                 data.eval_fraction=0, log.plots=false]
+    launch: [--nproc-per-node, 1, --device, cpu]         # through ms-llm launch (one worker: no msrun)
   - name: sft
     config: configs/tiny/sft_rlhf.yaml
     overrides: [train.max_steps=4, train.log_every=1, train.eval_every=0, checkpoint.every=2, lr_schedule.warmup_steps=0,
@@ -71,6 +72,7 @@ def test_killed_pipeline_resumes_and_reaches_ppo(chain):
     assert [s["status"] for s in state["stages"]] == ["completed"] * 4
     assert state["stages"][0].get("skipped") and not state["stages"][1].get("skipped")
     assert "[1/4] pretrain: finished before with the same config and inputs; skipped" in rerun.stdout
+    assert (d / "runs" / "micro" / "logs" / "pretrain.log").read_text().startswith("$ -m ms_llm.cli launch ")
     assert "[2/4] sft: resuming" in rerun.stdout and rerun.stdout.strip().endswith("runs/micro/report.md")
     # the SFT stage went on from its checkpoint: every step logged once
     rows = [json.loads(x) for x in open(d / "runs" / "micro" / "sft" / "metrics.jsonl")]
