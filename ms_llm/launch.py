@@ -97,6 +97,12 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def _die_with_parent():
+    import ctypes
+    import signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG: msrun or the worker ends with us
+
+
 def main(argv) -> int:
     from ms_llm.config import load_config
     a = parse(argv)
@@ -139,7 +145,8 @@ def main(argv) -> int:
     os.makedirs(log_dir, exist_ok=True)
     for old in glob.glob(os.path.join(log_dir, "rank_*.status")):
         os.remove(old)
-    rc = subprocess.run(cmd, env={**os.environ, **{k: v for k, v in env.items() if not k.startswith("#")}}).returncode
+    rc = subprocess.run(cmd, env={**os.environ, **{k: v for k, v in env.items() if not k.startswith("#")}},
+                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None).returncode
     if rc != 0:
         for line in failure_report(log_dir, world):
             print(line, file=sys.stderr)

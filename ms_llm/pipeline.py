@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,8 +126,10 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
         if bad:
             raise MsLlmError(f"{where}: unknown key(s) {sorted(bad)}")
         name, config = item.get("name"), item.get("config")
-        if not name or not isinstance(name, str) or "/" in name or name in names:
-            raise MsLlmError(f"{where}: 'name' must be a unique name without '/' (got {name!r})")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in names \
+                or name in ("logs", "plots"):
+            raise MsLlmError(f"{where}: 'name' must be unique, of letters, digits, '_' and '-', and not logs or "
+                             f"plots (got {name!r})")
         if not config:
             raise MsLlmError(f"{where} ({name}): 'config' is required")
         if not os.path.isfile(config) and os.path.isfile(os.path.join(base, config)):
@@ -148,9 +151,11 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
         if not all(isinstance(o, str) for o in ovs):
             raise MsLlmError(f"{where} ({name}): overrides are strings like train.max_steps=100")
         launch = item.get("launch")
-        if launch is not None and not (isinstance(launch, list) and all(isinstance(x, (str, int)) for x in launch)):
-            raise MsLlmError(f"{where} ({name}): 'launch' is a list of ms-llm launch flags, e.g. "
-                             "[--nproc-per-node, 8]")
+        if launch is not None:
+            if not (isinstance(launch, list) and all(isinstance(x, (str, int)) for x in launch)):
+                raise MsLlmError(f"{where} ({name}): 'launch' is a list of ms-llm launch flags, e.g. "
+                                 "[--nproc-per-node, 8]")
+            _check_launch_flags([str(x) for x in launch], f"{where} ({name})")
         stage = PipelineStage(name, config, ovs, dict(inputs), stage_policy,
                               [str(x) for x in launch] if launch is not None else None)
         try:
@@ -179,7 +184,8 @@ def config_hash(stage: PipelineStage, output_dir: str, handoffs: dict) -> str:
     from ms_llm.config import load_config
     from ms_llm.config.load import to_dict
     cfg = load_config(stage.config, _stage_overrides(stage, output_dir, handoffs))
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    doc = {"config": to_dict(cfg), "launch": stage.launch}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _state_path(p: Pipeline) -> str:
@@ -188,7 +194,19 @@ def _state_path(p: Pipeline) -> str:
 
 def read_state(output_dir: str) -> dict:
     path = os.path.join(output_dir, "pipeline.json")
-    return read_json(path, "the pipeline record") if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    state = read_json(path, "the pipeline record")
+    if not isinstance(state, dict) or not isinstance(state.get("stages", []), list) or not all(
+            isinstance(r, dict) and isinstance(r.get("stage"), str) for r in state.get("stages", [])):
+        raise MsLlmError(f"{path}: not a pipeline record (a mapping whose 'stages' list names each stage); "
+                         "move it away to start the pipeline afresh")
+    return state
+
+
+def _last_known(rec: dict) -> dict:
+    """A stage the last run did not reach keeps what an earlier run recorded for it under 'previous'."""
+    return rec["previous"] if rec.get("status") == "pending" and isinstance(rec.get("previous"), dict) else rec
 
 
 def _save(p: Pipeline, records: list, status: str, reason: str = None):
@@ -226,6 +244,16 @@ def _keep_aside(run_dir: str):
     return None
 
 
+def _check_launch_flags(flags: list, where: str):
+    from ms_llm.launch import parse
+    try:
+        a = parse(["config.yaml", *flags])
+    except SystemExit:
+        raise MsLlmError(f"{where}: launch flags {flags} are not ms-llm launch flags (ms-llm launch --help)") from None
+    if a.overrides or a.dry_run:
+        raise MsLlmError(f"{where}: launch holds flags only (overrides go in 'overrides'; no --dry-run)")
+
+
 def _die_with_parent():
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG: a killed pipeline takes its stage along
@@ -239,7 +267,10 @@ def _run_stage(p: Pipeline, stage: PipelineStage, handoffs: dict, resume: bool) 
     if stage.launch is None:
         argv = [sys.executable, "-m", "ms_llm.cli", "train", stage.config, *ovs]
     else:
-        argv = [sys.executable, "-m", "ms_llm.cli", "launch", stage.config, *ovs, *stage.launch]
+        flags = list(stage.launch)
+        if "--log-dir" not in flags:                   # rank logs beside the stage's own, not in ./logs
+            flags += ["--log-dir", os.path.join(p.output_dir, "logs", stage.name)]
+        argv = [sys.executable, "-m", "ms_llm.cli", "launch", stage.config, *ovs, *flags]
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(argv[1:])}\n")
@@ -266,12 +297,13 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
     if until is not None and until not in names:
         raise MsLlmError(f"--until {until}: not a stage of {p.path} (stages: {names})")
     os.makedirs(p.output_dir, exist_ok=True)
-    old = {r["stage"]: r for r in read_state(p.output_dir).get("stages", [])}
+    old = {r["stage"]: _last_known(r) for r in read_state(p.output_dir).get("stages", [])}
     records = [{"stage": s.name, "config": s.config, "run_dir": os.path.join(p.output_dir, s.name),
-                "status": "pending"} for s in p.stages]
+                "status": "pending", **({"previous": old[s.name]} if s.name in old else {})} for s in p.stages]
     outputs, n = {}, len(p.stages)
     for i, (stage, rec) in enumerate(zip(p.stages, records), 1):
         handoffs = {key: outputs[src] for key, src in stage.inputs.items()}
+        rec.pop("previous", None)
         rec.update({"config_hash": config_hash(stage, p.output_dir, handoffs),
                     "input_sha256": {key: h["sha256"] for key, h in handoffs.items()},
                     "inputs": {key: src for key, src in stage.inputs.items()}})
@@ -279,7 +311,12 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
         same = prev.get("config_hash") == rec["config_hash"] and prev.get("input_sha256") == rec["input_sha256"]
         if same and prev.get("status") in FINISHED + ("gate_failed",) and prev.get("output"):
             nxt = p.stages[i].name if i < n else "none: it is the last"
-            _verify_output(prev, nxt)
+            try:
+                _verify_output(prev, nxt)
+            except MsLlmError as e:
+                rec["status"] = "failed"
+                _save(p, records, "failed", str(e))
+                raise
             rec.update({k: prev[k] for k in ("output", "gates", "wall_s", "steps", "finished_status") if k in prev})
             rec["status"], rec["skipped"] = prev.get("finished_status", prev["status"]), True
             log(f"[{i}/{n}] {stage.name}: finished before with the same config and inputs; skipped")
@@ -296,18 +333,21 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
             rec["wall_s"] = round(wall + (prev.get("wall_s", 0.0) if resume else 0.0), 1)
             summary_path = os.path.join(rec["run_dir"], "summary.json")
             summary = read_json(summary_path, "a stage summary") if os.path.isfile(summary_path) else None
-            if rc != 0 or summary is None or summary.get("status") not in FINISHED or not summary.get("final"):
+            final = (summary or {}).get("final") or {}
+            if rc != 0 or summary is None or summary.get("status") not in FINISHED or not final.get("sha256"):
                 rec["status"] = "failed"
-                reason = f"stage {stage.name} failed (exit {rc}): {_last_error(logfile)}"
+                reason = (f"stage {stage.name} failed (exit {rc}): {_last_error(logfile)}" if rc != 0 or summary is None
+                          else f"stage {stage.name} ended with status {summary.get('status')} and "
+                               f"{'no final/' if not final else 'a final/ without its SHA256'}; see {logfile}")
                 _save(p, records, "failed", reason)
                 log(f"[{i}/{n}] {stage.name}: FAILED after {wall:.0f} s: {reason}")
                 return 2 if rc == 2 else 1
-            rec.update({"status": summary["status"], "finished_status": summary["status"], "steps": summary["steps"],
-                        "gates": summary.get("gates", {}),
-                        "output": {"path": summary["final"]["path"], "sha256": summary["final"]["sha256"]}})
+            rec.update({"status": summary["status"], "finished_status": summary["status"],
+                        "steps": summary.get("steps"), "gates": summary.get("gates") or {},
+                        "output": {"path": final.get("path"), "sha256": final["sha256"]}})
             gate_text = ", ".join(f"{k} {_fmt(g.get('value'))} {g.get('op', '>=')} {_fmt(g.get('threshold'))}: "
                                   f"{'passed' if g.get('passed') else 'FAILED'}" for k, g in rec["gates"].items())
-            log(f"[{i}/{n}] {stage.name}: {summary['status']} in {wall:.0f} s, {summary['steps']} steps"
+            log(f"[{i}/{n}] {stage.name}: {summary['status']} in {wall:.0f} s, {summary.get('steps')} steps"
                 + (f"; gates: {gate_text}" if gate_text else ""))
         outputs[stage.name] = rec["output"]
         failed = {k: g for k, g in rec.get("gates", {}).items() if not g.get("passed")}

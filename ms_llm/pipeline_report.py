@@ -35,6 +35,8 @@ class Records:
         self.state = state if state is not None else read_json(os.path.join(output_dir, "pipeline.json"),
                                                                "the pipeline record")
         self.stages = self.state.get("stages", [])
+        # stages that finished in this chain (a pending stage's files may be an older run's)
+        self.done = [x for x in self.stages if x.get("status") in ("completed", "stopped_early", "gate_failed")]
         self._cache = {}
 
     def run_dir(self, stage: str) -> str:
@@ -87,7 +89,7 @@ class Records:
     def by_kind(self, *kinds) -> list:
         """Stage names whose summary says they are one of `kinds` (pretrain, cpt, distill, sft, reward, dpo, ppo)."""
         out = []
-        for rec in self.stages:
+        for rec in self.done:
             summary = self.read(rec["stage"], "summary.json")
             if summary and summary.get("stage") in kinds:
                 out.append(rec["stage"])
@@ -209,7 +211,7 @@ def write_technical_report(output_dir: str) -> str:
     q = r.quote
     first = lambda *kinds: (r.by_kind(*kinds) or [None])[0]          # noqa: E731
     last = lambda *kinds: (r.by_kind(*kinds) or [None])[-1]          # noqa: E731
-    final_stage = r.stages[-1]["stage"] if r.stages else None
+    final_stage = r.done[-1]["stage"] if r.done else None
     pre, sft, rm = first("cpt", "pretrain", "distill"), last("sft"), last("reward")
     rl = last("ppo", "dpo")
     L = [f"# Technical report: pipeline {r.state.get('name')}", "",
@@ -304,7 +306,7 @@ def write_technical_report(output_dir: str) -> str:
         L += ["- not recorded (no RL stage)", ""]
 
     L += ["## 5. Evaluation", "", "| stage | metric | start | end |", "|---|---|---|---|"]
-    for rec in r.stages:
+    for rec in r.done:
         s = rec["stage"]
         m = (r.read(s, "summary.json") or {}).get("metrics") or {}
         for k in sorted(k for k in m if k.startswith("eval/") and isinstance(m[k], (int, float))

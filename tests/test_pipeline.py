@@ -173,6 +173,9 @@ def test_a_changed_byte_in_a_finished_stage_stops_the_next(chain):
     finally:
         raw[-3] ^= 0xFF
         weights.write_bytes(bytes(raw))
+    # the failed check did not cost the later stages their records: with the byte back, nothing runs again
+    assert _state(d)["stages"][3]["previous"]["status"] == "completed"
+    assert _pipeline(d).stdout.count("skipped") == 4
 
 
 @pytest.mark.slow
@@ -202,6 +205,9 @@ def test_bad_pipelines_are_refused_before_anything_runs(tmp_path):
             "stages[0] (a): ",
         "stages:\n  - {name: a, config: configs/tiny/pretrain.yaml, inputs: {ppo.value: a}}\n":
             "inputs key 'ppo.value' is not a model hand-off",
+        "stages:\n  - {name: a, config: configs/tiny/pretrain.yaml, launch: [--nprocs, 2]}\n":
+            "are not ms-llm launch flags",
+        "stages:\n  - {name: logs, config: configs/tiny/pretrain.yaml}\n": "'name' must be unique",
     }
     for text, message in cases.items():
         path = tmp_path / "p.yaml"
@@ -212,3 +218,11 @@ def test_bad_pipelines_are_refused_before_anything_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "pipeline", str(tmp_path / "none.yaml")], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "none.yaml: cannot read pipeline" in r.stderr
+    # a pipeline record that is not one
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "pipeline.json").write_text('["not", "a", "record"]')
+    (tmp_path / "p.yaml").write_text(f"output_dir: {tmp_path / 'out'}\nstages:\n"
+                                     "  - {name: a, config: configs/tiny/pretrain.yaml}\n")
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "pipeline", str(tmp_path / "p.yaml")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pipeline.json: not a pipeline record" in r.stderr and "Traceback" not in r.stderr
