@@ -348,3 +348,14 @@ def test_unisolated_run_does_not_wait_for_a_background_child():
         assert r.status == "passed" and time.time() - t0 < 3, (r, time.time() - t0)
     finally:                       # without isolation the child escaped its session: that is the documented risk
         subprocess.run(["pkill", "-f", tag])
+
+
+@pytest.mark.parametrize("isolation", ["namespaces", "none"])
+def test_code_answers_are_scored_the_same_with_and_without_isolation(isolation):
+    from ms_llm.eval.generative import code_pass_at_1
+    ref = "def inc(x):\n    return x + 1"
+    outputs = [{"output": "def inc(x):\n    return 1 + x", "answer": ref},
+               {"output": "def inc(x):\n    return x", "answer": ref},
+               {"output": "def inc(x):\n    import sys\n    sys.exit(0)", "answer": ref},
+               {"output": "42", "answer": "42"}]                       # not a code task: not counted
+    assert code_pass_at_1(outputs, isolation=isolation) == pytest.approx(1 / 3)
