@@ -6,7 +6,8 @@ A pipeline YAML:
 
     name: tiny
     output_dir: runs/tiny_pipeline          # one run directory per stage below it, plus pipeline.json, report.md
-    gate_policy: stop                       # stop | warn: what a failed gate does (a stage may override)
+    gate_policy: stop                       # stop | warn: what a failed gate does (a stage may override, per gate:
+                                            #   gate_policy: {loss_plateau: warn})
     stages:
       - name: sft
         config: configs/tiny/sft_rlhf.yaml
@@ -61,7 +62,7 @@ class PipelineStage:
     config: str
     overrides: list
     inputs: dict
-    gate_policy: str
+    gate_policy: dict                # gate name -> stop | warn; "*": every other gate
     launch: list = None              # `ms-llm launch` flags (msrun workers); None: one `ms-llm train` process
 
 
@@ -145,8 +146,14 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
                 raise MsLlmError(f"{where} ({name}): inputs.{key} names '{src}', which is not an earlier stage "
                                  f"(earlier: {names or 'none'})")
         stage_policy = item.get("gate_policy", policy)
-        if stage_policy not in GATE_POLICIES:
-            raise MsLlmError(f"{where} ({name}): gate_policy must be one of {GATE_POLICIES}")
+        if isinstance(stage_policy, dict):                    # per gate; the others follow the pipeline's
+            stage_policy = {"*": policy, **stage_policy}
+        else:
+            stage_policy = {"*": stage_policy}
+        bad_policy = {k: v for k, v in stage_policy.items() if v not in GATE_POLICIES}
+        if bad_policy:
+            raise MsLlmError(f"{where} ({name}): gate_policy must be one of {GATE_POLICIES}, or a mapping of gate "
+                             f"names to them (got {bad_policy})")
         ovs = list(item.get("overrides") or []) + stage_overrides.pop(name, [])
         if not all(isinstance(o, str) for o in ovs):
             raise MsLlmError(f"{where} ({name}): overrides are strings like train.max_steps=100")
@@ -313,8 +320,8 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
             nxt = p.stages[i].name if i < n else "none: it is the last"
             try:
                 _verify_output(prev, nxt)
-            except MsLlmError as e:
-                rec["status"] = "failed"
+            except MsLlmError as e:                 # its record stays: restored files let a rerun skip it
+                records[i - 1] = dict(prev)
                 _save(p, records, "failed", str(e))
                 raise
             rec.update({k: prev[k] for k in ("output", "gates", "wall_s", "steps", "finished_status") if k in prev})
@@ -351,11 +358,12 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
                 + (f"; gates: {gate_text}" if gate_text else ""))
         outputs[stage.name] = rec["output"]
         failed = {k: g for k, g in rec.get("gates", {}).items() if not g.get("passed")}
-        if failed and stage.gate_policy == "stop":
+        stopping = {k: g for k, g in failed.items() if stage.gate_policy.get(k, stage.gate_policy["*"]) == "stop"}
+        if stopping:
             rec["status"] = "gate_failed"
             reason = f"stage {stage.name}: gate(s) failed under gate_policy stop: " + "; ".join(
                 f"{k} = {_fmt(g.get('value'))}, needs {g.get('op', '>=')} {_fmt(g.get('threshold'))}"
-                for k, g in failed.items())
+                for k, g in stopping.items())
             _save(p, records, "gate_failed", reason)
             log(f"pipeline stopped: {reason}")
             return 1

@@ -350,7 +350,13 @@ def _pipe(r: Records, rec: dict, key: str) -> str:
 def _data_lines(r: Records, s: str, label: str = "Data") -> list:
     sources = r.value(s, "config.resolved.yaml", "data.sources") or []
     parts = [f"{x.get('path')} (format {x.get('format')}, weight {fmt(x.get('weight'))})" for x in sources]
-    return [f"- {label}: {'; '.join(parts) or 'not recorded'} [{s}/config.resolved.yaml: data.sources]",
+    if parts:
+        data = f"{'; '.join(parts)} [{s}/config.resolved.yaml: data.sources]"
+    elif r.value(s, "config.resolved.yaml", "data.index"):
+        data = "the domain-tagged shard index " + r.quote(s, "config.resolved.yaml", "data.index")
+    else:
+        data = "not recorded"
+    return [f"- {label}: {data}",
             f"- Sequence length: {r.quote(s, 'config.resolved.yaml', 'data.seq_len')}",
             "- Cleaning, deduplication and quality scoring: not recorded"]
 
