@@ -75,21 +75,43 @@ def run_cli(workdir, *args, timeout: int = 900):
     return r
 
 
+def _once_per_run(tmp_path_factory, name: str, build):
+    """Build a session fixture once for the whole test run, even across pytest-xdist workers: the first worker
+    to need it builds it under a file lock in the directory the workers share; the others wait and reuse it.
+    (Each test file writes its own runs under names no other file uses.)"""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build()
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp().parent
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            import json
+            done.write_text(json.dumps(str(build())))
+    import json
+    from pathlib import Path
+    return Path(json.loads(done.read_text()))
+
+
 @pytest.fixture(scope="session")
 def tiny_pretrained(tmp_path_factory):
     """A project-shaped work dir with the tiny model pretrained into runs/tiny_pretrain (shared by the stage
-    tests that start from it: sft, cpt, reward). Tests write their runs under other names in runs/."""
-    d = make_workdir(tmp_path_factory, "pretrained")
-    run_cli(d, "train", "configs/tiny/pretrain.yaml", "data.eval_fraction=0", "train.progress_bar=false",
-            "log.plots=false")
-    return d
+    tests that start from it: sft, cpt, reward, dpo, ppo). Tests write their runs under other names in runs/."""
+    def build():
+        d = make_workdir(tmp_path_factory, "pretrained")
+        run_cli(d, "train", "configs/tiny/pretrain.yaml", "data.eval_fraction=0", "train.progress_bar=false",
+                "log.plots=false")
+        return d
+    return _once_per_run(tmp_path_factory, "tiny_pretrained", build)
 
 
 @pytest.fixture(scope="session")
-def tiny_reward(tiny_pretrained):
+def tiny_reward(tmp_path_factory, tiny_pretrained):
     """configs/tiny/reward.yaml trained from the tiny pretrained model: runs/tiny_reward in that work dir."""
-    run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", "train.progress_bar=false", "log.plots=false")
-    return tiny_pretrained / "runs" / "tiny_reward"
+    def build():
+        run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", "train.progress_bar=false", "log.plots=false")
+        return tiny_pretrained / "runs" / "tiny_reward"
+    return _once_per_run(tmp_path_factory, "tiny_reward", build)
 
 
 def kill_once_written(workdir, args, marker, timeout: int = 300):
