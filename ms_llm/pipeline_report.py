@@ -134,7 +134,8 @@ def write_pipeline_report(output_dir: str, state: dict, plots: bool = True) -> s
 
 
 def _plots(r: Records) -> list:
-    """Loss per stage; final evaluation metrics per stage; reward and KL of the RL stages."""
+    """Loss per stage; held-out perplexity per domain (CPT); final evaluation metrics per stage (exact match,
+    code pass@1, reward-model AUC and accuracy, RL reward); reward and KL of the RL stages."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -153,6 +154,20 @@ def _plots(r: Records) -> list:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("loss")
         _save(fig, r.dir, "loss", written)
+    domains = [(s, k) for s in done for k in sorted({k for m in r.metrics(s) for k in m
+                                                     if k.startswith("eval/loss/") and k != "eval/loss/mean"})]
+    if domains:
+        import math
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for s, k in domains:
+            pts = [(m["step"], math.exp(m[k])) for m in r.metrics(s) if isinstance(m.get(k), (int, float))]
+            ax.plot(*zip(*pts), marker="o", label=f"{s}: {k.split('/')[-1]}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _save(fig, r.dir, "perplexity", written)
     wanted = ("eval/exact_match", "eval/code_pass@1", "eval/auc", "eval/accuracy", "eval/preference_accuracy",
               "eval/reward", "eval/unsafe_rate", "teacher_exact_match")
     bars = [(f"{s}\n{k}", v) for s in done for k, v in ((r.read(s, "summary.json") or {}).get("metrics") or {}).items()
@@ -243,8 +258,10 @@ def write_technical_report(output_dir: str) -> str:
                   f"- Teacher exact match: {q(s, 'summary.json', 'metrics.teacher_exact_match')}; student: "
                   f"{q(s, 'summary.json', 'metrics.eval/exact_match')}"]
         if kind == "cpt":
-            ppl = sorted(k for k in (r.read(s, "summary.json").get("metrics") or {}) if k.startswith("eval/ppl"))
-            L += [f"- {k}: {q(s, 'summary.json', 'metrics.' + k)}" for k in ppl]
+            losses = sorted(k for k in (r.read(s, "summary.json").get("metrics") or {})
+                            if k.startswith("eval/loss/") and k != "eval/loss/mean")
+            L += [f"- Held-out loss, {k.split('/')[-1]} (perplexity = e^loss): {q(s, 'summary.json', 'metrics.' + k)}"
+                  for k in losses]
         L += [""]
     if not r.by_kind("distill", "pretrain", "cpt"):
         L += ["No pretraining stage in this pipeline: not recorded.", ""]
