@@ -313,9 +313,10 @@ class _Slots:
         with self.lock:
             self.free.append(slot)
 
-    def ids(self, slot: int, base: int, span: int) -> tuple:
-        """(setup id, program id) on the host for `slot`, inside a range of `span` ids from `base`."""
-        k = ((os.getpid() % 4096) * self.n + slot) % (span // 2)
+    def ids(self, slot: int, base: int, span: int, pid: int = None) -> tuple:
+        """(setup id, program id) on the host for `slot` of the evaluator `pid` (default: this process), inside a
+        range of `span` ids from `base`."""
+        k = (((os.getpid() if pid is None else pid) % 4096) * self.n + slot) % (span // 2)
         return base + 2 * k, base + 2 * k + 1
 
 

@@ -13,11 +13,13 @@ import time
 
 import pytest
 
-from ms_llm.eval.sandbox import HOST_ID_BASE, _binds, run_program, run_programs
+from ms_llm.eval.sandbox import _SLOTS, HOST_ID_BASE, _binds, run_program, run_programs
 
 
-def _sandbox_processes():
-    """Processes on the host whose real uid is one of the sandbox's host ids."""
+def _sandbox_processes(evaluator: int = None):
+    """Processes on the host running as one of the host ids of the sandboxes `evaluator` (default: this test
+    process) starts. (Another pytest worker's sandboxes use other ids.)"""
+    ids = {u for slot in range(_SLOTS.n) for u in _SLOTS.ids(slot, HOST_ID_BASE, 1 << 24, evaluator)}
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -26,7 +28,7 @@ def _sandbox_processes():
                     uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
             except (OSError, StopIteration):
                 continue
-            if HOST_ID_BASE <= uid < HOST_ID_BASE + (1 << 24):
+            if uid in ids:
                 found.append(int(pid))
     return found
 
@@ -307,16 +309,16 @@ def test_killing_the_evaluator_takes_the_sandbox_down():
                            "run_program('import time\\ntime.sleep(600)', timeout=600, guard=False)"])
     try:
         deadline = time.time() + 30
-        while not _sandbox_processes() and time.time() < deadline:
+        while not _sandbox_processes(ev.pid) and time.time() < deadline:
             time.sleep(0.05)
-        assert _sandbox_processes(), "the sandbox did not start"
+        assert _sandbox_processes(ev.pid), "the sandbox did not start"
         time.sleep(0.3)
         ev.kill()
         ev.wait()
         deadline = time.time() + 5
-        while _sandbox_processes() and time.time() < deadline:
+        while _sandbox_processes(ev.pid) and time.time() < deadline:
             time.sleep(0.05)
-        assert not _sandbox_processes(), "init or the program outlived the evaluator"
+        assert not _sandbox_processes(ev.pid), "init or the program outlived the evaluator"
     finally:
         ev.kill()
 
