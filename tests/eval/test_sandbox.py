@@ -187,6 +187,7 @@ def test_nothing_it_starts_outlives_the_run():
         assert _run(program).status == "passed"     # _run asserts that no sandbox process is left
 
 
+@pytest.mark.slow
 def test_fork_bomb_is_contained_and_killed():
     t0 = time.time()
     r = _run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", timeout=3)
@@ -195,6 +196,7 @@ def test_fork_bomb_is_contained_and_killed():
     assert _run("pass").status == "passed"           # the next program starts normally
 
 
+@pytest.mark.slow
 def test_filling_the_disk_stops_at_the_private_tmp_limit():
     import shutil
     free = shutil.disk_usage("/tmp").free
@@ -246,6 +248,7 @@ def _as_namespaced_root(argv):
     return subprocess.run(["unshare", "--user", "--map-root-user"] + argv, capture_output=True, text=True, cwd="/")
 
 
+@pytest.mark.slow
 def test_refuses_without_isolation_unless_told(tmp_path):
     code = ("import json\nfrom ms_llm.eval.sandbox import isolation_problem, run_program\n"
             "print(json.dumps({'problem': isolation_problem(), 'unsafe': run_program('pass', isolation='none').status}))\n"
@@ -275,6 +278,7 @@ def test_an_early_exit_does_not_pass(isolation):
     assert run_program('x = "\ud800"\nassert False\n', isolation=isolation).status == "failed"
 
 
+@pytest.mark.slow
 def test_the_callers_session_keyring_is_out_of_reach():
     nr = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
     code = f"""
@@ -304,6 +308,7 @@ print(json.dumps({{"status": r.status, "detail": r.detail, "value": buf.raw[:n].
     assert out["status"] == "passed" and out["value"] == "hunter2", (out, r.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_killing_the_evaluator_takes_the_sandbox_down():
     ev = subprocess.Popen([sys.executable, "-c", "from ms_llm.eval.sandbox import run_program\n"
                            "run_program('import time\\ntime.sleep(600)', timeout=600, guard=False)"])
@@ -329,6 +334,7 @@ def test_no_nested_user_namespaces():
     assert _run(program).status == "passed"
 
 
+@pytest.mark.slow
 def test_a_flood_on_stderr_is_cut_to_its_tail():
     code = ("import json\nfrom ms_llm.eval.sandbox import run_program\n"
             "r = run_program('import os\\nfor _ in range(2048):\\n    os.write(2, b\"x\" * (1 << 18))\\n"
@@ -341,6 +347,7 @@ def test_a_flood_on_stderr_is_cut_to_its_tail():
     assert out["rss_mb"] < 100, out                     # 512 MiB went through; at most 64 KiB was kept
 
 
+@pytest.mark.slow
 def test_unisolated_run_does_not_wait_for_a_background_child():
     tag = f"ms_llm_bg_{os.getpid()}"
     program = f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)  # {tag}\n"
