@@ -224,10 +224,9 @@ LOSS_TEXT = {
 def write_technical_report(output_dir: str) -> str:
     r = Records(output_dir)
     q = r.quote
-    first = lambda *kinds: (r.by_kind(*kinds) or [None])[0]          # noqa: E731
     last = lambda *kinds: (r.by_kind(*kinds) or [None])[-1]          # noqa: E731
     final_stage = r.done[-1]["stage"] if r.done else None
-    pre, sft, rm = first("cpt", "pretrain", "distill"), last("sft"), last("reward")
+    sft, rm = last("sft"), last("reward")
     rl = last("ppo", "dpo")
     L = [f"# Technical report: pipeline {r.state.get('name')}", "",
          f"Written from the records of `{output_dir}` (pipeline status: {r.state.get('status')}). Each number "

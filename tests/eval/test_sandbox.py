@@ -4,11 +4,9 @@ namespaces must contain them on their own. Each test checks what is visible from
 connections, the evaluator — not what the program says about itself."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
