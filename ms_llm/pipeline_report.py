@@ -4,7 +4,7 @@ technical_report.md in seed 001's outline.
 
 Every number either report quotes is read from a stage's own records and carries its source in brackets,
 `[stage/file: key]` (file: summary.json, config.resolved.yaml, final/config.json, or pipeline.json for the
-pipeline's own record), so a reader — and tests/test_pipeline.py — can check each one. A fact no record holds
+pipeline's own record), so a reader — and tests/test_pipeline_chain.py — can check each one. A fact no record holds
 is written "not recorded", never guessed.
 """
 import json

@@ -11,13 +11,37 @@ from ms_llm.config import help_text, load_config
 from ms_llm.errors import MsLlmError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+ALL_YAML = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def _is_pipeline(path: str) -> bool:
+    import yaml
+    with open(path) as f:
+        return "stages" in (yaml.safe_load(f) or {})
+
+
+PIPELINES = [p for p in ALL_YAML if _is_pipeline(p)]                 # `ms-llm pipeline` chains
+CONFIGS = [p for p in ALL_YAML if p not in PIPELINES]                # experiment configs (`ms-llm train`)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.global_batch == cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.data_parallel
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_shipped_pipeline_validates(path, monkeypatch):
+    from ms_llm.pipeline import load_pipeline
+    monkeypatch.chdir(ROOT)                       # stage configs are named relative to the project
+    pipe = load_pipeline(path)
+    assert len(pipe.stages) >= 5 and all(os.path.join(ROOT, s.config) in CONFIGS for s in pipe.stages)
+    assert pipe.stages[-1].inputs.get("model") == [s.name for s in pipe.stages if s.name == "sft"][0]
+
+
+def test_pipelines_are_shipped_for_the_tiny_chain_and_qwen():
+    names = {os.path.relpath(p, ROOT) for p in PIPELINES}
+    assert names == {"configs/tiny/pipeline.yaml", "configs/tiny/pipeline_dpo.yaml", "configs/qwen2.5/7b_pipeline.yaml"}
 
 
 def _write(tmp_path, text):
