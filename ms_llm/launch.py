@@ -97,7 +97,8 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def _die_with_parent():
+def die_with_parent():
+    """preexec_fn: the child is SIGKILLed when its parent dies (PR_SET_PDEATHSIG)."""
     import ctypes
     import signal
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG: msrun or the worker ends with us
@@ -146,7 +147,7 @@ def main(argv) -> int:
     for old in glob.glob(os.path.join(log_dir, "rank_*.status")):
         os.remove(old)
     rc = subprocess.run(cmd, env={**os.environ, **{k: v for k, v in env.items() if not k.startswith("#")}},
-                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None).returncode
+                        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None).returncode
     if rc != 0:
         for line in failure_report(log_dir, world):
             print(line, file=sys.stderr)

@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -45,6 +44,8 @@ import yaml
 
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
+from ms_llm.launch import die_with_parent
+from ms_llm.pipeline_report import fmt
 
 STATUSES = ("pending", "running", "completed", "stopped_early", "failed", "gate_failed")   # per stage
 PIPELINE_STATUSES = ("running", "completed", "stopped", "failed", "gate_failed")
@@ -219,7 +220,7 @@ def _last_known(rec: dict) -> dict:
 def _save(p: Pipeline, records: list, status: str, reason: str = None):
     state = {"name": p.name, "config": p.path, "status": status, "reason": reason, "stages": records}
     write_json_atomic(_state_path(p), state)
-    from ms_llm.pipeline_report import write_pipeline_report
+    from ms_llm.pipeline_report import write_pipeline_report   # matplotlib only when a report is written
     write_pipeline_report(p.output_dir, state, plots=status != "running")
     return state
 
@@ -261,11 +262,6 @@ def _check_launch_flags(flags: list, where: str):
         raise MsLlmError(f"{where}: launch holds flags only (overrides go in 'overrides'; no --dry-run)")
 
 
-def _die_with_parent():
-    import ctypes
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG: a killed pipeline takes its stage along
-
-
 def _run_stage(p: Pipeline, stage: PipelineStage, handoffs: dict, resume: bool) -> tuple:
     os.makedirs(os.path.join(p.output_dir, "logs"), exist_ok=True)
     log = os.path.join(p.output_dir, "logs", f"{stage.name}.log")
@@ -283,7 +279,7 @@ def _run_stage(p: Pipeline, stage: PipelineStage, handoffs: dict, resume: bool) 
         f.write(f"$ {' '.join(argv[1:])}\n")
         f.flush()
         rc = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     return rc, time.time() - t0, log
 
 
@@ -352,7 +348,7 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
             rec.update({"status": summary["status"], "finished_status": summary["status"],
                         "steps": summary.get("steps"), "gates": summary.get("gates") or {},
                         "output": {"path": final.get("path"), "sha256": final["sha256"]}})
-            gate_text = ", ".join(f"{k} {_fmt(g.get('value'))} {g.get('op', '>=')} {_fmt(g.get('threshold'))}: "
+            gate_text = ", ".join(f"{k} {fmt(g.get('value'))} {g.get('op', '>=')} {fmt(g.get('threshold'))}: "
                                   f"{'passed' if g.get('passed') else 'FAILED'}" for k, g in rec["gates"].items())
             log(f"[{i}/{n}] {stage.name}: {summary['status']} in {wall:.0f} s, {summary.get('steps')} steps"
                 + (f"; gates: {gate_text}" if gate_text else ""))
@@ -362,7 +358,7 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
         if stopping:
             rec["status"] = "gate_failed"
             reason = f"stage {stage.name}: gate(s) failed under gate_policy stop: " + "; ".join(
-                f"{k} = {_fmt(g.get('value'))}, needs {g.get('op', '>=')} {_fmt(g.get('threshold'))}"
+                f"{k} = {fmt(g.get('value'))}, needs {g.get('op', '>=')} {fmt(g.get('threshold'))}"
                 for k, g in stopping.items())
             _save(p, records, "gate_failed", reason)
             log(f"pipeline stopped: {reason}")
@@ -377,9 +373,3 @@ def run_pipeline(p: Pipeline, log=print, until: str = None) -> int:
         _save(p, records, "running")
     _save(p, records, "completed")
     return 0
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
