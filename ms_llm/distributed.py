@@ -108,11 +108,16 @@ def status_path(rank: int) -> str:
 
 
 def write_status(rank: int, status: str):
+    """Atomically (re)write rank_<rank>.status; only workers report: msrun's scheduler process runs the same script
+    without a RANK_ID and would otherwise race worker 0 for rank_0.status."""
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        return
     path = status_path(rank)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump({"rank": rank, "status": status, "pid": os.getpid(), "time": time.time()}, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def worker_main(argv=None) -> int:
