@@ -445,6 +445,72 @@ class PPOSection:
 
 
 @dataclass
+class DynamicSamplingSection:
+    enabled: bool = opt(False, "DAPO dynamic sampling: drop groups whose rewards are all equal (no gradient) and "
+                               "sample more prompts until the step has grpo.prompts_per_step groups")
+    max_rounds: int = opt(3, "Generation rounds per step at most; a step still short trains on the groups it has",
+                          range="[1, inf)")
+
+
+@dataclass
+class OverlongSection:
+    buffer: int = opt(0, "DAPO soft overlong punishment: a completion longer than max_new_tokens - buffer loses "
+                         "factor·(n - (max_new_tokens - buffer)) / buffer, a truncated one the whole factor; 0 disables",
+                      range="[0, inf)")
+    factor: float = opt(1.0, "The largest overlong penalty", range="[0, inf)")
+    mask_truncated: bool = opt(False, "DAPO overlong filtering: completions cut at max_new_tokens (no end token) "
+                                      "add nothing to the loss")
+
+
+@dataclass
+class GRPOSection:
+    group_size: int = opt(8, "G: completions sampled per prompt", range="[1, inf)")
+    prompts_per_step: int = opt(8, "Groups (prompts) per step", range="[1, inf)")
+    mini_batch_size: int = opt(0, "Completions per optimizer update (0: the whole step's batch, one update); "
+                                  "train.micro_batch_size completions per forward pass", range="[0, inf)")
+    epochs: int = opt(1, "Passes over each step's batch", range="[1, inf)")
+    max_prompt_len: int = opt(48, "Prompt tokens (longer prompts lose tokens from the start)", range="[1, inf)")
+    max_new_tokens: int = opt(32, "L: completion tokens at most", range="[1, inf)")
+    temperature: float = opt(1.0, "Sampling temperature (the loss scores at the same one)", range="(0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling of rollouts", range="(0, 1]")
+    top_k: int = opt(0, "Top-k sampling of rollouts (0: off)", range="[0, inf)")
+    advantage_scale: str = opt("group", "A = (r - group mean) / std: std of the group (GRPO), of the whole batch, or "
+                                        "no division (Dr. GRPO)", ["group", "batch", "none"])
+    advantage_eps: float = opt(1e-6, "ε added to the std", range="(0, inf)")
+    loss_agg: str = opt("seq-mean-token-mean", "Loss aggregation over the global batch: token-mean (DAPO), "
+                                               "seq-mean-token-mean (GRPO), seq-mean-token-sum-norm (Dr. GRPO: token "
+                                               "sums over max_new_tokens)",
+                        ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    ratio: str = opt("token", "Importance ratio per token (GRPO, DAPO) or per sequence, exp(mean log-ratio) (GSPO)",
+                     ["token", "sequence"])
+    clip_low: float = opt(0.2, "ε_low: the ratio is clipped below at 1 - ε_low (GSPO: 3e-4)", range="(0, 1)")
+    clip_high: float = opt(0.2, "ε_high: clipped above at 1 + ε_high (DAPO clip-higher: 0.28; GSPO: 4e-4)",
+                           range="(0, inf)")
+    dual_clip: float = opt(0.0, "c of dual-clip for negative advantages (> 1); 0 disables", range="[0, inf)")
+    beta: float = opt(0.0, "β of the k3 KL to the reference in the loss; 0 loads no reference model",
+                      range="[0, inf)")
+    ent_coef: float = opt(0.0, "Entropy bonus coefficient", range="[0, inf)")
+    reference: FrozenModelSection = opt(FrozenModelSection, "The frozen reference (β > 0); empty: a frozen copy of "
+                                        "model.init_from, or with LoRA the policy with its adapter disabled")
+    lora: LoRASection = opt(LoRASection, "Train LoRA adapters on the policy instead of all weights")
+    rewards: dict = opt(lambda: {"exact_match": 1.0}, "Reward functions and their weights: exact_match, code "
+                                                      "(sandboxed tests), format (<think>…</think> then an answer), "
+                                                      "reward_model")
+    answer_style: str = opt("auto", "exact_match answer extraction (eval/generative.py:extract_answer)",
+                            ["auto", "number", "text"])
+    reward_model: Optional[str] = opt(None, "Reward model for the reward_model reward (an exported reward run)")
+    code_timeout: float = opt(3.0, "Seconds per sandboxed code check", range="(0, inf)")
+    unsafe_no_isolation: bool = opt(False, "Run code rewards without the namespace sandbox (docs/eval.md)")
+    tasks: list = opt(list, "Train and evaluate only prompts whose task is one of these (empty: all)")
+    dynamic_sampling: DynamicSamplingSection = opt(DynamicSamplingSection, "DAPO dynamic sampling")
+    overlong: OverlongSection = opt(OverlongSection, "DAPO overlong reward shaping and filtering")
+    eval_data: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task[, tests]}): eval/accuracy of "
+                                         "greedy answers (exact match; code answers run their tests)")
+    eval_limit: int = opt(0, "Held-out prompts used (0: all)")
+    export_version: Optional[str] = opt(None, "Version tag written into final/MANIFEST.json")
+
+
+@dataclass
 class MupSection:
     enabled: bool = opt(False, "Train in μP (models/mup.py): hyperparameters tuned at base_width transfer to this width")
     base_width: int = opt(256, "hidden_size of the proxy model the hyperparameters were tuned on", range="[1, inf)")
@@ -460,7 +526,7 @@ class MupSection:
 @dataclass
 class ExperimentConfig:
     stage: str = opt("pretrain", "Which stage runs (what each supports: config/validate.py STAGE_RULES)",
-                     ["pretrain", "cpt", "distill", "sft", "reward", "dpo", "ppo"])
+                     ["pretrain", "cpt", "distill", "sft", "reward", "dpo", "ppo", "grpo"])
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")
@@ -478,6 +544,7 @@ class ExperimentConfig:
     reward: RewardSection = opt(RewardSection, "Reward-model stage")
     dpo: DPOSection = opt(DPOSection, "Preference-optimisation stage (DPO family, KTO)")
     ppo: PPOSection = opt(PPOSection, "PPO-RLHF stage (policy, reference, value and reward models)")
+    grpo: GRPOSection = opt(GRPOSection, "GRPO-family stage (GRPO, Dr. GRPO, DAPO, GSPO) with verifiable rewards")
     mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
 
     @property

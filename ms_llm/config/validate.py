@@ -137,6 +137,46 @@ def _check_dpo(cfg: ExperimentConfig, where: str):
         raise MsLlmError(f"{where}: dpo.gate_accuracy needs dpo.eval_data")
 
 
+def _check_grpo(cfg: ExperimentConfig, where: str):
+    from ms_llm.rollout.verifiable import REWARDS
+    g, t = cfg.grpo, cfg.train
+    bad = [s.path for s in cfg.data.sources if s.format != "prompts"]
+    if bad:
+        raise MsLlmError(f"{where}: stage grpo reads prompts with answers (format prompts); data.sources {bad} have "
+                         "another format")
+    if not cfg.model.init_from:
+        raise MsLlmError(f"{where}: stage grpo starts from a trained model: set model.init_from (the SFT final/)")
+    unknown = sorted(set(g.rewards) - set(REWARDS))
+    if unknown or not g.rewards:
+        raise MsLlmError(f"{where}: grpo.rewards {unknown or '{}'}: name one or more of {list(REWARDS)} with a weight")
+    if any(not isinstance(w, (int, float)) for w in g.rewards.values()):
+        raise MsLlmError(f"{where}: grpo.rewards: every weight must be a number")
+    if "reward_model" in g.rewards and not g.reward_model:
+        raise MsLlmError(f"{where}: grpo.rewards names reward_model: set grpo.reward_model")
+    rows = g.prompts_per_step * g.group_size
+    mini = g.mini_batch_size or rows
+    world = cfg.parallel.data_parallel
+    if rows % mini or mini % (t.micro_batch_size * world):
+        raise MsLlmError(f"{where}: grpo.mini_batch_size {mini} must divide the step's {rows} completions "
+                         f"(prompts_per_step x group_size) and split into micro-batches of train.micro_batch_size "
+                         f"{t.micro_batch_size} on each of {world} data-parallel ranks")
+    if t.grad_accum_steps != 1:
+        raise MsLlmError(f"{where}: stage grpo accumulates grpo.mini_batch_size / train.micro_batch_size "
+                         "micro-batches per update; leave train.grad_accum_steps at 1")
+    if g.dual_clip and g.dual_clip <= 1:
+        raise MsLlmError(f"{where}: grpo.dual_clip must be > 1 (or 0 to disable), got {g.dual_clip}")
+    if g.reference.policy_without_adapter and not g.lora.enabled:
+        raise MsLlmError(f"{where}: grpo.reference.policy_without_adapter needs grpo.lora.enabled")
+    if (g.reference.path or g.reference.policy_without_adapter) and g.beta == 0:
+        raise MsLlmError(f"{where}: grpo.reference is set but grpo.beta is 0, so no reference is used; set grpo.beta "
+                         "> 0 or remove grpo.reference")
+    if g.lora.enabled and g.lora.dropout > 0:
+        raise MsLlmError(f"{where}: grpo.lora.dropout must be 0: old-policy log-probs are scored without dropout")
+    if g.overlong.buffer >= g.max_new_tokens:
+        raise MsLlmError(f"{where}: grpo.overlong.buffer {g.overlong.buffer} must be below grpo.max_new_tokens "
+                         f"{g.max_new_tokens}")
+
+
 @dataclass(frozen=True)
 class StageRules:
     layouts: frozenset = frozenset()          # beyond data parallel and ZeRO-1: tensor_parallel, pipeline_stages
@@ -153,6 +193,7 @@ STAGE_RULES = {
     "reward": StageRules(mup=False, check=_check_reward),
     "dpo": StageRules(mup=False, check=_check_dpo),
     "ppo": StageRules(mup=False, check=_check_ppo),
+    "grpo": StageRules(mup=False, check=_check_grpo),
 }
 
 

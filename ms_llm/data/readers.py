@@ -5,7 +5,7 @@
     alpaca      {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...], "task"?}
     sharegpt    {"conversations": [{"from": human|gpt|function_call|observation, "value"}], "system"?, "tools"?, "task"?}
     preference  {"prompt": str | [{"role", "content"}], "chosen": str, "rejected": str, "margin"?: number, "tag"?: str}
-    prompts     {"prompt": str, "answer"?: str, "task"?: str}
+    prompts     {"prompt": str, "answer"?: str, "task"?: str, "tests"?: str}
     unpaired    {"prompt": str | [{"role", "content"}], "completion": str, "label": bool}   (KTO)
 
 Conversational formats become {"messages": [{"role", "content"}], "task"}. Every record keeps its file
@@ -113,7 +113,11 @@ def _prompts(rec):
     ans = rec.get("answer")
     if ans is not None and not isinstance(ans, (str, int, float)):
         raise ValueError("field 'answer' must be a string or number")
-    return {"prompt": _need_str(rec, "prompt"), "answer": None if ans is None else str(ans), "task": rec.get("task")}
+    tests = rec.get("tests")
+    if tests is not None and not isinstance(tests, str):
+        raise ValueError("field 'tests' must be a string (Python run after a code answer)")
+    return {"prompt": _need_str(rec, "prompt"), "answer": None if ans is None else str(ans), "task": rec.get("task"),
+            "tests": tests}
 
 
 def _unpaired(rec):

@@ -90,7 +90,11 @@ def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray
 
 def clipped_surrogate(logp, old_logp, adv, eps_low: float, eps_high: float, dual_clip: float):
     """(per-token loss, clipped?, dual-clipped?) — the module docstring's L before the entropy bonus."""
-    ratio = ops.exp(logp - old_logp)
+    return surrogate_of_ratio(ops.exp(logp - old_logp), adv, eps_low, eps_high, dual_clip)
+
+
+def surrogate_of_ratio(ratio, adv, eps_low: float, eps_high: float, dual_clip: float):
+    """`clipped_surrogate` for a given ratio (a token's, or GSPO's sequence ratio spread over its tokens)."""
     pg1 = -adv * ratio
     pg2 = -adv * ops.clip_by_value(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = ops.maximum(pg1, pg2)

@@ -7,10 +7,10 @@ MindSpore, finds this process's Layout (one process, or its place under msrun) a
 import json
 import logging
 
-from ms_llm.stages import cpt, distill, dpo, ppo, pretrain, reward, sft
+from ms_llm.stages import cpt, distill, dpo, grpo, ppo, pretrain, reward, sft
 
 STAGES = {"pretrain": pretrain.run, "cpt": cpt.run, "distill": distill.run, "sft": sft.run, "reward": reward.run,
-          "dpo": dpo.run, "ppo": ppo.run}
+          "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run}
 
 
 def run_stage(cfg) -> dict:

@@ -20,7 +20,9 @@ DPO's chosen and rejected rewards): they are summed like the numerator and divid
 reported value is the mean over the whole update however it was split.
 
 A non-finite gradient skips the optimizer entirely (weights, Adam moments and step count untouched) and
-shrinks the loss scale by `factor`; `window` clean steps in a row grow it by `factor`.
+shrinks the loss scale by `factor`; `window` clean steps in a row grow it by `factor`. A zero summed
+denominator (every token of the global batch masked, e.g. GRPO's all-truncated batch) skips the optimizer too:
+there is nothing to learn from, and Adam's momentum or weight decay would still move the weights.
 """
 import mindspore as ms
 import numpy as np
@@ -98,7 +100,7 @@ class _Apply:
         if self.clip > 0:
             factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
             grads = self.map(ops.partial(ops.mul, factor), grads)
-        if finite:
+        if ops.logical_and(finite, denom > 0):           # nothing to learn from (all masked): no step at all
             self.optimizer(grads, lr)
         new_scale = self.loss_scale.update(finite)
         return norm, finite, new_scale
