@@ -114,6 +114,17 @@ def tiny_reward(tmp_path_factory, tiny_pretrained):
     return _once_per_run(tmp_path_factory, "tiny_reward", build)
 
 
+@pytest.fixture(scope="session")
+def tiny_sft(tmp_path_factory, tiny_pretrained):
+    """configs/tiny/sft_lora.yaml trained from the tiny pretrained model: runs/tiny_sft_lora in that work dir
+    (the GRPO tests start from it)."""
+    def build():
+        run_cli(tiny_pretrained, "train", "configs/tiny/sft_lora.yaml", "train.eval_every=0", "train.progress_bar=false",
+                "log.plots=false")
+        return tiny_pretrained / "runs" / "tiny_sft_lora"
+    return _once_per_run(tmp_path_factory, "tiny_sft", build)
+
+
 def kill_once_written(workdir, args, marker, timeout: int = 300):
     """Start `ms-llm ARGS`, SIGKILL it as soon as `marker` exists (e.g. a checkpoint's MANIFEST.json)."""
     import signal

@@ -463,6 +463,30 @@ class OverlongSection:
 
 
 @dataclass
+class PartialRolloutSection:
+    token_budget: int = opt(0, "Tokens each completion may generate per step; an unfinished one is paused with its "
+                               "generation state and continued next step under the newer policy (its tokens keep "
+                               "the log-probs of the policy that sampled them); 0: whole completions every step",
+                            range="[0, inf)")
+    max_staleness: int = opt(1, "Steps a batch may stay paused: at this age it is generated to the end, and "
+                                "finished groups older than this are dropped, so no trained token is older",
+                             range="[0, inf)")
+
+
+@dataclass
+class AsyncRolloutSection:
+    enabled: bool = opt(False, "One-step off-policy: a second process generates step t+1's completions with the "
+                               "weights of step t while step t trains (rollout/async_worker.py); synchronous when "
+                               "false")
+    worker_threads: int = opt(1, "CPU kernel threads of the rollout process (0: MindSpore's default)",
+                              range="[0, inf)")
+    worker_cores: int = opt(1, "Cores given to the rollout process alone (CPU affinity; the trainer keeps the "
+                               "others); 0: both processes may run anywhere", range="[0, inf)")
+    trainer_threads: int = opt(1, "CPU kernel threads of the training process while a rollout process shares the "
+                                  "cores (0: MindSpore's default)", range="[0, inf)")
+
+
+@dataclass
 class GRPOSection:
     group_size: int = opt(8, "G: completions sampled per prompt", range="[1, inf)")
     prompts_per_step: int = opt(8, "Groups (prompts) per step", range="[1, inf)")
@@ -504,6 +528,8 @@ class GRPOSection:
     tasks: list = opt(list, "Train and evaluate only prompts whose task is one of these (empty: all)")
     dynamic_sampling: DynamicSamplingSection = opt(DynamicSamplingSection, "DAPO dynamic sampling")
     overlong: OverlongSection = opt(OverlongSection, "DAPO overlong reward shaping and filtering")
+    partial_rollout: PartialRolloutSection = opt(PartialRolloutSection, "Partial rollouts across steps")
+    async_rollout: AsyncRolloutSection = opt(AsyncRolloutSection, "Asynchronous one-step off-policy rollouts")
     eval_data: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task[, tests]}): eval/accuracy of "
                                          "greedy answers (exact match; code answers run their tests)")
     eval_limit: int = opt(0, "Held-out prompts used (0: all)")

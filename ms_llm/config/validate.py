@@ -172,6 +172,19 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
                          "> 0 or remove grpo.reference")
     if g.lora.enabled and g.lora.dropout > 0:
         raise MsLlmError(f"{where}: grpo.lora.dropout must be 0: old-policy log-probs are scored without dropout")
+    if g.partial_rollout.token_budget and g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
+        raise MsLlmError(f"{where}: grpo.partial_rollout starts one batch per step; set grpo.dynamic_sampling."
+                         "max_rounds: 1 (groups without reward variance are still dropped)")
+    if g.async_rollout.enabled:
+        if g.partial_rollout.token_budget:
+            raise MsLlmError(f"{where}: grpo.async_rollout and grpo.partial_rollout do not combine in this release; "
+                             "choose one")
+        if g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
+            raise MsLlmError(f"{where}: grpo.async_rollout generates one batch per step; set grpo.dynamic_sampling."
+                             "max_rounds: 1 (groups without reward variance are still dropped)")
+        if world > 1:
+            raise MsLlmError(f"{where}: grpo.async_rollout runs with one trainer process in this release; set "
+                             "parallel.data_parallel: 1")
     if g.overlong.buffer >= g.max_new_tokens:
         raise MsLlmError(f"{where}: grpo.overlong.buffer {g.overlong.buffer} must be below grpo.max_new_tokens "
                          f"{g.max_new_tokens}")

@@ -87,16 +87,53 @@ class PromptStream:
 
 
 class GroupBatch:
-    """A step's kept groups: the rollout rows, rewards, advantages and masks (host arrays)."""
+    """A step's groups as one batch of rows: the rollout, rewards, finished flags, per-token policy versions."""
 
-    def __init__(self, ro: Rollout, rewards: dict, finished: np.ndarray, groups: int):
-        self.ro, self.rewards, self.finished, self.groups = ro, rewards, finished, groups
+    def __init__(self, ro: Rollout, rewards: dict, finished: np.ndarray, versions: np.ndarray, groups: int):
+        self.ro, self.rewards, self.finished, self.versions, self.groups = ro, rewards, finished, versions, groups
+
+
+class Paused:
+    """A generation batch between steps (partial rollout): its rows (G per prompt), what they produced so far —
+    tokens, the sampler's log-probs and the step (policy version) of each token — and the generation state."""
+
+    def __init__(self, key: str, rows: list, started: int, state, n: int):
+        b = len(rows)
+        self.key, self.rows, self.started, self.state, self.generated = key, rows, started, state, 0
+        self.tokens = np.zeros((b, n), np.int32)
+        self.logps = np.zeros((b, n), np.float32)
+        self.versions = np.full((b, n), -1, np.int32)
+        self.lengths = np.zeros(b, np.int64)
+        self.taken = set()
+
+    def add(self, out, step: int):
+        n = out.tokens.shape[1]
+        cols = slice(self.generated, self.generated + n)
+        self.tokens[:, cols], self.logps[:, cols] = out.tokens, out.logprobs
+        self.versions[:, cols] = np.where(np.arange(n)[None] < out.lengths[:, None], step, -1)
+        self.lengths += out.lengths
+        self.generated += n
+
+    def done(self, max_new: int) -> np.ndarray:
+        """[B] rows with nothing left to generate."""
+        return self.state.finished | (self.generated >= max_new)
+
+
+class _Finished:
+    """The part of a generation state `Paused.done` reads, for batches that come back whole (async rollout)."""
+
+    def __init__(self, finished):
+        self.finished = np.asarray(finished, bool)
 
 
 class GRPOLoop:
     """One GRPO-family step: sample groups, reward, advantages, updates (module docstring).
 
     reward_fn(texts, records) -> {"total": [B], "parts": {name: [B]}}; decode(tokens, length) -> text.
+    With grpo.partial_rollout.token_budget, each step generates at most that many tokens per completion: the
+    unfinished ones wait in `paused` (their generation state kept) and continue next step under the newer
+    policy; finished groups wait in `ready` until a step trains them, their per-token behaviour log-probs
+    standing in for π_old.
     """
 
     def __init__(self, cfg: ExperimentConfig, policy, reference, reward_fn, decode, layout: Layout = None,
@@ -119,98 +156,225 @@ class GRPOLoop:
                                loss_norm=float(self.mbs * g.max_new_tokens))
         self.scorer = TokenLogps(policy, g.temperature)
         self.ref_scorer = TokenLogps(reference, g.temperature) if reference is not None else None
+        self.partial = g.partial_rollout.token_budget > 0
+        self.budget = g.partial_rollout.token_budget if self.partial else g.max_new_tokens
+        self.paused, self.ready = [], []
+        self.async_ = g.async_rollout.enabled
+        self.worker, self.request, self.queued = None, None, None     # async: in flight / received, not yet used
+        self.score_current = False          # partial / async: also score the rollout with the current policy
 
     # -- rollout
 
-    def sample(self, step: int, rnd: int, prompts: list) -> tuple:
-        """G completions of each prompt: (Rollout, finished [B])."""
+    def _sampling(self) -> dict:
+        g = self.g
+        return dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, eos_token_id=self.stops or -1,
+                    pad_token_id=self.pad)
+
+    def start(self, step: int, rnd: int, prompts: list, run_out: bool) -> Paused:
+        """Begin G completions of each prompt: one budget of tokens, or (run_out) all of them."""
+        from ms_llm.generation import generate
         g = self.g
         rows = [p for p in prompts for _ in range(g.group_size)]
-        out, _ = generate_chunked(self.policy, [x["ids"] for x in rows], g.max_new_tokens, g.max_new_tokens,
-                                  temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                  eos_token_id=self.stops or -1, pad_token_id=self.pad,
-                                  seed=[self.seed, 7919, step, rnd], prompt_width=g.max_prompt_len)
-        finished = out.state.finished.copy() if out.state is not None else np.zeros(len(rows), bool)
-        return Rollout(rows, out.tokens, out.lengths, out.logprobs, self.plan, self.pad), finished
+        out = generate(self.policy, [r["ids"] for r in rows], min(self.budget, g.max_new_tokens),
+                       cache_len=self._cache_len(rows), seed=[self.seed, 7919, step, rnd], prompt_width=g.max_prompt_len,
+                       **self._sampling())
+        fl = Paused(f"s{step}r{rnd}", rows, step, out.state, g.max_new_tokens)
+        fl.add(out, step)
+        if run_out:
+            self.advance(fl, step, run_out=True)
+        return fl
 
-    def score_rewards(self, ro: Rollout, finished: np.ndarray) -> dict:
-        texts = [self.decode(ro.tokens[i], int(ro.lengths[i])) for i in range(len(ro.prompts))]
-        got = self.reward_fn(texts, ro.prompts)
+    def _cache_len(self, rows: list) -> int:
+        g = self.g
+        return -(-(max(g.max_prompt_len, max(len(r["ids"]) for r in rows)) + g.max_new_tokens) // 64) * 64
+
+    # -- asynchronous one-step off-policy rollout (rollout/async_worker.py)
+
+    def _submit(self, step: int, version: int, stream: PromptStream):
+        """Ask the rollout process for step `step`'s completions, generated with the current weights (those after
+        `version` updates)."""
+        from ms_llm.rollout.async_worker import RolloutWorker, trainable_arrays
+        g = self.g
+        if self.worker is None:
+            a = g.async_rollout
+            mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            split = a.worker_cores and len(mine) > a.worker_cores
+            cores = mine[-a.worker_cores:] if split else None
+            self.worker = RolloutWorker(self.cfg, self._sampling(), a.worker_threads, cores)
+            if split:                                  # the two processes share the cores: each keeps its own
+                os.sched_setaffinity(0, mine[:-a.worker_cores])
+            if a.trainer_threads:
+                import mindspore as ms
+                ms.device_context.cpu.op_tuning.threads_num(a.trainer_threads)
+        rows = [p for p in stream.take(g.prompts_per_step) for _ in range(g.group_size)]
+        path = self.worker.publish(trainable_arrays(self.policy), version)
+        self.worker.submit(version, path, [r["ids"] for r in rows], [self.seed, 7919, step, 0], g.max_new_tokens,
+                           self._cache_len(rows), g.max_prompt_len)
+        self.request = {"rows": rows, "step": step, "version": version}
+
+    def _receive(self) -> tuple:
+        """(the request, its batch): the one received at a checkpoint, else wait for the one in flight."""
+        got, self.queued = self.queued, None
+        if got is None:
+            tic = time.perf_counter()
+            got = self.worker.result()
+            got["wait_s"] = time.perf_counter() - tic
+        return self.request, got
+
+    def _collect_async(self, step: int, stream: PromptStream) -> list:
+        if self.queued is None and (self.worker is None or not self.worker.pending):
+            self._submit(step, step, stream)      # the first step: nothing was generated ahead
+        req, got = self._receive()
+        self._submit(step + 1, step, stream)  # θ_step generates the next step's batch while this one trains
+        fl = Paused(f"s{req['step']}", req["rows"], req["step"], _Finished(got["finished"]), self.g.max_new_tokens)
+        fl.tokens[:, :got["tokens"].shape[1]], fl.logps[:, :got["tokens"].shape[1]] = got["tokens"], got["logprobs"]
+        n = got["tokens"].shape[1]
+        fl.versions[:, :n] = np.where(np.arange(n)[None] < got["lengths"][:, None], req["version"], -1)
+        fl.lengths, fl.generated = np.asarray(got["lengths"], np.int64), self.g.max_new_tokens
+        self.async_times = {"rollout_s": got.get("generate_s", 0.0), "rollout_wait_s": got.get("wait_s", 0.0)}
+        return self.harvest(fl)
+
+    def close(self):
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def advance(self, fl: Paused, step: int, run_out: bool = False):
+        """Continue a paused batch under the current policy: one budget of tokens, or (run_out) to the end."""
+        from ms_llm.generation import generate
+        g = self.g
+        while not fl.done(g.max_new_tokens).all():
+            out = generate(self.policy, None, min(self.budget, g.max_new_tokens - fl.generated), state=fl.state,
+                           **self._sampling())
+            fl.state = out.state
+            fl.add(out, step)
+            if not run_out:
+                break
+
+    def harvest(self, fl: Paused) -> list:
+        """The groups of `fl` whose every completion is done (not harvested before), rewarded, as group dicts."""
+        G, n = self.g.group_size, self.g.max_new_tokens
+        done = fl.done(n)
+        ks = [k for k in range(len(fl.rows) // G) if k not in fl.taken and done[k * G:(k + 1) * G].all()]
+        if not ks:
+            return []
+        sel = np.concatenate([np.arange(k * G, (k + 1) * G) for k in ks])
+        texts = [self.decode(fl.tokens[i], int(fl.lengths[i])) for i in sel]
+        records = [fl.rows[i] for i in sel]
+        got = self.reward_fn(texts, records)
         total = np.asarray(got["total"], np.float64)
         o = self.g.overlong
-        lengths = np.where(finished, ro.lengths, self.g.max_new_tokens + 1)   # cut off: beyond the maximum
-        pen = overlong_penalty(lengths, self.g.max_new_tokens, o.buffer, o.factor) if o.buffer else np.zeros(len(total))
-        return {"total": total + pen, "parts": dict(got["parts"], overlong=pen), "texts": texts}
+        finished = fl.state.finished[sel].copy()
+        lengths = np.where(finished, fl.lengths[sel], n + 1)              # cut off: beyond the maximum
+        pen = overlong_penalty(lengths, n, o.buffer, o.factor) if o.buffer else np.zeros(len(sel))
+        parts = dict({k: np.asarray(v, np.float64) for k, v in got["parts"].items()}, overlong=pen)
+        total = total + pen
+        out = []
+        for j, k in enumerate(ks):
+            fl.taken.add(k)
+            rows = slice(j * G, (j + 1) * G)
+            i = sel[rows]
+            out.append({"prompts": records[rows], "tokens": fl.tokens[i], "logps": fl.logps[i],
+                        "versions": fl.versions[i], "lengths": fl.lengths[i], "finished": finished[rows],
+                        "total": total[rows], "parts": {name: v[rows] for name, v in parts.items()},
+                        "texts": texts[rows], "started": fl.started})
+        return out
 
     def collect(self, step: int, stream: PromptStream) -> tuple:
-        """The step's groups (dynamic sampling: only groups with reward variance, refilled) and rollout stats."""
-        g, G = self.g, self.g.group_size
-        kept, seen, dropped, rounds, gen_s = [], 0, 0, 0, 0.0
-        rounds_max = g.dynamic_sampling.max_rounds if g.dynamic_sampling.enabled else 1
-        while len(kept) < g.prompts_per_step and rounds < rounds_max:
-            prompts = stream.take(g.prompts_per_step)
-            tic = time.perf_counter()
-            ro, finished = self.sample(step, rounds, prompts)
-            gen_s += time.perf_counter() - tic
-            rw = self.score_rewards(ro, finished)
-            std = group_reward_std(rw["total"], G)
-            for k in range(len(prompts)):
-                seen += 1
-                if g.dynamic_sampling.enabled and std[k] == 0:
-                    dropped += 1
-                    continue
-                kept.append((ro, rw, finished, k))
-            rounds += 1
-        kept = kept[:g.prompts_per_step]
+        """The step's groups and rollout stats. Synchronous: sample whole completions, with dynamic sampling
+        further rounds until enough groups with reward variance; partial rollout: advance the paused batches,
+        start one, train the oldest finished groups."""
+        g = self.g
+        tic = time.perf_counter()
+        fresh, rounds = [], 0
+        if self.async_:
+            fresh, rounds = self._collect_async(step, stream), 1
+        elif self.partial:
+            limit = g.partial_rollout.max_staleness
+            for fl in self.paused:
+                self.advance(fl, step, run_out=step - fl.started >= limit)
+            self.paused.append(self.start(step, 0, stream.take(g.prompts_per_step), run_out=limit == 0))
+            rounds = 1
+            for fl in self.paused:
+                fresh += self.harvest(fl)
+            self.paused = [fl for fl in self.paused if len(fl.taken) < len(fl.rows) // g.group_size]
+        else:
+            max_rounds = g.dynamic_sampling.max_rounds if g.dynamic_sampling.enabled else 1
+            kept = 0
+            while kept < g.prompts_per_step and rounds < max_rounds:
+                got = self.harvest(self.start(step, rounds, stream.take(g.prompts_per_step), run_out=True))
+                fresh += got
+                kept += sum(1 for x in got if not self._flat(x))
+                rounds += 1
+        gen_s = time.perf_counter() - tic
+        seen = len(fresh)
+        if g.dynamic_sampling.enabled:
+            fresh = [x for x in fresh if not self._flat(x)]
+        dropped = seen - len(fresh)
+        self.ready += fresh
+        stale = 0
+        if self.partial or self.async_:                # never train tokens older than the staleness bound
+            bound = 1 if self.async_ else g.partial_rollout.max_staleness
+            keep = [x for x in self.ready if step - x["started"] <= bound]
+            stale, self.ready = len(self.ready) - len(keep), keep
+        take, self.ready = self.ready[:g.prompts_per_step], self.ready[g.prompts_per_step:]
+        if not self.partial:
+            self.ready = []                            # one batch per step: surplus groups are not kept
         stats = {"groups_seen": seen, "groups_filtered": dropped / max(seen, 1), "generation_rounds": rounds,
                  "rollout_s": gen_s}
-        return self._merge(kept), stats
+        if self.async_:                     # generation ran in the other process; the trainer waited only this long
+            stats.update(self.async_times)
+        if self.partial:
+            stats.update({"groups_paused": sum(len(fl.rows) // g.group_size - len(fl.taken) for fl in self.paused),
+                          "groups_waiting": len(self.ready), "groups_stale_dropped": stale})
+        return self._merge(take), stats
 
-    def _merge(self, kept: list):
-        """One batch of rows from the kept groups (of one or several rounds)."""
-        if not kept:
+    @staticmethod
+    def _flat(group: dict) -> bool:
+        return bool(np.all(group["total"] == group["total"][0]))
+
+    def _merge(self, groups: list):
+        """One batch of rows from whole groups."""
+        if not groups:
             return None
-        G, rows = self.g.group_size, []
-        for ro, rw, fin, k in kept:
-            sel = np.arange(k * G, (k + 1) * G)
-            rows.append((ro, rw, fin, sel))
-        prompts = [ro.prompts[i] for ro, _, _, sel in rows for i in sel]
-        cat = lambda f: np.concatenate([f(ro, rw, fin)[sel] for ro, rw, fin, sel in rows])      # noqa: E731
-        n = self.g.max_new_tokens
-        pad_to = lambda a: np.pad(a, ((0, 0), (0, n - a.shape[1])))                          # noqa: E731
-        tokens = cat(lambda ro, rw, fin: pad_to(ro.tokens))
-        behaviour = cat(lambda ro, rw, fin: pad_to(ro.behaviour))
-        lengths = cat(lambda ro, rw, fin: ro.lengths)
-        finished = cat(lambda ro, rw, fin: fin)
-        total = cat(lambda ro, rw, fin: rw["total"])
-        parts = {name: cat(lambda ro, rw, fin, name=name: rw["parts"][name]) for name in rows[0][1]["parts"]}
-        texts = [rw["texts"][i] for _, rw, _, sel in rows for i in sel]
-        ro = Rollout(prompts, tokens, lengths, behaviour, self.plan, self.pad)
-        return GroupBatch(ro, {"total": total, "parts": parts, "texts": texts}, finished, len(kept))
+        cat = lambda key: np.concatenate([x[key] for x in groups])          # noqa: E731
+        prompts = [p for x in groups for p in x["prompts"]]
+        ro = Rollout(prompts, cat("tokens"), cat("lengths"), cat("logps"), self.plan, self.pad)
+        rewards = {"total": cat("total"), "parts": {k: np.concatenate([x["parts"][k] for x in groups])
+                                                   for k in groups[0]["parts"]},
+                   "texts": [t for x in groups for t in x["texts"]]}
+        return GroupBatch(ro, rewards, cat("finished"), cat("versions"), len(groups))
 
     # -- update
 
     def prepare(self, batch: GroupBatch) -> dict:
-        """Per-row training arrays in the scoring-window layout (exact plan: one window per row)."""
+        """Per-row training arrays in the scoring-window layout (exact plan: one window per row). π_old is the
+        policy recomputed on the rollout (synchronous), or each token's behaviour log-prob (partial rollout: tokens
+        of one completion may come from several policies; asynchronous: they come from the previous step's)."""
         g, ro, plan = self.g, batch.ro, self.plan
         w = ro.windows
         mode = self.policy.training
         self.policy.set_train(False)
-        old = plan.to_response(score_windows(self.scorer, w, SCORE_KEYS, self.mbs), w["index"])
+        behaviour = self.partial or self.async_
+        current = None if behaviour else plan.to_response(score_windows(self.scorer, w, SCORE_KEYS, self.mbs),
+                                                          w["index"])
         ref = (plan.to_response(score_windows(self.ref_scorer, w, SCORE_KEYS, self.mbs), w["index"])
-               if self.ref_scorer is not None else np.zeros_like(old))
+               if self.ref_scorer is not None else np.zeros(ro.response_mask.shape))
+        if self.score_current and current is None:           # only to compare (tests): a forward pass per step
+            current = plan.to_response(score_windows(self.scorer, w, SCORE_KEYS, self.mbs), w["index"])
         self.policy.set_train(mode)
+        old = ro.behaviour.astype(np.float64) if behaviour else current
         adv = group_advantages(batch.rewards["total"], g.group_size, g.advantage_scale, g.advantage_eps)
         mask = ro.response_mask.copy()
         if g.overlong.mask_truncated:
             mask[~batch.finished] = 0.0
         weights, counts = aggregation_weights(mask, g.loss_agg, g.max_new_tokens)
         index = w["index"]
-        keep = plan.to_windows(mask, index)
-        return dict(w, loss_mask=keep, weights=plan.to_windows(weights, index), counts=counts.astype(np.float32),
-                    old_logps=plan.to_windows(old, index), ref_logps=plan.to_windows(ref, index),
+        return dict(w, loss_mask=plan.to_windows(mask, index), weights=plan.to_windows(weights, index),
+                    counts=counts.astype(np.float32), old_logps=plan.to_windows(old, index),
+                    ref_logps=plan.to_windows(ref, index),
                     advantages=plan.to_windows(np.repeat(adv[:, None], g.max_new_tokens, 1), index),
-                    _adv=adv, _mask=mask, _old=old)
+                    _adv=adv, _mask=mask, _old=old, _current=current)
 
     def update(self, arrays: dict, step: int) -> dict:
         """grpo.epochs passes of mini-batches over the step's rows; a short batch is padded with empty rows (they
@@ -242,9 +406,10 @@ class GRPOLoop:
         return row
 
     def step(self, step: int, stream: PromptStream) -> dict:
+        start = time.perf_counter()
         batch, stats = self.collect(step, stream)
         g = self.g
-        if batch is None:                  # every group filtered in every round: nothing to learn from
+        if batch is None:                  # nothing finished or every group filtered: nothing to learn from
             return {"loss": 0.0, "skipped": True, "updates": 0, "lr": self.updater.lr_at(step), **stats}
         arrays = self.prepare(batch)
         tic = time.perf_counter()
@@ -252,16 +417,89 @@ class GRPOLoop:
         train_s = time.perf_counter() - tic
         ro, rw = batch.ro, batch.rewards
         std = group_reward_std(rw["total"], g.group_size)
+        m = arrays["_mask"] > 0
+        age = (step - batch.versions)[m] if m.any() else np.zeros(1)
         row.update(stats)
         row.update({"reward/total": float(np.mean(rw["total"])), "group_reward_std": float(std.mean()),
                     "groups": batch.groups, "response_length": float(ro.lengths.mean()),
-                    "truncation_rate": float(np.mean(~batch.finished)), "train_s": train_s, "staleness": 0.0,
-                    "rollout/logprob_gap": float(np.abs((ro.behaviour - arrays["_old"]) * arrays["_mask"]).sum()
-                                                 / max(arrays["_mask"].sum(), 1.0))})
+                    "truncation_rate": float(np.mean(~batch.finished)), "train_s": train_s,
+                    "staleness": float(age.mean()), "staleness_max": float(age.max())})
+        if arrays["_current"] is not None:   # sampler vs training graph on the same weights (sync): ~1e-6
+            row["rollout/logprob_gap"] = float(np.abs((ro.behaviour - arrays["_current"]) * arrays["_mask"]).sum()
+                                               / max(arrays["_mask"].sum(), 1.0))
         for name, vals in rw["parts"].items():
             row[f"reward/{name}"] = float(np.mean(vals))
-        self.last = batch
+        self.last, self.last_arrays = batch, arrays
+        row["step_s"] = time.perf_counter() - start
         return row
+
+    # -- checkpointed rollout state (partial rollout)
+
+    def save_pending(self, folder: str):
+        """The paused batches (generation states, tokens so far) and the finished groups waiting to train."""
+        from ms_llm.models.safetensors_io import write_safetensors
+        from ms_llm.rollout.state_cache import StateCache
+        from ms_llm.training.checkpoint import write_json_atomic
+        cache = StateCache()
+        arrays, paused = {}, []
+        for fl in self.paused:
+            cache.put(fl.key, fl.state)
+            for name in ("tokens", "logps", "versions", "lengths"):
+                arrays[f"{fl.key}.{name}"] = getattr(fl, name)
+            paused.append({"key": fl.key, "rows": fl.rows, "started": fl.started, "generated": fl.generated,
+                           "taken": sorted(fl.taken)})
+        ready = []
+        for j, x in enumerate(self.ready):
+            for name in ("tokens", "logps", "versions", "lengths", "total"):
+                arrays[f"ready{j}.{name}"] = x[name]
+            arrays[f"ready{j}.finished"] = x["finished"].astype(np.int8)
+            for name, v in x["parts"].items():
+                arrays[f"ready{j}.part.{name}"] = v
+            ready.append({"prompts": x["prompts"], "texts": x["texts"], "started": x["started"],
+                          "parts": sorted(x["parts"])})
+        queued = None
+        if self.async_ and (self.queued is not None or (self.worker is not None and self.worker.pending)):
+            if self.queued is None:
+                tic = time.perf_counter()
+                self.queued = self.worker.result()
+                self.queued["wait_s"] = time.perf_counter() - tic
+            for name in ("tokens", "logprobs", "lengths"):
+                arrays[f"queued.{name}"] = np.asarray(self.queued[name])
+            arrays["queued.finished"] = np.asarray(self.queued["finished"]).astype(np.int8)
+            queued = {"request": self.request, "version": self.queued["version"],
+                      "generate_s": self.queued.get("generate_s", 0.0)}
+        cache.save(os.path.join(folder, "states"))
+        write_safetensors(os.path.join(folder, "pending.safetensors"), arrays or {"empty": np.zeros(1, np.int8)})
+        write_json_atomic(os.path.join(folder, "pending.json"), {"paused": paused, "ready": ready, "queued": queued})
+
+    def load_pending(self, folder: str):
+        import json
+        from ms_llm.models.safetensors_io import read_safetensors
+        from ms_llm.rollout.state_cache import StateCache
+        with open(os.path.join(folder, "pending.json")) as f:
+            meta = json.load(f)
+        a = read_safetensors(os.path.join(folder, "pending.safetensors"))
+        cache = StateCache.load(os.path.join(folder, "states"), self.policy)
+        self.paused = []
+        for p in meta["paused"]:
+            fl = Paused(p["key"], p["rows"], p["started"], cache.pop(p["key"]), self.g.max_new_tokens)
+            for name in ("tokens", "logps", "versions", "lengths"):
+                setattr(fl, name, a[f"{p['key']}.{name}"])
+            fl.generated, fl.taken = p["generated"], set(p["taken"])
+            self.paused.append(fl)
+        self.ready = []
+        for j, r in enumerate(meta["ready"]):
+            x = {name: a[f"ready{j}.{name}"] for name in ("tokens", "logps", "versions", "lengths", "total")}
+            x.update(finished=a[f"ready{j}.finished"].astype(bool), prompts=r["prompts"], texts=r["texts"],
+                     started=r["started"], parts={name: a[f"ready{j}.part.{name}"] for name in r["parts"]})
+            self.ready.append(x)
+        q = meta.get("queued")
+        self.queued, self.request = None, None
+        if q:
+            self.request = q["request"]
+            self.queued = {"tokens": a["queued.tokens"], "logprobs": a["queued.logprobs"],
+                           "lengths": a["queued.lengths"], "finished": a["queued.finished"].astype(bool),
+                           "version": q["version"], "generate_s": q["generate_s"], "wait_s": 0.0}
 
 
 def accuracy(model, tokenizer, records: list, cfg: ExperimentConfig, stops, isolation: str) -> dict:
@@ -341,7 +579,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     def evaluate() -> dict:
         return accuracy(policy, tokenizer, eval_records, cfg, stops, isolation)
 
-    objective = {"rewards": dict(g.rewards), "loss_agg": g.loss_agg, "ratio": g.ratio, "group_size": g.group_size}
+    objective = {"rewards": dict(g.rewards), "loss_agg": g.loss_agg, "ratio": g.ratio, "group_size": g.group_size,
+                 "token_budget": g.partial_rollout.token_budget}
 
     def check_resume(state: dict):
         if state.get("objective", objective) != objective:
@@ -354,11 +593,17 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     before = evaluate() if eval_records else {}
     if before:
         log.info("before training: %s", before)
+    # partial rollout: paused generations and finished groups not yet trained go into every checkpoint
+    # and the asynchronous batch generated ahead
+    pending = {"rollout_state": (loop.save_pending, loop.load_pending)} if loop.partial or loop.async_ else {}
     spec = StageSpec(updaters=[loop.updater], run_step=run_step, weights_writer=write_policy,
-                     weights_reader=read_policy, evaluate=evaluate if eval_records else None,
+                     weights_reader=read_policy, evaluate=evaluate if eval_records else None, models=pending,
                      extra_state=lambda: {"prompt_cursor": stream.cursor, "objective": objective},
                      check_resume=check_resume)
-    result = train(cfg, policy, spec, run_dir, layout)
+    try:
+        result = train(cfg, policy, spec, run_dir, layout)
+    finally:
+        loop.close()
     if not layout.main:
         return {}
     trained = trained_model(cfg, run_dir, policy, g.lora.enabled)

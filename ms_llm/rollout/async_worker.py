@@ -1,0 +1,141 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One-step off-policy rollouts in a second process (seed 004: asynchronous rollout, one-step off-policy).
+
+    worker = RolloutWorker(cfg, sampling, threads=1)     # spawns the process; it builds the policy as the trainer does
+    worker.submit(version, weights_path, rows, seed)     # generate with these weights, in the background
+    batch = worker.result()                              # wait: tokens, log-probs, lengths, finished, version
+    worker.close()
+
+The mechanism: a `multiprocessing` spawn child holds its own copy of the policy (built from the same config,
+LoRA included). Each step the trainer writes its trainable parameters to a safetensors file (in /dev/shm when
+there is one: written, then renamed, so the worker never reads half a file) and sends the request over a pipe;
+the worker loads the weights when their version changed, generates with the request's seed and sends the
+batch back. So while the trainer runs step t, the worker generates step t + 1's completions with θ_t; their
+sampled log-probs travel with them and are π_old in the importance ratio. The cores are split between the two
+processes (the worker's CPU affinity and kernel threads, `cores` and `threads`), so neither preempts the other.
+"""
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from ms_llm.errors import MsLlmError
+
+
+def _serve(conn, cfg, sampling: dict, threads: int, cores=None):
+    """The worker process: build the policy, then answer requests until told to stop."""
+    try:
+        if cores:
+            os.sched_setaffinity(0, cores)
+        import mindspore as ms
+        from ms_llm.context import setup_context
+        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+        if threads:
+            ms.device_context.cpu.op_tuning.threads_num(threads)
+        from ms_llm.generation import generate
+        from ms_llm.models.safetensors_io import read_safetensors
+        from ms_llm.peft.lora import LoRAConfig, apply_lora
+        from ms_llm.stages.common import build_model
+        policy = build_model(cfg)
+        lo = cfg.grpo.lora
+        if lo.enabled:
+            apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+        params = {p.name: p for p in policy.trainable_params()}
+        version = None
+        conn.send({"ready": True})
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            if msg["version"] != version:
+                for name, arr in read_safetensors(msg["weights"]).items():
+                    params[name].set_data(ms.Tensor(arr, params[name].dtype))
+                version = msg["version"]
+            tic = time.perf_counter()
+            out = generate(policy, msg["rows"], msg["max_new_tokens"], seed=msg["seed"], cache_len=msg["cache_len"],
+                           prompt_width=msg["prompt_width"], **sampling)
+            conn.send({"tokens": out.tokens, "logprobs": out.logprobs, "lengths": out.lengths,
+                       "finished": out.state.finished.copy(), "version": version,
+                       "generate_s": time.perf_counter() - tic})
+    except Exception as e:                    # noqa: BLE001 - reported to the trainer, which raises it
+        import traceback
+        conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+
+
+class RolloutWorker:
+    def __init__(self, cfg, sampling: dict, threads: int = 1, cores=None):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="ms_llm_rollout_", dir=shm)
+        self.proc = ctx.Process(target=_serve, args=(child, cfg, sampling, threads, cores), daemon=True)
+        self.proc.start()
+        child.close()
+        self.pending = False
+        self._check(self._recv())
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise MsLlmError(f"the rollout worker (pid {self.proc.pid}) died; exit code {self.proc.exitcode}") from None
+
+    @staticmethod
+    def _check(msg):
+        if "error" in msg:
+            raise MsLlmError(f"rollout worker failed: {msg['error']}\n{msg['traceback']}")
+        return msg
+
+    def publish(self, params: dict, version: int) -> str:
+        """Write the trainer's weights {name: array} as version `version`; returns the file the worker reads."""
+        from ms_llm.models.safetensors_io import write_safetensors
+        path = os.path.join(self.dir, f"weights_{version}.safetensors")
+        if not os.path.exists(path):
+            write_safetensors(path + ".tmp", params)
+            os.replace(path + ".tmp", path)
+            for old in os.listdir(self.dir):                  # keep this version and the one the worker may read
+                if old.startswith("weights_") and old.endswith(".safetensors") and \
+                        int(old[8:-12]) < version - 1:
+                    os.remove(os.path.join(self.dir, old))
+        return path
+
+    def submit(self, version: int, weights: str, rows: list, seed, max_new_tokens: int, cache_len: int,
+               prompt_width: int):
+        if self.pending:
+            raise MsLlmError("the rollout worker already has a request in flight")
+        self.conn.send({"version": version, "weights": weights, "rows": rows, "seed": seed,
+                        "max_new_tokens": max_new_tokens, "cache_len": cache_len, "prompt_width": prompt_width})
+        self.pending = True
+
+    def result(self) -> dict:
+        if not self.pending:
+            raise MsLlmError("no rollout request in flight")
+        msg = self._check(self._recv())
+        self.pending = False
+        return msg
+
+    def close(self):
+        try:
+            if self.proc.is_alive():
+                if self.pending:
+                    self.result()
+                self.conn.send(None)
+                self.proc.join(10)
+        except (OSError, EOFError, MsLlmError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:                     # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def trainable_arrays(model) -> dict:
+    return {p.name: np.ascontiguousarray(p.asnumpy()) for p in model.trainable_params()}
