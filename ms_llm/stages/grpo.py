@@ -35,7 +35,7 @@ from ms_llm.losses.policy import TokenLogps
 from ms_llm.models.frozen import load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
-from ms_llm.rollout.chunks import ChunkPlan, generate_chunked
+from ms_llm.rollout.chunks import ChunkPlan
 from ms_llm.rollout.verifiable import VerifiableRewards
 from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, prepare_run_dir,
                                   reference_section, trained_model)
