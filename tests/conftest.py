@@ -7,6 +7,24 @@ import numpy as np
 import pytest
 
 
+# The longest test files, longest first. With `-n 2 --dist loadfile` each worker takes the next file in collection
+# order when it is free, so a long file collected last would run alone at the end; starting with them keeps the two
+# workers busy until both finish (longest-processing-time-first). Order within a file is unchanged.
+LONGEST_FIRST = ("stages/test_distill.py", "test_distributed.py", "test_pipeline_chain.py", "stages/test_grpo.py",
+                 "stages/test_grpo_resume.py", "stages/test_ppo.py", "stages/test_dpo.py", "stages/test_cpt.py",
+                 "stages/test_sft.py", "stages/test_reward.py", "eval/test_sandbox.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        for i, name in enumerate(LONGEST_FIRST):
+            if path.endswith(name):
+                return i
+        return len(LONGEST_FIRST)
+    items[:] = sorted(items, key=rank)          # stable: files keep their own order, tests theirs
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

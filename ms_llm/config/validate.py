@@ -185,6 +185,10 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
         if world > 1:
             raise MsLlmError(f"{where}: grpo.async_rollout runs with one trainer process in this release; set "
                              "parallel.data_parallel: 1")
+        if cfg.context.device_target != "cpu":
+            raise MsLlmError(f"{where}: grpo.async_rollout runs its rollout process on CPU cores in this release "
+                             "(on an NPU both processes would hold the model on one device); use it with "
+                             "context.device_target: cpu")
     if g.overlong.buffer >= g.max_new_tokens:
         raise MsLlmError(f"{where}: grpo.overlong.buffer {g.overlong.buffer} must be below grpo.max_new_tokens "
                          f"{g.max_new_tokens}")

@@ -131,7 +131,7 @@ class GRPOLoss(nn.Cell):
         loss, _, dual = surrogate_of_ratio(ratio, advantages, self.eps_low, self.eps_high, self.dual_clip)
         ref_kl = ops.zeros_like(loss)
         if self.beta > 0:
-            r = ref_logps - logp
+            r = (ref_logps - logp) * m          # 0 where nothing trains: exp() of an unscored slot cannot overflow
             ref_kl = ops.exp(r) - r - 1.0
             loss = loss + self.beta * ref_kl
         if self.ent_coef > 0:

@@ -17,6 +17,7 @@ processes (the worker's CPU affinity and kernel threads, `cores` and `threads`),
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -25,9 +26,15 @@ import numpy as np
 from ms_llm.errors import MsLlmError
 
 
-def _serve(conn, cfg, sampling: dict, threads: int, cores=None):
+def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = None):
     """The worker process: build the policy, then answer requests until told to stop."""
     try:
+        if sys.platform.startswith("linux"):
+            import ctypes
+            import signal
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG: never outlive the trainer
+            if os.getppid() != parent:
+                return
         if cores:
             os.sched_setaffinity(0, cores)
         import mindspore as ms
@@ -53,6 +60,7 @@ def _serve(conn, cfg, sampling: dict, threads: int, cores=None):
             if msg["version"] != version:
                 for name, arr in read_safetensors(msg["weights"]).items():
                     params[name].set_data(ms.Tensor(arr, params[name].dtype))
+                os.remove(msg["weights"])                  # loaded: the only copy left is in this process
                 version = msg["version"]
             tic = time.perf_counter()
             out = generate(policy, msg["rows"], msg["max_new_tokens"], seed=msg["seed"], cache_len=msg["cache_len"],
@@ -70,8 +78,9 @@ class RolloutWorker:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="ms_llm_rollout_", dir=shm)
-        self.proc = ctx.Process(target=_serve, args=(child, cfg, sampling, threads, cores), daemon=True)
+        _sweep(shm or tempfile.gettempdir())
+        self.dir = tempfile.mkdtemp(prefix=f"ms_llm_rollout_{os.getpid()}_", dir=shm)
+        self.proc = ctx.Process(target=_serve, args=(child, cfg, sampling, threads, cores, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.pending = False
@@ -93,21 +102,20 @@ class RolloutWorker:
         """Write the trainer's weights {name: array} as version `version`; returns the file the worker reads."""
         from ms_llm.models.safetensors_io import write_safetensors
         path = os.path.join(self.dir, f"weights_{version}.safetensors")
-        if not os.path.exists(path):
+        if not os.path.exists(path):                          # the worker deletes each version once loaded
             write_safetensors(path + ".tmp", params)
             os.replace(path + ".tmp", path)
-            for old in os.listdir(self.dir):                  # keep this version and the one the worker may read
-                if old.startswith("weights_") and old.endswith(".safetensors") and \
-                        int(old[8:-12]) < version - 1:
-                    os.remove(os.path.join(self.dir, old))
         return path
 
     def submit(self, version: int, weights: str, rows: list, seed, max_new_tokens: int, cache_len: int,
                prompt_width: int):
         if self.pending:
             raise MsLlmError("the rollout worker already has a request in flight")
-        self.conn.send({"version": version, "weights": weights, "rows": rows, "seed": seed,
-                        "max_new_tokens": max_new_tokens, "cache_len": cache_len, "prompt_width": prompt_width})
+        try:
+            self.conn.send({"version": version, "weights": weights, "rows": rows, "seed": seed,
+                            "max_new_tokens": max_new_tokens, "cache_len": cache_len, "prompt_width": prompt_width})
+        except OSError:
+            raise MsLlmError(f"the rollout worker (pid {self.proc.pid}) is gone; exit code {self.proc.exitcode}") from None
         self.pending = True
 
     def result(self) -> dict:
@@ -117,9 +125,10 @@ class RolloutWorker:
         self.pending = False
         return msg
 
-    def close(self):
+    def close(self, wait: bool = True):
+        """Stop the worker: after its request in flight (wait), or at once."""
         try:
-            if self.proc.is_alive():
+            if self.proc.is_alive() and wait:
                 if self.pending:
                     self.result()
                 self.conn.send(None)
@@ -135,6 +144,16 @@ class RolloutWorker:
             self.close()
         except Exception:                     # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _sweep(folder: str):
+    """Remove weight folders left by trainers that were killed (their pid is in the folder name)."""
+    for name in os.listdir(folder):
+        if not name.startswith("ms_llm_rollout_"):
+            continue
+        pid = name[len("ms_llm_rollout_"):].split("_", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def trainable_arrays(model) -> dict:

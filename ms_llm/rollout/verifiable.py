@@ -25,8 +25,9 @@ THINK = re.compile(r"^\s*<think>.*?</think>\s*\S", re.S)
 
 
 def exact_match_reward(texts: list, records: list, style: str = "auto") -> np.ndarray:
-    return np.array([float(extract_answer(t, style).strip() == extract_answer(str(r.get("answer", "")),
-                                                                             style).strip())
+    """1 where the extracted answers agree; 0 for a record without an answer."""
+    return np.array([float(r.get("answer") is not None and
+                           extract_answer(t, style).strip() == extract_answer(str(r["answer"]), style).strip())
                      for t, r in zip(texts, records)])
 
 

@@ -119,6 +119,16 @@ class Paused:
         return self.state.finished | (self.generated >= max_new)
 
 
+def _pin_threads(cores):
+    """CPU affinity of every thread of this process (kernel thread pools started earlier included); threads
+    started later inherit it."""
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:                                # a thread that ended meanwhile
+            pass
+
+
 class _Finished:
     """The part of a generation state `Paused.done` reads, for batches that come back whole (async rollout)."""
 
@@ -152,8 +162,9 @@ class GRPOLoop:
                              f"train.micro_batch_size {self.mbs} on each of {world} data-parallel ranks")
         self.plan = ChunkPlan(g.max_prompt_len, g.max_new_tokens, g.max_new_tokens, 0, exact=True)
         loss = GRPOLoss(policy, g.clip_low, g.clip_high, g.dual_clip, g.beta, g.ent_coef, g.ratio, g.temperature)
+        per_micro = self.mbs * g.max_new_tokens if g.loss_agg == "token-mean" else self.mbs   # a typical denominator
         self.updater = Updater("policy", cfg, loss, policy, self.layout, accum_steps=self.mini // (self.mbs * world),
-                               loss_norm=float(self.mbs * g.max_new_tokens))
+                               loss_norm=float(per_micro))
         self.scorer = TokenLogps(policy, g.temperature)
         self.ref_scorer = TokenLogps(reference, g.temperature) if reference is not None else None
         self.partial = g.partial_rollout.token_budget > 0
@@ -202,10 +213,13 @@ class GRPOLoop:
             cores = mine[-a.worker_cores:] if split else None
             self.worker = RolloutWorker(self.cfg, self._sampling(), a.worker_threads, cores)
             if split:                                  # the two processes share the cores: each keeps its own
-                os.sched_setaffinity(0, mine[:-a.worker_cores])
+                _pin_threads(mine[:-a.worker_cores])
             if a.trainer_threads:
                 import mindspore as ms
-                ms.device_context.cpu.op_tuning.threads_num(a.trainer_threads)
+                try:
+                    ms.device_context.cpu.op_tuning.threads_num(a.trainer_threads)
+                except RuntimeError as e:              # MindSpore takes it once per process
+                    log.warning("grpo.async_rollout.trainer_threads not applied: %s", e)
         rows = [p for p in stream.take(g.prompts_per_step) for _ in range(g.group_size)]
         path = self.worker.publish(trainable_arrays(self.policy), version)
         self.worker.submit(version, path, [r["ids"] for r in rows], [self.seed, 7919, step, 0], g.max_new_tokens,
@@ -225,7 +239,8 @@ class GRPOLoop:
         if self.queued is None and (self.worker is None or not self.worker.pending):
             self._submit(step, step, stream)      # the first step: nothing was generated ahead
         req, got = self._receive()
-        self._submit(step + 1, step, stream)  # θ_step generates the next step's batch while this one trains
+        if step + 1 < self.cfg.train.max_steps:
+            self._submit(step + 1, step, stream)  # θ_step generates the next step's batch while this one trains
         fl = Paused(f"s{req['step']}", req["rows"], req["step"], _Finished(got["finished"]), self.g.max_new_tokens)
         fl.tokens[:, :got["tokens"].shape[1]], fl.logps[:, :got["tokens"].shape[1]] = got["tokens"], got["logprobs"]
         n = got["tokens"].shape[1]
@@ -234,9 +249,9 @@ class GRPOLoop:
         self.async_times = {"rollout_s": got.get("generate_s", 0.0), "rollout_wait_s": got.get("wait_s", 0.0)}
         return self.harvest(fl)
 
-    def close(self):
+    def close(self, wait: bool = True):
         if self.worker is not None:
-            self.worker.close()
+            self.worker.close(wait)
             self.worker = None
 
     def advance(self, fl: Paused, step: int, run_out: bool = False):
@@ -388,7 +403,8 @@ class GRPOLoop:
             full = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in full.items()}
         out = []
         for epoch in range(g.epochs):
-            perm = np.random.default_rng([self.seed, 104729, step, epoch]).permutation(self.batch_rows)
+            perm = np.random.default_rng([self.seed, 104729, step, epoch]).permutation(rows)
+            perm = np.concatenate([perm, np.arange(rows, self.batch_rows)])     # empty padding rows last
             for m in range(0, self.batch_rows, self.mini):
                 mine = perm[m:m + self.mini]
                 share = len(mine) // layout.data_world
@@ -580,7 +596,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         return accuracy(policy, tokenizer, eval_records, cfg, stops, isolation)
 
     objective = {"rewards": dict(g.rewards), "loss_agg": g.loss_agg, "ratio": g.ratio, "group_size": g.group_size,
-                 "token_budget": g.partial_rollout.token_budget}
+                 "token_budget": g.partial_rollout.token_budget, "async_rollout": g.async_rollout.enabled}
 
     def check_resume(state: dict):
         if state.get("objective", objective) != objective:
@@ -602,8 +618,10 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                      check_resume=check_resume)
     try:
         result = train(cfg, policy, spec, run_dir, layout)
-    finally:
-        loop.close()
+    except BaseException:
+        loop.close(wait=False)             # do not wait for a generation nobody will use
+        raise
+    loop.close()
     if not layout.main:
         return {}
     trained = trained_model(cfg, run_dir, policy, g.lora.enabled)

@@ -72,14 +72,15 @@ def test_exported_reward_model_scores_text_and_eval_rm_agrees(tiny_reward):
 def test_lora_reward_checkpoints_hold_adapter_and_head(tiny_pretrained):
     run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", *QUICK, "train.output_dir=runs/rm_lora",
             "reward.lora.enabled=true", "reward.lora.r=8", "train.max_steps=60", "checkpoint.every=30",
-            "train.eval_every=0", "optim.lr=5e-3", f"reward.lora.targets=[{','.join(PROJ)}]", "train.log_every=1")
+            "train.eval_every=0", "optim.lr=3e-3", f"reward.lora.targets=[{','.join(PROJ)}]", "train.log_every=1")
     run = tiny_pretrained / "runs" / "rm_lora"
     files = set(os.listdir(run / "checkpoints" / "step_000060"))
     assert {"adapter_model.safetensors", "reward_head.safetensors", "optimizer.safetensors"} <= files
     assert "model.safetensors" not in files
     m = json.loads((run / "summary.json").read_text())["metrics"]
-    # LoRA on this 64-wide model learns slowly and unevenly: three identical runs ended with a last-10 mean loss of
-    # 0.36, 0.45 and 0.67 (CPU reductions differ run to run; Adam's first steps amplify that). What always holds:
+    # LoRA on this 64-wide model learns slowly and unevenly: at lr 5e-3 three identical runs ended with a last-10
+    # mean loss of 0.36, 0.45 and 0.67, and one in CI stayed at 0.69 (AUC 0.52); CPU reductions differ run to run and
+    # Adam's first steps amplify that. lr 3e-3 measured 0.42 and 0.43 (AUC 0.71, 0.73). What always holds:
     losses = [r["loss"] for r in _rows(run)]
     assert len(losses) == 60 and np.mean(losses[-10:]) < m["first_loss"] and m["eval/auc"] > 0.55
     base = read_safetensors(str(tiny_pretrained / "runs" / "tiny_pretrain" / "final" / "model.safetensors"))
