@@ -174,6 +174,7 @@ def _inputs(mode, seed=0, empty=False):
             np.zeros((B, S), np.float32), adv]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
 def test_one_batch_of_8_equals_8_accumulated_micro_batches(tmp_path, graph_mode, mode):
     """The micro-batch normalisation bug: with each micro-batch normalised by itself, 8 x 1 would weight a short
@@ -198,6 +199,7 @@ def test_one_batch_of_8_equals_8_accumulated_micro_batches(tmp_path, graph_mode,
     assert max(np.abs(wa[k] - start[k]).max() for k in wa) > 1e-4
 
 
+@pytest.mark.slow
 def test_fully_masked_batch_gives_zero_loss_and_leaves_weights_and_adam_alone(tmp_path, graph_mode):
     """After a real step (Adam moments and weight decay would otherwise still move the weights), a batch whose
     every completion is masked (all truncated, overlong filtering): loss 0, weights and optimizer state unchanged."""

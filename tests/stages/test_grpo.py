@@ -89,15 +89,26 @@ def test_dynamic_sampling_drops_groups_without_reward_variance(tmp_path, graph_m
     (("grpo.overlong.buffer=16",), "grpo.overlong.buffer 16"),
     (("grpo.reference.path=runs/tiny_sft_lora",), "grpo.beta is 0"),
     (("grpo.rewards={reward_model: 1.0}",), "grpo.reward_model"),
+    (("grpo.async_rollout.enabled=true", "grpo.partial_rollout.token_budget=4"), "do not combine"),
 ])
-def test_bad_grpo_configs_fail_with_one_message(tmp_path, over, needle):
-    import shutil
+def test_bad_grpo_configs_are_refused_naming_the_key(over, needle):
     import os
+    from ms_llm.config import load_config
+    from ms_llm.errors import MsLlmError
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(MsLlmError) as e:
+        load_config(os.path.join(root, "configs", "tiny", "grpo.yaml"), list(over))
+    assert needle in str(e.value) and "grpo.yaml" in str(e.value)
+
+
+def test_a_bad_grpo_config_exits_2_with_one_message(tmp_path):
+    import os
+    import shutil
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     shutil.copytree(os.path.join(root, "configs"), tmp_path / "configs")
-    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/grpo.yaml", *over], cwd=tmp_path,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "ms_llm.cli", "train", "configs/tiny/grpo.yaml", "grpo.rewards={exact: 1}"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "grpo.rewards ['exact']" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def _toy_loop(tmp_path, *over):
@@ -148,6 +159,7 @@ def test_partial_rollout_with_frozen_weights_equals_one_pass_and_survives_a_chec
     assert fl.generated == 7 or fl.state.finished.all()
 
 
+@pytest.mark.slow
 def test_partial_rollout_trains_each_token_against_the_policy_that_sampled_it(tmp_path, graph_mode):
     """A batch started at one step is run out at the next under the updated policy and trained: π_old is the
     stored behaviour log-prob of every token, which for the tokens of the earlier step is no longer what the
