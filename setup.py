@@ -19,6 +19,7 @@ setup(
         "pyyaml>=6.0",
         "tensorboardX>=2.6",
         "matplotlib>=3.7",
+        "scipy-openblas32>=0.3.27",   # OpenBLAS (headers + library) that kernels/cpu links for its matrix products
     ],
     extras_require={
         # transformers is pinned to the release mindformers 1.8.0 requires, so both extras install together

@@ -18,7 +18,18 @@ class LMLoss(nn.Cell):
 
     def construct(self, input_ids, labels, position_ids=None, segment_ids=None):
         """input_ids, labels: [B, S] int32; position_ids, segment_ids: [B, S] (packed documents)."""
-        return nll_sum(self.model(input_ids, None, position_ids, segment_ids), labels, self.ignore_index)
+        hidden = self.model.hidden_states(input_ids, None, position_ids, segment_ids)
+        logp, valid = label_log_probs(self.model, hidden, labels, self.ignore_index)
+        return -(logp * valid).sum(), valid.sum()
+
+
+def label_log_probs(model, hidden, labels, ignore_index: int = -100):
+    """(log p(label) [B, S], valid [B, S] float32) from final hidden states; positions whose label is
+    `ignore_index` get valid 0 (and a log-prob of some real token: multiply by valid). Goes through
+    `model.target_log_probs`, so with the CPU kernels the [B, S, V] logits never exist."""
+    valid = labels != ignore_index
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    return model.target_log_probs(hidden, safe), valid.astype(ms.float32)
 
 
 def nll_sum(logits, labels, ignore_index: int = -100):

@@ -20,26 +20,33 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_llm import ops as F
 from ms_llm.models.config import ModelConfig
+from ms_llm.ops import backend as B
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
 class Linear(nn.Cell):
     """y = x W^T (+ b) with W stored [out, in] in float32 and the matmul in `compute_dtype`."""
+    plain = True          # y depends on W alone (a LoRALinear adds its update: fused readouts must not skip it)
 
-    def __init__(self, in_features, out_features, bias=False, compute_dtype=ms.float32, std=0.02):
+    def __init__(self, in_features, out_features, bias=False, compute_dtype=ms.float32, std=0.02, head=False):
+        """head: the lm_head (its logits stay bitwise the same when the vocabulary grows; ops.linear)."""
         super().__init__()
+        self.head = head
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         self.weight = Parameter(initializer(Normal(std), (out_features, in_features), ms.float32), name="weight")
         self.has_bias = bias
         if bias:
             self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias")
-        self.matmul = ops.MatMul(transpose_b=True)
+        self.backend = B.choose("linear", compute_dtype)
+        # True for a weight that takes no gradient (LoRA's base layers): the CPU kernel then skips the dW
+        # product. GRAPH_MODE cannot read requires_grad, so whoever freezes weights calls mark_frozen_linears.
+        self.frozen_weight = False
 
     def construct(self, x):
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape(-1, self.in_features).astype(self.compute_dtype),
-                        self.weight.astype(self.compute_dtype))
+        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.compute_dtype, self.backend,
+                     self.frozen_weight, self.head)
         if self.has_bias:
             y = y + self.bias.astype(self.compute_dtype)
         return y.reshape(lead + (self.out_features,))
@@ -60,10 +67,10 @@ class RMSNorm(nn.Cell):
     def __init__(self, dim, eps):
         super().__init__()
         self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
-        self.eps, self.fused = eps, F.use_fused()
+        self.eps, self.backend = eps, B.choose("rms_norm")
 
     def construct(self, x):
-        return F.rms_norm(x, self.weight, self.eps, self.fused)
+        return F.rms_norm(x, self.weight, self.eps, self.backend)
 
 
 class Attention(nn.Cell):
@@ -87,7 +94,8 @@ class Attention(nn.Cell):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
-        self.compute_dtype, self.fused = cd, F.use_fused()
+        self.compute_dtype = cd
+        self.rotary_backend, self.backend = B.choose("rotary"), B.choose("attention", cd)
 
     def _heads(self, x, n):
         b, s, _ = x.shape
@@ -107,17 +115,24 @@ class Attention(nn.Cell):
         v = self._heads(self.v_proj(x), self.n_kv)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = F.apply_rotary(q, cos, sin, self.fused)
-        k = F.apply_rotary(k, cos, sin, self.fused).astype(self.compute_dtype)
+        q = F.apply_rotary(q, cos, sin, self.rotary_backend)
+        k = F.apply_rotary(k, cos, sin, self.rotary_backend).astype(self.compute_dtype)
         v = v.astype(self.compute_dtype)
         if cache_k is not None:
             k = _write_cache(cache_k, k, place, write)
             v = _write_cache(cache_v, v, place, write)
-        out = F.attention(q, k, v, mask, self.scale, self.compute_dtype, self.fused)
+        out = F.attention(q, k, v, mask, self.scale, self.compute_dtype, self.backend)
         out = self.o_proj(out).astype(ms.float32)
         if self.tp:
             out = self.tp_out(out)
         return out, k, v
+
+
+def mark_frozen_linears(model):
+    """Record on every Linear whether its weight is frozen (after requires_grad changed; before compiling)."""
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, Linear):
+            cell.frozen_weight = not cell.weight.requires_grad
 
 
 def _write_cache(cache, new, place, write):
@@ -136,7 +151,7 @@ class MLP(nn.Cell):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, cd, std)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False, cd, std)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, cd, std)
-        self.fused = F.use_fused()
+        self.backend = B.choose("swiglu")
         self.tp = tp is not None
         if self.tp:
             from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP
@@ -145,7 +160,7 @@ class MLP(nn.Cell):
     def construct(self, x):
         if self.tp:
             x = self.tp_in(x)
-        out = self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x), self.fused)).astype(ms.float32)
+        out = self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x), self.backend)).astype(ms.float32)
         if self.tp:
             out = self.tp_out(out)
         return out
@@ -194,16 +209,21 @@ class CausalLM(nn.Cell):
         self.tied = config.tie_word_embeddings
         if not self.tied:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, DTYPES[config.compute_dtype],
-                                  config.initializer_range)
+                                  config.initializer_range, head=True)
         self.compute_dtype = DTYPES[config.compute_dtype]
         self.num_layers = config.num_hidden_layers
         scaling = config.rope_scaling or {}
         self.dynamic_rope = scaling.get("rope_type", scaling.get("type")) == "dynamic"
         self.inv_freq = Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
-        self.matmul_t = ops.MatMul(transpose_b=True)
+        self.choose_head_backends()
         self.neftune_alpha = 0.0          # NEFTune noise scale while training (set by the SFT stage)
         self.frozen = False               # models/frozen.py: stays in eval mode whatever its parent's mode
         self.set_multipliers(config.embedding_multiplier, config.logit_multiplier)
+
+    def choose_head_backends(self):
+        """Backends of the readout: the tied lm_head product and the fused lm_head + log-softmax."""
+        self.head_backend = B.choose("linear", self.compute_dtype)
+        self.loss_backend = B.choose("lm_head_loss", self.compute_dtype) if self.tp is None else "reference"
 
     def add_flags_recursive(self, **flags):
         """set_train reaches every cell through this; a frozen model keeps training=False."""
@@ -276,10 +296,21 @@ class CausalLM(nn.Cell):
         hidden = self.readout_input(hidden)
         if self.tied:
             lead = hidden.shape[:-1]
-            out = self.matmul_t(hidden.reshape(-1, hidden.shape[-1]).astype(self.compute_dtype),
-                                self.model.embed_tokens.weight.astype(self.compute_dtype))
+            out = F.linear(hidden.reshape(-1, hidden.shape[-1]), self.model.embed_tokens.weight,
+                           self.compute_dtype, self.head_backend, head=True)
             return out.reshape(lead + (-1,)).astype(ms.float32)
         return self.lm_head(hidden).astype(ms.float32)
+
+    def target_log_probs(self, hidden, targets):
+        """log p(target) [B, S] float32 from final hidden states [B, S, H] and targets [B, S] in [0, V).
+
+        Equal to `token_log_probs(self.logits(hidden), targets)`; with the CPU kernels the lm_head product and
+        the log-softmax are one chunked kernel, so the [B, S, V] logits never exist (forward or backward).
+        """
+        head = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+        if self.loss_backend == "cpu" and (self.tied or self.lm_head.plain):
+            return F.linear_log_probs(self.readout_input(hidden), head, targets, self.compute_dtype, "cpu")
+        return F.token_log_probs(self.logits(hidden), targets)
 
     def step(self, input_ids, position_ids, slot_ids, key_valid, place, write, caches):
         """One incremental step over a fixed-size cache.

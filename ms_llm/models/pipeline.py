@@ -101,14 +101,14 @@ class StageModel(CausalLM):
         self.model = _StageBody(config, pp.start, pp.end, self.first or (self.last and self.tied), self.last)
         if self.last and not self.tied:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, False, DTYPES[config.compute_dtype],
-                                  config.initializer_range)
+                                  config.initializer_range, head=True)
         self.compute_dtype = DTYPES[config.compute_dtype]
         self.num_layers = pp.end - pp.start
         scaling = config.rope_scaling or {}
         self.dynamic_rope = scaling.get("rope_type", scaling.get("type")) == "dynamic"
         from ms_llm import ops as F
         self.inv_freq = ms.Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
-        self.matmul_t = ops.MatMul(transpose_b=True)
+        self.choose_head_backends()
         self.neftune_alpha = 0.0
         self.set_multipliers(config.embedding_multiplier, config.logit_multiplier)
         self.whole_shapes = dict(whole_shapes)

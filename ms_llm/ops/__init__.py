@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Math primitives the decoder calls, each a plain function with a reference MindSpore version.
 
-The reference versions run on CPU in PyNative and GRAPH_MODE. On Ascend the cells pass `fused=True`
-(decided once, at cell construction, by `use_fused()`), and the same function calls MindSpore's fused
-Ascend op instead. A fused CPU kernel from `kernels/` plugs in the same way without touching model code.
+Each takes a `backend` ("reference" | "cpu" | "ascend") that the calling cell chose once, when it was built,
+from the table in `ms_llm.ops.backend`: the reference versions run everywhere in PyNative and GRAPH_MODE,
+"cpu" calls the C++ kernels of `kernels/cpu` (ms_llm/ops/kernels.py builds and loads them), "ascend" calls
+MindSpore's fused Ascend ops.
 """
-from ms_llm.ops.core import (attention, causal_mask, cross_entropy, mask_bias, rms_norm, rope_inv_freq, rope_cos_sin,
-                             apply_rotary, swiglu, use_fused, token_log_probs)
+from ms_llm.ops.core import (attention, causal_mask, cross_entropy, linear, linear_log_probs, mask_bias, rms_norm,
+                             rope_inv_freq, rope_cos_sin, apply_rotary, swiglu, token_log_probs)
 
-__all__ = ["attention", "causal_mask", "mask_bias", "cross_entropy", "rms_norm", "rope_inv_freq", "rope_cos_sin",
-           "apply_rotary", "swiglu", "use_fused", "token_log_probs"]
+__all__ = ["attention", "causal_mask", "mask_bias", "cross_entropy", "linear", "linear_log_probs", "rms_norm",
+           "rope_inv_freq", "rope_cos_sin", "apply_rotary", "swiglu", "token_log_probs"]

@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Reference implementations of the decoder's primitives, with Ascend fused-op dispatch.
+"""The decoder's primitives: reference MindSpore versions, with dispatch to the CPU kernels and Ascend fused ops.
 
 Precision policy: inputs may arrive in a low-precision compute dtype, but normalization, softmax and rotary
-math always run in float32 and the loss is float32. Every function here is graph-mode safe: `fused` is a
-Python bool fixed when the calling cell is built, so GRAPH_MODE folds the branch away.
+math always run in float32 and the loss is float32. Every function here is graph-mode safe: `backend` is a
+Python string ("reference" | "cpu" | "ascend", from ms_llm/ops/backend.py) fixed when the calling cell is
+built, so GRAPH_MODE folds the branch away.
 """
 import math
 
@@ -11,15 +12,31 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ms_llm.ops import kernels as K
+
 _NEG = float(np.finfo(np.float32).min)
 
 
-def use_fused() -> bool:
-    """True when the current device target has MindSpore's fused Ascend kernels."""
-    return ms.get_context("device_target") == "Ascend"
+def linear(x, weight, compute_dtype=ms.float32, backend: str = "reference", frozen: bool = False,
+           head: bool = False):
+    """x [M, K] times weight [N, K] transposed -> [M, N] in compute_dtype.
+
+    frozen: the weight takes no gradient (LoRA's base layers): the CPU kernel's backward skips the dW product.
+    head: the lm_head product; on the CPU kernel each output column is then bitwise independent of N (the
+    vocabulary size), as with MindSpore's MatMul, so growing the vocabulary keeps the old tokens' logits.
+    """
+    if backend == "cpu" and head:
+        if frozen:
+            return K.OPS.head_frozen(x.astype(ms.float32), weight)
+        return K.OPS.head(x.astype(ms.float32), weight)
+    if backend == "cpu":
+        if frozen:
+            return K.OPS.linear_frozen(x.astype(ms.float32), weight)
+        return K.OPS.linear(x.astype(ms.float32), weight)
+    return _mm_nt(x.astype(compute_dtype), weight.astype(compute_dtype))
 
 
-def rms_norm(x, weight, eps: float, fused: bool = False):
+def rms_norm(x, weight, eps: float, backend: str = "reference"):
     """RMSNorm over the last axis, computed in float32.
 
     Args:
@@ -29,7 +46,9 @@ def rms_norm(x, weight, eps: float, fused: bool = False):
         [..., H] float32.
     """
     x = x.astype(ms.float32)
-    if fused:
+    if backend == "cpu":
+        return K.OPS.rms_norm(x, weight, K.scalar(eps))[0]
+    if backend == "ascend":
         return ops.rms_norm(x, weight, eps)[0]
     var = ops.mean(ops.square(x), -1, keep_dims=True)
     return x * ops.broadcast_to(ops.rsqrt(var + eps), x.shape) * ops.broadcast_to(weight, x.shape)
@@ -80,7 +99,7 @@ def rope_cos_sin(position_ids, inv_freq, attention_scaling: float = 1.0):
     return (ops.cos(emb) * attention_scaling).expand_dims(1), (ops.sin(emb) * attention_scaling).expand_dims(1)
 
 
-def apply_rotary(x, cos, sin, fused: bool = False):
+def apply_rotary(x, cos, sin, backend: str = "reference"):
     """Rotary position embedding in the rotate-half layout used by Hugging Face Llama/Qwen.
 
     Args:
@@ -89,17 +108,22 @@ def apply_rotary(x, cos, sin, fused: bool = False):
         [B, N, S, D] float32.
     """
     x = x.astype(ms.float32)
-    if fused:
+    if backend == "cpu":
+        return K.OPS.rope(x, cos, sin)
+    # Ascend's fused op refuses BNSD when B*N > 8*S: the one-token decode step takes the reference path
+    if backend == "ascend" and x.shape[0] * x.shape[1] <= 8 * x.shape[2]:
         return ops.rotary_position_embedding(x, cos, sin, 0)
     half = x.shape[-1] // 2
     rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
     return x * ops.broadcast_to(cos, x.shape) + rotated * ops.broadcast_to(sin, x.shape)
 
 
-def swiglu(gate, up, fused: bool = False):
+def swiglu(gate, up, backend: str = "reference"):
     """silu(gate) * up, elementwise; float32 internally, returned in the input dtype."""
     dtype = gate.dtype
-    if fused:
+    if backend == "cpu":
+        return K.OPS.swiglu(gate.astype(ms.float32), up.astype(ms.float32)).astype(dtype)
+    if backend == "ascend":
         return ops.swiglu(ops.concat((gate, up), -1), -1)
     g = gate.astype(ms.float32)
     return (g * ops.sigmoid(g) * up.astype(ms.float32)).astype(dtype)
@@ -149,9 +173,10 @@ class RowSoftmax(nn.Cell):
 
 _row_softmax = RowSoftmax()
 _bmm_nt = ops.BatchMatMul(transpose_b=True)
+_mm_nt = ops.MatMul(transpose_b=True)
 
 
-def attention(q, k, v, bias, scale: float, compute_dtype=ms.float32, fused: bool = False):
+def attention(q, k, v, bias, scale: float, compute_dtype=ms.float32, backend: str = "reference"):
     """Grouped-query scaled dot-product attention; softmax in float32.
 
     Args:
@@ -162,11 +187,17 @@ def attention(q, k, v, bias, scale: float, compute_dtype=ms.float32, fused: bool
     """
     b, n, sq, d = q.shape
     nkv = k.shape[1]
-    if fused:
-        out = ops.flash_attention_score(q.astype(compute_dtype), k.astype(compute_dtype), v.astype(compute_dtype),
+    if backend == "cpu":
+        out = K.OPS.attention(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), bias,
+                              K.scalar(scale))[0]
+        return out.astype(compute_dtype)
+    if backend == "ascend":
+        # the fused op takes float16/bfloat16 only: a float32 model (teacher, eval) computes it in bfloat16
+        half = compute_dtype if compute_dtype in (ms.float16, ms.bfloat16) else ms.bfloat16
+        out = ops.flash_attention_score(q.astype(half), k.astype(half), v.astype(half),
                                         n, attn_mask=(bias < 0).astype(ms.uint8),
                                         scalar_value=scale, input_layout="BNSD")
-        return out.transpose(0, 2, 1, 3).reshape(b, sq, n * d)
+        return out.transpose(0, 2, 1, 3).reshape(b, sq, n * d).astype(compute_dtype)
     if nkv != n:
         rep = n // nkv
         k = ops.broadcast_to(k.expand_dims(2), (b, nkv, rep, k.shape[2], d)).reshape(b, n, k.shape[2], d)
@@ -189,6 +220,24 @@ def token_log_probs(logits, targets):
     # log_softmax has a one-kernel backward; logsumexp's backward on CPU was 11x slower at [2048, 8192]
     logp = ops.log_softmax(logits.astype(ms.float32), -1)
     return ops.gather_elements(logp, -1, targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
+
+
+def linear_log_probs(hidden, weight, targets, compute_dtype=ms.float32, backend: str = "reference",
+                     scale: float = 1.0):
+    """log p(target) under logits = scale * hidden @ weight^T, float32 [B, S].
+
+    On the cpu backend the lm_head product and the log-softmax are fused and chunked: the [B, S, V] logits never
+    exist (forward or backward). hidden: [B, S, H]; weight: [V, H]; targets: [B, S] int in [0, V).
+    """
+    b, s, h = hidden.shape
+    if backend == "cpu":
+        out = K.OPS.linear_xent(hidden.reshape(b * s, h).astype(ms.float32), weight,
+                                targets.reshape(-1).astype(ms.int32), K.scalar(scale))[0]
+        return out.reshape(b, s)
+    logits = linear(hidden.reshape(b * s, h), weight, compute_dtype).astype(ms.float32)
+    if scale != 1.0:
+        logits = logits * scale
+    return token_log_probs(logits.reshape(b, s, -1), targets)
 
 
 def cross_entropy(logits, labels, ignore_index: int = -100):

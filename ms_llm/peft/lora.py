@@ -20,9 +20,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_llm import ops as F
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
-from ms_llm.models.decoder import CausalLM, Linear
+from ms_llm.models.decoder import CausalLM, Linear, mark_frozen_linears
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
@@ -42,6 +43,7 @@ class LoRAConfig:
 
 class LoRALinear(Linear):
     """A Linear whose output adds a scaled low-rank update; the base weight and bias are the original ones."""
+    plain = False
 
     def __init__(self, base: Linear, r: int, alpha: float, dropout: float, gate: Parameter):
         nn.Cell.__init__(self)
@@ -49,7 +51,7 @@ class LoRALinear(Linear):
         self.weight, self.has_bias = base.weight, base.has_bias
         if base.has_bias:
             self.bias = base.bias
-        self.matmul = ops.MatMul(transpose_b=True)
+        self.backend, self.head, self.frozen_weight = base.backend, base.head, base.frozen_weight
         bound = 1.0 / math.sqrt(self.in_features)          # kaiming_uniform(a=sqrt(5)) on [r, in], as PEFT does
         a = np.random.uniform(-bound, bound, (r, self.in_features)).astype(np.float32)
         self.lora_A = _Weight(a)
@@ -64,8 +66,8 @@ class LoRALinear(Linear):
         if self.training and self.p > 0:
             h = ops.dropout(h, self.p)
         cd = self.compute_dtype
-        low = self.matmul(h.astype(cd), self.lora_A.weight.astype(cd))
-        delta = self.matmul(low, self.lora_B.weight.astype(cd)) * (self.lora_gate * self.scaling).astype(cd)
+        low = F.linear(h, self.lora_A.weight, cd, self.backend)
+        delta = F.linear(low, self.lora_B.weight, cd, self.backend) * (self.lora_gate * self.scaling).astype(cd)
         return y + delta.reshape(lead + (self.out_features,)).astype(y.dtype)
 
 
@@ -104,6 +106,7 @@ def apply_lora(model: CausalLM, cfg: LoRAConfig) -> list:
         params += [wrapped.lora_A.weight, wrapped.lora_B.weight]
     for name, p in model.parameters_and_names():
         p.requires_grad = is_lora_weight(name)
+    mark_frozen_linears(model)
     object.__setattr__(model, "lora_config", cfg)
     object.__setattr__(model, "lora_gate", gate)
     return params

@@ -1,0 +1,218 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The CPU kernels of `kernels/cpu/`: built once into a cache, loaded as MindSpore `ops.Custom` (aot) ops.
+
+`load()` compiles the C++ sources with g++ against OpenBLAS from the `scipy-openblas32` wheel (a dependency
+of the package) into `~/.cache/ms_llm/kernels/<digest>/` (or `$MS_LLM_KERNEL_CACHE`), the digest covering the
+sources, the compiler, the flags and the processor. A second process waits on a file lock and reuses the
+library; a failed or impossible build returns None with the reason in `unavailable_reason()`, and the ops
+fall back to the reference versions (ms_llm/ops/backend.py says so once).
+
+Every op computes in float32 and has a hand-written backward (`bprop`) that calls its backward kernel, so it
+runs in GRAPH_MODE and PyNative alike. Threads: `set_threads(n)`, by default the cores this process may use.
+"""
+import ctypes
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mindspore as ms
+from mindspore import ops
+
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
+LIB_NAME = "libms_llm_kernels.so"
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread"]
+
+_state = {"loaded": False, "path": None, "reason": None, "lib": None}
+OPS = None          # the loaded ops (`load()`); GRAPH_MODE code refers to `kernels.OPS.<op>`
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _blas():
+    """(include dir, lib dir) of the scipy-openblas32 wheel, or raise ImportError."""
+    import scipy_openblas32
+    return scipy_openblas32.get_include_dir(), scipy_openblas32.get_lib_dir()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MS_LLM_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ms_llm",
+                                                                  "kernels")
+    return Path(root)
+
+
+def _digest(sources, compiler: str, include: str) -> str:
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    for part in (version, " ".join(FLAGS), include, _cpu_id(), platform.machine()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def build(verbose: bool = False) -> str:
+    """Compile the kernels if the cache has no library for these sources; returns the library's path.
+
+    Raises RuntimeError naming what is missing (compiler, sources, BLAS) or the compiler's error.
+    """
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++) on PATH; install g++ or set CXX")
+    sources = sorted(SOURCE_DIR.glob("*.cc"))
+    if not sources:
+        raise RuntimeError(f"no kernel sources in {SOURCE_DIR}")
+    try:
+        include, libdir = _blas()
+    except ImportError:
+        raise RuntimeError("the scipy-openblas32 package is not installed (pip install scipy-openblas32)")
+    out_dir = cache_dir() / _digest(sources + sorted(SOURCE_DIR.glob("*.h")), compiler, include)
+    lib = out_dir / LIB_NAME
+    if lib.exists():
+        return str(lib)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)              # another process may be building the same library
+        if lib.exists():
+            return str(lib)
+        tmp = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so.tmp", delete=False).name
+        cmd = [compiler, *FLAGS, f"-I{include}", f"-I{SOURCE_DIR}", *map(str, sources), f"-L{libdir}",
+               "-lscipy_openblas", f"-Wl,-rpath,{libdir}", "-o", tmp]
+        if verbose:
+            print("building CPU kernels: " + " ".join(cmd), file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"building the CPU kernels failed ({compiler}):\n{done.stderr[-4000:]}")
+        os.replace(tmp, lib)                          # whole file or nothing
+    return str(lib)
+
+
+def load():
+    """The kernel ops (a namespace of ops.Custom primitives), or None when they cannot be built here."""
+    global OPS
+    if _state["loaded"]:
+        return OPS
+    _state["loaded"] = True
+    try:
+        path = build()
+        _state["lib"] = ctypes.CDLL(path)
+    except (RuntimeError, OSError) as e:
+        _state["reason"] = str(e)
+        return None
+    _state["path"] = path
+    set_threads(default_threads())
+    OPS = _Ops(path)
+    return OPS
+
+
+def unavailable_reason():
+    return _state["reason"]
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int):
+    """Threads every kernel (and OpenBLAS under it) may use in this process."""
+    if _state["lib"] is not None:
+        _state["lib"].MsLlmSetThreads(int(n))
+
+
+def threads() -> int:
+    return int(_state["lib"].MsLlmThreads()) if _state["lib"] is not None else 0
+
+
+class _Ops:
+    """The aot primitives, built once per process (module-level objects, so GRAPH_MODE resolves them)."""
+
+    def __init__(self, so: str):
+        def custom(name, shape, dtype, bprop=None):
+            kw = {"bprop": bprop} if bprop is not None else {}
+            return ops.Custom(f"{so}:{name}", out_shape=shape, out_dtype=dtype, func_type="aot", **kw)
+
+        self.linear_bwd = custom("LinearBwd", lambda x, w, dy: (x, w), lambda x, w, dy: (x, x))
+        self.linear_bwd_frozen = custom("LinearBwdFrozen", lambda x, w, dy: (x, w), lambda x, w, dy: (x, x))
+        linear_bwd, linear_bwd_frozen = self.linear_bwd, self.linear_bwd_frozen
+
+        def linear_bprop(x, w, out, dout):
+            return linear_bwd(x, w, dout)
+
+        def linear_frozen_bprop(x, w, out, dout):
+            return linear_bwd_frozen(x, w, dout)
+
+        self.linear = custom("LinearFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_bprop)
+        self.linear_frozen = custom("LinearFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_frozen_bprop)
+        self.head = custom("HeadFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_bprop)
+        self.head_frozen = custom("HeadFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_frozen_bprop)
+
+        self.rms_norm_bwd = custom("RmsNormBwd", lambda x, w, r, dy: (x, w), lambda x, w, r, dy: (x, x))
+        rms_norm_bwd = self.rms_norm_bwd
+
+        def rms_norm_bprop(x, w, eps, out, dout):
+            dx, dw = rms_norm_bwd(x, w, out[1], dout[0])
+            return dx, dw, ops.zeros_like(eps)
+
+        self.rms_norm = custom("RmsNormFwd", lambda x, w, e: (x, x[:-1]), lambda x, w, e: (x, x), rms_norm_bprop)
+
+        self.swiglu_bwd = custom("SwigluBwd", lambda g, u, dy: (g, g), lambda g, u, dy: (g, g))
+        swiglu_bwd = self.swiglu_bwd
+
+        def swiglu_bprop(g, u, out, dout):
+            return swiglu_bwd(g, u, dout)
+
+        self.swiglu = custom("SwigluFwd", lambda g, u: g, lambda g, u: g, swiglu_bprop)
+
+        self.rope_bwd = custom("RopeBwd", lambda c, s, dy: dy, lambda c, s, dy: dy)
+        rope_bwd = self.rope_bwd
+
+        def rope_bprop(x, cos, sin, out, dout):
+            return rope_bwd(cos, sin, dout), ops.zeros_like(cos), ops.zeros_like(sin)
+
+        self.rope = custom("RopeFwd", lambda x, c, s: x, lambda x, c, s: x, rope_bprop)
+
+        self.attention_bwd = custom(
+            "FlashAttnBwd", lambda q, k, v, b, s, o, l, do: (q, k, v), lambda q, k, v, b, s, o, l, do: (q, q, q))
+        attention_bwd = self.attention_bwd
+
+        def attention_bprop(q, k, v, bias, scale, out, dout):
+            dq, dk, dv = attention_bwd(q, k, v, bias, scale, out[0], out[1], dout[0])
+            return dq, dk, dv, ops.zeros_like(bias), ops.zeros_like(scale)
+
+        self.attention = custom(
+            "FlashAttnFwd", lambda q, k, v, b, s: ([q[0], q[2], q[1] * q[3]], q[:3]),
+            lambda q, k, v, b, s: (q, q), attention_bprop)
+
+        self.linear_xent_bwd = custom("LinearXentBwd", lambda h, w, t, s, l, g: (h, w),
+                                      lambda h, w, t, s, l, g: (h, h))
+        linear_xent_bwd = self.linear_xent_bwd
+
+        def linear_xent_bprop(h, w, targets, scale, out, dout):
+            dh, dw = linear_xent_bwd(h, w, targets, scale, out[1], dout[0])
+            return dh, dw, ops.zeros_like(targets), ops.zeros_like(scale)
+
+        self.linear_xent = custom("LinearXentFwd", lambda h, w, t, s: (t, t), lambda h, w, t, s: (h, h),
+                                  linear_xent_bprop)
+
+
+def scalar(value: float):
+    """A [1] float32 tensor holding a kernel's scalar argument (a scale, an epsilon)."""
+    return ops.fill(ms.float32, (1,), value)
