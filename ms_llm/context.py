@@ -11,8 +11,9 @@ MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 DEVICES = {"cpu": "CPU", "ascend": "Ascend"}
 
 
-def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0):
-    """Set execution mode ('graph' or 'pynative'), device ('cpu' or 'ascend') and every RNG seed."""
+def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kernels="auto"):
+    """Set execution mode ('graph' or 'pynative'), device ('cpu' or 'ascend'), every RNG seed, and which
+    implementation the model's primitives use from now on (`context.kernels`, ms_llm/ops/backend.py)."""
     if mode not in MODES:
         raise MsLlmError(f"context.mode: '{mode}' is not one of {sorted(MODES)}")
     if device.lower() not in DEVICES:
@@ -25,3 +26,17 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0):
     ms.set_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    from ms_llm.ops import backend
+    backend.configure(kernels)
+
+
+def set_cpu_threads(n: int):
+    """Threads of MindSpore's CPU ops (settable once per process) and of the CPU kernels, for a process that
+    shares the cores with another. Returns False when MindSpore had already fixed its own."""
+    from ms_llm.ops import kernels
+    kernels.set_threads(n)
+    try:
+        ms.device_context.cpu.op_tuning.threads_num(n)
+    except RuntimeError:
+        return False
+    return True

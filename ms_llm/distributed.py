@@ -16,20 +16,21 @@ import traceback
 from mindspore import nn, ops
 
 from ms_llm.errors import MsLlmError
+from ms_llm.training.collective import ordered_all_reduce
 from ms_llm.training.layout import Layout
 
 
 class SumReducer(nn.Cell):
-    """AllReduce(sum) of the gradient tuple and of the loss numerator and denominator (over `group`, the
-    data-parallel ranks; default all)."""
+    """AllReduce(sum) of the loss numerator and denominator and of the gradient tuple, in that order on every
+    rank (training/collective.py), over `group` (the data-parallel ranks; default all)."""
 
     def __init__(self, group: str = None):
         super().__init__(auto_prefix=False)
         self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, group=group) if group else ops.AllReduce(ops.ReduceOp.SUM)
-        self.map = ops.HyperMap()
 
     def construct(self, grads, num, den):
-        return self.map(self.all_reduce, grads), self.all_reduce(num), self.all_reduce(den)
+        num, den = ordered_all_reduce(self.all_reduce, (num, den))
+        return ordered_all_reduce(self.all_reduce, grads, den), num, den
 
 
 def launched_by_msrun() -> bool:

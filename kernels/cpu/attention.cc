@@ -58,20 +58,15 @@ MS_LLM_AOT FlashAttnFwd(AOT_ARGS) {
       for (int i = 0; i < mq; ++i) {
         float *sr = s.data() + i * kBk;
         const float *br = brow + i * t.sk + k0;
-        float mx = -INFINITY;
-        for (int j = 0; j < nk; ++j) {
-          sr[j] += br[j];
-          mx = std::max(mx, sr[j]);
-        }
+        for (int j = 0; j < nk; ++j) sr[j] += br[j];
+        float mx = msk::row_max(sr, nk);
         if (mx <= msk::kMasked) {             // nothing visible in this block for this row
           std::fill(sr, sr + nk, 0.f);
           continue;
         }
-        float mnew = std::max(m[i], mx), alpha = std::exp(m[i] - mnew), sum = 0.f;
-        for (int j = 0; j < nk; ++j) {
-          sr[j] = std::exp(sr[j] - mnew);
-          sum += sr[j];
-        }
+        float mnew = std::max(m[i], mx), alpha = std::exp(m[i] - mnew);
+        msk::exp_shifted(sr, nk, mnew);
+        float sum = msk::row_sum(sr, nk);
         if (alpha != 1.f)
           for (int64_t c = 0; c < d; ++c) acc[i * d + c] *= alpha;
         l[i] = l[i] * alpha + sum;
@@ -133,9 +128,7 @@ MS_LLM_AOT FlashAttnBwd(AOT_ARGS) {
         std::fill(dqp, dqp + mq * d, 0.f);
         bool any_flagged = false;
         for (int i = 0; i < mq; ++i) {
-          float acc = 0.f;
-          for (int64_t c = 0; c < d; ++c) acc += dop[i * ld + c] * op[i * ld + c];
-          di[i] = acc;
+          di[i] = msk::row_dot(dop + i * ld, op + i * ld, d);
           any_flagged = any_flagged || std::isinf(lp[i]);
         }
         for (int64_t k0 = 0; k0 < t.sk; k0 += kBk) {
@@ -148,7 +141,8 @@ MS_LLM_AOT FlashAttnBwd(AOT_ARGS) {
             if (std::isinf(lp[i])) {
               std::fill(pr, pr + nk, uniform);
             } else {
-              for (int j = 0; j < nk; ++j) pr[j] = std::exp(pr[j] + br[j] - lp[i]);
+              for (int j = 0; j < nk; ++j) pr[j] += br[j];
+              msk::exp_shifted(pr, nk, lp[i]);
             }
           }
           msk::gemm(true, false, nk, d, mq, 1.f, p.data(), kBk, dop, ld, 1.f, dvp + k0 * d, d);

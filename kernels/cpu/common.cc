@@ -24,27 +24,32 @@ void parallel_for(int64_t n, const std::function<void(int64_t)> &fn) {
   for (auto &t : pool) t.join();
 }
 
-void gemm_rows(bool ta, bool tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
-               float beta, float *c, int ldc) {
-  constexpr int kMin = 32;
-  if (m >= kMin * g_threads || n < kMin * g_threads) {        // split the rows of C
-    int parts = std::max(1, std::min(g_threads, (m + kMin - 1) / kMin));
-    int per = (m + parts - 1) / parts;
-    parallel_for(parts, [&](int64_t p) {
-      int r0 = static_cast<int>(p) * per, rows = std::min(per, m - r0);
-      if (rows <= 0) return;
-      const float *ap = ta ? a + r0 : a + static_cast<int64_t>(r0) * lda;
-      gemm(ta, tb, rows, n, k, alpha, ap, lda, b, ldb, beta, c + static_cast<int64_t>(r0) * ldc, ldc);
-    });
-    return;
-  }
-  int parts = std::min(g_threads, (n + kMin - 1) / kMin);      // few rows (decoding): split the columns
-  int per = (n + parts - 1) / parts;
-  parallel_for(parts, [&](int64_t p) {
-    int c0 = static_cast<int>(p) * per, cols = std::min(per, n - c0);
-    if (cols <= 0) return;
+// Batch invariance: a row of C must come out bitwise the same whatever else is in the batch, so that a batch
+// equals its accumulated micro-batches and data-parallel ranks equal one process. OpenBLAS computes a row
+// differently depending on where it sits in its tiles (measured: slices of a product differ unless they
+// start and end on the kernel's tile grid), so each sequence gets its own calls, from its own row 0, and
+// the columns go in fixed panels: an element then depends on the sequence length, the width and its own
+// position only, never on the batch size.
+void gemm_seq(bool tb, int nseq, int s, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+              float beta, float *c, int ldc) {
+  int panels = (n + kPanel - 1) / kPanel;
+  parallel_for(static_cast<int64_t>(nseq) * panels, [&](int64_t t) {
+    int q = static_cast<int>(t / panels), c0 = static_cast<int>(t % panels) * kPanel;
+    int cols = std::min(kPanel, n - c0);
     const float *bp = tb ? b + static_cast<int64_t>(c0) * ldb : b + c0;
-    gemm(ta, tb, m, cols, k, alpha, a, lda, bp, ldb, beta, c + c0, ldc);
+    gemm(false, tb, s, cols, k, alpha, a + static_cast<int64_t>(q) * s * lda, lda, bp, ldb, beta,
+         c + static_cast<int64_t>(q) * s * ldc + c0, ldc);
+  });
+}
+
+// C = A^T B with A [k, m]: a weight's gradient (a sum over every row of the batch); its rows are split across
+// threads in panels.
+void gemm_tn(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta, float *c,
+             int ldc) {
+  int panels = (m + kPanel - 1) / kPanel;
+  parallel_for(panels, [&](int64_t p) {
+    int r0 = static_cast<int>(p) * kPanel, rows = std::min(kPanel, m - r0);
+    gemm(true, false, rows, n, k, alpha, a + r0, lda, b, ldb, beta, c + static_cast<int64_t>(r0) * ldc, ldc);
   });
 }
 

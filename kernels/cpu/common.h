@@ -2,6 +2,7 @@
 // Shared helpers for the CPU kernels: the MindSpore aot entry signature, a small thread pool loop, and the
 // BLAS entry points (OpenBLAS from the scipy-openblas32 wheel, symbols prefixed "scipy_").
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,8 +42,77 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float
                     a, lda, b, ldb, beta, c, ldc);
 }
 
-// The same product with the rows of C split across the threads (each slice one single-threaded sgemm).
-void gemm_rows(bool ta, bool tb, int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
-               float beta, float *c, int ldc);
+// exp(x) in float32 without calls or branches, so loops over it vectorize: Cody-Waite range reduction and
+// Cephes' degree-6 polynomial (about 2 ulp from expf). Exactly 0 below -87.33 (masked scores sit near
+// float32's lowest value), large but finite above 88.37 (softmax arguments are never positive).
+inline float fast_exp(float x) {
+  constexpr float kHi = 88.3762626647949f, kLo = -87.3365447504019f;
+  float xc = std::min(std::max(x, kLo), kHi);
+  constexpr float kRound = 12582912.f;              // 1.5 * 2^23: adding and subtracting it rounds to nearest
+  float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < kLo ? 0.f : p * scale;
+}
+
+// z[j] = exp(z[j] - shift), vectorized.
+inline void exp_shifted(float *z, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) z[j] = fast_exp(z[j] - shift);
+}
+
+// Sum and max of a row with eight independent lanes (vectorizes without reassociating flags).
+inline float row_sum(const float *z, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += z[j + l];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s += z[j];
+  return s;
+}
+
+inline float row_max(const float *z, int64_t n) {
+  float acc[8];
+  for (int l = 0; l < 8; ++l) acc[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] = std::max(acc[l], z[j + l]);
+  float m = acc[0];
+  for (int l = 1; l < 8; ++l) m = m > acc[l] ? m : acc[l];
+  for (; j < n; ++j) m = m > z[j] ? m : z[j];
+  return m;
+}
+
+// Dot product of two rows, eight lanes.
+inline float row_dot(const float *a, const float *b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Output columns go to sgemm in panels of this many (see gemm_seq).
+constexpr int kPanel = 256;
+
+// C[q*s + i, :] = alpha * A[q*s + i, :] op(B) + beta * C for nseq sequences of s rows: batch-invariant rows.
+void gemm_seq(bool tb, int nseq, int s, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+              float beta, float *c, int ldc);
+
+// C[m, n] = alpha * A^T B + beta * C, A stored [k, m]: weight gradients, rows split across threads.
+void gemm_tn(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta, float *c,
+             int ldc);
 
 }  // namespace msk

@@ -28,8 +28,7 @@ MS_LLM_AOT RmsNormFwd(AOT_ARGS) {
   for_rows(rows, [&](int64_t r) {
     const float *xr = x + r * h;
     float *yr = y + r * h;
-    float ss = 0.f;
-    for (int64_t j = 0; j < h; ++j) ss += xr[j] * xr[j];
+    float ss = msk::row_dot(xr, xr, h);
     float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + eps);
     rstd[r] = inv;
     for (int64_t j = 0; j < h; ++j) yr[j] = xr[j] * inv * w[j];
@@ -78,7 +77,7 @@ MS_LLM_AOT SwigluFwd(AOT_ARGS) {
   msk::parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
     int64_t i1 = std::min(n, (t + 1) * chunk);
     for (int64_t i = t * chunk; i < i1; ++i) {
-      float s = 1.f / (1.f + std::exp(-g[i]));
+      float s = 1.f / (1.f + msk::fast_exp(-g[i]));
       y[i] = g[i] * s * u[i];
     }
   });
@@ -96,7 +95,7 @@ MS_LLM_AOT SwigluBwd(AOT_ARGS) {
   msk::parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
     int64_t i1 = std::min(n, (t + 1) * chunk);
     for (int64_t i = t * chunk; i < i1; ++i) {
-      float s = 1.f / (1.f + std::exp(-g[i]));
+      float s = 1.f / (1.f + msk::fast_exp(-g[i]));
       float silu = g[i] * s;
       du[i] = dy[i] * silu;
       dg[i] = dy[i] * u[i] * (s + silu * (1.f - s));

@@ -127,6 +127,9 @@ class ParallelSection:
 class ContextSection:
     mode: str = opt("graph", "MindSpore execution mode (pynative for debugging)", ["graph", "pynative"])
     device_target: str = opt("cpu", "Device", ["cpu", "ascend"])
+    kernels: str = opt("auto", "Implementation of the model's primitives (ms_llm/ops/backend.py): auto = the fastest "
+                       "available (the CPU kernels of kernels/cpu on CPU, MindSpore's fused ops on Ascend), or "
+                       "reference (MindSpore's composed ops), cpu or ascend", ["auto", "reference", "cpu", "ascend"])
 
 
 @dataclass

@@ -271,6 +271,10 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
     if t.amp_level == "O3":
         raise MsLlmError(f"{where}: train.amp_level O3 (half-precision master weights) is not supported; use O2 "
                          "(half-precision matmuls, float32 master weights)")
+    kernels, device = cfg.context.kernels, cfg.context.device_target
+    if kernels in ("cpu", "ascend") and kernels != device:
+        raise MsLlmError(f"{where}: context.kernels '{kernels}' runs on the {kernels} device only, but "
+                         f"context.device_target is '{device}' (use auto)")
     if not cfg.model.preset and not cfg.model.init_from:
         raise MsLlmError(f"{where}: set model.preset or model.init_from")
     if not cfg.data.sources and not (cfg.data.index and rules.reads_index):

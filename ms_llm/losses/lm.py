@@ -8,8 +8,6 @@ by the true token count across micro-batches and ranks. Labels are already align
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_llm import ops as F
-
 
 class LMLoss(nn.Cell):
     def __init__(self, model, ignore_index: int = -100):
@@ -30,11 +28,3 @@ def label_log_probs(model, hidden, labels, ignore_index: int = -100):
     valid = labels != ignore_index
     safe = ops.where(valid, labels, ops.zeros_like(labels))
     return model.target_log_probs(hidden, safe), valid.astype(ms.float32)
-
-
-def nll_sum(logits, labels, ignore_index: int = -100):
-    """(sum of -log p(label) over counted positions, number of counted positions) for [B, S, V] logits."""
-    valid = labels != ignore_index
-    safe = ops.where(valid, labels, ops.zeros_like(labels))
-    nll = -F.token_log_probs(logits, safe) * valid.astype(ms.float32)
-    return nll.sum(), valid.astype(ms.float32).sum()

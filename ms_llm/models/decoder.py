@@ -44,12 +44,10 @@ class Linear(nn.Cell):
         self.frozen_weight = False
 
     def construct(self, x):
-        lead = x.shape[:-1]
-        y = F.linear(x.reshape(-1, self.in_features), self.weight, self.compute_dtype, self.backend,
-                     self.frozen_weight, self.head)
+        y = F.linear(x, self.weight, self.compute_dtype, self.backend, self.frozen_weight, self.head)
         if self.has_bias:
             y = y + self.bias.astype(self.compute_dtype)
-        return y.reshape(lead + (self.out_features,))
+        return y
 
 
 class Embedding(nn.Cell):
@@ -295,10 +293,8 @@ class CausalLM(nn.Cell):
         """lm_head over hidden states [..., H] -> float32 logits [..., V]."""
         hidden = self.readout_input(hidden)
         if self.tied:
-            lead = hidden.shape[:-1]
-            out = F.linear(hidden.reshape(-1, hidden.shape[-1]), self.model.embed_tokens.weight,
-                           self.compute_dtype, self.head_backend, head=True)
-            return out.reshape(lead + (-1,)).astype(ms.float32)
+            return F.linear(hidden, self.model.embed_tokens.weight, self.compute_dtype, self.head_backend,
+                            head=True).astype(ms.float32)
         return self.lm_head(hidden).astype(ms.float32)
 
     def target_log_probs(self, hidden, targets):

@@ -19,21 +19,25 @@ _NEG = float(np.finfo(np.float32).min)
 
 def linear(x, weight, compute_dtype=ms.float32, backend: str = "reference", frozen: bool = False,
            head: bool = False):
-    """x [M, K] times weight [N, K] transposed -> [M, N] in compute_dtype.
+    """x [..., K] times weight [N, K] transposed -> [..., N] in compute_dtype.
 
-    frozen: the weight takes no gradient (LoRA's base layers): the CPU kernel's backward skips the dW product.
-    head: the lm_head product; on the CPU kernel each output column is then bitwise independent of N (the
-    vocabulary size), as with MindSpore's MatMul, so growing the vocabulary keeps the old tokens' logits.
+    x [B, S, K] holds B sequences; on the CPU kernel each sequence's rows are computed on their own, so a row
+    is bitwise the same whatever else is in the batch (a batch equals its accumulated micro-batches). A 2-D x
+    holds independent rows. frozen: the weight takes no gradient (LoRA's base layers): the CPU kernel's
+    backward skips the dW product. head: the lm_head product (its own kernel entry; its logits are bitwise
+    independent of the vocabulary size, as MindSpore's MatMul's are).
     """
-    if backend == "cpu" and head:
-        if frozen:
-            return K.OPS.head_frozen(x.astype(ms.float32), weight)
-        return K.OPS.head(x.astype(ms.float32), weight)
+    lead, k = x.shape[:-1], x.shape[-1]
     if backend == "cpu":
-        if frozen:
-            return K.OPS.linear_frozen(x.astype(ms.float32), weight)
-        return K.OPS.linear(x.astype(ms.float32), weight)
-    return _mm_nt(x.astype(compute_dtype), weight.astype(compute_dtype))
+        rows = x.reshape(-1, 1, k) if len(lead) == 1 else x.reshape(-1, lead[-1], k)
+        rows = rows.astype(ms.float32)
+        if head:
+            y = K.OPS.head_frozen(rows, weight) if frozen else K.OPS.head(rows, weight)
+        else:
+            y = K.OPS.linear_frozen(rows, weight) if frozen else K.OPS.linear(rows, weight)
+        return y.reshape(lead + (weight.shape[0],))
+    y = _mm_nt(x.reshape(-1, k).astype(compute_dtype), weight.astype(compute_dtype))
+    return y.reshape(lead + (weight.shape[0],))
 
 
 def rms_norm(x, weight, eps: float, backend: str = "reference"):
@@ -229,15 +233,12 @@ def linear_log_probs(hidden, weight, targets, compute_dtype=ms.float32, backend:
     On the cpu backend the lm_head product and the log-softmax are fused and chunked: the [B, S, V] logits never
     exist (forward or backward). hidden: [B, S, H]; weight: [V, H]; targets: [B, S] int in [0, V).
     """
-    b, s, h = hidden.shape
     if backend == "cpu":
-        out = K.OPS.linear_xent(hidden.reshape(b * s, h).astype(ms.float32), weight,
-                                targets.reshape(-1).astype(ms.int32), K.scalar(scale))[0]
-        return out.reshape(b, s)
-    logits = linear(hidden.reshape(b * s, h), weight, compute_dtype).astype(ms.float32)
+        return K.OPS.linear_xent(hidden.astype(ms.float32), weight, targets.astype(ms.int32), K.scalar(scale))[0]
+    logits = linear(hidden, weight, compute_dtype).astype(ms.float32)
     if scale != 1.0:
         logits = logits * scale
-    return token_log_probs(logits.reshape(b, s, -1), targets)
+    return token_log_probs(logits, targets)
 
 
 def cross_entropy(logits, labels, ignore_index: int = -100):

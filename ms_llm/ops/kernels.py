@@ -26,7 +26,8 @@ from mindspore import ops
 
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
 LIB_NAME = "libms_llm_kernels.so"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared",
+         "-fvisibility=hidden", "-pthread"]      # no FP traps or errno: the exp and reduction loops vectorize
 
 _state = {"loaded": False, "path": None, "reason": None, "lib": None}
 OPS = None          # the loaded ops (`load()`); GRAPH_MODE code refers to `kernels.OPS.<op>`
@@ -73,6 +74,8 @@ def build(verbose: bool = False) -> str:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler (g++) on PATH; install g++ or set CXX")
+    if not shutil.which(compiler):
+        raise RuntimeError(f"the C++ compiler {compiler} (from CXX) is not an executable")
     sources = sorted(SOURCE_DIR.glob("*.cc"))
     if not sources:
         raise RuntimeError(f"no kernel sources in {SOURCE_DIR}")
@@ -159,10 +162,14 @@ class _Ops:
         def linear_frozen_bprop(x, w, out, dout):
             return linear_bwd_frozen(x, w, dout)
 
-        self.linear = custom("LinearFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_bprop)
-        self.linear_frozen = custom("LinearFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_frozen_bprop)
-        self.head = custom("HeadFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_bprop)
-        self.head_frozen = custom("HeadFwd", lambda x, w: (x[0], w[0]), lambda x, w: x, linear_frozen_bprop)
+        def rows_out(x, w):
+            return x[:-1] + [w[0]]
+
+        self.linear = custom("LinearFwd", rows_out, lambda x, w: x, linear_bprop)
+        # frozen variants under their own names: GRAPH_MODE merges Custom ops that share a function name
+        self.linear_frozen = custom("LinearFwdFrozen", rows_out, lambda x, w: x, linear_frozen_bprop)
+        self.head = custom("HeadFwd", rows_out, lambda x, w: x, linear_bprop)
+        self.head_frozen = custom("HeadFwdFrozen", rows_out, lambda x, w: x, linear_frozen_bprop)
 
         self.rms_norm_bwd = custom("RmsNormBwd", lambda x, w, r, dy: (x, w), lambda x, w, r, dy: (x, x))
         rms_norm_bwd = self.rms_norm_bwd

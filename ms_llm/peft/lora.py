@@ -61,14 +61,13 @@ class LoRALinear(Linear):
 
     def construct(self, x):
         y = Linear.construct(self, x)
-        lead = x.shape[:-1]
-        h = x.reshape(-1, self.in_features)
+        h = x
         if self.training and self.p > 0:
             h = ops.dropout(h, self.p)
         cd = self.compute_dtype
         low = F.linear(h, self.lora_A.weight, cd, self.backend)
         delta = F.linear(low, self.lora_B.weight, cd, self.backend) * (self.lora_gate * self.scaling).astype(cd)
-        return y + delta.reshape(lead + (self.out_features,)).astype(y.dtype)
+        return y + delta.astype(y.dtype)
 
 
 class _Weight(nn.Cell):

@@ -39,9 +39,10 @@ def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = No
             os.sched_setaffinity(0, cores)
         import mindspore as ms
         from ms_llm.context import setup_context
-        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
         if threads:
-            ms.device_context.cpu.op_tuning.threads_num(threads)
+            from ms_llm.context import set_cpu_threads
+            set_cpu_threads(threads)
         from ms_llm.generation import generate
         from ms_llm.models.safetensors_io import read_safetensors
         from ms_llm.peft.lora import LoRAConfig, apply_lora

@@ -18,7 +18,7 @@ def run_stage(cfg) -> dict:
     from ms_llm.context import setup_context
     from ms_llm.training.layout import Layout
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
     par = cfg.parallel
     layout = Layout()
     if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:

@@ -265,7 +265,7 @@ def cache_teacher(cfg: ExperimentConfig) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     from ms_llm.context import setup_context
-    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed)
+    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
     student_vocab = build_model(cfg).config.vocab_size
     teacher, _, data = prepare(cfg, run_dir, tokenizer, student_vocab)
     manifest = write_cache(d.cache_dir, teacher.model, list(data.examples()), cache_expectations(cfg, teacher.sha256, data),

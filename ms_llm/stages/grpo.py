@@ -215,11 +215,9 @@ class GRPOLoop:
             if split:                                  # the two processes share the cores: each keeps its own
                 _pin_threads(mine[:-a.worker_cores])
             if a.trainer_threads:
-                import mindspore as ms
-                try:
-                    ms.device_context.cpu.op_tuning.threads_num(a.trainer_threads)
-                except RuntimeError as e:              # MindSpore takes it once per process
-                    log.warning("grpo.async_rollout.trainer_threads not applied: %s", e)
+                from ms_llm.context import set_cpu_threads
+                if not set_cpu_threads(a.trainer_threads):      # MindSpore takes it once per process
+                    log.warning("grpo.async_rollout.trainer_threads not applied to MindSpore's own ops")
         rows = [p for p in stream.take(g.prompts_per_step) for _ in range(g.group_size)]
         path = self.worker.publish(trainable_arrays(self.policy), version)
         self.worker.submit(version, path, [r["ids"] for r in rows], [self.seed, 7919, step, 0], g.max_new_tokens,

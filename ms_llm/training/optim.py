@@ -13,6 +13,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ms_llm.training.collective import ordered_all_reduce
+
 _adamw = ops.MultitypeFuncGraph("adamw")
 
 
@@ -106,7 +108,7 @@ class AdamW(nn.Cell):
                             self.parameters, self.m, self.v, grads)
         deltas = self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
                           self.parameters, self.m, self.v, grads, self.owned)
-        return self.map(ops.assign_sub, self.parameters, _ordered_all_reduce(self.all_reduce, deltas))
+        return self.map(ops.assign_sub, self.parameters, ordered_all_reduce(self.all_reduce, deltas))
 
     def state_tensors(self) -> dict:
         """{name: Parameter} of the optimizer state this rank holds (what a checkpoint is loaded into)."""
@@ -140,18 +142,7 @@ class _GatherMoments(nn.Cell):
                 ms_, vs = ms_ + (self.m[i] * 1.0,), vs + (self.v[i] * 1.0,)
             else:
                 ms_, vs = ms_ + (ops.zeros(self.shapes[i], ms.float32),), vs + (ops.zeros(self.shapes[i], ms.float32),)
-        return _ordered_all_reduce(self.all_reduce, ms_ + vs)
-
-
-def _ordered_all_reduce(all_reduce, tensors):
-    """AllReduce each tensor in turn. Ranks whose graphs differ (owner vs not) would otherwise issue the
-    collectives in different orders and pair up tensors of different sizes; each input waits for the
-    previous result, so every rank runs them in tuple order."""
-    out = ()
-    for i in range(len(tensors)):
-        x = tensors[i] if i == 0 else ops.depend(tensors[i], out[i - 1])
-        out = out + (all_reduce(x),)
-    return out
+        return ordered_all_reduce(self.all_reduce, ms_ + vs)
 
 
 def lr_at(step: int, peak: float, max_steps: int, kind: str = "cosine", warmup: int = 0, min_ratio: float = 0.0,

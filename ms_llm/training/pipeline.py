@@ -27,7 +27,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ms_llm.losses.lm import nll_sum
+from ms_llm.losses.lm import label_log_probs
 from ms_llm.models.pipeline import EMBED, PPGroup, StageModel
 from ms_llm.training.step import ApplyStep, LossScaleState
 
@@ -67,6 +67,12 @@ class _Forward(nn.Cell):
         return self.stage.stage_forward(x, *extra)
 
 
+def stage_nll(stage: StageModel, x, labels, *extra):
+    """The last stage's (sum of -log p(label), counted positions): the same readout as LMLoss (one process)."""
+    logp, valid = label_log_probs(stage, stage.stage_forward(x, *extra), labels)
+    return -(logp * valid).sum(), valid.sum()
+
+
 class _Loss(nn.Cell):
     """Last stage, no gradient: (loss numerator, denominator)."""
 
@@ -75,7 +81,7 @@ class _Loss(nn.Cell):
         self.stage = stage
 
     def construct(self, x, labels, *extra):
-        return nll_sum(self.stage.logits(self.stage.stage_forward(x, *extra)), labels)
+        return stage_nll(self.stage, x, labels, *extra)
 
 
 class _Buffers(nn.Cell):
@@ -100,7 +106,7 @@ class _LastGrad(nn.Cell):
         self.map = ops.HyperMap()
 
     def _scaled(self, x, labels, *extra):
-        num, den = nll_sum(self.stage.logits(self.stage.stage_forward(x, *extra)), labels)
+        num, den = stage_nll(self.stage, x, labels, *extra)
         return num * (self.loss_scale.scale / self.acc.loss_norm), num, den
 
     def construct(self, x, labels, *extra):
