@@ -26,9 +26,9 @@ def op_shapes(a) -> dict:
     b, s, h, n, f, v, L = a.batch, a.seq, a.hidden, a.heads, a.inter, a.vocab, a.layers
     d = h // n
     return {
-        "linear h->h (q, k, v, o)": ({"x": (b * s, h), "w": (h, h)}, 4 * L),
-        "linear h->ffn (gate, up)": ({"x": (b * s, h), "w": (f, h)}, 2 * L),
-        "linear ffn->h (down)": ({"x": (b * s, f), "w": (h, f)}, L),
+        "linear h->h (q, k, v, o)": ({"x": (b, s, h), "w": (h, h)}, 4 * L),
+        "linear h->ffn (gate, up)": ({"x": (b, s, h), "w": (f, h)}, 2 * L),
+        "linear ffn->h (down)": ({"x": (b, s, f), "w": (h, f)}, L),
         "attention (causal)": ({"q": (b, n, s, d), "k": (b, n, s, d), "v": (b, n, s, d)}, L),
         "rms_norm": ({"x": (b, s, h), "w": (h,)}, 2 * L + 1),
         "swiglu": ({"g": (b, s, f), "u": (b, s, f)}, L),
@@ -51,52 +51,78 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t) / reps * 1e3
 
 
+def _op_cell(name, backend, consts):
+    import mindspore as ms
+    from mindspore import nn
+    from ms_llm import ops as F
+
+    class OpCell(nn.Cell):
+        """One primitive; `kind` and `backend` are Python strings, so GRAPH_MODE compiles only its branch."""
+
+        def __init__(self):
+            super().__init__()
+            self.kind, self.backend = name, backend
+            self.bias, self.cos, self.sin, self.tgt, self.scale = (consts.get(k) for k in
+                                                                    ("bias", "cos", "sin", "tgt", "scale"))
+
+        def construct(self, a, b=None, c=None):
+            if self.kind == "linear":
+                return F.linear(a, b, ms.float32, self.backend)
+            if self.kind == "attention":
+                return F.attention(a, b, c, self.bias, self.scale, ms.float32, self.backend)
+            if self.kind == "rms_norm":
+                return F.rms_norm(a, b, 1e-6, self.backend)
+            if self.kind == "swiglu":
+                return F.swiglu(a, b, self.backend)
+            if self.kind == "rotary":
+                return F.apply_rotary(a, self.cos, self.sin, self.backend)
+            return F.linear_log_probs(a, b, self.tgt, ms.float32, self.backend)
+    return OpCell()
+
+
 def _ms_fns(name, arrs, backend):
-    """(forward, forward+backward) callables for one op on MindSpore with `backend`."""
+    """(forward, forward+backward) callables for one op on MindSpore with `backend`, both compiled graphs."""
     import mindspore as ms
     from mindspore import Tensor, nn
     from ms_llm import ops as F
-    from ms_llm.ops import backend as B
-    B.configure("auto")
     t = {k: Tensor(v) for k, v in arrs.items()}
-    if name.startswith("linear"):
-        f, args = (lambda x, w: F.linear(x, w, backend=backend)), (t["x"], t["w"])
-    elif name.startswith("attention"):
-        s = arrs["q"].shape[2]
-        pos = Tensor(np.broadcast_to(np.arange(s, dtype=np.int32), (arrs["q"].shape[0], s)).copy())
-        bias = F.mask_bias(F.causal_mask(pos, pos))
-        scale = arrs["q"].shape[-1] ** -0.5
-        f, args = (lambda q, k, v: F.attention(q, k, v, bias, scale, backend=backend)), (t["q"], t["k"], t["v"])
-    elif name == "rms_norm":
-        f, args = (lambda x, w: F.rms_norm(x, w, 1e-6, backend)), (t["x"], t["w"])
-    elif name == "swiglu":
-        f, args = (lambda g, u: F.swiglu(g, u, backend)), (t["g"], t["u"])
-    elif name == "rotary":
+    consts, kind = {}, name.split(" ")[0]
+    if kind == "linear":
+        args = (t["x"], t["w"])
+    elif kind == "attention":
+        b, s = arrs["q"].shape[0], arrs["q"].shape[2]
+        pos = Tensor(np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
+        consts = {"bias": F.mask_bias(F.causal_mask(pos, pos)), "scale": arrs["q"].shape[-1] ** -0.5}
+        args = (t["q"], t["k"], t["v"])
+    elif kind == "rms_norm":
+        args = (t["x"], t["w"])
+    elif kind == "swiglu":
+        args = (t["g"], t["u"])
+    elif kind == "rotary":
         b, _, s, d = arrs["x"].shape
         pos = Tensor(np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
-        cos, sin = F.rope_cos_sin(pos, Tensor(F.rope_inv_freq(d, 10000.0)))
-        f, args = (lambda x: F.apply_rotary(x, cos, sin, backend)), (t["x"],)
+        consts = dict(zip(("cos", "sin"), F.rope_cos_sin(pos, Tensor(F.rope_inv_freq(d, 10000.0)))))
+        args = (t["x"],)
     else:
+        kind = "lm_head"
         b, s, _ = arrs["x"].shape
-        tgt = Tensor(np.random.RandomState(1).randint(0, arrs["w"].shape[0], (b, s)).astype(np.int32))
-        f, args = (lambda x, w: F.linear_log_probs(x, w, tgt, backend=backend)), (t["x"], t["w"])
+        consts = {"tgt": Tensor(np.random.RandomState(1).randint(0, arrs["w"].shape[0], (b, s)).astype(np.int32))}
+        args = (t["x"], t["w"])
+    fwd = _op_cell(kind, backend, consts)
 
-    class Fwd(nn.Cell):
+    class Both(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = _op_cell(kind, backend, consts)
+            self.grad = ms.grad(self.summed, tuple(range(len(args))))
+
+        def summed(self, *xs):
+            return self.op(*xs).sum()
+
         def construct(self, *xs):
-            return f(*xs)
+            return self.grad(*xs)
 
-    class Loss(nn.Cell):
-        def construct(self, *xs):
-            return f(*xs).sum()
-
-    fwd = Fwd()
-    grad = ms.grad(Loss(), tuple(range(len(args))))
-
-    class Grad(nn.Cell):
-        def construct(self, *xs):
-            return grad(*xs)
-
-    both = Grad()
+    both = Both()
     return (lambda: fwd(*args).asnumpy()), (lambda: [g.asnumpy() for g in both(*args)])
 
 
@@ -148,7 +174,11 @@ def worker(a):
     os.chdir(a.workdir)
     if a.worker != "torch":
         from ms_llm.context import setup_context
+        from ms_llm.ops import backend
         setup_context("graph", seed=0)
+        if a.worker == "cpu" and backend.cpu_kernels() is None:
+            from ms_llm.ops import kernels
+            raise SystemExit(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
     if a.memory:                                   # peak RSS of one lm_head + log-softmax forward + backward
         arrs = _inputs({"x": (1, a.memory_seq, a.hidden), "w": (a.memory_vocab, a.hidden)})
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
