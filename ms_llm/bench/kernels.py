@@ -232,7 +232,7 @@ def run(argv=None):
             memory[impl] = res["peak_mb"]
     shapes = op_shapes(a)
     print(f"ops of the bench model (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab "
-          f"{a.vocab}; batch {a.batch} x seq {a.seq}); fp32; median-free mean of {a.reps} runs after 2 warm-up; ms")
+          f"{a.vocab}; batch {a.batch} x seq {a.seq}); fp32; mean of {a.reps} runs after 2 warm-up; ms")
     head = "".join(f"{'fwd ' + i:>14}" for i in IMPLS) + "".join(f"{'fwd+bwd ' + i:>18}" for i in IMPLS)
     print(f"{'op':<27}{'per step':>9}{head}")
     totals = {i: 0.0 for i in IMPLS}

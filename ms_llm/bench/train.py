@@ -17,7 +17,7 @@ import numpy as np
 
 from ms_llm.bench import run_worker
 
-FRAMEWORKS = ("ms_llm", "ms_llm_lora", "torch", "mindformers")
+FRAMEWORKS = ("ms_llm", "ms_llm_reference", "ms_llm_lora", "torch", "mindformers")
 
 
 def train_flops_per_token(h, layers, inter, vocab, seq) -> float:
@@ -56,14 +56,19 @@ def run_ms_llm_lora(a):
     return run_ms_llm(a, lora=True)
 
 
-def run_ms_llm(a, lora: bool = False):
+def run_ms_llm_reference(a):
+    """ms_llm with MindSpore's composed ops instead of the CPU kernels (context.kernels: reference)."""
+    return run_ms_llm(a, kernels="reference")
+
+
+def run_ms_llm(a, lora: bool = False, kernels: str = "auto"):
     import mindspore as ms
     from ms_llm.context import setup_context
     from ms_llm.losses.lm import LMLoss
     from ms_llm.models import CausalLM, preset
     from ms_llm.training.optim import AdamW
     from ms_llm.training.step import LossScaleState, TrainStep
-    setup_context("graph", seed=0)
+    setup_context("graph", seed=0, kernels=kernels)
     model = CausalLM(preset("tiny", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
                             num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                             max_position_embeddings=a.seq))
@@ -121,8 +126,8 @@ def run_mindformers(a):
 
 def worker(a):
     """Child process: build, warm up, time `a.steps` steps, print one JSON line."""
-    build = {"ms_llm": run_ms_llm, "ms_llm_lora": run_ms_llm_lora, "torch": run_torch,
-             "mindformers": run_mindformers}[a.worker]
+    build = {"ms_llm": run_ms_llm, "ms_llm_reference": run_ms_llm_reference, "ms_llm_lora": run_ms_llm_lora,
+             "torch": run_torch, "mindformers": run_mindformers}[a.worker]
     os.makedirs(a.workdir, exist_ok=True)
     os.chdir(a.workdir)                        # MindSpore and mindformers write ./rank_0, ./output
     step = build(a)
@@ -145,8 +150,9 @@ def run(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--frameworks", default="ms_llm,torch,mindformers",
-                   help="comma list of ms_llm, ms_llm_lora, torch, mindformers")
+    p.add_argument("--frameworks", default="ms_llm,ms_llm_reference,torch,mindformers",
+                   help="comma list of ms_llm, ms_llm_reference (the reference ops instead of the CPU kernels), "
+                        "ms_llm_lora, torch, mindformers")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_train"))
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
@@ -172,11 +178,11 @@ def run(argv=None):
     print("fp32 GEMM 2048^3 GFLOPS: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     ref_name = "torch" if any(r["framework"] == "torch" for r in results) else "ms_llm"
     base = next((r for r in results if r["framework"] == ref_name), None)
-    print(f"{'framework':<13}{'tokens/s':>10}{'step s':>9}{'vs ' + ref_name:>11}{'MFU':>7}{'peak RSS MB':>13}")
+    print(f"{'framework':<17}{'tokens/s':>10}{'step s':>9}{'vs ' + ref_name:>11}{'MFU':>7}{'peak RSS MB':>13}")
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         r["vs_" + ref_name] = ratio
-        print(f"{r['framework']:<13}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{ratio:>10.2f}x{r['mfu']:>7.1%}"
+        print(f"{r['framework']:<17}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{ratio:>10.2f}x{r['mfu']:>7.1%}"
               f"{r['peak_rss_mb']:>13.0f}")
     if a.json:
         with open(a.json, "w") as f:

@@ -75,6 +75,16 @@ def test_types_choices_and_overrides(tmp_path):
         load_config(path, ["train.amp_level=O5"])
 
 
+def test_kernels_key_is_checked_against_the_device(tmp_path):
+    path = _write(tmp_path, BASE)
+    assert load_config(path).context.kernels == "auto"
+    assert load_config(path, ["context.kernels=reference"]).context.kernels == "reference"
+    with pytest.raises(MsLlmError, match=r"key 'context.kernels' = 'fast' is not one of"):
+        load_config(path, ["context.kernels=fast"])
+    with pytest.raises(MsLlmError, match=r"context.kernels 'ascend' runs on the ascend device only"):
+        load_config(path, ["context.kernels=ascend"])
+
+
 def test_global_batch_rule(tmp_path):
     path = _write(tmp_path, BASE + "train:\n  micro_batch_size: 2\n  grad_accum_steps: 4\n  global_batch_size: 16\n"
                   "parallel:\n  data_parallel: 2\n")
