@@ -11,6 +11,13 @@ folds (alpha / r) * B A into W — with the scaling, which MindFormers' merge to
 Every LoRA layer of a model multiplies its update by one shared, untrained gate (`lora_gate`, 1.0).
 `AdapterDisabled(model)` is the base model seen through the same cells with the gate at 0 for the length of
 its own call: an RLHF reference for a LoRA policy with one base in memory.
+
+Dropout draws no random stream: its mask is a hash of (key, layer, element index), where the key is one
+shared int32 (`lora_noise_key`) that the updater sets before every micro-batch from (seed, step,
+micro-batch, data rank) (`dropout_key`). A resumed run therefore drops the same elements as an
+uninterrupted one, and the mask is the same on every backend. The hash is murmur3's 32-bit finaliser over
+(index * golden ratio) xor (key xor layer salt); an element is kept when the low 24 bits of its hash are at
+least p * 2^24.
 """
 import math
 import os
@@ -27,6 +34,53 @@ from ms_llm.models.decoder import CausalLM, Linear, mark_frozen_linears
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
+_M32 = 0xFFFFFFFF
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35
+
+
+def _as_int32(v: int) -> int:
+    v &= _M32
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def fmix32(h: int) -> int:
+    """murmur3's 32-bit finaliser (a bijection that mixes every input bit into every output bit)."""
+    h &= _M32
+    h ^= h >> 16
+    h = (h * _MIX1) & _M32
+    h ^= h >> 13
+    h = (h * _MIX2) & _M32
+    return h ^ (h >> 16)
+
+
+def dropout_key(seed: int, step: int, micro: int, rank: int) -> int:
+    """The int32 dropout key of one micro-batch: a function of where it is in the run, nothing else."""
+    h = fmix32(seed)
+    for v in (step, micro, rank):
+        h = fmix32(h ^ fmix32(v + _GOLDEN))
+    return _as_int32(h)
+
+
+def _lsr(x, k: int):
+    """Logical right shift of int32 bits (MindSpore's shift is arithmetic)."""
+    return ops.bitwise_and(ops.bitwise_right_shift(x, Tensor(k, ms.int32)), Tensor((1 << (32 - k)) - 1, ms.int32))
+
+
+def dropout_keep(shape, key, salt, p: float, dtype):
+    """The inverted-dropout multiplier (0 or 1 / (1 - p)) for a tensor of `shape`, from int32 `key` and
+    `salt` (see the module docstring); no gradient flows through it."""
+    n = 1
+    for d in shape:
+        n *= d
+    h = ops.arange(0, n, dtype=ms.int32).reshape(shape) * Tensor(_as_int32(_GOLDEN), ms.int32)
+    h = ops.bitwise_xor(h, ops.bitwise_xor(key, salt))
+    h = ops.bitwise_xor(h, _lsr(h, 16))
+    h = h * Tensor(_as_int32(_MIX1), ms.int32)
+    h = ops.bitwise_xor(h, _lsr(h, 13))
+    h = h * Tensor(_as_int32(_MIX2), ms.int32)
+    h = ops.bitwise_xor(h, _lsr(h, 16))
+    keep = ops.bitwise_and(h, Tensor((1 << 24) - 1, ms.int32)) >= int(round(p * (1 << 24)))
+    return ops.stop_gradient(keep.astype(dtype) * (1.0 / (1.0 - p)))
 
 
 @dataclass
@@ -45,7 +99,8 @@ class LoRALinear(Linear):
     """A Linear whose output adds a scaled low-rank update; the base weight and bias are the original ones."""
     plain = False
 
-    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, gate: Parameter):
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float, gate: Parameter, noise_key: Parameter,
+                 layer: int):
         nn.Cell.__init__(self)
         self.in_features, self.out_features, self.compute_dtype = base.in_features, base.out_features, base.compute_dtype
         self.weight, self.has_bias = base.weight, base.has_bias
@@ -58,12 +113,14 @@ class LoRALinear(Linear):
         self.lora_B = _Weight(np.zeros((self.out_features, r), np.float32))
         self.scaling, self.p = alpha / r, dropout
         self.lora_gate = gate                               # shared by every LoRA layer of the model
+        self.lora_noise_key = noise_key                     # shared too: the updater sets it per micro-batch
+        self.noise_salt = Tensor(_as_int32(fmix32(layer + 1)), ms.int32)
 
     def construct(self, x):
         y = Linear.construct(self, x)
         h = x
         if self.training and self.p > 0:
-            h = ops.dropout(h, self.p)
+            h = h * dropout_keep(h.shape, self.lora_noise_key, self.noise_salt, self.p, h.dtype)
         cd = self.compute_dtype
         low = F.linear(h, self.lora_A.weight, cd, self.backend)
         delta = F.linear(low, self.lora_B.weight, cd, self.backend) * (self.lora_gate * self.scaling).astype(cd)
@@ -96,8 +153,9 @@ def apply_lora(model: CausalLM, cfg: LoRAConfig) -> list:
                          "v_proj, o_proj, gate_proj, up_proj, down_proj")
     params = []
     gate = Parameter(Tensor(1.0, ms.float32), name="lora_gate", requires_grad=False)
-    for name, cell in found:
-        wrapped = LoRALinear(cell, cfg.r, cfg.alpha, cfg.dropout, gate)
+    key = Parameter(Tensor(0, ms.int32), name="lora_noise_key", requires_grad=False)
+    for layer, (name, cell) in enumerate(found):
+        wrapped = LoRALinear(cell, cfg.r, cfg.alpha, cfg.dropout, gate, key, layer)
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, wrapped)
         wrapped.lora_A.weight.name = f"{name}.lora_A.weight"      # after attaching, which renames locally
@@ -108,7 +166,16 @@ def apply_lora(model: CausalLM, cfg: LoRAConfig) -> list:
     mark_frozen_linears(model)
     object.__setattr__(model, "lora_config", cfg)
     object.__setattr__(model, "lora_gate", gate)
+    object.__setattr__(model, "lora_noise_key", key)
     return params
+
+
+def noise_key(net):
+    """The dropout key Parameter of the LoRA layers inside `net` that use dropout, or None."""
+    for _, cell in net.cells_and_names():
+        if isinstance(cell, LoRALinear) and cell.p > 0:
+            return cell.lora_noise_key
+    return None
 
 
 def is_lora_weight(name: str) -> bool:

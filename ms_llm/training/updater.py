@@ -12,11 +12,19 @@ micro-batches and data-parallel ranks it is called with, and divided by the summ
 (training/step.py). Two updaters never share parameters or buffers, so one's accumulation cannot leak into
 the other's.
 
+Before each micro-batch the updater sets the key of its LoRA dropout (peft/lora.py) from (train.seed, step,
+micro-batch, data rank), so the dropped elements depend on where the run is, not on a stream that restarts
+with the process.
+
 In a checkpoint every updater's optimizer and loss-scale state is stored under `<name>/` in
 optimizer.safetensors (`state_for_checkpoint`, `load_from_checkpoint`); the layout gathers and slices it
 as it does the model's weights.
 """
+import mindspore as ms
+from mindspore import Tensor
+
 from ms_llm.errors import MsLlmError
+from ms_llm.peft.lora import dropout_key, noise_key
 from ms_llm.training.layout import Layout
 from ms_llm.training.optim import AdamW, lr_at
 from ms_llm.training.step import LossScaleState
@@ -59,6 +67,7 @@ class Updater:
         self.loss_scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor,
                                          t.loss_scale_window)
         self.accum_steps = accum_steps or t.grad_accum_steps
+        self.noise_key, self.seed = noise_key(loss_net), t.seed
         self.step_fn = layout.train_step(model, loss_net, self.optimizer, self.loss_scale, self.accum_steps,
                                          t.clip_grad_norm if clip is None else clip, float(loss_norm))
 
@@ -69,8 +78,15 @@ class Updater:
 
     def __call__(self, micro_batches, step: int) -> dict:
         lr = self.lr_at(step)
+        if self.noise_key is not None:
+            micro_batches = self._keyed(micro_batches, step)
         out = self.step_fn(micro_batches, lr)
         return dict(out, lr=lr)
+
+    def _keyed(self, micro_batches, step: int):
+        for i, batch in enumerate(micro_batches):
+            self.noise_key.set_data(Tensor(dropout_key(self.seed, step, i, self.layout.data_rank), ms.int32))
+            yield batch
 
     @property
     def stat_names(self) -> tuple:

@@ -137,3 +137,67 @@ def test_adapter_disabled_view_is_the_base_and_leaves_the_policy_alone(tmp_path,
     saved = save_adapter(model, tmp_path / "adapter2")
     from ms_llm.models.safetensors_io import read_safetensors
     assert not any("gate" in k for k in read_safetensors(str(tmp_path / "adapter2" / saved[0])))
+
+
+def _fmix32(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def _keep_reference(shape, key: int, layer: int, p: float):
+    """Independent NumPy (uint32) reference of the LoRA dropout multiplier: murmur3's finaliser over
+    (index * golden ratio) xor key xor the layer's salt; kept when the low 24 bits are >= p * 2^24."""
+    with np.errstate(over="ignore"):
+        salt = _fmix32(np.uint32(layer + 1))
+        idx = np.arange(int(np.prod(shape)), dtype=np.uint32).reshape(shape)
+        h = _fmix32((idx * np.uint32(0x9E3779B1)) ^ np.array(key, np.int32).view(np.uint32) ^ salt)
+    return ((h & np.uint32(0xFFFFFF)) >= round(p * (1 << 24))).astype(np.float32) / (1 - p)
+
+
+class _Call(ms.nn.Cell):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, x):
+        return self.cell(x)
+
+
+def test_lora_dropout_is_a_hash_of_key_layer_and_position(graph_mode):
+    from ms_llm.peft.lora import LoRALinear, dropout_key, noise_key
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=256))
+    p = 0.25
+    apply_lora(model, LoRAConfig(4, 8, p, ["q_proj", "v_proj"]))
+    layers = [c for _, c in model.cells_and_names() if isinstance(c, LoRALinear)]
+    assert noise_key(LMLoss(model)) is model.lora_noise_key            # what an updater finds and sets
+    layer = 3
+    lin = layers[layer]
+    rng = np.random.RandomState(1)
+    lin.lora_B.weight.set_data(Tensor(rng.normal(0, 0.5, lin.lora_B.weight.shape).astype(np.float32)))
+    x = rng.normal(0, 1, (3, 7, lin.in_features)).astype(np.float32)
+    net = _Call(lin)
+    net.set_train(True)
+    base = x @ lin.weight.asnumpy().T
+    a, b = lin.lora_A.weight.asnumpy(), lin.lora_B.weight.asnumpy()
+    outs = {}
+    for key in (dropout_key(0, 5, 0, 0), dropout_key(0, 5, 1, 0), dropout_key(0, 5, 0, 0)):
+        model.lora_noise_key.set_data(Tensor(key, ms.int32))          # as the updater does per micro-batch
+        got = net(Tensor(x)).asnumpy()
+        keep = _keep_reference(x.shape, key, layer, p)
+        want = base + lin.scaling * (x * keep) @ a.T @ b.T
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert abs((keep == 0).mean() - p) < 0.03
+        if key in outs:
+            np.testing.assert_array_equal(got, outs[key])             # the same key, the same elements dropped
+        outs[key] = got
+    assert len(outs) == 2 and np.abs(np.subtract(*outs.values())).max() > 1e-3
+    # another layer with the same key drops other elements; keys differ by step, micro-batch and rank
+    assert (_keep_reference(x.shape, 7, 0, p) != _keep_reference(x.shape, 7, 1, p)).mean() > 0.2
+    keys = {dropout_key(s, t, m, r) for s in (0, 1) for t in range(4) for m in range(3) for r in range(2)}
+    assert len(keys) == 48 and all(-2 ** 31 <= k < 2 ** 31 for k in keys)
+    net.set_train(False)                                             # no dropout outside training
+    np.testing.assert_allclose(net(Tensor(x)).asnumpy(), base + lin.scaling * x @ a.T @ b.T, rtol=1e-5, atol=1e-5)

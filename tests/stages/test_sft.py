@@ -77,12 +77,13 @@ def test_multiturn_sft_reports_coherence_before_and_after(pretrained):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_with_neftune_equals_uninterrupted(pretrained):
-    """NEFTune noise is drawn from (seed, sample position), so a run killed after step 14 and resumed adds
-    the same noise as an uninterrupted one: same per-step losses afterwards and the same final weights."""
+def test_sigkill_and_resume_with_neftune_and_lora_dropout_equals_uninterrupted(pretrained):
+    """NEFTune noise is drawn from (seed, sample position) and LoRA dropout from (seed, step, micro-batch), so
+    a run killed after step 14 and resumed adds the same noise and drops the same elements as an
+    uninterrupted one: same per-step losses afterwards and the same final weights."""
     args = ["train", "configs/tiny/sft_lora.yaml", "train.progress_bar=false", "log.plots=false", "train.max_steps=30",
             "train.log_every=1", "checkpoint.every=7", "train.eval_every=0", "sft.eval_prompts=null",
-            "sft.neftune_alpha=5", "train.micro_batch_size=8"]
+            "sft.neftune_alpha=5", "sft.lora.dropout=0.1", "train.micro_batch_size=8"]
     _train(pretrained, *args[1:], "train.output_dir=runs/neft_a")
     b = pretrained / "runs" / "neft_b"
     kill_once_written(pretrained, [*args, "train.output_dir=runs/neft_b"], b / "checkpoints" / "step_000014" / "MANIFEST.json")
