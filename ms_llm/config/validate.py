@@ -86,14 +86,13 @@ def _check_ppo(cfg: ExperimentConfig, where: str):
         raise MsLlmError(f"{where}: stage ppo starts from a trained model: set model.init_from (the SFT final/)")
     if not p.reward_model:
         raise MsLlmError(f"{where}: stage ppo needs ppo.reward_model (an exported reward run)")
-    if cfg.parallel.data_parallel > 1:
-        raise MsLlmError(f"{where}: stage ppo runs in one process in this release (advantage whitening and the KL "
-                         "controller read the whole rollout batch); set parallel.data_parallel: 1")
     windows = 1 if p.exact_scoring else -(-p.max_new_tokens // min(p.chunk_size, p.max_new_tokens))
-    if p.rollout_batch_size % p.mini_batch_size or (p.mini_batch_size * windows) % t.micro_batch_size:
+    world = cfg.parallel.data_parallel
+    if p.rollout_batch_size % p.mini_batch_size or (p.mini_batch_size * windows) % (t.micro_batch_size * world):
         raise MsLlmError(f"{where}: ppo.mini_batch_size {p.mini_batch_size} must divide ppo.rollout_batch_size "
                          f"{p.rollout_batch_size}, and its {p.mini_batch_size * windows} scoring windows ({windows} "
-                         f"per response) must split into micro-batches of train.micro_batch_size {t.micro_batch_size}")
+                         f"per response) must split into micro-batches of train.micro_batch_size {t.micro_batch_size} "
+                         f"on each of {world} data-parallel ranks")
     if t.grad_accum_steps != 1:
         raise MsLlmError(f"{where}: stage ppo accumulates ppo.mini_batch_size / train.micro_batch_size "
                          "micro-batches per update; leave train.grad_accum_steps at 1")

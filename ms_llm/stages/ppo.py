@@ -18,7 +18,9 @@ reward model (`load_reward_model`). One step:
 
 Every step's rollout draws from a generator seeded by (train.seed, step), so a run killed anywhere resumes from
 its last checkpoint (policy, value model, both optimizers, β and the lr factor) and continues as if never
-stopped. Metrics: docs/rl.md.
+stopped. Under data parallel every rank rolls out and scores the whole batch with those seeds (the same
+responses, advantages and KL everywhere) and trains its share of each mini-batch's windows; the updaters sum
+numerators and token counts over ranks, so each update equals one process's. Metrics: docs/rl.md.
 """
 import json
 import logging
@@ -167,11 +169,12 @@ class PPOLoop:
         self.decisions, self.main = decisions, layout is None or layout.main
         self.plan = ChunkPlan(p.max_prompt_len, p.max_new_tokens, p.chunk_size, p.chunk_overlap, p.exact_scoring)
         windows = p.mini_batch_size * self.plan.n_windows              # a micro-batch is mbs scoring windows
-        if p.rollout_batch_size % p.mini_batch_size or windows % self.mbs:
+        self.rank, world = (layout.data_rank, layout.data_world) if layout is not None else (0, 1)
+        if p.rollout_batch_size % p.mini_batch_size or windows % (self.mbs * world):
             raise MsLlmError(f"ppo.mini_batch_size {p.mini_batch_size} must divide ppo.rollout_batch_size "
                              f"{p.rollout_batch_size}, and its {windows} scoring windows must split into micro-batches "
-                             f"of train.micro_batch_size {self.mbs}")
-        accum = windows // self.mbs
+                             f"of train.micro_batch_size {self.mbs} on each of {world} data-parallel ranks")
+        self.accum = accum = windows // (self.mbs * world)             # micro-batches per update on this rank
         norm = float(self.mbs * self.plan.chunk)
         self.updaters = [
             Updater("policy", cfg, PolicyLoss(policy, p.clip_low, p.clip_high, p.dual_clip, p.ent_coef,
@@ -236,8 +239,9 @@ class PPOLoop:
             for m in range(0, len(perm), p.mini_batch_size):
                 seqs = perm[m:m + p.mini_batch_size]
                 sel = (seqs[:, None] * k + np.arange(k)[None]).reshape(-1)       # the sequences' windows
-                micro = [{key: np.ascontiguousarray(v[sel[j:j + mbs]]) for key, v in w.items()}
-                         for j in range(0, len(sel), mbs)]
+                mine = sel[self.rank * self.accum * mbs:(self.rank + 1) * self.accum * mbs]   # this rank's share
+                micro = [{key: np.ascontiguousarray(v[mine[j:j + mbs]]) for key, v in w.items()}
+                         for j in range(0, len(mine), mbs)]
                 out_p = upd[0]([tuple(Tensor(mb[key]) for key in POLICY_KEYS) for mb in micro], step)
                 out_v = upd[1]([tuple(Tensor(mb[key]) for key in VALUE_KEYS) for mb in micro], step)
                 rows.append((out_p, out_v))
@@ -379,7 +383,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
             raise MsLlmError(f"the checkpoint was trained with {state['objective']}, this config asks for "
                              f"{objective}; resume with the same reward model and KL estimator, or start a new run")
         kl.load_state(state["kl_controller"])
-        truncate_decisions(os.path.join(run_dir, "decisions.jsonl"), state["step"])
+        if layout.main:
+            truncate_decisions(os.path.join(run_dir, "decisions.jsonl"), state["step"])
         if audit is not None:
             audit.load_state(state.get("audit_pending"))
 
