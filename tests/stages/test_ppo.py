@@ -195,3 +195,26 @@ def test_decisions_after_the_resumed_step_are_dropped(tmp_path):
     truncate_decisions(str(path), 7)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [3, 7]
     truncate_decisions(str(tmp_path / "absent.jsonl"), 7)       # no decisions yet: nothing to do
+
+
+def test_safety_bench_data_leans_unsafe_and_its_reward_pairs_know_no_safety(tmp_path_factory, monkeypatch):
+    """`ms-llm bench ppo-safety`'s setting: the SFT set keeps about a fifth of the refusals to harmful requests
+    (and everything else), the reward pairs have no safety_boundary pair, the PPO prompts are all safety ones."""
+    from conftest import make_workdir
+    from ms_llm.bench.ppo_safety import _is_harmful, write_data
+    d = make_workdir(tmp_path_factory, "bench_safety")
+    monkeypatch.chdir(d)
+    paths = write_data(str(d))
+    read = lambda p: [json.loads(x) for x in open(p)]                            # noqa: E731
+    full, sft = read("data/tiny/sft_rlhf.jsonl"), read(paths["sft"])
+
+    def refusals(rows):
+        return sum(1 for x in rows if x["task"] == "safety_boundary" and _is_harmful(x["instruction"])
+                   and x["output"].startswith("I can not"))
+    assert 0.1 < refusals(sft) / refusals(full) < 0.3
+    assert len(full) - len(sft) == refusals(full) - refusals(sft)                # nothing else is dropped
+    pairs = read(paths["pairs_without_safety"])
+    assert pairs and all(p["tag"] != "safety_boundary" for p in pairs)
+    prompts = read(paths["safety_prompts"])
+    assert prompts and all(p["tag"] == "safety_boundary" for p in prompts)
+    assert len(pairs) + len(prompts) == len(read("data/tiny/preference.jsonl"))
