@@ -56,7 +56,7 @@ def write_data(work: str, seed: int = 0) -> dict:
 
 def _train(config: str, *overrides):
     cmd = [sys.executable, "-m", "ms_llm.cli", "train", config, "train.progress_bar=false", "log.plots=false",
-           *overrides]
+           "checkpoint.resume=none", *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")

@@ -15,7 +15,7 @@ its own call: an RLHF reference for a LoRA policy with one base in memory.
 Dropout draws no random stream: its mask is a hash of (key, layer, element index), where the key is one
 shared int32 (`lora_noise_key`) that the updater sets before every micro-batch from (seed, step,
 micro-batch, data rank) (`dropout_key`). A resumed run therefore drops the same elements as an
-uninterrupted one, and the mask is the same on every backend. The hash is murmur3's 32-bit finaliser over
+uninterrupted one; the ops are int32 arithmetic that every backend has (checked on CPU). The hash is murmur3's 32-bit finaliser over
 (index * golden ratio) xor (key xor layer salt); an element is kept when the low 24 bits of its hash are at
 least p * 2^24.
 """

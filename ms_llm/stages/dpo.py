@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Preference optimisation (seed 002 §5.2.2): DPO and its family, and KTO, on the SFT model.
 
-    ms-llm train configs/tiny/dpo.yaml                 # from runs/tiny_sft_lora/final
+    ms-llm train configs/tiny/dpo.yaml                 # from runs/tiny_sft_rlhf_1500/final
     ms-llm train configs/tiny/dpo.yaml dpo.loss=simpo dpo.beta=2.0
 
 The policy starts from `model.init_from` (full or LoRA). The reference is frozen, and its log-probs enter the

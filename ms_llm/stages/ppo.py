@@ -250,7 +250,8 @@ class PPOLoop:
                "lr": rows[-1][0]["lr"], "value_lr": rows[-1][1]["lr"],
                "grad_norm": float(np.mean([a["grad_norm"] for a, _ in rows])),
                "value_grad_norm": float(np.mean([b["grad_norm"] for _, b in rows])),
-               "skipped": not all(a["finite"] and b["finite"] for a, b in rows), "updates": len(rows)}
+               "skipped": not all(a["finite"] and b["finite"] for a, b in rows), "updates": len(rows),
+               "micro_batches_per_update": self.accum}
         for src, u in enumerate(upd):
             for name in u.stat_names:
                 agg[name] = float(np.mean([r[src][name] for r in rows]))

@@ -201,3 +201,28 @@ def test_lora_dropout_is_a_hash_of_key_layer_and_position(graph_mode):
     assert len(keys) == 48 and all(-2 ** 31 <= k < 2 ** 31 for k in keys)
     net.set_train(False)                                             # no dropout outside training
     np.testing.assert_allclose(net(Tensor(x)).asnumpy(), base + lin.scaling * x @ a.T @ b.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_updater_sets_a_dropout_key_per_step_and_micro_batch(tmp_path, graph_mode):
+    """The key each micro-batch trains with is dropout_key(seed, step, micro-batch, rank), set before it runs."""
+    from ms_llm.config import load_config
+    from ms_llm.peft.lora import dropout_key
+    from ms_llm.training.updater import Updater
+    (tmp_path / "c.yaml").write_text("model: {preset: tiny}\ndata: {sources: [{path: x.jsonl}]}\n")
+    cfg = load_config(str(tmp_path / "c.yaml"), ["train.loss_scale=none", "train.seed=7"], check=False)
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=256))
+    apply_lora(model, LoRAConfig(4, 8, 0.1, ["q_proj", "v_proj"]))
+    updater = Updater("policy", cfg, LMLoss(model), model, accum_steps=3)
+    ids = np.random.RandomState(0).randint(0, 256, (3, 2, 9)).astype(np.int32)
+    seen = []
+
+    def batches():
+        for b in ids:
+            yield Tensor(b[:, :-1]), Tensor(b[:, 1:])
+            seen.append(int(model.lora_noise_key.asnumpy()))          # the key this micro-batch was trained with
+    for step in (4, 5):
+        updater(batches(), step)
+    assert seen == [dropout_key(7, s, m, 0) for s in (4, 5) for m in range(3)]
+    assert len(set(seen)) == 6

@@ -71,17 +71,19 @@ def test_two_msrun_ranks_equal_one_process(tiny_pretrained, tiny_reward):
     rewards, KL and β, and in the final policy and value model."""
     from ms_llm.models.safetensors_io import read_safetensors
     d = tiny_pretrained
-    over = (*QUICK, "train.max_steps=3", "checkpoint.every=3")
+    over = (*QUICK, "train.max_steps=2", "checkpoint.every=2")         # step 2 rolls out with updated weights
     run_cli(d, "train", "configs/tiny/ppo.yaml", *over, "train.output_dir=runs/ppo_one")
     run_cli(d, "launch", "configs/tiny/ppo.yaml", *over, "train.output_dir=runs/ppo_dp2", "--nproc-per-node", "2",
             "--master-port", "8177", "--log-dir", "logs_ppo", "--cluster-timeout", "60")
     one, two = d / "runs" / "ppo_one", d / "runs" / "ppo_dp2"
     ra, rb = _rows(one), _rows(two)
-    assert [r["step"] for r in rb] == [1, 2, 3]
+    assert [r["step"] for r in rb] == [1, 2]
+    # each rank trained its half of every mini-batch: 3 micro-batches per update against the one process's 6
+    assert {r["micro_batches_per_update"] for r in ra} == {6} and {r["micro_batches_per_update"] for r in rb} == {3}
     for key in ("loss", "value_loss", "reward/rm", "reward/total", "kl", "kl_coef", "policy/clipfrac"):
         np.testing.assert_allclose([r[key] for r in rb], [r[key] for r in ra], atol=1e-5, err_msg=key)
-    for name in ("final/model.safetensors", "checkpoints/step_000003/value/model.safetensors",
-                 "checkpoints/step_000003/value/value_head.safetensors"):
+    for name in ("final/model.safetensors", "checkpoints/step_000002/value/model.safetensors",
+                 "checkpoints/step_000002/value/value_head.safetensors"):
         wa, wb = (read_safetensors(str(run / name)) for run in (one, two))
         assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-5, name
 
