@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Peak memory of the distillation loss, chunked vs naive: `ms-llm bench distill-memory [--vocab 32000 --seq 1024]`.
 
-Both variants run one GRAPH_MODE training step (forward + backward + AdamW) of DistillLoss with an online
-teacher, in their own child process. "naive" computes the loss over the whole sequence at once through
+Each variant runs GRAPH_MODE training steps (forward + backward + AdamW) of DistillLoss with an online
+teacher, in its own child process. "naive" computes the loss over the whole sequence at once through
 automatic differentiation, so the student's and teacher's fp32 [B, S, V] logits, probabilities and gradients
-all exist together; "chunked" is what the distill stage runs (chunk_size positions at a time, hand-written
-backward that recomputes each chunk).
+all exist together; "chunked" is ChunkedDistillHead (chunk_size positions at a time in MindSpore ops,
+hand-written backward that recomputes each chunk); "fused" the CPU kernel LinearDistill (kernels/cpu/distill.cc,
+256 rows at a time in C++), which the distill stage runs on CPU. The last step's time is reported too.
 Reported: peak RSS of the process; its growth over the RSS before the first step (what the step needed:
 compile, activations, gradients, optimizer update); and the loss part, that growth minus a "floor" run of the
 same step whose loss skips the vocabulary (both models' hidden states, every student parameter touched).
@@ -15,10 +16,13 @@ import argparse
 import json
 import os
 import resource
+import time
 
 import numpy as np
 
 from ms_llm.bench import run_worker
+
+VARIANTS = ("floor", "naive", "chunked", "fused")
 
 
 def _rss_mb() -> float:
@@ -69,9 +73,9 @@ def worker(a):
                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
                                max_position_embeddings=a.seq))
     student, teacher = model(a.hidden), model(a.hidden)
-    chunked = a.worker == "chunked"
+    chunked = a.worker in ("chunked", "fused")
     cfg = DistillLossConfig(temperature=2.0, chunk_size=a.chunk if chunked else a.seq)
-    loss = DistillLoss(student, cfg, teacher=teacher, chunked=chunked)
+    loss = DistillLoss(student, cfg, teacher=teacher, chunked=chunked, fused=a.worker == "fused")
     if a.worker == "floor":
         loss = _Floor(loss)
     step = TrainStep(loss, AdamW(loss.trainable_params()), LossScaleState(False), 1, 1.0, loss_norm=float(a.batch))
@@ -80,10 +84,14 @@ def worker(a):
     batch = [tuple(ms.Tensor(x) for x in (ids[:, :-1], ids[:, 1:], np.ones((a.batch, a.seq), np.int32),
                                           np.ones((a.batch, a.seq), np.float32), np.ones(a.batch, np.float32)))]
     before = _rss_mb()
-    losses = [float(step(batch, 1e-4)["loss"]) for _ in range(a.steps)]
+    losses = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        losses.append(float(step(batch, 1e-4)["loss"]))
+        seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": a.worker, "rss_before_mb": before, "peak_rss_mb": peak,
-                      "step_growth_mb": peak - before, "losses": losses}))
+                      "step_growth_mb": peak - before, "losses": losses, "last_step_s": seconds}))
 
 
 def run(argv=None):
@@ -95,13 +103,13 @@ def run(argv=None):
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_distill"))
-    p.add_argument("--worker", choices=("floor", "naive", "chunked"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     if a.worker:
         return worker(a)
     results = {}
-    for variant in ("floor", "naive", "chunked"):
+    for variant in VARIANTS:
         res = run_worker("distill-memory", variant, a, ("vocab", "seq", "batch", "hidden", "chunk", "steps", "workdir"))
         if res is not None:
             results[variant] = res
@@ -109,17 +117,20 @@ def run(argv=None):
     print(f"distillation loss, online teacher: vocab {a.vocab}, batch {a.batch} x seq {a.seq}, hidden {a.hidden}, "
           f"chunk {a.chunk}; one fp32 [B, S, V] tensor = {full_mb:.0f} MB")
     floor = results.get("floor", {}).get("step_growth_mb", 0.0)
-    print(f"{'variant':<9}{'peak RSS MB':>13}{'step growth MB':>16}{'loss part MB':>14}{'loss':>12}")
+    print(f"{'variant':<9}{'peak RSS MB':>13}{'step growth MB':>16}{'loss part MB':>14}{'loss':>12}"
+          f"{'step s':>9}")
     for v, res in results.items():
         res["loss_part_mb"] = res["step_growth_mb"] - floor
         print(f"{v:<9}{res['peak_rss_mb']:>13.0f}{res['step_growth_mb']:>16.0f}{res['loss_part_mb']:>14.0f}"
-              f"{res['losses'][-1]:>12.4f}")
-    if "naive" in results and "chunked" in results:
-        n, c = results["naive"], results["chunked"]
-        print(f"naive / chunked: peak RSS {n['peak_rss_mb'] / c['peak_rss_mb']:.2f}x, step growth "
-              f"{n['step_growth_mb'] / max(c['step_growth_mb'], 1e-9):.2f}x, loss part "
-              f"{n['loss_part_mb'] / max(c['loss_part_mb'], 1e-9):.2f}x; first-step loss difference "
-              f"{abs(n['losses'][0] - c['losses'][0]):.2e}")
+              f"{res['losses'][-1]:>12.4f}{res['last_step_s']:>9.2f}")
+    n = results.get("naive")
+    for v in ("chunked", "fused"):
+        if n is not None and v in results:
+            c = results[v]
+            print(f"naive / {v}: peak RSS {n['peak_rss_mb'] / c['peak_rss_mb']:.2f}x, step growth "
+                  f"{n['step_growth_mb'] / max(c['step_growth_mb'], 1e-9):.2f}x, loss part "
+                  f"{n['loss_part_mb'] / max(c['loss_part_mb'], 1e-9):.2f}x; first-step loss difference "
+                  f"{abs(n['losses'][0] - c['losses'][0]):.2e}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "results": results}, f, indent=1)

@@ -34,6 +34,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ms_llm.ops import kernels as K
+
 TINY = 1e-30
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 # Primitives, not their functional wrappers: a wrapper with Python control flow inside (ops.zeros_like,
@@ -268,16 +270,29 @@ class DistillLoss(nn.Cell):
 
     Call with the SFT batch (input_ids, labels, attention_mask, weights, row_weight) and, in cached mode,
     (topk_ids, topk_logp, tail_logp). `chunked=False` is the naive version: whole-sequence logits through
-    automatic differentiation (the reference the memory benchmark compares against).
+    automatic differentiation (the reference the memory benchmark compares against). `fused` (default: when
+    possible) computes an online teacher with the student's vocabulary on the CPU kernel LinearDistill
+    (kernels/cpu/distill.cc: both lm_head products, the divergence, the cross-entropy and their backward
+    in C++, chunk by chunk); False keeps ChunkedDistillHead, which also serves cached top-k and vocab maps.
     """
 
     def __init__(self, student, cfg: DistillLossConfig, teacher=None, vocab_map=None, unk_id: int = 0,
-                 chunked: bool = True, teacher_unk: int = 0):
+                 chunked: bool = True, teacher_unk: int = 0, fused=None):
         super().__init__(auto_prefix=False)
         if cfg.kind not in KINDS:
             raise ValueError(f"distill loss kind must be one of {KINDS}, got {cfg.kind!r}")
         self.student, self.cfg, self.chunked = student, cfg, chunked
         self.cached = teacher is None
+        can_fuse = (chunked and teacher is not None and vocab_map is None
+                    and getattr(student, "loss_backend", "reference") == "cpu"
+                    and (student.tied or student.lm_head.plain))
+        if fused and not can_fuse:
+            raise ValueError("the fused distillation kernel needs an online teacher with the student's vocabulary "
+                             "and a float32 student on the cpu kernels")
+        self.fused = can_fuse if fused is None else bool(fused)
+        if self.fused:
+            self.kernel_args = ms.Tensor(np.asarray([cfg.temperature, KINDS.index(cfg.kind), cfg.jsd_beta],
+                                                    np.float32))
         if teacher is not None:
             freeze_teacher(teacher)
         self.teacher = teacher
@@ -300,7 +315,13 @@ class DistillLoss(nn.Cell):
             w_t = ops.stop_gradient(lm_head_weight(self.teacher))
             topk_ids = ops.zeros(input_ids.shape + (1,), ms.int32)
             tail_logp = ops.zeros(input_ids.shape, ms.float32)
-        if self.chunked:
+        if self.fused:
+            div, ce, _ = K.OPS.linear_distill(hidden.astype(ms.float32), w, t_in.astype(ms.float32), w_t,
+                                              labels.astype(ms.int32), self.kernel_args)
+            wv = weights * (labels >= 0).astype(ms.float32)
+            tau = self.cfg.temperature
+            loss = ((self.cfg.alpha * tau * tau * div + self.cfg.beta * ce) * wv).sum()
+        elif self.chunked:
             loss = self.head(hidden, w, t_in, w_t, labels, weights, topk_ids, tail_logp)
         else:
             loss = self.head._chunk_loss(hidden, w, t_in, w_t, labels, weights, topk_ids, tail_logp)

@@ -219,6 +219,18 @@ class _Ops:
         self.linear_xent = custom("LinearXentFwd", lambda h, w, t, s: (t, t), lambda h, w, t, s: (h, h),
                                   linear_xent_bprop)
 
+        self.linear_distill_bwd = custom("LinearDistillBwd", lambda h, w, ht, wt, t, p, st, gd, gc: (h, w),
+                                         lambda h, w, ht, wt, t, p, st, gd, gc: (h, h))
+        linear_distill_bwd = self.linear_distill_bwd
+
+        def linear_distill_bprop(h, w, ht, wt, targets, prm, out, dout):
+            dh, dw = linear_distill_bwd(h, w, ht, wt, targets, prm, out[2], dout[0], dout[1])
+            return (dh, dw, ops.zeros_like(ht), ops.zeros_like(wt), ops.zeros_like(targets),
+                    ops.zeros_like(prm))
+
+        self.linear_distill = custom("LinearDistillFwd", lambda h, w, ht, wt, t, p: (t, t, t + [3]),
+                                     lambda h, w, ht, wt, t, p: (h, h, h), linear_distill_bprop)
+
 
 def scalar(value: float):
     """A [1] float32 tensor holding a kernel's scalar argument (a scale, an epsilon)."""
