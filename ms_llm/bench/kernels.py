@@ -5,8 +5,10 @@ Each primitive of the decoder runs forward, and forward + backward, on the `ms-l
 shapes, three ways, each in its own child process: MindSpore's reference ops (GRAPH_MODE), the CPU kernels
 of kernels/cpu (GRAPH_MODE), and PyTorch eager. The step column multiplies the forward + backward time by how
 often the op runs in one training step of that model: the per-op breakdown of a step, before (reference) and
-after (cpu) the kernels. A second table gives the peak memory of the lm_head + cross-entropy at vocab 32k and
-sequence 1024: whole-sequence logits (reference, PyTorch) against the chunked fused kernel.
+after (cpu) the kernels. AdamW is timed the same way, one update of every parameter of the model (composed
+ops, the in-place kernel, torch.optim.AdamW). A second table gives the peak memory of the lm_head +
+cross-entropy at vocab 32k and sequence 1024: whole-sequence logits (reference, PyTorch) against the chunked
+fused kernel.
 """
 import argparse
 import json
@@ -35,6 +37,48 @@ def op_shapes(a) -> dict:
         "rotary": ({"x": (b, n, s, d)}, 2 * L),
         "lm_head + log-softmax": ({"x": (b, s, h), "w": (v, h)}, 1),
     }
+
+
+def param_shapes(a) -> list:
+    """The bench model's parameter shapes (untied lm_head, as in `ms-llm bench train`)."""
+    h, f, v = a.hidden, a.inter, a.vocab
+    layer = [(h, h)] * 4 + [(f, h), (f, h), (h, f), (h,), (h,)]
+    return [(v, h)] + layer * a.layers + [(h,), (v, h)]
+
+
+def _adamw_fn(a, impl):
+    """One AdamW update of every parameter of the bench model, as a callable."""
+    rs = np.random.RandomState(2)
+    arrays = [(rs.randn(*shp) * 0.02).astype(np.float32) for shp in param_shapes(a)]
+    grads = [(rs.randn(*shp) * 1e-3).astype(np.float32) for shp in param_shapes(a)]
+    if impl == "torch":
+        import torch
+        params = [torch.tensor(x, requires_grad=True) for x in arrays]
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+        return opt.step
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn
+    from ms_llm.ops import backend
+    from ms_llm.training.optim import AdamW
+    params = [Parameter(Tensor(x), name=f"p{i}") for i, x in enumerate(arrays)]
+    backend.configure({"adamw": impl})
+    opt = AdamW(params, weight_decay=0.1)
+    backend.configure("auto")
+
+    class Update(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.opt = opt
+
+        def construct(self, gs, lr, scale):
+            self.opt(gs, lr, scale)
+            return self.opt.step * 1
+
+    update, gs = Update(), tuple(Tensor(g) for g in grads)
+    lr, one = Tensor(1e-4, ms.float32), Tensor(1.0, ms.float32)
+    return lambda: update(gs, lr, one).asnumpy()
 
 
 def _inputs(shapes: dict, seed=0) -> dict:
@@ -195,6 +239,8 @@ def worker(a):
         arrs = _inputs(shapes)
         fwd, both = _torch_fns(name, arrs) if a.worker == "torch" else _ms_fns(name, arrs, a.worker)
         out[name] = {"fwd_ms": _time(fwd, a.reps), "fwd_bwd_ms": _time(both, a.reps)}
+    ms_ = _time(_adamw_fn(a, a.worker), a.reps)
+    out["AdamW (every parameter)"] = {"fwd_ms": ms_, "fwd_bwd_ms": ms_}
     print(json.dumps({"impl": a.worker, "ops": out}))
 
 
@@ -231,6 +277,7 @@ def run(argv=None):
         if res:
             memory[impl] = res["peak_mb"]
     shapes = op_shapes(a)
+    shapes["AdamW (every parameter)"] = (None, 1)
     print(f"ops of the bench model (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab "
           f"{a.vocab}; batch {a.batch} x seq {a.seq}); fp32; mean of {a.reps} runs after 2 warm-up; ms")
     head = "".join(f"{'fwd ' + i:>14}" for i in IMPLS) + "".join(f"{'fwd+bwd ' + i:>18}" for i in IMPLS)
@@ -243,7 +290,8 @@ def run(argv=None):
         print(row)
         for i in timings:
             totals[i] += count * timings[i][name]["fwd_bwd_ms"]
-    print("one training step's primitives (calls x fwd+bwd), ms: "
+    print("AdamW: one update (no backward), in both columns")
+    print("one training step's primitives and its update (calls x fwd+bwd), ms: "
           + ", ".join(f"{i} {totals[i]:.0f}" for i in timings))
     print(f"lm_head + log-softmax forward+backward at vocab {a.memory_vocab}, seq {a.memory_seq}, hidden "
           f"{a.hidden}: peak RSS growth " + ", ".join(f"{i} {m:.0f} MB" for i, m in memory.items()))

@@ -8,7 +8,9 @@
 | rms_norm      | composed                         | one pass, fwd + bwd               | rms_norm                           |
 | swiglu        | composed                         | one pass, fwd + bwd               | swiglu                             |
 | rotary        | composed                         | one pass, fwd + bwd               | rotary_position_embedding          |
-| lm_head_loss  | logits + log_softmax + gather    | chunked lm_head + log-softmax     | (reference)                        |
+| lm_head_loss  | logits + log_softmax + gather    | chunked lm_head + log-softmax;    | (reference)                        |
+|               |   (distillation: ChunkedDistill) |   chunked lm_head + distillation  |                                    |
+| adamw         | composed (training/optim.py)     | one in-place pass per parameter   | (reference)                        |
 
 `configure(setting)` is called by `setup_context` from the config's `context.kernels`: "auto" (default: the
 fastest available on the device), "reference", "cpu", or a mapping {op: backend} over "auto". A cell asks
@@ -21,7 +23,7 @@ import mindspore as ms
 
 from ms_llm.errors import MsLlmError
 
-OPS = ("linear", "attention", "rms_norm", "swiglu", "rotary", "lm_head_loss")
+OPS = ("linear", "attention", "rms_norm", "swiglu", "rotary", "lm_head_loss", "adamw")
 BACKENDS = ("reference", "cpu", "ascend")
 ASCEND_OPS = ("attention", "rms_norm", "swiglu", "rotary")
 

@@ -219,6 +219,11 @@ class _Ops:
         self.linear_xent = custom("LinearXentFwd", lambda h, w, t, s: (t, t), lambda h, w, t, s: (h, h),
                                   linear_xent_bprop)
 
+        # AdamW in place (kernels/cpu/adamw.cc): a memory side effect on its first three inputs, so the graph
+        # keeps it (its output is unused) and orders it like an Assign
+        self.adamw = custom("AdamWUpdate", lambda p, m, v, g, s: [1], lambda p, m, v, g, s: p)
+        self.adamw.add_prim_attr("side_effect_mem", True)
+
         self.linear_distill_bwd = custom("LinearDistillBwd", lambda h, w, ht, wt, t, p, st, gd, gc: (h, w),
                                          lambda h, w, ht, wt, t, p, st, gd, gc: (h, h))
         linear_distill_bwd = self.linear_distill_bwd

@@ -13,15 +13,17 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
+from ms_llm.ops import backend as B
+from ms_llm.ops import kernels as K
 from ms_llm.training.collective import ordered_all_reduce
 
 _adamw = ops.MultitypeFuncGraph("adamw")
 
 
 @_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                 "Tensor", "Tensor")
-def _adamw_update(beta1, beta2, eps, bc1, bc2, lr, wd, param, m, v, grad):
-    g = grad.astype(ms.float32)
+                 "Tensor", "Tensor", "Tensor")
+def _adamw_update(beta1, beta2, eps, bc1, bc2, gscale, lr, wd, param, m, v, grad):
+    g = grad.astype(ms.float32) * gscale
     m_new = beta1 * m + (1.0 - beta1) * g
     v_new = beta2 * v + (1.0 - beta2) * ops.square(g)
     update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps) + wd * param
@@ -31,17 +33,28 @@ def _adamw_update(beta1, beta2, eps, bc1, bc2, lr, wd, param, m, v, grad):
 
 
 @_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                 "Tensor", "Tensor", "Bool")
-def _adamw_delta(beta1, beta2, eps, bc1, bc2, lr, wd, param, m, v, grad, owned):
+                 "Tensor", "Tensor", "Tensor", "Bool")
+def _adamw_delta(beta1, beta2, eps, bc1, bc2, gscale, lr, wd, param, m, v, grad, owned):
     """Sharded form: the owner returns lr x update (and updates its moments); other ranks return zeros."""
     if not owned:
         return ops.zeros_like(param)
-    g = grad.astype(ms.float32)
+    g = grad.astype(ms.float32) * gscale
     m_new = beta1 * m + (1.0 - beta1) * g
     v_new = beta2 * v + (1.0 - beta2) * ops.square(g)
     update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps) + wd * param
     delta = ops.depend(lr * update, ops.assign(m, m_new))
     return ops.depend(delta, ops.assign(v, v_new))
+
+
+_adamw_fused = ops.MultitypeFuncGraph("adamw_fused")
+
+
+@_adamw_fused.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Tensor", "Tensor", "Tensor")
+def _adamw_kernel(beta1, beta2, eps, bc1, bc2, gscale, lr, wd, param, m, v, grad):
+    """The same update in one pass on the CPU kernel, param, m and v written in place."""
+    scalars = ops.stack((lr, beta1, beta2, eps, bc1, bc2, wd, gscale))
+    return K.OPS.adamw(param, m, v, grad.astype(ms.float32), scalars)
 
 
 def partition(sizes, world: int) -> list:
@@ -66,6 +79,10 @@ class AdamW(nn.Cell):
     it does not own, and one AllReduce(sum) of those deltas gives every rank the same new weights — exactly
     the unsharded result, since adding zeros is exact. Moments of parameters a rank does not own are
     1-element placeholders, so each rank holds about 1/world of the optimizer state.
+
+    Unsharded float32 parameters update on the CPU kernel `AdamWUpdate` (backend op "adamw"): one in-place pass
+    per parameter with the composed version's float32 operations in the same order, so the results agree
+    bitwise; the composed version makes about ten parameter-sized temporaries each.
     """
 
     def __init__(self, params, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0, lr_scales=None,
@@ -85,6 +102,8 @@ class AdamW(nn.Cell):
         self.beta1, self.beta2 = Tensor(betas[0], ms.float32), Tensor(betas[1], ms.float32)
         self.eps = Tensor(eps, ms.float32)
         self.map = ops.HyperMap()
+        self.fused = (not self.sharded and all(p.dtype == ms.float32 for p in self.parameters)
+                      and B.choose("adamw") == "cpu")
         # state names fixed now: MindSpore may rewrite Parameter.name when a graph with frozen params compiles
         self.state_names = tuple(p.name for p in (*self.m, *self.v, self.step))
         self.shapes = tuple(tuple(p.shape) for p in self.parameters)
@@ -96,17 +115,21 @@ class AdamW(nn.Cell):
         return ParameterTuple(Parameter(Tensor(np.zeros(p.shape if own else (1,), np.float32)), name=f"{prefix}.{p.name}",
                                         requires_grad=False) for p, own in zip(self.parameters, self.owned))
 
-    def construct(self, grads, lr):
-        """grads: tuple matching `parameters`; lr: float32 scalar Tensor."""
+    def construct(self, grads, lr, grad_scale):
+        """grads: tuple matching `parameters`; lr: float32 scalar Tensor; grad_scale: float32 scalar the
+        gradients are multiplied by first (the train step's unscaling and clipping, folded into one factor)."""
         step = self.step + 1
         ops.assign(self.step, step)
         t = step.astype(ms.float32)
         bc1, bc2 = 1.0 - ops.pow(self.beta1, t), 1.0 - ops.pow(self.beta2, t)
         lrs = self.map(ops.partial(ops.mul, lr), self.lr_scales)
+        if self.fused:
+            return self.map(ops.partial(_adamw_fused, self.beta1, self.beta2, self.eps, bc1, bc2, grad_scale), lrs,
+                            self.wd, self.parameters, self.m, self.v, grads)
         if not self.sharded:
-            return self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
-                            self.parameters, self.m, self.v, grads)
-        deltas = self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2), lrs, self.wd,
+            return self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2, grad_scale), lrs,
+                            self.wd, self.parameters, self.m, self.v, grads)
+        deltas = self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2, grad_scale), lrs, self.wd,
                           self.parameters, self.m, self.v, grads, self.owned)
         return self.map(ops.assign_sub, self.parameters, ordered_all_reduce(self.all_reduce, deltas))
 

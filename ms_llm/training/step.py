@@ -92,16 +92,18 @@ class _Apply:
         return grads, num, packed[0], packed[1:]
 
     def _finish(self, grads, denom, lr):
+        """Unscale, clip and update. The gradients are never rescaled as tensors: the unscaling factor and the
+        clipping factor are folded into one scalar the optimizer applies as it reads each gradient (two fewer
+        parameter-sized temporaries per parameter), and the norm is the raw gradients' norm times the factor."""
         scale = self.loss_scale.scale
         inv = self.loss_norm / (scale * ops.maximum(denom, 1e-12))
-        grads = self.map(ops.partial(ops.mul, inv), grads)
-        norm = _global_norm(grads) if self.tp_norm is None else self.tp_norm(grads)
+        norm = (_global_norm(grads) if self.tp_norm is None else self.tp_norm(grads)) * inv
         finite = ops.isfinite(norm)          # any inf/nan gradient makes the norm inf/nan
+        grad_scale = inv
         if self.clip > 0:
-            factor = ops.minimum(1.0, self.clip / (norm + 1e-6))
-            grads = self.map(ops.partial(ops.mul, factor), grads)
+            grad_scale = inv * ops.minimum(1.0, self.clip / (norm + 1e-6))
         if ops.logical_and(finite, denom > 0):           # nothing to learn from (all masked): no step at all
-            self.optimizer(grads, lr)
+            self.optimizer(grads, lr, grad_scale)
         new_scale = self.loss_scale.update(finite)
         return norm, finite, new_scale
 
