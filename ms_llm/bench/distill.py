@@ -84,7 +84,7 @@ def worker(a):
     batch = [tuple(ms.Tensor(x) for x in (ids[:, :-1], ids[:, 1:], np.ones((a.batch, a.seq), np.int32),
                                           np.ones((a.batch, a.seq), np.float32), np.ones(a.batch, np.float32)))]
     before = _rss_mb()
-    losses = []
+    losses, seconds = [], float("nan")
     for _ in range(a.steps):
         t0 = time.perf_counter()
         losses.append(float(step(batch, 1e-4)["loss"]))

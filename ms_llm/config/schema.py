@@ -245,7 +245,7 @@ class DistillSection:
     temperature: float = opt(1.0, "Softmax temperature for teacher and student (the KD term is scaled by tau^2)", range="(0, inf)")
     loss: str = opt("forward_kl", "Divergence", ["forward_kl", "reverse_kl", "jsd"])
     jsd_beta: float = opt(0.5, "Mixture weight of the generalized JSD", range="[0, 1]")
-    chunk_size: int = opt(128, "Sequence positions per loss chunk (memory: [B, chunk, V] at a time)", range="[1, inf)")
+    chunk_size: int = opt(128, "Sequence positions per loss chunk (memory: [B, chunk, V] at a time) for the composed chunked loss; the CPU kernel for an online same-vocabulary teacher takes 256 rows at a time", range="[1, inf)")
     task_weights: dict = opt(lambda: {"code": 1.5, "reasoning": 1.5},
                              "Loss weight per record `task` (seed 000: code and reasoning x1.5); others 1.0")
     generate: DistillGenerateSection = opt(DistillGenerateSection, "Teacher sample generation and filtering")

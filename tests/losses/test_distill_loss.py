@@ -315,3 +315,15 @@ def test_fused_kernel_on_odd_shapes_equals_reference_and_composed(graph_mode):
     for a, b in zip(out[0][1], out[1][1]):
         assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
     assert all(np.abs(g).sum() > 0 for g in out[0][1])
+
+
+def test_fused_kernel_only_where_it_applies():
+    """The kernel reads the teacher's head with the student's vocabulary size: another vocabulary (with or without a
+    map) or a cached teacher takes the composed chunks, and asking for the kernel there is refused."""
+    student = tiny(40, seed=0)
+    assert DistillLoss(student, DistillLossConfig(), teacher=tiny(40, seed=1)).fused
+    assert not DistillLoss(student, DistillLossConfig()).fused                       # cached top-k
+    other = tiny(48, seed=1)
+    assert not DistillLoss(student, DistillLossConfig(), teacher=other).fused
+    with pytest.raises(ValueError, match="student's vocabulary"):
+        DistillLoss(student, DistillLossConfig(), teacher=other, fused=True)
