@@ -104,6 +104,27 @@ inline float row_dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+// Rows of vocabulary-sized logits the fused lm_head kernels (xent.cc, distill.cc) hold at a time.
+constexpr int64_t kLogitChunk = 256;
+
+// The chunks of a [B, S] (or [T]) batch of rows: body(first row, rows) for pieces of at most kLogitChunk rows,
+// each inside one sequence and starting from the sequence's own row 0 (batch-invariant rows, see gemm_seq).
+template <typename F>
+void for_logit_chunks(int nd, const int64_t *shape, F body) {
+  int64_t seqs = nd == 3 ? shape[0] : 1, s = nd == 3 ? shape[1] : shape[0];
+  for (int64_t q = 0; q < seqs; ++q)
+    for (int64_t i = 0; i < s; i += kLogitChunk) body(q * s + i, static_cast<int>(std::min(kLogitChunk, s - i)));
+}
+
+// body(i) for the rows of one chunk, 16 rows per task across threads.
+template <typename F>
+void split_rows(int rows, F body) {
+  parallel_for((rows + 15) / 16, [&](int64_t t) {
+    int i1 = std::min<int>(rows, static_cast<int>(t + 1) * 16);
+    for (int i = static_cast<int>(t) * 16; i < i1; ++i) body(i);
+  });
+}
+
 // Output columns go to sgemm in panels of this many (see gemm_seq).
 constexpr int kPanel = 256;
 

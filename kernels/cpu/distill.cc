@@ -13,7 +13,7 @@
 #include "common.h"
 
 namespace {
-constexpr int64_t kChunk = 256;
+constexpr int64_t kChunk = msk::kLogitChunk;
 constexpr float kTiny = 1e-30f;
 enum Kind { kForwardKl = 0, kReverseKl = 1, kJsd = 2 };
 
@@ -33,21 +33,6 @@ Args read_args(const float *p, int64_t **shapes, int *ndims) {
   a.htd = shapes[2][ndims[2] - 1];
   a.vocab = shapes[1][0];
   return a;
-}
-
-template <typename F>
-void for_chunks(int nd, const int64_t *shape, F body) {
-  int64_t seqs = nd == 3 ? shape[0] : 1, s = nd == 3 ? shape[1] : shape[0];
-  for (int64_t q = 0; q < seqs; ++q)
-    for (int64_t i = 0; i < s; i += kChunk) body(q * s + i, static_cast<int>(std::min(kChunk, s - i)));
-}
-
-template <typename F>
-void split_rows(int rows, F body) {
-  msk::parallel_for((rows + 15) / 16, [&](int64_t t) {
-    int i1 = std::min<int>(rows, static_cast<int>(t + 1) * 16);
-    for (int i = static_cast<int>(t) * 16; i < i1; ++i) body(i);
-  });
 }
 
 // zs = h W^T (student, temperature 1) and zt = ht Wt^T / tau (teacher, at tau) for rows [r0, r0 + rows).
@@ -87,9 +72,9 @@ MS_LLM_AOT LinearDistillFwd(AOT_ARGS) {
   auto *stats = static_cast<float *>(params[8]);
   int64_t v = a.vocab;
   std::vector<float> bs(static_cast<size_t>(kChunk * v)), bt(static_cast<size_t>(kChunk * v));
-  for_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
+  msk::for_logit_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
     chunk_logits(h, w, ht, wt, a, r0, rows, bs.data(), bt.data());
-    split_rows(rows, [&](int i) {
+    msk::split_rows(rows, [&](int i) {
       const float *zs = bs.data() + i * v, *zt = bt.data() + i * v;
       int32_t y = tgt[r0 + i];
       float lse1 = log_sum_exp(zs, v, 1.f), lses = log_sum_exp(zs, v, a.inv_tau), lset = log_sum_exp(zt, v, 1.f);
@@ -136,9 +121,9 @@ MS_LLM_AOT LinearDistillBwd(AOT_ARGS) {
   int64_t v = a.vocab;
   std::vector<float> bs(static_cast<size_t>(kChunk * v)), bt(static_cast<size_t>(kChunk * v));
   std::fill(dw, dw + v * a.hd, 0.f);
-  for_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
+  msk::for_logit_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
     chunk_logits(h, w, ht, wt, a, r0, rows, bs.data(), bt.data());
-    split_rows(rows, [&](int i) {
+    msk::split_rows(rows, [&](int i) {
       float *zs = bs.data() + i * v, *zt = bt.data() + i * v;
       const float *st = stats + (r0 + i) * 3;
       float lse1 = st[0], lses = st[1], lset = st[2];

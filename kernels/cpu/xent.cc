@@ -8,29 +8,13 @@
 #include "common.h"
 
 namespace {
-constexpr int64_t kChunk = 256;
+constexpr int64_t kChunk = msk::kLogitChunk;
 
 // logits = scale * h W^T for rows [r0, r0 + rows) into buf [rows, V].
 void chunk_logits(const float *h, const float *w, float scale, int64_t r0, int rows, int64_t hd, int64_t vocab,
                   float *buf) {
   msk::gemm_seq(true, 1, rows, static_cast<int>(vocab), static_cast<int>(hd), scale, h + r0 * hd,
                 static_cast<int>(hd), w, static_cast<int>(hd), 0.f, buf, static_cast<int>(vocab));
-}
-
-// The chunks of a [B, S] batch: pieces of at most kChunk rows, each inside one sequence.
-template <typename F>
-void for_chunks(int nd, const int64_t *shape, F body) {
-  int64_t seqs = nd == 3 ? shape[0] : 1, s = nd == 3 ? shape[1] : shape[0];
-  for (int64_t q = 0; q < seqs; ++q)
-    for (int64_t i = 0; i < s; i += kChunk) body(q * s + i, static_cast<int>(std::min(kChunk, s - i)));
-}
-
-template <typename F>
-void split_rows(int rows, F body) {
-  msk::parallel_for((rows + 15) / 16, [&](int64_t t) {
-    int i1 = std::min<int>(rows, static_cast<int>(t + 1) * 16);
-    for (int i = static_cast<int>(t) * 16; i < i1; ++i) body(i);
-  });
 }
 }  // namespace
 
@@ -45,9 +29,9 @@ MS_LLM_AOT LinearXentFwd(AOT_ARGS) {
   auto *lse = static_cast<float *>(params[5]);
   int64_t hd = shapes[0][ndims[0] - 1], vocab = shapes[1][0];
   std::vector<float> buf(static_cast<size_t>(kChunk * vocab));
-  for_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
+  msk::for_logit_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
     chunk_logits(h, w, scale, r0, rows, hd, vocab, buf.data());
-    split_rows(rows, [&](int i) {
+    msk::split_rows(rows, [&](int i) {
       float *z = buf.data() + i * vocab;
       int32_t y = tgt[r0 + i];
       float zy = (y >= 0 && y < vocab) ? z[y] : 0.f;
@@ -74,9 +58,9 @@ MS_LLM_AOT LinearXentBwd(AOT_ARGS) {
   int64_t hd = shapes[0][ndims[0] - 1], vocab = shapes[1][0];
   std::vector<float> buf(static_cast<size_t>(kChunk * vocab));
   std::fill(dw, dw + vocab * hd, 0.f);
-  for_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
+  msk::for_logit_chunks(ndims[0], shapes[0], [&](int64_t r0, int rows) {
     chunk_logits(h, w, scale, r0, rows, hd, vocab, buf.data());
-    split_rows(rows, [&](int i) {             // G = d logp / d(h W^T) = scale * g * (onehot(y) - softmax)
+    msk::split_rows(rows, [&](int i) {             // G = d logp / d(h W^T) = scale * g * (onehot(y) - softmax)
       float *z = buf.data() + i * vocab;
       float g = dlogp[r0 + i] * scale, l = lse[r0 + i];
       msk::exp_shifted(z, vocab, l);

@@ -116,8 +116,8 @@ class AdamW(nn.Cell):
                                         requires_grad=False) for p, own in zip(self.parameters, self.owned))
 
     def construct(self, grads, lr, grad_scale):
-        """grads: tuple matching `parameters`; lr: float32 scalar Tensor; grad_scale: float32 scalar the
-        gradients are multiplied by first (the train step's unscaling and clipping, folded into one factor)."""
+        """grads: tuple matching `parameters`; lr: float32 scalar Tensor; grad_scale: float32 scalar each
+        gradient is multiplied by as it is read (the train step's clipping factor)."""
         step = self.step + 1
         ops.assign(self.step, step)
         t = step.astype(ms.float32)
