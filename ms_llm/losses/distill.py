@@ -47,6 +47,9 @@ _matmul = ops.MatMul()
 _matmul_tn = ops.MatMul(transpose_a=True)
 _matmul_nt_prim = ops.MatMul(transpose_b=True)
 _scatter_add = ops.TensorScatterElements(axis=-1, reduction="add")
+# ops.maximum's wrapper, compiled as its own sub-graph, intermittently failed MindSpore 2.7's static analysis
+# ("Fail to get eval result ... maximum", program_specialize.cc) in processes that had compiled many graphs
+_maximum = ops.Maximum()
 
 
 @dataclass
@@ -67,7 +70,7 @@ def _wide(x, like):
 
 
 def _safe_log(x):
-    return ops.log(ops.maximum(x, TINY))
+    return ops.log(_maximum(x, TINY))
 
 
 def divergence(p, logp, q, logq, kind: str, jsd_beta: float = 0.5):
@@ -103,7 +106,7 @@ def teacher_mapped(t_logits, temperature: float, map_index, map_valid, unk_oneho
     """
     p = _gather(ops.exp(ops.log_softmax(t_logits.astype(ms.float32) * (1.0 / temperature), -1)), map_index, -1)
     p = p * _wide(map_valid, p)
-    p = p + _wide(ops.maximum(1.0 - p.sum(-1, keepdims=True), 0.0), p) * _wide(unk_onehot, p)
+    p = p + _wide(_maximum(1.0 - p.sum(-1, keepdims=True), 0.0), p) * _wide(unk_onehot, p)
     return p, _safe_log(p)
 
 
@@ -121,10 +124,10 @@ def topk_buckets(topk_ids, topk_logp, tail_logp, s_logq):
     q_k = ops.exp(logq_k) * valid
     tail = tail_logp.expand_dims(-1)
     p_tail = ops.exp(tail) * (tail > neg).astype(ms.float32)
-    q_tail = ops.maximum(1.0 - q_k.sum(-1, keepdims=True), 0.0)
+    q_tail = _maximum(1.0 - q_k.sum(-1, keepdims=True), 0.0)
     p = ops.concat((p_k, p_tail), -1)
     q = ops.concat((q_k, q_tail), -1)
-    logp = ops.concat((ops.maximum(topk_logp, neg), ops.maximum(tail, neg)), -1)
+    logp = ops.concat((_maximum(topk_logp, neg), _maximum(tail, neg)), -1)
     logq = ops.concat((logq_k, _safe_log(q_tail)), -1)
     return p, logp, q, logq
 
@@ -228,7 +231,7 @@ class ChunkedDistillHead(nn.Cell):
             in_k = _scatter_add(s_q * 0.0, topk_ids, slot_valid)
             h_vocab = _scatter_add(s_q * 0.0, topk_ids, hb[..., :k] * slot_valid)
             h_t, q_t = hb[..., k:], q[..., k:]
-            du = h_vocab - s_q * _wide(total_h, s_q) + (s_q - s_q * in_k) * _wide(h_t / ops.maximum(q_t, TINY), s_q)
+            du = h_vocab - s_q * _wide(total_h, s_q) + (s_q - s_q * in_k) * _wide(h_t / _maximum(q_t, TINY), s_q)
         else:
             du = hb - s_q * _wide(total_h, s_q)
         scale = _wide(wv.expand_dims(-1) * dout, s_q)
