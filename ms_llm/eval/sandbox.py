@@ -56,6 +56,7 @@ ISOLATIONS = ("namespaces", "none")
 
 GUARD = r'''
 import builtins, os, posix, sys
+import random, threading     # their imports register fork handlers, denied below: load them whatever site loaded
 _os_write, _os_read, _os_open, _os_dup2, _os_close, _os_exit = os.write, os.read, os.open, os.dup2, os.close, os._exit
 class SandboxViolation(BaseException):
     pass
@@ -121,8 +122,12 @@ status = cfg["status_fd"]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+STEP = [""]                                                      # the set-up step under way, for its failure line
+def step(what):
+    STEP[0] = what
 def fail(what):
-    os.write(status, ("setup " + what + ": " + os.strerror(ctypes.get_errno()) + "\n").encode())
+    where = STEP[0] + " (" + what + ")" if STEP[0] and STEP[0] != what else what
+    os.write(status, ("setup " + where + ": " + os.strerror(ctypes.get_errno()) + "\n").encode())
     os._exit(SETUP_EXIT)
 def call(ret, what):
     if ret != 0:
@@ -150,9 +155,9 @@ if init:
     os._exit(0)
 os.close(alive_w)
 binds = []                                       # opened in our mount namespace while the host uid (its owner) is still ours
-for path in cfg["binds"]:
+for path in cfg["binds"]:                        # (and links read) before any mount can hide them
     if os.path.islink(path):
-        binds.append((path, "link", -1))
+        binds.append((path, "link", os.readlink(path)))
     elif os.path.exists(path):
         binds.append((path, "dir" if os.path.isdir(path) else "file", os.open(path, os.O_PATH)))
 try:
@@ -165,49 +170,74 @@ except OSError as e:
 libc.prctl(1, signal.SIGKILL)                                    # set after the uid change, which clears it
 if select.select([alive_r], [], [], 0)[0]:                       # the launcher died before that: so do we
     os._exit(SETUP_EXIT)
-call(libc.sethostname(b"sandbox", 7), "sethostname")
-mount(None, "/", None, REC | PRIVATE)
-root = "/tmp"
-mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
-for path, kind, fd in binds:
-    target = root + path
-    os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-    if kind == "link":
-        os.symlink(os.readlink(path), target)
-        continue
-    if kind == "dir":
-        os.makedirs(target, 0o755, exist_ok=True)
-    else:
-        open(target, "w").close()
-    mount("/proc/self/fd/%d" % fd, target, None, BIND)
-    read_only(target)
-os.makedirs(root + "/dev", 0o755)
-mount("tmpfs", root + "/dev", "tmpfs", NOSUID | NOEXEC, "size=64k,mode=755")
-for dev in ("null", "zero", "full", "random", "urandom"):
-    open(root + "/dev/" + dev, "w").close()
-    mount("/dev/" + dev, root + "/dev/" + dev, None, BIND)
-for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                     ("stderr", "/proc/self/fd/2")):
-    os.symlink(target, root + "/dev/" + name)
-read_only(root + "/dev")
-os.makedirs(root + "/proc", 0o755)
-mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
-try:                                                             # no nested user namespaces for the program
+def build_root():
+    """The new root: a fresh tmpfs on a mount point of its own (inside a private scratch tmpfs), so no bound
+    path can collide with it. The sandbox's own /dev, /proc and /tmp are made first and the binds after, each
+    at its host path, so a Python installed under /tmp, /dev or a symlink into them is bound inside them and
+    never hidden by them."""
+    step("sethostname")
+    call(libc.sethostname(b"sandbox", 7), "sethostname")
+    step("make the mounts private")
+    mount(None, "/", None, REC | PRIVATE)
+    step("mount the scratch tmpfs on /tmp")
+    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "size=64k,mode=700")
+    root = "/tmp/root"
+    step("mount the root tmpfs at " + root)
+    os.makedirs(root, 0o755)
+    mount("tmpfs", root, "tmpfs", NOSUID | NODEV, "size=1m,mode=755")
+    step("make /dev")
+    os.makedirs(root + "/dev", 0o755)
+    mount("tmpfs", root + "/dev", "tmpfs", NOSUID | NOEXEC, "size=64k,mode=755")
+    for dev in ("null", "zero", "full", "random", "urandom"):
+        step("bind /dev/" + dev)
+        open(root + "/dev/" + dev, "w").close()
+        mount("/dev/" + dev, root + "/dev/" + dev, None, BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, root + "/dev/" + name)
+    step("mount /proc")
+    os.makedirs(root + "/proc", 0o755)
+    mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+    step("limit nested user namespaces")                         # none for the program
     with open(root + "/proc/sys/user/max_user_namespaces", "w") as f:
         f.write("0")
-except OSError as e:
-    os.write(status, ("setup limit nested user namespaces: %s\n" % e).encode())
+    step("mount the private /tmp")
+    os.makedirs(root + "/tmp", 0o755)
+    mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, "size=%dk,nr_inodes=4096,mode=1777" % (cfg["file_mb"] * 1024))
+    step("write /sandbox/candidate.py")
+    os.makedirs(root + "/sandbox", 0o755)
+    with open(root + "/sandbox/candidate.py", "wb") as f:
+        f.write(program)
+    for path, kind, src in binds:
+        step("bind " + path)
+        target = root + path
+        if path == "/proc" or path.startswith("/proc/"):
+            raise OSError("a path under /proc cannot be bound into the sandbox's own /proc")
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        if kind == "link":
+            os.symlink(src, target)
+            continue
+        if kind == "dir":
+            os.makedirs(target, 0o755, exist_ok=True)
+        elif not os.path.exists(target):
+            open(target, "w").close()
+        mount("/proc/self/fd/%d" % src, target, None, BIND)
+        read_only(target)
+    step("make /dev read-only")
+    read_only(root + "/dev")
+    step("pivot_root into " + root)
+    os.chdir(root)
+    call(libc.syscall({"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155), b".", b"."), "pivot_root")
+    call(libc.umount2(b".", 2), "detach the old root")
+    os.chdir("/")
+    step("make / read-only")
+    read_only("/")
+try:
+    build_root()
+except BaseException as e:                                       # one line naming the step, never a silent death
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    os.write(status, ("setup %s: %s\n" % (STEP[0] or "build the root", reason)).encode())
     os._exit(SETUP_EXIT)
-os.makedirs(root + "/tmp", 0o755)
-mount("tmpfs", root + "/tmp", "tmpfs", NOSUID | NODEV, "size=%dk,nr_inodes=4096,mode=1777" % (cfg["file_mb"] * 1024))
-os.makedirs(root + "/sandbox", 0o755)
-with open(root + "/sandbox/candidate.py", "wb") as f:
-    f.write(program)
-os.chdir(root)
-call(libc.syscall({"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155), b".", b"."), "pivot_root")
-call(libc.umount2(b".", 2), "detach the old root")
-os.chdir("/")
-read_only("/")
 status = fcntl.fcntl(status, fcntl.F_DUPFD_CLOEXEC, 10)          # clear of fds 0-3; closed by exec
 nonce = os.urandom(16).hex().encode()
 in_r, in_w = os.pipe()
@@ -390,11 +420,12 @@ def _find_problem():
 def require_isolation():
     problem = isolation_problem()
     if problem:
+        fix = "Pass" if os.geteuid() == 0 else ("Run as root, or install uidmap with a subordinate id range for "
+                                                "your user and allow user namespaces; or pass")
         raise SandboxUnavailable(
-            f"sandbox: cannot isolate model-written code on this machine: {problem}. Run as root, or install "
-            "uidmap with a subordinate id range for your user and allow user namespaces; or pass "
-            "--unsafe-no-isolation (Python: isolation='none') to run it with only an in-process guard and "
-            "resource limits, which code written to escape can leave (docs/eval.md)")
+            f"sandbox: cannot isolate model-written code on this machine: {problem}. {fix} --unsafe-no-isolation "
+            "(Python: isolation='none') to run it with only an in-process guard and resource limits, "
+            "which code written to escape can leave (docs/eval.md)")
 
 
 class _SetupError(RuntimeError):
@@ -402,13 +433,21 @@ class _SetupError(RuntimeError):
 
 
 def _binds() -> list:
+    """Host paths bound read-only at the same path inside: the system directories, the interpreter's prefixes
+    (real paths), each symlink on the way to one (a venv made or run through a symlinked folder), ld.so.cache."""
     paths = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
-    prefixes = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(
-        os.path.realpath(sys.executable))))}
+    given = (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    prefixes = {os.path.realpath(p) for p in given}
     for p in sorted(prefixes):
         if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in paths if os.path.isdir(q)
                    and not os.path.islink(q)):
             paths.append(p)
+    for p in given:
+        parts = os.path.abspath(p).split("/")
+        for i in range(2, len(parts) + 1):
+            q = "/".join(parts[:i])
+            if os.path.islink(q) and q not in paths:
+                paths.append(q)
     if os.path.isfile("/etc/ld.so.cache"):
         paths.append("/etc/ld.so.cache")
     return [p for p in paths if os.path.lexists(p)]

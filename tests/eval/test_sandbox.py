@@ -77,14 +77,18 @@ assert 'NoNewPrivs:\\t1' in open('/proc/self/status').read()
 
 def test_process_creation_is_contained(victims, tmp_path):
     markers = [tmp_path / f"m{i}" for i in range(4)]
+    # each program starts a real process inside and asserts that its attack ran and failed there (the host paths
+    # do not exist inside), so the run must pass: any other status means the attack was never tried
     attempts = [
-        f"import posix\nposix.system('echo pwned > {markers[0]}; echo pwned > {victims[0]}; rm -f {victims[1]}')",
+        f"import posix\nassert posix.system('echo pwned > {markers[0]}; echo pwned > {victims[0]}; "
+        f"rm -f {victims[1]}; test -e {victims[1]}') != 0",
         f"import posix\npid = posix.fork()\nif pid == 0:\n    posix.execv('/bin/sh', ['sh', '-c', 'touch {markers[1]}'])\n"
-        "else:\n    posix.waitpid(pid, 0)",
-        f"import os\npid = os.posix_spawn('/usr/bin/touch', ['touch', '{markers[2]}'], {{}})\nos.waitpid(pid, 0)",
+        "else:\n    assert posix.waitstatus_to_exitcode(posix.waitpid(pid, 0)[1]) != 0",
+        f"import os\npid = os.posix_spawn('/usr/bin/touch', ['touch', '{markers[2]}'], {{}})\n"
+        "assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0",
     ]
     for program in attempts:
-        _run(program)
+        assert _run(program).status == "passed", program
         _untouched(victims, markers)
     # with the guard on, the same calls are refused outright
     for program in attempts:
@@ -92,17 +96,17 @@ def test_process_creation_is_contained(victims, tmp_path):
 
 
 def test_guard_tampering_then_ctypes_and_subprocess_is_contained(victims, tmp_path):
-    marker = tmp_path / "meta_path"
+    markers = [tmp_path / "meta_path", tmp_path / "ctypes"]
     program = f"""
 import sys
 sys.meta_path = [m for m in sys.meta_path if 'Blocker' not in getattr(m, '__name__', type(m).__name__)]
 import ctypes, subprocess
-subprocess.run(['sh', '-c', 'touch {marker}; echo pwned > {victims[0]}'])
-ctypes.CDLL(None).system(b'rm -f {victims[1]}')
+assert subprocess.run(['sh', '-c', 'touch {markers[0]}; echo pwned > {victims[0]}']).returncode != 0
+assert ctypes.CDLL(None).system(b'touch {markers[1]} || exit 3; rm -f {victims[1]}') == 3 << 8
 """
     r = _run(program, guard=True)
-    assert r.status in ("passed", "failed", "refused")
-    _untouched(victims, [marker])
+    assert r.status == "passed", r                   # the tampering worked and both attacks ran, inside
+    _untouched(victims, markers)
 
 
 def test_other_processes_and_the_callers_environment_are_invisible(monkeypatch):
@@ -142,12 +146,103 @@ for top in ('/usr', '/root', '/proc/sys/kernel'):
     except OSError:
         pass
 open('/tmp/mine.txt', 'w').write('the private /tmp is writable')
+assert 'pwned' not in open('/sandbox/candidate.py').read().splitlines()[0]   # its own source is read-only too
 """
     before = set(os.listdir("/tmp"))
+    passwd = open("/etc/passwd", "rb").read()
     r = _run(program)
     assert r.status == "passed", r
-    _untouched(victims, [tmp_path / "new", "/usr/ms_llm_x", "/root/x"])
+    _untouched(victims, [tmp_path / "new", "/usr/ms_llm_x", "/root/x", "/sandbox", "/tmp/ms_llm_new_file"])
     assert set(os.listdir("/tmp")) - before == set()
+    assert open("/etc/passwd", "rb").read() == passwd     # the host's, checked from the host
+
+
+def test_the_host_sees_the_program_under_an_unprivileged_uid():
+    """Checked from outside: every id of the running program, as the host's /proc shows them."""
+    import threading
+    done = []
+    t = threading.Thread(target=lambda: done.append(_run("import time\ntime.sleep(3)", timeout=10)))
+    t.start()
+    seen, deadline = {}, time.time() + 8
+    ids = {u for slot in range(_SLOTS.n) for u in _SLOTS.ids(slot, HOST_ID_BASE, 1 << 24)}
+    while not seen and time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+                status = open(f"/proc/{pid}/status").read()
+            except OSError:
+                continue
+            if cmdline.endswith(b"\0/sandbox/candidate.py\0"):          # the program (not the launcher)
+                fields = {line.split(":")[0]: line.split()[1:] for line in status.splitlines()}
+                seen[pid] = (fields["Uid"], fields["Gid"], fields["Groups"])
+        time.sleep(0.05)
+    t.join()
+    assert done[0].status == "passed", done[0]
+    assert seen, "the program was never seen running"
+    for uid, gid, groups in seen.values():
+        for value in uid + gid:
+            assert int(value) not in (0, os.getuid(), os.getgid()) and int(value) in ids, (uid, gid)
+        assert groups == []
+
+
+def test_the_python_installation_cannot_be_written(tmp_path):
+    """A .pth planted in the bound interpreter's prefix would run code in the evaluator: the bind is read-only."""
+    import sysconfig
+    targets = sorted({os.path.join(sysconfig.get_paths()[k], "ms_llm_planted.pth") for k in ("purelib", "stdlib")}
+                     | {os.path.join(os.path.realpath(sys.base_prefix), "ms_llm_planted.pth")})
+    program = f"""
+import os
+for path in {targets!r}:
+    assert os.path.isdir(os.path.dirname(path)), path            # the prefix is there, bound
+    try:
+        open(path, 'w').write('import os; os.system("touch /tmp/pwned")')
+        raise SystemExit('wrote ' + path)
+    except OSError as e:
+        assert e.errno == 30, e                                  # EROFS: a read-only bind, not a missing path
+"""
+    r = _run(program)
+    assert r.status == "passed", r
+    _untouched([], targets)
+
+
+def test_sleeping_past_the_wall_clock_timeout_is_a_timeout():
+    t0 = time.time()
+    r = _run("import time\ntime.sleep(60)", timeout=2)     # no CPU time used: only the wall clock can stop it
+    assert r.status == "timeout", r
+    assert time.time() - t0 < 8
+
+
+@pytest.mark.parametrize("via_symlink", [False, True])
+def test_a_python_prefix_under_tmp_is_bound_inside_the_private_tmp(tmp_path, monkeypatch, via_symlink):
+    """An interpreter prefix under /tmp (a venv made there, as CI layouts do), or reached through a symlink: it is
+    bound at its own path inside the program's private /tmp, which neither hides it nor collides with it."""
+    real = tmp_path / "real_prefix"
+    (real / "lib").mkdir(parents=True)
+    (real / "lib" / "marker.txt").write_text("bound")
+    prefix = real
+    if via_symlink:
+        prefix = tmp_path / "link_prefix"
+        prefix.symlink_to(real)
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    binds = _binds()
+    assert str(real) in binds and str(prefix) in binds          # the link too, when there is one
+    tops = {p.split("/")[2] for p in binds if p.startswith("/tmp/")} | {"mine.txt"}
+    program = f"""
+import os
+assert open('{real}/lib/marker.txt').read() == 'bound'
+try:
+    open('{real}/lib/planted.pth', 'w')
+    raise SystemExit('the prefix is writable')
+except OSError as e:
+    assert e.errno == 30, e
+open('/tmp/mine.txt', 'w').write('the private /tmp is still writable')
+assert sorted(os.listdir('/tmp')) == {sorted(tops)!r}, os.listdir('/tmp')   # not the host's /tmp
+if {via_symlink}:
+    assert open('{prefix}/lib/marker.txt').read() == 'bound'   # the symlink, as the host has it
+"""
+    r = _run(program)
+    assert r.status == "passed", r
+    assert not (real / "lib" / "planted.pth").exists() and not os.path.exists("/tmp/mine.txt")
 
 
 def test_no_network_even_to_loopback():
