@@ -1,13 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """`ms-llm <command> ...`: one table of commands, each a function taking its argument list.
 
-User errors (MsLlmError) print one line on stderr and exit with code 2.
+User errors (MsLlmError) print one line on stderr and exit with code 2; storage that refuses a write (disk
+full, quota, read-only, I/O error) prints one line naming the file and exits with code 3 (ms_llm.storage).
 """
 import argparse
 import json
 import os
 import sys
 
+from ms_llm import storage
 from ms_llm.errors import MsLlmError
 
 
@@ -198,14 +200,10 @@ def _tokenizer_expand(a):
     else:
         terms = domain_terms(tok, _corpus_texts(a.corpus), a.max_terms, a.min_count)
     grown, added = expand_vocabulary(model, tok, [t for t, _, _ in terms], a.pad_to_multiple)
-    tmp = a.out.rstrip("/") + ".tmp"
-    import shutil
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(grown, tmp)
-    tok.save(tmp)
-    write_manifest(tmp, extra={"expanded_from": src, "added_terms": added})
-    shutil.rmtree(a.out, ignore_errors=True)
-    os.rename(tmp, a.out)
+    with storage.writing_dir(a.out, "expanded model") as tmp:
+        save_pretrained(grown, tmp)
+        tok.save(tmp)
+        write_manifest(tmp, extra={"expanded_from": src, "added_terms": added})
     pieces = {t: p for t, _, p in terms}
     for t in added:
         print(f"  {t!r}: {pieces[t]} tokens -> 1")
@@ -444,6 +442,14 @@ def main(argv=None) -> int:
     except MsLlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.WriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return storage.EXIT_STATUS
+    except OSError as e:                  # storage failing outside a guarded write (metrics, reports): one line too
+        if e.errno not in storage.IO_ERRORS:
+            raise
+        print(f"error: {storage.write_failed(e, argv[0], e.filename or os.getcwd())}", file=sys.stderr)
+        return storage.EXIT_STATUS
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0     # pipeline: 1 when a stage stopped it
 
 

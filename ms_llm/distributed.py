@@ -15,6 +15,7 @@ import traceback
 
 from mindspore import nn, ops
 
+from ms_llm import storage
 from ms_llm.errors import MsLlmError
 from ms_llm.training.collective import ordered_all_reduce
 from ms_llm.training.layout import Layout
@@ -137,6 +138,10 @@ def worker_main(argv=None) -> int:
         write_status(rank, f"failed: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.WriteFailed as e:
+        write_status(rank, f"failed: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return storage.EXIT_STATUS
     except BaseException as e:            # internal errors keep their traceback in the worker log
         write_status(rank, f"failed: {type(e).__name__}: {e}")
         traceback.print_exc()

@@ -11,10 +11,10 @@ re-tokenizes and nothing stale is read. The directory is written under a tempora
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
 
+from ms_llm import storage
 from ms_llm.data.readers import ReadStats, read_records
 from ms_llm.fileio import sha256_file
 
@@ -59,20 +59,15 @@ def build_text_cache(path: str, tokenizer, cache_dir: str, on_error: str = "rais
     docs = [tokenizer.encode(text_key(r)) + ([eos] if eos is not None else []) for r in records]
     lengths = np.array([len(d) for d in docs], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tmp = folder + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    flat = np.concatenate([np.asarray(d, np.int32) for d in docs]) if docs else np.zeros(0, np.int32)
-    flat.tofile(os.path.join(tmp, "tokens.bin"))
-    np.save(os.path.join(tmp, "offsets.npy"), offsets)
-    domains = [r.get("domain") for r in records]
-    with open(os.path.join(tmp, "index.json"), "w") as f:
-        json.dump({"version": CACHE_VERSION, "source": os.path.abspath(path), "source_sha256": src_sha,
-                   "num_docs": len(docs), "num_tokens": int(offsets[-1]), "read": stats.read,
-                   "skipped": stats.skipped, "skip_reasons": stats.reasons,
-                   "domains": sorted({d for d in domains if d})}, f, indent=1)
-    try:
-        os.replace(tmp, folder)
-    except OSError:          # another process finished the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
+    # another process may finish the same cache first: its copy is kept (replace=False)
+    with storage.writing_dir(folder, "token cache", replace=False) as tmp:
+        flat = np.concatenate([np.asarray(d, np.int32) for d in docs]) if docs else np.zeros(0, np.int32)
+        flat.tofile(os.path.join(tmp, "tokens.bin"))
+        np.save(os.path.join(tmp, "offsets.npy"), offsets)
+        domains = [r.get("domain") for r in records]
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump({"version": CACHE_VERSION, "source": os.path.abspath(path), "source_sha256": src_sha,
+                       "num_docs": len(docs), "num_tokens": int(offsets[-1]), "read": stats.read,
+                       "skipped": stats.skipped, "skip_reasons": stats.reasons,
+                       "domains": sorted({d for d in domains if d})}, f, indent=1)
     return TokenCache(folder)

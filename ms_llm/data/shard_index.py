@@ -8,17 +8,17 @@
 
 Each record goes to the domain named by its `domain` field, else the `:DOMAIN` given with its file, else
 "general"; a domain's documents are cut into shards of about `shard_tokens` tokens (documents are never
-split). The index is built under `<out>.tmp` and renamed when complete, so a crash leaves no half index.
+split). The index is built under `.tmp_<out>_<pid>` and renamed when complete, so a crash leaves no half index.
 Training reads it with `data.index: <out>`: the sampler opens the shards of the domains the run samples,
 each as one source tagged with its domain and weighted by its token count within the domain.
 """
 import json
 import os
-import shutil
 import time
 
 import numpy as np
 
+from ms_llm import storage
 from ms_llm.data.cache import CACHE_VERSION, TokenCache, tokenizer_fingerprint
 from ms_llm.data.readers import ReadStats, read_records
 from ms_llm.errors import MsLlmError
@@ -54,18 +54,8 @@ def build_index(inputs, tokenizer, out_dir: str, shard_tokens: int = 1 << 24, on
             raise MsLlmError(f"{path}: input file not found")
         if domain is not None:
             _check_domain(domain, path)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        index = _write_shards(inputs, tokenizer, tmp, shard_tokens, on_error, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)        # nothing half-written stays behind
-        raise
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-    return index
+    with storage.writing_dir(out_dir, "shard index") as tmp:      # nothing half-written stays behind
+        return _write_shards(inputs, tokenizer, tmp, shard_tokens, on_error, progress)
 
 
 def _write_shards(inputs, tokenizer, tmp: str, shard_tokens: int, on_error: str, progress: bool) -> dict:

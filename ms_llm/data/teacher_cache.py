@@ -13,10 +13,10 @@ MANIFEST.json lists every file's sha256 plus what the cache is valid for (teache
 seq_len, the dataset fingerprint); loading checks all of them and names what does not match.
 """
 import os
-import shutil
 
 import numpy as np
 
+from ms_llm import storage
 from ms_llm.errors import MsLlmError
 
 FORMAT = "ms_llm.teacher_cache.v1"
@@ -85,12 +85,16 @@ def write_cache(cache_dir: str, teacher, examples: list, info: dict, k: int, tem
                 student_unk: int = 0, teacher_unk: int = 0, batch_size: int = 8, shard_examples: int = 1024,
                 progress: bool = True) -> dict:
     """Run the teacher over `examples` (dicts with input_ids, attention_mask) once and write the cache."""
+    with storage.writing_dir(cache_dir, "teacher cache") as tmp:
+        return _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk,
+                            batch_size, shard_examples, progress)
+
+
+def _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk, batch_size,
+                 shard_examples, progress) -> dict:
     import mindspore as ms
     from safetensors.numpy import save_file
     from ms_llm.manifest import write_manifest
-    tmp = cache_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     t2s = inverse_map(vocab_map, teacher.config.vocab_size)
     teacher.set_train(False)
     bar = None
@@ -118,11 +122,8 @@ def write_cache(cache_dir: str, teacher, examples: list, info: dict, k: int, tem
         shards.append({"file": name, "start": start, "count": len(part)})
     if bar is not None:
         bar.close()
-    manifest = write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature,
-                                          "examples": len(examples), "shards": shards, **info})
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    os.rename(tmp, cache_dir)
-    return manifest
+    return write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature,
+                                      "examples": len(examples), "shards": shards, **info})
 
 
 class TeacherCache:

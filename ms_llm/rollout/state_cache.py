@@ -12,12 +12,12 @@ in another and draws the same tokens.
 """
 import json
 import os
-import shutil
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
+from ms_llm import storage
 from ms_llm.errors import MsLlmError
 from ms_llm.generation import GenerationState
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
@@ -45,22 +45,18 @@ class StateCache:
 
     def save(self, folder: str):
         """Every state into `folder` (written beside it, then renamed: a reader never sees half a cache)."""
-        tmp = folder.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        meta = {}
-        for key, st in self.states.items():
-            os.makedirs(os.path.join(tmp, key))
-            arrays = {f"cache.{i}": c.astype(ms.float32).asnumpy() for i, c in enumerate(st.caches)}
-            arrays.update(key_valid=st.key_valid, pads=np.asarray(st.pads, np.int64),
-                          next_tokens=np.asarray(st.next_tokens, np.int32), finished=st.finished.astype(np.int8))
-            write_safetensors(os.path.join(tmp, key, ARRAYS), arrays)
-            meta[key] = {"next_slot": int(st.next_slot), "history": st.history, "n_caches": len(st.caches),
-                         "rng": st.rng.bit_generator.state if st.rng is not None else None}
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(meta, f)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
+        with storage.writing_dir(folder, "generation state cache") as tmp:
+            meta = {}
+            for key, st in self.states.items():
+                os.makedirs(os.path.join(tmp, key))
+                arrays = {f"cache.{i}": c.astype(ms.float32).asnumpy() for i, c in enumerate(st.caches)}
+                arrays.update(key_valid=st.key_valid, pads=np.asarray(st.pads, np.int64),
+                              next_tokens=np.asarray(st.next_tokens, np.int32), finished=st.finished.astype(np.int8))
+                write_safetensors(os.path.join(tmp, key, ARRAYS), arrays)
+                meta[key] = {"next_slot": int(st.next_slot), "history": st.history, "n_caches": len(st.caches),
+                             "rng": st.rng.bit_generator.state if st.rng is not None else None}
+            with open(os.path.join(tmp, "index.json"), "w") as f:
+                json.dump(meta, f)
 
     @classmethod
     def load(cls, folder: str, model) -> "StateCache":

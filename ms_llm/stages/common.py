@@ -3,6 +3,7 @@
 import logging
 import os
 
+from ms_llm import storage
 from ms_llm.config import ExperimentConfig, to_yaml
 from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
@@ -76,21 +77,18 @@ def export_final(run_dir: str, model, tokenizer, version: str = None, weights: d
     `weights`: the whole model's arrays (Layout.whole_weights) instead of the model's own parameters;
     `extra(folder)`: writes further files (e.g. a reward head) before the manifest hashes them."""
     final = os.path.join(run_dir, "final")
-    tmp = final + ".tmp"
-    import shutil
-    shutil.rmtree(tmp, ignore_errors=True)
-    if weights is not None:
-        from ms_llm.models.io import save_state_dict
-        save_state_dict(weights, model.config, tmp)
-    else:
-        save_pretrained(model, tmp)
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if extra is not None:
-        extra(tmp)
-    manifest = ckpt.write_manifest(tmp, version=version)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
+    checkpoints = ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"))
+    with storage.writing_dir(final, "final export", last_good=checkpoints[0][1] if checkpoints else None) as tmp:
+        if weights is not None:
+            from ms_llm.models.io import save_state_dict
+            save_state_dict(weights, model.config, tmp)
+        else:
+            save_pretrained(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
+        manifest = ckpt.write_manifest(tmp, version=version)
     return {"path": os.path.abspath(final), "sha256": manifest["model_sha256"], "version": version}
 
 

@@ -25,11 +25,11 @@ import hashlib
 import itertools
 import logging
 import os
-import shutil
 
 import numpy as np
 from mindspore import Tensor, nn
 
+from ms_llm import storage
 from ms_llm.config import ExperimentConfig
 from ms_llm.config.schema import FrozenModelSection
 from ms_llm.data.preference import CompletionData, PairStats, PreferenceData, answer_labels, read_pairs
@@ -162,16 +162,10 @@ def reference_cache(cfg: ExperimentConfig, run_dir: str, data: PreferenceData, e
         return read_safetensors(os.path.join(folder, CACHE_FILE))
     values = build()
     # every data-parallel rank computes the same values; whichever renames its copy first wins
-    tmp = f"{folder}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write_safetensors(os.path.join(tmp, CACHE_FILE), values)
-    write_manifest(tmp, extra={"format": "ms_llm.reference_logps.v1", **want})
-    try:
-        os.rename(tmp, folder)
-        log.info("reference log-probs of %d training pairs cached in %s", len(values["train/chosen"]), folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with storage.writing_dir(folder, "reference cache", replace=False) as tmp:
+        write_safetensors(os.path.join(tmp, CACHE_FILE), values)
+        write_manifest(tmp, extra={"format": "ms_llm.reference_logps.v1", **want})
+    log.info("reference log-probs of %d training pairs cached in %s", len(values["train/chosen"]), folder)
     return values
 
 

@@ -10,8 +10,11 @@ others in subfolders named after them), every updater's optimizer and loss-scale
 optimizer.safetensors under `<updater>/`, and the stage's state (data position, RNG positions, controllers,
 queues) in trainer_state.json.
 
-A checkpoint is written into `.tmp_step_...`, every file fsynced, MANIFEST.json (SHA256 of every file)
-written last, then the directory is renamed into place and `latest` replaced. A directory without a
+A checkpoint is written into `.tmp_step_..._<pid>` (ms_llm.storage), every file fsynced, MANIFEST.json (SHA256
+of every file) written last, then the directory is renamed into place and `latest` replaced. Before writing,
+the free space is checked against the previous checkpoint's size; a write that fails for lack of space (or
+another I/O error) removes its partial folder and stops the run with one line naming the last good checkpoint
+(storage.WriteFailed, exit status 3). A `.tmp_*` of a process that no longer runs is removed on resume. A directory without a
 manifest (a crash mid-write) is skipped by `find_resume` with a warning; a file whose SHA256 does not match
 its manifest is refused with an error, since silently training on corrupt weights is worse than stopping.
 """
@@ -23,6 +26,7 @@ import shutil
 import numpy as np
 from mindspore import nn
 
+from ms_llm import storage
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import fsync_dir, read_json, write_json_atomic
 from ms_llm.manifest import verify, write_manifest       # noqa: F401  (checkpoints are verified through these)
@@ -42,31 +46,36 @@ def save_checkpoint(root: str, step: int, models: dict, optimizer_state: dict, t
     """
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:06d}"
+    previous = list_checkpoints(root)
+    last_good = previous[0][1] if previous else None
+    need = storage.folder_bytes(last_good) if last_good else None     # refuse early rather than half-write
+    with storage.writing_dir(os.path.join(root, name), f"checkpoint step {step}", need, last_good) as tmp:
+        for i, (model_name, model) in enumerate(models.items()):
+            folder = tmp if i == 0 else os.path.join(tmp, model_name)
+            os.makedirs(folder, exist_ok=True)
+            if isinstance(model, nn.Cell):
+                save_pretrained(model, folder)
+            else:
+                model(folder)
+        write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
+                          {k: v if isinstance(v, np.ndarray) else np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
+        write_manifest(tmp, extra={"step": step}, recursive=True)
     final = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for i, (model_name, model) in enumerate(models.items()):
-        folder = tmp if i == 0 else os.path.join(tmp, model_name)
-        os.makedirs(folder, exist_ok=True)
-        if isinstance(model, nn.Cell):
-            save_pretrained(model, folder)
-        else:
-            model(folder)
-    write_safetensors(os.path.join(tmp, "optimizer.safetensors"),
-                      {k: v if isinstance(v, np.ndarray) else np.asarray(v.asnumpy()) for k, v in optimizer_state.items()})
-    write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
-    write_manifest(tmp, extra={"step": step}, recursive=True)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
     latest_tmp = os.path.join(root, "latest.tmp")
-    with open(latest_tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, os.path.join(root, "latest"))
+    try:
+        fsync_dir(root)
+        with open(latest_tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, os.path.join(root, "latest"))
+    except OSError as e:                      # the checkpoint itself is whole: resume finds it without `latest`
+        if os.path.exists(latest_tmp):
+            os.remove(latest_tmp)
+        if e.errno in storage.IO_ERRORS:
+            raise storage.write_failed(e, f"checkpoint step {step}", latest_tmp, last_good=final) from None
+        raise
     _prune(root, keep, name)
     return final
 
@@ -88,9 +97,10 @@ def _prune(root: str, keep: int, protect: str):
 def find_resume(root: str):
     """Newest complete checkpoint (verified), or None. Incomplete ones are skipped with a warning."""
     if os.path.isdir(root):
+        storage.sweep_stale(root)                  # half-written by a process that is gone: give the space back
         for d in os.listdir(root):
             if d.startswith(".tmp_"):
-                log.warning("ignoring half-written checkpoint directory %s", os.path.join(root, d))
+                log.warning("ignoring checkpoint directory %s, being written by a running process", os.path.join(root, d))
     for step, path in list_checkpoints(root):
         if not os.path.isfile(os.path.join(path, "MANIFEST.json")):
             log.warning("ignoring incomplete checkpoint %s (no MANIFEST.json)", path)

@@ -20,6 +20,7 @@ class RunLogger:
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            _drop_events_on_io_errors(self.tb)
 
     def truncate_after(self, step: int):
         """On resume: drop lines a crashed run logged after the checkpoint it resumes from."""
@@ -44,7 +45,31 @@ class RunLogger:
 
     def close(self):
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:             # a full disk: the run's own error says so, once
+                pass
+            self.tb = None
+
+
+def _drop_events_on_io_errors(tb):
+    """tensorboardX writes events from a thread of its own, whose OSError on a full disk would print a second
+    traceback after the run's one-line error. Its writes and flushes drop the events instead; the metrics file,
+    written in the training thread, reports the failure."""
+    writer = getattr(getattr(tb._get_file_writer(), "event_writer", None), "_ev_writer", None)
+    for name in ("_write_serialized_event", "flush", "close"):
+        method = getattr(writer, name, None)
+        if method is not None:
+            setattr(writer, name, _dropping(method))
+
+
+def _dropping(method):
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError:
+            return None
+    return call
 
 
 def read_metrics(run_dir: str) -> list:

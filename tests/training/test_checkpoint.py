@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Checkpoints: atomic layout, pruning, refusal of corrupt files, skipping of half-written ones."""
+import errno
 import logging
 import os
+import subprocess
 
 import mindspore as ms
 import numpy as np
@@ -42,14 +44,73 @@ def test_flipped_byte_is_refused(saved):
         ckpt.find_resume(root)
 
 
-def test_half_written_checkpoint_is_ignored(saved, caplog):
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_half_written_checkpoint_is_ignored_and_a_dead_writers_is_removed(saved, caplog):
     root, model, opt = saved
-    os.makedirs(os.path.join(root, ".tmp_step_000040_999"))                 # crash before the rename
+    dead = os.path.join(root, f".tmp_step_000040_{_dead_pid()}")           # a crash before the rename
+    live = os.path.join(root, f".tmp_step_000040_{os.getppid()}")          # another process, still writing
+    for d in (dead, live):
+        os.makedirs(d)
+        open(os.path.join(d, "model.safetensors"), "wb").write(b"partial")
     os.makedirs(os.path.join(root, "step_000050"))                          # rename without a manifest
     open(os.path.join(root, "step_000050", "model.safetensors"), "wb").write(b"partial")
     with caplog.at_level(logging.WARNING):
         assert ckpt.find_resume(root).endswith("step_000030")
     assert "incomplete checkpoint" in caplog.text and "half-written" in caplog.text
+    assert not os.path.exists(dead) and os.path.isfile(os.path.join(live, "model.safetensors"))
+
+
+@pytest.mark.parametrize("what", ["export", "cache"])
+def test_stale_temporary_folders_go_wherever_folders_are_written(tmp_path, what):
+    """Exports and caches are written through the same storage.writing_dir: a dead writer's leftovers beside
+    them go when the next one is written; a live writer's stay."""
+    from ms_llm import storage
+    final = tmp_path / ("final" if what == "export" else "teacher_cache")
+    dead, live = tmp_path / f".tmp_{final.name}_{_dead_pid()}", tmp_path / f".tmp_{final.name}_{os.getppid()}"
+    dead.mkdir()
+    live.mkdir()
+    with storage.writing_dir(str(final), what) as tmp:
+        open(os.path.join(tmp, "x"), "w").write("whole")
+    assert (final / "x").read_text() == "whole"
+    assert not dead.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([final.name, live.name])
+
+
+def test_disk_full_mid_checkpoint_removes_the_partial_write_and_keeps_the_last_good(saved):
+    """A writer that fails with ENOSPC after some bytes: one WriteFailed naming the file, the free space and the
+    last good checkpoint; no .tmp_* left; the previous checkpoint still verifies and is still the resume point."""
+    from ms_llm import storage
+    root, model, opt = saved
+
+    def fills_the_disk(folder):
+        path = os.path.join(folder, "model.safetensors")
+        with open(path, "wb") as f:
+            f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    with pytest.raises(storage.WriteFailed) as e:
+        ckpt.save_checkpoint(root, 40, {"model": fills_the_disk}, opt.state_tensors(), {"step": 40, "data_position": 40},
+                             keep=2)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg and "model.safetensors" in msg and " free" in msg
+    assert msg.count(os.path.join(root, "step_000030")) == 1 and "unchanged" in msg
+    assert not [d for d in os.listdir(root) if d.startswith(".tmp_")]
+    assert ckpt.find_resume(root).endswith("step_000030")
+    ckpt.verify(os.path.join(root, "step_000030"))
+    assert open(os.path.join(root, "latest")).read() == "step_000030"
+
+
+def test_a_checkpoint_is_refused_before_writing_when_the_previous_ones_size_is_not_free(saved, monkeypatch):
+    from ms_llm import storage
+    root, model, opt = saved
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
+    with pytest.raises(storage.WriteFailed, match=r"not enough space to write .*step_000040: .* needed .*1000 B free"):
+        ckpt.save_checkpoint(root, 40, {"model": model}, opt.state_tensors(), {"step": 40, "data_position": 40})
+    assert sorted(os.listdir(root)) == ["latest", "step_000020", "step_000030"]
 
 
 def test_optimizer_state_round_trip(saved):
