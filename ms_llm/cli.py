@@ -11,6 +11,7 @@ import sys
 
 from ms_llm import storage
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import numbered_lines, read_text, utf8
 
 
 def cmd_convert(argv):
@@ -173,15 +174,18 @@ def _corpus_texts(paths):
     for path in paths:
         if not os.path.isfile(path):
             raise MsLlmError(f"{path}: corpus file not found")
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if path.endswith(".jsonl") and line.strip():
-                    try:
-                        yield json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise MsLlmError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
-                else:
-                    yield line
+        for n, raw, offset in numbered_lines(path):
+            try:
+                line = utf8(raw, offset)
+            except ValueError as e:
+                raise MsLlmError(f"{path}:{n}: {e}") from None
+            if path.endswith(".jsonl") and line.strip():
+                try:
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise MsLlmError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+            else:
+                yield line
 
 
 def _tokenizer_expand(a):
@@ -196,7 +200,8 @@ def _tokenizer_expand(a):
     if a.terms:
         if not os.path.isfile(a.terms):
             raise MsLlmError(f"{a.terms}: terms file not found")
-        terms = [(t.strip(), 0, len(tok.encode(t.strip()))) for t in open(a.terms, encoding="utf-8") if t.strip()]
+        lines = read_text(a.terms, "terms file").splitlines()
+        terms = [(t.strip(), 0, len(tok.encode(t.strip()))) for t in lines if t.strip()]
     else:
         terms = domain_terms(tok, _corpus_texts(a.corpus), a.max_terms, a.min_count)
     grown, added = expand_vocabulary(model, tok, [t for t, _, _ in terms], a.pad_to_multiple)

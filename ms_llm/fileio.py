@@ -26,6 +26,45 @@ def read_json(path: str, what: str = "file"):
         raise MsLlmError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
+class NotUtf8(ValueError):
+    """A line (or file) that does not decode as UTF-8: reported, or skipped, like a malformed line."""
+
+
+def numbered_lines(path: str):
+    """(line number, raw bytes, byte offset) of each line of `path`; decode each with `utf8` inside the caller's
+    error handling, so a binary file or a stray byte is one `file:line` message (or a skipped line)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield lineno, raw, offset
+            offset += len(raw)
+
+
+def utf8(raw: bytes, offset: int = 0) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUtf8(f"not UTF-8 text (byte {offset + e.start} is {raw[e.start:e.start + 1].hex()}; "
+                      "a binary file or another encoding?)") from None
+
+
+def read_text(path: str, what: str = "file") -> str:
+    """A whole UTF-8 text file (configs, pipelines, CSV); a missing or undecodable file is an MsLlmError that
+    names it, and the line and byte where decoding failed."""
+    from ms_llm.errors import MsLlmError
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MsLlmError(f"{path}: cannot read {what} ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise MsLlmError(f"{path}:{line}: {what} is not UTF-8 text (byte {e.start} is "
+                         f"{data[e.start:e.start + 1].hex()}; a binary file or another encoding?)") from None
+
+
 def read_jsonl(path: str) -> list:
     """Every non-empty line of a JSONL file the project wrote itself, parsed (the file is closed after)."""
     with open(path, encoding="utf-8") as f:

@@ -43,7 +43,7 @@ import time
 import yaml
 
 from ms_llm.errors import MsLlmError
-from ms_llm.fileio import read_json, write_json_atomic
+from ms_llm.fileio import read_json, read_text, write_json_atomic
 from ms_llm.launch import die_with_parent
 from ms_llm.pipeline_report import fmt
 
@@ -88,11 +88,9 @@ def _handoff_keys(key: str, where: str) -> tuple:
 def load_pipeline(path: str, overrides=()) -> Pipeline:
     """Read and check a pipeline YAML (keys, stage names, inputs, each stage's own config) before anything runs."""
     from ms_llm.config import load_config
+    text = read_text(path, "pipeline")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise MsLlmError(f"{path}: cannot read pipeline ({e.strerror})") from None
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise MsLlmError(f"{path}: YAML syntax error ({e})") from None
     if not isinstance(raw, dict):

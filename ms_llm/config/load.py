@@ -11,6 +11,7 @@ import yaml
 from ms_llm.config.schema import CPTPhase, DataSource, ExperimentConfig, SFTPhase
 from ms_llm.config.validate import validate
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import read_text
 
 _NESTED_LISTS = {"data.sources": DataSource, "sft.phases": SFTPhase, "sft.phases.sources": DataSource,
                  "cpt.phases": CPTPhase}
@@ -144,11 +145,7 @@ def parse_override(text: str):
 
 def load_config(path: str, overrides=(), check: bool = True) -> ExperimentConfig:
     """Read YAML, apply dotted overrides, build strictly and (unless `check` is false) validate."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise MsLlmError(f"{path}: cannot read config ({e.strerror})") from None
+    text = read_text(path, "config")
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import numbered_lines, utf8
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool", "system": "system"}
@@ -139,21 +140,20 @@ def read_records(path: str, fmt: str, on_error: str = "raise", stats: ReadStats 
         raise MsLlmError(f"{path}: data file not found")
     stats = stats if stats is not None else ReadStats()
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("a record must be a JSON object")
-                out.append({**PARSERS[fmt](rec), "line": lineno})
-                stats.read += 1
-            except ValueError as e:
-                reason = f"{path}:{lineno}: {'malformed JSON: ' + e.msg if isinstance(e, json.JSONDecodeError) else e}"
-                if on_error != "skip":
-                    raise MsLlmError(reason + " (set data.on_error: skip to skip such lines)") from None
-                stats.skipped += 1
-                if len(stats.reasons) < 20:
-                    stats.reasons.append(reason)
+    for lineno, raw, offset in numbered_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(utf8(raw, offset))
+            if not isinstance(rec, dict):
+                raise ValueError("a record must be a JSON object")
+            out.append({**PARSERS[fmt](rec), "line": lineno})
+            stats.read += 1
+        except ValueError as e:
+            reason = f"{path}:{lineno}: {'malformed JSON: ' + e.msg if isinstance(e, json.JSONDecodeError) else e}"
+            if on_error != "skip":
+                raise MsLlmError(reason + " (set data.on_error: skip to skip such lines)") from None
+            stats.skipped += 1
+            if len(stats.reasons) < 20:
+                stats.reasons.append(reason)
     return out

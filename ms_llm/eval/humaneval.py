@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import numbered_lines, utf8
 from ms_llm.eval.sandbox import run_programs
 
 
@@ -56,20 +57,19 @@ def read_samples(path: str, problems: dict) -> list:
     if not os.path.isfile(path):
         raise MsLlmError(f"{path}: no such samples file (JSONL with task_id and completion per line)")
     samples = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                s = json.loads(line)
-                tid, completion = s["task_id"], s["completion"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise MsLlmError(f"{path}:{lineno}: a sample needs 'task_id' and 'completion' ({e})") from None
-            if tid not in problems:
-                raise MsLlmError(f"{path}:{lineno}: unknown task_id '{tid}'")
-            if not isinstance(completion, str):
-                raise MsLlmError(f"{path}:{lineno}: 'completion' must be a string, not {type(completion).__name__}")
-            samples.append({"task_id": tid, "completion": completion})
+    for lineno, raw, offset in numbered_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            s = json.loads(utf8(raw, offset))
+            tid, completion = s["task_id"], s["completion"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MsLlmError(f"{path}:{lineno}: a sample needs 'task_id' and 'completion' ({e})") from None
+        if tid not in problems:
+            raise MsLlmError(f"{path}:{lineno}: unknown task_id '{tid}'")
+        if not isinstance(completion, str):
+            raise MsLlmError(f"{path}:{lineno}: 'completion' must be a string, not {type(completion).__name__}")
+        samples.append({"task_id": tid, "completion": completion})
     return samples
 
 

@@ -14,6 +14,7 @@ Accuracy per subject, per category and on average.
 """
 import csv
 import glob
+import io
 import json
 import os
 from collections import defaultdict
@@ -21,6 +22,7 @@ from collections import defaultdict
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import numbered_lines, read_text, utf8
 from ms_llm.eval.scoring import continuation_scores
 
 LETTERS = "ABCDEFGHIJ"
@@ -37,8 +39,7 @@ def _row_item(row, path, lineno, subject):
 
 def read_csv(path: str, layout: str, subject: str) -> list:
     """Questions of one subject file; layout is mmlu (no header), ceval or cmmlu (header row)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(path, "question file"), newline="")))
     items = []
     if layout == "mmlu":
         for i, row in enumerate(rows, 1):
@@ -61,20 +62,19 @@ def read_csv(path: str, layout: str, subject: str) -> list:
 
 def read_jsonl(path: str) -> list:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                choices, ans = r["choices"], r["answer"]
-                q = r["question"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise MsLlmError(f"{path}:{i}: needs 'question', 'choices' and 'answer' ({e})") from None
-            ans = LETTERS.index(ans) if isinstance(ans, str) and ans in LETTERS[:len(choices)] else ans
-            if not isinstance(ans, int) or not 0 <= ans < len(choices):
-                raise MsLlmError(f"{path}:{i}: answer {r['answer']!r} does not name one of the {len(choices)} choices")
-            items.append({"question": q, "choices": choices, "answer": ans, "subject": r.get("subject", "all")})
+    for i, raw, offset in numbered_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            r = json.loads(utf8(raw, offset))
+            choices, ans = r["choices"], r["answer"]
+            q = r["question"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise MsLlmError(f"{path}:{i}: needs 'question', 'choices' and 'answer' ({e})") from None
+        ans = LETTERS.index(ans) if isinstance(ans, str) and ans in LETTERS[:len(choices)] else ans
+        if not isinstance(ans, int) or not 0 <= ans < len(choices):
+            raise MsLlmError(f"{path}:{i}: answer {r['answer']!r} does not name one of the {len(choices)} choices")
+        items.append({"question": q, "choices": choices, "answer": ans, "subject": r.get("subject", "all")})
     return items
 
 

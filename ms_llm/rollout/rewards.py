@@ -14,15 +14,12 @@ import re
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import read_text
 
 
 class SensitivePhrases:
     def __init__(self, path: str, saturation: int = 1):
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = [x.split("#", 1)[0].strip().lower() for x in f]
-        except OSError as e:
-            raise MsLlmError(f"{path}: cannot read the sensitive-word list ({e.strerror})") from None
+        lines = [x.split("#", 1)[0].strip().lower() for x in read_text(path, "the sensitive-word list").splitlines()]
         self.phrases = [x for x in lines if x]
         if not self.phrases:
             raise MsLlmError(f"{path}: the sensitive-word list is empty")

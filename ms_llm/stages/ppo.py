@@ -332,7 +332,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     if p.eval_data:
         if not os.path.isfile(p.eval_data):
             raise MsLlmError(f"ppo.eval_data: {p.eval_data} does not exist")
-        fmt = "preference" if '"chosen"' in open(p.eval_data, encoding="utf-8").readline() else "prompts"
+        with open(p.eval_data, "rb") as f:
+            fmt = "preference" if b'"chosen"' in f.readline() else "prompts"
         eval_prompts = read_prompts([(p.eval_data, fmt)], tokenizer, template, p.max_prompt_len)[0]
         eval_prompts = eval_prompts[:p.eval_limit] if p.eval_limit else eval_prompts
     reward_model = load_reward(cfg, tokenizer)
