@@ -221,7 +221,7 @@ def cmd_bench(argv):
                "ppo-digits": "ms_llm.bench.ppo", "ppo-memory": "ms_llm.bench.ppo",
                "ppo-safety": "ms_llm.bench.ppo_safety",
                "sandbox": "ms_llm.bench.sandbox", "grpo-async": "ms_llm.bench.grpo",
-               "kernels": "ms_llm.bench.kernels"}
+               "kernels": "ms_llm.bench.kernels", "gates": "ms_llm.bench.gates"}
     if not argv or argv[0] not in benches:
         raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
     if argv[0] == "lora":           # full fine-tuning vs LoRA on the same model, batch and sequence

@@ -8,6 +8,7 @@ A pipeline YAML:
     output_dir: runs/tiny_pipeline          # one run directory per stage below it, plus pipeline.json, report.md
     gate_policy: stop                       # stop | warn: what a failed gate does (a stage may override, per gate:
                                             #   gate_policy: {loss_plateau: warn})
+    seed: 0                                 # optional: every stage's train.seed (a stage's overrides may still set it)
     stages:
       - name: sft
         config: configs/tiny/sft_rlhf.yaml
@@ -28,8 +29,8 @@ stopped_early, failed, gate_failed), run_dir, config hash, input and output SHA2
 On a rerun a finished stage is skipped when its config hash and input hashes are unchanged and its final/
 still verifies (a changed byte there stops the pipeline, naming the file); an unfinished stage resumes from its
 newest checkpoint; a stage whose config or inputs changed starts afresh (its old run directory is kept,
-renamed). Command-line overrides: `output_dir=...`, `gate_policy=...`, or `<stage>.<key>=<value>` for one
-stage's config.
+renamed). Command-line overrides: `output_dir=...`, `gate_policy=...`, `seed=N`, or `<stage>.<key>=<value>` for
+one stage's config.
 """
 import dataclasses
 import hashlib
@@ -51,6 +52,7 @@ STATUSES = ("pending", "running", "completed", "stopped_early", "failed", "gate_
 PIPELINE_STATUSES = ("running", "completed", "stopped", "failed", "gate_failed")
 FINISHED = ("completed", "stopped_early")
 GATE_POLICIES = ("stop", "warn")
+PIPELINE_KEYS = ("name", "output_dir", "gate_policy", "seed", "stages")
 HANDOFF_KEYS = {"model": ("model.init_from", "model.init_sha256"),
                 "ppo.reward_model": ("ppo.reward_model", "ppo.reward_sha256"),
                 "dpo.winrate.judge": ("dpo.winrate.judge", None)}     # path only: verified by the pipeline
@@ -74,6 +76,7 @@ class Pipeline:
     gate_policy: str
     stages: list
     path: str = ""
+    seed: int = None                 # every stage's train.seed (before the stage's own overrides); None: the configs'
 
 
 def _handoff_keys(key: str, where: str) -> tuple:
@@ -95,24 +98,28 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
         raise MsLlmError(f"{path}: YAML syntax error ({e})") from None
     if not isinstance(raw, dict):
         raise MsLlmError(f"{path}: a pipeline is a mapping with name, output_dir, gate_policy and stages")
-    unknown = set(raw) - {"name", "output_dir", "gate_policy", "stages"}
+    unknown = set(raw) - set(PIPELINE_KEYS)
     if unknown:
-        raise MsLlmError(f"{path}: unknown key(s) {sorted(unknown)}; a pipeline has name, output_dir, gate_policy, stages")
+        raise MsLlmError(f"{path}: unknown key(s) {sorted(unknown)}; a pipeline has {', '.join(PIPELINE_KEYS)}")
     stage_overrides = {}
     for ov in overrides:
         if "=" not in ov:
             raise MsLlmError(f"override '{ov}' must look like key=value or <stage>.<section>.<key>=value")
         key, value = ov.split("=", 1)
-        if key in ("output_dir", "gate_policy", "name"):
-            raw[key] = value
+        if key in ("output_dir", "gate_policy", "name", "seed"):
+            raw[key] = yaml.safe_load(value) if key == "seed" else value
         elif "." in key:
             stage, rest = key.split(".", 1)
             stage_overrides.setdefault(stage, []).append(f"{rest}={value}")
         else:
-            raise MsLlmError(f"override '{ov}': not a pipeline key (name, output_dir, gate_policy) nor <stage>.<key>")
+            raise MsLlmError(f"override '{ov}': not a pipeline key (name, output_dir, gate_policy, seed) nor "
+                             "<stage>.<key>")
     policy = raw.get("gate_policy", "stop")
     if policy not in GATE_POLICIES:
         raise MsLlmError(f"{path}: gate_policy must be one of {GATE_POLICIES}, not {policy!r}")
+    seed = raw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise MsLlmError(f"{path}: seed must be a non-negative integer (every stage's train.seed), not {seed!r}")
     items = raw.get("stages")
     if not isinstance(items, list) or not items:
         raise MsLlmError(f"{path}: 'stages' must be a non-empty list")
@@ -153,7 +160,8 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
         if bad_policy:
             raise MsLlmError(f"{where} ({name}): gate_policy must be one of {GATE_POLICIES}, or a mapping of gate "
                              f"names to them (got {bad_policy})")
-        ovs = list(item.get("overrides") or []) + stage_overrides.pop(name, [])
+        ovs = ([f"train.seed={seed}"] if seed is not None else []) + list(item.get("overrides") or []) \
+            + stage_overrides.pop(name, [])
         if not all(isinstance(o, str) for o in ovs):
             raise MsLlmError(f"{where} ({name}): overrides are strings like train.max_steps=100")
         launch = item.get("launch")
@@ -173,7 +181,7 @@ def load_pipeline(path: str, overrides=()) -> Pipeline:
     if stage_overrides:
         raise MsLlmError(f"override(s) for unknown stage(s) {sorted(stage_overrides)}; stages: {names}")
     return Pipeline(raw.get("name") or os.path.splitext(os.path.basename(path))[0],
-                    raw.get("output_dir", "runs/pipeline"), policy, stages, path)
+                    raw.get("output_dir", "runs/pipeline"), policy, stages, path, seed)
 
 
 def _stage_overrides(stage: PipelineStage, output_dir: str, handoffs: dict) -> list:
@@ -216,7 +224,7 @@ def _last_known(rec: dict) -> dict:
 
 
 def _save(p: Pipeline, records: list, status: str, reason: str = None):
-    state = {"name": p.name, "config": p.path, "status": status, "reason": reason, "stages": records}
+    state = {"name": p.name, "config": p.path, "seed": p.seed, "status": status, "reason": reason, "stages": records}
     write_json_atomic(_state_path(p), state)
     from ms_llm.pipeline_report import write_pipeline_report   # matplotlib only when a report is written
     write_pipeline_report(p.output_dir, state, plots=status != "running")
