@@ -21,6 +21,8 @@ Device side (`GRPOLoss`, one forward pass), per response token with d_t = log π
 
     token ratio          ρ_t = exp(d_t)                                          (GRPO, DAPO, Dr. GRPO)
     sequence ratio       s_i = exp(Σ_t m_t·d_t / n_i), the same for every token of the sequence     (GSPO)
+                         every exponent (d_t, the sequence mean, r_t below) is clamped to ±20 first
+                         (losses/policy.py: safe_exp)
     surrogate            ℓ = max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high)), optional dual-clip (losses/policy.py)
     KL to the reference  ℓ += β·k3,  k3 = exp(r_t) − r_t − 1 with r_t = log π_ref − log π  (β = 0: no reference)
     entropy bonus        ℓ −= c_H·H(π(·|s_t))
@@ -29,7 +31,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ms_llm.losses.policy import logps_and_entropy, surrogate_of_ratio
+from ms_llm.losses.policy import LOG_RATIO_CLAMP, logps_and_entropy, safe_exp, surrogate_of_ratio
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -125,13 +127,14 @@ class GRPOLoss(nn.Cell):
         d = logp - old_logps
         if self.sequence:
             n = ops.maximum(m.sum(-1, keepdims=True), 1.0)
-            ratio = ops.exp((d * m).sum(-1, keepdims=True) / n) * ops.ones_like(d)
+            ratio = safe_exp((d * m).sum(-1, keepdims=True) / n) * ops.ones_like(d)
         else:
-            ratio = ops.exp(d)
+            ratio = safe_exp(d)
         loss, _, dual = surrogate_of_ratio(ratio, advantages, self.eps_low, self.eps_high, self.dual_clip)
         ref_kl = ops.zeros_like(loss)
         if self.beta > 0:
             r = (ref_logps - logp) * m          # 0 where nothing trains: exp() of an unscored slot cannot overflow
+            r = ops.clip_by_value(r, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
             ref_kl = ops.exp(r) - r - 1.0
             loss = loss + self.beta * ref_kl
         if self.ent_coef > 0:
@@ -139,7 +142,7 @@ class GRPOLoss(nn.Cell):
         rho = ops.stop_gradient(ratio)
         low = ops.logical_and(advantages < 0, rho < 1.0 - self.eps_low).astype(ms.float32)
         high = ops.logical_and(advantages > 0, rho > 1.0 + self.eps_high).astype(ms.float32)
-        dk = ops.stop_gradient(d)
+        dk = ops.stop_gradient(ops.clip_by_value(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         stats = ops.stack((m.sum(), (low * m).sum(), (high * m).sum(), (dual * m).sum(),
                            ((ops.exp(dk) - 1.0 - dk) * m).sum(), (ops.stop_gradient(entropy) * m).sum(),
                            (ops.stop_gradient(ref_kl) * m).sum(), (rho * m).sum()))

@@ -14,7 +14,9 @@ Host side (numpy, on a rollout batch), per response token t of a row with respon
 Device side (loss cells, summed over tokens; the Updater divides by the summed token count, so micro-batches
 and ranks equal one big batch — the token-mean of the whole mini-batch):
 
-    ratio ρ = exp(log π − log π_old)
+    ratio ρ = exp(clamp(log π − log π_old, −20, 20))     (the clamp, as verl and OpenRLHF do: a log-ratio past ~88
+                                                           overflows exp, and inf·0 on a clipped token is a NaN
+                                                           gradient)
     clipped surrogate  L = max(−A·ρ, −A·clip(ρ, 1 − ε_low, 1 + ε_high))       (asymmetric bounds: DAPO)
     dual-clip          L ← min(L, −c·A) where A < 0, c > 1                      (Ye et al. 2020)
     entropy bonus      L ← L − ent_coef·H(π(·|s_t))
@@ -25,6 +27,12 @@ import numpy as np
 from mindspore import nn, ops
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0
+
+
+def safe_exp(log_ratio):
+    """exp of a log-ratio clamped to ±LOG_RATIO_CLAMP, so neither the value nor its gradient overflows."""
+    return ops.exp(ops.clip_by_value(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 # ---------------------------------------------------------------- host side (numpy)
@@ -90,7 +98,7 @@ def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray
 
 def clipped_surrogate(logp, old_logp, adv, eps_low: float, eps_high: float, dual_clip: float):
     """(per-token loss, clipped?, dual-clipped?) — the module docstring's L before the entropy bonus."""
-    return surrogate_of_ratio(ops.exp(logp - old_logp), adv, eps_low, eps_high, dual_clip)
+    return surrogate_of_ratio(safe_exp(logp - old_logp), adv, eps_low, eps_high, dual_clip)
 
 
 def surrogate_of_ratio(ratio, adv, eps_low: float, eps_high: float, dual_clip: float):
@@ -165,7 +173,7 @@ class PolicyLoss(nn.Cell):
                                               self.dual_clip)
         loss = pg - self.ent_coef * entropy
         m = loss_mask
-        d = ops.stop_gradient(logp - old_logps)
+        d = ops.stop_gradient(ops.clip_by_value(logp - old_logps, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         ratio = ops.exp(d)
         stats = ops.stack(((clipped * m).sum(), (dual * m).sum(), ((ratio - 1.0 - d) * m).sum(),
                            (ops.stop_gradient(entropy) * m).sum(), (ops.abs(ratio - 1.0) * m).sum(),

@@ -118,7 +118,10 @@ def test_grpo_loss_equals_numpy_reference(mode, ratio_kind, eps_high, dual, beta
     ids, att, pos, tgt, mask, adv, r = _batch()
     logp = _logps(model, ids, att, pos, tgt)
     spread = 0.02 if ratio_kind == "sequence" else 0.4     # ratios on both sides of both clip bounds
-    old = (logp + r.normal(0, spread, logp.shape)).astype(np.float32)
+    old = logp + r.normal(0, spread, logp.shape)
+    if dual:                                                # ratios near 5 with A < 0: the dual clip binds
+        old[(adv < 0) & (np.arange(S)[None, :] % 2 == 0)] -= 1.6
+    old = old.astype(np.float32)
     ref = (logp + r.normal(0, 0.3, logp.shape)).astype(np.float32)
     ref[mask == 0] = 100.0          # unscored slots: exp(ref - logp) would overflow if the mask did not guard it
     eps_low = 3e-4 if ratio_kind == "sequence" else 0.2
@@ -133,6 +136,8 @@ def test_grpo_loss_equals_numpy_reference(mode, ratio_kind, eps_high, dual, beta
     assert names["policy/tokens"] == mask.sum()
     if ratio_kind == "token":                               # both clip sides were exercised
         assert names["policy/clipfrac_low"] > 0 and names["policy/clipfrac_high"] > 0
+    if dual:
+        assert names["policy/dual_clipfrac"] > 0            # and the dual clip did trigger
 
 
 def test_aggregation_weights_and_gspo_ratio_match_loops():
@@ -218,3 +223,110 @@ def test_fully_masked_batch_gives_zero_loss_and_leaves_weights_and_adam_alone(tm
     after = model_state_dict(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert all(np.array_equal(state[k], v.asnumpy()) for k, v in upd.local_state().items())
+
+
+class _LogitsModel(ms.nn.Cell):
+    """A "model" whose logits are themselves the parameter: the loss's gradient with respect to the logits,
+    compared with an independent autodiff of the same formula."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = ms.Parameter(Tensor(logits.astype(np.float32)), name="logits")
+
+    def construct(self, ids, attention_mask, position_ids):
+        return self.logits * 1.0
+
+
+def _torch_loss(logits, tgt, mask, w, c, old, ref, adv, ratio_kind, eps_low, eps_high, dual, beta, ent=0.0):
+    """The module docstring's loss, written again in float64 PyTorch (autodiff is the reference)."""
+    import torch
+    lp_all = torch.log_softmax(logits, -1)
+    logp = lp_all.gather(-1, tgt[..., None]).squeeze(-1)
+    d = logp - old
+    if ratio_kind == "sequence":
+        n = mask.sum(-1, keepdim=True).clamp(min=1.0)
+        rho = torch.exp(((d * mask).sum(-1, keepdim=True) / n).clamp(-20, 20)).expand_as(d)
+    else:
+        rho = torch.exp(d.clamp(-20, 20))
+    loss = torch.maximum(-adv * rho, -adv * rho.clamp(1 - eps_low, 1 + eps_high))
+    if dual:
+        loss = torch.where(adv < 0, torch.minimum(loss, -dual * adv), loss)
+    if beta:
+        r = ((ref - logp) * mask).clamp(-20, 20)
+        loss = loss + beta * (torch.exp(r) - r - 1)
+    if ent:
+        loss = loss + ent * (lp_all.exp() * lp_all).sum(-1)
+    return (loss * w).sum() / c.sum()
+
+
+@pytest.mark.parametrize("mode,ratio_kind,eps_low,eps_high,dual,beta", [
+    ("seq-mean-token-mean", "token", 0.2, 0.28, 3.0, 0.04),      # GRPO, clip-higher, dual-clip, k3 KL
+    ("seq-mean-token-mean", "sequence", 3e-4, 4e-4, 3.0, 0.04),  # GSPO with the same extras
+    ("token-mean", "token", 0.2, 0.28, 0.0, 0.0),                # DAPO
+])
+def test_grpo_loss_gradients_equal_float64_autodiff(mode, ratio_kind, eps_low, eps_high, dual, beta):
+    """Gradients of GRPOLoss with respect to the logits against PyTorch float64 autodiff of the formula: a
+    ratio put under stop_gradient, a sign flipped in the k3 term or a dual clip on the wrong side fails here even
+    where the loss value still matches."""
+    import torch
+    from ms_llm.losses.grpo import GRPOLoss, aggregation_weights
+    ids, att, pos, tgt, mask, adv, r = _batch(11)
+    logits = r.normal(0, 1.5, (B, S, V))
+    lp_all = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    logp = np.take_along_axis(lp_all, tgt[..., None], -1)[..., 0]
+    spread = 2e-4 if ratio_kind == "sequence" else 0.4
+    old = logp + r.normal(0, spread, logp.shape)
+    neg = (adv < 0) & (mask > 0)
+    some = (np.arange(B)[:, None] % 2 == 0) if ratio_kind == "sequence" else (np.arange(S)[None, :] % 2 == 0)
+    old[neg & some] -= 1.6                                          # ratios near 5 with A < 0: the dual clip binds
+    ref = logp + r.normal(0, 0.3, logp.shape)
+    w, c = aggregation_weights(mask, mode, S)
+    model = _LogitsModel(logits)
+    cell = GRPOLoss(model, eps_low, eps_high, dual, beta, ratio=ratio_kind)
+    args = [Tensor(x) for x in (ids, att, pos, tgt, mask)] + [Tensor(x.astype(np.float32)) for x in (w, c, old, ref)] \
+        + [Tensor(adv)]
+
+    def loss_fn(*a):
+        num, den, _ = cell(*a)
+        return num / den
+    got = ms.grad(loss_fn, grad_position=None, weights=model.trainable_params())(*args)[0].asnumpy()
+    t = {k: torch.tensor(np.asarray(v, np.float64)) for k, v in dict(mask=mask, w=w, c=c, old=old, ref=ref,
+                                                                       adv=adv).items()}
+    x = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    _torch_loss(x, torch.tensor(tgt, dtype=torch.long), t["mask"], t["w"], t["c"], t["old"], t["ref"], t["adv"],
+                ratio_kind, eps_low, eps_high, dual, beta).backward()
+    want = x.grad.numpy()
+    assert np.abs(want).max() > 1e-3                                # a gradient to compare
+    np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max() + 1e-7, rtol=1e-4)
+    _, _, stats = cell(*args)
+    names = dict(zip(GRPOLoss.stat_names, stats.asnumpy().tolist()))
+    if dual:
+        assert names["policy/dual_clipfrac"] > 0                    # the dual clip did trigger
+    if ratio_kind == "token":
+        assert names["policy/clipfrac_low"] > 0 and names["policy/clipfrac_high"] > 0
+
+
+@pytest.mark.parametrize("ratio_kind", ["token", "sequence"])
+def test_a_huge_log_ratio_gives_finite_gradients(ratio_kind):
+    """Log-ratios of ±200 (a stale behaviour log-prob, a token the old policy all but excluded): exp would overflow
+    to inf and inf·0 on a clipped token is NaN; the clamp to ±20 keeps loss and gradients finite."""
+    from ms_llm.losses.grpo import GRPOLoss, aggregation_weights
+    ids, att, pos, tgt, mask, adv, r = _batch(12)
+    logits = r.normal(0, 1.0, (B, S, V))
+    old = np.full((B, S), -1.0)
+    old[:, ::2] = -250.0                                            # log-ratio ≈ +250
+    old[:, 1::3] = 200.0                                            # log-ratio ≈ −200
+    ref = np.where(mask > 0, 150.0, 0.0)                            # k3's exponent ≈ +150
+    w, c = aggregation_weights(mask, "token-mean", S)
+    model = _LogitsModel(logits)
+    cell = GRPOLoss(model, 0.2, 0.28, 3.0, 0.04, ratio=ratio_kind)
+    args = [Tensor(x) for x in (ids, att, pos, tgt, mask)] + [Tensor(x.astype(np.float32)) for x in (w, c, old, ref)] \
+        + [Tensor(adv)]
+
+    def loss_fn(*a):
+        num, den, _ = cell(*a)
+        return num / den
+    value = float(loss_fn(*args).asnumpy())
+    grads = ms.grad(loss_fn, grad_position=None, weights=model.trainable_params())(*args)[0].asnumpy()
+    assert np.isfinite(value) and np.isfinite(grads).all()
