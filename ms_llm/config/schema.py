@@ -341,7 +341,7 @@ class DPOSection:
                            "(simpo: the paper uses 2.0-2.5) or odds-ratio weight λ (orpo)", range="(0, inf)")
     label_smoothing: float = opt(0.0, "ε: assumed share of flipped labels (sigmoid: cDPO; robust)", range="[0, 0.5)")
     simpo_gamma: float = opt(0.5, "SimPO target margin γ", range="[0, inf)")
-    nll_coef: float = opt(0.0, "α of an added NLL term on the chosen answers (RPO; TRL's rpo_alpha); orpo has its own",
+    nll_coef: float = opt(0.0, "α of an added NLL term on the chosen answers' mean token log-prob (RPO); orpo has its own",
                           range="[0, inf)")
     kto_desirable_weight: float = opt(1.0, "KTO λ_D", range="(0, inf)")
     kto_undesirable_weight: float = opt(1.0, "KTO λ_U", range="(0, inf)")

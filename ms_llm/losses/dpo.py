@@ -27,7 +27,8 @@ KTO (Ethayarajh et al. 2024) takes unpaired completions y with a label (desirabl
     desirable: λ_D·(1 − σ(β(r − z)))    undesirable: λ_U·(1 − σ(β(z − r)))
 
 Cells return (sum of per-example losses, number of examples, reported sums), so accumulation and data
-parallel give the mean over the global batch exactly. z is estimated per micro-batch (as TRL does per device).
+parallel give the mean over the global batch exactly. z is estimated per micro-batch on each rank (TRL 0.29.1
+averages its per-device estimates over all devices, so under data parallel the two differ).
 """
 import mindspore as ms
 from mindspore import nn, ops
