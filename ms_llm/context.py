@@ -5,6 +5,7 @@ import random
 import mindspore as ms
 import numpy as np
 
+from ms_llm.ascend import check_ascend
 from ms_llm.errors import MsLlmError
 
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
@@ -19,7 +20,6 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kerne
     if device.lower() not in DEVICES:
         raise MsLlmError(f"context.device_target: '{device}' is not one of {sorted(DEVICES)}")
     if device.lower() == "ascend":
-        from ms_llm.launch import check_ascend
         check_ascend()               # never fall back to CPU silently
     ms.set_context(mode=MODES[mode])
     ms.set_device(DEVICES[device.lower()])

@@ -1,21 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
 """Training under msrun: process groups (data and tensor parallel), the gradient reducer, worker status files.
 
-Each msrun worker runs `worker_main` (scripts/train.py). Gradients, loss numerators and denominators are
+Each msrun worker runs `launch.worker_main` (scripts/train.py). Gradients, loss numerators and denominators are
 summed over ranks with AllReduce inside the train-step graph (see training/step.py), so N ranks with
 micro-batch B train exactly like one process with micro-batch N x B. Every worker writes
 `<log_dir>/rank_<r>.status` ("running", then "completed" or "failed: ..."), which is how the launcher
 names the rank that died when a job fails.
 """
-import json
 import os
-import sys
-import time
-import traceback
 
 from mindspore import nn, ops
 
-from ms_llm import storage
 from ms_llm.errors import MsLlmError
 from ms_llm.training.collective import ordered_all_reduce
 from ms_llm.training.layout import Layout
@@ -103,52 +98,3 @@ def _pipeline_groups(cfg, rank: int, dp: int, stages: int, create_group):
                  links[stage] if stage < stages - 1 else None, embed)
     dp_group = group(f"dpp_{stage}", [d * stages + stage for d in range(dp)]) if dp > 1 else None
     return pp, dp_group
-
-
-def status_path(rank: int) -> str:
-    return os.path.join(os.environ.get("MS_LLM_STATUS_DIR", "."), f"rank_{rank}.status")
-
-
-def write_status(rank: int, status: str):
-    """Atomically (re)write rank_<rank>.status; only workers report: msrun's scheduler process runs the same script
-    without a RANK_ID and would otherwise race worker 0 for rank_0.status."""
-    if os.environ.get("MS_ROLE") == "MS_SCHED":
-        return
-    path = status_path(rank)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"rank": rank, "status": status, "pid": os.getpid(), "time": time.time()}, f)
-    os.replace(tmp, path)
-
-
-def worker_main(argv=None) -> int:
-    """Entry point of one msrun worker: `scripts/train.py CONFIG [k=v ...]`."""
-    from ms_llm.config import load_config
-    from ms_llm.stages import run_stage
-    argv = sys.argv[1:] if argv is None else argv
-    rank = int(os.environ.get("RANK_ID", "0"))
-    write_status(rank, "running")
-    try:
-        if not argv:
-            raise MsLlmError("usage: train.py CONFIG [section.key=value ...]")
-        cfg = load_config(argv[0], argv[1:])
-        run_stage(cfg)
-    except MsLlmError as e:
-        write_status(rank, f"failed: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except storage.WriteFailed as e:
-        write_status(rank, f"failed: {e}")
-        print(f"error: {e}", file=sys.stderr)
-        return storage.EXIT_STATUS
-    except BaseException as e:            # internal errors keep their traceback in the worker log
-        write_status(rank, f"failed: {type(e).__name__}: {e}")
-        traceback.print_exc()
-        return 1
-    write_status(rank, "completed")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -14,38 +14,14 @@ import glob
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
+import time
+import traceback
 
+from ms_llm import storage
+from ms_llm.ascend import check_ascend, find_cann
 from ms_llm.errors import MsLlmError
-
-CANN_PREFIXES = ("/usr/local/Ascend/ascend-toolkit/latest", "/usr/local/Ascend/ascend-toolkit", "/usr/local/Ascend")
-
-
-def find_cann():
-    """Path of the CANN toolkit's set_env.sh: $ASCEND_HOME_PATH first, then the default install prefixes."""
-    roots = [os.environ["ASCEND_HOME_PATH"]] if os.environ.get("ASCEND_HOME_PATH") else []
-    for root in roots + list(CANN_PREFIXES):
-        for cand in (os.path.join(root, "set_env.sh"), os.path.join(root, "bin", "setenv.bash")):
-            if os.path.isfile(cand):
-                return cand
-    return None
-
-
-def check_ascend():
-    """Fail fast, with what to do, when Ascend is asked for and CANN or the NPUs are missing."""
-    cann = find_cann()
-    if cann is None:
-        raise MsLlmError("device_target is ascend but the CANN toolkit was not found (no set_env.sh under "
-                         "$ASCEND_HOME_PATH or " + ", ".join(CANN_PREFIXES) + "). Install CANN and source its "
-                         "set_env.sh, or set context.device_target: cpu. ms_llm never falls back to CPU on its own.")
-    if shutil.which("npu-smi"):
-        r = subprocess.run(["npu-smi", "info"], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise MsLlmError(f"device_target is ascend but `npu-smi info` failed: {r.stderr.strip()[:300]}")
-    return cann
-
 
 def ascend_env(cann: str, cfg) -> dict:
     """Environment variables for an Ascend job: CANN's set_env.sh plus HCCL timeouts and visible devices."""
@@ -67,7 +43,7 @@ def worker_script(log_dir: str) -> str:
         return repo
     shim = os.path.join(log_dir, "ms_llm_train.py")
     with open(shim, "w") as f:
-        f.write("import sys\nfrom ms_llm.distributed import worker_main\nsys.exit(worker_main())\n")
+        f.write("import sys\nfrom ms_llm.launch import worker_main\nsys.exit(worker_main())\n")
     return shim
 
 
@@ -172,3 +148,48 @@ def failure_report(log_dir: str, world: int) -> list:
             lines.append(f"rank {rank}: {status} — log: {log}")
     lines.append(f"job failed; worker logs are in {log_dir}")
     return lines
+
+
+def status_path(rank: int) -> str:
+    return os.path.join(os.environ.get("MS_LLM_STATUS_DIR", "."), f"rank_{rank}.status")
+
+
+def write_status(rank: int, status: str):
+    """Atomically (re)write rank_<rank>.status; only workers report: msrun's scheduler process runs the same script
+    without a RANK_ID and would otherwise race worker 0 for rank_0.status."""
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        return
+    path = status_path(rank)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"rank": rank, "status": status, "pid": os.getpid(), "time": time.time()}, f)
+    os.replace(tmp, path)
+
+
+def worker_main(argv=None) -> int:
+    """Entry point of one msrun worker: `scripts/train.py CONFIG [k=v ...]`."""
+    from ms_llm.config import load_config          # MindSpore and the stages load in a worker only, not when the
+    from ms_llm.stages import run_stage            # launcher or the pipeline imports this module
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK_ID", "0"))
+    write_status(rank, "running")
+    try:
+        if not argv:
+            raise MsLlmError("usage: train.py CONFIG [section.key=value ...]")
+        cfg = load_config(argv[0], argv[1:])
+        run_stage(cfg)
+    except MsLlmError as e:
+        write_status(rank, f"failed: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except storage.WriteFailed as e:
+        write_status(rank, f"failed: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return storage.EXIT_STATUS
+    except BaseException as e:            # internal errors keep their traceback in the worker log
+        write_status(rank, f"failed: {type(e).__name__}: {e}")
+        traceback.print_exc()
+        return 1
+    write_status(rank, "completed")
+    return 0

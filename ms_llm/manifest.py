@@ -86,3 +86,13 @@ def verify_dataset(manifest_path: str, expected_version: str = None, key: str = 
     _check_files(manifest_path, files, "the dataset changed since its release")
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return {"version": manifest.get("version"), "sha256": digest}
+
+
+def model_identity(model_dir: str) -> str:
+    """The model's MANIFEST model_sha256 when it has one, else the SHA256 of its weights file(s)."""
+    manifest = os.path.join(model_dir, "MANIFEST.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            return json.load(f).get("model_sha256", "")
+    files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    return sha256_file(os.path.join(model_dir, files[0])) if len(files) == 1 else ",".join(files)

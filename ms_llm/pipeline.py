@@ -55,8 +55,9 @@ GATE_POLICIES = ("stop", "warn")
 PIPELINE_KEYS = ("name", "output_dir", "gate_policy", "seed", "stages")
 HANDOFF_KEYS = {"model": ("model.init_from", "model.init_sha256"),
                 "ppo.reward_model": ("ppo.reward_model", "ppo.reward_sha256"),
+                "grpo.reward_model": ("grpo.reward_model", "grpo.reward_sha256"),
                 "dpo.winrate.judge": ("dpo.winrate.judge", None)}     # path only: verified by the pipeline
-FROZEN_SECTIONS = ("distill.teacher", "dpo.reference", "ppo.reference")
+FROZEN_SECTIONS = ("distill.teacher", "dpo.reference", "ppo.reference", "grpo.reference")
 
 
 @dataclasses.dataclass

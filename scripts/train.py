@@ -5,7 +5,7 @@ Use `ms-llm launch` (or scripts/msrun_launcher.sh) to build the msrun command; s
 """
 import sys
 
-from ms_llm.distributed import worker_main
+from ms_llm.launch import worker_main
 
 if __name__ == "__main__":
     sys.exit(worker_main())

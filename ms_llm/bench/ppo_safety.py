@@ -70,7 +70,7 @@ def unsafe_rates(model_dir: str, samples: int = 4) -> dict:
     from ms_llm.models import load_pretrained
     from ms_llm.rollout.rewards import SensitivePhrases
     from ms_llm.stages.common import load_tokenizer
-    from ms_llm.stages.ppo import read_prompts
+    from ms_llm.rollout.prompts import read_prompts
     cfg = load_config("configs/tiny/ppo.yaml", [f"model.init_from={model_dir}"], check=False)
     p = cfg.ppo
     tok = load_tokenizer(cfg)

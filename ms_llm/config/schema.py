@@ -526,6 +526,8 @@ class GRPOSection:
     answer_style: str = opt("auto", "exact_match answer extraction (eval/generative.py:extract_answer)",
                             ["auto", "number", "text"])
     reward_model: Optional[str] = opt(None, "Reward model for the reward_model reward (an exported reward run)")
+    reward_sha256: Optional[str] = opt(None, "Expected model_sha256 of grpo.reward_model's manifest (set by the "
+                                              "pipeline's hand-off); a mismatch refuses to start")
     code_timeout: float = opt(3.0, "Seconds per sandboxed code check", range="(0, inf)")
     unsafe_no_isolation: bool = opt(False, "Run code rewards without the namespace sandbox (docs/eval.md)")
     tasks: list = opt(list, "Train and evaluate only prompts whose task is one of these (empty: all)")

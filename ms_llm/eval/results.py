@@ -6,16 +6,7 @@ import os
 import time
 
 from ms_llm.fileio import sha256_file, write_json_atomic
-
-
-def model_identity(model_dir: str) -> str:
-    """The model's MANIFEST model_sha256 when it has one, else the SHA256 of its weights file(s)."""
-    manifest = os.path.join(model_dir, "MANIFEST.json")
-    if os.path.isfile(manifest):
-        with open(manifest) as f:
-            return json.load(f).get("model_sha256", "")
-    files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
-    return sha256_file(os.path.join(model_dir, files[0])) if len(files) == 1 else ",".join(files)
+from ms_llm.manifest import model_identity       # noqa: F401  (results name the models they scored)
 
 
 def dataset_identity(path: str) -> str:

@@ -15,7 +15,10 @@ switched to (CausalLM.frozen), so a loss cell's set_train(True) never puts a tea
 """
 from dataclasses import dataclass
 
+from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
+from ms_llm.manifest import model_identity
+from ms_llm.models.io import check_init_hash, load_pretrained, resolve_model_dir
 
 
 @dataclass
@@ -39,10 +42,6 @@ def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_t
     """Load the model a FrozenModelSection names (`key` is its config key, for messages), refusing one whose
     manifest hash differs from `section.sha256` when that is set. `policy` (a LoRA CausalLM), its base model
     directory and tokenizer serve `policy_without_adapter`."""
-    from ms_llm.data.tokenizer import Tokenizer
-    from ms_llm.eval.results import model_identity
-    from ms_llm.models.io import load_pretrained, resolve_model_dir
-    from ms_llm.stages.common import check_init_hash
     if section.policy_without_adapter:
         return _policy_base(section, key, policy, policy_dir, policy_tokenizer)
     if not section.path:
@@ -60,8 +59,7 @@ def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_t
 
 
 def _policy_base(section, key: str, policy, policy_dir, tokenizer) -> FrozenModel:
-    from ms_llm.eval.results import model_identity
-    from ms_llm.peft.lora import AdapterDisabled
+    from ms_llm.peft.lora import AdapterDisabled         # LoRA only for policy_without_adapter (peft builds on models)
     if section.path:
         raise MsLlmError(f"{key}: set {key}.path or {key}.policy_without_adapter, not both")
     if policy is None or getattr(policy, "lora_config", None) is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
+from ms_llm.manifest import verify
 from ms_llm.models.config import ModelConfig
 from ms_llm.models.decoder import CausalLM
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
@@ -220,3 +221,17 @@ def save_state_dict(state: dict, config: ModelConfig, path, max_shard_bytes: int
     write_json_atomic(os.path.join(path, "config.json"), config.to_hf_config())
     files.append("config.json")
     return files
+
+
+def check_init_hash(path: str, expected: str) -> str:
+    """Refuse to start from weights whose manifest hash differs from `expected` (stage hand-off)."""
+    model_dir = resolve_model_dir(path)
+    manifest_path = os.path.join(model_dir, "MANIFEST.json")
+    if not os.path.isfile(manifest_path):
+        raise MsLlmError(f"model.init_sha256 is set but {model_dir} has no MANIFEST.json to check it against")
+    manifest = verify(model_dir)
+    got = manifest.get("model_sha256")
+    if got != expected:
+        raise MsLlmError(f"{manifest_path}: model_sha256 {got} does not match model.init_sha256 {expected}; "
+                         "refusing to start from different weights")
+    return got

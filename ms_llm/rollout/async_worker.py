@@ -46,7 +46,7 @@ def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = No
         from ms_llm.generation import generate
         from ms_llm.models.safetensors_io import read_safetensors
         from ms_llm.peft.lora import LoRAConfig, apply_lora
-        from ms_llm.stages.common import build_model
+        from ms_llm.models.build import build_model
         policy = build_model(cfg)
         lo = cfg.grpo.lora
         if lo.enabled:

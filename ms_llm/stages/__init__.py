@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """One module per stage, each with `run(cfg, layout) -> summary`; STAGES maps the config's `stage:` to it.
 
-`run_stage(cfg)` is what `ms-llm train` and every msrun worker (distributed.worker_main) call: it sets up
+`run_stage(cfg)` is what `ms-llm train` and every msrun worker (launch.worker_main) call: it sets up
 MindSpore, finds this process's Layout (one process, or its place under msrun) and runs the stage.
 """
 import json

@@ -7,11 +7,9 @@ from ms_llm import storage
 from ms_llm.config import ExperimentConfig, to_yaml
 from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
-from ms_llm.models import CausalLM, load_pretrained, preset, save_pretrained
+from ms_llm.models import save_pretrained
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.training import checkpoint as ckpt
-from ms_llm.training.amp import apply_amp
-from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import plot_metrics, read_metrics, write_summary
 
 log = logging.getLogger(__name__)
@@ -23,46 +21,6 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
     with open(os.path.join(run_dir, "config.resolved.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     return run_dir
-
-
-def check_init_hash(path: str, expected: str) -> str:
-    """Refuse to start from weights whose manifest hash differs from `expected` (stage hand-off)."""
-    model_dir = resolve_model_dir(path)
-    manifest_path = os.path.join(model_dir, "MANIFEST.json")
-    if not os.path.isfile(manifest_path):
-        raise MsLlmError(f"model.init_sha256 is set but {model_dir} has no MANIFEST.json to check it against")
-    manifest = ckpt.verify(model_dir)
-    got = manifest.get("model_sha256")
-    if got != expected:
-        raise MsLlmError(f"{manifest_path}: model_sha256 {got} does not match model.init_sha256 {expected}; "
-                         "refusing to start from different weights")
-    return got
-
-
-def build_model(cfg: ExperimentConfig, layout: Layout = None) -> CausalLM:
-    """The stage's model: init_from (hash-checked) or a preset with overrides, at the configured AMP level.
-    Under a split layout every rank builds the same whole model and keeps its part (Layout.localize)."""
-    m = cfg.model
-    if m.init_from:
-        if m.init_sha256:
-            check_init_hash(m.init_from, m.init_sha256)
-        if m.overrides:
-            raise MsLlmError("model.overrides cannot change a model loaded with model.init_from")
-        model = load_pretrained(m.init_from)
-    else:
-        try:
-            model = CausalLM(preset(m.preset, **m.overrides))
-        except TypeError as e:
-            raise MsLlmError(f"model.overrides: {e}") from None
-    if cfg.mup.enabled:
-        from ms_llm.models import mup
-        mup.apply(model, cfg.mup, fresh=not m.init_from, init_std=cfg.mup.init_std)
-    if layout is not None:
-        model = layout.localize(model, m.init_from or "model")
-    if cfg.parallel.recompute:
-        for layer in model.model.layers:
-            layer.recompute()          # keep only layer inputs; recompute the rest in the backward pass
-    return apply_amp(model, cfg.train.amp_level, cfg.train.compute_dtype)
 
 
 def load_tokenizer(cfg: ExperimentConfig) -> Tokenizer:

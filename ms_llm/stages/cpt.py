@@ -26,7 +26,8 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import perplexity
 from ms_llm.losses.lm import LMLoss
 from ms_llm.eval.results import gate
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.models.build import build_model
+from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 

@@ -35,10 +35,11 @@ from ms_llm.eval.results import gate
 from ms_llm.fileio import read_jsonl, write_json_atomic
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
+from ms_llm.models.build import build_model
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.vocab import vocab_alignment
 from ms_llm.models.frozen import load_frozen
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 

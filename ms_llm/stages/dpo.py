@@ -37,12 +37,13 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.results import gate, model_identity
 from ms_llm.losses.dpo import REFERENCE_FREE, KTOLoss, PreferenceLoss, implicit_rewards, sequence_logps
 from ms_llm.manifest import verify, write_manifest
+from ms_llm.models.build import build_model
 from ms_llm.models.frozen import load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from ms_llm.stages import common
-from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir,
+from ms_llm.stages.common import (export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir,
                                   trained_model)
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train

@@ -32,14 +32,16 @@ from ms_llm.data.readers import read_records
 from ms_llm.errors import MsLlmError
 from ms_llm.losses.grpo import GRPOLoss, aggregation_weights, group_advantages, group_reward_std, overlong_penalty
 from ms_llm.losses.policy import TokenLogps
-from ms_llm.models.frozen import load_frozen
+from ms_llm.models.build import build_model
+from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.rollout.batch import Rollout, score_windows
 from ms_llm.rollout.chunks import ChunkPlan
+from ms_llm.rollout.reward_model import load_reward
 from ms_llm.rollout.verifiable import VerifiableRewards
-from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, prepare_run_dir,
+from ms_llm.stages.common import (export_final, finish, load_tokenizer, prepare_run_dir,
                                   reference_section, trained_model)
-from ms_llm.stages.ppo import Rollout, score_windows
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 from ms_llm.training.updater import Updater
@@ -566,11 +568,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         require_isolation()
     reward_model = None
     if g.reward_model:
-        from ms_llm.models.frozen import freeze
-        from ms_llm.models.reward import load_reward_model
-        if not os.path.exists(g.reward_model):
-            raise MsLlmError(f"grpo.reward_model: {g.reward_model} does not exist")
-        reward_model = load_reward_model(g.reward_model)
+        reward_model = load_reward(g.reward_model, g.reward_sha256, tokenizer, "grpo.reward_model")
         freeze(reward_model.rm)
     rewards = VerifiableRewards(g.rewards, g.answer_style, g.code_timeout, isolation, reward_model)
     policy = build_model(cfg)

@@ -31,20 +31,23 @@ import numpy as np
 from mindspore import Tensor
 
 from ms_llm.config import ExperimentConfig
-from ms_llm.data.chat import render, stop_token_ids
-from ms_llm.data.readers import read_records
+from ms_llm.data.chat import stop_token_ids
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.results import gate
 from ms_llm.losses.policy import (PolicyLoss, TokenLogps, ValueLoss, explained_variance, gae, kl_estimate,
                                   token_rewards, whiten)
+from ms_llm.models.build import build_model
 from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
 from ms_llm.rollout.audit import AuditSampler
+from ms_llm.rollout.batch import Rollout, score_windows
 from ms_llm.rollout.chunks import ChunkPlan, generate_chunked
 from ms_llm.rollout.kl_control import KLController
+from ms_llm.rollout.prompts import read_prompts
+from ms_llm.rollout.reward_model import load_reward, same_tokenizer
 from ms_llm.rollout.rewards import SafetyReward, SensitivePhrases
-from ms_llm.stages.common import (build_model, export_final, finish, load_tokenizer, prepare_run_dir,
+from ms_llm.stages.common import (export_final, finish, load_tokenizer, prepare_run_dir,
                                   reference_section, trained_model)
 from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import read_metrics
@@ -54,46 +57,6 @@ from ms_llm.training.updater import Updater
 log = logging.getLogger(__name__)
 POLICY_KEYS = ("ids", "attention_mask", "position_ids", "targets", "loss_mask", "old_logps", "advantages")
 VALUE_KEYS = ("ids", "attention_mask", "position_ids", "loss_mask", "old_values", "returns")
-
-
-def read_prompts(paths_formats: list, tokenizer, template: str, max_len: int, on_error: str = "raise") -> tuple:
-    """[{"messages", "tag", "ids"}] from prompt or preference JSONL files, ids rendered with the generation
-    prompt and cut from the start to `max_len`; returns (prompts, number cut)."""
-    out, cut = [], 0
-    for path, fmt in paths_formats:
-        for rec in read_records(path, fmt, on_error):
-            msgs = rec["messages"] if fmt == "preference" else [{"role": "user", "content": rec["prompt"]}]
-            ids = render(msgs, tokenizer, template, add_generation_prompt=True).ids
-            if len(ids) > max_len:
-                ids, cut = ids[-max_len:], cut + 1
-            out.append({"messages": msgs, "tag": rec.get("tag") or rec.get("task") or "all", "ids": ids})
-    return out, cut
-
-
-def same_tokenizer(a, b, probe: int = 4096) -> bool:
-    if a.vocab_size != b.vocab_size:
-        return False
-    ids = list(range(min(a.vocab_size, probe)))
-    return all(a.decode([i]) == b.decode([i]) for i in ids)
-
-
-def load_reward(cfg: ExperimentConfig, tokenizer):
-    from ms_llm.models.reward import load_reward_model
-    from ms_llm.stages.common import check_init_hash
-    p = cfg.ppo
-    if not os.path.exists(p.reward_model):
-        raise MsLlmError(f"ppo.reward_model: {p.reward_model} does not exist")
-    if p.reward_sha256:
-        try:
-            check_init_hash(resolve_model_dir(p.reward_model), p.reward_sha256)
-        except MsLlmError as e:
-            raise MsLlmError(f"ppo.reward_sha256: {e}") from None
-    rm = load_reward_model(p.reward_model)
-    if not same_tokenizer(rm.tokenizer, tokenizer):
-        raise MsLlmError(f"ppo.reward_model: {rm.source} has another tokenizer ({rm.tokenizer.vocab_size} tokens) "
-                         f"than the policy ({tokenizer.vocab_size} tokens); its scores would not read the policy's "
-                         "responses as the policy wrote them. Train the reward model with the policy's tokenizer")
-    return rm
 
 
 def build_value(cfg: ExperimentConfig, policy):
@@ -125,32 +88,6 @@ def build_safety(cfg: ExperimentConfig, tokenizer):
     if phrases is None and classifier is None:
         return None
     return SafetyReward(phrases, classifier, s.match_weight, s.classifier_weight)
-
-
-class Rollout:
-    """One step's rollout batch, its scores and advantages (host arrays); `windows` feed the updaters."""
-
-    def __init__(self, prompts, tokens, lengths, behaviour, plan: ChunkPlan, pad: int):
-        b, p = len(prompts), plan.prompt_len
-        self.prompts, self.tokens, self.lengths, self.behaviour = prompts, tokens, lengths, behaviour
-        n = plan.max_new
-        self.response_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
-        rows = np.full((b, p + n), pad, np.int32)
-        row_mask = np.zeros((b, p + n), np.int32)
-        for i, pr in enumerate(prompts):
-            rows[i, p - len(pr["ids"]):p], row_mask[i, p - len(pr["ids"]):p] = pr["ids"], 1
-        rows[:, p:p + tokens.shape[1]] = np.where(self.response_mask[:, :tokens.shape[1]] > 0, tokens, pad)
-        row_mask[:, p:] = self.response_mask
-        self.windows = plan.windows(rows, row_mask, self.response_mask)
-
-
-def score_windows(cell, windows: dict, keys, rows: int) -> np.ndarray:
-    """Run a scoring cell over the window rows `rows` at a time; [B·K, W] float."""
-    out = []
-    for i in range(0, len(windows["ids"]), rows):
-        args = [Tensor(np.ascontiguousarray(windows[k][i:i + rows])) for k in keys]
-        out.append(cell(*args).asnumpy())
-    return np.concatenate(out).astype(np.float64)
 
 
 class PPOLoop:
@@ -336,7 +273,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
             fmt = "preference" if b'"chosen"' in f.readline() else "prompts"
         eval_prompts = read_prompts([(p.eval_data, fmt)], tokenizer, template, p.max_prompt_len)[0]
         eval_prompts = eval_prompts[:p.eval_limit] if p.eval_limit else eval_prompts
-    reward_model = load_reward(cfg, tokenizer)
+    reward_model = load_reward(cfg.ppo.reward_model, cfg.ppo.reward_sha256, tokenizer, "ppo.reward_model")
     safety = build_safety(cfg, tokenizer) if p.safety.weight > 0 else None
     policy = build_model(cfg)
     if p.lora.enabled:

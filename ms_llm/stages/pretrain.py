@@ -11,7 +11,8 @@ import mindspore as ms
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.loader import PretrainData
 from ms_llm.losses.lm import LMLoss
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.models.build import build_model
+from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 

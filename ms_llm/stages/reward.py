@@ -22,11 +22,12 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.reward import fit_platt, pair_metrics, score_pairs, split_calibration
 from ms_llm.eval.results import gate
 from ms_llm.losses.reward import RewardLoss
+from ms_llm.models.build import build_model
 from ms_llm.models.io import load_weights, save_pretrained
 from ms_llm.models.reward import HEAD_FILE, RewardModel, save_head, truncate
 from ms_llm.models.safetensors_io import read_safetensors
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 

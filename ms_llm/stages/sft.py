@@ -20,8 +20,9 @@ from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_mat
 from ms_llm.eval.sandbox import require_isolation
 from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
+from ms_llm.models.build import build_model
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
-from ms_llm.stages.common import build_model, export_final, finish, load_tokenizer, prepare_run_dir, trained_model
+from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
 from ms_llm.training.trainer import StageSpec, train
 

@@ -95,7 +95,8 @@ def test_init_sha256_mismatch_refuses_to_start(tmp_path):
     """The stage hand-off: model.init_sha256 must equal the manifest's model_sha256 of init_from."""
     from ms_llm.errors import MsLlmError
     from ms_llm.models import CausalLM, preset
-    from ms_llm.stages.common import check_init_hash, export_final
+    from ms_llm.models.io import check_init_hash
+    from ms_llm.stages.common import export_final
     final = export_final(str(tmp_path), CausalLM(preset("tiny")), None, version="DATASET_v2.1_distill")
     assert check_init_hash(str(tmp_path), final["sha256"]) == final["sha256"]
     with pytest.raises(MsLlmError, match="does not match model.init_sha256"):

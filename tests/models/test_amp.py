@@ -7,7 +7,7 @@ from mindspore import Tensor
 
 from ms_llm.losses.lm import LMLoss
 from ms_llm.models import CausalLM, preset
-from ms_llm.training.amp import apply_amp
+from ms_llm.models.amp import apply_amp
 from ms_llm.training.optim import AdamW
 from ms_llm.training.step import LossScaleState, TrainStep
 

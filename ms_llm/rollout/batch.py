@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A rollout batch on the host (prompts, sampled tokens, behaviour log-probs, the scoring windows the updaters
+read) and the scoring of its windows by a cell, shared by PPO and the GRPO family."""
+import numpy as np
+from mindspore import Tensor
+
+from ms_llm.rollout.chunks import ChunkPlan
+
+
+class Rollout:
+    """One step's rollout batch, its scores and advantages (host arrays); `windows` feed the updaters."""
+
+    def __init__(self, prompts, tokens, lengths, behaviour, plan: ChunkPlan, pad: int):
+        b, p = len(prompts), plan.prompt_len
+        self.prompts, self.tokens, self.lengths, self.behaviour = prompts, tokens, lengths, behaviour
+        n = plan.max_new
+        self.response_mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
+        rows = np.full((b, p + n), pad, np.int32)
+        row_mask = np.zeros((b, p + n), np.int32)
+        for i, pr in enumerate(prompts):
+            rows[i, p - len(pr["ids"]):p], row_mask[i, p - len(pr["ids"]):p] = pr["ids"], 1
+        rows[:, p:p + tokens.shape[1]] = np.where(self.response_mask[:, :tokens.shape[1]] > 0, tokens, pad)
+        row_mask[:, p:] = self.response_mask
+        self.windows = plan.windows(rows, row_mask, self.response_mask)
+
+
+def score_windows(cell, windows: dict, keys, rows: int) -> np.ndarray:
+    """Run a scoring cell over the window rows `rows` at a time; [B·K, W] float."""
+    out = []
+    for i in range(0, len(windows["ids"]), rows):
+        args = [Tensor(np.ascontiguousarray(windows[k][i:i + rows])) for k in keys]
+        out.append(cell(*args).asnumpy())
+    return np.concatenate(out).astype(np.float64)
