@@ -161,10 +161,15 @@ def kill_once_written(workdir, args, marker, timeout: int = 300):
 
 def assert_resumed_run_equals(a, b, steps: int, killed_at: int, weight_files=("model.safetensors",)):
     """Run dir `b` (killed after step `killed_at`, then resumed) logged every step once, its per-step losses
-    after the kill equal uninterrupted run `a`'s, and so do its final weights (all <= 1e-6)."""
+    after the kill equal uninterrupted run `a`'s, and so do its final weights (all <= 1e-6). A stage that evaluates
+    before any update logs that as step 0, once, with the same values in both runs."""
     import json
     from ms_llm.models.safetensors_io import read_safetensors
-    ra, rb = ([json.loads(x) for x in open(r / "metrics.jsonl")] for r in (a, b))
+    rows = [[json.loads(x) for x in open(r / "metrics.jsonl")] for r in (a, b)]
+    (za, ra), (zb, rb) = ([[r for r in x if r["step"] == 0], [r for r in x if r["step"] > 0]] for x in rows)
+    assert len(zb) == len(za) <= 1
+    for x, y in zip(za, zb):
+        assert set(x) == set(y) and all(x[k] == pytest.approx(y[k], abs=1e-6) for k in x)
     assert [r["step"] for r in rb] == list(range(1, steps + 1))
     np.testing.assert_allclose([r["loss"] for r in rb][killed_at:], [r["loss"] for r in ra][killed_at:], atol=1e-6)
     for name in weight_files:

@@ -30,6 +30,7 @@ def _run(config: str, out: str, steps: int, extra) -> list:
     if r.returncode:
         raise MsLlmError(f"bench grpo-async: {' '.join(cmd[3:])} failed:\n{r.stderr[-2000:]}")
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [r for r in rows if r["step"] > 0]            # the training steps (step 0: the evaluation before them)
     summary = json.load(open(os.path.join(out, "summary.json")))
     return rows, summary["metrics"]
 

@@ -119,7 +119,7 @@ def write_report(run_dir: str, summary: dict):
     if summary.get("final"):
         lines += ["", f"Final model: `{summary['final']['path']}` (sha256 `{summary['final']['sha256']}`)"]
     if rows:
-        lines += ["", f"Logged steps: {len(rows)}; plots in `plots/`."]
+        lines += ["", f"Logged steps: {sum(r.get('step', 0) > 0 for r in rows)}; plots in `plots/`."]
     lines += _audit_lines(run_dir)
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -303,7 +303,6 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     else:
         loss = PreferenceLoss(policy, d.loss, d.beta, d.label_smoothing, d.simpo_gamma, d.nll_coef)
     evaluate = make_evaluator(cfg, policy, eval_pairs, eval_ref)
-    before = evaluate() if evaluate and layout.main else {}
     if d.gate_accuracy is not None and evaluate is None:
         raise MsLlmError(f"dpo.gate_accuracy is set but {d.eval_data} left no held-out pair to measure it on")
     writer, reader = checkpoint_io(cfg, policy)
@@ -317,14 +316,14 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     spec = StageSpec(loss_net=loss, batch_keys=KTO_KEYS if kto else KEYS, next_batch=next_batch,
                      tokens_per_micro=2 * mbs * data_cfg.seq_len, evaluate=evaluate, weights_writer=writer,
                      weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"objective": objective},
-                     check_resume=check_resume)
+                     check_resume=check_resume, evaluate_at_start=True)
     result = train(cfg, policy, spec, run_dir, layout)
     if not layout.main:
         return {}
     trained = trained_model(cfg, run_dir, policy, d.lora.enabled)
     metrics = dict(result.metrics, data_skipped_records=data.stats.skipped,
                    data_truncated_prompts=data.stats.truncated_prompts, eval_skipped_pairs=eval_stats.skipped,
-                   **{f"before/{k}": v for k, v in before.items()})
+                   **{f"before/{k}": v for k, v in result.before.items()})
     if evaluate is not None and "eval/preference_accuracy" not in metrics:
         metrics.update(evaluate())                   # resumed at the last step: nothing evaluated in this process
     final = export_final(run_dir, trained, tokenizer, d.export_version)      # before the win-rate's generation

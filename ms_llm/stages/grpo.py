@@ -602,16 +602,13 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
 
     write_policy = (lambda folder: save_adapter(policy, folder, cfg.model.init_from)) if g.lora.enabled else None
     read_policy = (lambda folder: load_adapter(policy, folder)) if g.lora.enabled else None
-    before = evaluate() if eval_records else {}
-    if before:
-        log.info("before training: %s", before)
     # partial rollout: paused generations and finished groups not yet trained go into every checkpoint
     # and the asynchronous batch generated ahead
     pending = {"rollout_state": (loop.save_pending, loop.load_pending)} if loop.partial or loop.async_ else {}
     spec = StageSpec(updaters=[loop.updater], run_step=run_step, weights_writer=write_policy,
                      weights_reader=read_policy, evaluate=evaluate if eval_records else None, models=pending,
                      extra_state=lambda: {"prompt_cursor": stream.cursor, "objective": objective},
-                     check_resume=check_resume)
+                     check_resume=check_resume, evaluate_at_start=True)
     try:
         result = train(cfg, policy, spec, run_dir, layout)
     except BaseException:
@@ -622,12 +619,12 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         return {}
     trained = trained_model(cfg, run_dir, policy, g.lora.enabled)
     metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut,
-                   **{f"before/{k}": v for k, v in before.items()})
+                   **{f"before/{k}": v for k, v in result.before.items()})
     if eval_records and "eval/accuracy" not in metrics:
         metrics.update(evaluate())
     final = export_final(run_dir, trained, tokenizer, g.export_version)
     gates = {}
-    if eval_records:
+    if eval_records and "eval/accuracy" in result.before:
         from ms_llm.eval.results import gate
-        gates["accuracy_not_lower"] = gate(metrics["eval/accuracy"], before["eval/accuracy"], ">=")
+        gates["accuracy_not_lower"] = gate(metrics["eval/accuracy"], result.before["eval/accuracy"], ">=")
     return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)

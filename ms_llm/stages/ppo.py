@@ -327,9 +327,9 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         if audit is not None:
             audit.load_state(state.get("audit_pending"))
 
-    before = evaluate() if eval_prompts else {}
     spec = StageSpec(updaters=loop.updaters, run_step=run_step, weights_writer=write_policy, weights_reader=read_policy,
                      models={"value": (value.save, value.load)}, evaluate=evaluate if eval_prompts else None,
+                     evaluate_at_start=True,
                      extra_state=lambda: {"kl_controller": kl.state(), "objective": objective,
                                           "audit_pending": audit.state() if audit is not None else []},
                      check_resume=check_resume)
@@ -338,7 +338,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         return {}
     trained = trained_model(cfg, run_dir, policy, p.lora.enabled)
     metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut, kl_alarms=kl.alarms, kl_coef=kl.beta,
-                   **{f"before/{k}": v for k, v in before.items()})
+                   **{f"before/{k}": v for k, v in result.before.items()})
     if eval_prompts and "eval/reward" not in metrics:
         metrics.update(evaluate())
     history = read_metrics(run_dir) or result.history       # every logged step, before a resume too

@@ -22,7 +22,7 @@ from ms_llm.config import ExperimentConfig
 from ms_llm.errors import MsLlmError
 from ms_llm.training import checkpoint as ckpt
 from ms_llm.training.layout import Layout
-from ms_llm.training.metrics import RunLogger
+from ms_llm.training.metrics import RunLogger, read_metrics
 from ms_llm.training.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class StageSpec:
     next_batch: Callable[[int], dict] = None         # micro-batch index (over the run) -> numpy batch
     tokens_per_micro: int = 0                        # for tokens/s
     evaluate: Optional[Callable[[], dict]] = None    # -> {"eval/<name>": value}
+    evaluate_at_start: bool = False                  # also at step 0, before any update (logged as step 0)
     params: Optional[list] = None                    # trainable parameters (default: all of loss_net's)
     weights_writer: Optional[Callable] = None        # checkpoint weight export (LoRA: adapter only)
     weights_reader: Optional[Callable] = None        # its inverse on resume: folder -> None
@@ -58,6 +59,7 @@ class TrainResult:
     history: list
     resumed_from: Optional[str] = None
     evals: list = field(default_factory=list)        # [{"step", "eval/...": ...}] in this process
+    before: dict = field(default_factory=dict)       # the step-0 evaluation (evaluate_at_start), also after a resume
     stopped_early: bool = False
 
 
@@ -116,6 +118,9 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, layout: L
         bar = tqdm(total=t.max_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
     history, last, evals, stopped = [], {}, [], False
     nets = [u.loss_net for u in updaters]
+    before = _evaluate_at_start(spec, nets, start, logger, run_dir)
+    if before and start == 0:
+        evals.append({"step": 0, **before})
     _set_train(nets, True)
     try:
         for step in range(start, t.max_steps):
@@ -157,7 +162,22 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, layout: L
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(bool(h["skipped"]) for h in history)
     steps = (start + len(history)) if history else start
-    return TrainResult(steps, metrics, history, resumed, evals, stopped)
+    return TrainResult(steps, metrics, history, resumed, evals, stopped, before)
+
+
+def _evaluate_at_start(spec: StageSpec, nets, start: int, logger: RunLogger, run_dir: str) -> dict:
+    """The evaluation before any update, logged as step 0, so one run's metrics.jsonl shows its lift; a resumed
+    run reads it back from there instead of evaluating weights it no longer holds."""
+    if not (spec.evaluate and spec.evaluate_at_start):
+        return {}
+    if start == 0:
+        row = _evaluate(spec, nets)
+        logger.log(0, row)
+        return row
+    for row in read_metrics(run_dir):
+        if row.get("step") == 0:
+            return {k: v for k, v in row.items() if k.startswith("eval/")}
+    return {}
 
 
 def _save(cfg: ExperimentConfig, root: str, done: int, micro_index: int, model, spec: StageSpec, updaters, layout):

@@ -29,7 +29,8 @@ def _summary(run):
 
 
 def _rows(run):
-    return [json.loads(line) for line in open(run / "metrics.jsonl")]
+    """The training steps' rows (a step-0 evaluation row, logged before any update, is not one)."""
+    return [r for r in [json.loads(line) for line in open(run / "metrics.jsonl")] if r["step"] > 0]
 
 
 def _random_pairs(rng, n, s=12, v=256):
@@ -79,6 +80,8 @@ def test_dpo_starts_at_ln2_and_lifts_held_out_accuracy(tiny_pretrained, tiny_rew
     m = s["metrics"]
     assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-6)        # policy == reference at step 1
     assert m["before/eval/preference_accuracy"] == 0.5                     # every held-out pair a tie
+    first = json.loads(open(run / "metrics.jsonl").readline())
+    assert first["step"] == 0 and first["eval/preference_accuracy"] == 0.5   # logged at step 0, before any update
     assert m["eval/preference_accuracy"] >= 0.75 and m["eval/reward_margin"] > 0
     assert m["loss"] < 0.6 and m["rewards/margin"] > 0
     assert s["gates"]["preference_accuracy"]["passed"]

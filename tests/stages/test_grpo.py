@@ -16,7 +16,8 @@ QUICK = ("train.progress_bar=false", "log.plots=false")
 
 
 def _rows(run):
-    return [json.loads(x) for x in open(run / "metrics.jsonl")]
+    """The training steps' rows (a step-0 evaluation row, logged before any update, is not one)."""
+    return [r for r in [json.loads(x) for x in open(run / "metrics.jsonl")] if r["step"] > 0]
 
 
 @pytest.mark.slow
@@ -28,6 +29,8 @@ def test_grpo_lifts_held_out_accuracy(tiny_sft):
     before, after = m["before/eval/accuracy"], m["eval/accuracy"]
     assert 0.0 < before < 0.5                    # a task the SFT model solves sometimes, not always
     assert after >= before + 0.08, (before, after)
+    first = json.loads(open(work / "runs" / "grpo_lift" / "metrics.jsonl").readline())
+    assert first["step"] == 0 and first["eval/accuracy"] == before       # evaluated before any update, logged
     rows = _rows(work / "runs" / "grpo_lift")
     assert all(r["policy/ratio"] == pytest.approx(1.0, abs=1e-4) for r in rows)   # one on-policy update per step
 

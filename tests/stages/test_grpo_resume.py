@@ -14,7 +14,8 @@ DAPO = ("grpo.loss_agg=token-mean", "grpo.clip_high=0.28", "grpo.dynamic_samplin
 
 
 def _rows(run):
-    return [json.loads(x) for x in open(run / "metrics.jsonl")]
+    """The training steps' rows (a step-0 evaluation row, logged before any update, is not one)."""
+    return [r for r in [json.loads(x) for x in open(run / "metrics.jsonl")] if r["step"] > 0]
 
 
 def _killed_and_resumed(work, name: str, *over):
