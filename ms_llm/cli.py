@@ -10,6 +10,7 @@ import os
 import sys
 
 from ms_llm import storage
+from ms_llm.config.registry import STAGE_NAMES
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import numbered_lines, read_text, utf8
 
@@ -407,7 +408,7 @@ def cmd_report(argv):
 
 
 COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
-    "train": (cmd_train, "run the stage a YAML config describes (pretrain, cpt, distill, sft, reward, dpo, ppo)"),
+    "train": (cmd_train, f"run the stage a YAML config describes ({', '.join(STAGE_NAMES)})"),
     "pipeline": (cmd_pipeline, "run a chain of stages (distill -> cpt -> sft -> reward -> ppo) with gates and resume"),
     "launch": (cmd_launch, "start a config on several workers with msrun (CPU or Ascend), or print the command"),
     "eval": (cmd_eval, "evaluate a model: humaneval, mc, ppl, em, rm (reward model)"),

@@ -19,8 +19,8 @@ A pipeline YAML:
         inputs: {model: sft, ppo.reward_model: reward}
 
 `inputs` maps a config key to an earlier stage: `model` sets model.init_from and model.init_sha256; a frozen
-model section (distill.teacher, dpo.reference, ppo.reference) gets .path and .sha256; ppo.reward_model gets
-ppo.reward_sha256 too. Without `inputs`, a stage after the first starts from the previous stage's model.
+model section (distill.teacher, dpo.reference, ppo.reference, grpo.reference) gets .path and .sha256;
+ppo.reward_model and grpo.reward_model get their reward_sha256 too (config/registry.py lists every key). Without `inputs`, a stage after the first starts from the previous stage's model.
 
 Each stage runs as `ms-llm train` in a child process (or, with `launch: [flags]`, as `ms-llm launch` with those
 flags: msrun workers on this node) with train.output_dir=<output_dir>/<name>, its log in
@@ -43,6 +43,7 @@ import time
 
 import yaml
 
+from ms_llm.config.registry import handoff_keys
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, read_text, write_json_atomic
 from ms_llm.launch import die_with_parent
@@ -53,11 +54,7 @@ PIPELINE_STATUSES = ("running", "completed", "stopped", "failed", "gate_failed")
 FINISHED = ("completed", "stopped_early")
 GATE_POLICIES = ("stop", "warn")
 PIPELINE_KEYS = ("name", "output_dir", "gate_policy", "seed", "stages")
-HANDOFF_KEYS = {"model": ("model.init_from", "model.init_sha256"),
-                "ppo.reward_model": ("ppo.reward_model", "ppo.reward_sha256"),
-                "grpo.reward_model": ("grpo.reward_model", "grpo.reward_sha256"),
-                "dpo.winrate.judge": ("dpo.winrate.judge", None)}     # path only: verified by the pipeline
-FROZEN_SECTIONS = ("distill.teacher", "dpo.reference", "ppo.reference", "grpo.reference")
+HANDOFF_KEYS = handoff_keys()           # every stage's, from the stage registry (config/registry.py)
 
 
 @dataclasses.dataclass
@@ -83,10 +80,8 @@ class Pipeline:
 def _handoff_keys(key: str, where: str) -> tuple:
     if key in HANDOFF_KEYS:
         return HANDOFF_KEYS[key]
-    if key in FROZEN_SECTIONS:
-        return key + ".path", key + ".sha256"
     raise MsLlmError(f"{where}: inputs key '{key}' is not a model hand-off; use one of "
-                     f"{sorted(HANDOFF_KEYS) + list(FROZEN_SECTIONS)}")
+                     f"{sorted(HANDOFF_KEYS)}")
 
 
 def load_pipeline(path: str, overrides=()) -> Pipeline:

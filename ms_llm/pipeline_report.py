@@ -12,6 +12,7 @@ import os
 
 import yaml
 
+from ms_llm.config.registry import STAGES, kinds
 from ms_llm.fileio import read_json
 
 SOURCES = ("summary.json", "config.resolved.yaml", "final/config.json")
@@ -207,18 +208,7 @@ def _save(fig, out_dir, name, written):
 
 # -- technical_report.md ------------------------------------------------------------------------------------
 
-LOSS_TEXT = {
-    "pretrain": "next-token cross-entropy, mean over tokens",
-    "cpt": "next-token cross-entropy, mean over tokens (mixture of domain and general data)",
-    "sft": "cross-entropy on assistant tokens only, weighted per task and normalised per turn",
-    "distill": "α·T²·KL(p_teacher^T ‖ p_student^T) + β·CE(hard labels), T the temperature",
-    "reward": "Bradley–Terry: −log σ(r(x, y_chosen) − r(x, y_rejected)), mean over pairs",
-    "dpo": "−log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]) (sigmoid form; "
-           "the configured dpo.loss selects a variant, docs/rl.md)",
-    "ppo": "L = −E_t[min(ρ_t A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_t)] with dual-clip max(·, c·A_t) for A_t < 0, "
-           "ρ_t = π(a_t|s_t)/π_old(a_t|s_t); value loss c_v·E_t[max((V − R)², (clip(V, V_old ± ε_v) − R)²)]; "
-           "per-token reward r_t = R_RM·[t = T] − β·KL_t, advantages by GAE(γ, λ), whitened",
-}
+LOSS_TEXT = {name: entry.loss_text for name, entry in STAGES.items()}
 
 
 def write_technical_report(output_dir: str) -> str:
@@ -227,7 +217,7 @@ def write_technical_report(output_dir: str) -> str:
     last = lambda *kinds: (r.by_kind(*kinds) or [None])[-1]          # noqa: E731
     final_stage = r.done[-1]["stage"] if r.done else None
     sft, rm = last("sft"), last("reward")
-    rl = last("ppo", "dpo")
+    rl = last(*kinds("rl"))
     L = [f"# Technical report: pipeline {r.state.get('name')}", "",
          f"Written from the records of `{output_dir}` (pipeline status: {r.state.get('status')}). Each number "
          "gives its source in brackets; \"not recorded\" marks a fact no record holds.", ""]
@@ -246,7 +236,7 @@ def write_technical_report(output_dir: str) -> str:
           "- Stages, in order: " + ", ".join(f"{s['stage']} ({s.get('status')})" for s in r.stages), ""]
 
     L += ["## 2. Pretraining / continual pretraining", ""]
-    for s in r.by_kind("distill", "pretrain", "cpt"):
+    for s in r.by_kind(*kinds("pretraining")):
         kind = r.read(s, "summary.json")["stage"]
         L += [f"### {s} ({kind})", ""] + _data_lines(r, s) + _training_lines(r, s) + [
             f"- Loss: {LOSS_TEXT.get(kind, 'not recorded')}"]
@@ -262,7 +252,7 @@ def write_technical_report(output_dir: str) -> str:
             L += [f"- Held-out loss, {k.split('/')[-1]} (perplexity = e^loss): {q(s, 'summary.json', 'metrics.' + k)}"
                   for k in losses]
         L += [""]
-    if not r.by_kind("distill", "pretrain", "cpt"):
+    if not r.by_kind(*kinds("pretraining")):
         L += ["No pretraining stage in this pipeline: not recorded.", ""]
     L += ["- Scaling analysis: not recorded", ""]
 
@@ -287,7 +277,7 @@ def write_technical_report(output_dir: str) -> str:
     L += ["### Reinforcement learning / preference optimisation", ""]
     if rl:
         kind = r.read(rl, "summary.json")["stage"]
-        L += [f"- Paradigm: {'PPO-RLHF' if kind == 'ppo' else 'DPO'} (stage kind: {q(rl, 'summary.json', 'stage')}"
+        L += [f"- Paradigm: {STAGES[kind].paradigm} (stage kind: {q(rl, 'summary.json', 'stage')}"
               + (f", loss {q(rl, 'config.resolved.yaml', 'dpo.loss')})" if kind == "dpo" else ")")]
         L += _data_lines(r, rl, "Preference / prompt data")
         L += ["- Annotation process, annotator training and agreement: not recorded"]
@@ -313,6 +303,13 @@ def write_technical_report(output_dir: str) -> str:
                   f"{q(rl, 'summary.json', 'metrics.before/eval/reward')}); unsafe rate "
                   f"{q(rl, 'summary.json', 'metrics.eval/unsafe_rate')} (before: "
                   f"{q(rl, 'summary.json', 'metrics.before/eval/unsafe_rate')})"]
+        elif kind == "grpo":
+            c = lambda k: q(rl, "config.resolved.yaml", k)      # noqa: E731
+            L += [f"- Rewards {c('grpo.rewards')}; {c('grpo.group_size')} completions per prompt; aggregation "
+                  f"{c('grpo.loss_agg')}; ratio {c('grpo.ratio')}",
+                  f"- Clip ε_low {c('grpo.clip_low')}, ε_high {c('grpo.clip_high')}; reference KL β {c('grpo.beta')}",
+                  f"- Held-out accuracy: {q(rl, 'summary.json', 'metrics.eval/accuracy')} (before: "
+                  f"{q(rl, 'summary.json', 'metrics.before/eval/accuracy')})"]
         else:
             c = lambda k: q(rl, "config.resolved.yaml", k)      # noqa: E731
             L += [f"- β {c('dpo.beta')}; reference {c('dpo.reference.path')}",

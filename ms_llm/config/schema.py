@@ -7,6 +7,8 @@ help. Stage sections (`pretrain`, later `distill`, `sft`, ...) hold only what th
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ms_llm.config.registry import STAGE_NAMES
+
 
 def opt(default, help: str, choices=None, range: str = None):
     """A config field with help text, allowed values and, for numbers, an allowed range kept in its metadata.
@@ -557,7 +559,7 @@ class MupSection:
 @dataclass
 class ExperimentConfig:
     stage: str = opt("pretrain", "Which stage runs (what each supports: config/validate.py STAGE_RULES)",
-                     ["pretrain", "cpt", "distill", "sft", "reward", "dpo", "ppo", "grpo"])
+                     list(STAGE_NAMES))
     model: ModelSection = opt(ModelSection, "Model")
     tokenizer: TokenizerSection = opt(TokenizerSection, "Tokenizer")
     data: DataSection = opt(DataSection, "Data")

@@ -7,6 +7,7 @@ Every failure is an MsLlmError naming the file and the keys involved.
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from ms_llm.config.registry import STAGE_NAMES
 from ms_llm.config.schema import ExperimentConfig
 from ms_llm.errors import MsLlmError
 
@@ -211,6 +212,8 @@ STAGE_RULES = {
     "ppo": StageRules(mup=False, check=_check_ppo),
     "grpo": StageRules(mup=False, check=_check_grpo),
 }
+if set(STAGE_RULES) != set(STAGE_NAMES):          # every stage of the registry has its rules, and no other
+    raise RuntimeError(f"STAGE_RULES {sorted(STAGE_RULES)} != the stage registry {sorted(STAGE_NAMES)}")
 
 
 def _check_model_split(cfg: ExperimentConfig, where: str, key: str, size: int):

@@ -1,16 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""One module per stage, each with `run(cfg, layout) -> summary`; STAGES maps the config's `stage:` to it.
+"""One module per stage, each with `run(cfg, layout) -> summary`; the stage registry (config/registry.py) names it.
 
 `run_stage(cfg)` is what `ms-llm train` and every msrun worker (launch.worker_main) call: it sets up
 MindSpore, finds this process's Layout (one process, or its place under msrun) and runs the stage.
 """
+import importlib
 import json
 import logging
 
-from ms_llm.stages import cpt, distill, dpo, grpo, ppo, pretrain, reward, sft
+from ms_llm.config.registry import STAGES as REGISTRY
 
-STAGES = {"pretrain": pretrain.run, "cpt": cpt.run, "distill": distill.run, "sft": sft.run, "reward": reward.run,
-          "dpo": dpo.run, "ppo": ppo.run, "grpo": grpo.run}
+
+def stage_runner(name: str):
+    """The `run` function of stage `name`: stages/<module>.py as its registry entry names it."""
+    return importlib.import_module(f"ms_llm.stages.{REGISTRY[name].module}").run
 
 
 def run_stage(cfg) -> dict:
@@ -24,7 +27,7 @@ def run_stage(cfg) -> dict:
     if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:
         from ms_llm.distributed import init_layout
         layout = init_layout(cfg)
-    summary = STAGES[cfg.stage](cfg, layout)
+    summary = stage_runner(cfg.stage)(cfg, layout)
     if layout.main and summary:
         print(json.dumps({"stage": summary["stage"], "status": summary["status"], "steps": summary["steps"],
                           "loss": summary["metrics"].get("loss"), "final": (summary.get("final") or {}).get("path")}))
