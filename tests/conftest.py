@@ -10,9 +10,10 @@ import pytest
 # The longest test files, longest first. With `-n 2 --dist loadfile` each worker takes the next file in collection
 # order when it is free, so a long file collected last would run alone at the end; starting with them keeps the two
 # workers busy until both finish (longest-processing-time-first). Order within a file is unchanged.
-LONGEST_FIRST = ("stages/test_distill.py", "test_distributed.py", "test_pipeline_chain.py", "stages/test_grpo.py",
+LONGEST_FIRST = ("test_pipeline_seeds.py", "stages/test_distill.py", "test_distributed.py", "test_pipeline_chain.py", "stages/test_grpo.py",
                  "stages/test_grpo_resume.py", "stages/test_ppo.py", "stages/test_dpo.py", "stages/test_cpt.py",
-                 "stages/test_sft.py", "stages/test_reward.py", "eval/test_sandbox.py")
+                 "stages/test_sft.py", "stages/test_reward.py", "eval/test_sandbox_prefix.py", "eval/test_sandbox.py",
+                 "training/test_disk_full.py")
 
 
 def pytest_collection_modifyitems(config, items):
