@@ -162,7 +162,7 @@ def train(cfg: ExperimentConfig, model, spec: StageSpec, run_dir: str, layout: L
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(bool(h["skipped"]) for h in history)
     steps = (start + len(history)) if history else start
-    return TrainResult(steps, metrics, history, resumed, evals, stopped, before)
+    return TrainResult(steps, metrics, history, resumed, evals, stopped_early=stopped, before=before)
 
 
 def _evaluate_at_start(spec: StageSpec, nets, start: int, logger: RunLogger, run_dir: str) -> dict:
