@@ -69,8 +69,6 @@ def summarize(per_seed: dict) -> dict:
                     "min": float(v.min()) if v.size else None, "max": float(v.max()) if v.size else None,
                     "p5": float(np.percentile(v, 5)) if v.size else None,
                     "median": float(np.median(v)) if v.size else None})
-        if row["op"] in ("<", "<="):       # the bad side of a "below" gate is its top
-            row["p95"] = float(np.percentile(v, 95)) if v.size else None
     return gates
 
 
