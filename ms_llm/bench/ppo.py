@@ -48,6 +48,16 @@ def digit_prompts(r, n: int) -> list:
     return out
 
 
+class DigitPrompts:
+    """A prompt stream (rollout/prompts.py's shape) of fresh random digit sequences: each `take` draws anew."""
+
+    def __init__(self, seed: int):
+        self.r, self.cursor = np.random.default_rng(seed), 0
+
+    def take(self, n: int) -> list:
+        return digit_prompts(self.r, n)
+
+
 def digit_reward(prompts, tokens, lengths):
     dense = np.zeros(tokens.shape, np.float64)
     for i, pr in enumerate(prompts):
@@ -71,7 +81,7 @@ def run_digits(steps: int = 60, seed: int = 0, log=None) -> dict:
     from ms_llm.models import CausalLM, preset
     from ms_llm.models.frozen import freeze
     from ms_llm.models.value import ValueModel
-    from ms_llm.stages.ppo import PPOLoop
+    from ms_llm.stages.ppo import PPOStage
     cfg = digit_task_config(steps, [f"train.seed={seed}"])
     shape = dict(vocab_size=DIGITS + 1, max_position_embeddings=32)
     ms.set_seed(seed)
@@ -80,14 +90,13 @@ def run_digits(steps: int = 60, seed: int = 0, log=None) -> dict:
     ms.load_param_into_net(reference, {p.name: ms.Parameter(p.asnumpy(), name=p.name)
                                        for p in policy.get_parameters()}, strict_load=True)
     value = ValueModel(CausalLM(preset("tiny", **shape)), 32)
-    loop = PPOLoop(cfg, policy, reference, value, digit_reward)
-    for u in loop.updaters:
+    stage = PPOStage(cfg, policy, reference, value, digit_reward, DigitPrompts(seed))
+    for u in stage.updaters():
         u.loss_net.set_train(True)
     before = greedy_accuracy(policy)
-    r = np.random.default_rng(seed)
     rewards = []
     for step in range(steps):
-        row = loop.step(step, digit_prompts(r, cfg.ppo.rollout_batch_size))
+        row, _ = stage.step(step, 0)
         rewards.append(row["reward/dense"])
         if log:
             log(step, row)
@@ -96,12 +105,11 @@ def run_digits(steps: int = 60, seed: int = 0, log=None) -> dict:
 
 
 def memory_worker(a):
-    import mindspore as ms
     from ms_llm.context import setup_context
     from ms_llm.losses.policy import TokenLogps
     from ms_llm.models import CausalLM, preset
     from ms_llm.rollout.chunks import ChunkPlan
-    from ms_llm.stages.ppo import score_windows
+    from ms_llm.rollout.batch import score_windows
     os.makedirs(a.workdir, exist_ok=True)
     os.chdir(a.workdir)
     setup_context("graph", seed=0)

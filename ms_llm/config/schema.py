@@ -138,6 +138,9 @@ class ContextSection:
 class LogSection:
     tensorboard: bool = opt(True, "Write TensorBoard event files to <output_dir>/tensorboard")
     plots: bool = opt(True, "Write loss/lr plots to <output_dir>/plots when the stage ends")
+    rollouts_every: int = opt(0, "RL stages (ppo, grpo): every N steps write that step's batch as the updaters got it "
+                                 "(tokens, masks, per-token log-probs, values, rewards, KL, advantages, returns) to "
+                                 "<output_dir>/rollouts/step_<N>.safetensors; 0: never", range="[0, inf)")
 
 
 @dataclass

@@ -1,9 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """A rollout batch on the host (prompts, sampled tokens, behaviour log-probs, the scoring windows the updaters
 read) and the scoring of its windows by a cell, shared by PPO and the GRPO family."""
+import json
+import os
+
 import numpy as np
 from mindspore import Tensor
 
+from ms_llm.models.safetensors_io import read_header, read_safetensors, write_safetensors
 from ms_llm.rollout.chunks import ChunkPlan
 
 
@@ -31,3 +35,17 @@ def score_windows(cell, windows: dict, keys, rows: int) -> np.ndarray:
         args = [Tensor(np.ascontiguousarray(windows[k][i:i + rows])) for k in keys]
         out.append(cell(*args).asnumpy())
     return np.concatenate(out).astype(np.float64)
+
+
+def dump_rollout(run_dir: str, step: int, arrays: dict, meta: dict) -> str:
+    """`<run_dir>/rollouts/step_<step>.safetensors`: one step's batch as the stage fed it to its updaters
+    (log.rollouts_every), with `meta` (JSON) in the file's metadata; returns the path."""
+    os.makedirs(os.path.join(run_dir, "rollouts"), exist_ok=True)
+    path = os.path.join(run_dir, "rollouts", f"step_{step:06d}.safetensors")
+    write_safetensors(path, {k: np.asarray(v) for k, v in arrays.items()}, {"meta": json.dumps(meta)})
+    return path
+
+
+def read_rollout(path: str) -> tuple:
+    """(arrays, meta) of a dump_rollout file."""
+    return read_safetensors(path), json.loads(read_header(path)["__metadata__"]["meta"])

@@ -29,7 +29,8 @@ from ms_llm.eval.results import gate
 from ms_llm.models.build import build_model
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import SupervisedStage
+from ms_llm.training.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,86 @@ class ForgettingMonitor:
         return out
 
 
+class CPTStage(SupervisedStage):
+    """Next-token loss on the curriculum's samples; the mixture moves with the consumed tokens, the anneal switch
+    and the forgetting monitor's alarms (the module docstring). `decisions` collects what it decided, for
+    decisions.md."""
+
+    def __init__(self, cfg: ExperimentConfig, model, layout: Layout, data: PretrainData, schedule: Schedule,
+                 monitor):
+        d, t = cfg.data, cfg.train
+        super().__init__(cfg, model, layout, LMLoss(model) if layout.pp is None else model,
+                         t.micro_batch_size * d.seq_len)
+        self.data, self.schedule, self.monitor, self.decisions = data, schedule, monitor, []
+        self.keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask \
+            else ("input_ids", "labels")
+        self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.parallel.data_parallel
+        self.tokens_per_step = self.samples_per_step * d.seq_len
+        self.anneal_step = decay_start(cfg) if schedule.anneal_weights else None
+        self.evaluates = monitor is not None
+
+    def batch(self, micro_index: int) -> dict:
+        return self.data.batch(micro_index, self.cfg.train.micro_batch_size, self.layout.data_rank,
+                               self.layout.data_world)
+
+    def step(self, step: int, micro_index: int) -> tuple:
+        row, used = super().step(step, micro_index)
+        done, schedule = self.done, self.schedule
+        if self.anneal_step is not None and done == self.anneal_step and schedule.anneal_from_tokens is None:
+            schedule.anneal_from_tokens = float(done * self.tokens_per_step)
+            self.data.sampler.reset(done * self.samples_per_step)
+            self.decisions.append(f"step {done}: learning-rate decay starts; mixture switched to the anneal weights "
+                                  f"{schedule.anneal_weights}")
+        tokens = done * self.tokens_per_step
+        w = schedule.domain_weights(tokens, done * self.samples_per_step)
+        row.update({f"mix/{k}": v for k, v in sorted(w.items())})
+        row["tokens"] = float(tokens)
+        if self.cfg.cpt.token_budget:
+            row["token_budget_done"] = tokens / float(self.cfg.cpt.token_budget)
+        return row, used
+
+    def evaluate(self) -> dict:
+        c, done, monitor = self.cfg.cpt, self.done, self.monitor
+        row, alarms = monitor.check(*monitor.measure())
+        for dom in alarms:
+            self.schedule.boosts.append((done * self.samples_per_step, dom, c.monitor.boost))
+            self.decisions.append(f"step {done}: alarm on '{dom}' ({monitor.reason(row, dom)}); its sampling weight "
+                                  f"x{c.monitor.boost}")
+            row[f"eval/alarm/{dom}"] = 1.0
+        if alarms:
+            self.data.sampler.reset(done * self.samples_per_step)
+        w = self.schedule.domain_weights(done * self.tokens_per_step, done * self.samples_per_step)
+        row.update({f"eval/mix/{k}": v for k, v in sorted(w.items())})
+        return row
+
+    def should_stop(self, evals: list) -> bool:
+        m = self.cfg.cpt.monitor
+        if self.monitor is None or not m.stop:
+            return False
+        stop = self.monitor.converged() and evals[-1].get("eval/alarms", 1.0) == 0
+        if stop:
+            self.decisions.append(f"step {evals[-1]['step']}: held-out loss varied < {m.tolerance:.2%} over "
+                                  f"{m.window} evaluations with no domain over its threshold: terminate")
+        return stop
+
+    def state_dict(self) -> dict:
+        monitor = self.monitor
+        return {"curriculum": self.schedule.state(), "monitor_baseline": monitor.baseline if monitor else {},
+                "monitor_baseline_accuracy": monitor.baseline_acc if monitor else {},
+                "monitor_history": monitor.history if monitor else []}
+
+    def load_state_dict(self, saved: dict):
+        self.schedule.load_state(saved.get("curriculum", {}))
+        self.data.sampler.reset(0)
+        monitor = self.monitor
+        if monitor is not None and (saved.get("monitor_baseline") or saved.get("monitor_baseline_accuracy")):
+            monitor.baseline = dict(saved.get("monitor_baseline", {}))
+            monitor.baseline_acc = dict(saved.get("monitor_baseline_accuracy", {}))
+            monitor.history = list(saved.get("monitor_history", []))
+
+
 def run(cfg: ExperimentConfig, layout: Layout) -> dict:
-    c, d, t = cfg.cpt, cfg.data, cfg.train
+    c, d = cfg.cpt, cfg.data
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, layout)
@@ -154,88 +233,25 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         data.sampler = CurriculumSampler(data.n_train, data.domains, data.weights, schedule, d.seq_len, d.shuffle_seed)
     except ValueError as e:
         raise MsLlmError(f"cpt.phases: {e}") from None
-    keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask else ("input_ids", "labels")
-    mbs = t.micro_batch_size
-    samples_per_step = mbs * t.grad_accum_steps * cfg.parallel.data_parallel
-    tokens_per_step = samples_per_step * d.seq_len
-    anneal_step = decay_start(cfg) if schedule.anneal_weights else None
     monitor = ForgettingMonitor(cfg, model, tokenizer) if c.monitor.sets or c.monitor.choice_sets else None
-    state = {"step": 0}
-    decisions = []
-
-    def step_metrics(done: int) -> dict:
-        state["step"] = done
-        if anneal_step is not None and done == anneal_step and schedule.anneal_from_tokens is None:
-            schedule.anneal_from_tokens = float(done * tokens_per_step)
-            data.sampler.reset(done * samples_per_step)
-            decisions.append(f"step {done}: learning-rate decay starts; mixture switched to the anneal weights "
-                             f"{schedule.anneal_weights}")
-        tokens = done * tokens_per_step
-        w = schedule.domain_weights(tokens, done * samples_per_step)
-        row = {f"mix/{k}": v for k, v in sorted(w.items())}
-        row["tokens"] = float(tokens)
-        if c.token_budget:
-            row["token_budget_done"] = tokens / float(c.token_budget)
-        return row
-
-    def evaluate():
-        if monitor is None:
-            return {}
-        done = state["step"]
-        row, alarms = monitor.check(*monitor.measure())
-        for dom in alarms:
-            schedule.boosts.append((done * samples_per_step, dom, c.monitor.boost))
-            decisions.append(f"step {done}: alarm on '{dom}' ({monitor.reason(row, dom)}); its sampling weight "
-                             f"x{c.monitor.boost}")
-            row[f"eval/alarm/{dom}"] = 1.0
-        if alarms:
-            data.sampler.reset(done * samples_per_step)
-        w = schedule.domain_weights(done * tokens_per_step, done * samples_per_step)
-        row.update({f"eval/mix/{k}": v for k, v in sorted(w.items())})
-        return row
-
-    def should_stop(evals: list) -> bool:
-        if monitor is None or not c.monitor.stop:
-            return False
-        stop = monitor.converged() and evals[-1].get("eval/alarms", 1.0) == 0
-        if stop:
-            decisions.append(f"step {evals[-1]['step']}: held-out loss varied < {c.monitor.tolerance:.2%} over "
-                             f"{c.monitor.window} evaluations with no domain over its threshold: terminate")
-        return stop
-
-    def check_resume(saved: dict):
-        schedule.load_state(saved.get("curriculum", {}))
-        data.sampler.reset(0)
-        if monitor is not None and (saved.get("monitor_baseline") or saved.get("monitor_baseline_accuracy")):
-            monitor.baseline = dict(saved.get("monitor_baseline", {}))
-            monitor.baseline_acc = dict(saved.get("monitor_baseline_accuracy", {}))
-            monitor.history = list(saved.get("monitor_history", []))
-
-    spec = StageSpec(loss_net=LMLoss(model) if layout.pp is None else model, batch_keys=keys,
-                     next_batch=lambda i: data.batch(i, mbs, layout.data_rank, layout.data_world),
-                     tokens_per_micro=mbs * d.seq_len, evaluate=evaluate if monitor is not None else None,
-                     extra_state=lambda: {"curriculum": schedule.state(),
-                                          "monitor_baseline": monitor.baseline if monitor else {},
-                                          "monitor_baseline_accuracy": monitor.baseline_acc if monitor else {},
-                                          "monitor_history": monitor.history if monitor else []},
-                     check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
+    stage = CPTStage(cfg, model, layout, data, schedule, monitor)
     # the baseline, before any CPT step, on every rank: the alarms (and so the data mixture) must agree across
     # data-parallel ranks, and under tensor parallelism the evaluation is a collective
     if monitor is not None and not _has_checkpoint(run_dir):
         row, _ = monitor.check(*monitor.measure())
-        decisions.append("baseline held-out loss: " + ", ".join(f"{k[len('eval/loss/'):]} {v:.4f}" for k, v in row.items()
+        stage.decisions.append("baseline held-out loss: " + ", ".join(f"{k[len('eval/loss/'):]} {v:.4f}" for k, v in row.items()
                                                                 if k.startswith("eval/loss/") and k != "eval/loss/mean"))
         if monitor.baseline_acc:
-            decisions.append("baseline accuracy: " + ", ".join(f"{d} {v:.1%}" for d, v in monitor.baseline_acc.items()))
-    result = train(cfg, model, spec, run_dir, layout)
+            stage.decisions.append("baseline accuracy: " + ", ".join(f"{d} {v:.1%}" for d, v in monitor.baseline_acc.items()))
+    result = train(cfg, stage, run_dir)
     weights = layout.whole_weights(model)
     if not layout.main:
         return {}
     with open(os.path.join(run_dir, "decisions.md"), "a") as f:
-        f.write("".join(f"- {x}\n" for x in decisions))
+        f.write("".join(f"- {x}\n" for x in stage.decisions))
     final = export_final(run_dir, model, tokenizer, c.export_version, weights)
-    metrics = dict(result.metrics, data_skipped_records=data.skipped, alarms=sum("alarm on" in x for x in decisions),
-                   tokens=float(result.steps * tokens_per_step))
+    metrics = dict(result.metrics, data_skipped_records=data.skipped, alarms=sum("alarm on" in x for x in stage.decisions),
+                   tokens=float(result.steps * stage.tokens_per_step))
     status = "stopped_early" if result.stopped_early else "completed"
     gates = monitor.gates(result.evals[-1]) if monitor is not None and result.evals else None
     return finish(run_dir, cfg.stage, status, result.steps, metrics, final, gates, plots=cfg.log.plots)

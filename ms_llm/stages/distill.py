@@ -41,7 +41,8 @@ from ms_llm.models.vocab import vocab_alignment
 from ms_llm.models.frozen import load_frozen
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import SupervisedStage
+from ms_llm.training.trainer import train
 
 log = logging.getLogger(__name__)
 KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
@@ -346,6 +347,56 @@ def gates(cfg: ExperimentConfig, evals: list) -> dict:
             "loss_plateau": gate(plateau(losses, d.plateau_window), d.gate_plateau, "<")}
 
 
+class DistillStage(SupervisedStage):
+    """The student's distillation loss against the teacher's logits (live, or read from the teacher cache);
+    held-out exact match against the teacher's, the gates, and hard-example rounds (the module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig, student, layout: Layout, loss, data, cache, teacher, tokenizer,
+                 records: list, teacher_score: float, hard):
+        mbs = cfg.train.micro_batch_size
+        super().__init__(cfg, student, layout, loss, mbs * cfg.data.seq_len, params=student.trainable_params(),
+                         loss_norm=float(mbs))
+        self.keys = CACHE_KEYS if cache is not None else KEYS
+        self.data, self.cache, self.teacher, self.tokenizer = data, cache, teacher, tokenizer
+        self.records, self.teacher_score, self.hard = records, teacher_score, hard
+        self.evaluates = bool(records or hard)
+
+    def batch(self, micro_index: int) -> dict:
+        mbs, rank, world = self.cfg.train.micro_batch_size, self.layout.data_rank, self.layout.data_world
+        b = self.data.batch(micro_index, mbs, rank, world)
+        if self.cache is not None:
+            b.update(self.cache.rows([self.data.flat_index(k)
+                                      for k in self.data.batch_indices(micro_index, mbs, rank, world)]))
+        return b
+
+    def evaluate(self) -> dict:
+        d, out = self.cfg.distill, {}
+        if self.records:
+            acc = exact_match(self.model, self.tokenizer, self.records, self.cfg.tokenizer.chat_template,
+                              d.eval_max_new_tokens)["accuracy"]
+            ts = self.teacher_score
+            out.update({"eval/exact_match": acc, "eval/teacher_exact_match": ts,
+                        "eval/score_ratio": acc / ts if ts > 0 else float("nan")})
+        if self.hard is not None and self.done % d.iterative.every == 0:
+            out.update(self.hard.round())
+        return out
+
+    def should_stop(self, evals: list) -> bool:
+        g = gates(self.cfg, evals)
+        for name, v in g.items():
+            evals[-1][f"eval/gate/{name}"] = float(v["passed"])
+        return self.cfg.distill.stop_at_gates and all(v["passed"] for v in g.values())
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), hard_rounds=self.hard.rounds if self.hard else 0,
+                    teacher_sha256=self.teacher.sha256)
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        if self.hard is not None:
+            self.hard.restore(int(state.get("hard_rounds", 0)))
+
+
 # ---------------------------------------------------------------------------------------------- the stage
 def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     d = cfg.distill
@@ -364,55 +415,14 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         loss = DistillLoss(student, lcfg, None, teacher.vocab_map, unk)
     else:
         loss = DistillLoss(student, lcfg, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
-    mbs = cfg.train.micro_batch_size
-
-    rank, world = layout.data_rank, layout.data_world
-
-    def next_batch(i):
-        b = data.batch(i, mbs, rank, world)
-        if cache is not None:
-            b.update(cache.rows([data.flat_index(k) for k in data.batch_indices(i, mbs, rank, world)]))
-        return b
-
     records = []
     if d.eval_prompts:
         records = read_records(d.eval_prompts, "prompts")
         records = records[:d.eval_limit] if d.eval_limit else records
-    template = cfg.tokenizer.chat_template
     teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
-    progress = {"step": 0}
-
-    def step_metrics(done: int) -> dict:
-        progress["step"] = done               # the step being evaluated (survives a resume, unlike a call count)
-        return {}
-
-    def evaluate():
-        out = {}
-        if records:
-            acc = exact_match(student, tokenizer, records, template, d.eval_max_new_tokens)["accuracy"]
-            out.update({"eval/exact_match": acc, "eval/teacher_exact_match": teacher_score,
-                        "eval/score_ratio": acc / teacher_score if teacher_score > 0 else float("nan")})
-        if hard is not None and progress["step"] % d.iterative.every == 0:
-            out.update(hard.round())
-        return out
-
-    def should_stop(evals):
-        g = gates(cfg, evals)
-        for name, v in g.items():
-            evals[-1][f"eval/gate/{name}"] = float(v["passed"])
-        return d.stop_at_gates and all(v["passed"] for v in g.values())
-
-    def check_resume(state: dict):
-        if hard is not None:
-            hard.restore(int(state.get("hard_rounds", 0)))
-
-    spec = StageSpec(loss_net=loss, batch_keys=CACHE_KEYS if cache is not None else KEYS, next_batch=next_batch,
-                     tokens_per_micro=mbs * cfg.data.seq_len, evaluate=evaluate if (records or hard) else None,
-                     loss_norm=float(mbs), params=student.trainable_params(),
-                     extra_state=lambda: {"hard_rounds": hard.rounds if hard else 0, "teacher_sha256": teacher.sha256},
-                     check_resume=check_resume, should_stop=should_stop, step_metrics=step_metrics)
-    result = train(cfg, student, spec, run_dir, layout)
+    stage = DistillStage(cfg, student, layout, loss, data, cache, teacher, tokenizer, records, teacher_score, hard)
+    result = train(cfg, stage, run_dir)
     if not layout.main:
         return {}
     student.set_train(False)

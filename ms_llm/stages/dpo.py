@@ -41,12 +41,13 @@ from ms_llm.models.build import build_model
 from ms_llm.models.frozen import load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
-from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.peft.lora import LoRAConfig, apply_lora
 from ms_llm.stages import common
 from ms_llm.stages.common import (export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir,
                                   trained_model)
 from ms_llm.training.layout import Layout
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import SupervisedStage, adapter_io
+from ms_llm.training.trainer import train
 
 log = logging.getLogger(__name__)
 KEYS = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "ref_chosen", "ref_rejected")
@@ -227,17 +228,53 @@ def win_rate_against_start(cfg: ExperimentConfig, trained, tokenizer, eval_recor
             "winrate/identical_answers": float(np.mean([a == b for a, b in zip(ours, start)]))}
 
 
-def checkpoint_io(cfg: ExperimentConfig, policy):
-    if not cfg.dpo.lora.enabled:
-        return None, None
-    return (lambda folder: save_adapter(policy, folder, cfg.model.init_from),      # noqa: E731
-            lambda folder: load_adapter(policy, folder))
+class DPOStage(SupervisedStage):
+    """A preference loss (DPO family, or KTO on unpaired completions) against the frozen reference's log-probs,
+    scored live (`ref_scorer`), read from the reference cache (`cached`) or absent (reference-free losses);
+    held-out preference accuracy from step 0."""
+    evaluate_at_start = True
+
+    def __init__(self, cfg: ExperimentConfig, policy, layout: Layout, loss, data, evaluate, objective: dict,
+                 ref_scorer, cached):
+        mbs = cfg.train.micro_batch_size
+        super().__init__(cfg, policy, layout, loss, 2 * mbs * cfg.data.seq_len, loss_norm=float(mbs))
+        self.kto = cfg.dpo.loss == "kto"
+        self.keys = KTO_KEYS if self.kto else KEYS
+        self.data, self._evaluate, self.evaluates = data, evaluate, evaluate is not None
+        self.ref_scorer, self.cached = ref_scorer, cached
+        self.must_match = {"objective": objective}
+
+    def batch(self, micro_index: int) -> dict:
+        mbs, ref = self.cfg.train.micro_batch_size, self.ref_scorer
+        batch = self.data.batch(micro_index, mbs, self.layout.data_rank, self.layout.data_world)
+        if self.kto:
+            both = ref(Tensor(np.concatenate([batch["ids"], batch["kl_ids"]])),
+                       Tensor(np.concatenate([batch["labels"], batch["kl_labels"]]))).asnumpy()
+            batch["ref_logps"], batch["ref_kl_logps"] = both[:mbs], both[mbs:]
+            return batch
+        batch = with_labels(batch)
+        if self.cached is not None:
+            batch["ref_chosen"] = self.cached["train/chosen"][batch["pair_index"]]
+            batch["ref_rejected"] = self.cached["train/rejected"][batch["pair_index"]]
+        elif ref is not None:
+            both = ref(Tensor(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])),
+                       Tensor(np.concatenate([batch["chosen_labels"], batch["rejected_labels"]]))).asnumpy()
+            batch["ref_chosen"], batch["ref_rejected"] = both[:mbs], both[mbs:]
+        else:
+            batch["ref_chosen"] = batch["ref_rejected"] = np.zeros(mbs, np.float32)
+        return batch
+
+    def evaluate(self) -> dict:
+        return self._evaluate()
+
+    def weights_io(self):
+        return adapter_io(self.model, self.cfg.model.init_from) if self.cfg.dpo.lora.enabled else None
 
 
 def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    d, data_cfg, mbs = cfg.dpo, cfg.data, cfg.train.micro_batch_size
+    d, data_cfg = cfg.dpo, cfg.data
     template = cfg.tokenizer.chat_template
     for key, path in (("dpo.winrate.judge", d.winrate.judge), ("dpo.winrate.prompts", d.winrate.prompts)):
         if path and not os.path.exists(path):                # found before training, not after it
@@ -279,25 +316,6 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     if cached is not None:
         eval_ref = (cached["eval/chosen"], cached["eval/rejected"])
 
-    def next_batch(i):
-        batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
-        if kto:
-            both = ref_scorer(Tensor(np.concatenate([batch["ids"], batch["kl_ids"]])),
-                              Tensor(np.concatenate([batch["labels"], batch["kl_labels"]]))).asnumpy()
-            batch["ref_logps"], batch["ref_kl_logps"] = both[:mbs], both[mbs:]
-            return batch
-        batch = with_labels(batch)
-        if cached is not None:
-            batch["ref_chosen"] = cached["train/chosen"][batch["pair_index"]]
-            batch["ref_rejected"] = cached["train/rejected"][batch["pair_index"]]
-        elif ref_scorer is not None:
-            both = ref_scorer(Tensor(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])),
-                              Tensor(np.concatenate([batch["chosen_labels"], batch["rejected_labels"]]))).asnumpy()
-            batch["ref_chosen"], batch["ref_rejected"] = both[:mbs], both[mbs:]
-        else:
-            batch["ref_chosen"] = batch["ref_rejected"] = np.zeros(mbs, np.float32)
-        return batch
-
     if kto:
         loss = KTOLoss(policy, d.beta, d.kto_desirable_weight, d.kto_undesirable_weight)
     else:
@@ -305,19 +323,10 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     evaluate = make_evaluator(cfg, policy, eval_pairs, eval_ref)
     if d.gate_accuracy is not None and evaluate is None:
         raise MsLlmError(f"dpo.gate_accuracy is set but {d.eval_data} left no held-out pair to measure it on")
-    writer, reader = checkpoint_io(cfg, policy)
     objective = {"loss": d.loss, "beta": d.beta, "label_smoothing": d.label_smoothing, "simpo_gamma": d.simpo_gamma,
                  "nll_coef": d.nll_coef, "reference": reference_identity(cfg, section) if needs_ref else None}
-
-    def check_resume(state: dict):
-        if state.get("objective", objective) != objective:
-            raise MsLlmError(f"the checkpoint was trained with {state['objective']}, this config asks for "
-                             f"{objective}; resume with the same objective and reference, or start a new run")
-    spec = StageSpec(loss_net=loss, batch_keys=KTO_KEYS if kto else KEYS, next_batch=next_batch,
-                     tokens_per_micro=2 * mbs * data_cfg.seq_len, evaluate=evaluate, weights_writer=writer,
-                     weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"objective": objective},
-                     check_resume=check_resume, evaluate_at_start=True)
-    result = train(cfg, policy, spec, run_dir, layout)
+    stage = DPOStage(cfg, policy, layout, loss, data, evaluate, objective, ref_scorer, cached)
+    result = train(cfg, stage, run_dir)
     if not layout.main:
         return {}
     trained = trained_model(cfg, run_dir, policy, d.lora.enabled)

@@ -39,19 +39,20 @@ from ms_llm.losses.policy import (PolicyLoss, TokenLogps, ValueLoss, explained_v
 from ms_llm.models.build import build_model
 from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
-from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.peft.lora import LoRAConfig, apply_lora
 from ms_llm.rollout.audit import AuditSampler
-from ms_llm.rollout.batch import Rollout, score_windows
+from ms_llm.rollout.batch import Rollout, dump_rollout, score_windows
 from ms_llm.rollout.chunks import ChunkPlan, generate_chunked
 from ms_llm.rollout.kl_control import KLController
-from ms_llm.rollout.prompts import read_prompts
+from ms_llm.rollout.prompts import PromptStream, read_prompts
 from ms_llm.rollout.reward_model import load_reward, same_tokenizer
 from ms_llm.rollout.rewards import SafetyReward, SensitivePhrases
 from ms_llm.stages.common import (export_final, finish, load_tokenizer, prepare_run_dir,
                                   reference_section, trained_model)
 from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import read_metrics
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import Stage, adapter_io
+from ms_llm.training.trainer import train
 from ms_llm.training.updater import Updater
 
 log = logging.getLogger(__name__)
@@ -90,38 +91,71 @@ def build_safety(cfg: ExperimentConfig, tokenizer):
     return SafetyReward(phrases, classifier, s.match_weight, s.classifier_weight)
 
 
-class PPOLoop:
+class PPOStage(Stage):
     """One PPO step over a batch of prompts: roll out, score, advantages, updates, KL control (module docstring).
 
     reward_fn(prompts, tokens [B, N], lengths [B]) -> {"total": [B] sequence scores, "parts": {name: [B]} to log,
-    "dense": [B, N] per-token rewards or None}. The stage passes the reward model (and safety reward); a
-    verifiable task passes its own checker. Prompts are dicts with "ids" (and "tag", grouped in the metrics).
+    "dense": [B, N] per-token rewards or None, "texts": decoded responses (for the audit)}. The stage passes the
+    reward model (and safety reward); a verifiable task passes its own checker. `prompts` is a stream
+    (rollout/prompts.py) of dicts with "ids" (and "tag", grouped in the metrics); step s rolls out its
+    prompts s·B … (s+1)·B − 1. `evaluate` (optional): () -> {"eval/...": value}. `run_dir`: where decisions.jsonl,
+    audit rounds and rollout dumps go (None: nowhere).
     """
+    evaluate_at_start = True
 
-    def __init__(self, cfg: ExperimentConfig, policy, reference, value, reward_fn, layout: Layout = None,
-                 pad: int = 0, stops=(), decisions: str = None):
+    def __init__(self, cfg: ExperimentConfig, policy, reference, value, reward_fn, prompts, layout: Layout = None,
+                 pad: int = 0, stops=(), run_dir: str = None, evaluate=None, objective: dict = None):
+        super().__init__(cfg, policy, layout)
         p, t = cfg.ppo, cfg.train
-        self.cfg, self.p, self.seed, self.mbs = cfg, p, t.seed, t.micro_batch_size
+        self.p, self.seed, self.mbs = p, t.seed, t.micro_batch_size
         self.policy, self.value, self.reward_fn, self.pad, self.stops = policy, value, reward_fn, pad, list(stops)
-        self.decisions, self.main = decisions, layout is None or layout.main
+        self.prompts, self.run_dir, self._evaluate, self.evaluates = prompts, run_dir, evaluate, evaluate is not None
         self.plan = ChunkPlan(p.max_prompt_len, p.max_new_tokens, p.chunk_size, p.chunk_overlap, p.exact_scoring)
         windows = p.mini_batch_size * self.plan.n_windows              # a micro-batch is mbs scoring windows
-        self.rank, world = (layout.data_rank, layout.data_world) if layout is not None else (0, 1)
+        self.rank, world = self.layout.data_rank, self.layout.data_world
         if p.rollout_batch_size % p.mini_batch_size or windows % (self.mbs * world):
             raise MsLlmError(f"ppo.mini_batch_size {p.mini_batch_size} must divide ppo.rollout_batch_size "
                              f"{p.rollout_batch_size}, and its {windows} scoring windows must split into micro-batches "
                              f"of train.micro_batch_size {self.mbs} on each of {world} data-parallel ranks")
         self.accum = accum = windows // (self.mbs * world)             # micro-batches per update on this rank
         norm = float(self.mbs * self.plan.chunk)
-        self.updaters = [
+        self._updaters = [
             Updater("policy", cfg, PolicyLoss(policy, p.clip_low, p.clip_high, p.dual_clip, p.ent_coef,
-                                              p.temperature), policy, layout, accum_steps=accum, loss_norm=norm),
-            Updater("value", cfg, ValueLoss(value, p.value_clip, p.vf_coef), value, layout, lr=p.value_lr,
+                                              p.temperature), policy, self.layout, accum_steps=accum, loss_norm=norm),
+            Updater("value", cfg, ValueLoss(value, p.value_clip, p.vf_coef), value, self.layout, lr=p.value_lr,
                     accum_steps=accum, loss_norm=norm)]
-        self.policy_peak = self.updaters[0].peak_lr
+        self.policy_peak = self._updaters[0].peak_lr
         self.old_scorer, self.ref_scorer = TokenLogps(policy, p.temperature), TokenLogps(reference, p.temperature)
         self.kl = KLController(p.kl.controller, p.kl.init_coef, p.kl.target, p.kl.horizon, p.kl.alarm,
                                p.kl.lr_decay, p.kl.lr_floor)
+        self.audit = AuditSampler(p.audit.share, t.seed) if p.audit.every and run_dir else None
+        self.must_match = {"objective": objective} if objective else {}
+
+    def updaters(self) -> list:
+        return self._updaters
+
+    def models(self) -> dict:
+        return {"value": (self.value.save, self.value.load)}
+
+    def weights_io(self):
+        return adapter_io(self.policy, self.cfg.model.init_from) if self.p.lora.enabled else None
+
+    def evaluate(self) -> dict:
+        return self._evaluate()
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), kl_controller=self.kl.state(),
+                    audit_pending=self.audit.state() if self.audit is not None else [])
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.kl.load_state(state["kl_controller"])
+        if self.run_dir and self.layout.main:
+            truncate_decisions(os.path.join(self.run_dir, "decisions.jsonl"), state["step"])
+        if self.audit is not None:
+            self.audit.load_state(state.get("audit_pending"))
+
+    # -- one step
 
     def roll_out(self, step: int, prompts: list) -> Rollout:
         p = self.p
@@ -134,6 +168,7 @@ class PPOLoop:
         return ro
 
     def score(self, ro: Rollout) -> dict:
+        """Old-policy and reference log-probs and values of the rollout, rewards, KL, GAE: host arrays [B, N]."""
         p, plan, w = self.p, self.plan, ro.windows
         keys = ("ids", "attention_mask", "position_ids", "targets")
         modes = [(m, m.training) for m in (self.policy, self.value)]
@@ -158,12 +193,12 @@ class PPOLoop:
             adv = whiten(adv, mask)
         n = ro.behaviour.shape[1]
         gap = np.abs((ro.behaviour - old[:, :n]) * mask[:, :n]).sum() / max(mask.sum(), 1)
-        return {"old": old, "values": values, "advantages": adv, "returns": ret, "reward": got,
-                "kl": float(kl_tok.sum(-1).mean()), "explained_variance": explained_variance(values, ret, mask),
-                "logprob_gap": float(gap)}
+        return {"old": old, "ref": refl, "values": values, "kl_tokens": kl_tok, "rewards": rewards,
+                "advantages": adv, "returns": ret, "reward": got, "kl": float(kl_tok.sum(-1).mean()),
+                "explained_variance": explained_variance(values, ret, mask), "logprob_gap": float(gap)}
 
     def update(self, ro: Rollout, sc: dict, step: int) -> dict:
-        p, plan, mbs, upd = self.p, self.plan, self.mbs, self.updaters
+        p, plan, mbs, upd = self.p, self.plan, self.mbs, self._updaters
         index = ro.windows["index"]
         w = dict(ro.windows, old_logps=plan.to_windows(sc["old"], index),
                  advantages=plan.to_windows(sc["advantages"], index),
@@ -194,14 +229,20 @@ class PPOLoop:
                 agg[name] = float(np.mean([r[src][name] for r in rows]))
         return agg
 
-    def step(self, step: int, prompts: list) -> dict:
-        """One PPO step on `prompts`; returns the metrics row."""
+    def step(self, step: int, micro_index: int) -> tuple:
+        """One PPO step on the stream's next ppo.rollout_batch_size prompts: (row, micro-batches consumed)."""
+        b = self.p.rollout_batch_size
+        self.prompts.cursor = step * b
+        prompts = self.prompts.take(b)
         ro = self.roll_out(step, prompts)
         sc = self.score(ro)
+        beta = self.kl.beta
+        if self.run_dir and self.layout.main and self.cfg.log.rollouts_every \
+                and (step + 1) % self.cfg.log.rollouts_every == 0:
+            self._dump(step, ro, sc, beta)
         tic = time.perf_counter()
         row = self.update(ro, sc, step)
         train_s = time.perf_counter() - tic
-        beta = self.kl.beta
         event = self.kl.update(sc["kl"], len(prompts))
         n_tokens = float(ro.lengths.sum())
         row.update({"kl": sc["kl"], "kl_coef": beta, "kl_alarm": float(event["alarm"]),
@@ -209,7 +250,7 @@ class PPOLoop:
                     "response_length": float(ro.lengths.mean()), "rollout/logprob_gap": sc["logprob_gap"],
                     "rollout_tokens_per_s": n_tokens / max(ro.generate_s, 1e-9),
                     "train_tokens_per_s": n_tokens * self.p.ppo_epochs / max(train_s, 1e-9)})
-        got = self.last_reward = sc["reward"]
+        got = sc["reward"]
         row["reward/total"] = float(np.mean(got["total"]))
         if got.get("dense") is not None:
             row["reward/dense"] = float((np.asarray(got["dense"])[:, :ro.response_mask.shape[1]]
@@ -222,13 +263,30 @@ class PPOLoop:
                 row[f"reward/rm/{tag}"] = float(np.mean(got["parts"]["rm"][sel]))
         if event["alarm"]:
             self._alarm(step, event)
-        return row
+        if self.audit is not None:
+            self.audit.add(step, prompts, got["texts"], got["parts"], got["total"])
+            if (step + 1) % self.p.audit.every == 0 and self.layout.main:
+                self.audit.flush(self.run_dir, (step + 1) // self.p.audit.every)
+        return row, b // self.mbs
+
+    def _dump(self, step: int, ro: Rollout, sc: dict, beta: float):
+        dense = sc["reward"].get("dense")
+        arrays = {"tokens": ro.tokens, "lengths": ro.lengths, "response_mask": ro.response_mask,
+                  "behaviour_logps": ro.behaviour, "old_logps": sc["old"], "ref_logps": sc["ref"],
+                  "values": sc["values"], "score": np.asarray(sc["reward"]["total"], np.float64),
+                  "kl": sc["kl_tokens"], "rewards": sc["rewards"], "advantages": sc["advantages"],
+                  "returns": sc["returns"]}
+        if dense is not None:
+            arrays["dense"] = np.asarray(dense, np.float64)
+        p = self.p
+        dump_rollout(self.run_dir, step + 1, arrays, {"kl_coef": beta, "kl_estimator": p.kl.estimator,
+                                                      "gamma": p.gamma, "lam": p.lam, "whiten": p.whiten_advantages})
 
     def _alarm(self, step: int, event: dict):
         log.warning("step %d: KL %.4g above %.4g; policy lr factor %.3g -> %.3g", step + 1, event["kl"],
                     event["threshold"], event["lr_factor_before"], event["lr_factor_after"])
-        if self.decisions and self.main:
-            with open(self.decisions, "a") as f:
+        if self.run_dir and self.layout.main:
+            with open(os.path.join(self.run_dir, "decisions.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step + 1, "decision": "policy lr decayed",
                                     "reason": f"KL {event['kl']:.4g} above the alarm threshold {event['threshold']}",
                                     **{k: v for k, v in event.items() if k.startswith("lr_")}}) + "\n")
@@ -285,62 +343,20 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         raise MsLlmError(f"ppo.reference: {ref.path} has another tokenizer than the policy")
     value = build_value(cfg, policy)
     freeze_reward(reward_model, safety)
-    loop = PPOLoop(cfg, policy, ref.model, value, rm_reward(cfg, reward_model, safety, tokenizer, stops), layout,
-                   pad, stops, os.path.join(run_dir, "decisions.jsonl"))
-    mbs, kl = t.micro_batch_size, loop.kl
-    audit = AuditSampler(p.audit.share, t.seed) if p.audit.every else None
-    order_cache = {}
-
-    def prompt_at(i: int) -> dict:
-        epoch, k = divmod(i, len(prompts))
-        if epoch not in order_cache:
-            order_cache[epoch] = np.random.default_rng([t.seed, epoch]).permutation(len(prompts))
-        return prompts[order_cache[epoch][k]]
-
-    def run_step(step: int, micro_index: int):
-        start = step * p.rollout_batch_size           # prompts consumed so far
-        batch = [prompt_at(start + j) for j in range(p.rollout_batch_size)]
-        row = loop.step(step, batch)
-        if audit is not None:
-            got = loop.last_reward
-            audit.add(step, batch, got["texts"], got["parts"], got["total"])
-            if (step + 1) % p.audit.every == 0 and layout.main:
-                audit.flush(run_dir, (step + 1) // p.audit.every)
-        return row, p.rollout_batch_size // mbs
-
-    def evaluate() -> dict:
-        return evaluate_policy(cfg, policy, tokenizer, reward_model, eval_prompts, stops)
-
-    # LoRA: checkpoints hold the adapter only; full weights: the trainer's own checkpoint I/O
-    write_policy = (lambda folder: save_adapter(policy, folder, cfg.model.init_from)) if p.lora.enabled else None
-    read_policy = (lambda folder: load_adapter(policy, folder)) if p.lora.enabled else None
-
     objective = {"reward_model": reward_model.source, "kl_estimator": p.kl.estimator, "value_init": p.value_init}
-
-    def check_resume(state: dict):
-        if state.get("objective", objective) != objective:
-            raise MsLlmError(f"the checkpoint was trained with {state['objective']}, this config asks for "
-                             f"{objective}; resume with the same reward model and KL estimator, or start a new run")
-        kl.load_state(state["kl_controller"])
-        if layout.main:
-            truncate_decisions(os.path.join(run_dir, "decisions.jsonl"), state["step"])
-        if audit is not None:
-            audit.load_state(state.get("audit_pending"))
-
-    spec = StageSpec(updaters=loop.updaters, run_step=run_step, weights_writer=write_policy, weights_reader=read_policy,
-                     models={"value": (value.save, value.load)}, evaluate=evaluate if eval_prompts else None,
-                     evaluate_at_start=True,
-                     extra_state=lambda: {"kl_controller": kl.state(), "objective": objective,
-                                          "audit_pending": audit.state() if audit is not None else []},
-                     check_resume=check_resume)
-    result = train(cfg, policy, spec, run_dir, layout)
+    stage = PPOStage(cfg, policy, ref.model, value, rm_reward(cfg, reward_model, safety, tokenizer, stops),
+                     PromptStream(prompts, t.seed), layout, pad, stops, run_dir, objective=objective,
+                     evaluate=(lambda: evaluate_policy(cfg, policy, tokenizer, reward_model, eval_prompts, stops))
+                     if eval_prompts else None)
+    result = train(cfg, stage, run_dir)
     if not layout.main:
         return {}
     trained = trained_model(cfg, run_dir, policy, p.lora.enabled)
-    metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut, kl_alarms=kl.alarms, kl_coef=kl.beta,
+    metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut, kl_alarms=stage.kl.alarms,
+                   kl_coef=stage.kl.beta,
                    **{f"before/{k}": v for k, v in result.before.items()})
     if eval_prompts and "eval/reward" not in metrics:
-        metrics.update(evaluate())
+        metrics.update(stage.evaluate())
     history = read_metrics(run_dir) or result.history       # every logged step, before a resume too
     fluct = [h["policy/ratio_fluctuation"] for h in history if "policy/ratio_fluctuation" in h]
     if fluct:

@@ -10,11 +10,13 @@ import mindspore as ms
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.loader import PretrainData
+from ms_llm.errors import MsLlmError
 from ms_llm.losses.lm import LMLoss
 from ms_llm.models.build import build_model
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import SupervisedStage
+from ms_llm.training.trainer import train
 
 
 def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
@@ -27,27 +29,39 @@ def eval_loss(loss_net, data: PretrainData, keys, micro_batch: int) -> dict:
     return {"eval/loss": num / den, "eval/ppl": math.exp(min(num / den, 50.0))}
 
 
+class PretrainStage(SupervisedStage):
+    """Next-token loss on `data`'s packed rows; held-out loss and perplexity when data.eval_fraction > 0."""
+
+    def __init__(self, cfg: ExperimentConfig, model, layout: Layout, data: PretrainData):
+        d, mbs = cfg.data, cfg.train.micro_batch_size
+        super().__init__(cfg, model, layout, LMLoss(model) if layout.pp is None else model,   # a pipeline stage
+                         mbs * d.seq_len)                                                   # computes its own part
+        self.data = data
+        self.keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask \
+            else ("input_ids", "labels")
+        self.evaluates = d.eval_fraction > 0
+        self.eval_fn = layout.eval_loss_fn(self.loss_net, model)
+
+    def batch(self, micro_index: int) -> dict:
+        return self.data.batch(micro_index, self.cfg.train.micro_batch_size, self.layout.data_rank,
+                               self.layout.data_world)
+
+    def evaluate(self) -> dict:
+        return eval_loss(self.eval_fn, self.data, self.keys, self.cfg.train.micro_batch_size)
+
+
 def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, layout)
     if tokenizer.vocab_size > model.config.vocab_size:
-        from ms_llm.errors import MsLlmError
         raise MsLlmError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                          f"{model.config.vocab_size}; raise model.overrides.vocab_size")
     d = cfg.data
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
                         d.eval_fraction, d.on_error, d.index)
-    keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask else ("input_ids", "labels")
-    loss_net = LMLoss(model) if layout.pp is None else model       # a pipeline stage computes its own part
-    loss_fn = layout.eval_loss_fn(loss_net, model)
-    mbs = cfg.train.micro_batch_size
-    spec = StageSpec(loss_net=loss_net, batch_keys=keys,
-                     next_batch=lambda i: data.batch(i, mbs, layout.data_rank, layout.data_world),
-                     tokens_per_micro=mbs * d.seq_len,
-                     evaluate=(lambda: eval_loss(loss_fn, data, keys, mbs)) if d.eval_fraction > 0 else None)
-    result = train(cfg, model, spec, run_dir, layout)
+    result = train(cfg, PretrainStage(cfg, model, layout, data), run_dir)
     weights = layout.whole_weights(model)
     if not layout.main:
         return {}

@@ -29,7 +29,8 @@ from ms_llm.models.safetensors_io import read_safetensors
 from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import SupervisedStage
+from ms_llm.training.trainer import train
 
 
 def build_reward_model(cfg: ExperimentConfig) -> RewardModel:
@@ -82,6 +83,32 @@ def make_evaluator(cfg: ExperimentConfig, rm: RewardModel, tokenizer, stats: Pai
     return evaluate, cal, test
 
 
+class RewardStage(SupervisedStage):
+    """Pairwise ranking loss (+ reward centring) on preference pairs; held-out AUC and calibration."""
+    keys = KEYS
+
+    def __init__(self, cfg: ExperimentConfig, rm: RewardModel, layout: Layout, data: PreferenceData, evaluate,
+                 binding):
+        mbs = cfg.train.micro_batch_size
+        super().__init__(cfg, rm, layout, RewardLoss(rm, cfg.reward.center_coef), 2 * mbs * cfg.data.seq_len,
+                         loss_norm=float(mbs))
+        self.data, self._evaluate, self.evaluates = data, evaluate, evaluate is not None
+        self.must_match = {"dataset": binding} if binding else {}
+
+    def batch(self, micro_index: int) -> dict:
+        batch = self.data.batch(micro_index, self.cfg.train.micro_batch_size, self.layout.data_rank,
+                                self.layout.data_world)
+        if not self.cfg.reward.use_margin:
+            batch["margin"] = np.zeros_like(batch["margin"])
+        return batch
+
+    def evaluate(self) -> dict:
+        return self._evaluate()
+
+    def weights_io(self):
+        return checkpoint_io(self.cfg, self.model)
+
+
 def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
@@ -93,24 +120,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                           d.shuffle_seed, d.on_error)
     eval_stats = PairStats()
     evaluate, cal, test = make_evaluator(cfg, rm, tokenizer, eval_stats)
-    mbs = cfg.train.micro_batch_size
-
-    def next_batch(i):
-        batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
-        if not r.use_margin:
-            batch["margin"] = np.zeros_like(batch["margin"])
-        return batch
-
-    def check_resume(state: dict):
-        if binding and state.get("dataset") != binding:
-            raise MsLlmError(f"the checkpoint was trained on dataset {state.get('dataset')}, the config names "
-                             f"{binding} ({r.dataset_manifest}); refusing to resume on different data")
-    writer, reader = checkpoint_io(cfg, rm)
-    spec = StageSpec(loss_net=RewardLoss(rm, r.center_coef), batch_keys=KEYS, next_batch=next_batch,
-                     tokens_per_micro=2 * mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
-                     weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
-                     check_resume=check_resume)
-    result = train(cfg, rm, spec, run_dir, layout)
+    result = train(cfg, RewardStage(cfg, rm, layout, data, evaluate, binding), run_dir)
     if not layout.main:
         return {}
     rm.set_train(False)

@@ -15,16 +15,16 @@ from ms_llm.config import ExperimentConfig
 from ms_llm.manifest import verify_dataset
 from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData, neftune_noise
-from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.eval.sandbox import require_isolation
 from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.models.build import build_model
-from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+from ms_llm.peft.lora import LoRAConfig, apply_lora
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import SupervisedStage, adapter_io
+from ms_llm.training.trainer import train
 
 KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
 
@@ -128,6 +128,38 @@ def run_phases(cfg: ExperimentConfig, layout: Layout) -> dict:
                          last["gates"], last["final"])
 
 
+class SFTStage(SupervisedStage):
+    """Loss on the assistant tokens of chat-rendered conversations (data/sft.py); optional NEFTune noise."""
+    keys = KEYS
+
+    def __init__(self, cfg: ExperimentConfig, model, layout: Layout, data: SFTData, evaluate, binding):
+        mbs, s = cfg.train.micro_batch_size, cfg.sft
+        super().__init__(cfg, model, layout, SFTLoss(model), mbs * cfg.data.seq_len, loss_norm=float(mbs))
+        self.data, self._evaluate, self.evaluates = data, evaluate, evaluate is not None
+        self.noisy = s.neftune_alpha > 0
+        self.keys = KEYS + (("embed_noise",) if self.noisy else ())
+        self.must_match = {"dataset": binding} if binding else {}
+        self.converged = converged(s.converge_metric, s.converge_tolerance, s.converge_patience)
+
+    def batch(self, micro_index: int) -> dict:
+        mbs, rank, world = self.cfg.train.micro_batch_size, self.layout.data_rank, self.layout.data_world
+        batch = self.data.batch(micro_index, mbs, rank, world)
+        if self.noisy:
+            where = self.data.batch_indices(micro_index, mbs, rank, world)
+            batch["embed_noise"] = neftune_noise(self.cfg.train.seed, where, self.cfg.data.seq_len,
+                                                 self.model.config.hidden_size)
+        return batch
+
+    def evaluate(self) -> dict:
+        return self._evaluate()
+
+    def should_stop(self, evals: list) -> bool:
+        return self.converged(evals)
+
+    def weights_io(self):
+        return adapter_io(self.model, self.cfg.model.init_from) if self.cfg.sft.lora.enabled else None
+
+
 def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     """One SFT run (see the module docstring)."""
     run_dir = prepare_run_dir(cfg)
@@ -135,37 +167,15 @@ def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     model = build_model(cfg)
     model.neftune_alpha = float(cfg.sft.neftune_alpha)
     lora = cfg.sft.lora
-    writer = reader = None
     if lora.enabled:
         apply_lora(model, LoRAConfig(lora.r, lora.alpha, lora.dropout, list(lora.targets)))
-        writer = lambda folder: save_adapter(model, folder, cfg.model.init_from)      # noqa: E731
-        reader = lambda folder: load_adapter(model, folder)                           # noqa: E731
     s = cfg.sft
     binding = verify_dataset(s.dataset_manifest, s.dataset_version) if s.dataset_manifest else None
-
-    def check_resume(state: dict):
-        if binding and state.get("dataset") != binding:
-            raise MsLlmError(f"the checkpoint was trained on dataset {state.get('dataset')}, the config names "
-                             f"{binding} ({s.dataset_manifest}); refusing to resume on different data")
     d = cfg.data
     data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, cfg.sft, d.shuffle_seed, d.on_error)
-    mbs = cfg.train.micro_batch_size
     evaluate = make_evaluator(cfg, model, tokenizer)
     before = evaluate() if evaluate and layout.main else {}
-    noisy = cfg.sft.neftune_alpha > 0
-
-    def next_batch(i):
-        batch = data.batch(i, mbs, layout.data_rank, layout.data_world)
-        if noisy:
-            where = data.batch_indices(i, mbs, layout.data_rank, layout.data_world)
-            batch["embed_noise"] = neftune_noise(cfg.train.seed, where, d.seq_len, model.config.hidden_size)
-        return batch
-    spec = StageSpec(loss_net=SFTLoss(model), batch_keys=KEYS + (("embed_noise",) if noisy else ()), next_batch=next_batch,
-                     tokens_per_micro=mbs * d.seq_len, evaluate=evaluate, weights_writer=writer,
-                     weights_reader=reader, loss_norm=float(mbs), extra_state=lambda: {"dataset": binding},
-                     check_resume=check_resume,
-                     should_stop=converged(s.converge_metric, s.converge_tolerance, s.converge_patience))
-    result = train(cfg, model, spec, run_dir, layout)
+    result = train(cfg, SFTStage(cfg, model, layout, data, evaluate, binding), run_dir)
     if not layout.main:
         return {}
     exported = trained_model(cfg, run_dir, model, lora.enabled)

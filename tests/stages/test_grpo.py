@@ -4,6 +4,7 @@ ranks equal one process; dynamic sampling drops the groups without reward varian
 rollouts continue paused generations exactly and train each token against the policy that sampled it; bad
 configs fail with one message and exit 2. (Kill-and-resume runs: test_grpo_resume.py.)"""
 import json
+import os
 import subprocess
 import sys
 
@@ -59,7 +60,9 @@ def test_dynamic_sampling_drops_groups_without_reward_variance(tmp_path, graph_m
     import mindspore as ms
     from ms_llm.config import load_config
     from ms_llm.models import CausalLM, preset
-    from ms_llm.stages.grpo import GRPOLoop, PromptStream
+    from ms_llm.rollout.prompts import PromptStream
+    from ms_llm.rollout.sources import Synchronous
+    from ms_llm.stages.grpo import GRPOStage
     (tmp_path / "c.yaml").write_text("stage: grpo\nmodel: {preset: tiny}\ndata: {sources: [{path: x.jsonl, format: "
                                      "prompts}]}\n")
     cfg = load_config(str(tmp_path / "c.yaml"), [
@@ -75,14 +78,15 @@ def test_dynamic_sampling_drops_groups_without_reward_variance(tmp_path, graph_m
         live = np.array([len(t) % 3 for t in texts], np.float64)     # varies with what was sampled
         return {"total": np.where([x["tag"] == "fixed" for x in records], 1.0, live), "parts": {}}
 
-    loop = GRPOLoop(cfg, policy, None, reward, lambda tok, n: "x" * int(tok[:n].sum() % 7 + n), pad=0)
     stream = PromptStream(prompts, 0)
-    batch, stats = loop.collect(0, stream)
+    source = Synchronous(cfg, policy, reward, lambda tok, n: "x" * int(tok[:n].sum() % 7 + n), stream, pad=0)
+    stage = GRPOStage(cfg, policy, None, source)
+    batch, stats = source.collect(0)
     assert all(p["tag"] == "live" for p in batch.ro.prompts)
     assert stats["groups_filtered"] > 0 and stats["generation_rounds"] >= 2
     assert stream.cursor == 4 * stats["generation_rounds"] and stats["groups_seen"] == stream.cursor
     assert batch.groups <= 4 and len(batch.ro.prompts) == 4 * batch.groups
-    row = loop.step(1, stream)
+    row, _ = stage.step(1, 0)
     assert row["groups_filtered"] > 0 and np.isfinite(row["loss"])
 
 
@@ -114,11 +118,14 @@ def test_a_bad_grpo_config_exits_2_with_one_message(tmp_path):
     assert r.returncode == 2 and "grpo.rewards ['exact']" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-def _toy_loop(tmp_path, *over):
+def _toy(tmp_path, *over):
+    """(the GRPO stage, its partial-rollout source, the policy, prompts) on a tiny random model."""
     import mindspore as ms
     from ms_llm.config import load_config
     from ms_llm.models import CausalLM, preset
-    from ms_llm.stages.grpo import GRPOLoop
+    from ms_llm.rollout.prompts import PromptStream
+    from ms_llm.rollout.sources import rollout_source
+    from ms_llm.stages.grpo import GRPOStage
     (tmp_path / "c.yaml").write_text("stage: grpo\nmodel: {preset: tiny}\ndata: {sources: [{path: x.jsonl, format: "
                                      "prompts}]}\n")
     cfg = load_config(str(tmp_path / "c.yaml"), [
@@ -131,28 +138,30 @@ def _toy_loop(tmp_path, *over):
     def reward(texts, records):
         return {"total": np.array([float(len(t) % 3) for t in texts]), "parts": {}}
 
-    loop = GRPOLoop(cfg, policy, None, reward, lambda tok, n: "x" * int(tok[:n].sum() % 5 + n), pad=0, stops=[3])
     r = np.random.default_rng(1)
     prompts = [{"ids": r.integers(4, 32, int(r.integers(3, 6))).tolist(), "tag": "t"} for _ in range(8)]
-    return loop, policy, prompts
+    source = rollout_source(cfg, policy, reward, lambda tok, n: "x" * int(tok[:n].sum() % 5 + n),
+                            PromptStream(prompts, 0), pad=0, stops=[3])
+    return GRPOStage(cfg, policy, None, source), source, policy, prompts
 
 
 def test_partial_rollout_with_frozen_weights_equals_one_pass_and_survives_a_checkpoint(tmp_path, graph_mode):
     """A batch paused after every 2-token budget (and once saved to disk and loaded into a fresh loop) draws the
     same tokens and log-probs as one uninterrupted generation; each token records the step that sampled it."""
     from ms_llm.generation import generate
-    loop, policy, prompts = _toy_loop(tmp_path)
-    fl = loop.start(0, 0, prompts[:2], run_out=False)
-    loop.advance(fl, 1)
-    loop.paused = [fl]
-    loop.save_pending(str(tmp_path / "pending"))
-    other, _, _ = _toy_loop(tmp_path)
-    other.load_pending(str(tmp_path / "pending"))
+    _, source, policy, prompts = _toy(tmp_path)
+    fl = source.start(0, 0, prompts[:2], run_out=False)
+    source.advance(fl, 1)
+    source.paused = [fl]
+    os.makedirs(tmp_path / "pending")
+    source.save(str(tmp_path / "pending"))
+    _, other, _, _ = _toy(tmp_path)
+    other.load(str(tmp_path / "pending"))
     for step in (2, 3):
-        loop.advance(fl, step)
+        source.advance(fl, step)
         other.advance(other.paused[0], step)
     rows = [p["ids"] for p in prompts[:2] for _ in range(2)]
-    one = generate(policy, rows, 7, seed=[loop.seed, 7919, 0, 0], prompt_width=6, cache_len=64, eos_token_id=[3],
+    one = generate(policy, rows, 7, seed=[source.seed, 7919, 0, 0], prompt_width=6, cache_len=64, eos_token_id=[3],
                    pad_token_id=0)
     for x in (fl, other.paused[0]):
         np.testing.assert_array_equal(x.tokens, one.tokens)
@@ -168,19 +177,23 @@ def test_partial_rollout_trains_each_token_against_the_policy_that_sampled_it(tm
     stored behaviour log-prob of every token, which for the tokens of the earlier step is no longer what the
     current policy gives. (The later tokens were sampled on top of the earlier policy's KV cache, so the current
     policy's recomputed log-probs differ on them too: only the stored ones are the sampling distribution's.)"""
-    from ms_llm.stages.grpo import PromptStream
-    loop, policy, prompts = _toy_loop(tmp_path, "grpo.partial_rollout.max_staleness=1", "grpo.max_new_tokens=6")
-    stream = PromptStream(prompts, 0)
-    loop.score_current = True
-    rows = []
-    for step in range(3):
-        rows.append(loop.step(step, stream))
-    trained = [r for r in rows if r.get("updates")]
-    assert trained and max(r["staleness_max"] for r in trained) == 1
-    batch, a = loop.last, loop.last_arrays
-    m = a["_mask"] > 0
-    np.testing.assert_array_equal(a["_old"][m], batch.ro.behaviour.astype(np.float64)[m])
-    step = 2
+    from ms_llm.rollout.batch import score_windows
+    from ms_llm.stages.grpo import SCORE_KEYS
+    stage, source, policy, prompts = _toy(tmp_path, "grpo.partial_rollout.max_staleness=1", "grpo.max_new_tokens=6")
+    rows = [stage.step(step, 0)[0] for step in range(2)]
+    step = 2                                   # the third step, taken apart: the batch, its arrays, the update
+    batch, _ = source.collect(step)
+    a = stage.prepare(batch)
+    assert a["current"] is None and source.behaviour_is_old
+    m = a["mask"] > 0
+    np.testing.assert_array_equal(a["old"][m], batch.ro.behaviour.astype(np.float64)[m])
     old_tokens = m & (batch.versions < step)
     assert old_tokens.any() and (m & (batch.versions == step)).any()
-    assert np.abs(a["_current"] - a["_old"])[old_tokens].max() > 1e-3          # the policy moved since
+    staleness = [r["staleness_max"] for r in rows if r.get("updates")] + [(step - batch.versions[m]).max()]
+    assert max(staleness) == 1
+    policy.set_train(False)                    # what the current policy gives these tokens
+    w = batch.ro.windows
+    current = source.plan.to_response(score_windows(stage.scorer, w, SCORE_KEYS, 4), w["index"])
+    assert np.abs(current - a["old"])[old_tokens].max() > 1e-3          # the policy moved since
+    policy.set_train(True)
+    assert stage.update(a, step)["updates"] == 1

@@ -11,7 +11,8 @@ from mindspore import Tensor, nn, ops
 from ms_llm.config import load_config
 from ms_llm.errors import MsLlmError
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
-from ms_llm.training.trainer import StageSpec, train
+from ms_llm.training.stage import Stage
+from ms_llm.training.trainer import train
 from ms_llm.training.updater import Updater
 
 
@@ -101,18 +102,37 @@ def test_updater_names_must_be_plain(tmp_path):
         Updater("a/b", config(tmp_path), SquaredError(dense(0)), None)
 
 
-class TwoModelStage:
+def _writer(net):
+    return lambda d: write_safetensors(os.path.join(d, "weights.safetensors"),
+                                       {n: p.asnumpy() for n, p in net.parameters_and_names()})
+
+
+def _reader(net):
+    def read(d):
+        saved = read_safetensors(os.path.join(d, "weights.safetensors"))
+        for n, p in net.parameters_and_names():
+            p.set_data(Tensor(saved[n]))
+    return read
+
+
+class TwoModelStage(Stage):
     """A stage shaped like PPO: two models, two updaters, stage state (a controller and an RNG) that every step
     reads and changes. `crash_at` raises inside a step, like a killed process."""
 
-    def __init__(self, cfg, crash_at=None):
+    def __init__(self, cfg, crash_at=None, objective="a"):
         self.policy, self.value = dense(0), dense(1, n_out=1)
+        super().__init__(cfg, self.policy)
         self.pol = Updater("policy", cfg, SquaredError(self.policy), self.policy)
         self.val = Updater("value", cfg, AbsError(self.value), self.value, lr=3e-3)
+        self.trained = [self.pol, self.val]
         self.rng = np.random.default_rng(7)
         self.beta, self.crash_at = 0.1, crash_at
+        self.must_match = {"objective": objective}
 
-    def run_step(self, step, micro_index):
+    def updaters(self):
+        return self.trained
+
+    def step(self, step, micro_index):
         if step == self.crash_at:
             raise KeyboardInterrupt
         x = self.rng.normal(size=(5, 4)).astype(np.float32)
@@ -123,25 +143,19 @@ class TwoModelStage:
         self.beta *= 1.0 + 0.1 * np.tanh(p["loss"] - 1.0)           # an adaptive controller
         return {"loss": p["loss"], "value_loss": v["loss"], "beta": self.beta, "skipped": False}, 1
 
-    def spec(self):
-        def writer(net):
-            return lambda d: write_safetensors(os.path.join(d, "weights.safetensors"),
-                                               {n: p.asnumpy() for n, p in net.parameters_and_names()})
+    def weights_io(self):
+        return _writer(self.policy), _reader(self.policy)
 
-        def reader(net):
-            def read(d):
-                saved = read_safetensors(os.path.join(d, "weights.safetensors"))
-                for n, p in net.parameters_and_names():
-                    p.set_data(Tensor(saved[n]))
-            return read
+    def models(self):
+        return {"value": (_writer(self.value), _reader(self.value))}
 
-        def restore(state):
-            self.beta = state["beta"]
-            self.rng.bit_generator.state = state["rng"]
-        return StageSpec(updaters=[self.pol, self.val], run_step=self.run_step, weights_writer=writer(self.policy),
-                         weights_reader=reader(self.policy), models={"value": (writer(self.value), reader(self.value))},
-                         extra_state=lambda: {"beta": self.beta, "rng": self.rng.bit_generator.state},
-                         check_resume=restore)
+    def state_dict(self):
+        return dict(super().state_dict(), beta=self.beta, rng=self.rng.bit_generator.state)
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.beta = state["beta"]
+        self.rng.bit_generator.state = state["rng"]
 
 
 def test_two_updater_stage_resumes_exactly(tmp_path, graph_mode):
@@ -149,12 +163,12 @@ def test_two_updater_stage_resumes_exactly(tmp_path, graph_mode):
             "optim.lr=1e-2"]
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a = TwoModelStage(config(tmp_path, *over))
-    ra = train(config(tmp_path, *over), a.policy, a.spec(), str(a_dir))
+    ra = train(config(tmp_path, *over), a, str(a_dir))
     with pytest.raises(KeyboardInterrupt):                   # killed during step 6 (after the step-4 checkpoint)
         b = TwoModelStage(config(tmp_path, *over), crash_at=5)
-        train(config(tmp_path, *over), b.policy, b.spec(), str(b_dir))
+        train(config(tmp_path, *over), b, str(b_dir))
     b = TwoModelStage(config(tmp_path, *over))               # a fresh process: new weights, rng, controller
-    rb = train(config(tmp_path, *over), b.policy, b.spec(), str(b_dir))
+    rb = train(config(tmp_path, *over), b, str(b_dir))
     assert rb.resumed_from.endswith("step_000004") and ra.steps == rb.steps == 7
     ckpt = a_dir / "checkpoints" / "step_000004"
     assert (ckpt / "weights.safetensors").exists() and (ckpt / "value" / "weights.safetensors").exists()
@@ -173,7 +187,10 @@ def test_two_updater_stage_resumes_exactly(tmp_path, graph_mode):
             np.testing.assert_allclose(p.asnumpy(), q.asnumpy(), atol=1e-6)
     # a checkpoint of this stage does not resume a stage with other updaters
     c = TwoModelStage(config(tmp_path, *over))
-    spec = c.spec()
-    spec.updaters = [c.pol]
+    c.trained = [c.pol]
     with pytest.raises(MsLlmError, match=r"optimizer state for \['policy', 'value'\]"):
-        train(config(tmp_path, *over, "train.max_steps=9"), c.policy, spec, str(b_dir))
+        train(config(tmp_path, *over, "train.max_steps=9"), c, str(b_dir))
+    # nor one trained for another objective: the message names what differs
+    c = TwoModelStage(config(tmp_path, *over, "train.max_steps=9"), objective="b")
+    with pytest.raises(MsLlmError, match="trained with objective a, this config asks for b"):
+        train(config(tmp_path, *over, "train.max_steps=9"), c, str(b_dir))
