@@ -122,18 +122,19 @@ def _toy(tmp_path, *over):
     """(the GRPO stage, its partial-rollout source, the policy, prompts) on a tiny random model."""
     import mindspore as ms
     from ms_llm.config import load_config
-    from ms_llm.models import CausalLM, preset
     from ms_llm.rollout.prompts import PromptStream
     from ms_llm.rollout.sources import rollout_source
     from ms_llm.stages.grpo import GRPOStage
-    (tmp_path / "c.yaml").write_text("stage: grpo\nmodel: {preset: tiny}\ndata: {sources: [{path: x.jsonl, format: "
+    from ms_llm.models.build import build_model
+    (tmp_path / "c.yaml").write_text("stage: grpo\nmodel: {preset: tiny, overrides: {vocab_size: 32, "
+                                     "max_position_embeddings: 32}}\ndata: {sources: [{path: x.jsonl, format: "
                                      "prompts}]}\n")
     cfg = load_config(str(tmp_path / "c.yaml"), [
         "train.micro_batch_size=4", "train.loss_scale=none", "grpo.group_size=2", "grpo.prompts_per_step=2",
         "grpo.max_prompt_len=6", "grpo.max_new_tokens=7", "grpo.partial_rollout.token_budget=2",
         "optim.lr=1e-2", "lr_schedule.type=constant", "lr_schedule.warmup_steps=0", *over], check=False)
     ms.set_seed(0)
-    policy = CausalLM(preset("tiny", vocab_size=32, max_position_embeddings=32))
+    policy = build_model(cfg)          # as the asynchronous worker builds its copy
 
     def reward(texts, records):
         return {"total": np.array([float(len(t) % 3) for t in texts]), "parts": {}}
@@ -142,7 +143,7 @@ def _toy(tmp_path, *over):
     prompts = [{"ids": r.integers(4, 32, int(r.integers(3, 6))).tolist(), "tag": "t"} for _ in range(8)]
     source = rollout_source(cfg, policy, reward, lambda tok, n: "x" * int(tok[:n].sum() % 5 + n),
                             PromptStream(prompts, 0), pad=0, stops=[3])
-    return GRPOStage(cfg, policy, None, source), source, policy, prompts
+    return GRPOStage(cfg, policy, None, source, run_dir=str(tmp_path)), source, policy, prompts
 
 
 def test_partial_rollout_with_frozen_weights_equals_one_pass_and_survives_a_checkpoint(tmp_path, graph_mode):
@@ -197,3 +198,86 @@ def test_partial_rollout_trains_each_token_against_the_policy_that_sampled_it(tm
     assert np.abs(current - a["old"])[old_tokens].max() > 1e-3          # the policy moved since
     policy.set_train(True)
     assert stage.update(a, step)["updates"] == 1
+
+
+def test_advantages_and_truncation_masks_equal_a_numpy_recomputation_from_the_logged_rewards(tmp_path, graph_mode):
+    """One synchronous step's batch as the stage trained it (log.rollouts_every): per group, (r − mean) / (std + ε)
+    from the logged rewards; the loss mask is the response tokens of the finished rows only (overlong filtering)."""
+    from ms_llm.rollout.batch import read_rollout
+    stage, source, _, _ = _toy(tmp_path, "grpo.partial_rollout.token_budget=0", "grpo.group_size=4",
+                               "grpo.max_new_tokens=4", "grpo.overlong.mask_truncated=true", "log.rollouts_every=1",
+                               "train.micro_batch_size=8")
+    row, _ = stage.step(0, 0)
+    a, meta = read_rollout(str(tmp_path / "rollouts" / "step_000001.safetensors"))
+    G, eps = meta["group_size"], meta["advantage_eps"]
+    assert G == 4 and meta["advantage_scale"] == "group" and meta["mask_truncated"]
+    want = np.zeros(len(a["reward"]))
+    for k in range(len(want) // G):
+        r = a["reward"][k * G:(k + 1) * G]
+        mean = sum(r) / G
+        std = (sum((x - mean) ** 2 for x in r) / (G - 1)) ** 0.5
+        want[k * G:(k + 1) * G] = [(x - mean) / (std + eps) for x in r]
+    np.testing.assert_allclose(a["advantage"], want, atol=1e-12)
+    assert np.abs(want).max() > 0.5                               # groups with reward variance: a real check
+    n = a["loss_mask"].shape[1]
+    lengths, finished = a["lengths"], a["finished"].astype(bool)
+    mask = (np.arange(n)[None] < lengths[:, None]) & finished[:, None]
+    np.testing.assert_array_equal(a["loss_mask"] > 0, mask)
+    assert (~finished).any() and finished.any()                  # both kinds of row are in the batch
+    assert (lengths[~finished] == n).all()                       # truncated rows ran to max_new_tokens
+    assert row["truncation_rate"] == pytest.approx(np.mean(~finished))
+    assert (a["group_ids"] == np.repeat(np.arange(len(want) // G), G)).all()
+
+
+def test_groups_older_than_the_staleness_bound_never_reach_the_trainer(tmp_path, graph_mode):
+    """A paused batch started at step 0 and run out at step 3, with max_staleness 1, is three steps old when it
+    finishes: its groups are dropped and counted; the step trains only tokens within the bound."""
+    _, source, _, _ = _toy(tmp_path, "grpo.partial_rollout.max_staleness=1")
+    batch, stats = source.collect(0)
+    assert batch is None or (batch.versions[batch.ro.response_mask > 0] == 0).all()
+    assert len(source.paused) == 1 and source.paused[0].started == 0
+    batch, stats = source.collect(3)           # a step that finds the step-0 batch older than the bound
+    assert stats["groups_stale_dropped"] >= 1
+    if batch is not None:
+        live = batch.ro.response_mask > 0
+        assert (3 - batch.versions[live] <= 1).all()
+    assert all(3 - x["started"] <= 1 for x in source.ready)
+
+
+@pytest.mark.slow
+def test_the_asynchronous_worker_generates_with_the_weights_it_was_sent(tmp_path, graph_mode):
+    """Step 2 trains a batch the rollout process generated during step 1, from the weights after step 0's update.
+    Regenerated here, synchronously, from those weights and the same seed, its tokens and log-probs are what the
+    worker produced (read from the step's rollout dump)."""
+    import mindspore as ms
+    from ms_llm.generation import generate
+    from ms_llm.rollout.batch import read_rollout
+    from ms_llm.rollout.sources import SEED_TAG
+    stage, source, policy, _ = _toy(tmp_path, "grpo.partial_rollout.token_budget=0", "grpo.async_rollout.enabled=true",
+                                    "grpo.async_rollout.worker_cores=0", "grpo.async_rollout.trainer_threads=0",
+                                    "log.rollouts_every=1", "train.max_steps=3")
+    try:
+        stage.step(0, 0)
+        sent = {p.name: p.asnumpy().copy() for p in policy.get_parameters()}   # published during step 1
+        stage.step(1, 0)
+        stage.step(2, 0)
+    finally:
+        stage.close()
+    a, _ = read_rollout(str(tmp_path / "rollouts" / "step_000003.safetensors"))
+    assert (a["versions"][a["response_mask"] > 0] == 1).all()           # one step behind
+    moved = [p for p in policy.get_parameters() if np.abs(p.asnumpy() - sent[p.name]).max() > 1e-4]
+    assert moved                                                        # the policy has moved on since
+    for p in policy.get_parameters():
+        p.set_data(ms.Tensor(sent[p.name]))
+    policy.set_train(False)
+    rows = [[int(x) for x in r if x >= 0] for r in a["prompt_ids"]]
+    g = source.g
+    again = generate(policy, rows, g.max_new_tokens, seed=[source.seed, SEED_TAG, 2, 0],
+                     cache_len=source.cache_len([{"ids": r} for r in rows]), prompt_width=g.max_prompt_len,
+                     **source.sampling())
+    np.testing.assert_array_equal(again.lengths, a["lengths"])
+    n = again.tokens.shape[1]
+    live = np.arange(n)[None] < again.lengths[:, None]
+    np.testing.assert_array_equal(np.where(live, again.tokens, -1), np.where(live, a["tokens"][:, :n], -1))
+    np.testing.assert_allclose(np.where(live, again.logprobs, 0), np.where(live, a["behaviour_logps"][:, :n], 0),
+                               atol=1e-6)
