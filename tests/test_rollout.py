@@ -106,3 +106,41 @@ def test_a_short_overlap_is_an_approximation_with_bounded_width(model):
     err = np.abs(got - want)
     assert err.max() > 1e-4                                   # context is really cut ...
     assert np.abs(got[:, :1] - want[:, :1]).max() < err.max()  # ... the first tokens see most of their prompt
+
+
+def test_completion_rows_put_the_loss_on_the_sampled_tokens_only():
+    """Loop reference of the supervised layout: input t predicts label t; labels are the completion's tokens
+    (EOS included) and -100 elsewhere; each row's weights sum to 1 whatever its length."""
+    from ms_llm.rollout.batch import completion_rows
+    prompts = [{"ids": [5, 6, 7]}, {"ids": [9]}]
+    tokens = np.array([[11, 12, 2, 0], [13, 14, 15, 16]])
+    lengths = np.array([3, 4])
+    rows = completion_rows(prompts, tokens, lengths, seq_len=8, pad=0)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        seq = p["ids"] + tokens[i, :n].tolist()
+        for t in range(8):
+            inside = t < len(seq) - 1
+            assert rows["input_ids"][i, t] == (seq[t] if inside else 0)
+            assert rows["attention_mask"][i, t] == int(inside)
+            target = seq[t + 1] if inside and t + 1 >= len(p["ids"]) else -100
+            assert rows["labels"][i, t] == target
+            assert rows["weights"][i, t] == pytest.approx(1.0 / n if target != -100 else 0.0)
+        assert rows["row_weight"][i] == 1.0
+    with pytest.raises(ValueError, match="exceed"):
+        completion_rows(prompts, tokens, lengths, seq_len=4, pad=0)
+
+
+@pytest.mark.parametrize("over,needle", [
+    (("distill.on_policy.prompts=null",), "distill.on_policy.prompts"),
+    (("distill.on_policy.async_rollout=true", "distill.on_policy.student_share=0.5"), "needs student_share 1"),
+    (("distill.on_policy.max_new_tokens=40",), "do not fit data.seq_len 64"),
+    (("distill.iterative.every=50",), "does not combine"),
+])
+def test_bad_on_policy_configs_are_refused_naming_the_key(over, needle):
+    import os
+    from ms_llm.config import load_config
+    from ms_llm.errors import MsLlmError
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with pytest.raises(MsLlmError) as e:
+        load_config(os.path.join(root, "configs", "tiny", "distill_on_policy.yaml"), list(over))
+    assert needle in str(e.value) and "distill_on_policy.yaml" in str(e.value)

@@ -229,6 +229,21 @@ class DistillIterativeSection:
 
 
 @dataclass
+class DistillOnPolicySection:
+    prompts: Optional[str] = opt(None, "Prompts JSONL ({prompt[, answer, task]}) the student answers by sampling "
+                                       "(mode: on_policy); the teacher scores every sampled token")
+    student_share: float = opt(1.0, "GKD's lambda: the share of steps trained on the student's own samples; the "
+                                    "others take a batch of data.sources (off-policy)", range="[0, 1]")
+    max_prompt_len: int = opt(48, "Prompt tokens kept (cut from the start)", range="[1, inf)")
+    max_new_tokens: int = opt(24, "Tokens the student samples per prompt", range="[1, inf)")
+    temperature: float = opt(1.0, "Sampling temperature of the student's answers", range="(0, inf)")
+    top_p: float = opt(1.0, "Nucleus sampling of the student's answers", range="(0, 1]")
+    top_k: int = opt(0, "Top-k sampling of the student's answers (0: off)", range="[0, inf)")
+    async_rollout: bool = opt(False, "Sample the next step's answers in a second process while this step's "
+                                     "teacher scoring and update run (one step off-policy; needs student_share 1)")
+
+
+@dataclass
 class FrozenModelSection:
     path: Optional[str] = opt(None, "Model directory (Hugging Face layout or an ms_llm run)")
     sha256: Optional[str] = opt(None, "Expected model_sha256 of its MANIFEST.json (any other model is refused)")
@@ -241,7 +256,9 @@ class FrozenModelSection:
 @dataclass
 class DistillSection:
     teacher: FrozenModelSection = opt(FrozenModelSection, "The frozen teacher (teacher.path is required)")
-    mode: str = opt("online", "Where teacher probabilities come from", ["online", "cached"])
+    mode: str = opt("online", "Where teacher probabilities come from: the teacher live on the training data, a top-k "
+                              "cache of them, or the teacher live on the student's own samples (on_policy: GKD)",
+                    ["online", "cached", "on_policy"])
     cache_dir: Optional[str] = opt(None, "Top-k teacher cache written by `ms-llm distill cache-teacher` (mode: cached)")
     top_k: int = opt(20, "Teacher log-probs kept per token in the cache (plus the tail mass)", range="[1, inf)")
     cache_shard_examples: int = opt(1024, "Examples per cache shard file", range="[1, inf)")
@@ -255,6 +272,7 @@ class DistillSection:
                              "Loss weight per record `task` (seed 000: code and reasoning x1.5); others 1.0")
     generate: DistillGenerateSection = opt(DistillGenerateSection, "Teacher sample generation and filtering")
     iterative: DistillIterativeSection = opt(DistillIterativeSection, "Iterative hard-example distillation")
+    on_policy: DistillOnPolicySection = opt(DistillOnPolicySection, "On-policy distillation (mode: on_policy)")
     eval_prompts: Optional[str] = opt(None, "Held-out prompts ({prompt, answer, task}) scored by exact match for "
                                             "student and teacher (the acceptance gate)")
     eval_limit: int = opt(64, "Evaluation prompts used (0: all)")

@@ -39,6 +39,20 @@ def _check_distill(cfg: ExperimentConfig, where: str):
     if d.mode == "cached" and not d.cache_dir:
         raise MsLlmError(f"{where}: distill.mode: cached needs distill.cache_dir (write it with "
                          "`ms-llm distill cache-teacher CONFIG`)")
+    if d.mode == "on_policy":
+        op = d.on_policy
+        if not op.prompts:
+            raise MsLlmError(f"{where}: distill.mode: on_policy needs distill.on_policy.prompts (what the student "
+                             "answers)")
+        if op.max_prompt_len + op.max_new_tokens > cfg.data.seq_len + 1:
+            raise MsLlmError(f"{where}: distill.on_policy.max_prompt_len {op.max_prompt_len} + max_new_tokens "
+                             f"{op.max_new_tokens} do not fit data.seq_len {cfg.data.seq_len} (+1)")
+        if op.async_rollout and op.student_share < 1:
+            raise MsLlmError(f"{where}: distill.on_policy.async_rollout needs student_share 1 (every step samples, "
+                             f"so the next step's answers can be generated ahead); it is {op.student_share}")
+        if d.iterative.every or d.generate.prompts:
+            raise MsLlmError(f"{where}: distill.mode: on_policy does not combine with distill.iterative or "
+                             "distill.generate (the student generates its own data)")
     if d.mode == "cached" and d.iterative.every:
         raise MsLlmError(f"{where}: distill.iterative needs distill.mode: online (hard examples added during "
                          "training have no cached teacher logits)")

@@ -49,3 +49,24 @@ def dump_rollout(run_dir: str, step: int, arrays: dict, meta: dict) -> str:
 def read_rollout(path: str) -> tuple:
     """(arrays, meta) of a dump_rollout file."""
     return read_safetensors(path), json.loads(read_header(path)["__metadata__"]["meta"])
+
+
+def completion_rows(prompts: list, tokens: np.ndarray, lengths: np.ndarray, seq_len: int, pad: int) -> dict:
+    """Sampled completions as rows of a supervised token loss (data/examples.py's layout): input_ids, labels
+    (the completion's tokens, -100 elsewhere), attention_mask [B, seq_len]; weights 1/n on a row's n labels and
+    row_weight 1, so each row counts once whatever its length. prompt + completion must fit seq_len + 1."""
+    b = len(prompts)
+    out = {"input_ids": np.full((b, seq_len), pad, np.int32), "labels": np.full((b, seq_len), -100, np.int32),
+           "attention_mask": np.zeros((b, seq_len), np.int32), "weights": np.zeros((b, seq_len), np.float32),
+           "row_weight": np.zeros(b, np.float32)}
+    for i, p in enumerate(prompts):
+        ids = list(p["ids"]) + tokens[i, :int(lengths[i])].tolist()
+        n, start = len(ids) - 1, len(p["ids"]) - 1
+        if n > seq_len:
+            raise ValueError(f"prompt ({len(p['ids'])}) + completion ({int(lengths[i])}) tokens exceed {seq_len} + 1")
+        out["input_ids"][i, :n], out["attention_mask"][i, :n] = ids[:-1], 1
+        out["labels"][i, start:n] = ids[start + 1:]
+        if n > start:
+            out["weights"][i, start:n] = 1.0 / (n - start)
+            out["row_weight"][i] = 1.0
+    return out

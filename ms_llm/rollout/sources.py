@@ -88,14 +88,17 @@ class RolloutSource:
     groups, the queue of finished groups and its filters. Subclasses give `_generate(step) -> (groups, rounds)`.
 
     reward_fn(texts, records) -> {"total": [B], "parts": {name: [B]}}; decode(tokens, length) -> text.
+    `settings`: the rollout settings (default cfg.grpo: group_size, prompts_per_step, max_prompt_len,
+    max_new_tokens, sampling, dynamic_sampling, overlong, partial_rollout, async_rollout); another stage passes a
+    section of the same shape (on-policy distillation: one sample per prompt).
     """
     behaviour_is_old = False       # π_old: the sampler's log-probs (True) or the policy recomputed on the batch
     max_staleness = None           # groups whose batch started more steps ago than this are dropped
     keeps_surplus = False          # finished groups beyond a step's prompts wait for the next step
 
     def __init__(self, cfg: ExperimentConfig, policy, reward_fn, decode, stream: PromptStream, pad: int = 0,
-                 stops=()):
-        self.cfg, self.g, self.seed = cfg, cfg.grpo, cfg.train.seed
+                 stops=(), settings=None):
+        self.cfg, self.g, self.seed = cfg, settings or cfg.grpo, cfg.train.seed
         self.policy, self.reward_fn, self.decode, self.stream = policy, reward_fn, decode, stream
         self.pad, self.stops = pad, list(stops)
         g = self.g
@@ -430,8 +433,8 @@ class Asynchronous(RolloutSource):
 
 
 def rollout_source(cfg: ExperimentConfig, policy, reward_fn, decode, stream: PromptStream, pad: int = 0,
-                   stops=()) -> RolloutSource:
-    """The source the config asks for: asynchronous, partial (a token budget) or synchronous."""
-    g = cfg.grpo
+                   stops=(), settings=None) -> RolloutSource:
+    """The source the settings (default cfg.grpo) ask for: asynchronous, partial (a token budget) or synchronous."""
+    g = settings or cfg.grpo
     kind = Asynchronous if g.async_rollout.enabled else Partial if g.partial_rollout.token_budget > 0 else Synchronous
-    return kind(cfg, policy, reward_fn, decode, stream, pad, stops)
+    return kind(cfg, policy, reward_fn, decode, stream, pad, stops, settings)

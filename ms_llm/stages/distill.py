@@ -22,9 +22,11 @@ import json
 import logging
 import os
 
+import mindspore as ms
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
+from ms_llm.data.chat import render, stop_token_ids
 from ms_llm.data.filters import check as quality_check
 from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData
@@ -33,12 +35,16 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import exact_match
 from ms_llm.eval.results import gate
 from ms_llm.fileio import read_jsonl, write_json_atomic
+from ms_llm.generation import generate
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.vocab import vocab_alignment
 from ms_llm.models.frozen import load_frozen
+from ms_llm.rollout.batch import completion_rows
+from ms_llm.rollout.prompts import PromptStream, read_tasks
+from ms_llm.rollout.sources import rollout_source
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.stage import SupervisedStage
@@ -94,8 +100,6 @@ class Teacher:
 
     def answer(self, prompts: list, g, seed: int) -> list:
         """Sampled answers: [{"text", "hit_limit"}] per prompt."""
-        from ms_llm.data.chat import render, stop_token_ids
-        from ms_llm.generation import generate
         stops = stop_token_ids(self.template, self.tokenizer)
         out = []
         for i in range(0, len(prompts), g.batch_size):
@@ -122,7 +126,6 @@ class SampleFilter:
 
     def perplexity(self, prompt: str, answer: str) -> float:
         """exp(mean NLL of the answer tokens given the prompt, in the chat template) under the scoring model."""
-        from ms_llm.data.chat import render
         from ms_llm.eval.scoring import sequence_logprobs
         r = render([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], self.tokenizer,
                    self.template)
@@ -352,14 +355,29 @@ class DistillStage(SupervisedStage):
     held-out exact match against the teacher's, the gates, and hard-example rounds (the module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, student, layout: Layout, loss, data, cache, teacher, tokenizer,
-                 records: list, teacher_score: float, hard):
+                 records: list, teacher_score: float, hard, on_policy=None):
         mbs = cfg.train.micro_batch_size
         super().__init__(cfg, student, layout, loss, mbs * cfg.data.seq_len, params=student.trainable_params(),
                          loss_norm=float(mbs))
         self.keys = CACHE_KEYS if cache is not None else KEYS
         self.data, self.cache, self.teacher, self.tokenizer = data, cache, teacher, tokenizer
         self.records, self.teacher_score, self.hard = records, teacher_score, hard
+        self.on_policy = on_policy                  # OnPolicy (mode: on_policy), else None
         self.evaluates = bool(records or hard)
+        self.evaluate_at_start = on_policy is not None          # its lift, in one run's metrics.jsonl
+
+    def step(self, step: int, micro_index: int) -> tuple:
+        if self.on_policy is None or not self.on_policy.samples_at(step):
+            row, used = super().step(step, micro_index)
+            return (dict(row, on_policy=0.0) if self.on_policy else row), used
+        rows, stats = self.on_policy.rows(step, self.layout)
+        mbs = self.cfg.train.micro_batch_size
+        micro = [{k: v[j:j + mbs] for k, v in rows.items()} for j in range(0, len(rows["row_weight"]), mbs)]
+        row = self.update(micro, step, len(micro))
+        return dict(row, on_policy=1.0, **stats), 0          # the student's samples: no data.sources consumed
+
+    def models(self) -> dict:
+        return self.on_policy.models() if self.on_policy else {}
 
     def batch(self, micro_index: int) -> dict:
         mbs, rank, world = self.cfg.train.micro_batch_size, self.layout.data_rank, self.layout.data_world
@@ -371,6 +389,8 @@ class DistillStage(SupervisedStage):
 
     def evaluate(self) -> dict:
         d, out = self.cfg.distill, {}
+        if self.on_policy is not None and self.records:
+            out["eval/reverse_kl"] = self.on_policy.reverse_kl(self.records)
         if self.records:
             acc = exact_match(self.model, self.tokenizer, self.records, self.cfg.tokenizer.chat_template,
                               d.eval_max_new_tokens)["accuracy"]
@@ -389,12 +409,87 @@ class DistillStage(SupervisedStage):
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), hard_rounds=self.hard.rounds if self.hard else 0,
-                    teacher_sha256=self.teacher.sha256)
+                    teacher_sha256=self.teacher.sha256,
+                    prompt_cursor=self.on_policy.source.stream.cursor if self.on_policy else 0)
 
     def load_state_dict(self, state: dict):
         super().load_state_dict(state)
         if self.hard is not None:
             self.hard.restore(int(state.get("hard_rounds", 0)))
+        if self.on_policy is not None:
+            self.on_policy.source.stream.cursor = int(state.get("prompt_cursor", 0))
+
+
+class OnPolicy:
+    """GKD's on-policy half: the student samples answers to distill.on_policy.prompts (a RolloutSource with one
+    sample per prompt: synchronous, or asynchronous one step ahead), the teacher scores every sampled token in
+    the loss (the live teacher of DistillLoss). `samples_at(step)` is GKD's coin with P(on-policy) = λ, seeded by
+    (train.seed, step), so a resumed run makes the same choices."""
+
+    def __init__(self, cfg: ExperimentConfig, student, loss_cfg: DistillLossConfig, teacher, tokenizer):
+        op, t = cfg.distill.on_policy, cfg.train
+        self.cfg, self.student, self.tokenizer = cfg, student, tokenizer
+        self.settings = rollout_settings(cfg)
+        template = cfg.tokenizer.chat_template
+        prompts, self.cut = read_tasks(op.prompts, tokenizer, template, op.max_prompt_len, on_error=cfg.data.on_error)
+        if not prompts:
+            raise MsLlmError(f"distill.on_policy.prompts: {op.prompts} holds no prompts")
+        self.pad = tokenizer.pad_id or 0
+        stops = stop_token_ids(template, tokenizer)
+        self.source = rollout_source(cfg, student, lambda texts, recs: {"total": np.zeros(len(texts)), "parts": {}},
+                                     lambda tok, n: "", PromptStream(prompts, t.seed), self.pad, stops, self.settings)
+        unk = tokenizer.unk_id if tokenizer.unk_id is not None else 0
+        kl = DistillLossConfig(1.0, 0.0, 1.0, "reverse_kl", loss_cfg.jsd_beta, loss_cfg.chunk_size)
+        self.kl_cell = DistillLoss(student, kl, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
+
+    def samples_at(self, step: int) -> bool:
+        share = self.cfg.distill.on_policy.student_share
+        return share >= 1 or (share > 0 and np.random.default_rng([self.cfg.train.seed, 6007, step]).random() < share)
+
+    def rows(self, step: int, layout: Layout) -> tuple:
+        """This rank's rows of the step's samples (every rank samples the whole batch with the same seeds)."""
+        batch, stats = self.source.collect(step)
+        share = len(batch.ro.prompts) // layout.data_world
+        mine = slice(layout.data_rank * share, (layout.data_rank + 1) * share)
+        rows = completion_rows(batch.ro.prompts[mine], batch.ro.tokens[mine], batch.ro.lengths[mine],
+                               self.cfg.data.seq_len, self.pad)
+        return rows, {"response_length": float(batch.ro.lengths.mean()), "rollout_s": stats["rollout_s"]}
+
+    def reverse_kl(self, records: list) -> float:
+        """Mean per-token KL(student ‖ teacher) over the full vocabulary, on the student's greedy answers to
+        held-out prompts (greedy: the measure moves with the weights, not with sampling noise)."""
+        op, seq = self.cfg.distill.on_policy, self.cfg.data.seq_len
+        template = self.cfg.tokenizer.chat_template
+        prompts = [{"ids": render([{"role": "user", "content": r["prompt"]}], self.tokenizer, template,
+                                  add_generation_prompt=True).ids[-op.max_prompt_len:]} for r in records]
+        num = den = 0.0
+        for i in range(0, len(prompts), 32):
+            chunk = prompts[i:i + 32]
+            out = generate(self.student, [x["ids"] for x in chunk], op.max_new_tokens, temperature=0,
+                           eos_token_id=self.source.stops or -1, pad_token_id=self.pad, prompt_width=op.max_prompt_len)
+            b = completion_rows(chunk, out.tokens, out.lengths, seq, self.pad)
+            n, d = self.kl_cell(*(ms.Tensor(b[k]) for k in KEYS))
+            num, den = num + float(n.asnumpy()), den + float(d.asnumpy())
+        return num / max(den, 1.0)
+
+    def models(self) -> dict:                    # the asynchronous batch generated ahead
+        return {"rollout_state": (self.source.save, self.source.load)} if self.source.has_state() else {}
+
+    def close(self, wait: bool = True):
+        self.source.close(wait)
+
+
+def rollout_settings(cfg: ExperimentConfig):
+    """The RolloutSource settings of on-policy distillation: the GRPO section's shape, one sample per prompt,
+    each step's micro-batches' worth of prompts, the on_policy section's lengths and sampling."""
+    op, t = cfg.distill.on_policy, cfg.train
+    s = copy.deepcopy(cfg.grpo)
+    s.group_size, s.prompts_per_step = 1, t.micro_batch_size * t.grad_accum_steps * cfg.parallel.data_parallel
+    s.max_prompt_len, s.max_new_tokens = op.max_prompt_len, op.max_new_tokens
+    s.temperature, s.top_p, s.top_k = op.temperature, op.top_p, op.top_k
+    s.dynamic_sampling.enabled, s.partial_rollout.token_budget, s.overlong.buffer = False, 0, 0
+    s.async_rollout.enabled = op.async_rollout
+    return s
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -421,15 +516,22 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         records = records[:d.eval_limit] if d.eval_limit else records
     teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
-    stage = DistillStage(cfg, student, layout, loss, data, cache, teacher, tokenizer, records, teacher_score, hard)
-    result = train(cfg, stage, run_dir)
+    on_policy = OnPolicy(cfg, student, lcfg, teacher, tokenizer) if d.mode == "on_policy" else None
+    stage = DistillStage(cfg, student, layout, loss, data, cache, teacher, tokenizer, records, teacher_score, hard,
+                         on_policy)
+    try:
+        result = train(cfg, stage, run_dir)
+    finally:
+        if on_policy is not None:
+            on_policy.close()
     if not layout.main:
         return {}
     student.set_train(False)
     final = export_final(run_dir, student, tokenizer, d.version)
     final["teacher_sha256"] = teacher.sha256
     g = gates(cfg, result.evals)
-    metrics = dict(result.metrics, teacher_exact_match=teacher_score, vocab_student_coverage=teacher.coverage["student_coverage"],
+    metrics = dict(result.metrics, **{f"before/{k}": v for k, v in result.before.items()},
+                   teacher_exact_match=teacher_score, vocab_student_coverage=teacher.coverage["student_coverage"],
                    vocab_teacher_coverage=teacher.coverage["teacher_coverage"], hard_rounds=hard.rounds if hard else 0)
     if generated:
         metrics.update({"generated/before_valid_rate": generated["before"]["valid_rate"],

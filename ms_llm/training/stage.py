@@ -97,20 +97,26 @@ class SupervisedStage(Stage):
         raise NotImplementedError
 
     def step(self, step: int, micro_index: int) -> tuple:
-        updater, accum = self.updaters()[0], self.cfg.train.grad_accum_steps
+        accum = self.cfg.train.grad_accum_steps
         # built one at a time as the step consumes them (a micro-batch may carry large inputs, e.g. NEFTune
         # noise); the pipeline schedule walks them twice, so it gets a list
-        batches = (self._tensors(self.batch(micro_index + j)) for j in range(accum))
+        row = self.update((self.batch(micro_index + j) for j in range(accum)), step, accum)
+        return row, accum
+
+    def update(self, batches, step: int, count: int) -> dict:
+        """One optimizer update over `count` micro-batches ({field: array} each, an iterable); the step's row."""
+        updater = self.updaters()[0]
+        batches = (self._tensors(b) for b in batches)
         batches = list(batches) if self.layout.pp is not None else batches
         tic = time.perf_counter()
         out = updater(batches, step)
         dt = time.perf_counter() - tic
-        tokens = self.tokens_per_micro * accum * self.cfg.parallel.data_parallel
+        tokens = self.tokens_per_micro * count * self.cfg.parallel.data_parallel
         row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens / max(dt, 1e-9), "loss_scale": out["loss_scale"], "skipped": not out["finite"]}
         row.update({k: out[k] for k in updater.stat_names})
         self.done = step + 1
-        return row, accum
+        return row
 
     def _tensors(self, batch: dict) -> tuple:
         return tuple(ms.Tensor(np.ascontiguousarray(batch[k])) for k in self.keys)
