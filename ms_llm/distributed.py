@@ -9,6 +9,8 @@ names the rank that died when a job fails.
 """
 import os
 
+import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from ms_llm.errors import MsLlmError
@@ -27,6 +29,11 @@ class SumReducer(nn.Cell):
     def construct(self, grads, num, den):
         num, den = ordered_all_reduce(self.all_reduce, (num, den))
         return ordered_all_reduce(self.all_reduce, grads, den), num, den
+
+    def host_sum(self, values: np.ndarray) -> np.ndarray:
+        """AllReduce(sum) of a small host array (float32) over the same ranks: a statistic a step needs before
+        its update, e.g. KTO's reference point over the global batch."""
+        return self.all_reduce(ms.Tensor(np.asarray(values, np.float32))).asnumpy()
 
 
 def launched_by_msrun() -> bool:

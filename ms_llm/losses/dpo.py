@@ -22,13 +22,15 @@ generations can drift; the NLL term holds the chosen answers' likelihood up.
 
 KTO (Ethayarajh et al. 2024) takes unpaired completions y with a label (desirable or not):
 
-    r = π(y|x) − ρ(y|x),  z = max(0, mean over the micro-batch of π(y'|x) − ρ(y'|x)), detached,
+    r = π(y|x) − ρ(y|x),  z = max(0, mean over the batch of π(y'|x) − ρ(y'|x)), detached,
     where y' is another row's completion (a mismatched pair estimates KL(π‖ρ));
     desirable: λ_D·(1 − σ(β(r − z)))    undesirable: λ_U·(1 − σ(β(z − r)))
 
 Cells return (sum of per-example losses, number of examples, reported sums), so accumulation and data
-parallel give the mean over the global batch exactly. z is estimated per micro-batch on each rank (TRL 0.29.1
-averages its per-device estimates over all devices, so under data parallel the two differ).
+parallel give the mean over the global batch exactly. `KTOLoss` estimates z on the rows it is given;
+`KTOLossAtZ` takes z as an input, which the stage computes over the step's whole batch — every
+micro-batch on every data-parallel rank — so z, like the loss, does not depend on how the batch is split (TRL
+0.29.1 averages per-device estimates over the devices: the same thing for equal shares, without accumulation).
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -127,13 +129,18 @@ class PreferenceLoss(nn.Cell):
 def kto_loss(r, r_kl, desirable, beta: float, w_desirable: float = 1.0, w_undesirable: float = 1.0):
     """Per-example KTO loss [B] (module docstring); r_kl: the mismatched rows' log-ratios [B]."""
     z = ops.stop_gradient(ops.maximum(r_kl.mean(), 0.0))
+    return kto_loss_at(r, z, desirable, beta, w_desirable, w_undesirable), z
+
+
+def kto_loss_at(r, z, desirable, beta: float, w_desirable: float = 1.0, w_undesirable: float = 1.0):
+    """Per-example KTO loss [B] at the reference point z (a scalar or [B])."""
     good = w_desirable * (1.0 - ops.sigmoid(beta * (r - z)))
     bad = w_undesirable * (1.0 - ops.sigmoid(beta * (z - r)))
-    return ops.where(desirable > 0.5, good, bad), z
+    return ops.where(desirable > 0.5, good, bad)
 
 
 class KTOLoss(nn.Cell):
-    """KTO over rows and their mismatched partners in one forward pass.
+    """KTO over rows and their mismatched partners in one forward pass; z from those partners.
 
     Inputs: ids, labels, kl_ids, kl_labels [B, S] int32; ref_logps, ref_kl_logps [B] float32; desirable [B]
     float32 (1 or 0).
@@ -151,6 +158,20 @@ class KTOLoss(nn.Cell):
         lp, _ = sequence_logps(logits, ops.concat((labels, kl_labels), 0))
         r, r_kl = lp[:b] - ref_logps, lp[b:] - ref_kl_logps
         loss, z = kto_loss(r, r_kl, desirable, self.beta, self.wd, self.wu)
+        return self._out(loss, r, z, desirable)
+
+    def _out(self, loss, r, z, desirable):
         w = ops.stop_gradient(self.beta * r)
-        stats = ops.stack((z * b, w.sum(), desirable.sum()))
+        stats = ops.stack((z * r.shape[0], w.sum(), desirable.sum()))
         return loss.sum(), ops.ones_like(r).sum(), stats
+
+
+class KTOLossAtZ(KTOLoss):
+    """KTO at a given reference point: ids, labels [B, S] int32; ref_logps, desirable, z [B] float32 (z the same
+    in every row: the stage's estimate over the whole step's batch, on every rank)."""
+
+    def construct(self, ids, labels, ref_logps, desirable, z):
+        lp, _ = sequence_logps(self.model(ids), labels)
+        r = lp - ref_logps
+        z = ops.stop_gradient(z)
+        return self._out(kto_loss_at(r, z, desirable, self.beta, self.wd, self.wu), r, z.mean(), desirable)

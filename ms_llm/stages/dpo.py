@@ -35,7 +35,7 @@ from ms_llm.config.schema import FrozenModelSection
 from ms_llm.data.preference import CompletionData, PairStats, PreferenceData, answer_labels, read_pairs
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.results import gate, model_identity
-from ms_llm.losses.dpo import REFERENCE_FREE, KTOLoss, PreferenceLoss, implicit_rewards, sequence_logps
+from ms_llm.losses.dpo import REFERENCE_FREE, KTOLossAtZ, PreferenceLoss, implicit_rewards, sequence_logps
 from ms_llm.manifest import verify, write_manifest
 from ms_llm.models.build import build_model
 from ms_llm.models.frozen import load_frozen
@@ -51,7 +51,7 @@ from ms_llm.training.trainer import train
 
 log = logging.getLogger(__name__)
 KEYS = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "ref_chosen", "ref_rejected")
-KTO_KEYS = ("ids", "labels", "kl_ids", "kl_labels", "ref_logps", "ref_kl_logps", "desirable")
+KTO_KEYS = ("ids", "labels", "ref_logps", "desirable", "z")          # KTOLossAtZ's inputs
 CACHE_FILE = "reference_logps.safetensors"
 
 
@@ -242,6 +242,7 @@ class DPOStage(SupervisedStage):
         self.keys = KTO_KEYS if self.kto else KEYS
         self.data, self._evaluate, self.evaluates = data, evaluate, evaluate is not None
         self.ref_scorer, self.cached = ref_scorer, cached
+        self.scorer = SequenceScorer(policy) if self.kto else None         # the policy's side of KTO's z
         self.must_match = {"objective": objective}
 
     def batch(self, micro_index: int) -> dict:
@@ -263,6 +264,29 @@ class DPOStage(SupervisedStage):
         else:
             batch["ref_chosen"] = batch["ref_rejected"] = np.zeros(mbs, np.float32)
         return batch
+
+    def step(self, step: int, micro_index: int) -> tuple:
+        if not self.kto:
+            return super().step(step, micro_index)
+        accum = self.cfg.train.grad_accum_steps
+        batches = [self.batch(micro_index + j) for j in range(accum)]
+        z = self.kto_reference_point(batches)
+        for b in batches:
+            b["z"] = np.full(len(b["ids"]), z, np.float32)
+        return self.update(batches, step, accum), accum
+
+    def kto_reference_point(self, batches: list) -> float:
+        """KTO's z for the step: max(0, mean of π(y′) − ρ(y′)) over the mismatched rows of every micro-batch on
+        every data-parallel rank, with the weights the step starts from (so it equals one process's)."""
+        mode = self.model.training
+        self.model.set_train(False)
+        total = 0.0
+        for b in batches:
+            lp = self.scorer(Tensor(b["kl_ids"]), Tensor(b["kl_labels"])).asnumpy().astype(np.float64)
+            total += float((lp - b["ref_kl_logps"]).sum())
+        self.model.set_train(mode)
+        total, count = self.layout.data_sum([total, sum(len(b["ids"]) for b in batches)])
+        return max(0.0, float(total) / float(count))
 
     def evaluate(self) -> dict:
         return self._evaluate()
@@ -317,7 +341,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         eval_ref = (cached["eval/chosen"], cached["eval/rejected"])
 
     if kto:
-        loss = KTOLoss(policy, d.beta, d.kto_desirable_weight, d.kto_undesirable_weight)
+        loss = KTOLossAtZ(policy, d.beta, d.kto_desirable_weight, d.kto_undesirable_weight)
     else:
         loss = PreferenceLoss(policy, d.loss, d.beta, d.label_smoothing, d.simpo_gamma, d.nll_coef)
     evaluate = make_evaluator(cfg, policy, eval_pairs, eval_ref)

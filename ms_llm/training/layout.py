@@ -13,6 +13,8 @@ need nothing beyond the reducer; tensor parallelism (`tp`) and pipeline stages (
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from ms_llm.errors import MsLlmError
 
 
@@ -39,6 +41,11 @@ class Layout:
     def data_world(self) -> int:
         group = self.tp or self.pp
         return self.world // group.size if group is not None else self.world
+
+    def data_sum(self, values) -> np.ndarray:
+        """Sum of a small host array over the data-parallel ranks (float32; itself in one process)."""
+        values = np.asarray(values, np.float32)
+        return values if self.reducer is None else self.reducer.host_sum(values)
 
     def localize(self, model, source: str = "model"):
         """This rank's part of a whole CausalLM: its tensor-parallel slices or its pipeline stage."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
-from ms_llm.losses.dpo import KTOLoss, PAIRED, PreferenceLoss, kto_loss, paired_loss, sequence_logps
+from ms_llm.losses.dpo import KTOLoss, KTOLossAtZ, PAIRED, PreferenceLoss, kto_loss, paired_loss, sequence_logps
 
 
 def np_log_sigmoid(x):
@@ -148,3 +148,33 @@ def test_kto_cell_uses_the_mismatched_rows_for_z():
     np.testing.assert_allclose(float(total.asnumpy()), want.sum(), rtol=1e-5)
     assert float(count.asnumpy()) == b
     np.testing.assert_allclose(stats.asnumpy(), [z * b, 0.3 * r.sum(), d.sum()], rtol=1e-5, atol=1e-5)
+
+
+def test_kto_at_a_given_reference_point_equals_numpy_and_the_partnered_cell():
+    """KTOLossAtZ (z computed by the stage over the whole step) against NumPy at a z from elsewhere; at the z of
+    the same mismatched rows it equals KTOLoss."""
+    rng = np.random.default_rng(7)
+    b, s, v = 4, 8, 7
+    logits = rng.normal(size=(2 * b, s, v)).astype(np.float32)
+    labels = masked_labels(rng, 2 * b, s, v)
+    ref = rng.normal(-8, 1, size=(2, b)).astype(np.float32)
+    d = np.array([0, 1, 1, 0], np.float32)
+    lp, _ = np_seq_logps(logits, labels)
+    r = lp[:b] - ref[0]
+    sig = lambda x: 1 / (1 + np.exp(-x))                         # noqa: E731
+    for z in (0.0, 0.7, 3.1):
+        total, count, stats = KTOLossAtZ(LogitTable(logits[:b]), beta=0.3, w_undesirable=1.5)(
+            Tensor(np.zeros((b, s), np.int32)), Tensor(labels[:b]), Tensor(ref[0]), Tensor(d),
+            Tensor(np.full(b, z, np.float32)))
+        want = np.where(d > 0.5, 1 - sig(0.3 * (r - z)), 1.5 * (1 - sig(0.3 * (z - r))))
+        np.testing.assert_allclose(float(total.asnumpy()), want.sum(), rtol=1e-5)
+        assert float(count.asnumpy()) == b
+        np.testing.assert_allclose(stats.asnumpy(), [z * b, 0.3 * r.sum(), d.sum()], rtol=1e-5, atol=1e-5)
+    z = max(0.0, (lp[b:] - ref[1]).mean())
+    ids = Tensor(np.zeros((b, s), np.int32))
+    partnered = KTOLoss(LogitTable(logits), beta=0.3)(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]),
+                                                      Tensor(ref[0]), Tensor(ref[1]), Tensor(d))
+    at_z = KTOLossAtZ(LogitTable(logits[:b]), beta=0.3)(ids, Tensor(labels[:b]), Tensor(ref[0]), Tensor(d),
+                                                        Tensor(np.full(b, z, np.float32)))
+    for x, y in zip(partnered, at_z):
+        np.testing.assert_allclose(x.asnumpy(), y.asnumpy(), rtol=1e-5, atol=1e-6)

@@ -21,15 +21,37 @@ def _rows(run):
     return [r for r in [json.loads(x) for x in open(run / "metrics.jsonl")] if r["step"] > 0]
 
 
+def _held_out_translations(work, n: int = 300) -> str:
+    """n translation prompts of the synthetic task that the GRPO run does not train on (its prompts are
+    distill_prompts.jsonl's), written to the work dir; returns the path."""
+    import random
+    from ms_llm.data.synthetic import task_example
+    seen = {json.loads(x)["prompt"] for x in open(work / "data" / "tiny" / "distill_prompts.jsonl")}
+    r, out = random.Random(20261206), {}
+    while len(out) < n:
+        prompt, answer = task_example(r, "translation")
+        if prompt not in seen:
+            out[prompt] = answer
+    path = work / "data" / "tiny" / "grpo_heldout.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "task": "translation"}) + "\n" for p, a in out.items()))
+    return str(path)
+
+
 @pytest.mark.slow
 def test_grpo_lifts_held_out_accuracy(tiny_sft):
+    """40 steps lift greedy accuracy on 300 held-out translation prompts by at least 3 standard errors of the
+    difference of two proportions (unpaired: conservative). On the config's 56 prompts the lift measured
+    0.089 -> 0.214, about 2.6 standard errors at best: too few prompts to claim it."""
     work = tiny_sft.parent.parent
+    held_out = _held_out_translations(work)
     run_cli(work, "train", "configs/tiny/grpo.yaml", *QUICK, "train.max_steps=40", "train.eval_every=0",
-            "checkpoint.every=0", "train.output_dir=runs/grpo_lift")
+            "checkpoint.every=0", "train.output_dir=runs/grpo_lift", f"grpo.eval_data={held_out}", "grpo.eval_limit=0")
     m = json.loads((work / "runs" / "grpo_lift" / "summary.json").read_text())["metrics"]
     before, after = m["before/eval/accuracy"], m["eval/accuracy"]
+    se = np.sqrt(before * (1 - before) / 300 + after * (1 - after) / 300)
+    print(f"held-out accuracy {before:.3f} -> {after:.3f} on 300 prompts (SE of the difference {se:.3f})")
     assert 0.0 < before < 0.5                    # a task the SFT model solves sometimes, not always
-    assert after >= before + 0.08, (before, after)
+    assert after - before >= 3 * se, (before, after, se)
     first = json.loads(open(work / "runs" / "grpo_lift" / "metrics.jsonl").readline())
     assert first["step"] == 0 and first["eval/accuracy"] == before       # evaluated before any update, logged
     rows = _rows(work / "runs" / "grpo_lift")

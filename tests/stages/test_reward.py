@@ -68,6 +68,12 @@ def test_exported_reward_model_scores_text_and_eval_rm_agrees(tiny_reward):
     assert {"accuracy", "auc", "ece", "ece_calibrated", "accuracy/safety_boundary"} <= set(printed)
 
 
+def _auc_standard_error(auc: float, n: int) -> float:
+    """Hanley & McNeil (1982): the standard error of an AUC from n positive and n negative scores."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    return float(np.sqrt((auc * (1 - auc) + (n - 1) * (q1 - auc * auc) + (n - 1) * (q2 - auc * auc)) / (n * n)))
+
+
 @pytest.mark.slow
 def test_lora_reward_checkpoints_hold_adapter_and_head(tiny_pretrained):
     run_cli(tiny_pretrained, "train", "configs/tiny/reward.yaml", *QUICK, "train.output_dir=runs/rm_lora",
@@ -80,9 +86,14 @@ def test_lora_reward_checkpoints_hold_adapter_and_head(tiny_pretrained):
     m = json.loads((run / "summary.json").read_text())["metrics"]
     # LoRA on this 64-wide model learns slowly and unevenly: at lr 5e-3 three identical runs ended with a last-10
     # mean loss of 0.36, 0.45 and 0.67, and one in CI stayed at 0.69 (AUC 0.52); CPU reductions differ run to run and
-    # Adam's first steps amplify that. lr 3e-3 measured 0.42 and 0.43 (AUC 0.71, 0.73). What always holds:
-    losses = [r["loss"] for r in _rows(run)]
-    assert len(losses) == 60 and np.mean(losses[-10:]) < m["first_loss"] and m["eval/auc"] > 0.55
+    # Adam's first steps amplify that. lr 3e-3 measured 0.42, 0.43 and 0.44 (AUC 0.71, 0.73, 0.70 on 100 pairs).
+    # Claimed, each beyond 3 standard errors: the loss fell (first vs last 10 steps, measured 7 SE) and the held-out
+    # AUC is above chance (Hanley-McNeil standard error of an AUC on 100 + 100 scores: 0.037 at 0.7).
+    losses = np.array([r["loss"] for r in _rows(run)])
+    first, last = losses[:10], losses[-10:]
+    assert len(losses) == 60
+    assert first.mean() - last.mean() >= 3 * np.sqrt(first.var(ddof=1) / 10 + last.var(ddof=1) / 10)
+    assert m["eval/auc"] >= 0.5 + 3 * _auc_standard_error(m["eval/auc"], m["eval/pairs"])
     base = read_safetensors(str(tiny_pretrained / "runs" / "tiny_pretrain" / "final" / "model.safetensors"))
     merged = read_safetensors(str(run / "final" / "model.safetensors"))
     moved = {k for k in merged if not np.array_equal(merged[k], base[k])}
