@@ -130,12 +130,17 @@ def test_preference_cell_equals_numpy_with_masks(kind, nll):
                                                  lp[b:].sum()], rtol=1e-5, atol=1e-5)
 
 
-def test_kto_cell_uses_the_mismatched_rows_for_z():
-    rng = np.random.default_rng(6)
-    b, s, v = 4, 8, 7
+def _kto_inputs(seed: int, b: int = 4, s: int = 8, v: int = 7):
+    """Logits and masked labels of b rows and their b mismatched partners, and the reference's log-probs [2, b]."""
+    rng = np.random.default_rng(seed)
     logits = rng.normal(size=(2 * b, s, v)).astype(np.float32)
     labels = masked_labels(rng, 2 * b, s, v)
-    ref = rng.normal(-8, 1, size=(2, b)).astype(np.float32)
+    return logits, labels, rng.normal(-8, 1, size=(2, b)).astype(np.float32)
+
+
+def test_kto_cell_uses_the_mismatched_rows_for_z():
+    b, s = 4, 8
+    logits, labels, ref = _kto_inputs(6)
     d = np.array([1, 0, 1, 1], np.float32)
     ids = Tensor(np.zeros((b, s), np.int32))
     total, count, stats = KTOLoss(LogitTable(logits), beta=0.3)(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]),
@@ -153,11 +158,8 @@ def test_kto_cell_uses_the_mismatched_rows_for_z():
 def test_kto_at_a_given_reference_point_equals_numpy_and_the_partnered_cell():
     """KTOLossAtZ (z computed by the stage over the whole step) against NumPy at a z from elsewhere; at the z of
     the same mismatched rows it equals KTOLoss."""
-    rng = np.random.default_rng(7)
-    b, s, v = 4, 8, 7
-    logits = rng.normal(size=(2 * b, s, v)).astype(np.float32)
-    labels = masked_labels(rng, 2 * b, s, v)
-    ref = rng.normal(-8, 1, size=(2, b)).astype(np.float32)
+    b, s = 4, 8
+    logits, labels, ref = _kto_inputs(7)
     d = np.array([0, 1, 1, 0], np.float32)
     lp, _ = np_seq_logps(logits, labels)
     r = lp[:b] - ref[0]

@@ -30,6 +30,18 @@ def _summary(workdir, run):
     return json.loads((workdir / "runs" / run / "summary.json").read_text())
 
 
+def _uninterrupted_and_killed(workdir, args, name: str, steps: int, killed_at: int) -> tuple:
+    """Runs `<name>_a` uninterrupted and `<name>_b` killed once its step-`killed_at` checkpoint is written, then
+    resumed; asserts the resumed run equals the uninterrupted one; returns both run dirs."""
+    a, b = workdir / "runs" / f"{name}_a", workdir / "runs" / f"{name}_b"
+    _run(workdir, *args, f"train.output_dir=runs/{name}_a")
+    kill_once_written(workdir, [*args, f"train.output_dir=runs/{name}_b"],
+                      b / "checkpoints" / f"step_{killed_at:06d}" / "MANIFEST.json")
+    _run(workdir, *args, f"train.output_dir=runs/{name}_b")
+    assert_resumed_run_equals(a, b, steps, killed_at)
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     d = make_workdir(tmp_path_factory, "distill")
@@ -175,12 +187,7 @@ def test_sigkill_and_resume_with_hard_example_rounds_equals_uninterrupted(teache
             "distill.eval_limit=8", "distill.generate.prompts=data/tiny/distill_prompts.jsonl",
             "distill.generate.limit=16", "distill.iterative.every=20",
             "distill.iterative.probe=data/tiny/distill_prompts.jsonl", "distill.iterative.probe_limit=8"]
-    _run(teacher, *args, "train.output_dir=runs/hard_a")
-    b = teacher / "runs" / "hard_b"
-    kill_once_written(teacher, [*args, "train.output_dir=runs/hard_b"], b / "checkpoints" / "step_000018" / "MANIFEST.json")
-    _run(teacher, *args, "train.output_dir=runs/hard_b")
-    a = teacher / "runs" / "hard_a"
-    assert_resumed_run_equals(a, b, 30, 18)
+    a, b = _uninterrupted_and_killed(teacher, args, "hard", 30, 18)
     for run in (a, b):
         rounds = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if "eval/hard/found" in r]
         assert rounds == [20]
@@ -212,12 +219,7 @@ def test_sigkill_and_resume_of_on_policy_distillation_equals_uninterrupted(teach
     args = ["train", "configs/tiny/distill_on_policy.yaml", "train.progress_bar=false", "log.plots=false",
             "train.max_steps=14", "train.eval_every=0", "train.log_every=1", "checkpoint.every=6",
             "distill.eval_limit=8", "distill.on_policy.student_share=0.5", "distill.beta=0.2"]
-    _run(teacher, *args, "train.output_dir=runs/op_a")
-    b = teacher / "runs" / "op_b"
-    kill_once_written(teacher, [*args, "train.output_dir=runs/op_b"], b / "checkpoints" / "step_000006" / "MANIFEST.json")
-    _run(teacher, *args, "train.output_dir=runs/op_b")
-    a = teacher / "runs" / "op_a"
-    assert_resumed_run_equals(a, b, 14, 6)
+    a, _ = _uninterrupted_and_killed(teacher, args, "op", 14, 6)
     rows = [json.loads(x) for x in open(a / "metrics.jsonl")]
     kinds = [r["on_policy"] for r in rows if r["step"] > 0]
     assert 0 < sum(kinds) < len(kinds)                     # both kinds of step happened
