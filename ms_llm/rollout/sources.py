@@ -26,13 +26,15 @@ import time
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
+from ms_llm.fileio import write_json_atomic
+from ms_llm.generation import generate
 from ms_llm.losses.grpo import overlong_penalty
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.rollout.async_worker import RolloutWorker, trainable_arrays
 from ms_llm.rollout.batch import Rollout
 from ms_llm.rollout.chunks import ChunkPlan
 from ms_llm.rollout.prompts import PromptStream
 from ms_llm.rollout.state_cache import StateCache
-from ms_llm.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 SEED_TAG = 7919                   # the rollout generators' seeds: [train.seed, SEED_TAG, step, round]
@@ -117,7 +119,6 @@ class RolloutSource:
 
     def start(self, step: int, rnd: int, prompts: list, run_out: bool) -> Paused:
         """Begin G completions of each prompt: one budget of tokens, or (run_out) all of them."""
-        from ms_llm.generation import generate          # imports mindspore's ops: only when generating
         g = self.g
         rows = [p for p in prompts for _ in range(g.group_size)]
         out = generate(self.policy, [r["ids"] for r in rows], min(self.budget, g.max_new_tokens),
@@ -131,7 +132,6 @@ class RolloutSource:
 
     def advance(self, fl: Paused, step: int, run_out: bool = False):
         """Continue a paused batch under the current policy: one budget of tokens, or (run_out) to the end."""
-        from ms_llm.generation import generate
         g = self.g
         while not fl.done(g.max_new_tokens).all():
             out = generate(self.policy, None, min(self.budget, g.max_new_tokens - fl.generated), state=fl.state,
@@ -346,7 +346,6 @@ class Asynchronous(RolloutSource):
         self.times = {}
 
     def _start_worker(self):
-        from ms_llm.rollout.async_worker import RolloutWorker        # spawns a process: only when asked for
         a = self.g.async_rollout
         mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         split = a.worker_cores and len(mine) > a.worker_cores
@@ -355,14 +354,13 @@ class Asynchronous(RolloutSource):
         if split:                                      # the two processes share the cores: each keeps its own
             _pin_threads(mine[:-a.worker_cores])
         if a.trainer_threads:
-            from ms_llm.context import set_cpu_threads
+            from ms_llm.context import set_cpu_threads  # sets MindSpore's thread count: only with a worker
             if not set_cpu_threads(a.trainer_threads):      # MindSpore takes it once per process
                 log.warning("grpo.async_rollout.trainer_threads not applied to MindSpore's own ops")
 
     def _submit(self, step: int, version: int):
         """Ask the worker for step `step`'s completions, generated with the current weights (those after `version`
         updates)."""
-        from ms_llm.rollout.async_worker import trainable_arrays
         g = self.g
         if self.worker is None:
             self._start_worker()
