@@ -142,9 +142,6 @@ def _check_dpo(cfg: ExperimentConfig, where: str):
     if d.loss == "kto" and d.reference_mode == "cached":
         raise MsLlmError(f"{where}: dpo.loss kto scores mismatched pairs that change with every batch; use "
                          "dpo.reference_mode: online")
-    if d.loss == "kto" and cfg.train.micro_batch_size < 2:
-        raise MsLlmError(f"{where}: dpo.loss kto needs train.micro_batch_size >= 2 (each row's KL partner is "
-                         "another row of its micro-batch)")
     if d.winrate.judge and not (d.winrate.prompts or d.eval_data):
         raise MsLlmError(f"{where}: dpo.winrate.judge needs prompts: set dpo.winrate.prompts or dpo.eval_data")
     if d.gate_accuracy is not None and not d.eval_data:

@@ -218,8 +218,9 @@ def read_completions(path: str, fmt: str, tokenizer, template: str, seq_len: int
 
 class CompletionData:
     """Unpaired completions for KTO, shuffled per epoch; each micro-batch also carries its mismatched rows
-    (prompt i with the completion of the next row of the micro-batch that answers another prompt), whose
-    log-ratios estimate KL(π‖ρ)."""
+    (prompt i with the completion of the next example in the data stream that answers another prompt), whose
+    log-ratios estimate KL(π‖ρ). The partner follows from the example's place in the stream, not from the
+    micro-batch it lands in, so every split of a step's batch (micro-batches, ranks) pairs the same rows."""
 
     def __init__(self, sources, tokenizer, template: str, seq_len: int, seed: int = 0, on_error: str = "raise"):
         self.stats, self.seq_len, self.pad = PairStats(), seq_len, tokenizer.pad_id or 0
@@ -238,19 +239,21 @@ class CompletionData:
             self._orders = {epoch: np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))}
         return self._orders[epoch]
 
-    def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
-        if micro_batch < 2:
-            raise MsLlmError("KTO needs train.micro_batch_size >= 2 (each row's KL partner is another row)")
-        base = micro_index * micro_batch * world + rank * micro_batch
+    def _at(self, position: int):
         n = len(self.rows)
-        picks = [self.rows[self._order((base + j) // n)[(base + j) % n]] for j in range(micro_batch)]
-        rows, kl = [], []
-        for j, c in enumerate(picks):
+        return self.rows[self._order(position // n)[position % n]]
+
+    def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+        base = micro_index * micro_batch * world + rank * micro_batch
+        rows, kl, picks = [], [], []
+        for p in range(base, base + micro_batch):
+            c = self._at(p)
+            picks.append(c)
             rows.append(pack(c.prompt, c.answer, self.seq_len, self.pad))
-            # the next row answering another prompt (a pair split in two, or a wrapped epoch, repeats prompts)
-            others = [picks[(j + k) % micro_batch] for k in range(1, micro_batch)]
-            partner = next((o for o in others if o.prompt != c.prompt), others[0])
-            kl.append(pack(c.prompt, partner.answer, self.seq_len, self.pad))
+            # the next example answering another prompt (a pair split in two, or a wrapped epoch, repeats prompts;
+            # data with one prompt only: the next example)
+            q = next((q for q in range(p + 1, p + len(self.rows)) if self._at(q).prompt != c.prompt), p + 1)
+            kl.append(pack(c.prompt, self._at(q).answer, self.seq_len, self.pad))
         out = {}
         for name, packed in (("", rows), ("kl_", kl)):
             ids, mask = np.stack([p[0] for p in packed]), np.stack([p[1] for p in packed])

@@ -140,10 +140,18 @@ def test_unpaired_completions_and_their_kl_partners(synth, tmp_path):
     assert b["ids"].shape == b["kl_ids"].shape == (3, 48) and b["desirable"].dtype == np.float32
     text = [tok.decode([t for t in r if t != (tok.pad_id or 0)]) for r in b["ids"]]
     kl = [tok.decode([t for t in r if t != (tok.pad_id or 0)]) for r in b["kl_ids"]]
-    for j in range(3):              # row j's partner: its own prompt with row j + 1's completion
+    after = tok.decode([t for t in data.batch(1, 3)["ids"][0] if t != (tok.pad_id or 0)])
+    following = text[1:] + [after]          # the examples after rows 0, 1, 2 in the data stream
+    for j in range(3):              # row j's partner: its own prompt with the next example's completion
         prompt_j = text[j].split("answer")[0]
-        assert kl[j].startswith(prompt_j) and kl[j].split("answer")[1] == text[(j + 1) % 3].split("answer")[1]
+        assert kl[j].startswith(prompt_j) and kl[j].split("answer")[1] == following[j].split("answer")[1]
         assert b["desirable"][j] == float(int(text[j].split("answer ")[1][0]) % 3 != 0)
+    # ... wherever the micro-batch boundaries fall: one micro-batch of 6 pairs the rows as two of 3 do, and as
+    # two ranks of 3 do
+    whole = data.batch(0, 6)
+    for key in ("ids", "kl_ids", "labels", "kl_labels", "desirable"):
+        np.testing.assert_array_equal(whole[key], np.concatenate([b[key], data.batch(1, 3)[key]]))
+        np.testing.assert_array_equal(whole[key], np.concatenate([data.batch(0, 3, r, 2)[key] for r in (0, 1)]))
     pairs = CompletionData([DataSource(path=_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "a", "rejected": "b"}]),
                                        format="preference")], tok, "chatml", 48)
     assert [c.desirable for c in pairs.rows] == [True, False]            # a pair splits into two completions

@@ -112,17 +112,32 @@ def test_dpo_resume_equals_uninterrupted_and_reuses_the_cache(tiny_pretrained):
         assert r.returncode == 2 and why in r.stderr, r.stderr[-2000:]
 
 
+def _held_out_pairs(work, n: int = 600) -> str:
+    """n preference pairs of the synthetic tasks (three tags) that are not in the training file, written to the
+    work dir; returns the path."""
+    import random
+    from ms_llm.data.synthetic import tagged_preference_pairs
+    train = {x.strip() for x in open(work / "data" / "tiny" / "preference.jsonl")}
+    path = work / "data" / "tiny" / "preference_heldout.jsonl"
+    fresh = [json.dumps(p) for p in tagged_preference_pairs(random.Random(20261206), 3 * n)]
+    fresh = [x for x in dict.fromkeys(fresh) if x not in train][:n]
+    assert len(fresh) == n
+    path.write_text("".join(x + "\n" for x in fresh))
+    return str(path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss,extra", [("simpo", ("dpo.beta=2.0",)), ("kto", ())])
 def test_simpo_and_kto_train(tiny_pretrained, loss, extra):
-    """30 steps, evaluated on all 200 held-out pairs. Claimed beyond 3 standard errors: SimPO's held-out
-    preference accuracy rises (measured 0.75 -> 0.89 on 64 pairs, about 2 standard errors there: hence all 200);
-    KTO's loss falls (first vs last 10 steps; measured 5 SE). KTO's accuracy is not claimed to rise: in 30 steps
-    it moved 0.50 -> 0.56 on 64 pairs, within its noise; what holds is that it does not fall by 3 standard
-    errors. SimPO's per-step loss is noisier (its drop measured 1.2 SE), so only its mean is checked to fall."""
-    out = f"runs/dpo_{loss}"
+    """30 steps, evaluated on 600 held-out pairs of the synthetic tasks made here (none of them a training pair).
+    Claimed beyond 3 standard errors: SimPO's held-out preference accuracy rises (measured 0.75 -> 0.89 on 64
+    pairs and 0.74 -> 0.83 on the 200 of preference_eval.jsonl: 2.1 and 2.2 standard errors, hence 600); KTO's
+    loss falls (first vs last 10 steps; measured 5 SE). KTO's accuracy is not claimed to rise (0.50 -> 0.62 on
+    200 pairs, 2.4 SE): what is checked is that it does not fall by 3 standard errors. SimPO's per-step loss is
+    noisier (its drop measured 1.2 SE), so only its mean is checked to fall."""
+    out, held_out = f"runs/dpo_{loss}", _held_out_pairs(tiny_pretrained)
     _dpo(tiny_pretrained, f"train.output_dir={out}", "train.max_steps=30", "checkpoint.every=0", "train.log_every=1",
-         "dpo.reference_mode=online", f"dpo.loss={loss}", "dpo.eval_limit=0", *extra)
+         "dpo.reference_mode=online", f"dpo.loss={loss}", f"dpo.eval_data={held_out}", "dpo.eval_limit=0", *extra)
     run = tiny_pretrained / out
     m, losses = _summary(run)["metrics"], np.array([r["loss"] for r in _rows(run)])
     first, last = losses[:10], losses[-10:]
@@ -130,7 +145,7 @@ def test_simpo_and_kto_train(tiny_pretrained, loss, extra):
     if loss == "kto":
         assert first.mean() - last.mean() >= 3 * np.sqrt(first.var(ddof=1) / 10 + last.var(ddof=1) / 10)
     before, after = m["before/eval/preference_accuracy"], m["eval/preference_accuracy"]
-    n = 200 - m["eval_skipped_pairs"]
+    n = 600 - m["eval_skipped_pairs"]
     se = np.sqrt(before * (1 - before) / n + after * (1 - after) / n)       # two proportions, unpaired: conservative
     print(f"{loss}: preference accuracy {before:.3f} -> {after:.3f} on {n} pairs (SE {se:.3f})")
     if loss == "simpo":
