@@ -208,9 +208,8 @@ class GRPOStage(Stage):
         self.source.close(wait)
 
 
-def accuracy(model, tokenizer, records: list, cfg: ExperimentConfig, stops, isolation: str) -> dict:
-    """eval/accuracy: greedy answers to held-out prompts, exact match (code prompts: their tests pass), overall
-    and per task."""
+def correct(model, tokenizer, records: list, cfg: ExperimentConfig, stops, isolation: str) -> np.ndarray:
+    """[N] 1.0 where the greedy answer to record i is right: exact match (code prompts: their tests pass)."""
     g = cfg.grpo
     texts = []
     for i in range(0, len(records), 32):
@@ -222,6 +221,12 @@ def accuracy(model, tokenizer, records: list, cfg: ExperimentConfig, stops, isol
     right = exact_match_reward(texts, records, g.answer_style)
     if code:
         right[code] = code_reward([texts[i] for i in code], [records[i] for i in code], g.code_timeout, isolation)
+    return np.asarray(right, np.float64)
+
+
+def accuracy(model, tokenizer, records: list, cfg: ExperimentConfig, stops, isolation: str) -> dict:
+    """eval/accuracy of the greedy answers to held-out prompts, overall and per task."""
+    right = correct(model, tokenizer, records, cfg, stops, isolation)
     res = {"eval/accuracy": float(right.mean())}
     for task in sorted({r["tag"] for r in records}):
         res[f"eval/accuracy/{task}"] = float(np.mean([ok for ok, r in zip(right, records) if r["tag"] == task]))
