@@ -521,9 +521,12 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                          on_policy)
     try:
         result = train(cfg, stage, run_dir)
-    finally:
+    except BaseException:
         if on_policy is not None:
-            on_policy.close()
+            on_policy.close(wait=False)     # do not wait for a generation nobody will use
+        raise
+    if on_policy is not None:
+        on_policy.close()
     if not layout.main:
         return {}
     student.set_train(False)
