@@ -34,7 +34,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ms_llm.ops import kernels as K
+from ms_llm.ops import linear_distill
 
 TINY = 1e-30
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -320,8 +320,7 @@ class DistillLoss(nn.Cell):
             topk_ids = ops.zeros(input_ids.shape + (1,), ms.int32)
             tail_logp = ops.zeros(input_ids.shape, ms.float32)
         if self.fused:
-            div, ce, _ = K.OPS.linear_distill(hidden.astype(ms.float32), w, t_in.astype(ms.float32), w_t,
-                                              labels.astype(ms.int32), self.kernel_args)
+            div, ce, _ = linear_distill(hidden, w, t_in, w_t, labels, self.kernel_args)
             wv = weights * (labels >= 0).astype(ms.float32)
             tau = self.cfg.temperature
             loss = ((self.cfg.alpha * tau * tau * div + self.cfg.beta * ce) * wv).sum()

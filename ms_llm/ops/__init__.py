@@ -6,8 +6,10 @@ from the table in `ms_llm.ops.backend`: the reference versions run everywhere in
 "cpu" calls the C++ kernels of `kernels/cpu` (ms_llm/ops/kernels.py builds and loads them), "ascend" calls
 MindSpore's fused Ascend ops.
 """
-from ms_llm.ops.core import (attention, causal_mask, cross_entropy, linear, linear_log_probs, mask_bias, rms_norm,
-                             rope_inv_freq, rope_cos_sin, apply_rotary, swiglu, token_log_probs)
+from ms_llm.ops.core import (adamw_in_place, attention, causal_mask, cross_entropy, linear, linear_distill,
+                             linear_log_probs, mask_bias, rms_norm, rope_inv_freq, rope_cos_sin, apply_rotary, swiglu,
+                             token_log_probs)
 
-__all__ = ["attention", "causal_mask", "mask_bias", "cross_entropy", "linear", "linear_log_probs", "rms_norm",
+__all__ = ["adamw_in_place", "linear_distill",
+           "attention", "causal_mask", "mask_bias", "cross_entropy", "linear", "linear_log_probs", "rms_norm",
            "rope_inv_freq", "rope_cos_sin", "apply_rotary", "swiglu", "token_log_probs"]

@@ -1,16 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Which implementation each primitive runs: the reference MindSpore ops, the CPU kernels, or Ascend's fused ops.
 
-| op            | reference (ms_llm/ops/core.py)   | cpu (kernels/cpu)                 | ascend (MindSpore fused op)        |
-|---------------|----------------------------------|-----------------------------------|------------------------------------|
-| linear        | MatMul                           | OpenBLAS sgemm, fwd + bwd         | (reference: MatMul is native)      |
-| attention     | scores + softmax + matmul        | flash attention, online softmax   | flash_attention_score              |
-| rms_norm      | composed                         | one pass, fwd + bwd               | rms_norm                           |
-| swiglu        | composed                         | one pass, fwd + bwd               | swiglu                             |
-| rotary        | composed                         | one pass, fwd + bwd               | rotary_position_embedding          |
-| lm_head_loss  | logits + log_softmax + gather    | chunked lm_head + log-softmax;    | (reference)                        |
-|               |   (distillation: ChunkedDistill) |   chunked lm_head + distillation  |                                    |
-| adamw         | composed (training/optim.py)     | one in-place pass per parameter   | (reference)                        |
+The primitives, what each backend runs for them and the CPU kernels behind them are declared once, in
+`ms_llm/ops/table.py` (docs/kernels.md tabulates them).
 
 `configure(setting)` is called by `setup_context` from the config's `context.kernels`: "auto" (default: the
 fastest available on the device), "reference", "cpu", or a mapping {op: backend} over "auto". A cell asks
@@ -22,10 +14,11 @@ import warnings
 import mindspore as ms
 
 from ms_llm.errors import MsLlmError
+from ms_llm.ops import kernels, table
 
-OPS = ("linear", "attention", "rms_norm", "swiglu", "rotary", "lm_head_loss", "adamw")
+OPS = table.PRIMITIVE_NAMES
 BACKENDS = ("reference", "cpu", "ascend")
-ASCEND_OPS = ("attention", "rms_norm", "swiglu", "rotary")
+ASCEND_OPS = table.ASCEND_FUSED
 
 _settings = {"default": "auto", "ops": {}}
 _warned = []
@@ -53,7 +46,6 @@ def device() -> str:
 
 def cpu_kernels():
     """The loaded CPU kernel ops, or None (with a one-time warning naming why) when they cannot be built."""
-    from ms_llm.ops import kernels
     ops = kernels.load()
     if ops is None and not _warned:
         _warned.append(True)
@@ -79,7 +71,6 @@ def choose(op: str, dtype=ms.float32) -> str:
         if dev != "cpu":
             raise MsLlmError(f"context.kernels: '{op}' set to cpu, but the device is {dev}")
         if cpu_kernels() is None:
-            from ms_llm.ops import kernels
             raise MsLlmError(f"context.kernels: '{op}' set to cpu, but the CPU kernels cannot be built: "
                              f"{kernels.unavailable_reason()}")
         return "cpu" if dtype == ms.float32 else "reference"

@@ -241,6 +241,26 @@ def linear_log_probs(hidden, weight, targets, compute_dtype=ms.float32, backend:
     return token_log_probs(logits, targets)
 
 
+def linear_distill(hidden, weight, t_hidden, t_weight, labels, params):
+    """The fused lm_head + distillation kernel (cpu backend only; `DistillLoss` keeps `ChunkedDistillHead` as its
+    reference): both models' lm_head products, the divergence at temperature and the cross-entropy, a chunk of
+    rows at a time, so neither [B, S, V] logits tensor exists.
+
+    hidden [B, S, H] and weight [V, H] (student), t_hidden [B, S, Ht] and t_weight [V, Ht] (teacher, no
+    gradient), labels [B, S] int (< 0: not counted), params [3] float32 (temperature, divergence kind index,
+    JSD beta). Returns (divergence [B, S], cross-entropy [B, S], the log-normalizers the backward reads [B, S, 3]).
+    """
+    return K.OPS.linear_distill(hidden.astype(ms.float32), weight, t_hidden.astype(ms.float32), t_weight,
+                                labels.astype(ms.int32), params)
+
+
+def adamw_in_place(param, m, v, grad, scalars):
+    """One AdamW step of a float32 parameter on the CPU kernel, param, m and v written in place (the composed
+    reference is `ms_llm.training.optim._adamw_update`). scalars [8]: lr, beta1, beta2, eps, the two bias
+    corrections, weight decay, gradient scale."""
+    return K.OPS.adamw(param, m, v, grad.astype(ms.float32), scalars)
+
+
 def cross_entropy(logits, labels, ignore_index: int = -100):
     """Mean next-token cross-entropy over positions whose label is not `ignore_index`.
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import mindspore as ms
 from mindspore import ops
 
+from ms_llm.ops import table
+
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels" / "cpu"
 LIB_NAME = "libms_llm_kernels.so"
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared",
@@ -145,96 +147,23 @@ def threads() -> int:
 
 
 class _Ops:
-    """The aot primitives, built once per process (module-level objects, so GRAPH_MODE resolves them)."""
+    """The aot primitives of `table.KERNELS`, built once per process as attributes (`OPS.<name>`), so GRAPH_MODE
+    resolves them as module-level objects. A backward entry point shared by several forwards is built once."""
 
     def __init__(self, so: str):
-        def custom(name, shape, dtype, bprop=None):
-            kw = {"bprop": bprop} if bprop is not None else {}
-            return ops.Custom(f"{so}:{name}", out_shape=shape, out_dtype=dtype, func_type="aot", **kw)
-
-        self.linear_bwd = custom("LinearBwd", lambda x, w, dy: (x, w), lambda x, w, dy: (x, x))
-        self.linear_bwd_frozen = custom("LinearBwdFrozen", lambda x, w, dy: (x, w), lambda x, w, dy: (x, x))
-        linear_bwd, linear_bwd_frozen = self.linear_bwd, self.linear_bwd_frozen
-
-        def linear_bprop(x, w, out, dout):
-            return linear_bwd(x, w, dout)
-
-        def linear_frozen_bprop(x, w, out, dout):
-            return linear_bwd_frozen(x, w, dout)
-
-        def rows_out(x, w):
-            return x[:-1] + [w[0]]
-
-        self.linear = custom("LinearFwd", rows_out, lambda x, w: x, linear_bprop)
-        # frozen variants under their own names: GRAPH_MODE merges Custom ops that share a function name
-        self.linear_frozen = custom("LinearFwdFrozen", rows_out, lambda x, w: x, linear_frozen_bprop)
-        self.head = custom("HeadFwd", rows_out, lambda x, w: x, linear_bprop)
-        self.head_frozen = custom("HeadFwdFrozen", rows_out, lambda x, w: x, linear_frozen_bprop)
-
-        self.rms_norm_bwd = custom("RmsNormBwd", lambda x, w, r, dy: (x, w), lambda x, w, r, dy: (x, x))
-        rms_norm_bwd = self.rms_norm_bwd
-
-        def rms_norm_bprop(x, w, eps, out, dout):
-            dx, dw = rms_norm_bwd(x, w, out[1], dout[0])
-            return dx, dw, ops.zeros_like(eps)
-
-        self.rms_norm = custom("RmsNormFwd", lambda x, w, e: (x, x[:-1]), lambda x, w, e: (x, x), rms_norm_bprop)
-
-        self.swiglu_bwd = custom("SwigluBwd", lambda g, u, dy: (g, g), lambda g, u, dy: (g, g))
-        swiglu_bwd = self.swiglu_bwd
-
-        def swiglu_bprop(g, u, out, dout):
-            return swiglu_bwd(g, u, dout)
-
-        self.swiglu = custom("SwigluFwd", lambda g, u: g, lambda g, u: g, swiglu_bprop)
-
-        self.rope_bwd = custom("RopeBwd", lambda c, s, dy: dy, lambda c, s, dy: dy)
-        rope_bwd = self.rope_bwd
-
-        def rope_bprop(x, cos, sin, out, dout):
-            return rope_bwd(cos, sin, dout), ops.zeros_like(cos), ops.zeros_like(sin)
-
-        self.rope = custom("RopeFwd", lambda x, c, s: x, lambda x, c, s: x, rope_bprop)
-
-        self.attention_bwd = custom(
-            "FlashAttnBwd", lambda q, k, v, b, s, o, l, do: (q, k, v), lambda q, k, v, b, s, o, l, do: (q, q, q))
-        attention_bwd = self.attention_bwd
-
-        def attention_bprop(q, k, v, bias, scale, out, dout):
-            dq, dk, dv = attention_bwd(q, k, v, bias, scale, out[0], out[1], dout[0])
-            return dq, dk, dv, ops.zeros_like(bias), ops.zeros_like(scale)
-
-        self.attention = custom(
-            "FlashAttnFwd", lambda q, k, v, b, s: ([q[0], q[2], q[1] * q[3]], q[:3]),
-            lambda q, k, v, b, s: (q, q), attention_bprop)
-
-        self.linear_xent_bwd = custom("LinearXentBwd", lambda h, w, t, s, l, g: (h, w),
-                                      lambda h, w, t, s, l, g: (h, h))
-        linear_xent_bwd = self.linear_xent_bwd
-
-        def linear_xent_bprop(h, w, targets, scale, out, dout):
-            dh, dw = linear_xent_bwd(h, w, targets, scale, out[1], dout[0])
-            return dh, dw, ops.zeros_like(targets), ops.zeros_like(scale)
-
-        self.linear_xent = custom("LinearXentFwd", lambda h, w, t, s: (t, t), lambda h, w, t, s: (h, h),
-                                  linear_xent_bprop)
-
-        # AdamW in place (kernels/cpu/adamw.cc): a memory side effect on its first three inputs, so the graph
-        # keeps it (its output is unused) and orders it like an Assign
-        self.adamw = custom("AdamWUpdate", lambda p, m, v, g, s: [1], lambda p, m, v, g, s: p)
-        self.adamw.add_prim_attr("side_effect_mem", True)
-
-        self.linear_distill_bwd = custom("LinearDistillBwd", lambda h, w, ht, wt, t, p, st, gd, gc: (h, w),
-                                         lambda h, w, ht, wt, t, p, st, gd, gc: (h, h))
-        linear_distill_bwd = self.linear_distill_bwd
-
-        def linear_distill_bprop(h, w, ht, wt, targets, prm, out, dout):
-            dh, dw = linear_distill_bwd(h, w, ht, wt, targets, prm, out[2], dout[0], dout[1])
-            return (dh, dw, ops.zeros_like(ht), ops.zeros_like(wt), ops.zeros_like(targets),
-                    ops.zeros_like(prm))
-
-        self.linear_distill = custom("LinearDistillFwd", lambda h, w, ht, wt, t, p: (t, t, t + [3]),
-                                     lambda h, w, ht, wt, t, p: (h, h, h), linear_distill_bprop)
+        backward = {}
+        for k in table.KERNELS:
+            kw = {}
+            if k.backward is not None:
+                b = k.backward
+                if b.symbol not in backward:
+                    backward[b.symbol] = ops.Custom(f"{so}:{b.symbol}", out_shape=b.shape, out_dtype=b.dtype,
+                                                    func_type="aot")
+                kw["bprop"] = k.bprop(backward[b.symbol])
+            prim = ops.Custom(f"{so}:{k.symbol}", out_shape=k.shape, out_dtype=k.dtype, func_type="aot", **kw)
+            if k.in_place:          # a memory side effect on its inputs: the graph keeps it, ordered like an Assign
+                prim.add_prim_attr("side_effect_mem", True)
+            setattr(self, k.name, prim)
 
 
 def scalar(value: float):

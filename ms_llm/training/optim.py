@@ -14,7 +14,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ms_llm.ops import backend as B
-from ms_llm.ops import kernels as K
+from ms_llm.ops import adamw_in_place
 from ms_llm.training.collective import ordered_all_reduce
 
 _adamw = ops.MultitypeFuncGraph("adamw")
@@ -54,7 +54,7 @@ _adamw_fused = ops.MultitypeFuncGraph("adamw_fused")
 def _adamw_kernel(beta1, beta2, eps, bc1, bc2, gscale, lr, wd, param, m, v, grad):
     """The same update in one pass on the CPU kernel, param, m and v written in place."""
     scalars = ops.stack((lr, beta1, beta2, eps, bc1, bc2, wd, gscale))
-    return K.OPS.adamw(param, m, v, grad.astype(ms.float32), scalars)
+    return adamw_in_place(param, m, v, grad, scalars)
 
 
 def partition(sizes, world: int) -> list:
