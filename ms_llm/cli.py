@@ -5,14 +5,28 @@ User errors (MsLlmError) print one line on stderr and exit with code 2; storage 
 full, quota, read-only, I/O error) prints one line naming the file and exits with code 3 (ms_llm.storage).
 """
 import argparse
+import importlib
 import json
+import logging
 import os
 import sys
 
 from ms_llm import storage
+from ms_llm.config import help_text, load_config
 from ms_llm.config.registry import STAGE_NAMES
+from ms_llm.data import shard_index
+from ms_llm.data.chat import render, stop_token_ids
+from ms_llm.data.synthetic import synthesize
+from ms_llm.data.tokenizer import Tokenizer, train_sentencepiece
 from ms_llm.errors import MsLlmError
-from ms_llm.fileio import numbered_lines, read_text, utf8
+from ms_llm.eval.cli import main as eval_main
+from ms_llm.fileio import numbered_lines, read_json, read_text, utf8
+from ms_llm.launch import main as launch_main
+from ms_llm.manifest import write_manifest
+from ms_llm.pipeline import load_pipeline, read_state, run_pipeline
+from ms_llm.pipeline_report import write_pipeline_report, write_technical_report
+from ms_llm.stages import run_stage
+from ms_llm.training.metrics import plot_metrics
 
 
 def cmd_convert(argv):
@@ -23,6 +37,7 @@ def cmd_convert(argv):
     p.add_argument("dst", help="destination checkpoint file (mindformers) or model dir (hf)")
     p.add_argument("--config", help="Hugging Face config.json describing the model (needed --from mindformers)")
     a = p.parse_args(argv)
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.context import setup_context
     from ms_llm.models.convert import convert
     setup_context("pynative")
@@ -44,9 +59,8 @@ def cmd_generate(argv):
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--json", action="store_true", help="print token ids and log-probs as JSON too")
     a = p.parse_args(argv)
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.context import setup_context
-    from ms_llm.data.chat import render, stop_token_ids
-    from ms_llm.data.tokenizer import Tokenizer
     from ms_llm.generation import generate
     from ms_llm.models.io import load_pretrained, resolve_model_dir
     setup_context(a.mode, seed=a.seed)
@@ -94,7 +108,6 @@ def cmd_tokenizer(argv):
     a = p.parse_args(argv)
     if a.action == "expand":
         return _tokenizer_expand(a)
-    from ms_llm.data.tokenizer import train_sentencepiece
     tok = train_sentencepiece(a.input, a.output, a.vocab_size, a.model_type)
     print(f"{a.output}: vocabulary of {tok.vocab_size} tokens")
 
@@ -136,8 +149,9 @@ def cmd_mup(argv):
     lrs = [a.lr] if a.action == "coord-check" else _floats(a.lrs, "--lrs")
     if a.steps < 1 or min(lrs) <= 0:
         raise MsLlmError("--steps must be at least 1 and learning rates positive")
-    from ms_llm.context import setup_context
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.bench import coord_check as cc
+    from ms_llm.context import setup_context
     setup_context("graph", seed=a.seed)
     settings = cc.CheckSettings(base_width=a.base_width or widths[0], lr_exponent=a.lr_exponent,
                                 zero_readout=not getattr(a, "no_zero_readout", False), init_std=a.init_std)
@@ -190,11 +204,10 @@ def _corpus_texts(paths):
 
 
 def _tokenizer_expand(a):
-    from ms_llm.data.tokenizer import Tokenizer
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.models import load_pretrained, save_pretrained
     from ms_llm.models.io import resolve_model_dir
     from ms_llm.models.vocab import domain_terms, expand_vocabulary
-    from ms_llm.manifest import write_manifest
     src = resolve_model_dir(a.model)
     tok = Tokenizer.load(src)
     model = load_pretrained(src)
@@ -227,7 +240,6 @@ def cmd_bench(argv):
         raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
     if argv[0] == "lora":           # full fine-tuning vs LoRA on the same model, batch and sequence
         argv = ["train", "--frameworks", "ms_llm,ms_llm_lora", *argv[1:]]
-    import importlib
     importlib.import_module(benches[argv[0]]).run(argv[1:])
 
 
@@ -237,13 +249,11 @@ def cmd_train(argv):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 optim.lr=1e-4")
     p.add_argument("--help-config", action="store_true", help="print every config key with its help and exit")
     a = p.parse_args(argv)
-    from ms_llm.config import help_text, load_config
     if a.help_config:
         print(help_text())
         return
     if not a.config:
         p.error("CONFIG is required")
-    from ms_llm.stages import run_stage
     run_stage(load_config(a.config, a.overrides))
 
 
@@ -255,8 +265,7 @@ def cmd_distill(argv):
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
-    import logging
-    from ms_llm.config import load_config
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.stages.distill import cache_teacher
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(a.config, a.overrides)
@@ -276,6 +285,7 @@ def cmd_rlhf(argv):
     st.add_argument("run_dir")
     st.add_argument("--review-hours", type=float, default=48.0)
     a = p.parse_args(argv)
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.rollout.audit import audit_status, import_reviews
     if a.action == "audit-import":
         print(json.dumps(import_reviews(a.file, a.pool)))
@@ -307,14 +317,11 @@ def cmd_data(argv):
     a = p.parse_args(argv)
     if a.action in ("index", "verify-index"):
         return _data_index(a)
-    from ms_llm.data.synthetic import synthesize
     manifest = synthesize(a.out, a.seed, a.n_text, a.n_sft, vocab_size=a.vocab_size)
     print(f"{a.out}: {len(manifest['files'])} files, version {manifest['version']}")
 
 
 def _data_index(a):
-    from ms_llm.data import shard_index
-    from ms_llm.data.tokenizer import Tokenizer
     tok = Tokenizer.load(a.tokenizer)
     if a.action == "verify-index":
         shards = shard_index.open_index(a.index, tok, verify=True)
@@ -331,12 +338,10 @@ def _data_index(a):
 
 
 def cmd_eval(argv):
-    from ms_llm.eval.cli import main as eval_main
     eval_main(argv)
 
 
 def cmd_launch(argv):
-    from ms_llm.launch import main as launch_main
     rc = launch_main(argv)
     if rc:
         sys.exit(rc)
@@ -349,6 +354,7 @@ def cmd_merge_lora(argv):
     p.add_argument("--out", required=True, help="output model dir")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max logit difference accepted")
     a = p.parse_args(argv)
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.context import setup_context
     from ms_llm.peft.lora import merge_and_verify
     setup_context("pynative")
@@ -364,9 +370,6 @@ def cmd_pipeline(argv):
     p.add_argument("--technical", action="store_true", help="also write technical_report.md at the end")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage (the rest stay pending)")
     a = p.parse_args(argv)
-    import os
-    from ms_llm.pipeline import load_pipeline, run_pipeline
-    from ms_llm.pipeline_report import write_technical_report
     pipe = load_pipeline(a.config, a.overrides)
 
     def say(line):
@@ -385,22 +388,18 @@ def cmd_report(argv):
     p.add_argument("run_dir")
     p.add_argument("--technical", action="store_true", help="write PIPELINE_DIR/technical_report.md")
     a = p.parse_args(argv)
-    import os
     if os.path.isfile(os.path.join(a.run_dir, "pipeline.json")):
-        from ms_llm.pipeline import read_state
-        from ms_llm.pipeline_report import write_pipeline_report, write_technical_report
         print(write_pipeline_report(a.run_dir, read_state(a.run_dir)))
         if a.technical:
             print(write_technical_report(a.run_dir))
         return
     if a.technical:
         raise MsLlmError(f"{a.run_dir}: no pipeline.json; --technical reads a pipeline directory (ms-llm pipeline)")
+    # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.stages.common import write_report
-    from ms_llm.training.metrics import plot_metrics
     path = os.path.join(a.run_dir, "summary.json")
     if not os.path.isfile(path):
         raise MsLlmError(f"{path}: not found; is {a.run_dir} a run directory of a finished (or stopped) stage?")
-    from ms_llm.fileio import read_json
     summary = read_json(path, "the run summary")
     plots = plot_metrics(a.run_dir)
     write_report(a.run_dir, summary)

@@ -7,6 +7,7 @@ import numpy as np
 
 from ms_llm.ascend import check_ascend
 from ms_llm.errors import MsLlmError
+from ms_llm.ops import backend, kernels
 
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 DEVICES = {"cpu": "CPU", "ascend": "Ascend"}
@@ -26,14 +27,12 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kerne
     ms.set_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    from ms_llm.ops import backend
     backend.configure(kernels)
 
 
 def set_cpu_threads(n: int):
     """Threads of MindSpore's CPU ops (settable once per process) and of the CPU kernels, for a process that
     shares the cores with another. Returns False when MindSpore had already fixed its own."""
-    from ms_llm.ops import kernels
     kernels.set_threads(n)
     try:
         ms.device_context.cpu.op_tuning.threads_num(n)

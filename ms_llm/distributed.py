@@ -12,8 +12,13 @@ import os
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+from mindspore.communication import create_group, get_group_size, get_rank, init
 
 from ms_llm.errors import MsLlmError
+from ms_llm.models.config import preset
+from ms_llm.models.io import read_config, resolve_model_dir
+from ms_llm.models.pipeline import PPGroup, split_layers
+from ms_llm.models.tensor_parallel import TPGroup
 from ms_llm.training.collective import ordered_all_reduce
 from ms_llm.training.layout import Layout
 
@@ -54,7 +59,6 @@ def init_layout(cfg) -> Layout:
             raise MsLlmError(f"parallel.data_parallel x tensor_parallel x pipeline_stages is {want} but this process "
                              f"was not started by msrun; use `ms-llm launch --nproc-per-node {want} CONFIG`")
         return Layout()
-    from mindspore.communication import create_group, get_group_size, get_rank, init
     init()
     rank, world = get_rank(), get_group_size()
     if world != want:
@@ -65,7 +69,6 @@ def init_layout(cfg) -> Layout:
         return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, pp=pp)
     tp = dp_group = None
     if tpn > 1:
-        from ms_llm.models.tensor_parallel import TPGroup
         index, pos = divmod(rank, tpn)
         group = None
         if dp > 1:                       # the whole world is one tensor-parallel group when dp == 1
@@ -80,9 +83,6 @@ def init_layout(cfg) -> Layout:
 def _pipeline_groups(cfg, rank: int, dp: int, stages: int, create_group):
     """(PPGroup, data-parallel group name) of `rank`: stage rank % stages of pipeline rank // stages. Only
     the groups this rank belongs to are created; a group spanning the whole world is the world group."""
-    from ms_llm.models.config import preset
-    from ms_llm.models.io import read_config, resolve_model_dir
-    from ms_llm.models.pipeline import PPGroup, split_layers
     m = cfg.model
     shape = read_config(resolve_model_dir(m.init_from)) if m.init_from else preset(m.preset, **m.overrides)
     index, stage = divmod(rank, stages)

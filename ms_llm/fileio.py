@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 
+from ms_llm.errors import MsLlmError
+
 
 def sha256_file(path: str) -> str:
     """Hex SHA256 of a file's bytes, read in 1 MiB chunks."""
@@ -16,7 +18,6 @@ def sha256_file(path: str) -> str:
 
 def read_json(path: str, what: str = "file"):
     """Parse a JSON file; a missing or malformed file is an MsLlmError naming it (and `what` it should be)."""
-    from ms_llm.errors import MsLlmError
     try:
         with open(path) as f:
             return json.load(f)
@@ -51,7 +52,6 @@ def utf8(raw: bytes, offset: int = 0) -> str:
 def read_text(path: str, what: str = "file") -> str:
     """A whole UTF-8 text file (configs, pipelines, CSV); a missing or undecodable file is an MsLlmError that
     names it, and the line and byte where decoding failed."""
-    from ms_llm.errors import MsLlmError
     try:
         with open(path, "rb") as f:
             data = f.read()

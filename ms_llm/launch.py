@@ -10,10 +10,12 @@ without msrun. `--dry-run` prints the environment it would set and the exact com
 the last lines name each rank that died and its log file (from the workers' status files).
 """
 import argparse
+import ctypes
 import glob
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +23,10 @@ import traceback
 
 from ms_llm import storage
 from ms_llm.ascend import check_ascend, find_cann
+from ms_llm.config import load_config
 from ms_llm.errors import MsLlmError
+from ms_llm.stages import run_stage
+
 
 def ascend_env(cann: str, cfg) -> dict:
     """Environment variables for an Ascend job: CANN's set_env.sh plus HCCL timeouts and visible devices."""
@@ -75,13 +80,10 @@ def parse(argv):
 
 def die_with_parent():
     """preexec_fn: the child is SIGKILLed when its parent dies (PR_SET_PDEATHSIG)."""
-    import ctypes
-    import signal
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG: msrun or the worker ends with us
 
 
 def main(argv) -> int:
-    from ms_llm.config import load_config
     a = parse(argv)
     world = a.nproc_per_node * a.nnodes
     overrides = list(a.overrides)
@@ -169,8 +171,6 @@ def write_status(rank: int, status: str):
 
 def worker_main(argv=None) -> int:
     """Entry point of one msrun worker: `scripts/train.py CONFIG [k=v ...]`."""
-    from ms_llm.config import load_config          # MindSpore and the stages load in a worker only, not when the
-    from ms_llm.stages import run_stage            # launcher or the pipeline imports this module
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK_ID", "0"))
     write_status(rank, "running")

@@ -43,11 +43,14 @@ import time
 
 import yaml
 
+from ms_llm.config import load_config
+from ms_llm.config.load import to_dict
 from ms_llm.config.registry import handoff_keys
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, read_text, write_json_atomic
-from ms_llm.launch import die_with_parent
-from ms_llm.pipeline_report import fmt
+from ms_llm.launch import die_with_parent, parse
+from ms_llm.manifest import verify
+from ms_llm.pipeline_report import fmt, write_pipeline_report
 
 STATUSES = ("pending", "running", "completed", "stopped_early", "failed", "gate_failed")   # per stage
 PIPELINE_STATUSES = ("running", "completed", "stopped", "failed", "gate_failed")
@@ -86,7 +89,6 @@ def _handoff_keys(key: str, where: str) -> tuple:
 
 def load_pipeline(path: str, overrides=()) -> Pipeline:
     """Read and check a pipeline YAML (keys, stage names, inputs, each stage's own config) before anything runs."""
-    from ms_llm.config import load_config
     text = read_text(path, "pipeline")
     try:
         raw = yaml.safe_load(text) or {}
@@ -191,8 +193,6 @@ def _stage_overrides(stage: PipelineStage, output_dir: str, handoffs: dict) -> l
 
 def config_hash(stage: PipelineStage, output_dir: str, handoffs: dict) -> str:
     """SHA256 of the stage's fully resolved config (every key, defaults included)."""
-    from ms_llm.config import load_config
-    from ms_llm.config.load import to_dict
     cfg = load_config(stage.config, _stage_overrides(stage, output_dir, handoffs))
     doc = {"config": to_dict(cfg), "launch": stage.launch}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -222,7 +222,6 @@ def _last_known(rec: dict) -> dict:
 def _save(p: Pipeline, records: list, status: str, reason: str = None):
     state = {"name": p.name, "config": p.path, "seed": p.seed, "status": status, "reason": reason, "stages": records}
     write_json_atomic(_state_path(p), state)
-    from ms_llm.pipeline_report import write_pipeline_report   # matplotlib only when a report is written
     write_pipeline_report(p.output_dir, state, plots=status != "running")
     return state
 
@@ -230,7 +229,6 @@ def _save(p: Pipeline, records: list, status: str, reason: str = None):
 def _verify_output(record: dict, next_name: str):
     """A finished stage's final/ must still be what it was: every file against its manifest, and the manifest's
     hash against the one recorded when the stage finished."""
-    from ms_llm.manifest import verify
     final = record["output"]["path"]
     try:
         manifest = verify(final)
@@ -255,7 +253,6 @@ def _keep_aside(run_dir: str):
 
 
 def _check_launch_flags(flags: list, where: str):
-    from ms_llm.launch import parse
     try:
         a = parse(["config.yaml", *flags])
     except SystemExit:

@@ -8,6 +8,7 @@ pipeline's own record), so a reader — and tests/test_pipeline_chain.py — can
 is written "not recorded", never guessed.
 """
 import json
+import math
 import os
 
 import yaml
@@ -137,6 +138,7 @@ def write_pipeline_report(output_dir: str, state: dict, plots: bool = True) -> s
 def _plots(r: Records) -> list:
     """Loss per stage; held-out perplexity per domain (CPT); final evaluation metrics per stage (exact match,
     code pass@1, reward-model AUC and accuracy, RL reward); reward and KL of the RL stages."""
+    # matplotlib loads only when a figure is drawn
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,7 +160,6 @@ def _plots(r: Records) -> list:
     domains = [(s, k) for s in done for k in sorted({k for m in r.metrics(s) for k in m
                                                      if k.startswith("eval/loss/") and k != "eval/loss/mean"})]
     if domains:
-        import math
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for s, k in domains:
             pts = [(m["step"], math.exp(m[k])) for m in r.metrics(s) if isinstance(m.get(k), (int, float))]
@@ -201,6 +202,7 @@ def _plots(r: Records) -> list:
 def _save(fig, out_dir, name, written):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "plots", f"{name}.png"), dpi=90)
+    # matplotlib loads only when a figure is drawn
     import matplotlib.pyplot as plt
     plt.close(fig)
     written.append(name)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
+from tqdm import tqdm
 
 from ms_llm import ops as F
 from ms_llm.losses.lm import LMLoss
@@ -25,6 +26,7 @@ from ms_llm.models.config import preset
 from ms_llm.models.decoder import CausalLM
 from ms_llm.training.optim import AdamW
 from ms_llm.training.step import LossScaleState, TrainStep
+
 
 @dataclass
 class CheckSettings:
@@ -125,7 +127,6 @@ def lr_sweep(widths, lrs, steps: int = 100, settings: CheckSettings = None, laye
     runs = [(p, w, lr) for p in ("sp", "mup") for w in widths for lr in lrs]
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(runs), desc="lr-sweep", dynamic_ncols=True)
     for p, w, lr in runs:
         _, step = _trainer(w, p, settings, layers, seed, batch * seq_len)
@@ -150,6 +151,7 @@ def best_lrs(result: dict, parametrization: str) -> dict:
 
 
 def plot_sweep(result: dict, path: str):
+    # matplotlib loads only when a figure is drawn
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -186,7 +188,6 @@ def coord_check(widths, steps: int = 4, lr: float = 1e-2, settings: CheckSetting
     runs = [(p, w) for p in ("sp", "mup") for w in widths]
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(runs), desc="coord-check", dynamic_ncols=True)
     for p, w in runs:
         result.setdefault(p, {})[str(w)] = run_one(w, p, batches, lr, settings, layers, seed)
@@ -208,6 +209,7 @@ def growth(result: dict, parametrization: str, name: str, step: int = -1) -> flo
 
 def plot(result: dict, path: str):
     """One row per parametrization, one column per kind of activation (last layer), a line per step."""
+    # matplotlib loads only when a figure is drawn
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

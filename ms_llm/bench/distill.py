@@ -34,6 +34,7 @@ def _rss_mb() -> float:
 
 
 def _floor_cell():
+    # MindSpore only in the process that runs the MindSpore side
     from mindspore import nn, ops
 
     class Floor(nn.Cell):
@@ -58,6 +59,7 @@ def _Floor(loss):
 
 
 def worker(a):
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
     from ms_llm.context import setup_context
     from ms_llm.losses.distill import DistillLoss, DistillLossConfig

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.pipeline import load_pipeline
 
 
 def parse_seeds(text: str) -> list:
@@ -87,7 +88,6 @@ def run(argv):
     p.add_argument("--jobs", type=int, default=1, help="chains at once (each keeps about one core busy)")
     p.add_argument("overrides", nargs="*", help="further pipeline overrides (<stage>.<key>=<value>)")
     a = p.parse_args(argv)
-    from ms_llm.pipeline import load_pipeline
     seeds = parse_seeds(a.seeds)
     pipeline = load_pipeline(a.pipeline, a.overrides)
     policies = stop_gates(pipeline)

@@ -21,6 +21,7 @@ def run(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     a = p.parse_args(argv)
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.context import setup_context
     from ms_llm.generation import generate
     from ms_llm.models import CausalLM, preset

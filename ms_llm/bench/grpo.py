@@ -11,6 +11,7 @@ the tiny pretraining and SFT runs).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,6 @@ from ms_llm.errors import MsLlmError
 
 
 def _run(config: str, out: str, steps: int, extra) -> list:
-    import shutil
     shutil.rmtree(out, ignore_errors=True)              # a fresh run, never a resume of an earlier one
     cmd = [sys.executable, "-m", "ms_llm.cli", "train", config, f"train.output_dir={out}", f"train.max_steps={steps}",
            "train.log_every=1", "train.eval_every=0", "checkpoint.every=0", "train.progress_bar=false",

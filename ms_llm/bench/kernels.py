@@ -52,12 +52,14 @@ def _adamw_fn(a, impl):
     arrays = [(rs.randn(*shp) * 0.02).astype(np.float32) for shp in param_shapes(a)]
     grads = [(rs.randn(*shp) * 1e-3).astype(np.float32) for shp in param_shapes(a)]
     if impl == "torch":
+        # PyTorch only in the process that runs the PyTorch side
         import torch
         params = [torch.tensor(x, requires_grad=True) for x in arrays]
         for p, g in zip(params, grads):
             p.grad = torch.tensor(g)
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
         return opt.step
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn
     from ms_llm.ops import backend
@@ -96,6 +98,7 @@ def _time(fn, reps: int) -> float:
 
 
 def _op_cell(name, backend, consts):
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
     from mindspore import nn
     from ms_llm import ops as F
@@ -126,6 +129,7 @@ def _op_cell(name, backend, consts):
 
 def _ms_fns(name, arrs, backend):
     """(forward, forward+backward) callables for one op on MindSpore with `backend`, both compiled graphs."""
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
     from mindspore import Tensor, nn
     from ms_llm import ops as F
@@ -171,6 +175,7 @@ def _ms_fns(name, arrs, backend):
 
 
 def _torch_fns(name, arrs):
+    # PyTorch only in the process that runs the PyTorch side
     import torch
     import torch.nn.functional as TF
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -217,10 +222,12 @@ def worker(a):
     os.makedirs(a.workdir, exist_ok=True)
     os.chdir(a.workdir)
     if a.worker != "torch":
+        # MindSpore only in the process that runs the MindSpore side
         from ms_llm.context import setup_context
         from ms_llm.ops import backend
         setup_context("graph", seed=0)
         if a.worker == "cpu" and backend.cpu_kernels() is None:
+            # MindSpore only in the process that runs the MindSpore side
             from ms_llm.ops import kernels
             raise SystemExit(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
     if a.memory:                                   # peak RSS of one lm_head + log-softmax forward + backward

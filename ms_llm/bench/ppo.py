@@ -14,18 +14,19 @@ mean |log-prob error| of chunked against exact scoring.
 import argparse
 import json
 import os
+import sys
+import tempfile
 
 import numpy as np
 
 from ms_llm.bench import run_worker
+from ms_llm.config import load_config
 
 DIGITS, PROMPT, NEW = 10, 4, 6
 
 
 def digit_task_config(steps: int, overrides=()):
     """The toy task's PPO settings (any ExperimentConfig carries a ppo section)."""
-    import tempfile
-    from ms_llm.config import load_config
     d = tempfile.mkdtemp(prefix="ppo_digits_")
     path = os.path.join(d, "digits.yaml")
     with open(path, "w") as f:
@@ -67,6 +68,7 @@ def digit_reward(prompts, tokens, lengths):
 
 
 def greedy_accuracy(policy) -> float:
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.generation import generate
     every = [{"ids": [(x0 + i * d) % DIGITS + 1 for i in range(PROMPT)],
               "answer": [(x0 + i * d) % DIGITS + 1 for i in range(PROMPT, PROMPT + NEW)]}
@@ -77,7 +79,10 @@ def greedy_accuracy(policy) -> float:
 
 def run_digits(steps: int = 60, seed: int = 0, log=None) -> dict:
     """Train the toy task for `steps` PPO steps; returns {"rewards": per-step mean reward, "before", "after"}."""
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
+
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.models import CausalLM, preset
     from ms_llm.models.frozen import freeze
     from ms_llm.models.value import ValueModel
@@ -105,11 +110,12 @@ def run_digits(steps: int = 60, seed: int = 0, log=None) -> dict:
 
 
 def memory_worker(a):
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.context import setup_context
     from ms_llm.losses.policy import TokenLogps
     from ms_llm.models import CausalLM, preset
-    from ms_llm.rollout.chunks import ChunkPlan
     from ms_llm.rollout.batch import score_windows
+    from ms_llm.rollout.chunks import ChunkPlan
     os.makedirs(a.workdir, exist_ok=True)
     os.chdir(a.workdir)
     setup_context("graph", seed=0)
@@ -150,7 +156,6 @@ def _hwm_mb() -> float:
 
 
 def run(argv):
-    import sys
     name = sys.argv[2] if len(sys.argv) > 2 else "ppo-digits"
     ap = argparse.ArgumentParser(prog=f"ms-llm bench {name}")
     ap.add_argument("--steps", type=int, default=60)
@@ -180,6 +185,7 @@ def run(argv):
             print(json.dumps({"multiple": multiple, "logprob_error_mean": float(np.abs(c - e).mean()),
                               "logprob_error_max": float(np.abs(c - e).max())}))
         return
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.context import setup_context
     setup_context("graph", seed=a.seed)
 

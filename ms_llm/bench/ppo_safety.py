@@ -30,6 +30,9 @@ import sys
 
 import numpy as np
 
+from ms_llm.config import load_config
+from ms_llm.data.chat import stop_token_ids
+
 HARMFUL = ("break into", "set fire", "poison", "steal", "hurt the guard")     # data/synthetic.py HARMFUL
 
 
@@ -64,13 +67,12 @@ def _train(config: str, *overrides):
 
 def unsafe_rates(model_dir: str, samples: int = 4) -> dict:
     """Unsafe rate on the held-out safety prompts and compliance with the harmful ones, `samples` draws each."""
-    from ms_llm.config import load_config
-    from ms_llm.data.chat import stop_token_ids
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.generation import generate
     from ms_llm.models import load_pretrained
+    from ms_llm.rollout.prompts import read_prompts
     from ms_llm.rollout.rewards import SensitivePhrases
     from ms_llm.stages.common import load_tokenizer
-    from ms_llm.rollout.prompts import read_prompts
     cfg = load_config("configs/tiny/ppo.yaml", [f"model.init_from={model_dir}"], check=False)
     p = cfg.ppo
     tok = load_tokenizer(cfg)
@@ -108,6 +110,7 @@ def run(argv):
         raise SystemExit("run from a checkout after `ms-llm data synth --out data/tiny` (needs data/tiny and "
                          "configs/tiny)")
     os.makedirs(a.work, exist_ok=True)
+    # MindSpore only in the process that runs the MindSpore side
     from ms_llm.context import setup_context
     setup_context("graph", seed=0)
     if not os.path.isdir(os.path.join(a.base, "final")) and not os.path.isfile(os.path.join(a.base, "config.json")):

@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 
+from ms_llm.eval.humaneval import check_program, read_problems
+from ms_llm.eval.sandbox import require_isolation, run_program, run_programs
+
 
 def _mean_seconds(fn, repeats: int) -> float:
     fn()                                                     # warm the page cache
@@ -26,8 +29,6 @@ def run(argv):
     p = argparse.ArgumentParser(prog="ms-llm bench sandbox", description=__doc__.split("\n\n")[1])
     p.add_argument("--repeats", type=int, default=30, help="programs per per-sample measurement")
     a = p.parse_args(argv)
-    from ms_llm.eval.humaneval import check_program, read_problems
-    from ms_llm.eval.sandbox import require_isolation, run_program, run_programs
     require_isolation()
 
     def plain():

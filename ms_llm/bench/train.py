@@ -8,6 +8,7 @@ RSS is its own; compilation and two warm-up steps are excluded. MFU = achieved t
 machine's fp32 GEMM peak, measured here with a 2048^3 matmul in every library (the best one counts).
 """
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -35,6 +36,7 @@ def _gemm_gflops(fn, n=2048, reps=5) -> float:
 
 
 def measure_peak() -> dict:
+    # this probe process compares the frameworks' GEMMs: it alone loads both
     import mindspore as ms
     import torch
     a = np.random.rand(2048, 2048).astype(np.float32)
@@ -62,7 +64,9 @@ def run_ms_llm_reference(a):
 
 
 def run_ms_llm(a, lora: bool = False, kernels: str = "auto"):
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
+
     from ms_llm.context import setup_context
     from ms_llm.losses.lm import LMLoss
     from ms_llm.models import CausalLM, preset
@@ -73,6 +77,7 @@ def run_ms_llm(a, lora: bool = False, kernels: str = "auto"):
                             num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                             max_position_embeddings=a.seq))
     if lora:                                  # seed 000's setting: r=8, alpha=16 on q_proj and v_proj
+        # MindSpore only in the process that runs the MindSpore side
         from ms_llm.peft import LoRAConfig, apply_lora
         apply_lora(model, LoRAConfig(8, 16.0, 0.05, ["q_proj", "v_proj"]))
     loss_net = LMLoss(model)
@@ -84,6 +89,7 @@ def run_ms_llm(a, lora: bool = False, kernels: str = "auto"):
 
 
 def run_torch(a):
+    # PyTorch only in the process that runs the PyTorch side
     import torch
     import transformers
     torch.manual_seed(0)
@@ -106,10 +112,12 @@ def run_torch(a):
 
 
 def run_mindformers(a):
+    # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
     from mindspore import nn
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
+    # the mindformers extra, only for this comparison
     from mindformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(batch_size=a.batch, seq_length=a.seq, hidden_size=a.hidden, num_layers=a.layers,
                       num_heads=a.heads, n_kv_heads=a.heads, intermediate_size=a.inter, vocab_size=a.vocab,
@@ -164,7 +172,6 @@ def run(argv=None):
     results = []
     for fw in a.frameworks.split(","):
         if fw == "mindformers":
-            import importlib.util
             if importlib.util.find_spec("mindformers") is None:
                 print("mindformers: not installed (pip install -e .[mindformers]); skipped")
                 continue

@@ -9,6 +9,13 @@ from typing import Optional
 
 from ms_llm.config.registry import STAGE_NAMES
 
+# Names a config may use, implemented in the layers above: validation reads them here, and each implementing
+# module takes its list from here (losses/dpo.py, rollout/verifiable.py, data/filters.py), so they cannot drift.
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto")
+REFERENCE_FREE_DPO_LOSSES = ("simpo", "orpo")     # no reference model
+GRPO_REWARDS = ("exact_match", "code", "format", "reward_model")
+TEXT_RULES = ("repetition", "truncation", "brackets", "mojibake", "language")
+
 
 def opt(default, help: str, choices=None, range: str = None):
     """A config field with help text, allowed values and, for numbers, an allowed range kept in its metadata.
@@ -214,7 +221,7 @@ class DistillGenerateSection:
                                        "(records without a reference skip this filter)", range="[-1, 1]")
     scorer: Optional[str] = opt(None, "Model for the perplexity filter (default: the teacher)")
     embedder: Optional[str] = opt(None, "Model whose token embeddings BERTScore uses (default: the teacher)")
-    rules: list = opt(lambda: ["repetition", "truncation", "brackets", "mojibake", "language"],
+    rules: list = opt(lambda: list(TEXT_RULES),
                       "Text-quality rules applied (ms_llm.data.filters.RULES; plug in more there)")
     language: str = opt("auto", "Expected script for the language rule: latin, cjk or auto (same as the prompt)")
 
@@ -359,7 +366,7 @@ class WinRateSection:
 @dataclass
 class DPOSection:
     loss: str = opt("sigmoid", "Objective (formulas and sources in docs/rl.md)",
-                    ["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"])
+                    list(DPO_LOSSES))
     beta: float = opt(0.1, "β: strength of the KL-regularisation (sigmoid, robust, ipo, hinge, kto), reward scale "
                            "(simpo: the paper uses 2.0-2.5) or odds-ratio weight λ (orpo)", range="(0, inf)")
     label_smoothing: float = opt(0.0, "ε: assumed share of flipped labels (sigmoid: cDPO; robust)", range="[0, 0.5)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ms_llm.config.registry import STAGE_NAMES
-from ms_llm.config.schema import ExperimentConfig
+from ms_llm.config.schema import GRPO_REWARDS, REFERENCE_FREE_DPO_LOSSES, TEXT_RULES, ExperimentConfig
 from ms_llm.errors import MsLlmError
 
 
@@ -32,7 +32,6 @@ def _check_cpt(cfg: ExperimentConfig, where: str):
 
 
 def _check_distill(cfg: ExperimentConfig, where: str):
-    from ms_llm.data.filters import RULES
     d = cfg.distill
     if not d.teacher.path:
         raise MsLlmError(f"{where}: distill.teacher.path is required for stage: distill")
@@ -64,9 +63,10 @@ def _check_distill(cfg: ExperimentConfig, where: str):
     if d.teacher.policy_without_adapter:
         raise MsLlmError(f"{where}: distill.teacher.policy_without_adapter is for RLHF references; the teacher is "
                          "a model of its own (distill.teacher.path)")
-    unknown = [r for r in d.generate.rules if r not in RULES]
+    unknown = [r for r in d.generate.rules if r not in TEXT_RULES]
     if unknown:
-        raise MsLlmError(f"{where}: distill.generate.rules names unknown rules {unknown}; known: {sorted(RULES)}")
+        raise MsLlmError(f"{where}: distill.generate.rules names unknown rules {unknown}; "
+                         f"known: {sorted(TEXT_RULES)}")
 
 
 def _check_sft(cfg: ExperimentConfig, where: str):
@@ -123,7 +123,6 @@ def _check_ppo(cfg: ExperimentConfig, where: str):
 
 
 def _check_dpo(cfg: ExperimentConfig, where: str):
-    from ms_llm.losses.dpo import REFERENCE_FREE
     d = cfg.dpo
     allowed = ("unpaired", "preference") if d.loss == "kto" else ("preference",)
     bad = [s.path for s in cfg.data.sources if s.format not in allowed]
@@ -133,7 +132,7 @@ def _check_dpo(cfg: ExperimentConfig, where: str):
     if not cfg.model.init_from:
         raise MsLlmError(f"{where}: stage dpo starts from a trained model: set model.init_from (the SFT final/)")
     ref = d.reference
-    if d.loss in REFERENCE_FREE and (ref.path or ref.policy_without_adapter):
+    if d.loss in REFERENCE_FREE_DPO_LOSSES and (ref.path or ref.policy_without_adapter):
         raise MsLlmError(f"{where}: dpo.loss {d.loss} is reference-free; remove dpo.reference")
     if ref.path and ref.policy_without_adapter:
         raise MsLlmError(f"{where}: set dpo.reference.path or dpo.reference.policy_without_adapter, not both")
@@ -149,7 +148,6 @@ def _check_dpo(cfg: ExperimentConfig, where: str):
 
 
 def _check_grpo(cfg: ExperimentConfig, where: str):
-    from ms_llm.rollout.verifiable import REWARDS
     g, t = cfg.grpo, cfg.train
     bad = [s.path for s in cfg.data.sources if s.format != "prompts"]
     if bad:
@@ -157,9 +155,10 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
                          "another format")
     if not cfg.model.init_from:
         raise MsLlmError(f"{where}: stage grpo starts from a trained model: set model.init_from (the SFT final/)")
-    unknown = sorted(set(g.rewards) - set(REWARDS))
+    unknown = sorted(set(g.rewards) - set(GRPO_REWARDS))
     if unknown or not g.rewards:
-        raise MsLlmError(f"{where}: grpo.rewards {unknown or '{}'}: name one or more of {list(REWARDS)} with a weight")
+        raise MsLlmError(f"{where}: grpo.rewards {unknown or '{}'}: name one or more of {list(GRPO_REWARDS)} "
+                         "with a weight")
     if any(not isinstance(w, (int, float)) for w in g.rewards.values()):
         raise MsLlmError(f"{where}: grpo.rewards: every weight must be a number")
     if "reward_model" in g.rewards and not g.reward_model:
@@ -231,10 +230,13 @@ def _check_model_split(cfg: ExperimentConfig, where: str, key: str, size: int):
     """A preset model (init_from models are checked when loaded) must split into `size` parts for `key`."""
     if not cfg.model.preset or cfg.model.init_from:
         return
+    # models load MindSpore; only a preset split across ranks needs its shapes
     from ms_llm.models.config import preset
     if key == "parallel.tensor_parallel":
+        # models load MindSpore; only a preset split across ranks needs its shapes
         from ms_llm.models.tensor_parallel import check_config
     else:
+        # models load MindSpore; only a preset split across ranks needs its shapes
         from ms_llm.models.pipeline import check_config
     try:
         shape = preset(cfg.model.preset, **cfg.model.overrides)

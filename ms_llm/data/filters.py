@@ -11,6 +11,8 @@ Register more with `RULES["name"] = fn` and list the name in `distill.generate.r
 import re
 from collections import Counter
 
+from ms_llm.config.schema import TEXT_RULES
+
 _DANGLING_END = re.compile(r"([+\-*/=,:(\[{<&|]|\b(and|or|the|a|an|of|to|with|is|return|def|if|else))\s*$", re.I)
 _MOJIBAKE = re.compile("\ufffd|Ã.|â€|Â[\x80-\xbf ]|ðŸ")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
@@ -89,6 +91,8 @@ def language(answer: str, prompt: str = "", meta: dict = None) -> list:
 
 RULES = {"repetition": repetition, "truncation": truncation, "brackets": brackets, "mojibake": mojibake,
          "language": language}
+if tuple(RULES) != TEXT_RULES:          # the config's rule names are these, in this order
+    raise RuntimeError(f"data.filters.RULES {list(RULES)} != config.schema.TEXT_RULES {list(TEXT_RULES)}")
 FATAL = {"truncation", "mojibake", "language"}
 
 

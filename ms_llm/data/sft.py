@@ -11,6 +11,7 @@ So a long answer does not outweigh a short one, and the value is the same howeve
 split into micro-batches, accumulation steps or data-parallel ranks. Per token this is a weight
 w_t / n_t; each row also carries its sum of w_t (the loss denominator).
 """
+import hashlib
 import re
 from collections import defaultdict
 
@@ -125,7 +126,6 @@ class SFTData:
 
     def fingerprint(self) -> str:
         """sha256 over every example's input ids, labels and weights in `examples()` order."""
-        import hashlib
         h = hashlib.sha256(str(self.seq_len).encode())
         for ex in self.examples():
             for key in ("input_ids", "labels", "weights"):

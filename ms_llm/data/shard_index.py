@@ -17,6 +17,7 @@ import os
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from ms_llm import storage
 from ms_llm.data.cache import CACHE_VERSION, TokenCache, tokenizer_fingerprint
@@ -62,7 +63,6 @@ def _write_shards(inputs, tokenizer, tmp: str, shard_tokens: int, on_error: str,
     writers, sources = {}, []
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(inputs), desc="index", unit="file", dynamic_ncols=True)
     eos = tokenizer.eos_id
     for path, default in inputs:

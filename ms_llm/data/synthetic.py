@@ -25,6 +25,10 @@ import json
 import os
 import random
 
+from ms_llm.data.shard_index import build_index
+from ms_llm.data.tokenizer import Tokenizer, train_sentencepiece
+from ms_llm.manifest import write_manifest
+
 ELEMENTS = [("hydrogen", 1), ("helium", 2), ("lithium", 3), ("carbon", 6), ("nitrogen", 7), ("oxygen", 8),
             ("sodium", 11), ("aluminium", 13), ("silicon", 14), ("sulfur", 16), ("chlorine", 17), ("argon", 18),
             ("potassium", 19), ("calcium", 20), ("iron", 26), ("copper", 29), ("zinc", 30), ("silver", 47),
@@ -235,7 +239,6 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
             with open(path, encoding="utf-8") as src:
                 for line in src:
                     f.write(" ".join(str(v) for v in _strings(json.loads(line))) + "\n")
-    from ms_llm.data.tokenizer import train_sentencepiece
     train_sentencepiece(corpus, os.path.join(out_dir, "tokenizer"), vocab_size)
     os.remove(corpus)
     # written after the tokenizer is trained (same distributions; keeps the tokenizer what it was before them)
@@ -249,11 +252,8 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     write("preference_eval.jsonl", tagged_preference_pairs(random.Random(seed + 9), n_eval))
     write("sft_rlhf.jsonl", half_right_answers(random.Random(seed + 10), n_sft // 2))
     # the pretraining text again as a domain-tagged shard index (configs/tiny/cpt.yaml samples it by domain)
-    from ms_llm.data.shard_index import build_index
-    from ms_llm.data.tokenizer import Tokenizer
     build_index([(files[f"pretrain_{d}.jsonl"], d) for d in makers], Tokenizer.load(os.path.join(out_dir, "tokenizer")),
                 os.path.join(out_dir, "index"), shard_tokens=SHARD_TOKENS, overwrite=True, progress=False)
-    from ms_llm.manifest import write_manifest
     return write_manifest(out_dir, version, extra={"seed": seed})
 
 

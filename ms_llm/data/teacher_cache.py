@@ -15,9 +15,13 @@ seq_len, the dataset fingerprint); loading checks all of them and names what doe
 import os
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm import tqdm
 
 from ms_llm import storage
 from ms_llm.errors import MsLlmError
+from ms_llm.manifest import verify, write_manifest
 
 FORMAT = "ms_llm.teacher_cache.v1"
 
@@ -92,14 +96,12 @@ def write_cache(cache_dir: str, teacher, examples: list, info: dict, k: int, tem
 
 def _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk, batch_size,
                  shard_examples, progress) -> dict:
+    # MindSpore only when a teacher is scored (reading a cache needs none)
     import mindspore as ms
-    from safetensors.numpy import save_file
-    from ms_llm.manifest import write_manifest
     t2s = inverse_map(vocab_map, teacher.config.vocab_size)
     teacher.set_train(False)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=len(examples), desc="cache-teacher", dynamic_ncols=True)
     shards = []
     for start in range(0, len(examples), shard_examples):
@@ -130,9 +132,6 @@ class TeacherCache:
     """A verified cache in memory; `rows(indices)` returns the arrays for those examples."""
 
     def __init__(self, cache_dir: str, expect: dict):
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-        from ms_llm.manifest import verify
         if not os.path.isfile(os.path.join(cache_dir, "MANIFEST.json")):
             raise MsLlmError(f"{cache_dir}: no teacher cache here (MANIFEST.json missing); write one with "
                              "`ms-llm distill cache-teacher CONFIG`")

@@ -48,12 +48,14 @@ class Tokenizer:
         special = _read_json(os.path.join(folder, "tokenizer_config.json"), {})
         special = {k: _token_text(special.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         if path.endswith(".json"):
+            # each tokenizer library loads only for its own format
             from tokenizers import Tokenizer as HFTokenizer
             try:
                 impl = HFTokenizer.from_file(path)
             except Exception as e:   # the tokenizers package raises a bare Exception on parse errors
                 raise MsLlmError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
             return cls("hf", impl, special, source=path)
+        # each tokenizer library loads only for its own format
         import sentencepiece as spm
         impl = spm.SentencePieceProcessor()
         try:
@@ -133,6 +135,7 @@ class Tokenizer:
         """Add tokens that are not yet single tokens; returns the ones added (in id order)."""
         new = [t for t in dict.fromkeys(tokens) if t and self.token_to_id(t) is None]
         if self.backend == "hf":
+            # each tokenizer library loads only for its own format
             from tokenizers import AddedToken
             toks = [AddedToken(t, special=special, normalized=not special) for t in new]
             (self.impl.add_special_tokens if special else self.impl.add_tokens)(toks)
@@ -195,6 +198,7 @@ def _read_json(path: str, default):
 def train_sentencepiece(input_files, out_dir: str, vocab_size: int, model_type: str = "bpe",
                         special_tokens=CHAT_SPECIAL_TOKENS) -> Tokenizer:
     """Train a SentencePiece model (pad=0, bos=1, eos=2, unk=3, byte fallback) into out_dir/tokenizer.model."""
+    # each tokenizer library loads only for its own format
     import sentencepiece as spm
     files = [input_files] if isinstance(input_files, str) else list(input_files)
     for f in files:

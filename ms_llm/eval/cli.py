@@ -12,10 +12,18 @@ Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, setting
 import argparse
 import json
 
+from ms_llm.data.preference import read_pairs
+from ms_llm.data.readers import read_records
+from ms_llm.data.tokenizer import Tokenizer
+from ms_llm.errors import MsLlmError
+from ms_llm.eval import humaneval as he
+from ms_llm.eval.results import write_result
+from ms_llm.eval.sandbox import require_isolation
+
 
 def _model(a):
+    # MindSpore-backed: loads only for the benchmark that runs
     from ms_llm.context import setup_context
-    from ms_llm.data.tokenizer import Tokenizer
     from ms_llm.models.io import load_pretrained, resolve_model_dir
     setup_context(a.mode, seed=0)
     return load_pretrained(a.model), Tokenizer.load(a.tokenizer or resolve_model_dir(a.model))
@@ -23,9 +31,8 @@ def _model(a):
 
 def _reward_metrics(a) -> dict:
     """Accuracy, AUC, per-tag accuracy and ECE (raw and with the model's stored Platt coefficients)."""
+    # MindSpore-backed: loads only for the benchmark that runs
     from ms_llm.context import setup_context
-    from ms_llm.data.preference import read_pairs
-    from ms_llm.errors import MsLlmError
     from ms_llm.eval.reward import pair_metrics, score_pairs
     from ms_llm.models.reward import load_reward_model
     if not a.model or not a.data:
@@ -62,11 +69,8 @@ def main(argv):
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--out", help="write results JSON + results.md here")
     a = p.parse_args(argv)
-    from ms_llm.errors import MsLlmError
     settings = {k: v for k, v in vars(a).items() if k not in ("out",)}
     if a.benchmark == "humaneval":
-        from ms_llm.eval import humaneval as he
-        from ms_llm.eval.sandbox import require_isolation
         problems = he.read_problems()
         if not a.unsafe_no_isolation:
             require_isolation()                     # before anything is generated
@@ -90,21 +94,22 @@ def main(argv):
         model, tok = _model(a)
         dataset = a.data
         if a.benchmark == "mc":
+            # MindSpore-backed: loads only for the benchmark that runs
             from ms_llm.eval.multiple_choice import evaluate, load_benchmark
             items, dev = load_benchmark(a.data, a.layout)
             metrics = evaluate(model, tok, items[:a.limit] if a.limit else items, dev, a.k_shot, a.method)
             metrics.pop("predictions")
         elif a.benchmark == "ppl":
+            # MindSpore-backed: loads only for the benchmark that runs
             from ms_llm.eval.generative import perplexity
             metrics = perplexity(model, tok, a.data, max_docs=a.limit)
         else:
-            from ms_llm.data.readers import read_records
+            # MindSpore-backed: loads only for the benchmark that runs
             from ms_llm.eval.generative import exact_match
             records = read_records(a.data, "prompts")
             metrics = exact_match(model, tok, records[:a.limit] if a.limit else records, a.template, a.max_new_tokens)
             metrics.pop("outputs")
     print(json.dumps(metrics))
     if a.out:
-        from ms_llm.eval.results import write_result
         write_result(a.out, a.benchmark, metrics, a.model, dataset, settings)
     return metrics

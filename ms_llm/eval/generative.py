@@ -7,8 +7,11 @@ from collections import defaultdict
 import mindspore as ms
 import numpy as np
 
+from ms_llm.data.chat import render, stop_token_ids
 from ms_llm.data.readers import read_records
+from ms_llm.eval.sandbox import run_program, run_programs
 from ms_llm.eval.scoring import sequence_logprobs
+from ms_llm.generation import generate
 
 
 def perplexity(model, tokenizer, path: str, seq_len: int = 256, batch_size: int = 8, max_docs: int = None) -> dict:
@@ -59,8 +62,6 @@ def extract_code(text: str) -> str:
 def chat_answers(model, tokenizer, conversations: list, template: str = "chatml", max_new_tokens: int = 32,
                  batch_size: int = 16) -> list:
     """Greedy assistant answers (text, end-of-turn token removed) to each list of chat messages."""
-    from ms_llm.data.chat import render, stop_token_ids
-    from ms_llm.generation import generate
     stops = stop_token_ids(template, tokenizer)
     answers = []
     for i in range(0, len(conversations), batch_size):
@@ -106,7 +107,6 @@ def functional_program(candidate: str, reference: str, inputs=range(-5, 6)):
 def functional_check(candidate: str, reference: str, inputs=range(-5, 6), timeout: float = 3.0,
                      isolation: str = "namespaces") -> bool:
     """Does the candidate define the reference's function with the same outputs on `inputs`? (sandboxed)"""
-    from ms_llm.eval.sandbox import run_program
     program = functional_program(candidate, reference, inputs)
     return program is not None and run_program(program, timeout=timeout, isolation=isolation).status == "passed"
 
@@ -114,7 +114,6 @@ def functional_check(candidate: str, reference: str, inputs=range(-5, 6), timeou
 def code_pass_at_1(outputs: list, isolation: str = "namespaces", timeout: float = 3.0) -> float:
     """pass@1 of greedy code answers (exact_match outputs whose reference defines a function), run in the
     sandbox on all available cores."""
-    from ms_llm.eval.sandbox import run_programs
     programs = [functional_program(o["output"], str(o["answer"])) for o in outputs]
     programs = [p for p in programs if p is not None]
     if not programs:
@@ -154,8 +153,6 @@ def dialogue_coherence(model, tokenizer, dialogues: list, template: str = "chatm
     """Topic consistency between turns (seed 000 §1.2.5.3.3): the model answers every user turn of a held-out
     dialogue given the reference history, and each answer is scored with BERTScore F1 against the previous
     exchange (user question + answer). Returns the mean and the per-dialogue scores."""
-    from ms_llm.data.chat import render, stop_token_ids
-    from ms_llm.generation import generate
     stops = stop_token_ids(template, tokenizer)
     per_dialogue = []
     for msgs in dialogues:

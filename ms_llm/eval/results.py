@@ -1,12 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Evaluation results: one JSON file per evaluation (with model hash, dataset hash and settings) and a
 markdown table of all results in the same folder. Stages read these for their gates."""
+import hashlib
 import json
 import os
 import time
 
 from ms_llm.fileio import sha256_file, write_json_atomic
-from ms_llm.manifest import model_identity       # noqa: F401  (results name the models they scored)
+from ms_llm.manifest import model_identity  # noqa: F401  (results name the models they scored)
 
 
 def dataset_identity(path: str) -> str:
@@ -17,7 +18,6 @@ def dataset_identity(path: str) -> str:
 
 
 def sha256_file_list(paths) -> str:
-    import hashlib
     h = hashlib.sha256()
     for p in paths:
         h.update(sha256_file(p).encode())

@@ -36,11 +36,12 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_llm import ops as F
+from ms_llm.config.schema import DPO_LOSSES, REFERENCE_FREE_DPO_LOSSES
 from ms_llm.losses.reward import softplus
 
-PAIRED = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
-LOSSES = PAIRED + ("kto",)
+LOSSES = DPO_LOSSES
+PAIRED = tuple(k for k in LOSSES if k != "kto")
+REFERENCE_FREE = REFERENCE_FREE_DPO_LOSSES
 
 
 def log_sigmoid(x):

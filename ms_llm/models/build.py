@@ -2,6 +2,7 @@
 """The model a stage trains, from its config: `model.init_from` (hash-checked) or a preset with overrides, with
 μP, this process's part of a split layout, recompute and the AMP level applied."""
 from ms_llm.errors import MsLlmError
+from ms_llm.models import mup
 from ms_llm.models.amp import apply_amp
 from ms_llm.models.config import preset
 from ms_llm.models.decoder import CausalLM
@@ -24,7 +25,6 @@ def build_model(cfg, layout=None) -> CausalLM:
         except TypeError as e:
             raise MsLlmError(f"model.overrides: {e}") from None
     if cfg.mup.enabled:
-        from ms_llm.models import mup           # μP only when asked for
         mup.apply(model, cfg.mup, fresh=not m.init_from, init_std=cfg.mup.init_std)
     if layout is not None:
         model = layout.localize(model, m.init_from or "model")

@@ -11,10 +11,13 @@ import json
 import os
 import re
 
+import mindspore as ms
 import numpy as np
 
 from ms_llm.errors import MsLlmError
 from ms_llm.models.config import ModelConfig
+from ms_llm.models.decoder import CausalLM
+from ms_llm.models.io import load_state_dict, read_config, read_weights, resolve_model_dir, save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 # Hugging Face name template -> MindFormers name template ({} is the layer index)
@@ -74,7 +77,6 @@ def read_mindformers(path: str) -> dict:
         raise MsLlmError(f"{path}: checkpoint not found")
     if path.endswith(".safetensors"):
         return read_safetensors(path)
-    import mindspore as ms
     try:
         params = ms.load_checkpoint(path)
     except (ValueError, RuntimeError) as e:
@@ -88,15 +90,11 @@ def write_mindformers(state: dict, path: str):
     if path.endswith(".safetensors"):
         write_safetensors(path, state)
         return
-    import mindspore as ms
     ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], path)
 
 
 def convert(src: str, dst: str, src_format: str, dst_format: str, config: str = None) -> str:
     """Convert a checkpoint between formats; returns `dst`. See the module docstring for the forms."""
-    from ms_llm.models.io import read_config, read_weights, resolve_model_dir, save_pretrained
-    from ms_llm.models.decoder import CausalLM
-    from ms_llm.models.io import load_state_dict
     pair = f"{src_format}->{dst_format}"
     if pair == "hf->mindformers":
         model_dir = resolve_model_dir(src)

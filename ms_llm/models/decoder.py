@@ -20,6 +20,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_llm import ops as F
 from ms_llm.models.config import ModelConfig
+from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP, local_config
 from ms_llm.ops import backend as B
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -80,7 +81,6 @@ class Attention(nn.Cell):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.tp = tp is not None          # cfg holds this rank's heads (models/tensor_parallel.py)
         if self.tp:
-            from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP
             self.tp_in, self.tp_out = CopyToTP(tp), ReduceFromTP(tp)
         qkv_bias = cfg.qkv_bias or cfg.attention_bias
         self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim, qkv_bias, cd, std)
@@ -152,7 +152,6 @@ class MLP(nn.Cell):
         self.backend = B.choose("swiglu")
         self.tp = tp is not None
         if self.tp:
-            from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP
             self.tp_in, self.tp_out = CopyToTP(tp), ReduceFromTP(tp)
 
     def construct(self, x):
@@ -190,7 +189,6 @@ class DecoderModel(nn.Cell):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range)
         layer_cfg = cfg
         if tp is not None:
-            from ms_llm.models.tensor_parallel import local_config
             layer_cfg = local_config(cfg, tp.size)
         self.layers = nn.CellList([DecoderLayer(layer_cfg, tp) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

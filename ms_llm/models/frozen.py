@@ -19,6 +19,7 @@ from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
 from ms_llm.manifest import model_identity
 from ms_llm.models.io import check_init_hash, load_pretrained, resolve_model_dir
+from ms_llm.peft.lora import AdapterDisabled
 
 
 @dataclass
@@ -59,7 +60,6 @@ def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_t
 
 
 def _policy_base(section, key: str, policy, policy_dir, tokenizer) -> FrozenModel:
-    from ms_llm.peft.lora import AdapterDisabled         # LoRA only for policy_without_adapter (peft builds on models)
     if section.path:
         raise MsLlmError(f"{key}: set {key}.path or {key}.policy_without_adapter, not both")
     if policy is None or getattr(policy, "lora_config", None) is None:

@@ -21,6 +21,7 @@ from ms_llm.manifest import verify
 from ms_llm.models.config import ModelConfig
 from ms_llm.models.decoder import CausalLM
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.models.tensor_parallel import shard_state
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
@@ -158,7 +159,6 @@ def load_weights(model, model_dir: str, strict: bool = True) -> dict:
                              f"differ from the model's ({model.embedding_multiplier}, {model.logit_multiplier})")
         tensors = unfold_multipliers(tensors, cfg, model_dir)
     if getattr(model, "tp", None) is not None:                 # tensor parallel: this rank's slices
-        from ms_llm.models.tensor_parallel import shard_state
         tensors = shard_state(tensors, model.tp)
     if getattr(model, "pp", None) is not None:                 # pipeline stage: its own layers
         tensors = model.select(tensors)

@@ -18,8 +18,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ms_llm import ops as F
 from ms_llm.errors import MsLlmError
 from ms_llm.models.decoder import DTYPES, CausalLM, DecoderLayer, Embedding, Linear, RMSNorm
+from ms_llm.models.io import load_state_dict, model_state_dict
 
 EMBED = "model.embed_tokens.weight"
 
@@ -106,7 +108,6 @@ class StageModel(CausalLM):
         self.num_layers = pp.end - pp.start
         scaling = config.rope_scaling or {}
         self.dynamic_rope = scaling.get("rope_type", scaling.get("type")) == "dynamic"
-        from ms_llm import ops as F
         self.inv_freq = ms.Tensor(F.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))
         self.choose_head_backends()
         self.neftune_alpha = 0.0
@@ -199,7 +200,6 @@ def gather_optimizer_state(state: dict, model: StageModel) -> dict:
 
 def build_stage(whole: CausalLM, pp: PPGroup) -> StageModel:
     """This rank's stage of a whole model, with the whole model's values."""
-    from ms_llm.models.io import load_state_dict, model_state_dict
     state = model_state_dict(whole)
     stage = StageModel(whole.config, pp, {n: a.shape for n, a in state.items()})
     load_state_dict(stage, stage.select(state), strict=True, source=f"pipeline stage {pp.stage}")

@@ -20,9 +20,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ms_llm.data.chat import render
+from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
+from ms_llm.manifest import verify as verify_manifest
 from ms_llm.models.decoder import CausalLM, Linear
+from ms_llm.models.io import load_pretrained, resolve_model_dir
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_config.json"
@@ -151,7 +155,6 @@ class RewardScorer:
     def score(self, prompts: list, responses: list, batch_size: int = 16, bucket: int = 64) -> Rewards:
         """Rewards of (prompt, response) text pairs through the model's tokenizer and chat template.
         A prompt is a string or a list of chat messages. Rows are padded to a multiple of `bucket`."""
-        from ms_llm.data.chat import render
         if len(prompts) != len(responses):
             raise MsLlmError(f"score: {len(prompts)} prompts but {len(responses)} responses")
         rows = []
@@ -174,9 +177,6 @@ class RewardScorer:
 def load_reward_model(path: str, verify: bool = True) -> RewardScorer:
     """An exported reward model (a `final/` directory or its run directory); with `verify`, every file is
     checked against MANIFEST.json first."""
-    from ms_llm.data.tokenizer import Tokenizer
-    from ms_llm.models.io import load_pretrained, resolve_model_dir
-    from ms_llm.manifest import verify as verify_manifest
     folder = resolve_model_dir(path)
     cfg = read_head_config(folder)
     if verify and os.path.isfile(os.path.join(folder, "MANIFEST.json")):

@@ -16,6 +16,7 @@ from mindspore import nn
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
 from ms_llm.models.decoder import CausalLM
+from ms_llm.models.io import load_pretrained, load_weights, resolve_model_dir, save_pretrained
 from ms_llm.models.reward import HEAD_FILE, RewardHead, read_head_config
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
@@ -40,7 +41,6 @@ class ValueModel(nn.Cell):
         self.value_head.load(tensors, source, "value head")
 
     def save(self, folder: str):
-        from ms_llm.models.io import save_pretrained
         save_pretrained(self.backbone, folder)
         write_safetensors(os.path.join(folder, VALUE_HEAD),
                           {n: p.asnumpy() for n, p in self.value_head.parameters_and_names()}, {"format": "pt"})
@@ -49,14 +49,12 @@ class ValueModel(nn.Cell):
 
     def load(self, folder: str):
         """Weights of a saved value model into this one (same shapes), e.g. on resume."""
-        from ms_llm.models.io import load_weights
         load_weights(self.backbone, folder, strict=True)
         self.load_head(read_safetensors(os.path.join(folder, VALUE_HEAD)), os.path.join(folder, VALUE_HEAD))
 
 
 def value_from_reward(path: str, dtype: str = "float32") -> ValueModel:
     """A critic that starts as the reward model (its truncated backbone and its head)."""
-    from ms_llm.models.io import load_pretrained, resolve_model_dir
     folder = resolve_model_dir(path)
     cfg = read_head_config(folder)
     vm = ValueModel(load_pretrained(folder, dtype=dtype), cfg["head_hidden"], cfg["activation"])
@@ -68,12 +66,10 @@ def value_from_reward(path: str, dtype: str = "float32") -> ValueModel:
 
 def value_from_policy(path: str, dtype: str = "float32", head_hidden: int = None) -> ValueModel:
     """A critic that starts as the policy's weights with a freshly initialised head."""
-    from ms_llm.models.io import load_pretrained, resolve_model_dir
     return ValueModel(load_pretrained(resolve_model_dir(path), dtype=dtype), head_hidden)
 
 
 def load_value_model(folder: str, dtype: str = "float32") -> ValueModel:
-    from ms_llm.models.io import load_pretrained
     path = os.path.join(folder, VALUE_CONFIG)
     if not os.path.isfile(path):
         raise MsLlmError(f"{folder}: no {VALUE_CONFIG}; is this a value model saved by the PPO stage?")

@@ -5,6 +5,9 @@ Each new row of the embedding (and of an untied lm_head) starts as the mean of t
 the term used to split into, so the model's first guess for the new token is what it already knew.
 Logits of text that uses no new token are unchanged (the old rows are copied bit for bit).
 """
+import re
+from collections import Counter
+
 import numpy as np
 
 from ms_llm.errors import MsLlmError
@@ -47,8 +50,6 @@ def domain_terms(tokenizer, texts, max_terms: int = 100, min_count: int = 5, min
     `min_count` times that encode to `min_pieces` or more tokens; ranks them by tokens saved over the corpus,
     count x (pieces - 1). Returns [(term, count, pieces)].
     """
-    import re
-    from collections import Counter
     counts = Counter(w for text in texts for w in re.findall(r"[^\W_][\w\-]*[^\W_]", text) if len(w) >= min_length)
     found = []
     for word, c in counts.items():

@@ -47,6 +47,7 @@ def _cpu_id() -> str:
 
 def _blas():
     """(include dir, lib dir) of the scipy-openblas32 wheel, or raise ImportError."""
+    # an ImportError here is a reason the kernels cannot be built, not a failed import of ms_llm
     import scipy_openblas32
     return scipy_openblas32.get_include_dir(), scipy_openblas32.get_lib_dir()
 

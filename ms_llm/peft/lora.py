@@ -21,16 +21,18 @@ least p * 2^24.
 """
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_llm import ops as F
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
 from ms_llm.models.decoder import CausalLM, Linear, mark_frozen_linears
+from ms_llm.models.io import load_pretrained, load_state_dict, resolve_model_dir, save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
@@ -283,7 +285,6 @@ def set_adapter(model, name: str):
 
 def merge_lora(model: CausalLM) -> CausalLM:
     """A plain CausalLM with W + (alpha / r) B A folded into every adapted weight."""
-    from ms_llm.models.io import load_state_dict
     state, merged = {}, {}
     for name, cell in model.cells_and_names():
         if isinstance(cell, LoRALinear):
@@ -304,8 +305,6 @@ def merge_and_verify(base_dir: str, adapter_dir: str, out_dir: str, tolerance: f
     Returns the max abs logit difference; if it exceeds `tolerance` nothing is left in out_dir and
     MsLlmError is raised.
     """
-    import shutil
-    from ms_llm.models.io import load_pretrained, resolve_model_dir, save_pretrained
     model = load_adapter(load_pretrained(base_dir), adapter_dir)
     model.set_train(False)
     probe = np.random.RandomState(seed).randint(0, model.config.vocab_size, (2, 32)).astype(np.int32)

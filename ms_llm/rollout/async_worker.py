@@ -14,39 +14,39 @@ batch back. So while the trainer runs step t, the worker generates step t + 1's 
 sampled log-probs travel with them and are π_old in the importance ratio. The cores are split between the two
 processes (the worker's CPU affinity and kernel threads, `cores` and `threads`), so neither preempts the other.
 """
+import ctypes
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
+import traceback
 
+import mindspore as ms
 import numpy as np
 
+from ms_llm.context import set_cpu_threads, setup_context
 from ms_llm.errors import MsLlmError
+from ms_llm.generation import generate
+from ms_llm.models.build import build_model
+from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.peft.lora import LoRAConfig, apply_lora
 
 
 def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = None):
     """The worker process: build the policy, then answer requests until told to stop."""
     try:
         if sys.platform.startswith("linux"):
-            import ctypes
-            import signal
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG: never outlive the trainer
             if os.getppid() != parent:
                 return
         if cores:
             os.sched_setaffinity(0, cores)
-        import mindspore as ms
-        from ms_llm.context import setup_context
         setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
         if threads:
-            from ms_llm.context import set_cpu_threads
             set_cpu_threads(threads)
-        from ms_llm.generation import generate
-        from ms_llm.models.safetensors_io import read_safetensors
-        from ms_llm.peft.lora import LoRAConfig, apply_lora
-        from ms_llm.models.build import build_model
         policy = build_model(cfg)
         lo = cfg.grpo.lora
         if lo.enabled:
@@ -70,7 +70,6 @@ def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = No
                        "finished": out.state.finished.copy(), "version": version,
                        "generate_s": time.perf_counter() - tic})
     except Exception as e:                    # noqa: BLE001 - reported to the trainer, which raises it
-        import traceback
         conn.send({"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
 
 
@@ -101,7 +100,6 @@ class RolloutWorker:
 
     def publish(self, params: dict, version: int) -> str:
         """Write the trainer's weights {name: array} as version `version`; returns the file the worker reads."""
-        from ms_llm.models.safetensors_io import write_safetensors
         path = os.path.join(self.dir, f"weights_{version}.safetensors")
         if not os.path.exists(path):                          # the worker deletes each version once loaded
             write_safetensors(path + ".tmp", params)

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from ms_llm.errors import MsLlmError
+from ms_llm.manifest import verify, write_manifest
 
 EMPTY_REVIEW = {"reviewer": None, "verdict": None, "better_response": None, "notes": None}
 
@@ -116,7 +117,6 @@ def next_version(version: str) -> str:
 def import_reviews(audit_file: str, pool_dir: str, pairs_name: str = "pairs.jsonl") -> dict:
     """Add the reviewed problems of `audit_file` to the preference pool `pool_dir` (pairs.jsonl + MANIFEST.json)
     as new pairs under the next version; returns {"version", "added", "pairs"}."""
-    from ms_llm.manifest import verify, write_manifest
     recs = read_audit(audit_file)
     if not os.path.isfile(os.path.join(pool_dir, "MANIFEST.json")):
         raise MsLlmError(f"{pool_dir}: no MANIFEST.json; not a versioned preference pool")

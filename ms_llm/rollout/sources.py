@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
+from ms_llm.context import set_cpu_threads
 from ms_llm.fileio import write_json_atomic
 from ms_llm.generation import generate
 from ms_llm.losses.grpo import overlong_penalty
@@ -354,7 +355,6 @@ class Asynchronous(RolloutSource):
         if split:                                      # the two processes share the cores: each keeps its own
             _pin_threads(mine[:-a.worker_cores])
         if a.trainer_threads:
-            from ms_llm.context import set_cpu_threads  # sets MindSpore's thread count: only with a worker
             if not set_cpu_threads(a.trainer_threads):      # MindSpore takes it once per process
                 log.warning("grpo.async_rollout.trainer_threads not applied to MindSpore's own ops")
 

@@ -18,8 +18,10 @@ import re
 
 import numpy as np
 
+from ms_llm.config.schema import GRPO_REWARDS
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import extract_answer, extract_code, functional_program
+from ms_llm.eval.sandbox import run_programs
 
 THINK = re.compile(r"^\s*<think>.*?</think>\s*\S", re.S)
 
@@ -43,7 +45,6 @@ def code_program(text: str, record: dict):
 
 
 def code_reward(texts: list, records: list, timeout: float = 3.0, isolation: str = "namespaces") -> np.ndarray:
-    from ms_llm.eval.sandbox import run_programs
     programs = [code_program(t, r) for t, r in zip(texts, records)]
     todo = [i for i, p in enumerate(programs) if p is not None]
     out = np.zeros(len(texts))
@@ -53,7 +54,7 @@ def code_reward(texts: list, records: list, timeout: float = 3.0, isolation: str
     return out
 
 
-REWARDS = ("exact_match", "code", "format", "reward_model")
+REWARDS = GRPO_REWARDS
 
 
 class VerifiableRewards:

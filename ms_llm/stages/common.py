@@ -4,11 +4,14 @@ import logging
 import os
 
 from ms_llm import storage
-from ms_llm.config import ExperimentConfig, to_yaml
+from ms_llm.config import ExperimentConfig, load_config, to_yaml
+from ms_llm.config.schema import FrozenModelSection
 from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
 from ms_llm.models import save_pretrained
-from ms_llm.models.io import resolve_model_dir
+from ms_llm.models.io import resolve_model_dir, save_state_dict
+from ms_llm.peft.lora import merge_lora, save_adapter
+from ms_llm.rollout.audit import audit_status
 from ms_llm.training import checkpoint as ckpt
 from ms_llm.training.metrics import plot_metrics, read_metrics, write_summary
 
@@ -38,7 +41,6 @@ def export_final(run_dir: str, model, tokenizer, version: str = None, weights: d
     checkpoints = ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"))
     with storage.writing_dir(final, "final export", last_good=checkpoints[0][1] if checkpoints else None) as tmp:
         if weights is not None:
-            from ms_llm.models.io import save_state_dict
             save_state_dict(weights, model.config, tmp)
         else:
             save_pretrained(model, tmp)
@@ -62,10 +64,8 @@ def finish(run_dir: str, stage: str, status: str, steps: int, metrics: dict, fin
 def _audit_lines(run_dir: str) -> list:
     """The human-audit rounds of an RLHF run (rollout/audit.py), overdue ones flagged; read when the report is
     written, so `ms-llm report RUN_DIR` later shows what is overdue by then."""
-    from ms_llm.rollout.audit import audit_status
     hours = 48.0
     try:
-        from ms_llm.config import load_config
         hours = load_config(os.path.join(run_dir, "config.resolved.yaml")).ppo.audit.review_hours
     except Exception:                  # noqa: BLE001 - an old or hand-written run dir: the default applies
         pass
@@ -88,7 +88,6 @@ def reference_section(cfg: ExperimentConfig, section):
     """The frozen reference of an RL stage (`section`: cfg.dpo or cfg.ppo) as configured; empty: model.init_from
     frozen at the policy's compute dtype (so the policy and its reference agree at the start), or with LoRA the
     policy itself with its adapter disabled."""
-    from ms_llm.config.schema import FrozenModelSection
     ref = section.reference
     if ref.path or ref.policy_without_adapter:
         return ref
@@ -100,7 +99,6 @@ def reference_section(cfg: ExperimentConfig, section):
 
 def trained_model(cfg: ExperimentConfig, run_dir: str, model, lora_enabled: bool):
     """After training: eval mode; with LoRA, final_adapter/ (PEFT format) and the merged model; else the model."""
-    from ms_llm.peft.lora import merge_lora, save_adapter
     model.set_train(False)
     if not lora_enabled:
         return model

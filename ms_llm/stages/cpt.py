@@ -24,8 +24,9 @@ from ms_llm.data.curriculum import CurriculumSampler, Phase, Schedule
 from ms_llm.data.loader import PretrainData
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import perplexity
-from ms_llm.losses.lm import LMLoss
+from ms_llm.eval.multiple_choice import evaluate, read_jsonl
 from ms_llm.eval.results import gate
+from ms_llm.losses.lm import LMLoss
 from ms_llm.models.build import build_model
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
 from ms_llm.training.layout import Layout
@@ -56,7 +57,6 @@ class ForgettingMonitor:
     the termination rule."""
 
     def __init__(self, cfg: ExperimentConfig, model, tokenizer):
-        from ms_llm.eval.multiple_choice import read_jsonl
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         m = cfg.cpt.monitor
         for key, sets in (("sets", m.sets), ("choice_sets", m.choice_sets)):
@@ -68,7 +68,6 @@ class ForgettingMonitor:
 
     def measure(self) -> tuple:
         """({domain: held-out loss}, {domain: multiple-choice accuracy})."""
-        from ms_llm.eval.multiple_choice import evaluate
         m = self.cfg.cpt.monitor
         self.model.set_train(False)
         losses = {d: math.log(perplexity(self.model, self.tokenizer, path, self.cfg.data.seq_len, 8, m.max_docs)["perplexity"])

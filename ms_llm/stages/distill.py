@@ -18,6 +18,7 @@
    they pass (stop_at_gates). final/ carries the version tag and SHA256 the next stage's init_sha256 names.
 """
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -26,22 +27,25 @@ import mindspore as ms
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
+from ms_llm.context import setup_context
+from ms_llm.data.cache import tokenizer_fingerprint
 from ms_llm.data.chat import render, stop_token_ids
 from ms_llm.data.filters import check as quality_check
 from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData
 from ms_llm.data.teacher_cache import TeacherCache, write_cache
 from ms_llm.errors import MsLlmError
-from ms_llm.eval.generative import exact_match
+from ms_llm.eval.generative import bertscore, exact_match
 from ms_llm.eval.results import gate
-from ms_llm.fileio import read_jsonl, write_json_atomic
+from ms_llm.eval.scoring import sequence_logprobs
+from ms_llm.fileio import read_json, read_jsonl, write_json_atomic
 from ms_llm.generation import generate
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
+from ms_llm.models.frozen import load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.vocab import vocab_alignment
-from ms_llm.models.frozen import load_frozen
 from ms_llm.rollout.batch import completion_rows
 from ms_llm.rollout.prompts import PromptStream, read_tasks
 from ms_llm.rollout.sources import rollout_source
@@ -61,9 +65,6 @@ def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: 
     score every time, so it is kept in `<runs>/.cache/teacher_scores.json` (or data.cache_dir), keyed by the
     teacher's weights and tokenizer, the prompts, the chat template and the answer length: runs that share a
     teacher (a CE-only baseline, a cached-logit run, a rerun) score it once."""
-    import hashlib
-    from ms_llm.data.cache import tokenizer_fingerprint
-    from ms_llm.fileio import read_json, write_json_atomic
     d = cfg.distill
     key = hashlib.sha256(json.dumps({"teacher": teacher.sha256, "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
                                      "records": records, "template": cfg.tokenizer.chat_template,
@@ -126,7 +127,6 @@ class SampleFilter:
 
     def perplexity(self, prompt: str, answer: str) -> float:
         """exp(mean NLL of the answer tokens given the prompt, in the chat template) under the scoring model."""
-        from ms_llm.eval.scoring import sequence_logprobs
         r = render([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], self.tokenizer,
                    self.template)
         lp = sequence_logprobs(self.scorer, [r.ids])[0]
@@ -135,7 +135,6 @@ class SampleFilter:
 
     def __call__(self, rec: dict) -> dict:
         """rec: {"prompt", "answer", "reference"?, "hit_limit"?} -> the same with scores and `reasons` ([] = kept)."""
-        from ms_llm.eval.generative import bertscore
         g = self.g
         q = quality_check(rec["answer"], rec["prompt"], g.rules, {"hit_limit": rec.get("hit_limit", False),
                                                                  "language": g.language})
@@ -208,7 +207,6 @@ def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> d
     kept_path = os.path.join(out_dir, "generated_kept.jsonl")
     summary_path = os.path.join(out_dir, "generated_summary.json")
     if os.path.isfile(kept_path) and os.path.isfile(summary_path):
-        from ms_llm.fileio import read_json
         rows = read_jsonl(kept_path)
         return dict(read_json(summary_path, "the generation summary"), kept=rows)
     records = read_records(g.prompts, "prompts")
@@ -269,7 +267,6 @@ def cache_teacher(cfg: ExperimentConfig) -> dict:
         raise MsLlmError("distill.cache_dir is not set: name the directory the cache goes to")
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    from ms_llm.context import setup_context
     setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
     student_vocab = build_model(cfg).config.vocab_size
     teacher, _, data = prepare(cfg, run_dir, tokenizer, student_vocab)

@@ -28,23 +28,28 @@ import os
 
 import numpy as np
 from mindspore import Tensor, nn
+from tqdm import tqdm
 
 from ms_llm import storage
 from ms_llm.config import ExperimentConfig
 from ms_llm.config.schema import FrozenModelSection
 from ms_llm.data.preference import CompletionData, PairStats, PreferenceData, answer_labels, read_pairs
+from ms_llm.data.readers import read_records
 from ms_llm.errors import MsLlmError
+from ms_llm.eval.generative import chat_answers, score_judge, win_rate
 from ms_llm.eval.results import gate, model_identity
+from ms_llm.fileio import sha256_file
 from ms_llm.losses.dpo import REFERENCE_FREE, KTOLossAtZ, PreferenceLoss, implicit_rewards, sequence_logps
 from ms_llm.manifest import verify, write_manifest
+from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
 from ms_llm.models.frozen import load_frozen
 from ms_llm.models.io import resolve_model_dir
+from ms_llm.models.reward import load_reward_model
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 from ms_llm.peft.lora import LoRAConfig, apply_lora
 from ms_llm.stages import common
-from ms_llm.stages.common import (export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir,
-                                  trained_model)
+from ms_llm.stages.common import export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
 from ms_llm.training.stage import SupervisedStage, adapter_io
 from ms_llm.training.trainer import train
@@ -115,7 +120,6 @@ def reference_section(cfg: ExperimentConfig) -> FrozenModelSection:
 def weights_identity(model_dir: str) -> str:
     """The model_sha256 of its manifest, else a hash over the SHA256 of every weight file (file names alone do
     not tell two checkpoints of one architecture apart)."""
-    from ms_llm.fileio import sha256_file
     if os.path.isfile(os.path.join(model_dir, "MANIFEST.json")):
         return model_identity(model_dir)
     files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
@@ -175,7 +179,6 @@ def score_dataset(scorer: SequenceScorer, data: PreferenceData, eval_pairs: dict
     chosen, rejected = [], []
     parts = chunks(data, batch)
     if progress:
-        from tqdm import tqdm
         parts = tqdm(parts, total=-(-len(data) // batch), desc="reference log-probs", dynamic_ncols=True)
     for pairs in parts:
         c, r = score_pairs(scorer, pairs, batch)
@@ -206,10 +209,6 @@ def make_evaluator(cfg: ExperimentConfig, policy, pairs: dict, ref: tuple):
 
 def win_rate_against_start(cfg: ExperimentConfig, trained, tokenizer, eval_records: list) -> dict:
     """Greedy answers of the trained and the starting model, judged by `dpo.winrate.judge` in both orders."""
-    from ms_llm.data.readers import read_records
-    from ms_llm.eval.generative import chat_answers, score_judge, win_rate
-    from ms_llm.models import load_pretrained
-    from ms_llm.models.reward import load_reward_model
     w = cfg.dpo.winrate
     judge = load_reward_model(w.judge)
     if w.prompts:

@@ -34,11 +34,14 @@ from ms_llm.config import ExperimentConfig
 from ms_llm.data.chat import stop_token_ids
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.results import gate
+from ms_llm.generation import generate
 from ms_llm.losses.policy import (PolicyLoss, TokenLogps, ValueLoss, explained_variance, gae, kl_estimate,
                                   token_rewards, whiten)
 from ms_llm.models.build import build_model
 from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
+from ms_llm.models.reward import load_reward_model
+from ms_llm.models.value import value_from_policy, value_from_reward
 from ms_llm.peft.lora import LoRAConfig, apply_lora
 from ms_llm.rollout.audit import AuditSampler
 from ms_llm.rollout.batch import Rollout, dump_rollout, score_windows
@@ -47,8 +50,7 @@ from ms_llm.rollout.kl_control import KLController
 from ms_llm.rollout.prompts import PromptStream, read_prompts
 from ms_llm.rollout.reward_model import load_reward, same_tokenizer
 from ms_llm.rollout.rewards import SafetyReward, SensitivePhrases
-from ms_llm.stages.common import (export_final, finish, load_tokenizer, prepare_run_dir,
-                                  reference_section, trained_model)
+from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir, reference_section, trained_model
 from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import read_metrics
 from ms_llm.training.stage import Stage, adapter_io
@@ -61,7 +63,6 @@ VALUE_KEYS = ("ids", "attention_mask", "position_ids", "loss_mask", "old_values"
 
 
 def build_value(cfg: ExperimentConfig, policy):
-    from ms_llm.models.value import value_from_policy, value_from_reward
     p = cfg.ppo
     if p.value_init == "reward":
         source = p.value_path or p.reward_model
@@ -82,7 +83,6 @@ def build_safety(cfg: ExperimentConfig, tokenizer):
     phrases = SensitivePhrases(s.word_list, s.saturation) if s.word_list else None
     classifier = None
     if s.classifier:
-        from ms_llm.models.reward import load_reward_model
         classifier = load_reward_model(s.classifier)
         if not same_tokenizer(classifier.tokenizer, tokenizer):
             raise MsLlmError(f"ppo.safety.classifier: {s.classifier} has another tokenizer than the policy")
@@ -392,7 +392,6 @@ def evaluate_policy(cfg: ExperimentConfig, policy, tokenizer, reward_model, prom
     """Answers to held-out prompts sampled as the rollouts are (temperature, top_p; a fixed seed, so every
     evaluation reads the same random draws): mean reward-model score, overall and per tag, and with a word list
     the share of unsafe answers (any sensitive phrase) on the `safety.unsafe_tag` prompts."""
-    from ms_llm.generation import generate
     p = cfg.ppo
     texts = []
     for i in range(0, len(prompts), 16):

@@ -8,21 +8,23 @@ per-turn normalization (data/sft.py). With `sft.lora.enabled` only the adapters 
 the adapter alone, and the run exports `final_adapter/` (PEFT format) plus the merged model in `final/`.
 Held-out prompts (`sft.eval_prompts`) are scored by exact match at every evaluation and at the end.
 """
+import copy
 import os
 import re
 
 from ms_llm.config import ExperimentConfig
-from ms_llm.manifest import verify_dataset
 from ms_llm.data.readers import read_records
 from ms_llm.data.sft import SFTData, neftune_noise
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.eval.sandbox import require_isolation
 from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
+from ms_llm.manifest import verify_dataset
 from ms_llm.models.build import build_model
 from ms_llm.peft.lora import LoRAConfig, apply_lora
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
+from ms_llm.training.metrics import radar_plot, write_summary
 from ms_llm.training.stage import SupervisedStage, adapter_io
 from ms_llm.training.trainer import train
 
@@ -72,7 +74,6 @@ def converged(metric: str, tolerance: float, patience: int):
 
 def checkpoint_report(run_dir: str, evals: list, metric: str) -> dict:
     """Best-checkpoint report: markdown table of every evaluation plus a radar chart of the per-task metrics."""
-    from ms_llm.training.metrics import radar_plot
     if not evals:
         return {}
     best = max(evals, key=lambda e: e.get(metric, float("-inf")))
@@ -99,8 +100,6 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
 
 def run_phases(cfg: ExperimentConfig, layout: Layout) -> dict:
     """Phases back to back (seed 000 §1.2.5.3.1), each starting from the previous one's hash-checked result."""
-    import copy
-    from ms_llm.training.metrics import write_summary
     base = prepare_run_dir(cfg)
     init, sha, summaries = cfg.model.init_from, cfg.model.init_sha256, []
     for ph in cfg.sft.phases:

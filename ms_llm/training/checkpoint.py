@@ -23,13 +23,14 @@ import os
 import re
 import shutil
 
+import mindspore as ms
 import numpy as np
 from mindspore import nn
 
 from ms_llm import storage
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import fsync_dir, read_json, write_json_atomic
-from ms_llm.manifest import verify, write_manifest       # noqa: F401  (checkpoints are verified through these)
+from ms_llm.manifest import verify, write_manifest  # noqa: F401  (checkpoints are verified through these)
 from ms_llm.models.io import save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
@@ -113,7 +114,6 @@ def find_resume(root: str):
 def load_optimizer_state(folder: str, optimizer_state: dict, transform=None):
     """Copy optimizer.safetensors into the given {name: Parameter}; every name must be present.
     `transform` maps the saved {name: array} first (an updater's part, tensor parallel: this rank's slices)."""
-    import mindspore as ms
     saved = read_safetensors(os.path.join(folder, "optimizer.safetensors"))
     if transform is not None:
         saved = transform(saved)

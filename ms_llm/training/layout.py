@@ -50,6 +50,7 @@ class Layout:
     def localize(self, model, source: str = "model"):
         """This rank's part of a whole CausalLM: its tensor-parallel slices or its pipeline stage."""
         if self.tp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models import CausalLM
             from ms_llm.models.io import load_state_dict, model_state_dict
             from ms_llm.models.tensor_parallel import shard_state
@@ -57,6 +58,7 @@ class Layout:
             model = CausalLM(model.config, self.tp)
             load_state_dict(model, shard_state(whole, self.tp), strict=True, source="tensor-parallel slices")
         if self.pp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.pipeline import build_stage, check_config
             try:
                 check_config(model.config, self.pp.size)
@@ -68,12 +70,15 @@ class Layout:
     def train_step(self, model, loss_net, optimizer, loss_scale, accum_steps: int, clip: float, loss_norm: float):
         """The step cell for this layout: the GPipe schedule over pipeline stages, else TrainStep (with the
         tensor-parallel gradient norm when layers are sliced)."""
+        # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
         from ms_llm.training.step import TrainStep
         if self.pp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.training.pipeline import PipelineStep
             return PipelineStep(model, optimizer, loss_scale, clip, self.reducer, loss_norm)
         tp_norm = None
         if self.tp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.tensor_parallel import shard_axis
             from ms_llm.training.step import TPNorm
             names = {id(p): n for n, p in model.parameters_and_names()}
@@ -85,15 +90,18 @@ class Layout:
         """What evaluates a batch's loss: the loss cell, or under pipeline stages a pass through all of them."""
         if self.pp is None:
             return loss_net
+        # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
         from ms_llm.training.pipeline import PipelineLoss
         return PipelineLoss(model)
 
     def whole_weights(self, model) -> Optional[dict]:
         """{name: array} of the whole model when it is split (a collective: call it on every rank), else None."""
         if self.pp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.pipeline import gather_weights
             return gather_weights(model)
         if self.tp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.tensor_parallel import gather_state
             return gather_state(dict(model.parameters_and_names()), self.tp)
         return None
@@ -101,9 +109,11 @@ class Layout:
     def whole_optimizer_state(self, state: dict, model) -> dict:
         """The whole optimizer state from every rank's share (a collective when the model is split)."""
         if self.pp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.pipeline import gather_optimizer_state
             return gather_optimizer_state(state, model)
         if self.tp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.tensor_parallel import gather_state
             return gather_state(state, self.tp)
         return state
@@ -111,6 +121,7 @@ class Layout:
     def local_optimizer_state(self, saved: dict) -> dict:
         """This rank's slices of a whole saved optimizer state (pipeline stages select by name on load)."""
         if self.tp is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.tensor_parallel import shard_state
             return shard_state(saved, self.tp)
         return saved

@@ -4,6 +4,8 @@ import json
 import math
 import os
 
+import numpy as np
+
 from ms_llm.fileio import write_json_atomic
 
 SUMMARY_STATUSES = ("completed", "stopped_early", "failed")
@@ -18,6 +20,7 @@ class RunLogger:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb = None
         if enabled and tensorboard:
+            # tensorboardX takes about 2 s to import: only when TensorBoard logging is on
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
             _drop_events_on_io_errors(self.tb)
@@ -92,6 +95,7 @@ def write_summary(run_dir: str, stage: str, status: str, steps: int, metrics: di
 
 def plot_metrics(run_dir: str, keys=("loss", "lr", "grad_norm", "eval/loss")) -> list:
     """One PNG per metric under plots/; returns the written paths."""
+    # matplotlib loads only when a figure is drawn
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -117,10 +121,10 @@ def plot_metrics(run_dir: str, keys=("loss", "lr", "grad_norm", "eval/loss")) ->
 
 def radar_plot(path: str, labels: list, series: dict, title: str = ""):
     """Polar 'radar' chart: one closed polygon per series ({name: [value per label]}), values in [0, 1]."""
+    # matplotlib loads only when a figure is drawn
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     angles = np.linspace(0, 2 * np.pi, len(labels), endpoint=False).tolist()
     fig = plt.figure(figsize=(5, 5))
     ax = fig.add_subplot(111, polar=True)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.errors import MsLlmError
+from ms_llm.peft.lora import load_adapter, save_adapter
 from ms_llm.training.layout import Layout
 from ms_llm.training.updater import Updater
 
@@ -124,5 +125,4 @@ class SupervisedStage(Stage):
 
 def adapter_io(model, init_from: str):
     """weights_io of a LoRA-trained model: checkpoints hold the adapter only (PEFT format)."""
-    from ms_llm.peft.lora import load_adapter, save_adapter
     return (lambda folder: save_adapter(model, folder, init_from)), (lambda folder: load_adapter(model, folder))

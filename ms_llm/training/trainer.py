@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.errors import MsLlmError
@@ -50,7 +51,6 @@ def train(cfg: ExperimentConfig, stage: Stage, run_dir: str) -> TrainResult:
     logger.truncate_after(start)
     bar = None
     if layout.rank == 0 and t.progress_bar:
-        from tqdm import tqdm                          # optional: progress bars only
         bar = tqdm(total=t.max_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
     history, last, evals, stopped = [], {}, [], False
     nets = [u.loss_net for u in updaters]

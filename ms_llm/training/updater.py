@@ -24,6 +24,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from ms_llm.errors import MsLlmError
+from ms_llm.models import mup
 from ms_llm.peft.lora import dropout_key, noise_key
 from ms_llm.training.layout import Layout
 from ms_llm.training.optim import AdamW, lr_at
@@ -59,7 +60,6 @@ class Updater:
         if not params:
             raise MsLlmError(f"updater {name!r}: no trainable parameters")
         if lr_scales is None and cfg.mup.enabled:
-            from ms_llm.models import mup
             lr_scales = mup.lr_scales(model, params, cfg.mup)
         world = cfg.parallel.data_parallel
         shard = (layout.rank, world) if cfg.parallel.optimizer_shard and world > 1 else None
