@@ -13,12 +13,12 @@ fused kernel.
 import argparse
 import json
 import os
-import resource
+import sys
 import time
 
 import numpy as np
 
-from ms_llm.bench import run_worker
+from ms_llm.bench import DONE, READY, run_worker, run_worker_sampled
 
 IMPLS = ("reference", "cpu", "torch")
 
@@ -230,16 +230,17 @@ def worker(a):
             # MindSpore only in the process that runs the MindSpore side
             from ms_llm.ops import kernels
             raise SystemExit(f"CPU kernels unavailable: {kernels.unavailable_reason()}")
-    if a.memory:                                   # peak RSS of one lm_head + log-softmax forward + backward
+    if a.memory:              # one lm_head + log-softmax forward + backward; the parent reads /proc (bench.__init__)
         arrs = _inputs({"x": (1, a.memory_seq, a.hidden), "w": (a.memory_vocab, a.hidden)})
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if a.worker == "torch":
             _, both = _torch_fns("lm_head", arrs)
         else:
             _, both = _ms_fns("lm_head", arrs, a.worker)
+        print(READY, flush=True)
         both()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"impl": a.worker, "peak_mb": peak - before}))
+        print(json.dumps({"impl": a.worker}), flush=True)
+        print(DONE, flush=True)
+        sys.stdin.read()                           # stay alive until the parent has read /proc
         return
     out = {}
     for name, (shapes, _) in op_shapes(a).items():
@@ -266,6 +267,8 @@ def run(argv=None):
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_kernels"))
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--memory", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", "--memory_only", dest="memory_only", action="store_true",
+                   help="only the lm_head + loss memory table (skip the per-op timings)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     if a.worker:
@@ -273,35 +276,38 @@ def run(argv=None):
     keys = ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "reps", "memory_vocab", "memory_seq",
             "workdir")
     timings = {}
-    for impl in IMPLS:
+    for impl in () if a.memory_only else IMPLS:
         res = run_worker("kernels", impl, a, keys)
         if res:
             timings[impl] = res["ops"]
     memory = {}
     for impl in IMPLS:
         a.memory = 1
-        res = run_worker("kernels", impl, a, keys + ("memory",))
+        res = run_worker_sampled("kernels", impl, a, keys + ("memory",))
         if res:
             memory[impl] = res["peak_mb"]
-    shapes = op_shapes(a)
-    shapes["AdamW (every parameter)"] = (None, 1)
-    print(f"ops of the bench model (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab "
-          f"{a.vocab}; batch {a.batch} x seq {a.seq}); fp32; mean of {a.reps} runs after 2 warm-up; ms")
-    head = "".join(f"{'fwd ' + i:>14}" for i in IMPLS) + "".join(f"{'fwd+bwd ' + i:>18}" for i in IMPLS)
-    print(f"{'op':<27}{'per step':>9}{head}")
-    totals = {i: 0.0 for i in IMPLS}
-    for name, (_, count) in shapes.items():
-        row = f"{name:<27}{count:>9}"
-        row += "".join(f"{timings[i][name]['fwd_ms']:>14.1f}" if i in timings else f"{'-':>14}" for i in IMPLS)
-        row += "".join(f"{timings[i][name]['fwd_bwd_ms']:>18.1f}" if i in timings else f"{'-':>18}" for i in IMPLS)
-        print(row)
-        for i in timings:
-            totals[i] += count * timings[i][name]["fwd_bwd_ms"]
-    print("AdamW: one update (no backward), in both columns")
-    print("one training step's primitives and its update (calls x fwd+bwd), ms: "
-          + ", ".join(f"{i} {totals[i]:.0f}" for i in timings))
+    totals = {}
+    if timings:
+        shapes = op_shapes(a)
+        shapes["AdamW (every parameter)"] = (None, 1)
+        print(f"ops of the bench model (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab "
+              f"{a.vocab}; batch {a.batch} x seq {a.seq}); fp32; mean of {a.reps} runs after 2 warm-up; ms")
+        head = "".join(f"{'fwd ' + i:>14}" for i in IMPLS) + "".join(f"{'fwd+bwd ' + i:>18}" for i in IMPLS)
+        print(f"{'op':<27}{'per step':>9}{head}")
+        totals.update({i: 0.0 for i in timings})
+        for name, (_, count) in shapes.items():
+            row = f"{name:<27}{count:>9}"
+            row += "".join(f"{timings[i][name]['fwd_ms']:>14.1f}" if i in timings else f"{'-':>14}" for i in IMPLS)
+            row += "".join(f"{timings[i][name]['fwd_bwd_ms']:>18.1f}" if i in timings else f"{'-':>18}" for i in IMPLS)
+            print(row)
+            for i in timings:
+                totals[i] += count * timings[i][name]["fwd_bwd_ms"]
+        print("AdamW: one update (no backward), in both columns")
+        print("one training step's primitives and its update (calls x fwd+bwd), ms: "
+              + ", ".join(f"{i} {totals[i]:.0f}" for i in timings))
     print(f"lm_head + log-softmax forward+backward at vocab {a.memory_vocab}, seq {a.memory_seq}, hidden "
-          f"{a.hidden}: peak RSS growth " + ", ".join(f"{i} {m:.0f} MB" for i, m in memory.items()))
+          f"{a.hidden}: peak RSS growth (sampled from /proc by this process) "
+          + ", ".join(f"{i} {m:.0f} MB" for i, m in memory.items()))
     if "cpu" in memory and "reference" in memory:
         print(f"fused chunked kernel: {memory['reference'] / max(memory['cpu'], 1e-9):.1f}x less than whole logits "
               "(reference)")
