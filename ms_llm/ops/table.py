@@ -4,7 +4,7 @@
 `PRIMITIVES` are the choices `context.kernels` makes (one backend per primitive: "reference", "cpu", "ascend").
 `KERNELS` are the C++ entry points of `kernels/cpu` behind the "cpu" backend: for each, the primitive that
 chooses it, its output shapes and dtypes (MindSpore's `ops.Custom` infer functions), its backward kernel and
-the bprop that calls it, and the `ms_llm.ops` function that is its reference. `ms_llm.ops.backend` takes its
+the bprop that calls it, and the dotted path of its reference version. `ms_llm.ops.backend` takes its
 primitive list and which primitives Ascend fuses from here; `ms_llm.ops.kernels` builds `kernels.OPS.<name>`
 from here; `tests/ops/test_kernel_table.py` checks the table against the compiled library and the C++ sources.
 
