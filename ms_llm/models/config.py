@@ -158,9 +158,17 @@ class ModelConfig:
         return out
 
     def num_parameters(self) -> int:
+        """Every parameter of the decoder the config describes (the count `CausalLM` builds): q/k/v biases
+        (Qwen2), o bias (attention_bias) and per-head q/k norms (Qwen3) included."""
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         q = self.num_attention_heads * self.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h
+        if self.qkv_bias or self.attention_bias:
+            per_layer += q + 2 * kv
+        if self.attention_bias:
+            per_layer += h
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * per_layer + emb + h
 

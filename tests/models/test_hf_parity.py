@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_model, torch_logits
-from ms_llm.models import load_pretrained, save_pretrained
+from ms_llm.models import load_pretrained, preset, save_pretrained
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 
@@ -95,3 +95,27 @@ def test_low_precision_compute_stays_close(tmp_path):
     half = load_pretrained(tmp_path / "hf", dtype="float16")(ms.Tensor(ids)).asnumpy()
     assert half.dtype == np.float32
     assert 0 < np.abs(half - ref).max() < 5e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_count_matches_built_models(tmp_path, family):
+    """ModelConfig.num_parameters (what memory arithmetic is built on) counts what both frameworks build."""
+    ref_model = make_hf_model(family, tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
+    built = sum(int(p.size) for p in model.get_parameters())
+    assert model.config.num_parameters() == built == sum(p.numel() for p in ref_model.parameters())
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "qwen2.5-7b", "qwen3-8b", "llama3-8b"])
+def test_preset_parameter_count_matches_transformers(name):
+    """Each full-size preset's count against transformers' own model built on the meta device (no memory);
+    Qwen2.5-7B's is the 7.62B of its model card: 7,615,616,512 with the q/k/v biases."""
+    import torch
+    import transformers
+    hf = preset(name).to_hf_config()
+    cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert preset(name).num_parameters() == sum(p.numel() for p in ref.parameters())
+    if name == "qwen2.5-7b":
+        assert preset(name).num_parameters() == 7_615_616_512
