@@ -5,7 +5,8 @@
                   [--master-port 8118] [--log-dir logs] [--cluster-timeout 600] [--bind-core] [--device ascend|cpu]
                   [--dry-run]
 
-Every flag is named; nothing is inferred from how many arguments there are. One process on one device runs
+Every flag is named; nothing is inferred from how many arguments there are. With --nnodes above 1, --node-rank
+and --master-addr are required; HCCL_IF_IP / HCCL_SOCKET_IFNAME pass from the caller's environment to the workers. One process on one device runs
 without msrun. `--dry-run` prints the environment it would set and the exact command. When the job fails,
 the last lines name each rank that died and its log file (from the workers' status files).
 """
@@ -28,6 +29,14 @@ from ms_llm.errors import MsLlmError
 from ms_llm.stages import run_stage
 
 
+HCCL_NETWORK = ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME")   # which address / interface HCCL binds on multi-NIC nodes
+
+
+def hccl_network_env() -> dict:
+    """HCCL_IF_IP / HCCL_SOCKET_IFNAME from the caller's environment, handed to every worker as they are."""
+    return {k: os.environ[k] for k in HCCL_NETWORK if os.environ.get(k)}
+
+
 def ascend_env(cann: str, cfg) -> dict:
     """Environment variables for an Ascend job: CANN's set_env.sh plus HCCL timeouts and visible devices."""
     r = subprocess.run(["bash", "-c", f"source {shlex.quote(cann)} >/dev/null 2>&1 && env -0"],
@@ -36,6 +45,7 @@ def ascend_env(cann: str, cfg) -> dict:
     env["HCCL_CONNECT_TIMEOUT"] = str(cfg.parallel.hccl_connect_timeout)
     env["HCCL_EXEC_TIMEOUT"] = str(cfg.parallel.hccl_exec_timeout)
     env.setdefault("GLOG_v", "2")
+    env.update(hccl_network_env())
     if cfg.parallel.visible_devices:
         env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
     return env
@@ -66,8 +76,8 @@ def parse(argv):
     p.add_argument("overrides", nargs="*", help="dotted overrides passed to every worker")
     p.add_argument("--nproc-per-node", type=int, default=1, help="workers (devices) on this node")
     p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--node-rank", type=int, help="this node's index, 0 .. nnodes - 1 (required with --nnodes > 1)")
+    p.add_argument("--master-addr", help="node 0's address (required with --nnodes > 1; one node: 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=8118)
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--join", default="True", choices=["True", "False"], help="wait for the workers")
@@ -75,7 +85,18 @@ def parse(argv):
     p.add_argument("--bind-core", action="store_true", help="pin workers to CPU cores")
     p.add_argument("--device", choices=["ascend", "cpu"], help="default: the config's context.device_target")
     p.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.nnodes > 1:
+        missing = [flag for flag, v in (("--node-rank", a.node_rank), ("--master-addr", a.master_addr)) if v is None]
+        if missing:
+            raise MsLlmError(f"--nnodes {a.nnodes}: {' and '.join(missing)} must be given (every node runs the same "
+                             "command with its own --node-rank and node 0's --master-addr; a default would start "
+                             "every node as node 0 of its own job)")
+    a.node_rank = 0 if a.node_rank is None else a.node_rank
+    a.master_addr = a.master_addr or "127.0.0.1"
+    if not 0 <= a.node_rank < a.nnodes:
+        raise MsLlmError(f"--node-rank {a.node_rank} must be in 0 .. {a.nnodes - 1} for --nnodes {a.nnodes}")
+    return a
 
 
 def die_with_parent():
@@ -106,6 +127,7 @@ def main(argv) -> int:
                    "HCCL_EXEC_TIMEOUT": str(cfg.parallel.hccl_exec_timeout)}
             if cfg.parallel.visible_devices:
                 env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
+            env.update(hccl_network_env())
         else:
             env = ascend_env(check_ascend(), cfg)
     log_dir = os.path.abspath(a.log_dir)

@@ -219,6 +219,30 @@ def test_dry_run_two_nodes_of_eight(workdir):
                          "parallel.data_parallel=16")
 
 
+def test_multi_node_flags_are_required_and_hccl_network_passes_through(workdir, monkeypatch, capsys):
+    """In process: with --nnodes 2 a missing --node-rank or --master-addr is exit 2 naming it (a default would make
+    every node node 0 of its own job); HCCL_IF_IP / HCCL_SOCKET_IFNAME reach the workers' environment."""
+    from ms_llm.cli import main
+    monkeypatch.chdir(workdir)
+    base = ["launch", "configs/qwen2.5/0.5b_pretrain.yaml", "train.global_batch_size=128", "--nproc-per-node", "8",
+            "--nnodes", "2", "--device", "ascend", "--dry-run"]
+    for extra, missing in (([], "--node-rank and --master-addr must be given"),
+                           (["--node-rank", "1"], "--master-addr must be given"),
+                           (["--master-addr", "10.0.0.1"], "--node-rank must be given"),
+                           (["--master-addr", "10.0.0.1", "--node-rank", "2"], "--node-rank 2 must be in 0 .. 1")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and missing in err[0], err
+    monkeypatch.setenv("HCCL_IF_IP", "10.0.0.2")
+    monkeypatch.setenv("HCCL_SOCKET_IFNAME", "eth1")
+    assert main(base + ["--master-addr", "10.0.0.1", "--node-rank", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "export HCCL_IF_IP=10.0.0.2" in lines and "export HCCL_SOCKET_IFNAME=eth1" in lines
+    assert "--node_rank=1" in lines[-1] and "--master_addr=10.0.0.1" in lines[-1]
+    assert main(["launch", "configs/tiny/pretrain.yaml", "--dry-run"]) == 0      # one node: the defaults hold
+    assert "--master_addr" not in capsys.readouterr().out                         # one process runs without msrun
+
+
 def test_ascend_without_cann_fails_fast(workdir):
     t0 = time.time()
     r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "context.device_target=ascend")
