@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""MindSpore process setup: execution mode, device and seeds, in one call."""
+"""MindSpore process setup: execution mode, device, seeds, memory pool and compile level, in one call."""
+import inspect
 import random
 
 import mindspore as ms
@@ -28,6 +29,34 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kerne
     np.random.seed(seed)
     random.seed(seed)
     backend.configure(kernels)
+
+
+def setup_for(cfg):
+    """setup_context with everything a config's `context` section and `train.seed` say."""
+    c = cfg.context
+    setup_context(c.mode, c.device_target, cfg.train.seed, c.kernels)
+    apply_runtime_settings(c)
+
+
+def _needs(fn, names, key: str):
+    """MsLlmError naming `key` when the installed MindSpore's `fn` lacks a keyword it is handed."""
+    have = inspect.signature(fn).parameters
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise MsLlmError(f"context.{key}: the installed MindSpore {ms.__version__} has no {fn.__module__}."
+                         f"{fn.__qualname__}({', '.join(missing)}=...); this release is written against MindSpore 2.7")
+
+
+def apply_runtime_settings(c):
+    """Hand `context.max_device_memory`, `memory_optimize_level` and `jit_level` to MindSpore. Each keyword is
+    checked against the installed MindSpore's signature on every device (so a CPU run catches an API change
+    before a node is rented); the memory pool settings apply on Ascend only."""
+    _needs(ms.runtime.set_memory, ("max_size", "optimize_level"), "max_device_memory")
+    _needs(ms.JitConfig.__init__, ("jit_level",), "jit_level")
+    if c.device_target == "ascend":
+        ms.runtime.set_memory(max_size=c.max_device_memory, optimize_level=c.memory_optimize_level)
+    if c.jit_level != "default":
+        ms.set_context(jit_config={"jit_level": c.jit_level})
 
 
 def set_cpu_threads(n: int):

@@ -139,6 +139,15 @@ class ContextSection:
     kernels: str = opt("auto", "Implementation of the model's primitives (ms_llm/ops/backend.py): auto = the fastest "
                        "available (the CPU kernels of kernels/cpu on CPU, MindSpore's fused ops on Ascend), or "
                        "reference (MindSpore's composed ops), cpu or ascend", ["auto", "reference", "cpu", "ascend"])
+    max_device_memory: str = opt("58GB", "Most device memory MindSpore's pool may take per process, as '<number>GB' "
+                                 "(ms.runtime.set_memory max_size; 58GB is MindFormers' 910B setting, 64 GB of HBM "
+                                 "less the runtime's own); Ascend only")
+    memory_optimize_level: str = opt("O0", "MindSpore's memory optimisation level (ms.runtime.set_memory "
+                                           "optimize_level): O1 reuses memory more aggressively; Ascend only",
+                                     ["O0", "O1"])
+    jit_level: str = opt("default", "GRAPH_MODE compile level (jit_config jit_level): O0 kernel by kernel, O1 with "
+                                    "graph fusion, O2 whole-graph sinking (Ascend only); default: MindSpore's choice "
+                                    "for the device", ["default", "O0", "O1", "O2"])
 
 
 @dataclass

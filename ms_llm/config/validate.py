@@ -4,6 +4,7 @@ from one table, `STAGE_RULES`; single-field types and ranges are checked earlier
 
 Every failure is an MsLlmError naming the file and the keys involved.
 """
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -226,6 +227,16 @@ if set(STAGE_RULES) != set(STAGE_NAMES):          # every stage of the registry 
     raise RuntimeError(f"STAGE_RULES {sorted(STAGE_RULES)} != the stage registry {sorted(STAGE_NAMES)}")
 
 
+def _check_context(ctx, where: str):
+    """The memory and compile settings handed to MindSpore (applied by context.setup_context)."""
+    if not re.fullmatch(r"\d+(\.\d+)?GB", ctx.max_device_memory) or float(ctx.max_device_memory[:-2]) <= 0:
+        raise MsLlmError(f"{where}: context.max_device_memory '{ctx.max_device_memory}' must be a positive size "
+                         "in GB, e.g. '58GB'")
+    if ctx.jit_level == "O2" and ctx.device_target != "ascend":
+        raise MsLlmError(f"{where}: context.jit_level O2 (whole-graph sinking) runs on Ascend only; use O0 or O1 "
+                         f"on {ctx.device_target}")
+
+
 def _check_model_split(cfg: ExperimentConfig, where: str, key: str, size: int):
     """A preset model (init_from models are checked when loaded) must split into `size` parts for `key`."""
     if not cfg.model.preset or cfg.model.init_from:
@@ -290,6 +301,7 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
     if kernels in ("cpu", "ascend") and kernels != device:
         raise MsLlmError(f"{where}: context.kernels '{kernels}' runs on the {kernels} device only, but "
                          f"context.device_target is '{device}' (use auto)")
+    _check_context(cfg.context, where)
     if not cfg.model.preset and not cfg.model.init_from:
         raise MsLlmError(f"{where}: set model.preset or model.init_from")
     if not cfg.data.sources and not (cfg.data.index and rules.reads_index):

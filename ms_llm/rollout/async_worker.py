@@ -27,7 +27,7 @@ import traceback
 import mindspore as ms
 import numpy as np
 
-from ms_llm.context import set_cpu_threads, setup_context
+from ms_llm.context import set_cpu_threads, setup_for
 from ms_llm.errors import MsLlmError
 from ms_llm.generation import generate
 from ms_llm.models.build import build_model
@@ -44,7 +44,7 @@ def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = No
                 return
         if cores:
             os.sched_setaffinity(0, cores)
-        setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
+        setup_for(cfg)
         if threads:
             set_cpu_threads(threads)
         policy = build_model(cfg)

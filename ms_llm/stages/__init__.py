@@ -20,9 +20,9 @@ def stage_runner(name: str):
 def run_stage(cfg) -> dict:
     """Set up MindSpore for `cfg`, build this process's Layout and run its stage; rank 0 prints a JSON line."""
     # MindSpore-backed: the CLI imports this package, and only a run needs MindSpore
-    from ms_llm.context import setup_context
+    from ms_llm.context import setup_for
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
+    setup_for(cfg)
     par = cfg.parallel
     layout = Layout()
     if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:

@@ -27,7 +27,7 @@ import mindspore as ms
 import numpy as np
 
 from ms_llm.config import ExperimentConfig
-from ms_llm.context import setup_context
+from ms_llm.context import setup_for
 from ms_llm.data.cache import tokenizer_fingerprint
 from ms_llm.data.chat import render, stop_token_ids
 from ms_llm.data.filters import check as quality_check
@@ -267,7 +267,7 @@ def cache_teacher(cfg: ExperimentConfig) -> dict:
         raise MsLlmError("distill.cache_dir is not set: name the directory the cache goes to")
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
-    setup_context(cfg.context.mode, cfg.context.device_target, cfg.train.seed, cfg.context.kernels)
+    setup_for(cfg)
     student_vocab = build_model(cfg).config.vocab_size
     teacher, _, data = prepare(cfg, run_dir, tokenizer, student_vocab)
     manifest = write_cache(d.cache_dir, teacher.model, list(data.examples()), cache_expectations(cfg, teacher.sha256, data),

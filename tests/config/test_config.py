@@ -85,6 +85,37 @@ def test_kernels_key_is_checked_against_the_device(tmp_path):
         load_config(path, ["context.kernels=ascend"])
 
 
+def test_runtime_memory_and_compile_keys(tmp_path):
+    """context.max_device_memory / memory_optimize_level / jit_level: checked when the config loads, handed to
+    MindSpore when the run starts (in a fresh process: the compile level is process-wide), and the installed
+    MindSpore's signatures checked for the keywords they are handed."""
+    import subprocess
+    import sys
+    path = _write(tmp_path, BASE)
+    ctx = load_config(path).context
+    assert (ctx.max_device_memory, ctx.memory_optimize_level, ctx.jit_level) == ("58GB", "O0", "default")
+    for value in ("58G", "0GB", "-1GB", "lots"):
+        with pytest.raises(MsLlmError, match=f"context.max_device_memory '{value}' must be a positive size in GB"):
+            load_config(path, [f"context.max_device_memory={value}"])
+    with pytest.raises(MsLlmError, match=r"key 'context.memory_optimize_level' = 'O2' is not one of"):
+        load_config(path, ["context.memory_optimize_level=O2"])
+    with pytest.raises(MsLlmError, match=r"context.jit_level O2 \(whole-graph sinking\) runs on Ascend only"):
+        load_config(path, ["context.jit_level=O2"])
+    probe = ("import sys, mindspore as ms; from ms_llm.config import load_config; from ms_llm.context import setup_for; "
+             "setup_for(load_config(sys.argv[1], sys.argv[2:])); print(ms.get_context('jit_config'))")
+    for extra, level in (([], None), (["context.jit_level=O1"], "O1"), (["context.jit_level=O0"], "O0")):
+        r = subprocess.run([sys.executable, "-c", probe, path, *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = eval(r.stdout.strip().splitlines()[-1]).get("jit_level")
+        assert got == level if level else got in (None, "")
+    import mindspore as ms
+    from ms_llm.context import _needs
+    _needs(ms.runtime.set_memory, ("max_size", "optimize_level"), "max_device_memory")
+    with pytest.raises(MsLlmError, match=r"context.max_device_memory: the installed MindSpore .* has no "
+                                         r"mindspore.*set_memory\(pool_size=...\)"):
+        _needs(ms.runtime.set_memory, ("max_size", "pool_size"), "max_device_memory")
+
+
 def test_global_batch_rule(tmp_path):
     path = _write(tmp_path, BASE + "train:\n  micro_batch_size: 2\n  grad_accum_steps: 4\n  global_batch_size: 16\n"
                   "parallel:\n  data_parallel: 2\n")
