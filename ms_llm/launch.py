@@ -6,9 +6,10 @@
                   [--dry-run]
 
 Every flag is named; nothing is inferred from how many arguments there are. With --nnodes above 1, --node-rank
-and --master-addr are required; HCCL_IF_IP / HCCL_SOCKET_IFNAME pass from the caller's environment to the workers. One process on one device runs
-without msrun. `--dry-run` prints the environment it would set and the exact command. When the job fails,
-the last lines name each rank that died and its log file (from the workers' status files).
+and --master-addr are required; HCCL_IF_IP / HCCL_SOCKET_IFNAME pass from the caller's environment to the
+workers. One process on one device runs without msrun. `--dry-run` prints the environment it would set and the
+exact command. When the job fails, the last lines name each rank that died and its log file (from the workers'
+status files).
 """
 import argparse
 import ctypes
@@ -32,22 +33,24 @@ from ms_llm.stages import run_stage
 HCCL_NETWORK = ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME")   # which address / interface HCCL binds on multi-NIC nodes
 
 
-def hccl_network_env() -> dict:
-    """HCCL_IF_IP / HCCL_SOCKET_IFNAME from the caller's environment, handed to every worker as they are."""
-    return {k: os.environ[k] for k in HCCL_NETWORK if os.environ.get(k)}
+def job_env(cfg) -> dict:
+    """What the launcher adds for an Ascend job: HCCL timeouts, visible devices, and HCCL_IF_IP /
+    HCCL_SOCKET_IFNAME from the caller's environment, handed to every worker as they are."""
+    env = {"HCCL_CONNECT_TIMEOUT": str(cfg.parallel.hccl_connect_timeout),
+           "HCCL_EXEC_TIMEOUT": str(cfg.parallel.hccl_exec_timeout)}
+    if cfg.parallel.visible_devices:
+        env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
+    env.update({k: os.environ[k] for k in HCCL_NETWORK if os.environ.get(k)})
+    return env
 
 
 def ascend_env(cann: str, cfg) -> dict:
-    """Environment variables for an Ascend job: CANN's set_env.sh plus HCCL timeouts and visible devices."""
+    """Environment variables for an Ascend job: CANN's set_env.sh plus `job_env`."""
     r = subprocess.run(["bash", "-c", f"source {shlex.quote(cann)} >/dev/null 2>&1 && env -0"],
                        capture_output=True)
     env = dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if "=" in item)
-    env["HCCL_CONNECT_TIMEOUT"] = str(cfg.parallel.hccl_connect_timeout)
-    env["HCCL_EXEC_TIMEOUT"] = str(cfg.parallel.hccl_exec_timeout)
     env.setdefault("GLOG_v", "2")
-    env.update(hccl_network_env())
-    if cfg.parallel.visible_devices:
-        env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
+    env.update(job_env(cfg))
     return env
 
 
@@ -122,12 +125,7 @@ def main(argv) -> int:
     env = {}
     if cfg.context.device_target == "ascend":
         if a.dry_run and find_cann() is None:
-            env = {"# CANN": "not found on this machine; the real run sources its set_env.sh",
-                   "HCCL_CONNECT_TIMEOUT": str(cfg.parallel.hccl_connect_timeout),
-                   "HCCL_EXEC_TIMEOUT": str(cfg.parallel.hccl_exec_timeout)}
-            if cfg.parallel.visible_devices:
-                env["ASCEND_RT_VISIBLE_DEVICES"] = cfg.parallel.visible_devices
-            env.update(hccl_network_env())
+            env = {"# CANN": "not found on this machine; the real run sources its set_env.sh", **job_env(cfg)}
         else:
             env = ascend_env(check_ascend(), cfg)
     log_dir = os.path.abspath(a.log_dir)

@@ -228,7 +228,7 @@ if set(STAGE_RULES) != set(STAGE_NAMES):          # every stage of the registry 
 
 
 def _check_context(ctx, where: str):
-    """The memory and compile settings handed to MindSpore (applied by context.setup_context)."""
+    """The memory and compile settings handed to MindSpore (applied by context.apply_runtime_settings)."""
     if not re.fullmatch(r"\d+(\.\d+)?GB", ctx.max_device_memory) or float(ctx.max_device_memory[:-2]) <= 0:
         raise MsLlmError(f"{where}: context.max_device_memory '{ctx.max_device_memory}' must be a positive size "
                          "in GB, e.g. '58GB'")

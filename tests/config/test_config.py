@@ -89,6 +89,7 @@ def test_runtime_memory_and_compile_keys(tmp_path):
     """context.max_device_memory / memory_optimize_level / jit_level: checked when the config loads, handed to
     MindSpore when the run starts (in a fresh process: the compile level is process-wide), and the installed
     MindSpore's signatures checked for the keywords they are handed."""
+    import ast
     import subprocess
     import sys
     path = _write(tmp_path, BASE)
@@ -106,7 +107,7 @@ def test_runtime_memory_and_compile_keys(tmp_path):
     for extra, level in (([], None), (["context.jit_level=O1"], "O1"), (["context.jit_level=O0"], "O0")):
         r = subprocess.run([sys.executable, "-c", probe, path, *extra], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        got = eval(r.stdout.strip().splitlines()[-1]).get("jit_level")
+        got = ast.literal_eval(r.stdout.strip().splitlines()[-1]).get("jit_level")
         assert got == level if level else got in (None, "")
     import mindspore as ms
     from ms_llm.context import _needs
