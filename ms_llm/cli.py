@@ -231,7 +231,7 @@ def _tokenizer_expand(a):
 
 def cmd_bench(argv):
     benches = {"generate": "ms_llm.bench.generation", "train": "ms_llm.bench.train", "lora": "ms_llm.bench.train",
-               "distill-memory": "ms_llm.bench.distill", "layouts": "ms_llm.bench.layouts",
+               "distill-memory": "ms_llm.bench.distill", "readout-memory": "ms_llm.bench.readout", "layouts": "ms_llm.bench.layouts",
                "ppo-digits": "ms_llm.bench.ppo", "ppo-memory": "ms_llm.bench.ppo",
                "ppo-safety": "ms_llm.bench.ppo_safety",
                "sandbox": "ms_llm.bench.sandbox", "grpo-async": "ms_llm.bench.grpo",
@@ -418,7 +418,7 @@ COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
     "convert": (cmd_convert, "convert weights between Hugging Face and MindFormers layouts"),
     "merge-lora": (cmd_merge_lora, "fold a LoRA adapter into its base model (verified)"),
     "report": (cmd_report, "rebuild a run directory's report.md and plots"),
-    "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, layouts, ppo-digits, "
+    "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, readout-memory, layouts, ppo-digits, "
                          "ppo-memory, ppo-safety, sandbox, grpo-async, kernels"),
     "rlhf": (cmd_rlhf, "RLHF audit loop: audit-import reviewed rounds into the preference pool, audit-status"),
     "mup": (cmd_mup, "μP tools: coordinate check and learning-rate sweep across widths"),

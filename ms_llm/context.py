@@ -14,9 +14,11 @@ MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 DEVICES = {"cpu": "CPU", "ascend": "Ascend"}
 
 
-def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kernels="auto"):
+def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kernels="auto",
+                  loss_chunk_tokens: int = 1024):
     """Set execution mode ('graph' or 'pynative'), device ('cpu' or 'ascend'), every RNG seed, and which
-    implementation the model's primitives use from now on (`context.kernels`, ms_llm/ops/backend.py)."""
+    implementation the model's primitives use from now on (`context.kernels` and `context.loss_chunk_tokens`,
+    ms_llm/ops/backend.py)."""
     if mode not in MODES:
         raise MsLlmError(f"context.mode: '{mode}' is not one of {sorted(MODES)}")
     if device.lower() not in DEVICES:
@@ -29,12 +31,13 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kerne
     np.random.seed(seed)
     random.seed(seed)
     backend.configure(kernels)
+    backend.set_loss_chunk_tokens(loss_chunk_tokens)
 
 
 def setup_for(cfg):
     """setup_context with everything a config's `context` section and `train.seed` say."""
     c = cfg.context
-    setup_context(c.mode, c.device_target, cfg.train.seed, c.kernels)
+    setup_context(c.mode, c.device_target, cfg.train.seed, c.kernels, c.loss_chunk_tokens)
     apply_runtime_settings(c)
 
 

@@ -5,6 +5,9 @@ import os
 import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import Parameter, Tensor, nn
+
+from ms_llm.models.readout import make_readout
 
 
 # The longest test files, longest first. With `-n 2 --dist loadfile` each worker takes the next file in collection
@@ -176,3 +179,29 @@ def assert_resumed_run_equals(a, b, steps: int, killed_at: int, weight_files=("m
     for name in weight_files:
         wa, wb = read_safetensors(str(a / "final" / name)), read_safetensors(str(b / "final" / name))
         assert set(wa) == set(wb) and max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-6
+
+
+class LogitTable(nn.Cell):
+    """Logits [N, S, V] that are themselves the parameter, offered through the interface the loss cells read a
+    language model by (models/readout.py): hidden states, then whole logits. Calling it returns the logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.table = Parameter(Tensor(logits), name="table")
+
+    def construct(self, ids, *args):
+        return self.table * 1.0
+
+    def hidden_states(self, ids, *args):
+        return self.table * 1.0
+
+    def logits(self, hidden):
+        return hidden
+
+    def readout_cell(self, temperature=1.0, entropy=False):
+        return make_readout("whole", temperature, entropy)
+
+
+@pytest.fixture
+def logit_table():
+    return LogitTable

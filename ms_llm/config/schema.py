@@ -139,6 +139,10 @@ class ContextSection:
     kernels: str = opt("auto", "Implementation of the model's primitives (ms_llm/ops/backend.py): auto = the fastest "
                        "available (the CPU kernels of kernels/cpu on CPU, MindSpore's fused ops on Ascend), or "
                        "reference (MindSpore's composed ops), cpu or ascend", ["auto", "reference", "cpu", "ascend"])
+    loss_chunk_tokens: int = opt(1024, "Tokens per chunk of the log-prob readout behind every LM, SFT, DPO, PPO and GRPO "
+                                       "loss (models/readout.py): the lm_head product, log-softmax and their backward "
+                                       "run one chunk at a time, so [B, S, V] logits never exist; 0 computes whole "
+                                       "logits. The CPU kernels chunk on their own", range="[0, inf)")
     max_device_memory: str = opt("58GB", "Most device memory MindSpore's pool may take per process, as '<number>GB' "
                                  "(ms.runtime.set_memory max_size; 58GB is MindFormers' 910B setting, 64 GB of HBM "
                                  "less the runtime's own); Ascend only")

@@ -34,22 +34,13 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ms_llm.ops import graph as G
 from ms_llm.ops import linear_distill
 
 TINY = 1e-30
 KINDS = ("forward_kl", "reverse_kl", "jsd")
-# Primitives, not their functional wrappers: a wrapper with Python control flow inside (ops.zeros_like,
-# ops.one_hot, ...) that is reached from both a construct and a custom bprop fails to compile in MindSpore
-# 2.7 ("func graph is empty").
-_zeros_like = ops.ZerosLike()
-_gather = ops.Gather()
-_matmul = ops.MatMul()
-_matmul_tn = ops.MatMul(transpose_a=True)
-_matmul_nt_prim = ops.MatMul(transpose_b=True)
-_scatter_add = ops.TensorScatterElements(axis=-1, reduction="add")
-# ops.maximum's wrapper, compiled as its own sub-graph, intermittently failed MindSpore 2.7's static analysis
-# ("Fail to get eval result ... maximum", program_specialize.cc) in processes that had compiled many graphs
-_maximum = ops.Maximum()
+_zeros_like, _gather, _matmul, _matmul_tn = G.zeros_like, G.gather, G.matmul, G.matmul_tn
+_scatter_add, _maximum, _wide, _matmul_nt = G.scatter_add, G.maximum, G.wide, G.matmul_nt
 
 
 @dataclass
@@ -60,13 +51,6 @@ class DistillLossConfig:
     kind: str = "forward_kl"
     jsd_beta: float = 0.5
     chunk_size: int = 128
-
-
-def _wide(x, like):
-    """x broadcast to like's shape explicitly. On MindSpore 2.7's CPU runtime an implicitly broadcast operand
-    ([B, c, 1] or [V] against [B, c, V]) in a graph kept one [B, c, V] buffer per use alive until the graph
-    ended (measured: 1.2 GB instead of 0.2 GB over 8 chunks); broadcast_to first does not."""
-    return ops.broadcast_to(x, like.shape)
 
 
 def _safe_log(x):
@@ -144,11 +128,6 @@ def freeze_teacher(teacher):
 def lm_head_weight(model):
     """The [V, H] matrix of a model's output projection (the embedding when tied)."""
     return model.model.embed_tokens.weight if model.tied else model.lm_head.weight
-
-
-def _matmul_nt(a, b):
-    """a [N, K] x b [M, K]^T -> [N, M] in float32."""
-    return _matmul_nt_prim(a.astype(ms.float32), b.astype(ms.float32))
 
 
 class ChunkedDistillHead(nn.Cell):

@@ -38,6 +38,7 @@ from mindspore import nn, ops
 from ms_llm import ops as F
 from ms_llm.config.schema import DPO_LOSSES, REFERENCE_FREE_DPO_LOSSES
 from ms_llm.losses.reward import softplus
+from ms_llm.models.readout import read_log_probs
 
 LOSSES = DPO_LOSSES
 PAIRED = tuple(k for k in LOSSES if k != "kto")
@@ -54,6 +55,16 @@ def sequence_logps(logits, labels, ignore_index: int = -100):
     safe = ops.where(valid, labels, ops.zeros_like(labels))
     mask = valid.astype(ms.float32)
     return (F.token_log_probs(logits, safe) * mask).sum(-1), mask.sum(-1)
+
+
+def model_sequence_logps(model, readout, ids, labels, ignore_index: int = -100):
+    """`sequence_logps` of `model` on ids [N, S], read through `readout` (models/readout.py), so the [N, S, V]
+    logits never exist."""
+    valid = labels != ignore_index
+    safe = ops.where(valid, labels, ops.zeros_like(labels))
+    mask = valid.astype(ms.float32)
+    lp = read_log_probs(model, readout, model.hidden_states(ids), safe)[0]
+    return (lp * mask).sum(-1), mask.sum(-1)
 
 
 def paired_loss(kind: str, pc, pr, rc, rr, nc, nr, beta: float, eps: float = 0.0, gamma: float = 0.0):
@@ -105,12 +116,13 @@ class PreferenceLoss(nn.Cell):
         self.model, self.kind, self.beta = model, kind, float(beta)
         self.eps, self.gamma = float(label_smoothing), float(simpo_gamma)
         self.nll_coef = float(nll_coef) if kind != "orpo" else 0.0          # orpo has its own NLL term
+        self.readout = model.readout_cell()
 
     def logps(self, chosen_ids, chosen_labels, rejected_ids, rejected_labels):
         """(π_c, π_r, n_c, n_r), each [B]."""
         b = chosen_ids.shape[0]
-        logits = self.model(ops.concat((chosen_ids, rejected_ids), 0))
-        lp, n = sequence_logps(logits, ops.concat((chosen_labels, rejected_labels), 0))
+        lp, n = model_sequence_logps(self.model, self.readout, ops.concat((chosen_ids, rejected_ids), 0),
+                                     ops.concat((chosen_labels, rejected_labels), 0))
         return lp[:b], lp[b:], n[:b], n[b:]
 
     def construct(self, chosen_ids, chosen_labels, rejected_ids, rejected_labels, ref_chosen, ref_rejected):
@@ -152,11 +164,12 @@ class KTOLoss(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model, self.beta = model, float(beta)
         self.wd, self.wu = float(w_desirable), float(w_undesirable)
+        self.readout = model.readout_cell()
 
     def construct(self, ids, labels, kl_ids, kl_labels, ref_logps, ref_kl_logps, desirable):
         b = ids.shape[0]
-        logits = self.model(ops.concat((ids, kl_ids), 0))
-        lp, _ = sequence_logps(logits, ops.concat((labels, kl_labels), 0))
+        lp, _ = model_sequence_logps(self.model, self.readout, ops.concat((ids, kl_ids), 0),
+                                     ops.concat((labels, kl_labels), 0))
         r, r_kl = lp[:b] - ref_logps, lp[b:] - ref_kl_logps
         loss, z = kto_loss(r, r_kl, desirable, self.beta, self.wd, self.wu)
         return self._out(loss, r, z, desirable)
@@ -172,7 +185,7 @@ class KTOLossAtZ(KTOLoss):
     in every row: the stage's estimate over the whole step's batch, on every rank)."""
 
     def construct(self, ids, labels, ref_logps, desirable, z):
-        lp, _ = sequence_logps(self.model(ids), labels)
+        lp, _ = model_sequence_logps(self.model, self.readout, ids, labels)
         r = lp - ref_logps
         z = ops.stop_gradient(z)
         return self._out(kto_loss_at(r, z, desirable, self.beta, self.wd, self.wu), r, z.mean(), desirable)

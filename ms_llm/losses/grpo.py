@@ -31,7 +31,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
-from ms_llm.losses.policy import LOG_RATIO_CLAMP, logps_and_entropy, safe_exp, surrogate_of_ratio
+from ms_llm.losses.policy import LOG_RATIO_CLAMP, safe_exp, surrogate_of_ratio
+from ms_llm.models.readout import read_log_probs
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADVANTAGE_SCALES = ("group", "batch", "none")
@@ -118,11 +119,12 @@ class GRPOLoss(nn.Cell):
         self.model, self.temperature = model, float(temperature)
         self.eps_low, self.eps_high, self.dual_clip = float(eps_low), float(eps_high), float(dual_clip)
         self.beta, self.ent_coef, self.sequence = float(beta), float(ent_coef), ratio == "sequence"
+        self.readout = model.readout_cell(self.temperature, entropy=True)
 
     def construct(self, ids, attention_mask, position_ids, targets, loss_mask, weights, counts, old_logps,
                   ref_logps, advantages):
-        logits = self.model(ids, attention_mask, position_ids)
-        logp, entropy = logps_and_entropy(logits, targets, self.temperature)
+        hidden = self.model.hidden_states(ids, attention_mask, position_ids)
+        logp, entropy = read_log_probs(self.model, self.readout, hidden, targets)
         m = loss_mask
         d = logp - old_logps
         if self.sequence:

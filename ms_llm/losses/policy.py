@@ -26,6 +26,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from ms_llm.models.readout import read_log_probs
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOG_RATIO_CLAMP = 20.0
 
@@ -126,16 +128,6 @@ def clipped_value_loss(values, old_values, returns, clip: float):
     return 0.5 * ops.maximum(plain, other), (other > plain).astype(ms.float32)
 
 
-def logps_and_entropy(logits, targets, temperature: float):
-    """(log π(target) [B, T], entropy [B, T]) of the logits at `temperature` (what the sampler drew from)."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = ops.log_softmax(logits.astype(ms.float32), -1)
-    logp = ops.gather_elements(logp_all, -1, targets.astype(ms.int32).expand_dims(-1)).squeeze(-1)
-    entropy = -(ops.exp(logp_all) * logp_all).sum(-1)
-    return logp, entropy
-
-
 class TokenLogps(nn.Cell):
     """(ids, attention_mask, position_ids, targets) [B, T] -> log π(target) [B, T] at `temperature`; no gradients
     (old-policy and reference scoring)."""
@@ -143,10 +135,11 @@ class TokenLogps(nn.Cell):
     def __init__(self, model, temperature: float = 1.0):
         super().__init__(auto_prefix=False)
         self.model, self.temperature = model, float(temperature)
+        self.readout = model.readout_cell(self.temperature)
 
     def construct(self, ids, attention_mask, position_ids, targets):
-        logits = self.model(ids, attention_mask, position_ids)
-        return logps_and_entropy(logits, targets, self.temperature)[0]
+        hidden = self.model.hidden_states(ids, attention_mask, position_ids)
+        return read_log_probs(self.model, self.readout, hidden, targets)[0]
 
 
 class PolicyLoss(nn.Cell):
@@ -165,10 +158,11 @@ class PolicyLoss(nn.Cell):
         self.model, self.temperature = model, float(temperature)
         self.eps_low, self.eps_high, self.dual_clip = float(eps_low), float(eps_high), float(dual_clip)
         self.ent_coef = float(ent_coef)
+        self.readout = model.readout_cell(self.temperature, entropy=True)
 
     def construct(self, ids, attention_mask, position_ids, targets, loss_mask, old_logps, advantages):
-        logits = self.model(ids, attention_mask, position_ids)
-        logp, entropy = logps_and_entropy(logits, targets, self.temperature)
+        hidden = self.model.hidden_states(ids, attention_mask, position_ids)
+        logp, entropy = read_log_probs(self.model, self.readout, hidden, targets)
         pg, clipped, dual = clipped_surrogate(logp, old_logps, advantages, self.eps_low, self.eps_high,
                                               self.dual_clip)
         loss = pg - self.ent_coef * entropy

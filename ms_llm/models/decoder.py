@@ -20,6 +20,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_llm import ops as F
 from ms_llm.models.config import ModelConfig
+from ms_llm.models.readout import make_readout, read_log_probs
 from ms_llm.models.tensor_parallel import CopyToTP, ReduceFromTP, local_config
 from ms_llm.ops import backend as B
 
@@ -220,6 +221,27 @@ class CausalLM(nn.Cell):
         """Backends of the readout: the tied lm_head product and the fused lm_head + log-softmax."""
         self.head_backend = B.choose("linear", self.compute_dtype)
         self.loss_backend = B.choose("lm_head_loss", self.compute_dtype) if self.tp is None else "reference"
+        self.lm_readout = self.readout_cell()
+
+    def readout_cell(self, temperature: float = 1.0, entropy: bool = False):
+        """A models/readout.py Readout for this model's log-probs at `temperature` (with the entropy if asked):
+        the fused CPU kernel where it applies, else chunked (`context.loss_chunk_tokens`), else whole logits
+        (an lm_head that is not a plain matrix, tensor parallelism, or chunking off). A loss builds its own in
+        __init__ and reads through `readout.read_log_probs`."""
+        head = None if self.tied else getattr(self, "lm_head", None)     # (a middle pipeline stage has none)
+        plain = self.tp is None and (head is None or head.plain)
+        chunk = B.loss_chunk_tokens()
+        if plain and self.loss_backend == "cpu" and not entropy:
+            mode = "cpu"
+        elif plain and chunk > 0:
+            mode = "chunked"
+        else:
+            mode = "whole"
+        return make_readout(mode, temperature, entropy, chunk, self.compute_dtype)
+
+    def head_weight(self):
+        """The [V, H] lm_head matrix (the embedding when tied)."""
+        return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
 
     def add_flags_recursive(self, **flags):
         """set_train reaches every cell through this; a frozen model keeps training=False."""
@@ -298,13 +320,10 @@ class CausalLM(nn.Cell):
     def target_log_probs(self, hidden, targets):
         """log p(target) [B, S] float32 from final hidden states [B, S, H] and targets [B, S] in [0, V).
 
-        Equal to `token_log_probs(self.logits(hidden), targets)`; with the CPU kernels the lm_head product and
-        the log-softmax are one chunked kernel, so the [B, S, V] logits never exist (forward or backward).
+        Equal to `token_log_probs(self.logits(hidden), targets)`, read through `self.lm_readout`: the [B, S, V]
+        logits never exist (forward or backward) unless the readout is "whole" (models/readout.py).
         """
-        head = self.model.embed_tokens.weight if self.tied else self.lm_head.weight
-        if self.loss_backend == "cpu" and (self.tied or self.lm_head.plain):
-            return F.linear_log_probs(self.readout_input(hidden), head, targets, self.compute_dtype, "cpu")
-        return F.token_log_probs(self.logits(hidden), targets)
+        return read_log_probs(self, self.lm_readout, hidden, targets)[0]
 
     def step(self, input_ids, position_ids, slot_ids, key_valid, place, write, caches):
         """One incremental step over a fixed-size cache.

@@ -20,7 +20,7 @@ OPS = table.PRIMITIVE_NAMES
 BACKENDS = ("reference", "cpu", "ascend")
 ASCEND_OPS = table.ASCEND_FUSED
 
-_settings = {"default": "auto", "ops": {}}
+_settings = {"default": "auto", "ops": {}, "loss_chunk_tokens": 1024}
 _warned = []
 
 
@@ -38,6 +38,18 @@ def configure(setting="auto"):
     if setting not in ("auto",) + BACKENDS:
         raise MsLlmError(f"context.kernels: '{setting}' is not one of {['auto', *BACKENDS]} or a mapping op: backend")
     _settings.update(default=setting, ops={})
+
+
+def set_loss_chunk_tokens(n: int):
+    """Tokens per chunk of the chunked log-prob readout (models/readout.py) of models built from now on;
+    0 computes whole [B, S, V] logits (`context.loss_chunk_tokens`)."""
+    if int(n) < 0:
+        raise MsLlmError(f"context.loss_chunk_tokens: {n} is negative")
+    _settings["loss_chunk_tokens"] = int(n)
+
+
+def loss_chunk_tokens() -> int:
+    return _settings["loss_chunk_tokens"]
 
 
 def device() -> str:

@@ -210,6 +210,28 @@ class AdapterDisabled(nn.Cell):
         out = ops.depend(out, ops.assign(self.gate, ops.ones_like(self.gate)))
         return ops.stop_gradient(out)
 
+    # What the losses read a language model through (models/readout.py): the base's, with the adapters off.
+    def hidden_states(self, input_ids, *args):
+        off = ops.assign(self.gate, ops.zeros_like(self.gate))
+        out = self.model.hidden_states(ops.depend(input_ids, off), *args)
+        out = ops.depend(out, ops.assign(self.gate, ops.ones_like(self.gate)))
+        return ops.stop_gradient(out)
+
+    def logits(self, hidden):
+        off = ops.assign(self.gate, ops.zeros_like(self.gate))
+        out = self.model.logits(ops.depend(hidden, off))
+        out = ops.depend(out, ops.assign(self.gate, ops.ones_like(self.gate)))
+        return ops.stop_gradient(out)
+
+    def readout_input(self, hidden):
+        return self.model.readout_input(hidden)
+
+    def head_weight(self):
+        return ops.stop_gradient(self.model.head_weight())
+
+    def readout_cell(self, temperature: float = 1.0, entropy: bool = False):
+        return self.model.readout_cell(temperature, entropy)
+
 
 def lora_parameters(model) -> dict:
     """{structural name: Parameter} of the LoRA weights (see models.io.named_parameters)."""

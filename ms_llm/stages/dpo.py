@@ -39,7 +39,8 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import chat_answers, score_judge, win_rate
 from ms_llm.eval.results import gate, model_identity
 from ms_llm.fileio import sha256_file
-from ms_llm.losses.dpo import REFERENCE_FREE, KTOLossAtZ, PreferenceLoss, implicit_rewards, sequence_logps
+from ms_llm.losses.dpo import (REFERENCE_FREE, KTOLossAtZ, PreferenceLoss, implicit_rewards,
+                             model_sequence_logps)
 from ms_llm.manifest import verify, write_manifest
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
@@ -65,10 +66,10 @@ class SequenceScorer(nn.Cell):
 
     def __init__(self, model):
         super().__init__(auto_prefix=False)
-        self.model = model
+        self.model, self.readout = model, model.readout_cell()
 
     def construct(self, ids, labels):
-        return sequence_logps(self.model(ids), labels)[0]
+        return model_sequence_logps(self.model, self.readout, ids, labels)[0]
 
 
 def score_rows(scorer: SequenceScorer, ids, labels, batch: int) -> np.ndarray:

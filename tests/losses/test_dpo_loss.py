@@ -69,17 +69,6 @@ def test_kto_equals_numpy():
     assert float(z.asnumpy()) == 0.0                             # the reference point is clamped at 0
 
 
-class LogitTable(nn.Cell):
-    """A stand-in policy that returns fixed logits for the concatenated rows (the loss cells' only input)."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.table = Parameter(Tensor(logits), name="table")
-
-    def construct(self, ids):
-        return self.table * 1.0
-
-
 def np_seq_logps(logits, labels):
     logits = logits.astype(np.float64)
     logp = logits - logits.max(-1, keepdims=True)
@@ -110,13 +99,13 @@ def test_sequence_logps_count_only_answer_tokens():
 
 
 @pytest.mark.parametrize("kind,nll", [("sigmoid", 0.0), ("sigmoid", 0.5), ("simpo", 0.0), ("orpo", 0.0)])
-def test_preference_cell_equals_numpy_with_masks(kind, nll):
+def test_preference_cell_equals_numpy_with_masks(kind, nll, logit_table):
     rng = np.random.default_rng(5)
     b, s, v = 4, 10, 13
     logits = rng.normal(size=(2 * b, s, v)).astype(np.float32)
     labels = masked_labels(rng, 2 * b, s, v)
     ref = rng.normal(-10, 2, size=(2, b)).astype(np.float32)
-    cell = PreferenceLoss(LogitTable(logits), kind, beta=0.2, nll_coef=nll)
+    cell = PreferenceLoss(logit_table(logits), kind, beta=0.2, nll_coef=nll)
     ids = Tensor(np.zeros((b, s), np.int32))
     total, count, stats = cell(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]), Tensor(ref[0]), Tensor(ref[1]))
     lp, n = np_seq_logps(logits, labels)
@@ -138,12 +127,12 @@ def _kto_inputs(seed: int, b: int = 4, s: int = 8, v: int = 7):
     return logits, labels, rng.normal(-8, 1, size=(2, b)).astype(np.float32)
 
 
-def test_kto_cell_uses_the_mismatched_rows_for_z():
+def test_kto_cell_uses_the_mismatched_rows_for_z(logit_table):
     b, s = 4, 8
     logits, labels, ref = _kto_inputs(6)
     d = np.array([1, 0, 1, 1], np.float32)
     ids = Tensor(np.zeros((b, s), np.int32))
-    total, count, stats = KTOLoss(LogitTable(logits), beta=0.3)(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]),
+    total, count, stats = KTOLoss(logit_table(logits), beta=0.3)(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]),
                                                                Tensor(ref[0]), Tensor(ref[1]), Tensor(d))
     lp, _ = np_seq_logps(logits, labels)
     r, r_kl = lp[:b] - ref[0], lp[b:] - ref[1]
@@ -155,7 +144,7 @@ def test_kto_cell_uses_the_mismatched_rows_for_z():
     np.testing.assert_allclose(stats.asnumpy(), [z * b, 0.3 * r.sum(), d.sum()], rtol=1e-5, atol=1e-5)
 
 
-def test_kto_at_a_given_reference_point_equals_numpy_and_the_partnered_cell():
+def test_kto_at_a_given_reference_point_equals_numpy_and_the_partnered_cell(logit_table):
     """KTOLossAtZ (z computed by the stage over the whole step) against NumPy at a z from elsewhere; at the z of
     the same mismatched rows it equals KTOLoss."""
     b, s = 4, 8
@@ -165,7 +154,7 @@ def test_kto_at_a_given_reference_point_equals_numpy_and_the_partnered_cell():
     r = lp[:b] - ref[0]
     sig = lambda x: 1 / (1 + np.exp(-x))                         # noqa: E731
     for z in (0.0, 0.7, 3.1):
-        total, count, stats = KTOLossAtZ(LogitTable(logits[:b]), beta=0.3, w_undesirable=1.5)(
+        total, count, stats = KTOLossAtZ(logit_table(logits[:b]), beta=0.3, w_undesirable=1.5)(
             Tensor(np.zeros((b, s), np.int32)), Tensor(labels[:b]), Tensor(ref[0]), Tensor(d),
             Tensor(np.full(b, z, np.float32)))
         want = np.where(d > 0.5, 1 - sig(0.3 * (r - z)), 1.5 * (1 - sig(0.3 * (z - r))))
@@ -174,9 +163,9 @@ def test_kto_at_a_given_reference_point_equals_numpy_and_the_partnered_cell():
         np.testing.assert_allclose(stats.asnumpy(), [z * b, 0.3 * r.sum(), d.sum()], rtol=1e-5, atol=1e-5)
     z = max(0.0, (lp[b:] - ref[1]).mean())
     ids = Tensor(np.zeros((b, s), np.int32))
-    partnered = KTOLoss(LogitTable(logits), beta=0.3)(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]),
+    partnered = KTOLoss(logit_table(logits), beta=0.3)(ids, Tensor(labels[:b]), ids, Tensor(labels[b:]),
                                                       Tensor(ref[0]), Tensor(ref[1]), Tensor(d))
-    at_z = KTOLossAtZ(LogitTable(logits[:b]), beta=0.3)(ids, Tensor(labels[:b]), Tensor(ref[0]), Tensor(d),
+    at_z = KTOLossAtZ(logit_table(logits[:b]), beta=0.3)(ids, Tensor(labels[:b]), Tensor(ref[0]), Tensor(d),
                                                         Tensor(np.full(b, z, np.float32)))
     for x, y in zip(partnered, at_z):
         np.testing.assert_allclose(x.asnumpy(), y.asnumpy(), rtol=1e-5, atol=1e-6)

@@ -225,18 +225,6 @@ def test_fully_masked_batch_gives_zero_loss_and_leaves_weights_and_adam_alone(tm
     assert all(np.array_equal(state[k], v.asnumpy()) for k, v in upd.local_state().items())
 
 
-class _LogitsModel(ms.nn.Cell):
-    """A "model" whose logits are themselves the parameter: the loss's gradient with respect to the logits,
-    compared with an independent autodiff of the same formula."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.logits = ms.Parameter(Tensor(logits.astype(np.float32)), name="logits")
-
-    def construct(self, ids, attention_mask, position_ids):
-        return self.logits * 1.0
-
-
 def _torch_loss(logits, tgt, mask, w, c, old, ref, adv, ratio_kind, eps_low, eps_high, dual, beta, ent=0.0):
     """The module docstring's loss, written again in float64 PyTorch (autodiff is the reference)."""
     import torch
@@ -264,7 +252,7 @@ def _torch_loss(logits, tgt, mask, w, c, old, ref, adv, ratio_kind, eps_low, eps
     ("seq-mean-token-mean", "sequence", 3e-4, 4e-4, 3.0, 0.04),  # GSPO with the same extras
     ("token-mean", "token", 0.2, 0.28, 0.0, 0.0),                # DAPO
 ])
-def test_grpo_loss_gradients_equal_float64_autodiff(mode, ratio_kind, eps_low, eps_high, dual, beta):
+def test_grpo_loss_gradients_equal_float64_autodiff(mode, ratio_kind, eps_low, eps_high, dual, beta, logit_table):
     """Gradients of GRPOLoss with respect to the logits against PyTorch float64 autodiff of the formula: a
     ratio put under stop_gradient, a sign flipped in the k3 term or a dual clip on the wrong side fails here even
     where the loss value still matches."""
@@ -282,7 +270,7 @@ def test_grpo_loss_gradients_equal_float64_autodiff(mode, ratio_kind, eps_low, e
     old[neg & some] -= 1.6                                          # ratios near 5 with A < 0: the dual clip binds
     ref = logp + r.normal(0, 0.3, logp.shape)
     w, c = aggregation_weights(mask, mode, S)
-    model = _LogitsModel(logits)
+    model = logit_table(logits.astype(np.float32))   # the loss's gradient w.r.t. the logits
     cell = GRPOLoss(model, eps_low, eps_high, dual, beta, ratio=ratio_kind)
     args = [Tensor(x) for x in (ids, att, pos, tgt, mask)] + [Tensor(x.astype(np.float32)) for x in (w, c, old, ref)] \
         + [Tensor(adv)]
@@ -308,7 +296,7 @@ def test_grpo_loss_gradients_equal_float64_autodiff(mode, ratio_kind, eps_low, e
 
 
 @pytest.mark.parametrize("ratio_kind", ["token", "sequence"])
-def test_a_huge_log_ratio_gives_finite_gradients(ratio_kind):
+def test_a_huge_log_ratio_gives_finite_gradients(ratio_kind, logit_table):
     """Log-ratios of ±200 (a stale behaviour log-prob, a token the old policy all but excluded): exp would overflow
     to inf and inf·0 on a clipped token is NaN; the clamp to ±20 keeps loss and gradients finite."""
     from ms_llm.losses.grpo import GRPOLoss, aggregation_weights
@@ -319,7 +307,7 @@ def test_a_huge_log_ratio_gives_finite_gradients(ratio_kind):
     old[:, 1::3] = 200.0                                            # log-ratio ≈ −200
     ref = np.where(mask > 0, 150.0, 0.0)                            # k3's exponent ≈ +150
     w, c = aggregation_weights(mask, "token-mean", S)
-    model = _LogitsModel(logits)
+    model = logit_table(logits.astype(np.float32))   # the loss's gradient w.r.t. the logits
     cell = GRPOLoss(model, 0.2, 0.28, 3.0, 0.04, ratio=ratio_kind)
     args = [Tensor(x) for x in (ids, att, pos, tgt, mask)] + [Tensor(x.astype(np.float32)) for x in (w, c, old, ref)] \
         + [Tensor(adv)]
