@@ -3,11 +3,12 @@
 
     ms-llm launch CONFIG [k=v ...] --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr HOST]
                   [--master-port 8118] [--log-dir logs] [--cluster-timeout 600] [--bind-core] [--device ascend|cpu]
-                  [--dry-run]
+                  [--node-local-checkpoints] [--dry-run]
 
 Every flag is named; nothing is inferred from how many arguments there are. With --nnodes above 1, --node-rank
 and --master-addr are required; HCCL_IF_IP / HCCL_SOCKET_IFNAME pass from the caller's environment to the
-workers. One process on one device runs without msrun. `--dry-run` prints the environment it would set and the
+workers, and the workers check that every node sees the run directory (training/trainer.py) unless
+--node-local-checkpoints is given. One process on one device runs without msrun. `--dry-run` prints the environment it would set and the
 exact command. When the job fails, the last lines name each rank that died and its log file (from the workers'
 status files).
 """
@@ -86,9 +87,12 @@ def parse(argv):
     p.add_argument("--join", default="True", choices=["True", "False"], help="wait for the workers")
     p.add_argument("--cluster-timeout", type=int, default=600, help="seconds msrun waits for a lost worker")
     p.add_argument("--bind-core", action="store_true", help="pin workers to CPU cores")
+    p.add_argument("--node-local-checkpoints", action="store_true",
+                   help="with --nnodes > 1: the run directory is not on shared storage; skip the check that every "
+                        "node sees it (rank 0 still writes every checkpoint: copy them between nodes yourself)")
     p.add_argument("--device", choices=["ascend", "cpu"], help="default: the config's context.device_target")
     p.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)          # overrides may follow the flags too
     if a.nnodes > 1:
         missing = [flag for flag, v in (("--node-rank", a.node_rank), ("--master-addr", a.master_addr)) if v is None]
         if missing:
@@ -131,6 +135,10 @@ def main(argv) -> int:
     log_dir = os.path.abspath(a.log_dir)
     a.log_dir = log_dir
     env["MS_LLM_STATUS_DIR"] = log_dir
+    if a.nnodes > 1:
+        env["MS_LLM_NNODES"] = str(a.nnodes)          # the workers check the run directory is shared (trainer)
+        if a.node_local_checkpoints:
+            env["MS_LLM_NODE_LOCAL_CHECKPOINTS"] = "1"
     if world == 1:
         cmd = [sys.executable, "-m", "ms_llm.cli", "train", a.config, *overrides]
     else:
@@ -147,15 +155,16 @@ def main(argv) -> int:
     rc = subprocess.run(cmd, env={**os.environ, **{k: v for k, v in env.items() if not k.startswith("#")}},
                         preexec_fn=die_with_parent if sys.platform.startswith("linux") else None).returncode
     if rc != 0:
-        for line in failure_report(log_dir, world):
+        first = a.node_rank * a.nproc_per_node           # this node's workers (the others report on their nodes)
+        for line in failure_report(log_dir, range(first, first + a.nproc_per_node)):
             print(line, file=sys.stderr)
     return rc
 
 
-def failure_report(log_dir: str, world: int) -> list:
-    """One line per rank that did not complete, with its status and log file."""
+def failure_report(log_dir: str, ranks) -> list:
+    """One line per rank (of `ranks`, this node's) that did not complete, with its status and log file."""
     lines = []
-    for rank in range(world):
+    for rank in ranks:
         path = os.path.join(log_dir, f"rank_{rank}.status")
         log = os.path.join(log_dir, f"worker_{rank}.log")
         try:

@@ -273,3 +273,55 @@ def test_parallel_knobs_this_release_cannot_honour_are_refused(workdir, monkeypa
         assert code == 2 and "supported by the pretrain and cpt stages" in err, err[-500:]
     r = _cli(workdir, "bench", "layouts", "--layouts", "dp2,dp3")
     assert r.returncode == 2 and "--layouts: unknown ['dp3']" in r.stderr, r.stderr[-500:]
+
+
+def _two_nodes(node_dirs, port, *args):
+    """Node 0 and node 1 of one job, each `ms-llm launch --nnodes 2 --nproc-per-node 1` in its own directory,
+    started together on this machine (the job's two ranks talk over 127.0.0.1); returns each rank's status.
+    (Both msruns see 127.0.0.1 as one of their addresses, so both start a scheduler and the second one fails
+    to bind the port, which fails that msrun whatever its worker did: the workers' status files are the result.)"""
+    common = ["launch", "configs/tiny/pretrain.yaml", *COMMON, "train.micro_batch_size=2", "train.output_dir=runs/x",
+              "lr_schedule.warmup_steps=1", *args, "--nnodes", "2", "--nproc-per-node", "1", "--master-addr",
+              "127.0.0.1", "--master-port", str(port), "--cluster-timeout", "60"]
+    procs = [subprocess.Popen([sys.executable, "-m", "ms_llm.cli", *common, "--node-rank", str(n)], cwd=d,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for n, d in enumerate(node_dirs)]
+    for p in procs:
+        p.wait(timeout=600)
+    return [json.load(open(d / "logs" / f"rank_{n}.status"))["status"] for n, d in enumerate(node_dirs)]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_nodes_check_shared_storage_and_agree_on_the_resume_step(workdir, tmp_path):
+    """Two real msrun nodes on this machine, each with its own run directory (node-local disks): the job stops
+    on both ranks because rank 1 cannot see rank 0's marker; with --node-local-checkpoints it trains, and the
+    next run stops on both ranks naming each one's resume step; once node 1 has rank 0's checkpoint, it resumes."""
+    import shutil
+    a, b = tmp_path / "node0", tmp_path / "node1"
+    for d in (a, b):
+        d.mkdir()
+        (d / "data").symlink_to(workdir / "data")
+        (d / "configs").symlink_to(workdir / "configs")
+    for status in _two_nodes((a, b), 8161, "train.max_steps=2"):
+        assert status.startswith("failed:") and "rank(s) [1] of 2 on 2 nodes do not see the marker" in status, status
+    assert not [f for f in os.listdir(a / "runs" / "x") if f.startswith(".shared_storage")]   # rank 0 cleaned up
+    assert _two_nodes((a, b), 8162, "train.max_steps=2", "--node-local-checkpoints") == ["completed"] * 2
+    assert (a / "runs" / "x" / "checkpoints" / "step_000002").is_dir() and not (b / "runs" / "x" / "checkpoints").exists()
+    for status in _two_nodes((a, b), 8163, "train.max_steps=4", "--node-local-checkpoints"):
+        assert "would resume from different steps (rank 0 from step 2, rank 1 from step 0" in status, status
+    shutil.copytree(a / "runs" / "x" / "checkpoints", b / "runs" / "x" / "checkpoints")
+    assert _two_nodes((a, b), 8164, "train.max_steps=4", "--node-local-checkpoints") == ["completed"] * 2
+    steps = [json.loads(line)["step"] for line in open(a / "runs" / "x" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]        # steps 3 and 4 appended by the resumed run (truncated after step 2)
+    assert "resumed from" in (a / "logs" / "worker_0.log").read_text()
+    # rank 0 alone verifies the checkpoint; its verdict reaches rank 1, whose own copy is intact
+    shutil.rmtree(b / "runs" / "x" / "checkpoints")
+    shutil.copytree(a / "runs" / "x" / "checkpoints", b / "runs" / "x" / "checkpoints")
+    weights = a / "runs" / "x" / "checkpoints" / "step_000004" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    first, second = _two_nodes((a, b), 8165, "train.max_steps=6", "--node-local-checkpoints")
+    assert "model.safetensors" in first and "sha256" in first.lower(), first
+    assert "rank(s) [0] could not read the checkpoint to resume from" in second, second

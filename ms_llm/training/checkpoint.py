@@ -95,9 +95,12 @@ def _prune(root: str, keep: int, protect: str):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def find_resume(root: str):
-    """Newest complete checkpoint (verified), or None. Incomplete ones are skipped with a warning."""
-    if os.path.isdir(root):
+def find_resume(root: str, main: bool = True):
+    """Newest complete checkpoint, or None; incomplete ones are skipped with a warning. `main` (rank 0, or one
+    process) also verifies it and sweeps stale half-written directories; the other ranks of a job only look (on
+    shared storage another node's writer is not a process they can see, and one verification is enough: the
+    trainer shares its result)."""
+    if main and os.path.isdir(root):
         storage.sweep_stale(root)                  # half-written by a process that is gone: give the space back
         for d in os.listdir(root):
             if d.startswith(".tmp_"):
@@ -106,7 +109,8 @@ def find_resume(root: str):
         if not os.path.isfile(os.path.join(path, "MANIFEST.json")):
             log.warning("ignoring incomplete checkpoint %s (no MANIFEST.json)", path)
             continue
-        verify(path)
+        if main:
+            verify(path)
         return path
     return None
 

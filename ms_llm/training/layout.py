@@ -42,6 +42,17 @@ class Layout:
         group = self.tp or self.pp
         return self.world // group.size if group is not None else self.world
 
+    def world_sum(self, values) -> np.ndarray:
+        """Sum of a small host array over every rank of the job (float32; itself in one process): how ranks
+        agree on facts outside the train step (the resume step, what storage they see)."""
+        values = np.asarray(values, np.float32)
+        if self.world == 1:
+            return values
+        # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
+        import mindspore as ms
+        from mindspore import ops
+        return ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor(values)).asnumpy()
+
     def data_sum(self, values) -> np.ndarray:
         """Sum of a small host array over the data-parallel ranks (float32; itself in one process)."""
         values = np.asarray(values, np.float32)

@@ -7,6 +7,8 @@ Nothing here knows which objective a stage optimizes, or how many models it trai
 """
 import logging
 import os
+import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,6 +48,7 @@ def train(cfg: ExperimentConfig, stage: Stage, run_dir: str) -> TrainResult:
                      u.name, cfg.parallel.data_parallel, layout.rank, u.state_elements(), total,
                      4 * u.state_elements() / 2**20)
     root = os.path.join(run_dir, "checkpoints")
+    check_shared_storage(run_dir, layout)
     resumed, start, micro_index = _resume(cfg, root, stage, updaters)
     logger = RunLogger(run_dir, enabled=layout.rank == 0, tensorboard=cfg.log.tensorboard)
     logger.truncate_after(start)
@@ -135,17 +138,77 @@ def _save(cfg: ExperimentConfig, root: str, done: int, micro_index: int, stage: 
     ckpt.save_checkpoint(root, done, models, full, state, cfg.checkpoint.keep)
 
 
+def check_shared_storage(run_dir: str, layout):
+    """With several nodes (MS_LLM_NNODES, set by `ms-llm launch`), every rank must see the run directory rank 0
+    writes: rank 0 writes a marker there, every rank looks for it, and ranks that do not see it are named in
+    one error on every rank. `ms-llm launch --node-local-checkpoints` (MS_LLM_NODE_LOCAL_CHECKPOINTS=1) skips
+    the check for users who copy checkpoints between nodes themselves; the resume-step agreement still holds."""
+    nnodes = int(os.environ.get("MS_LLM_NNODES", "1"))
+    if layout.world == 1 or nnodes == 1 or os.environ.get("MS_LLM_NODE_LOCAL_CHECKPOINTS") == "1":
+        return
+    token = np.zeros(layout.world, np.float32)
+    if layout.main:
+        token[0] = secrets.randbelow(2 ** 24)              # exact in float32
+        os.makedirs(run_dir, exist_ok=True)
+        marker = os.path.join(run_dir, f".shared_storage_{int(token[0])}")
+        with open(marker, "w") as f:
+            f.write(f"written by rank 0 of a {layout.world}-rank job on {socket.gethostname()}\n")
+    token = int(layout.world_sum(token)[0])                    # also the barrier: the marker exists from here on
+    marker = os.path.join(run_dir, f".shared_storage_{token}")
+    seen = np.zeros(layout.world, np.float32)
+    seen[layout.rank] = os.path.isfile(marker)
+    seen = layout.world_sum(seen)
+    if layout.main:
+        os.remove(marker)
+    blind = [r for r in range(layout.world) if not seen[r]]
+    if blind:
+        raise MsLlmError(f"{os.path.abspath(run_dir)}: rank(s) {blind} of {layout.world} on {nnodes} nodes do not "
+                         f"see the marker rank 0 wrote there. Rank 0 writes checkpoints and exports: put "
+                         f"train.output_dir on storage every node sees, or pass --node-local-checkpoints to ms-llm "
+                         f"launch and copy checkpoints between nodes yourself")
+
+
+def _agreed_resume_path(cfg: ExperimentConfig, root: str, layout):
+    """The checkpoint every rank resumes from (None: a fresh start), agreed by a collective: rank 0 verifies
+    it and shares the result, and ranks that would resume from different steps (node-local run directories,
+    a checkpoint some node cannot see) stop with one error naming each rank's step."""
+    how = cfg.checkpoint.resume
+    path, step, failure = None, 0, None
+    try:
+        path = ckpt.find_resume(root, main=layout.main) if how == "auto" else how
+        if path and how != "auto" and layout.main:
+            ckpt.verify(path)
+        if path:
+            step = int(ckpt.read_trainer_state(path)["step"])
+    except MsLlmError as e:
+        failure = e
+    if layout.world > 1:
+        mine = np.zeros(2 * layout.world, np.float32)
+        mine[layout.rank], mine[layout.world + layout.rank] = step, failure is not None
+        agreed = layout.world_sum(mine)
+        steps, failed = agreed[:layout.world].astype(int), agreed[layout.world:] > 0
+        if failure is None and failed.any():
+            bad = [r for r in range(layout.world) if failed[r]]
+            raise MsLlmError(f"rank(s) {bad} could not read the checkpoint to resume from (their logs name it); "
+                             f"this rank would have resumed from {path or 'nothing'}")
+        if failure is None and len(set(steps.tolist())) > 1:
+            where = ", ".join(f"rank {r} from step {s}" for r, s in enumerate(steps.tolist()))
+            raise MsLlmError(f"the ranks would resume from different steps ({where}; 0: no checkpoint in {root}). "
+                             "Rank 0 writes the checkpoints: every rank must see the same run directory (shared "
+                             "storage across nodes), or copy rank 0's checkpoint to every node")
+    if failure is not None:
+        raise failure
+    return path
+
+
 def _resume(cfg: ExperimentConfig, root: str, stage: Stage, updaters):
     """Restore weights, every updater's state, the stage state and data position; returns (path, step,
     micro_index)."""
-    how = cfg.checkpoint.resume
-    if how == "none":
+    if cfg.checkpoint.resume == "none":
         return None, 0, 0
-    path = ckpt.find_resume(root) if how == "auto" else how
+    path = _agreed_resume_path(cfg, root, stage.layout)
     if not path:
         return None, 0, 0
-    if how != "auto":
-        ckpt.verify(path)
     ts = ckpt.read_trainer_state(path)
     saved = ts.get("updaters", ["model"])
     if saved != [u.name for u in updaters]:
