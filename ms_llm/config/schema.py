@@ -267,7 +267,9 @@ class DistillOnPolicySection:
 class FrozenModelSection:
     path: Optional[str] = opt(None, "Model directory (Hugging Face layout or an ms_llm run)")
     sha256: Optional[str] = opt(None, "Expected model_sha256 of its MANIFEST.json (any other model is refused)")
-    dtype: str = opt("float32", "Compute dtype of its matmuls", ["float32", "float16", "bfloat16"])
+    dtype: str = opt("auto", "dtype its weights are held and its matmuls computed in (models/frozen.py): auto = "
+                             "bfloat16 on Ascend (half the memory of float32), float32 on CPU (where bfloat16 does "
+                             "not compute; float16 on request)", ["auto", "float32", "float16", "bfloat16"])
     tokenizer: Optional[str] = opt(None, "Its tokenizer (default: the model directory's)")
     policy_without_adapter: bool = opt(False, "Instead of a path: the stage's own LoRA policy with its adapter "
                                               "disabled (one base model in memory; RLHF reference models)")

@@ -267,7 +267,7 @@ class DistillLoss(nn.Cell):
         self.cached = teacher is None
         can_fuse = (chunked and teacher is not None and vocab_map is None
                     and getattr(student, "loss_backend", "reference") == "cpu"
-                    and (student.tied or student.lm_head.plain)
+                    and (student.tied or student.lm_head.plain) and teacher.compute_dtype == ms.float32
                     and lm_head_weight(teacher).shape[0] == lm_head_weight(student).shape[0])
         if fused and not can_fuse:
             raise ValueError("the fused distillation kernel needs an online teacher with the student's vocabulary "

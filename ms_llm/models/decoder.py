@@ -60,7 +60,8 @@ class Embedding(nn.Cell):
         self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32), name="weight")
 
     def construct(self, input_ids):
-        return ops.gather(self.weight, input_ids, 0)
+        x = ops.gather(self.weight, input_ids, 0)
+        return x if self.weight.dtype == ms.float32 else x.astype(ms.float32)     # (a frozen half-precision table)
 
 
 class RMSNorm(nn.Cell):
@@ -70,7 +71,8 @@ class RMSNorm(nn.Cell):
         self.eps, self.backend = eps, B.choose("rms_norm")
 
     def construct(self, x):
-        return F.rms_norm(x, self.weight, self.eps, self.backend)
+        w = self.weight if self.weight.dtype == ms.float32 else self.weight.astype(ms.float32)
+        return F.rms_norm(x, w, self.eps, self.backend)
 
 
 class Attention(nn.Cell):

@@ -15,6 +15,8 @@ switched to (CausalLM.frozen), so a loss cell's set_train(True) never puts a tea
 """
 from dataclasses import dataclass
 
+import mindspore as ms
+
 from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
 from ms_llm.manifest import model_identity
@@ -39,6 +41,18 @@ def freeze(model):
     return model
 
 
+def frozen_dtype(dtype: str, key: str = "frozen model") -> str:
+    """The dtype a frozen model's weights are held and computed in: `auto` is bfloat16 on Ascend and float32 on
+    CPU; bfloat16 is refused on CPU, where MindSpore's matmul does not take it (float16 does)."""
+    device = "ascend" if ms.get_context("device_target") == "Ascend" else "cpu"
+    if dtype == "auto":
+        return "bfloat16" if device == "ascend" else "float32"
+    if dtype == "bfloat16" and device == "cpu":
+        raise MsLlmError(f"{key}.dtype: bfloat16 does not compute on CPU (MindSpore's CPU matmul has no bfloat16 "
+                         "kernel); use float16 or float32")
+    return dtype
+
+
 def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_tokenizer=None) -> FrozenModel:
     """Load the model a FrozenModelSection names (`key` is its config key, for messages), refusing one whose
     manifest hash differs from `section.sha256` when that is set. `policy` (a LoRA CausalLM), its base model
@@ -55,7 +69,8 @@ def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_t
             raise MsLlmError(f"{key}: {e}".replace("model.init_sha256", f"{key}.sha256")) from None
     else:
         sha = model_identity(model_dir)
-    model = freeze(load_pretrained(model_dir, dtype=section.dtype))
+    dtype = frozen_dtype(section.dtype, key)
+    model = freeze(load_pretrained(model_dir, dtype=dtype, param_dtype=dtype))
     return FrozenModel(model, Tokenizer.load(section.tokenizer or model_dir), sha, model_dir)
 
 

@@ -14,12 +14,13 @@ import os
 
 import mindspore as ms
 import numpy as np
+from mindspore import Parameter
 
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
 from ms_llm.manifest import verify
 from ms_llm.models.config import ModelConfig
-from ms_llm.models.decoder import CausalLM
+from ms_llm.models.decoder import DTYPES, CausalLM
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 from ms_llm.models.tensor_parallel import shard_state
 
@@ -165,19 +166,40 @@ def load_weights(model, model_dir: str, strict: bool = True) -> dict:
     return load_state_dict(model, tensors, strict=strict, source=model_dir)
 
 
-def load_pretrained(path, dtype: str = "float32", strict: bool = True) -> CausalLM:
+def load_pretrained(path, dtype: str = "float32", strict: bool = True, param_dtype: str = "float32") -> CausalLM:
     """Build a CausalLM from a Hugging Face or ms_llm directory.
 
     Args:
         path: model dir, checkpoint dir or run dir (see module docstring).
-        dtype: compute dtype of the matmuls (float32, float16, bfloat16); parameters stay float32.
+        dtype: compute dtype of the matmuls (float32, float16, bfloat16).
         strict: fail on any missing, unexpected or mis-shaped key.
+        param_dtype: dtype the parameters are held in (float32 unless the model is frozen: `to_param_dtype`).
     """
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir).replace(compute_dtype=dtype)
     model = CausalLM(cfg)
     load_weights(model, model_dir, strict)
+    if param_dtype != "float32":
+        to_param_dtype(model, param_dtype)
     model.set_train(False)
+    return model
+
+
+def to_param_dtype(model, dtype: str):
+    """Hold every parameter of `model` in `dtype` (float16 or bfloat16): half the memory of a frozen model.
+
+    Each Parameter is replaced, in the cell that owns it, by one of the same name holding its values rounded to
+    `dtype` (a Parameter keeps the dtype it was made with). Call it before the model runs, so the device never
+    holds the float32 copies. The matmuls then read the weights as they are when the compute dtype is `dtype`;
+    embeddings and norms read them into float32 (models/decoder.py). Not for trained weights: an optimizer
+    needs float32 masters."""
+    want = DTYPES[dtype]
+    for _, cell in model.cells_and_names():
+        for key, p in list(cell._params.items()):
+            if p is None or p.dtype == want:
+                continue
+            replaced = Parameter(ms.Tensor(p.asnumpy(), want), name=p.name, requires_grad=p.requires_grad)
+            setattr(cell, key, replaced)
     return model
 
 

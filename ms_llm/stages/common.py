@@ -86,15 +86,17 @@ def policy_dtype(cfg: ExperimentConfig) -> str:
 
 def reference_section(cfg: ExperimentConfig, section):
     """The frozen reference of an RL stage (`section`: cfg.dpo or cfg.ppo) as configured; empty: model.init_from
-    frozen at the policy's compute dtype (so the policy and its reference agree at the start), or with LoRA the
-    policy itself with its adapter disabled."""
+    frozen in `reference.dtype` — with `auto`, the policy's half compute dtype when it has one (its matmuls then
+    read the same rounded weights as the policy's), else models/frozen.py's auto — or with LoRA the policy itself
+    with its adapter disabled."""
     ref = section.reference
     if ref.path or ref.policy_without_adapter:
         return ref
     if section.lora.enabled:
         return FrozenModelSection(policy_without_adapter=True, sha256=ref.sha256)
+    dtype = ref.dtype if ref.dtype != "auto" or policy_dtype(cfg) == "float32" else policy_dtype(cfg)
     return FrozenModelSection(path=cfg.model.init_from, sha256=ref.sha256 or cfg.model.init_sha256,
-                              dtype=policy_dtype(cfg), tokenizer=ref.tokenizer)
+                              dtype=dtype, tokenizer=ref.tokenizer)
 
 
 def trained_model(cfg: ExperimentConfig, run_dir: str, model, lora_enabled: bool):

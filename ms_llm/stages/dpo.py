@@ -44,7 +44,7 @@ from ms_llm.losses.dpo import (REFERENCE_FREE, KTOLossAtZ, PreferenceLoss, impli
 from ms_llm.manifest import verify, write_manifest
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
-from ms_llm.models.frozen import load_frozen
+from ms_llm.models.frozen import frozen_dtype, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.reward import load_reward_model
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
@@ -134,7 +134,7 @@ def reference_identity(cfg: ExperimentConfig, section: FrozenModelSection) -> st
     """What the cached log-probs depend on besides the data: the reference's weights and compute dtype."""
     if section.policy_without_adapter:
         return f"{weights_identity(resolve_model_dir(cfg.model.init_from))}:{policy_dtype(cfg)}"
-    return f"{weights_identity(resolve_model_dir(section.path))}:{section.dtype}"
+    return f"{weights_identity(resolve_model_dir(section.path))}:{frozen_dtype(section.dtype, 'dpo.reference')}"
 
 
 def load_reference(cfg: ExperimentConfig, section: FrozenModelSection, policy, tokenizer):
