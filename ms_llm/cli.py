@@ -25,6 +25,7 @@ from ms_llm.launch import main as launch_main
 from ms_llm.manifest import write_manifest
 from ms_llm.pipeline import load_pipeline, read_state, run_pipeline
 from ms_llm.pipeline_report import write_pipeline_report, write_technical_report
+from ms_llm.plan import main as plan_main
 from ms_llm.stages import run_stage
 from ms_llm.training.metrics import plot_metrics
 
@@ -341,6 +342,10 @@ def cmd_eval(argv):
     eval_main(argv)
 
 
+def cmd_plan(argv):
+    return plan_main(argv)
+
+
 def cmd_launch(argv):
     rc = launch_main(argv)
     if rc:
@@ -410,6 +415,7 @@ COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
     "train": (cmd_train, f"run the stage a YAML config describes ({', '.join(STAGE_NAMES)})"),
     "pipeline": (cmd_pipeline, "run a chain of stages (distill -> cpt -> sft -> reward -> ppo) with gates and resume"),
     "launch": (cmd_launch, "start a config on several workers with msrun (CPU or Ascend), or print the command"),
+    "plan": (cmd_plan, "memory per rank of a config, by component, against the device's budget"),
     "eval": (cmd_eval, "evaluate a model: humaneval, mc, ppl, em, rm (reward model)"),
     "generate": (cmd_generate, "print a model's completion of a prompt"),
     "data": (cmd_data, "make the synthetic datasets, or index domain-tagged token shards"),

@@ -3,13 +3,14 @@
 
     ms-llm launch CONFIG [k=v ...] --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr HOST]
                   [--master-port 8118] [--log-dir logs] [--cluster-timeout 600] [--bind-core] [--device ascend|cpu]
-                  [--node-local-checkpoints] [--dry-run]
+                  [--node-local-checkpoints] [--force] [--dry-run]
 
 Every flag is named; nothing is inferred from how many arguments there are. With --nnodes above 1, --node-rank
 and --master-addr are required; HCCL_IF_IP / HCCL_SOCKET_IFNAME pass from the caller's environment to the
 workers, and the workers check that every node sees the run directory (training/trainer.py) unless
 --node-local-checkpoints is given. One process on one device runs without msrun. `--dry-run` prints the environment it would set and the
-exact command. When the job fails, the last lines name each rank that died and its log file (from the workers'
+exact command. The memory plan (ms_llm/plan.py) runs first: a config it says does not fit is refused (exit 2,
+with the plan's table) unless --force. When the job fails, the last lines name each rank that died and its log file (from the workers'
 status files).
 """
 import argparse
@@ -28,6 +29,7 @@ from ms_llm import storage
 from ms_llm.ascend import check_ascend, find_cann
 from ms_llm.config import load_config
 from ms_llm.errors import MsLlmError
+from ms_llm.plan import plan, table
 from ms_llm.stages import run_stage
 
 
@@ -92,6 +94,7 @@ def parse(argv):
                         "node sees it (rank 0 still writes every checkpoint: copy them between nodes yourself)")
     p.add_argument("--device", choices=["ascend", "cpu"], help="default: the config's context.device_target")
     p.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
+    p.add_argument("--force", action="store_true", help="start even when `ms-llm plan` says the config does not fit")
     a = p.parse_intermixed_args(argv)          # overrides may follow the flags too
     if a.nnodes > 1:
         missing = [flag for flag, v in (("--node-rank", a.node_rank), ("--master-addr", a.master_addr)) if v is None]
@@ -126,6 +129,12 @@ def main(argv) -> int:
     overrides.append(f"parallel.data_parallel={world // (tp * pp)}")
     cfg = load_config(a.config, overrides)
     a.overrides = overrides
+    memory = plan(cfg, a.nproc_per_node, a.nnodes)
+    if not memory["fits"]:
+        message = f"{a.config}: the memory plan does not fit (ms-llm plan):\n{table(memory)}"
+        if not a.force:
+            raise MsLlmError(message + "\n(--force starts it anyway)")
+        print(message, file=sys.stderr)
     env = {}
     if cfg.context.device_target == "ascend":
         if a.dry_run and find_cann() is None:

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Benchmarks behind `ms-llm bench <name>`: each prints its figures, measured side by side in one run."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -31,6 +32,47 @@ def _status_kb(pid: int) -> dict:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(row.split()[1])
     return out
+
+
+def _children(pid: int) -> list:
+    """Direct children of a live process (/proc/<pid>/task/*/children)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def process_tree_peaks(cmd, env=None, cwd=None, every: float = 0.02) -> tuple:
+    """Run `cmd` and sample, from outside, the kernel's resident-set high-water mark (VmHWM in
+    /proc/<pid>/status) of it and every process it starts, every `every` seconds until it exits.
+    Returns (exit status, {pid: {"cmd": command line, "role": its MS_ROLE (msrun's MS_WORKER / MS_SCHED, or
+    ""), "peak_mb": the last VmHWM read}}, stderr's tail).
+    A process's VmHWM only rises, so the last read is its peak up to within one sampling interval of its end."""
+    child = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = []
+    threading.Thread(target=lambda: err.append(child.stderr.read()), daemon=True).start()
+    seen = {}
+    while child.poll() is None:
+        todo = [child.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                kb = _status_kb(pid).get("VmHWM")
+                if pid not in seen or not seen[pid]["role"]:      # (re-read: a forked child may not have exec'd yet)
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        penv = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+                    seen[pid] = {"cmd": cmdline, "role": penv.get(b"MS_ROLE", b"").decode(),
+                                 "peak_mb": seen.get(pid, {}).get("peak_mb", 0.0)}
+                if kb:
+                    seen[pid]["peak_mb"] = max(seen[pid]["peak_mb"], kb / 1024)
+                todo += _children(pid)
+            except (OSError, ValueError):        # the process ended between two reads
+                continue
+        time.sleep(every)
+    return child.wait(), seen, "".join(err)[-3000:]
 
 
 def run_worker_sampled(bench: str, worker: str, args, keys) -> dict:

@@ -600,6 +600,16 @@ class MupSection:
 
 
 @dataclass
+class PlanSection:
+    shapes: dict = opt(dict, "Model shapes `ms-llm plan` uses when a model's directory is not on this machine (planning "
+                             "before the weights are there): {config key: preset}, e.g. {model: qwen2.5-7b, "
+                             "ppo.reward_model: qwen2.5-0.5b, distill.teacher: qwen2.5-72b}")
+    nproc_per_node: int = opt(1, "Ranks per node the config is meant for (ms-llm plan's default --nproc-per-node)",
+                              range="[1, inf)")
+    nnodes: int = opt(1, "Nodes the config is meant for (ms-llm plan's default --nnodes)", range="[1, inf)")
+
+
+@dataclass
 class ExperimentConfig:
     stage: str = opt("pretrain", "Which stage runs (what each supports: config/validate.py STAGE_RULES)",
                      list(STAGE_NAMES))
@@ -622,6 +632,7 @@ class ExperimentConfig:
     ppo: PPOSection = opt(PPOSection, "PPO-RLHF stage (policy, reference, value and reward models)")
     grpo: GRPOSection = opt(GRPOSection, "GRPO-family stage (GRPO, Dr. GRPO, DAPO, GSPO) with verifiable rewards")
     mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
+    plan: PlanSection = opt(PlanSection, "Memory planning (`ms-llm plan`, ms_llm/plan.py)")
 
     @property
     def global_batch(self) -> int:
