@@ -15,7 +15,7 @@ DEVICES = {"cpu": "CPU", "ascend": "Ascend"}
 
 
 def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kernels="auto",
-                  loss_chunk_tokens: int = 1024):
+                  loss_chunk_tokens: int = 1024, lazy_inline: str = "auto"):
     """Set execution mode ('graph' or 'pynative'), device ('cpu' or 'ascend'), every RNG seed, and which
     implementation the model's primitives use from now on (`context.kernels` and `context.loss_chunk_tokens`,
     ms_llm/ops/backend.py)."""
@@ -32,12 +32,13 @@ def setup_context(mode: str = "graph", device: str = "cpu", seed: int = 0, kerne
     random.seed(seed)
     backend.configure(kernels)
     backend.set_loss_chunk_tokens(loss_chunk_tokens)
+    backend.set_lazy_inline(lazy_inline)
 
 
 def setup_for(cfg):
     """setup_context with everything a config's `context` section and `train.seed` say."""
     c = cfg.context
-    setup_context(c.mode, c.device_target, cfg.train.seed, c.kernels, c.loss_chunk_tokens)
+    setup_context(c.mode, c.device_target, cfg.train.seed, c.kernels, c.loss_chunk_tokens, c.lazy_inline)
     apply_runtime_settings(c)
 
 
@@ -51,11 +52,13 @@ def _needs(fn, names, key: str):
 
 
 def apply_runtime_settings(c):
-    """Hand `context.max_device_memory`, `memory_optimize_level` and `jit_level` to MindSpore. Each keyword is
+    """Hand `context.max_device_memory`, `memory_optimize_level` and `jit_level` to MindSpore (and check the
+    `mindspore.lazy_inline` that `context.lazy_inline` uses, models/decoder.py). Each keyword is
     checked against the installed MindSpore's signature on every device (so a CPU run catches an API change
     before a node is rented); the memory pool settings apply on Ascend only."""
     _needs(ms.runtime.set_memory, ("max_size", "optimize_level"), "max_device_memory")
     _needs(ms.JitConfig.__init__, ("jit_level",), "jit_level")
+    _needs(ms.lazy_inline, ("fn", "attrs", "policy"), "lazy_inline")
     if c.device_target == "ascend":
         ms.runtime.set_memory(max_size=c.max_device_memory, optimize_level=c.memory_optimize_level)
     if c.jit_level != "default":

@@ -149,6 +149,9 @@ class ContextSection:
     memory_optimize_level: str = opt("O0", "MindSpore's memory optimisation level (ms.runtime.set_memory "
                                            "optimize_level): O1 reuses memory more aggressively; Ascend only",
                                      ["O0", "O1"])
+    lazy_inline: str = opt("auto", "Compile each decoder layer once and call it per layer (mindspore.lazy_inline), "
+                                   "instead of unrolling every layer into one graph: auto = on Ascend (MindFormers' "
+                                   "setting), off on CPU, whose backend cannot compile it", ["auto", "always", "never"])
     jit_level: str = opt("default", "GRAPH_MODE compile level (jit_config jit_level): O0 kernel by kernel, O1 with "
                                     "graph fusion, O2 whole-graph sinking (Ascend only); default: MindSpore's choice "
                                     "for the device", ["default", "O0", "O1", "O2"])

@@ -235,6 +235,10 @@ def _check_context(ctx, where: str):
     if ctx.jit_level == "O2" and ctx.device_target != "ascend":
         raise MsLlmError(f"{where}: context.jit_level O2 (whole-graph sinking) runs on Ascend only; use O0 or O1 "
                          f"on {ctx.device_target}")
+    if ctx.lazy_inline == "always" and ctx.device_target != "ascend":
+        raise MsLlmError(f"{where}: context.lazy_inline always: MindSpore 2.7's CPU backend cannot compile a "
+                         "lazy-inlined decoder layer inside the train step (its segment runner rejects the layer's "
+                         "sub-graph call); use auto (Ascend only) or never")
 
 
 def _check_model_split(cfg: ExperimentConfig, where: str, key: str, size: int):

@@ -184,6 +184,15 @@ class DecoderLayer(nn.Cell):
         return x, k, v
 
 
+class LazyDecoderLayer(DecoderLayer):
+    """A DecoderLayer compiled once and called per layer (`context.lazy_inline`, on by default on Ascend), as
+    MindFormers builds its layers: 28 layers then compile as one sub-graph, not 28 unrolled copies."""
+
+    @ms.lazy_inline
+    def __init__(self, cfg: ModelConfig, tp=None):
+        super().__init__(cfg, tp)
+
+
 class DecoderModel(nn.Cell):
     """Embeddings, the layer stack and the final norm (Hugging Face's `model.` prefix)."""
 
@@ -193,7 +202,8 @@ class DecoderModel(nn.Cell):
         layer_cfg = cfg
         if tp is not None:
             layer_cfg = local_config(cfg, tp.size)
-        self.layers = nn.CellList([DecoderLayer(layer_cfg, tp) for _ in range(cfg.num_hidden_layers)])
+        layer = LazyDecoderLayer if B.lazy_inline() else DecoderLayer
+        self.layers = nn.CellList([layer(layer_cfg, tp) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

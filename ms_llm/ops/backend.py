@@ -20,7 +20,7 @@ OPS = table.PRIMITIVE_NAMES
 BACKENDS = ("reference", "cpu", "ascend")
 ASCEND_OPS = table.ASCEND_FUSED
 
-_settings = {"default": "auto", "ops": {}, "loss_chunk_tokens": 1024}
+_settings = {"default": "auto", "ops": {}, "loss_chunk_tokens": 1024, "lazy_inline": False}
 _warned = []
 
 
@@ -50,6 +50,15 @@ def set_loss_chunk_tokens(n: int):
 
 def loss_chunk_tokens() -> int:
     return _settings["loss_chunk_tokens"]
+
+
+def set_lazy_inline(setting: str = "auto"):
+    """Whether decoder layers built from now on are lazy-inlined (`context.lazy_inline`; auto: on Ascend)."""
+    _settings["lazy_inline"] = setting == "always" or (setting == "auto" and device() == "ascend")
+
+
+def lazy_inline() -> bool:
+    return _settings["lazy_inline"]
 
 
 def device() -> str:

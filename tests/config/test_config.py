@@ -185,3 +185,35 @@ def test_stage_rules_come_from_the_table(tmp_path):
         load_config(path, ["stage=reward", "mup.enabled=true", "data.sources[0].format=preference"])
     with pytest.raises(MsLlmError, match=r"distill.generate.rules names unknown rules \['spelling'\]"):
         load_config(path, ["stage=distill", "distill.teacher.path=t", "distill.generate.rules=[repetition, spelling]"])
+
+
+def test_lazy_inline_layers_are_the_same_layers(tmp_path):
+    """context.lazy_inline: refused on CPU when forced (MindSpore's CPU backend cannot compile it in the train
+    step); auto is off on CPU; a model built with it on (as on Ascend) has LazyDecoderLayer layers with the same
+    parameter names, and in PyNative the same logits as the plain model with the same weights."""
+    import mindspore as ms
+    import numpy as np
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.models.decoder import LazyDecoderLayer
+    from ms_llm.ops import backend as B
+    path = _write(tmp_path, BASE)
+    assert load_config(path).context.lazy_inline == "auto"
+    with pytest.raises(MsLlmError, match="context.lazy_inline always: MindSpore 2.7's CPU backend cannot compile"):
+        load_config(path, ["context.lazy_inline=always"])
+    saved = dict(B._settings)
+    try:
+        B.set_lazy_inline("auto")
+        assert not B.lazy_inline()                                  # auto: off on CPU
+        plain = CausalLM(preset("tiny"))
+        B.set_lazy_inline("always")
+        lazy = CausalLM(preset("tiny"))
+    finally:
+        B._settings.clear()
+        B._settings.update(saved)
+    assert all(isinstance(layer, LazyDecoderLayer) for layer in lazy.model.layers)
+    names = [n for n, _ in plain.parameters_and_names()]
+    assert names == [n for n, _ in lazy.parameters_and_names()]
+    for (_, a), (_, b) in zip(plain.parameters_and_names(), lazy.parameters_and_names()):
+        b.set_data(a.value())
+    ids = ms.Tensor(np.random.RandomState(0).randint(0, 512, (2, 9)).astype(np.int32))
+    np.testing.assert_array_equal(plain(ids).asnumpy(), lazy(ids).asnumpy())
