@@ -211,10 +211,10 @@ def components(cfg, ranks: int, device: str) -> list:
         out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens))
         if stage == "ppo":
             rm = model_shape(cfg, "ppo.reward_model", p.reward_model)
-            out.append(_frozen("reward model", rm, "float32", device))
+            out.append(_frozen("reward model", rm, p.reward_dtype, device))
             if p.safety.weight > 0 and p.safety.classifier:
                 out.append(_frozen("safety classifier", model_shape(cfg, "ppo.safety.classifier", p.safety.classifier),
-                                   "float32", device))
+                                   p.reward_dtype, device))
             value = rm if p.value_init == "reward" else policy
             out += _trained(cfg, value, "value model", None, dp, split)
             out += _activations(cfg, value, "value model", t.micro_batch_size, seq, device, split, None)

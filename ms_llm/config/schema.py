@@ -452,6 +452,9 @@ class AuditSection:
 class PPOSection:
     reward_model: Optional[str] = opt(None, "The reward model (an exported reward run)")
     reward_sha256: Optional[str] = opt(None, "Expected model_sha256 of the reward model's MANIFEST.json")
+    reward_dtype: str = opt("auto", "dtype the frozen reward model (and safety classifier) is held and computed in, as "
+                                    "a FrozenModelSection's dtype: auto = bfloat16 on Ascend, float32 on CPU",
+                            ["auto", "float32", "float16", "bfloat16"])
     reference: FrozenModelSection = opt(FrozenModelSection, "The frozen reference; empty: a frozen copy of "
                                         "model.init_from, or with LoRA the policy with its adapter disabled")
     value_init: str = opt("reward", "The value model starts as the reward model (backbone and head) or as the "
@@ -574,6 +577,9 @@ class GRPOSection:
     answer_style: str = opt("auto", "exact_match answer extraction (eval/generative.py:extract_answer)",
                             ["auto", "number", "text"])
     reward_model: Optional[str] = opt(None, "Reward model for the reward_model reward (an exported reward run)")
+    reward_dtype: str = opt("auto", "dtype the frozen reward model (and safety classifier) is held and computed in, as "
+                                    "a FrozenModelSection's dtype: auto = bfloat16 on Ascend, float32 on CPU",
+                            ["auto", "float32", "float16", "bfloat16"])
     reward_sha256: Optional[str] = opt(None, "Expected model_sha256 of grpo.reward_model's manifest (set by the "
                                               "pipeline's hand-off); a mismatch refuses to start")
     code_timeout: float = opt(3.0, "Seconds per sandboxed code check", range="(0, inf)")

@@ -174,13 +174,14 @@ class RewardScorer:
         return Rewards(raw, self.a * raw + self.b)
 
 
-def load_reward_model(path: str, verify: bool = True) -> RewardScorer:
+def load_reward_model(path: str, verify: bool = True, dtype: str = "float32") -> RewardScorer:
     """An exported reward model (a `final/` directory or its run directory); with `verify`, every file is
-    checked against MANIFEST.json first."""
+    checked against MANIFEST.json first. `dtype`: the backbone's weights and matmuls (float16/bfloat16 for a
+    frozen scorer: models/io.to_param_dtype); the head stays float32."""
     folder = resolve_model_dir(path)
     cfg = read_head_config(folder)
     if verify and os.path.isfile(os.path.join(folder, "MANIFEST.json")):
         verify_manifest(folder)
-    rm = RewardModel(load_pretrained(folder), cfg["head_hidden"], cfg["activation"])
+    rm = RewardModel(load_pretrained(folder, dtype=dtype, param_dtype=dtype), cfg["head_hidden"], cfg["activation"])
     rm.load_head(read_safetensors(os.path.join(folder, HEAD_FILE)), os.path.join(folder, HEAD_FILE))
     return RewardScorer(rm, Tokenizer.load(folder), cfg.get("chat_template") or "chatml", cfg["calibration"], folder)

@@ -260,7 +260,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         require_isolation()
     reward_model = None
     if g.reward_model:
-        reward_model = load_reward(g.reward_model, g.reward_sha256, tokenizer, "grpo.reward_model")
+        reward_model = load_reward(g.reward_model, g.reward_sha256, tokenizer, "grpo.reward_model", g.reward_dtype)
         freeze(reward_model.rm)
     rewards = VerifiableRewards(g.rewards, g.answer_style, g.code_timeout, isolation, reward_model)
     policy = build_model(cfg)

@@ -38,7 +38,7 @@ from ms_llm.generation import generate
 from ms_llm.losses.policy import (PolicyLoss, TokenLogps, ValueLoss, explained_variance, gae, kl_estimate,
                                   token_rewards, whiten)
 from ms_llm.models.build import build_model
-from ms_llm.models.frozen import freeze, load_frozen
+from ms_llm.models.frozen import freeze, frozen_dtype, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.reward import load_reward_model
 from ms_llm.models.value import value_from_policy, value_from_reward
@@ -83,7 +83,7 @@ def build_safety(cfg: ExperimentConfig, tokenizer):
     phrases = SensitivePhrases(s.word_list, s.saturation) if s.word_list else None
     classifier = None
     if s.classifier:
-        classifier = load_reward_model(s.classifier)
+        classifier = load_reward_model(s.classifier, dtype=frozen_dtype(cfg.ppo.reward_dtype, "ppo.reward"))
         if not same_tokenizer(classifier.tokenizer, tokenizer):
             raise MsLlmError(f"ppo.safety.classifier: {s.classifier} has another tokenizer than the policy")
     if phrases is None and classifier is None:
@@ -331,7 +331,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
             fmt = "preference" if b'"chosen"' in f.readline() else "prompts"
         eval_prompts = read_prompts([(p.eval_data, fmt)], tokenizer, template, p.max_prompt_len)[0]
         eval_prompts = eval_prompts[:p.eval_limit] if p.eval_limit else eval_prompts
-    reward_model = load_reward(cfg.ppo.reward_model, cfg.ppo.reward_sha256, tokenizer, "ppo.reward_model")
+    reward_model = load_reward(cfg.ppo.reward_model, cfg.ppo.reward_sha256, tokenizer, "ppo.reward_model",
+                               cfg.ppo.reward_dtype)
     safety = build_safety(cfg, tokenizer) if p.safety.weight > 0 else None
     policy = build_model(cfg)
     if p.lora.enabled:
