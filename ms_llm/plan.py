@@ -12,7 +12,8 @@ The plan counts what this release's code holds, component by component, with the
   which then also all-reduces full-size float32 updates (training/optim.py);
 - activations: `ACTIVATION_VALUES` values of the compute dtype per token, per layer and per unit of
   hidden_size + intermediate_size — with fused kernels (CPU kernels, Ascend's fused ops) or the composed
-  reference ops, each fitted on one CPU measurement (docs/launch.md) — or with `parallel.recompute` one
+  reference ops, `LORA_ACTIVATION_VALUES` more when LoRA layers train, each fitted on one CPU measurement
+  (docs/benchmarks.md) — or with `parallel.recompute` one
   float32 hidden state per token and layer plus one layer's worth; attention scores [B, heads, S, S] float32
   when the attention is not flash (the reference ops);
 - logits workspace: the log-prob readout (models/readout.py): 256 rows of the vocabulary on the CPU kernel,
@@ -47,6 +48,7 @@ BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # values kept per token, layer and unit of (hidden + intermediate) for the backward pass: with fused kernels
 # (the CPU kernels, Ascend's fused ops) and with MindSpore's composed reference ops; fitted on CPU (docs/launch.md)
 ACTIVATION_VALUES = {"fused": 10, "reference": 43}
+LORA_ACTIVATION_VALUES = 7      # what LoRA layers keep besides (their branches' inputs and outputs), fitted on CPU
 LOGIT_COPIES = {"lm": 4, "policy": 6}
 RUNTIME = {"cpu": 560 * MB, "910b": 3 * GB}
 DEVICES = {"910b": "Ascend 910B, 64 GB HBM per NPU", "cpu": "host memory shared by the node's ranks"}
@@ -103,15 +105,21 @@ def lora_parameters(shape: ModelConfig, r: int, targets) -> int:
     return per_layer * shape.num_hidden_layers
 
 
-def _trained(cfg, shape: ModelConfig, label: str, lora, dp: int, split: int) -> list:
+def _half(dtype: str, device: str) -> str:
+    """A frozen or LoRA-base dtype setting as it resolves on `device` (models/io.frozen_dtype)."""
+    return ("bfloat16" if device == "910b" else "float32") if dtype == "auto" else dtype
+
+
+def _trained(cfg, shape: ModelConfig, label: str, lora, dp: int, split: int, device: str = "cpu") -> list:
     """Weights, gradients and optimizer state of one trained model (`split`: tensor/pipeline ranks it is cut over)."""
     total = shape.num_parameters() // split
     shard = dp if cfg.parallel.optimizer_shard else 1
     out = []
     if lora is not None and lora.enabled:
         trainable = lora_parameters(shape, lora.r, lora.targets) // split
-        out.append(Component(f"{label} weights", 4 * (total + trainable),
-                             f"{total:,} frozen base + {trainable:,} LoRA parameters, float32"))
+        base = _half(lora.base_dtype, device)
+        out.append(Component(f"{label} weights", BYTES[base] * total + 4 * trainable,
+                             f"{total:,} frozen base parameters in {base} + {trainable:,} LoRA parameters, float32"))
     else:
         trainable = total
         out.append(Component(f"{label} weights", 4 * trainable, f"{trainable:,} parameters, float32 masters"))
@@ -125,12 +133,14 @@ def _trained(cfg, shape: ModelConfig, label: str, lora, dp: int, split: int) -> 
 
 
 def _activations(cfg, shape: ModelConfig, label: str, rows: int, seq: int, device: str, split: int,
-                 kind: str = "lm") -> list:
+                 kind: str = "lm", lora=None) -> list:
     elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
     fused = device == "910b" or (cfg.context.kernels in ("auto", "cpu") and elem == 4)
     tokens = rows * seq
     layers = max(1, shape.num_hidden_layers // split)
     values = ACTIVATION_VALUES["fused" if fused else "reference"]
+    if lora is not None and lora.enabled:
+        values += LORA_ACTIVATION_VALUES
     per_layer = tokens * values * (shape.hidden_size + shape.intermediate_size) * elem // split
     if cfg.parallel.recompute:
         acts = tokens * shape.hidden_size * 4 * layers + per_layer
@@ -156,8 +166,7 @@ def _activations(cfg, shape: ModelConfig, label: str, rows: int, seq: int, devic
 
 
 def _frozen(label: str, shape: ModelConfig, dtype: str, device: str) -> Component:
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "910b" else "float32"
+    dtype = _half(dtype, device)
     return Component(f"{label} (frozen)", shape.num_parameters() * BYTES[dtype],
                      f"{shape.num_parameters():,} parameters, {dtype}")
 
@@ -177,33 +186,35 @@ def components(cfg, ranks: int, device: str) -> list:
     policy = model_shape(cfg, "model")
     out = []
     if stage in ("pretrain", "cpt"):
-        out += _trained(cfg, policy, "model", None, dp, split)
+        out += _trained(cfg, policy, "model", None, dp, split, device)
         out += _activations(cfg, policy, "model", t.micro_batch_size, cfg.data.seq_len, device, split)
     elif stage == "sft":
-        out += _trained(cfg, policy, "model", cfg.sft.lora, dp, split)
-        out += _activations(cfg, policy, "model", t.micro_batch_size, cfg.data.seq_len, device, split)
+        out += _trained(cfg, policy, "model", cfg.sft.lora, dp, split, device)
+        out += _activations(cfg, policy, "model", t.micro_batch_size, cfg.data.seq_len, device, split,
+                            lora=cfg.sft.lora)
     elif stage == "distill":
         d = cfg.distill
-        out += _trained(cfg, policy, "student", None, dp, split)
+        out += _trained(cfg, policy, "student", None, dp, split, device)
         out += _activations(cfg, policy, "student", t.micro_batch_size, cfg.data.seq_len, device, split)
         teacher = model_shape(cfg, "distill.teacher", d.teacher.path)
         out.append(_frozen("teacher", teacher, d.teacher.dtype, device))     # loaded in every mode (stages/distill.py)
     elif stage == "reward":
-        out += _trained(cfg, policy, "reward model", cfg.reward.lora, dp, split)
+        out += _trained(cfg, policy, "reward model", cfg.reward.lora, dp, split, device)
         out += _activations(cfg, policy, "reward model", 2 * t.micro_batch_size, cfg.data.seq_len, device, split,
-                            None)
+                            None, cfg.reward.lora)
     elif stage == "dpo":
         p = cfg.dpo
-        out += _trained(cfg, policy, "policy", p.lora, dp, split)
-        out += _activations(cfg, policy, "policy", 2 * t.micro_batch_size, cfg.data.seq_len, device, split)
+        out += _trained(cfg, policy, "policy", p.lora, dp, split, device)
+        out += _activations(cfg, policy, "policy", 2 * t.micro_batch_size, cfg.data.seq_len, device, split,
+                            lora=p.lora)
         if p.reference_mode == "online" and not p.lora.enabled and p.loss not in ("simpo", "orpo"):
             ref = model_shape(cfg, "dpo.reference", p.reference.path or cfg.model.init_from)
             out.append(_frozen("reference", ref, p.reference.dtype, device))
     elif stage in ("ppo", "grpo"):
         p = cfg.ppo if stage == "ppo" else cfg.grpo
         seq = p.max_prompt_len + p.max_new_tokens
-        out += _trained(cfg, policy, "policy", p.lora, dp, split)
-        out += _activations(cfg, policy, "policy", t.micro_batch_size, seq, device, split, "policy")
+        out += _trained(cfg, policy, "policy", p.lora, dp, split, device)
+        out += _activations(cfg, policy, "policy", t.micro_batch_size, seq, device, split, "policy", p.lora)
         if not p.lora.enabled and (stage == "ppo" or p.beta > 0):
             ref = model_shape(cfg, f"{stage}.reference", p.reference.path or cfg.model.init_from)
             out.append(_frozen("reference", ref, p.reference.dtype, device))
@@ -216,7 +227,7 @@ def components(cfg, ranks: int, device: str) -> list:
                 out.append(_frozen("safety classifier", model_shape(cfg, "ppo.safety.classifier", p.safety.classifier),
                                    p.reward_dtype, device))
             value = rm if p.value_init == "reward" else policy
-            out += _trained(cfg, value, "value model", None, dp, split)
+            out += _trained(cfg, value, "value model", None, dp, split, device)
             out += _activations(cfg, value, "value model", t.micro_batch_size, seq, device, split, None)
     else:
         raise MsLlmError(f"plan: stage '{stage}' is not planned")

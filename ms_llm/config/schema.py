@@ -178,6 +178,10 @@ class LoRASection:
     alpha: float = opt(16.0, "LoRA alpha (scaling = alpha / r)", range="(0, inf)")
     dropout: float = opt(0.05, "Dropout on the LoRA branch input", range="[0, 1)")
     targets: list = opt(lambda: ["q_proj", "v_proj"], "Linear layers to adapt (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    base_dtype: str = opt("auto", "dtype the frozen base weights are held in (peft/lora.hold_base): auto = bfloat16 on "
+                                  "Ascend (half the memory), float32 on CPU; float16 on request. The adapters keep "
+                                  "float32 masters; the export merges into the float32 base on disk",
+                          ["auto", "float32", "float16", "bfloat16"])
 
 
 @dataclass

@@ -130,10 +130,15 @@ class Attention(nn.Cell):
 
 
 def mark_frozen_linears(model):
-    """Record on every Linear whether its weight is frozen (after requires_grad changed; before compiling)."""
+    """Record on every Linear whether its weight is frozen (after requires_grad changed; before compiling), and
+    give a weight held in half precision the reference ops (the CPU kernels read float32 weights)."""
     for _, cell in model.cells_and_names():
         if isinstance(cell, Linear):
             cell.frozen_weight = not cell.weight.requires_grad
+            if cell.weight.dtype != ms.float32:
+                cell.backend = B.choose("linear", cell.weight.dtype)
+    if isinstance(model, CausalLM):
+        model.choose_head_backends()
 
 
 def _write_cache(cache, new, place, write):
@@ -230,9 +235,12 @@ class CausalLM(nn.Cell):
         self.set_multipliers(config.embedding_multiplier, config.logit_multiplier)
 
     def choose_head_backends(self):
-        """Backends of the readout: the tied lm_head product and the fused lm_head + log-softmax."""
-        self.head_backend = B.choose("linear", self.compute_dtype)
-        self.loss_backend = B.choose("lm_head_loss", self.compute_dtype) if self.tp is None else "reference"
+        """Backends of the readout: the tied lm_head product and the fused lm_head + log-softmax. A head weight
+        held in half precision (a frozen or LoRA base, models/io.to_param_dtype) takes the reference ops."""
+        head = self.model.embed_tokens if self.tied else getattr(self, "lm_head", None)
+        dtype = self.compute_dtype if head is None or head.weight.dtype == ms.float32 else head.weight.dtype
+        self.head_backend = B.choose("linear", dtype)
+        self.loss_backend = B.choose("lm_head_loss", dtype) if self.tp is None else "reference"
         self.lm_readout = self.readout_cell()
 
     def readout_cell(self, temperature: float = 1.0, entropy: bool = False):

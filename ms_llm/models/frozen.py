@@ -15,12 +15,10 @@ switched to (CausalLM.frozen), so a loss cell's set_train(True) never puts a tea
 """
 from dataclasses import dataclass
 
-import mindspore as ms
-
 from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
 from ms_llm.manifest import model_identity
-from ms_llm.models.io import check_init_hash, load_pretrained, resolve_model_dir
+from ms_llm.models.io import check_init_hash, frozen_dtype, load_pretrained, resolve_model_dir
 from ms_llm.peft.lora import AdapterDisabled
 
 
@@ -39,18 +37,6 @@ def freeze(model):
     model.frozen = True
     model.set_train(False)
     return model
-
-
-def frozen_dtype(dtype: str, key: str = "frozen model") -> str:
-    """The dtype a frozen model's weights are held and computed in: `auto` is bfloat16 on Ascend and float32 on
-    CPU; bfloat16 is refused on CPU, where MindSpore's matmul does not take it (float16 does)."""
-    device = "ascend" if ms.get_context("device_target") == "Ascend" else "cpu"
-    if dtype == "auto":
-        return "bfloat16" if device == "ascend" else "float32"
-    if dtype == "bfloat16" and device == "cpu":
-        raise MsLlmError(f"{key}.dtype: bfloat16 does not compute on CPU (MindSpore's CPU matmul has no bfloat16 "
-                         "kernel); use float16 or float32")
-    return dtype
 
 
 def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_tokenizer=None) -> FrozenModel:

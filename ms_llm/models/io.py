@@ -87,8 +87,9 @@ def named_parameters(model) -> dict:
 
 
 def model_state_dict(model) -> dict:
-    """{Hugging Face name: float32 numpy array} for every parameter of the model."""
-    return {n: p.asnumpy() for n, p in named_parameters(model).items()}
+    """{Hugging Face name: float32 numpy array} for every parameter of the model (half-precision ones widened)."""
+    return {n: p.asnumpy() if p.dtype == ms.float32 else np.asarray(p.asnumpy(), np.float32)
+            for n, p in named_parameters(model).items()}
 
 
 def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "weights") -> dict:
@@ -185,18 +186,30 @@ def load_pretrained(path, dtype: str = "float32", strict: bool = True, param_dty
     return model
 
 
-def to_param_dtype(model, dtype: str):
+def frozen_dtype(dtype: str, key: str = "frozen model") -> str:
+    """The dtype a frozen model's weights are held and computed in: `auto` is bfloat16 on Ascend and float32 on
+    CPU; bfloat16 is refused on CPU, where MindSpore's matmul does not take it (float16 does)."""
+    device = "ascend" if ms.get_context("device_target") == "Ascend" else "cpu"
+    if dtype == "auto":
+        return "bfloat16" if device == "ascend" else "float32"
+    if dtype == "bfloat16" and device == "cpu":
+        raise MsLlmError(f"{key}.dtype: bfloat16 does not compute on CPU (MindSpore's CPU matmul has no bfloat16 "
+                         "kernel); use float16 or float32")
+    return dtype
+
+
+def to_param_dtype(model, dtype: str, keep=None):
     """Hold every parameter of `model` in `dtype` (float16 or bfloat16): half the memory of a frozen model.
 
     Each Parameter is replaced, in the cell that owns it, by one of the same name holding its values rounded to
     `dtype` (a Parameter keeps the dtype it was made with). Call it before the model runs, so the device never
     holds the float32 copies. The matmuls then read the weights as they are when the compute dtype is `dtype`;
     embeddings and norms read them into float32 (models/decoder.py). Not for trained weights: an optimizer
-    needs float32 masters."""
+    needs float32 masters (`keep(name)` true: a parameter left as it is, e.g. LoRA's adapters)."""
     want = DTYPES[dtype]
     for _, cell in model.cells_and_names():
         for key, p in list(cell._params.items()):
-            if p is None or p.dtype == want:
+            if p is None or p.dtype == want or (keep is not None and keep(p.name)):
                 continue
             replaced = Parameter(ms.Tensor(p.asnumpy(), want), name=p.name, requires_grad=p.requires_grad)
             setattr(cell, key, replaced)

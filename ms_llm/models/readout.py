@@ -161,5 +161,6 @@ def read_log_probs(lm, readout, hidden, targets):
         # the chunked cell takes the weight as a tensor computed in this graph: handed the Parameter itself, its
         # custom backward's chunk loop failed to compile in MindSpore 2.7 (a loop body expecting a side-effect
         # argument it was not given). In the compute dtype this is the copy the matmuls read anyway.
-        w = G.cast(w, readout.compute_dtype) if readout.compute_dtype != ms.float32 else w * 1.0
+        exact = readout.compute_dtype == ms.float32 and w.dtype == ms.float32
+        w = w * 1.0 if exact else G.cast(w, readout.compute_dtype)
     return readout(lm.readout_input(hidden), w, targets)

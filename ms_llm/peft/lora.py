@@ -32,7 +32,8 @@ from ms_llm import ops as F
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
 from ms_llm.models.decoder import CausalLM, Linear, mark_frozen_linears
-from ms_llm.models.io import load_pretrained, load_state_dict, resolve_model_dir, save_pretrained
+from ms_llm.models.io import (frozen_dtype, load_pretrained, load_state_dict, resolve_model_dir, save_pretrained,
+                              to_param_dtype)
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 PEFT_PREFIX = "base_model.model."
@@ -172,6 +173,18 @@ def apply_lora(model: CausalLM, cfg: LoRAConfig) -> list:
     return params
 
 
+def hold_base(model, dtype: str, key: str = "lora") -> str:
+    """Hold every parameter of a LoRA model except its adapters in `dtype` (`<stage>.lora.base_dtype`: auto is
+    bfloat16 on Ascend, float32 on CPU): the frozen base then takes half the memory, the adapters keep float32
+    masters. Returns the dtype used. The exported model is merged from the float32 base on disk
+    (stages/common.trained_model), not from these rounded weights."""
+    dtype = frozen_dtype(dtype, f"{key}.base")
+    if dtype != "float32":
+        to_param_dtype(model, dtype, keep=lambda name: ".lora_" in name or name.startswith("lora_"))
+        mark_frozen_linears(model)
+    return dtype
+
+
 def noise_key(net):
     """The dropout key Parameter of the LoRA layers inside `net` that use dropout, or None."""
     for _, cell in net.cells_and_names():
@@ -305,16 +318,21 @@ def set_adapter(model, name: str):
     object.__setattr__(model, "lora_config", cfg)
 
 
-def merge_lora(model: CausalLM) -> CausalLM:
-    """A plain CausalLM with W + (alpha / r) B A folded into every adapted weight."""
+def merge_lora(model: CausalLM, base: dict = None) -> CausalLM:
+    """A plain float32 CausalLM with W + (alpha / r) B A folded into every adapted weight. `base`: the base's
+    {name: float32 array} to merge into instead of the model's own (a base held in half precision)."""
+    own = {n: p for n, p in model.parameters_and_names()}
+
+    def weight(name):
+        return base[name] if base is not None else np.asarray(own[name].asnumpy(), np.float32)
     state, merged = {}, {}
     for name, cell in model.cells_and_names():
         if isinstance(cell, LoRALinear):
             delta = cell.lora_B.weight.asnumpy() @ cell.lora_A.weight.asnumpy() * cell.scaling
-            merged[f"{name}.weight"] = cell.weight.asnumpy() + delta
-    for name, p in model.parameters_and_names():
-        if ".lora_" not in name:
-            state[name] = merged.get(name, p.asnumpy())
+            merged[f"{name}.weight"] = weight(f"{name}.weight") + delta
+    for name in own:
+        if ".lora_" not in name and not name.startswith("lora_"):
+            state[name] = merged.get(name, weight(name))
     out = CausalLM(model.config)
     load_state_dict(out, state, strict=True, source="merge_lora")
     out.set_train(False)

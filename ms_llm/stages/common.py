@@ -3,13 +3,15 @@
 import logging
 import os
 
+import mindspore as ms
+
 from ms_llm import storage
 from ms_llm.config import ExperimentConfig, load_config, to_yaml
 from ms_llm.config.schema import FrozenModelSection
 from ms_llm.data.tokenizer import Tokenizer
 from ms_llm.errors import MsLlmError
 from ms_llm.models import save_pretrained
-from ms_llm.models.io import resolve_model_dir, save_state_dict
+from ms_llm.models.io import load_pretrained, model_state_dict, resolve_model_dir, save_state_dict
 from ms_llm.peft.lora import merge_lora, save_adapter
 from ms_llm.rollout.audit import audit_status
 from ms_llm.training import checkpoint as ckpt
@@ -105,6 +107,18 @@ def trained_model(cfg: ExperimentConfig, run_dir: str, model, lora_enabled: bool
     if not lora_enabled:
         return model
     save_adapter(model, os.path.join(run_dir, "final_adapter"), cfg.model.init_from)
+    return merged(cfg, model)
+
+
+def merged(cfg: ExperimentConfig, model):
+    """The LoRA model merged into a plain float32 one; a base held in half precision (`lora.base_dtype`) is
+    replaced by the float32 base on disk (model.init_from) first, so the export carries no rounding."""
+    half = any(p.dtype != ms.float32 for n, p in model.parameters_and_names() if ".lora_" not in n)
+    if half and cfg.model.init_from:
+        return merge_lora(model, model_state_dict(load_pretrained(cfg.model.init_from)))
+    if half:
+        log.warning("the LoRA base was held in half precision and model.init_from names no float32 copy: the "
+                    "merged model carries the rounded base")
     return merge_lora(model)
 
 

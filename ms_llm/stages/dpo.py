@@ -48,7 +48,7 @@ from ms_llm.models.frozen import frozen_dtype, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.reward import load_reward_model
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
-from ms_llm.peft.lora import LoRAConfig, apply_lora
+from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
 from ms_llm.stages import common
 from ms_llm.stages.common import export_final, finish, load_tokenizer, policy_dtype, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
@@ -331,6 +331,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     if d.lora.enabled:
         lo = d.lora
         apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+        hold_base(policy, lo.base_dtype, "dpo.lora")
     if needs_ref and d.reference_mode == "cached" and section.policy_without_adapter:
         cached = cache_with(policy)
     elif needs_ref and d.reference_mode == "online":

@@ -37,7 +37,7 @@ from ms_llm.losses.policy import TokenLogps
 from ms_llm.models.build import build_model
 from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
-from ms_llm.peft.lora import LoRAConfig, apply_lora
+from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
 from ms_llm.rollout.batch import dump_rollout, score_windows
 from ms_llm.rollout.prompts import PromptStream, read_tasks
 from ms_llm.rollout.reward_model import load_reward
@@ -267,6 +267,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     if g.lora.enabled:
         lo = g.lora
         apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+        hold_base(policy, lo.base_dtype, "grpo.lora")
     reference = None
     if g.beta > 0:
         ref = load_frozen(reference_section(cfg, g), "grpo.reference", policy, resolve_model_dir(cfg.model.init_from),

@@ -42,7 +42,7 @@ from ms_llm.models.frozen import freeze, frozen_dtype, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.models.reward import load_reward_model
 from ms_llm.models.value import value_from_policy, value_from_reward
-from ms_llm.peft.lora import LoRAConfig, apply_lora
+from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
 from ms_llm.rollout.audit import AuditSampler
 from ms_llm.rollout.batch import Rollout, dump_rollout, score_windows
 from ms_llm.rollout.chunks import ChunkPlan, generate_chunked
@@ -338,6 +338,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     if p.lora.enabled:
         lo = p.lora
         apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+        hold_base(policy, lo.base_dtype, "ppo.lora")
     section = reference_section(cfg, p)
     ref = load_frozen(section, "ppo.reference", policy, resolve_model_dir(cfg.model.init_from), tokenizer)
     if ref.tokenizer is not None and not same_tokenizer(ref.tokenizer, tokenizer):

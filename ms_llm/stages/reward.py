@@ -26,8 +26,8 @@ from ms_llm.models.build import build_model
 from ms_llm.models.io import load_weights, save_pretrained
 from ms_llm.models.reward import HEAD_FILE, RewardModel, save_head, truncate
 from ms_llm.models.safetensors_io import read_safetensors
-from ms_llm.peft.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir
+from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base, load_adapter, save_adapter
+from ms_llm.stages.common import export_final, finish, load_tokenizer, merged, prepare_run_dir
 from ms_llm.training.layout import Layout
 from ms_llm.training.stage import SupervisedStage
 from ms_llm.training.trainer import train
@@ -38,6 +38,7 @@ def build_reward_model(cfg: ExperimentConfig) -> RewardModel:
     backbone = truncate(build_model(cfg), r.num_layers)
     if r.lora.enabled:
         apply_lora(backbone, LoRAConfig(r.lora.r, r.lora.alpha, r.lora.dropout, list(r.lora.targets)))
+        hold_base(backbone, r.lora.base_dtype, "reward.lora")
     return RewardModel(backbone, r.head_hidden, r.activation)
 
 
@@ -141,7 +142,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         metrics.update({"eval/ece_calibrated": final_eval["ece_calibrated"], "platt/a": calibration["a"],
                         "platt/b": calibration["b"]})
         gates["auc"] = gate(metrics["eval/auc"], r.gate_auc)
-    backbone = merge_lora(rm.backbone) if r.lora.enabled else rm.backbone
+    backbone = merged(cfg, rm.backbone) if r.lora.enabled else rm.backbone
     final = export_final(run_dir, backbone, tokenizer, r.export_version,
                          extra=lambda folder: save_head(rm, folder, calibration, cfg.tokenizer.chat_template))
     if binding:

@@ -21,7 +21,7 @@ from ms_llm.fileio import read_json
 from ms_llm.losses.sft import SFTLoss
 from ms_llm.manifest import verify_dataset
 from ms_llm.models.build import build_model
-from ms_llm.peft.lora import LoRAConfig, apply_lora
+from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
 from ms_llm.stages.common import export_final, finish, load_tokenizer, prepare_run_dir, trained_model
 from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import radar_plot, write_summary
@@ -168,6 +168,7 @@ def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     lora = cfg.sft.lora
     if lora.enabled:
         apply_lora(model, LoRAConfig(lora.r, lora.alpha, lora.dropout, list(lora.targets)))
+        hold_base(model, lora.base_dtype, "sft.lora")
     s = cfg.sft
     binding = verify_dataset(s.dataset_manifest, s.dataset_version) if s.dataset_manifest else None
     d = cfg.data

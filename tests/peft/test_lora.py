@@ -226,3 +226,43 @@ def test_updater_sets_a_dropout_key_per_step_and_micro_batch(tmp_path, graph_mod
         updater(batches(), step)
     assert seen == [dropout_key(7, s, m, 0) for s in (4, 5) for m in range(3)]
     assert len(set(seen)) == 6
+
+
+def test_half_precision_base_trains_the_adapters_and_merges_into_the_float32_base(tmp_path, graph_mode):
+    """lora.base_dtype float16 (peft.lora.hold_base): the base held in float16 with the reference ops, the
+    adapters float32 and the only parameters that move; the merge into the float32 base equals merging the
+    same adapters into a float32 copy of the model exactly, and differs from merging into the rounded base."""
+    from ms_llm.peft.lora import hold_base
+    ms.set_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=256, tie_word_embeddings=False))
+    base32 = {n: p.asnumpy().copy() for n, p in model.parameters_and_names()}
+    apply_lora(model, LoRAConfig(8, 16, 0.0, ["q_proj", "v_proj"]))
+    assert hold_base(model, "float16", "sft.lora") == "float16"
+    dtypes = {n: p.dtype for n, p in model.parameters_and_names()}
+    assert {d for n, d in dtypes.items() if ".lora_A" in n or ".lora_B" in n} == {ms.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {ms.float16}
+    assert model.model.layers[0].self_attn.q_proj.backend == "reference" and model.loss_backend == "reference"
+    loss_net = LMLoss(model)
+    step = TrainStep(loss_net, AdamW(loss_net.trainable_params(), weight_decay=0.0), LossScaleState(False), 1, 1.0)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 256, (4, 17)).astype(np.int32)
+    losses = [step([(Tensor(ids[:, :-1]), Tensor(ids[:, 1:]))], 1e-2)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0]
+    frozen = {n: p.asnumpy() for n, p in model.parameters_and_names() if ".lora_" not in n}
+    assert all(np.array_equal(frozen[n], base32[n].astype(np.float16)) for n in frozen)   # the base never moved
+    merged = merge_lora(model, base32)
+    reference = CausalLM(model.config)
+    for n, p in reference.parameters_and_names():
+        p.set_data(Tensor(base32[n]))
+    apply_lora(reference, LoRAConfig(8, 16, 0.0, ["q_proj", "v_proj"]))
+    for (n, p), (m, q) in zip(model.parameters_and_names(), reference.parameters_and_names()):
+        if ".lora_A" in n or ".lora_B" in n:
+            assert n == m
+            q.set_data(Tensor(p.asnumpy()))
+    want = merge_lora(reference)
+    for (n, p), (_, q) in zip(merged.parameters_and_names(), want.parameters_and_names()):
+        np.testing.assert_array_equal(p.asnumpy(), q.asnumpy())
+    rounded = merge_lora(model)
+    gap = np.abs(rounded.model.layers[0].self_attn.q_proj.weight.asnumpy() -
+                 merged.model.layers[0].self_attn.q_proj.weight.asnumpy()).max()
+    assert gap > 0
