@@ -237,7 +237,8 @@ class CausalLM(nn.Cell):
     def choose_head_backends(self):
         """Backends of the readout: the tied lm_head product and the fused lm_head + log-softmax. A head weight
         held in half precision (a frozen or LoRA base, models/io.to_param_dtype) takes the reference ops."""
-        head = self.model.embed_tokens if self.tied else getattr(self, "lm_head", None)
+        # (a middle pipeline stage holds neither the embedding nor the lm_head)
+        head = getattr(self.model, "embed_tokens", None) if self.tied else getattr(self, "lm_head", None)
         dtype = self.compute_dtype if head is None or head.weight.dtype == ms.float32 else head.weight.dtype
         self.head_backend = B.choose("linear", dtype)
         self.loss_backend = B.choose("lm_head_loss", dtype) if self.tp is None else "reference"
