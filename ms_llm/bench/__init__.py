@@ -47,7 +47,7 @@ def process_tree_peaks(cmd, env=None, cwd=None, every: float = 0.02) -> tuple:
     """Run `cmd` and sample, from outside, the kernel's resident-set high-water mark (VmHWM in
     /proc/<pid>/status) of it and every process it starts, every `every` seconds until it exits.
     Returns (exit status, {pid: {"cmd": command line, "role": its MS_ROLE (msrun's MS_WORKER / MS_SCHED, or
-    ""), "peak_mb": the last VmHWM read}}, stderr's tail).
+    ""), "ppid": its parent, "peak_mb": the last VmHWM read}}, stderr's tail).
     A process's VmHWM only rises, so the last read is its peak up to within one sampling interval of its end."""
     child = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = []
@@ -64,7 +64,9 @@ def process_tree_peaks(cmd, env=None, cwd=None, every: float = 0.02) -> tuple:
                         cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
                     with open(f"/proc/{pid}/environ", "rb") as f:
                         penv = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-                    seen[pid] = {"cmd": cmdline, "role": penv.get(b"MS_ROLE", b"").decode(),
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    seen[pid] = {"cmd": cmdline, "role": penv.get(b"MS_ROLE", b"").decode(), "ppid": ppid,
                                  "peak_mb": seen.get(pid, {}).get("peak_mb", 0.0)}
                 if kb:
                     seen[pid]["peak_mb"] = max(seen[pid]["peak_mb"], kb / 1024)
