@@ -21,6 +21,7 @@ from ms_llm.models.pipeline import PPGroup, split_layers
 from ms_llm.models.tensor_parallel import TPGroup
 from ms_llm.training.collective import ordered_all_reduce
 from ms_llm.training.layout import Layout
+from ms_llm.training.zero import ZeroGroup
 
 
 class SumReducer(nn.Cell):
@@ -77,7 +78,10 @@ def init_layout(cfg) -> Layout:
             dp_group = f"dp_{pos}"
             create_group(dp_group, [d * tpn + pos for d in range(dp)])
         tp = TPGroup(tpn, pos, group)
-    return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, tp=tp)
+    zero = None
+    if cfg.parallel.optimizer_shard == "zero3":        # (validated: data parallel only)
+        zero = ZeroGroup(rank, world, ascend=cfg.context.device_target == "ascend")
+    return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, tp=tp, zero=zero)
 
 
 def _pipeline_groups(cfg, rank: int, dp: int, stages: int, create_group):

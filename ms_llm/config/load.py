@@ -124,6 +124,9 @@ def _build(cls, raw, prefix, where, lines):
                 raise MsLlmError(f"{at}: key '{key}' must be a list")
             kwargs[k] = [_build(_list_item_type(key), item, f"{key}[{i}].", where, lines) for i, item in enumerate(v)]
         else:
+            aliases = f.metadata.get("aliases") or {}
+            if isinstance(v, bool) and v in aliases:
+                v = aliases[v]
             kwargs[k] = _check_type(v, f.type, key, at)
             _check_range(kwargs[k], f.metadata.get("range"), key, at)
             choices = f.metadata.get("choices")

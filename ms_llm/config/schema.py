@@ -17,14 +17,15 @@ GRPO_REWARDS = ("exact_match", "code", "format", "reward_model")
 TEXT_RULES = ("repetition", "truncation", "brackets", "mojibake", "language")
 
 
-def opt(default, help: str, choices=None, range: str = None):
+def opt(default, help: str, choices=None, range: str = None, aliases: dict = None):
     """A config field with help text, allowed values and, for numbers, an allowed range kept in its metadata.
 
     `range` is an interval such as "(0, inf)", "[1, inf)" or "[0, 1)"; numeric fields without one must be
-    non-negative ("[0, inf)"): no key of this config means anything below zero.
+    non-negative ("[0, inf)"): no key of this config means anything below zero. `aliases` maps values a
+    config may still write (e.g. YAML's true/false for a key that became a choice) to the choice they mean.
     """
     kw = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"help": help, "choices": choices, "range": range}, **kw)
+    return field(metadata={"help": help, "choices": choices, "range": range, "aliases": aliases}, **kw)
 
 
 @dataclass
@@ -124,8 +125,11 @@ class ParallelSection:
                                   "(Megatron layout, models/tensor_parallel.py; pretrain and cpt stages)", range="[1, inf)")
     pipeline_stages: int = opt(1, "Pipeline stages: consecutive decoder layers per rank, trained with GPipe's schedule "
                                   "over train.grad_accum_steps micro-batches (models/pipeline.py; pretrain and cpt)", range="[1, inf)")
-    optimizer_shard: bool = opt(False, "Shard the Adam moments across data-parallel ranks (ZeRO stage 1: each rank "
-                                       "keeps ~1/data_parallel of them; results equal the unsharded run)")
+    optimizer_shard: str = opt("none", "Shard training state across the data-parallel ranks (results equal the "
+                                       "unsharded run). zero1: the Adam moments (each rank keeps ~1/data_parallel "
+                                       "of them); zero3: weights, gradients and Adam moments, each matrix gathered "
+                                       "just before use (training/zero.py). true/false still mean zero1/none",
+                               ["none", "zero1", "zero3"], aliases={True: "zero1", False: "none"})
     recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
     visible_devices: Optional[str] = opt(None, "ASCEND_RT_VISIBLE_DEVICES for the job, e.g. '0,1,2,3,4,5,6,7'")
     hccl_connect_timeout: int = opt(1800, "HCCL_CONNECT_TIMEOUT seconds (multi-node start-up can take minutes)", range="[1, inf)")

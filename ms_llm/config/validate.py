@@ -207,19 +207,19 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
 
 @dataclass(frozen=True)
 class StageRules:
-    layouts: frozenset = frozenset()          # beyond data parallel and ZeRO-1: tensor_parallel, pipeline_stages
+    layouts: frozenset = frozenset()          # beyond data parallel and ZeRO-1: tensor_parallel, pipeline_stages, zero3
     reads_index: bool = False                 # data.index (tokenized shards) instead of / besides data.sources
     mup: bool = True                          # μP training of the whole model
     check: Optional[Callable] = None          # the stage's own rules: (cfg, where) -> None or MsLlmError
 
 
 STAGE_RULES = {
-    "pretrain": StageRules(frozenset({"tensor_parallel", "pipeline_stages"}), reads_index=True),
-    "cpt": StageRules(frozenset({"tensor_parallel", "pipeline_stages"}), reads_index=True, check=_check_cpt),
+    "pretrain": StageRules(frozenset({"tensor_parallel", "pipeline_stages", "zero3"}), reads_index=True),
+    "cpt": StageRules(frozenset({"tensor_parallel", "pipeline_stages", "zero3"}), reads_index=True, check=_check_cpt),
     "distill": StageRules(check=_check_distill),
-    "sft": StageRules(check=_check_sft),
+    "sft": StageRules(frozenset({"zero3"}), check=_check_sft),
     "reward": StageRules(mup=False, check=_check_reward),
-    "dpo": StageRules(mup=False, check=_check_dpo),
+    "dpo": StageRules(frozenset({"zero3"}), mup=False, check=_check_dpo),
     "ppo": StageRules(mup=False, check=_check_ppo),
     "grpo": StageRules(mup=False, check=_check_grpo),
 }
@@ -271,17 +271,22 @@ def _check_layout(cfg: ExperimentConfig, rules: StageRules, where: str):
             raise MsLlmError(f"{where}: parallel.{key} is supported by the {which} stages, not by stage "
                              f"'{cfg.stage}' in this release")
     if par.pipeline_stages > 1:
-        for key, on in (("parallel.tensor_parallel", par.tensor_parallel > 1), ("parallel.optimizer_shard", par.optimizer_shard)):
+        for key, on in (("parallel.tensor_parallel", par.tensor_parallel > 1),
+                        ("parallel.optimizer_shard", par.optimizer_shard != "none")):
             if on:
                 raise MsLlmError(f"{where}: {key} together with parallel.pipeline_stages is not supported in this "
                                  "release; choose one")
         _check_model_split(cfg, where, "parallel.pipeline_stages", par.pipeline_stages)
     if par.tensor_parallel > 1:
-        if par.optimizer_shard:
+        if par.optimizer_shard != "none":
             raise MsLlmError(f"{where}: parallel.optimizer_shard together with tensor_parallel is not supported in "
                              "this release; choose one")
         _check_model_split(cfg, where, "parallel.tensor_parallel", par.tensor_parallel)
-    if par.optimizer_shard and par.data_parallel < 2:
+    if par.optimizer_shard == "zero3" and "zero3" not in rules.layouts:
+        which = ", ".join(s for s, r in STAGE_RULES.items() if "zero3" in r.layouts)
+        raise MsLlmError(f"{where}: parallel.optimizer_shard: zero3 is supported by the {which} stages, not by stage "
+                         f"'{cfg.stage}' in this release; use zero1 (the Adam moments only)")
+    if par.optimizer_shard != "none" and par.data_parallel < 2:
         raise MsLlmError(f"{where}: parallel.optimizer_shard splits the optimizer state over data-parallel ranks; "
                          f"it needs parallel.data_parallel >= 2, got {par.data_parallel}")
 

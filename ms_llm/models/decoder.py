@@ -27,7 +27,23 @@ from ms_llm.ops import backend as B
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
-class Linear(nn.Cell):
+class WeightReader:
+    """A cell with a `weight` that may be a ZeRO-3 shard (training/zero.py): what reads the weight calls
+    `read_weight(after)`, the whole matrix either way. `after`: a tensor the gather must wait for (the input of
+    the product), which fixes the order of the collectives on every rank. Subclasses set `self.zero = None` in
+    __init__ (a class attribute would hide the gather cell MindSpore keeps among the sub-cells)."""
+
+    def read_weight(self, after=None):
+        if self.zero is None:
+            return self.weight
+        return self.zero(self.weight, after)
+
+    def gather_dtype(self):
+        """The dtype a gathered weight travels in: what the product reads."""
+        return ms.float32
+
+
+class Linear(nn.Cell, WeightReader):
     """y = x W^T (+ b) with W stored [out, in] in float32 and the matmul in `compute_dtype`."""
     plain = True          # y depends on W alone (a LoRALinear adds its update: fused readouts must not skip it)
 
@@ -44,24 +60,32 @@ class Linear(nn.Cell):
         # True for a weight that takes no gradient (LoRA's base layers): the CPU kernel then skips the dW
         # product. GRAPH_MODE cannot read requires_grad, so whoever freezes weights calls mark_frozen_linears.
         self.frozen_weight = False
+        self.zero = None
 
-    def construct(self, x):
-        y = F.linear(x, self.weight, self.compute_dtype, self.backend, self.frozen_weight, self.head)
+    def gather_dtype(self):
+        return ms.float32 if self.backend == "cpu" else self.compute_dtype    # (the CPU kernels read float32)
+
+    def construct(self, x, after=None):
+        """after: a tensor this product must follow (training/zero.py; default x)."""
+        w = self.read_weight(x if after is None else after)
+        y = F.linear(x, w, self.compute_dtype, self.backend, self.frozen_weight, self.head)
         if self.has_bias:
             y = y + self.bias.astype(self.compute_dtype)
         return y
 
 
-class Embedding(nn.Cell):
+class Embedding(nn.Cell, WeightReader):
     """Token embedding with a Hugging Face style `weight` [V, H]."""
 
     def __init__(self, vocab_size, hidden_size, std=0.02):
         super().__init__()
         self.weight = Parameter(initializer(Normal(std), (vocab_size, hidden_size), ms.float32), name="weight")
+        self.zero = None
 
     def construct(self, input_ids):
-        x = ops.gather(self.weight, input_ids, 0)
-        return x if self.weight.dtype == ms.float32 else x.astype(ms.float32)     # (a frozen half-precision table)
+        w = self.read_weight(input_ids)
+        x = ops.gather(w, input_ids, 0)
+        return x if w.dtype == ms.float32 else x.astype(ms.float32)     # (a frozen half-precision table)
 
 
 class RMSNorm(nn.Cell):
@@ -111,9 +135,10 @@ class Attention(nn.Cell):
         """
         if self.tp:
             x = self.tp_in(x)
-        q = self._heads(self.q_proj(x), self.n_heads)
-        k = self._heads(self.k_proj(x), self.n_kv)
-        v = self._heads(self.v_proj(x), self.n_kv)
+        q = self.q_proj(x)
+        k = self.k_proj(x, q)                # (`after`: a fixed order of ZeRO-3's gathers, training/zero.py)
+        v = self.v_proj(x, k)
+        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = F.apply_rotary(q, cos, sin, self.rotary_backend)
@@ -165,7 +190,8 @@ class MLP(nn.Cell):
     def construct(self, x):
         if self.tp:
             x = self.tp_in(x)
-        out = self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x), self.backend)).astype(ms.float32)
+        gate = self.gate_proj(x)
+        out = self.down_proj(F.swiglu(gate, self.up_proj(x, gate), self.backend)).astype(ms.float32)
         if self.tp:
             out = self.tp_out(out)
         return out
@@ -260,9 +286,9 @@ class CausalLM(nn.Cell):
             mode = "whole"
         return make_readout(mode, temperature, entropy, chunk, self.compute_dtype)
 
-    def head_weight(self):
-        """The [V, H] lm_head matrix (the embedding when tied)."""
-        return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+    def head_weight(self, after=None):
+        """The [V, H] lm_head matrix (the embedding when tied); `after`: what a ZeRO-3 gather of it follows."""
+        return self.model.embed_tokens.read_weight(after) if self.tied else self.lm_head.read_weight(after)
 
     def add_flags_recursive(self, **flags):
         """set_train reaches every cell through this; a frozen model keeps training=False."""
@@ -334,7 +360,7 @@ class CausalLM(nn.Cell):
         """lm_head over hidden states [..., H] -> float32 logits [..., V]."""
         hidden = self.readout_input(hidden)
         if self.tied:
-            return F.linear(hidden, self.model.embed_tokens.weight, self.compute_dtype, self.head_backend,
+            return F.linear(hidden, self.model.embed_tokens.read_weight(hidden), self.compute_dtype, self.head_backend,
                             head=True).astype(ms.float32)
         return self.lm_head(hidden).astype(ms.float32)
 

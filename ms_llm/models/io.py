@@ -22,6 +22,7 @@ from ms_llm.manifest import verify
 from ms_llm.models.config import ModelConfig
 from ms_llm.models.decoder import DTYPES, CausalLM
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.models.shards import local_value, shape_of
 from ms_llm.models.tensor_parallel import shard_state
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "we
     report = {"missing": sorted(set(params) - set(tensors)), "unexpected": sorted(set(tensors) - set(params)),
               "mismatched": []}
     for name, p in params.items():
-        if name in tensors and tuple(tensors[name].shape) != tuple(p.shape):
-            report["mismatched"].append((name, tuple(p.shape), tuple(tensors[name].shape)))
+        if name in tensors and tuple(tensors[name].shape) != shape_of(p):
+            report["mismatched"].append((name, shape_of(p), tuple(tensors[name].shape)))
     problems = [f"missing {n}" for n in report["missing"]] + [f"unexpected {n}" for n in report["unexpected"]]
     problems += [f"{n}: shape {list(g)} but the model needs {list(w)}" for n, w, g in report["mismatched"]]
     if problems and strict:
@@ -117,7 +118,7 @@ def load_state_dict(model, tensors: dict, strict: bool = True, source: str = "we
     bad = {n for n, _, _ in report["mismatched"]}
     for name, p in params.items():
         if name in tensors and name not in bad:
-            p.set_data(ms.Tensor(np.asarray(tensors[name], dtype=np.float32)))
+            p.set_data(ms.Tensor(local_value(p, np.asarray(tensors[name], dtype=np.float32))))
     return report
 
 

@@ -156,7 +156,7 @@ def read_log_probs(lm, readout, hidden, targets):
     if readout.mode == "whole":
         logp, ent = logps_and_entropy(lm.logits(hidden), targets, readout.temperature)
         return logp, (ent if readout.entropy else ops.zeros_like(logp))
-    w = lm.head_weight()
+    w = lm.head_weight(hidden)
     if readout.mode == "chunked":
         # the chunked cell takes the weight as a tensor computed in this graph: handed the Parameter itself, its
         # custom backward's chunk loop failed to compile in MindSpore 2.7 (a loop body expecting a side-effect

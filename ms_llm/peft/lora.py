@@ -31,10 +31,11 @@ from mindspore import Parameter, Tensor, nn, ops
 from ms_llm import ops as F
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json, write_json_atomic
-from ms_llm.models.decoder import CausalLM, Linear, mark_frozen_linears
+from ms_llm.models.decoder import CausalLM, Linear, WeightReader, mark_frozen_linears
 from ms_llm.models.io import (frozen_dtype, load_pretrained, load_state_dict, resolve_model_dir, save_pretrained,
                               to_param_dtype)
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.models.shards import local_value
 
 PEFT_PREFIX = "base_model.model."
 _M32 = 0xFFFFFFFF
@@ -110,6 +111,7 @@ class LoRALinear(Linear):
         if base.has_bias:
             self.bias = base.bias
         self.backend, self.head, self.frozen_weight = base.backend, base.head, base.frozen_weight
+        self.zero = base.zero
         bound = 1.0 / math.sqrt(self.in_features)          # kaiming_uniform(a=sqrt(5)) on [r, in], as PEFT does
         a = np.random.uniform(-bound, bound, (r, self.in_features)).astype(np.float32)
         self.lora_A = _Weight(a)
@@ -119,21 +121,25 @@ class LoRALinear(Linear):
         self.lora_noise_key = noise_key                     # shared too: the updater sets it per micro-batch
         self.noise_salt = Tensor(_as_int32(fmix32(layer + 1)), ms.int32)
 
-    def construct(self, x):
-        y = Linear.construct(self, x)
+    def construct(self, x, after=None):
+        y = Linear.construct(self, x, after)
         h = x
         if self.training and self.p > 0:
             h = h * dropout_keep(h.shape, self.lora_noise_key, self.noise_salt, self.p, h.dtype)
         cd = self.compute_dtype
-        low = F.linear(h, self.lora_A.weight, cd, self.backend)
-        delta = F.linear(low, self.lora_B.weight, cd, self.backend) * (self.lora_gate * self.scaling).astype(cd)
+        first = y if after is None else ops.depend(y, after)      # (the order of ZeRO-3's gathers: training/zero.py)
+        low = F.linear(h, self.lora_A.read_weight(first), cd, self.backend)
+        delta = F.linear(low, self.lora_B.read_weight(low), cd, self.backend) * (self.lora_gate * self.scaling).astype(cd)
         return y + delta.astype(y.dtype)
 
 
-class _Weight(nn.Cell):
+class _Weight(nn.Cell, WeightReader):
+    """A LoRA factor (`lora_A` [r, in] or `lora_B` [out, r]), read through `read_weight` (ZeRO-3 may shard it)."""
+
     def __init__(self, value):
         super().__init__()
         self.weight = Parameter(Tensor(value), name="weight")
+        self.zero = None
 
 
 def _parent(model, path):
@@ -239,8 +245,8 @@ class AdapterDisabled(nn.Cell):
     def readout_input(self, hidden):
         return self.model.readout_input(hidden)
 
-    def head_weight(self):
-        return ops.stop_gradient(self.model.head_weight())
+    def head_weight(self, after=None):
+        return ops.stop_gradient(self.model.head_weight(after))
 
     def readout_cell(self, temperature: float = 1.0, entropy: bool = False):
         return self.model.readout_cell(temperature, entropy)
@@ -251,13 +257,15 @@ def lora_parameters(model) -> dict:
     return {n: p for n, p in model.parameters_and_names() if is_lora_weight(n)}
 
 
-def save_adapter(model, out_dir: str, base_model: str = None) -> list:
-    """adapter_model.safetensors (PEFT key names) + adapter_config.json; returns the file names."""
+def save_adapter(model, out_dir: str, base_model: str = None, weights: dict = None) -> list:
+    """adapter_model.safetensors (PEFT key names) + adapter_config.json; returns the file names. `weights`:
+    {name: array} to write instead of the parameters' values where it has them (ZeRO-3's gathered factors)."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
         raise MsLlmError("save_adapter: the model has no LoRA layers (call apply_lora first)")
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {PEFT_PREFIX + n: p.asnumpy() for n, p in lora_parameters(model).items()}
+    weights = weights or {}
+    tensors = {PEFT_PREFIX + n: weights[n] if n in weights else p.asnumpy() for n, p in lora_parameters(model).items()}
     write_safetensors(os.path.join(out_dir, "adapter_model.safetensors"), tensors, {"format": "pt"})
     write_json_atomic(os.path.join(out_dir, "adapter_config.json"), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
@@ -311,7 +319,7 @@ def set_adapter(model, name: str):
         raise MsLlmError(f"adapter '{name}' is not loaded; loaded: {sorted(registry)}")
     cfg, weights = registry[name]
     for n, p in lora_parameters(model).items():
-        p.set_data(Tensor(weights[n]))
+        p.set_data(Tensor(local_value(p, weights[n])))
     for _, cell in model.cells_and_names():
         if isinstance(cell, LoRALinear):
             cell.scaling = cfg.scaling

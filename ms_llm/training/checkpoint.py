@@ -33,6 +33,7 @@ from ms_llm.fileio import fsync_dir, read_json, write_json_atomic
 from ms_llm.manifest import verify, write_manifest  # noqa: F401  (checkpoints are verified through these)
 from ms_llm.models.io import save_pretrained
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.models.shards import local_value, shape_of
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -126,10 +127,10 @@ def load_optimizer_state(folder: str, optimizer_state: dict, transform=None):
         raise MsLlmError(f"{folder}/optimizer.safetensors: missing optimizer state {missing[:5]} "
                          "(was the checkpoint written by a different model or optimizer?)")
     for name, param in optimizer_state.items():
-        if tuple(saved[name].shape) != tuple(param.shape):
+        if tuple(saved[name].shape) != shape_of(param):
             raise MsLlmError(f"{folder}/optimizer.safetensors: '{name}' has shape {list(saved[name].shape)}, "
-                             f"expected {list(param.shape)}")
-        param.set_data(ms.Tensor(saved[name].astype(param.asnumpy().dtype)))
+                             f"expected {list(shape_of(param))}")
+        param.set_data(ms.Tensor(local_value(param, saved[name]).astype(param.asnumpy().dtype)))
 
 
 def read_trainer_state(folder: str) -> dict:

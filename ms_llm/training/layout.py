@@ -3,12 +3,14 @@
 
     layout = Layout()                                   # one process
     layout = Layout(rank, world, reducer, tp=TPGroup)   # from distributed.init_data_parallel under msrun
+    layout = Layout(rank, world, reducer, zero=ZeroGroup)   # ZeRO-3 (training/zero.py)
 
 A stage receives a Layout and asks it, never the model, how the run is split: which batches this rank reads
 (`data_rank`, `data_world`), how to cut a whole model into this rank's part (`localize`), which train-step
 cell to use, and how to gather whole weights and optimizer state for a checkpoint (`whole_weights`,
 `whole_optimizer_state`) or slice them again on resume (`local_optimizer_state`). Data parallelism and ZeRO-1
-need nothing beyond the reducer; tensor parallelism (`tp`) and pipeline stages (`pp`) are at most one at a time.
+need nothing beyond the reducer; tensor parallelism (`tp`), pipeline stages (`pp`) and ZeRO-3 (`zero`: the
+updaters shard what they train) are at most one at a time.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +27,7 @@ class Layout:
     reducer: Optional[object] = None        # data-parallel gradient reducer (distributed.SumReducer)
     tp: Optional[object] = None             # models.tensor_parallel.TPGroup
     pp: Optional[object] = None             # models.pipeline.PPGroup
+    zero: Optional[object] = None           # training.zero.ZeroGroup (parallel.optimizer_shard: zero3)
 
     @property
     def main(self) -> bool:
@@ -87,14 +90,22 @@ class Layout:
             # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.training.pipeline import PipelineStep
             return PipelineStep(model, optimizer, loss_scale, clip, self.reducer, loss_norm)
-        tp_norm = None
+        tp_norm, reducer = None, self.reducer
         if self.tp is not None:
             # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.tensor_parallel import shard_axis
-            from ms_llm.training.step import TPNorm
+            from ms_llm.training.step import ShardedNorm
             names = {id(p): n for n, p in model.parameters_and_names()}
-            tp_norm = TPNorm([shard_axis(names.get(id(p), p.name)) is not None for p in optimizer.parameters], self.tp)
-        return TrainStep(loss_net, optimizer, loss_scale, accum_steps, clip, self.reducer, loss_norm=loss_norm,
+            tp_norm = ShardedNorm([shard_axis(names.get(id(p), p.name)) is not None for p in optimizer.parameters],
+                                  self.tp.all_reduce())
+        if self.zero is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
+            from ms_llm.training.step import ShardedNorm
+            from ms_llm.training.zero import ShardedReducer, whole_shape
+            sharded = [whole_shape(p) is not None for p in optimizer.parameters]
+            tp_norm = ShardedNorm(sharded, self.reducer.all_reduce)
+            reducer = ShardedReducer(sharded, self.reducer)
+        return TrainStep(loss_net, optimizer, loss_scale, accum_steps, clip, reducer, loss_norm=loss_norm,
                          tp_norm=tp_norm)
 
     def eval_loss_fn(self, loss_net, model):
@@ -105,8 +116,17 @@ class Layout:
         from ms_llm.training.pipeline import PipelineLoss
         return PipelineLoss(model)
 
-    def whole_weights(self, model) -> Optional[dict]:
-        """{name: array} of the whole model when it is split (a collective: call it on every rank), else None."""
+    def whole_weights(self, model, shards_only: bool = False) -> Optional[dict]:
+        """{name: array} of the whole model when it is split (a collective: call it on every rank), else None.
+        shards_only: under ZeRO-3, only the gathered shards (what a LoRA adapter's writer needs)."""
+        if self.zero is not None:
+            # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
+            from ms_llm.models.io import named_parameters
+            from ms_llm.models.shards import whole_shape
+            named = named_parameters(model)
+            if shards_only:
+                named = {n: p for n, p in named.items() if whole_shape(p) is not None}
+            return self.zero.whole_values(named)
         if self.pp is not None:
             # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.pipeline import gather_weights
@@ -119,6 +139,8 @@ class Layout:
 
     def whole_optimizer_state(self, state: dict, model) -> dict:
         """The whole optimizer state from every rank's share (a collective when the model is split)."""
+        if self.zero is not None:
+            return self.zero.whole_values(state)
         if self.pp is not None:
             # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.pipeline import gather_optimizer_state

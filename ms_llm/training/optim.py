@@ -16,6 +16,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from ms_llm.ops import backend as B
 from ms_llm.ops import adamw_in_place
 from ms_llm.training.collective import ordered_all_reduce
+from ms_llm.models.shards import shape_of
 
 _adamw = ops.MultitypeFuncGraph("adamw")
 
@@ -98,7 +99,9 @@ class AdamW(nn.Cell):
         self.step = Parameter(Tensor(0, ms.int32), name="adam_step", requires_grad=False)
         scales = lr_scales or [1.0] * len(self.parameters)
         self.lr_scales = tuple(Tensor(s, ms.float32) for s in scales)    # per-parameter lr multipliers (μP)
-        self.wd = tuple(Tensor(0.0 if no_decay(p.name, p.shape) else weight_decay, ms.float32) for p in self.parameters)
+        # (a ZeRO-3 shard is a vector: the decision follows the whole matrix's shape)
+        self.wd = tuple(Tensor(0.0 if no_decay(p.name, shape_of(p)) else weight_decay, ms.float32)
+                        for p in self.parameters)
         self.beta1, self.beta2 = Tensor(betas[0], ms.float32), Tensor(betas[1], ms.float32)
         self.eps = Tensor(eps, ms.float32)
         self.map = ops.HyperMap()
@@ -112,8 +115,14 @@ class AdamW(nn.Cell):
             self.gather = _GatherMoments(self)
 
     def _moments(self, prefix: str) -> ParameterTuple:
-        return ParameterTuple(Parameter(Tensor(np.zeros(p.shape if own else (1,), np.float32)), name=f"{prefix}.{p.name}",
-                                        requires_grad=False) for p, own in zip(self.parameters, self.owned))
+        moments = []
+        for p, own in zip(self.parameters, self.owned):
+            m = Parameter(Tensor(np.zeros(p.shape if own else (1,), np.float32)), name=f"{prefix}.{p.name}",
+                          requires_grad=False)
+            if hasattr(p, "zero_whole_shape"):         # a ZeRO-3 shard's moments are shards of the same whole
+                m.zero_whole_shape, m.zero_place = p.zero_whole_shape, p.zero_place
+            moments.append(m)
+        return ParameterTuple(moments)
 
     def construct(self, grads, lr, grad_scale):
         """grads: tuple matching `parameters`; lr: float32 scalar Tensor; grad_scale: float32 scalar each

@@ -67,8 +67,9 @@ class Stage:
         return {}
 
     def weights_io(self):
-        """(write(folder), read(folder)) for the main model when a checkpoint holds less than its full weights
-        (LoRA: the adapter only); None: the trainer's own full-weight I/O."""
+        """(write(folder, weights=None), read(folder)) for the main model when a checkpoint holds less than its
+        full weights (LoRA: the adapter only); None: the trainer's own full-weight I/O. `weights`: {name: array}
+        gathered from ZeRO-3 shards, to write instead of the parameters' own values."""
         return None
 
 
@@ -124,5 +125,7 @@ class SupervisedStage(Stage):
 
 
 def adapter_io(model, init_from: str):
-    """weights_io of a LoRA-trained model: checkpoints hold the adapter only (PEFT format)."""
-    return (lambda folder: save_adapter(model, folder, init_from)), (lambda folder: load_adapter(model, folder))
+    """weights_io of a LoRA-trained model: checkpoints hold the adapter only (PEFT format). The writer takes
+    the gathered factors when ZeRO-3 holds them sharded (trainer._save)."""
+    return ((lambda folder, weights=None: save_adapter(model, folder, init_from, weights)),
+            (lambda folder: load_adapter(model, folder)))

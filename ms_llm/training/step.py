@@ -56,13 +56,14 @@ def _global_norm(grads):
     return ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
 
 
-class TPNorm(nn.Cell):
-    """Global gradient norm under tensor parallelism: replicated gradients counted once, the squares of
-    sharded ones summed over the tensor-parallel group (`sharded`: one bool per gradient)."""
+class ShardedNorm(nn.Cell):
+    """Global gradient norm when some gradients are shards of a whole (tensor-parallel slices, ZeRO-3 shards):
+    replicated gradients counted once, the squares of sharded ones summed over the ranks that hold the parts
+    (`sharded`: one bool per gradient; `all_reduce`: the sum over those ranks)."""
 
-    def __init__(self, sharded, tp):
+    def __init__(self, sharded, all_reduce):
         super().__init__(auto_prefix=False)
-        self.sharded, self.all_reduce = tuple(sharded), tp.all_reduce()
+        self.sharded, self.all_reduce = tuple(sharded), all_reduce
 
     def construct(self, grads):
         rep, shard = (), ()
@@ -72,7 +73,10 @@ class TPNorm(nn.Cell):
                 shard = shard + (sq,)
             else:
                 rep = rep + (sq,)
-        return ops.sqrt(ops.addn(rep) + self.all_reduce(ops.addn(shard)))
+        total = self.all_reduce(ops.addn(shard))
+        if rep:
+            total = total + ops.addn(rep)
+        return ops.sqrt(total)
 
 
 def stat_count(loss_net) -> int:
@@ -193,7 +197,7 @@ class TrainStep:
     `micro_batches` is any iterable of batch tuples (consumed once, in order)."""
 
     def __init__(self, loss_net, optimizer, loss_scale: LossScaleState, accum_steps: int = 1, clip: float = 1.0,
-                 reducer=None, loss_norm: float = 1.0, tp_norm: TPNorm = None):
+                 reducer=None, loss_norm: float = 1.0, tp_norm: ShardedNorm = None):
         self.accum_steps = accum_steps
         self.stat_names = tuple(getattr(loss_net, "stat_names", ()))
         if accum_steps == 1:

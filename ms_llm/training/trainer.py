@@ -98,6 +98,8 @@ def train(cfg: ExperimentConfig, stage: Stage, run_dir: str) -> TrainResult:
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(bool(h["skipped"]) for h in history)
     steps = (start + len(history)) if history else start
+    if layout.zero is not None:        # whole weights again on every rank, for the stage's exports and evaluations
+        layout.zero.unshard()
     return TrainResult(steps, metrics, history, resumed, evals, stopped_early=stopped, before=before)
 
 
@@ -122,9 +124,12 @@ def _save(cfg: ExperimentConfig, root: str, done: int, micro_index: int, stage: 
     full = {}
     for u in updaters:
         full.update(u.state_for_checkpoint())
-    weights, io = layout.whole_weights(model), stage.weights_io()
+    io = stage.weights_io()
+    weights = layout.whole_weights(model, shards_only=io is not None)
     writer = io[0] if io else model
-    if weights is not None:
+    if weights is not None and io is not None:       # ZeRO-3 with LoRA: the adapter's gathered factors
+        writer = lambda d, w=weights: io[0](d, w)    # noqa: E731
+    elif weights is not None:
         writer = lambda d, w=weights: save_state_dict(w, model.config, d)    # noqa: E731
     if not layout.main:
         return

@@ -61,8 +61,10 @@ class Updater:
             raise MsLlmError(f"updater {name!r}: no trainable parameters")
         if lr_scales is None and cfg.mup.enabled:
             lr_scales = mup.lr_scales(model, params, cfg.mup)
+        if layout.zero is not None:          # ZeRO-3: the model now reads these matrices through gathers
+            params = layout.zero.shard(loss_net, params)
         world = cfg.parallel.data_parallel
-        shard = (layout.rank, world) if cfg.parallel.optimizer_shard and world > 1 else None
+        shard = (layout.rank, world) if cfg.parallel.optimizer_shard == "zero1" and world > 1 else None
         self.optimizer = AdamW(params, (o.beta1, o.beta2), o.eps, o.weight_decay, lr_scales, shard)
         self.loss_scale = LossScaleState(uses_loss_scaling(cfg), t.loss_scale_init, t.loss_scale_factor,
                                          t.loss_scale_window)
@@ -122,4 +124,5 @@ class Updater:
 
     @property
     def sharded(self) -> bool:
-        return self.optimizer.sharded
+        """The optimizer state is split over ranks (ZeRO-1 or ZeRO-3)."""
+        return self.optimizer.sharded or self.layout.zero is not None
