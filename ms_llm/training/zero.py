@@ -105,6 +105,7 @@ class ZeroGroup:
     def __init__(self, rank: int, world: int, ascend: bool = False):
         self.rank, self.world, self.ascend = rank, world, ascend
         self.cells = []                 # cells whose `weight` is a shard
+        self.released = False           # after `unshard`: rank 0 holds whole weights, the others nothing to gather
         self._all_gather = None
 
     def shard(self, net, params) -> list:
@@ -149,27 +150,34 @@ class ZeroGroup:
 
     def whole_values(self, named: dict) -> dict:
         """{name: array} of `named` ({name: Parameter or array}) with every shard gathered whole, one tensor at
-        a time (a collective). Half-precision values are widened to float32 as models/io.model_state_dict does."""
+        a time (a collective). Half-precision values are widened to float32 as models/io.model_state_dict does.
+        Only rank 0, which writes checkpoints and exports, keeps them: the other ranks return {}."""
         out = {}
+        if self.released and self.rank:
+            return out
         for name, p in named.items():
             if isinstance(p, Parameter) and whole_shape(p) is not None:
-                out[name] = self.gather_host(p)
-            else:
+                value = self.gather_host(p)
+            elif self.rank == 0:
                 value = p.asnumpy() if hasattr(p, "asnumpy") else np.asarray(p)
-                out[name] = value if value.dtype == np.float32 or value.dtype.kind != "f" else value.astype(np.float32)
+                value = value if value.dtype == np.float32 or value.dtype.kind != "f" else value.astype(np.float32)
+            if self.rank == 0:
+                out[name] = value
         return out
 
     def unshard(self):
-        """Give every sharded cell its whole weight back (a collective): after training, for exports, merges and
-        evaluation on one rank. Graphs compiled before keep reading the shards: call this when training is over."""
+        """After training (a collective): rank 0's sharded cells get their whole weights back, for the stage's
+        exports, merges and evaluations; the other ranks, which export nothing, keep their shards (and must
+        not run the model again). Graphs compiled before keep reading the shards."""
         done = {}
         for cell in self.cells:
             p = cell.weight
             if id(p) not in done:
-                whole = Parameter(Tensor(self.gather_host(p)), name=p.name, requires_grad=p.requires_grad)
-                done[id(p)] = whole
-            name = p.name
-            cell.weight = done[id(p)]
-            cell.weight.name = name
-            cell.zero = None
-        self.cells = []
+                whole = self.gather_host(p)
+                done[id(p)] = None if self.rank else Parameter(Tensor(whole), name=p.name, requires_grad=p.requires_grad)
+            if self.rank == 0:
+                name = p.name
+                cell.weight = done[id(p)]
+                cell.weight.name = name
+                cell.zero = None
+        self.cells, self.released = [], True
