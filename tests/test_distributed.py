@@ -119,6 +119,31 @@ def test_sharded_optimizer_state_equals_the_unsharded_run_with_half_the_moments_
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_zero3_over_two_ranks_equals_one_process_and_resumes_in_one(workdir, one_process):
+    """parallel.optimizer_shard=zero3: each rank holds half of every matrix, its gradient and its Adam moments,
+    gathered just before use (with the decoder layers recomputed, so gathered again in the backward pass, and two
+    accumulated micro-batches, so gradients accumulate in the shards); same losses, gradient norms, whole
+    weights and whole Adam state as one process, and the checkpoint resumes in one process."""
+    one6, one = one_process
+    two = workdir / "runs" / "zero3"
+    _six_steps_on_two_ranks(workdir, two, "8159", "train.micro_batch_size=2", "train.grad_accum_steps=2",
+                            "parallel.recompute=true", "parallel.optimizer_shard=zero3")
+    assert _weights_gap(one6, two) <= 1e-5
+    np.testing.assert_allclose(_losses(two), _losses(one6), rtol=1e-6)
+    norms = [[json.loads(x)["grad_norm"] for x in open(d / "metrics.jsonl")] for d in (one6, two)]
+    np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
+    assert _optimizer_gap(one6, two) <= 1e-6                                       # whole state, gathered
+    held = [json.loads((d / "summary.json").read_text())["metrics"] for d in (one6, two)]
+    vectors = (2 * 2 + 1) * 64                  # the tiny preset's norm weights (2 layers x 2 + final), kept whole
+    assert held[1]["parameters_on_rank"] == (held[0]["parameters_on_rank"] - vectors) // 2 + vectors
+    assert held[1]["optimizer_state_elements"] == 2 * held[1]["parameters_on_rank"]
+    _resume_to_eight_in_one_process(workdir, two, "checkpoint.reshard=true", "train.grad_accum_steps=1")
+    np.testing.assert_allclose(_losses(two)[-2:], _losses(one)[-2:], rtol=1e-6)
+    assert _weights_gap(one, two) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_tensor_parallel_over_two_ranks_equals_one_process(workdir, one_process):
     """parallel.tensor_parallel=2: heads and MLP columns split over 2 ranks that read the same batch of 8;
     same losses, gradient norms and (whole, gathered) checkpoints as one process, which resumes them."""
@@ -177,11 +202,14 @@ def test_pipeline_of_two_stages_equals_one_process(workdir):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_killed_worker_fails_the_job_by_name_and_the_run_resumes(workdir):
+    """A rank killed mid-run fails the job by name; the ZeRO-3 run resumes from its last checkpoint (each rank
+    slicing its shards of the weights and Adam state from the whole tensors) and ends where a run that was never
+    interrupted ends."""
     from ms_llm.training import checkpoint as ckpt
-    # with sharded optimizer state, so the resume below loads each rank's own moments from the gathered file
+    # a constant learning rate: the resumed run's shorter max_steps changes no step's lr
     args = ["launch", "configs/tiny/pretrain.yaml", *COMMON, "train.max_steps=2000", "checkpoint.every=10",
-            "train.micro_batch_size=4", "parallel.optimizer_shard=true", "train.output_dir=runs/kill",
-            "--nproc-per-node", "2", "--log-dir", "logs_kill", "--cluster-timeout", "45"]
+            "train.micro_batch_size=4", "parallel.optimizer_shard=zero3", "lr_schedule.type=constant",
+            "train.output_dir=runs/kill", "--nproc-per-node", "2", "--log-dir", "logs_kill", "--cluster-timeout", "45"]
     proc = _cli(workdir, *args, "--master-port", "8153", wait=False)
     marker = workdir / "runs" / "kill" / "checkpoints" / "step_000010" / "MANIFEST.json"
     deadline = time.time() + 300
@@ -204,6 +232,12 @@ def test_killed_worker_fails_the_job_by_name_and_the_run_resumes(workdir):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((workdir / "runs" / "kill" / "summary.json").read_text())
     assert summary["steps"] == step + 10 and summary["status"] == "completed"
+    whole = [a.replace("runs/kill", "runs/unkilled").replace("logs_kill", "logs_unkilled") for a in args]
+    r = _cli(workdir, *whole, "--master-port", "8167")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _weights_gap(workdir / "runs" / "unkilled", workdir / "runs" / "kill") <= 1e-6
+    np.testing.assert_allclose(_losses(workdir / "runs" / "kill")[-10:], _losses(workdir / "runs" / "unkilled")[-10:],
+                               rtol=1e-6)
 
 
 def test_dry_run_two_nodes_of_eight(workdir):

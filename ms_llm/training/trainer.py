@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ms_llm.config import ExperimentConfig
 from ms_llm.errors import MsLlmError
 from ms_llm.models.io import load_weights, save_state_dict
+from ms_llm.models.shards import shape_of
 from ms_llm.training import checkpoint as ckpt
 from ms_llm.training.metrics import RunLogger, read_metrics
 from ms_llm.training.stage import Stage
@@ -43,7 +44,7 @@ def train(cfg: ExperimentConfig, stage: Stage, run_dir: str) -> TrainResult:
         raise MsLlmError(f"updater names must differ: {[u.name for u in updaters]}")
     for u in updaters:
         if u.sharded:
-            total = 2 * sum(int(p.size) for p in u.parameters)
+            total = 2 * sum(int(np.prod(shape_of(p))) for p in u.parameters)
             log.info("%s optimizer state sharded over %d ranks: rank %d holds %d of %d moment values (%.1f MB)",
                      u.name, cfg.parallel.data_parallel, layout.rank, u.state_elements(), total,
                      4 * u.state_elements() / 2**20)
