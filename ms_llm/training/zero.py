@@ -29,6 +29,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_llm.generation import forget_compiled
 from ms_llm.models.shards import local_value, shape_of, whole_shape  # noqa: F401  (re-exported)
 from ms_llm.training.collective import ordered_all_reduce
 
@@ -105,6 +106,7 @@ class ZeroGroup:
     def __init__(self, rank: int, world: int, ascend: bool = False):
         self.rank, self.world, self.ascend = rank, world, ascend
         self.cells = []                 # cells whose `weight` is a shard
+        self.nets = []                  # what `shard` was called on
         self.released = False           # after `unshard`: rank 0 holds whole weights, the others nothing to gather
         self._all_gather = None
 
@@ -112,6 +114,8 @@ class ZeroGroup:
         """Shard every matrix among `params` that a weight-reading cell under `net` holds; returns `params` with
         those replaced by their shards (same order). Call before anything compiles a graph of `net`."""
         wanted = {id(p) for p in params}
+        forget_compiled(net)
+        self.nets.append(net)
         swapped = {}
         for _, cell in net.cells_and_names():
             p = getattr(cell, "weight", None) if hasattr(cell, "read_weight") else None
@@ -180,4 +184,6 @@ class ZeroGroup:
                 cell.weight = done[id(p)]
                 cell.weight.name = name
                 cell.zero = None
-        self.cells, self.released = [], True
+        for net in self.nets:
+            forget_compiled(net)
+        self.cells, self.nets, self.released = [], [], True

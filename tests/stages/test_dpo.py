@@ -174,15 +174,17 @@ def test_lora_policy_uses_its_base_as_the_reference(tiny_pretrained):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_msrun_ranks_equal_one_process(tiny_pretrained):
-    """Batch 8 in one process = 2 msrun ranks of 4: per-step losses and final weights (batch 8 = 8 x 1
-    accumulation is checked in process above)."""
+    """Batch 8 in one process = 2 msrun ranks of 4, plain and with ZeRO-3 (half of every matrix, its gradient and
+    Adam state per rank): per-step losses and final weights (batch 8 = 8 x 1 accumulation is checked in process
+    above)."""
     from ms_llm.models.safetensors_io import read_safetensors
     over = ("train.max_steps=3", "checkpoint.every=0", "train.eval_every=0", "train.log_every=1", "dpo.eval_data=null")
     _dpo(tiny_pretrained, "train.output_dir=runs/dpo_b8", "train.micro_batch_size=8", *over)
-    run_cli(tiny_pretrained, "launch", "configs/tiny/dpo.yaml", *QUICK, *BASE, *over, "train.micro_batch_size=4",
-            "train.output_dir=runs/dpo_dp2", "--nproc-per-node", "2", "--master-port", "8171", "--log-dir",
-            "logs_dpo", "--cluster-timeout", "60")
-    runs = [tiny_pretrained / "runs" / n for n in ("dpo_b8", "dpo_dp2")]
+    for name, port, shard in (("dpo_dp2", "8171", "none"), ("dpo_zero3", "8177", "zero3")):
+        run_cli(tiny_pretrained, "launch", "configs/tiny/dpo.yaml", *QUICK, *BASE, *over, "train.micro_batch_size=4",
+                f"parallel.optimizer_shard={shard}", f"train.output_dir=runs/{name}", "--nproc-per-node", "2",
+                "--master-port", port, "--log-dir", f"logs_{name}", "--cluster-timeout", "60")
+    runs = [tiny_pretrained / "runs" / n for n in ("dpo_b8", "dpo_dp2", "dpo_zero3")]
     losses = [[r["loss"] for r in _rows(run)] for run in runs]
     weights = [read_safetensors(str(run / "final" / "model.safetensors")) for run in runs]
     for other, w in zip(losses[1:], weights[1:]):

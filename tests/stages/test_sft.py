@@ -95,3 +95,36 @@ def test_sigkill_and_resume_with_neftune_and_lora_dropout_equals_uninterrupted(p
     off = [json.loads(x)["loss"] for x in open(pretrained / "runs" / "neft_off" / "metrics.jsonl")]
     on = [json.loads(x)["loss"] for x in open(pretrained / "runs" / "neft_a" / "metrics.jsonl")][:1]
     assert off[0] != on[0]                # step 1, same weights: the noise changes the training forward
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_lora_sft_with_zero3_on_two_ranks_equals_one_process(pretrained):
+    """parallel.optimizer_shard=zero3 with LoRA: only the adapter's factors are sharded (the frozen base stays
+    whole); batch 8 in one process = 2 msrun ranks of 4 in per-step losses, the adapter, the merged export and
+    the end-of-run evaluation, whose generation reads the gathered factors on both ranks."""
+    import numpy as np
+    from conftest import run_cli
+    from ms_llm.models.safetensors_io import read_safetensors
+    over = ("train.max_steps=4", "checkpoint.every=2", "train.eval_every=0", "train.log_every=1", "sft.eval_limit=4",
+            "sft.lora.dropout=0", "lr_schedule.warmup_steps=0", "data.seq_len=64", "train.progress_bar=false",
+            "log.plots=false")
+    _train(pretrained, "configs/tiny/sft_lora.yaml", *over, "train.micro_batch_size=8",
+           "train.output_dir=runs/sft_lora_b8")
+    run_cli(pretrained, "launch", "configs/tiny/sft_lora.yaml", *over, "train.micro_batch_size=4",
+            "parallel.optimizer_shard=zero3", "train.output_dir=runs/sft_lora_zero3", "--nproc-per-node", "2",
+            "--master-port", "8175", "--log-dir", "logs_sft_zero3", "--cluster-timeout", "60")
+    runs = [pretrained / "runs" / n for n in ("sft_lora_b8", "sft_lora_zero3")]
+    rows = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in runs]
+    losses = [[r["loss"] for r in x if "loss" in r] for x in rows]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+    assert losses[0][-1] != losses[0][0]
+    for path in ("final_adapter/adapter_model.safetensors", "final/model.safetensors",
+                 "checkpoints/step_000002/adapter_model.safetensors"):
+        a, b = (read_safetensors(str(run / path)) for run in runs)
+        assert set(a) == set(b)
+        assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5, path
+    summaries = [json.loads((run / "summary.json").read_text())["metrics"] for run in runs]
+    assert summaries[1]["eval/exact_match"] == summaries[0]["eval/exact_match"]
+    lora_values = sum(v.size for v in read_safetensors(str(runs[0] / "final_adapter" / "adapter_model.safetensors")).values())
+    assert summaries[1]["optimizer_state_elements"] == lora_values          # 2 moments x half of each factor
