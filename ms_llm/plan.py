@@ -8,8 +8,12 @@ The plan counts what this release's code holds, component by component, with the
 - trainable weights: float32 masters of every trained parameter (a LoRA base too: its weights stay float32);
 - gradients: one float32 copy per trainable parameter, a second for the unscaled copy the train step makes
   (training/step.py), a third when micro-batches accumulate (`train.grad_accum_steps` > 1);
-- optimizer: AdamW's two float32 moments, 1/data_parallel of them under ZeRO-1 (`parallel.optimizer_shard`),
+- optimizer: AdamW's two float32 moments, 1/data_parallel of them under ZeRO-1 (`parallel.optimizer_shard: zero1`),
   which then also all-reduces full-size float32 updates (training/optim.py);
+- under ZeRO-3 (`parallel.optimizer_shard: zero3`, training/zero.py) the trained matrices, their gradients,
+  accumulation buffers and moments are 1/data_parallel each, plus the matrices gathered whole while in use
+  (every one without `parallel.recompute`, one layer's and the lm_head's with it) and one full-size gradient
+  before its reduce-scatter;
 - activations: `ACTIVATION_VALUES` values of the compute dtype per token, per layer and per unit of
   hidden_size + intermediate_size — with fused kernels (CPU kernels, Ascend's fused ops) or the composed
   reference ops, `LORA_ACTIVATION_VALUES` more when LoRA layers train, each fitted on one CPU measurement
@@ -38,6 +42,7 @@ import os
 import re
 
 from ms_llm.config import load_config
+from ms_llm.config.validate import STAGE_RULES
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json
 from ms_llm.models.config import ModelConfig, preset
@@ -110,26 +115,62 @@ def _half(dtype: str, device: str) -> str:
     return ("bfloat16" if device == "910b" else "float32") if dtype == "auto" else dtype
 
 
+def _matrices(shape: ModelConfig) -> tuple:
+    """(values in one decoder layer's matrices, in the lm_head's, in all matrices): what ZeRO-3 shards."""
+    h, kv = shape.hidden_size, shape.num_key_value_heads * shape.head_dim
+    q = shape.num_attention_heads * shape.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * shape.intermediate_size
+    head = shape.vocab_size * h
+    return layer, head, layer * shape.num_hidden_layers + head * (1 if shape.tie_word_embeddings else 2)
+
+
 def _trained(cfg, shape: ModelConfig, label: str, lora, dp: int, split: int, device: str = "cpu") -> list:
     """Weights, gradients and optimizer state of one trained model (`split`: tensor/pipeline ranks it is cut over)."""
     total = shape.num_parameters() // split
-    shard = dp if cfg.parallel.optimizer_shard else 1
+    mode = cfg.parallel.optimizer_shard if dp > 1 else "none"
+    zero3 = dp if mode == "zero3" else 1
     out = []
     if lora is not None and lora.enabled:
         trainable = lora_parameters(shape, lora.r, lora.targets) // split
         base = _half(lora.base_dtype, device)
-        out.append(Component(f"{label} weights", BYTES[base] * total + 4 * trainable,
-                             f"{total:,} frozen base parameters in {base} + {trainable:,} LoRA parameters, float32"))
+        out.append(Component(f"{label} weights", BYTES[base] * total + 4 * trainable // zero3,
+                             f"{total:,} frozen base parameters in {base} + {trainable:,} LoRA parameters, float32"
+                             + (f", 1/{zero3} of them (ZeRO-3)" if zero3 > 1 else "")))
     else:
         trainable = total
-        out.append(Component(f"{label} weights", 4 * trainable, f"{trainable:,} parameters, float32 masters"))
+        out.append(Component(f"{label} weights", 4 * trainable // zero3, f"{trainable:,} parameters, float32 masters"
+                             + (f", 1/{zero3} of each matrix (ZeRO-3)" if zero3 > 1 else "")))
+    if zero3 > 1:
+        out.append(_gathered(cfg, shape, label, lora, device))
     copies = 2 + (cfg.train.grad_accum_steps > 1)
-    out.append(Component(f"{label} gradients", 4 * trainable * copies,
-                         "gradients, the unscaled copy" + (", the accumulation buffer" if copies == 3 else "")))
-    out.append(Component(f"{label} optimizer", 8 * trainable // shard + (4 * trainable if shard > 1 else 0),
-                         "AdamW m and v" + (f" over {shard} ranks + full-size float32 updates (ZeRO-1)"
-                                            if shard > 1 else "")))
+    out.append(Component(f"{label} gradients", 4 * trainable * copies // zero3,
+                         "gradients, the unscaled copy" + (", the accumulation buffer" if copies == 3 else "")
+                         + (" of this rank's shards" if zero3 > 1 else "")))
+    zero1 = dp if mode == "zero1" else 1
+    out.append(Component(f"{label} optimizer", 8 * trainable // (zero1 * zero3) + (4 * trainable if zero1 > 1 else 0),
+                         "AdamW m and v" + (f" over {zero1} ranks + full-size float32 updates (ZeRO-1)"
+                                            if zero1 > 1 else "") + (f" of the shards (ZeRO-3)" if zero3 > 1 else "")))
     return out
+
+
+def _gathered(cfg, shape: ModelConfig, label: str, lora, device: str) -> Component:
+    """ZeRO-3's whole matrices while they are in use (training/zero.py), in the dtype their products read: without
+    recompute the backward pass keeps every gathered matrix from the forward; with it, one decoder layer's at a
+    time and the lm_head's (the readout's backward reads it). Plus the full-size gradient of the largest matrix
+    before its reduce-scatter (on CPU an AllReduce: the padded gradient and the sum, float32)."""
+    elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
+    if device == "cpu" and cfg.context.kernels in ("auto", "cpu"):
+        elem = 4                                          # (the CPU kernels read float32 weights)
+    layer, head, every = _matrices(shape)
+    if lora is not None and lora.enabled:                 # only the adapter's factors are sharded
+        layer = lora_parameters(shape, lora.r, lora.targets) // shape.num_hidden_layers
+        head, every = 0, layer * shape.num_hidden_layers
+    held = layer + head if cfg.parallel.recompute else every
+    largest = max(layer // 3, head)
+    scatter = largest * 4 * (2 if device == "cpu" else 1)
+    how = "one decoder layer's + the lm_head's (recompute)" if cfg.parallel.recompute else "every matrix (no recompute)"
+    return Component(f"{label} gathered weights", held * elem + scatter,
+                     f"ZeRO-3: {how} gathered whole, + one full-size gradient before its reduce-scatter")
 
 
 def _activations(cfg, shape: ModelConfig, label: str, rows: int, seq: int, device: str, split: int,
@@ -244,7 +285,9 @@ def budget(cfg, device: str, nproc_per_node: int) -> tuple:
 
 CHANGES = (  # (description, overrides), cheapest first
     ("recompute activations (parallel.recompute: true)", {"parallel.recompute": True}),
-    ("shard Adam's moments (parallel.optimizer_shard: true)", {"parallel.optimizer_shard": True}),
+    ("shard Adam's moments (parallel.optimizer_shard: zero1)", {"parallel.optimizer_shard": "zero1"}),
+    ("shard weights, gradients and Adam's moments (parallel.optimizer_shard: zero3, parallel.recompute: true)",
+     {"parallel.optimizer_shard": "zero3", "parallel.recompute": True}),
     ("half the micro-batch, twice the accumulation", "halve"),
     ("chunk the log-prob readout (context.loss_chunk_tokens: 1024)", {"context.loss_chunk_tokens": 1024}),
 )
@@ -258,12 +301,15 @@ def _apply(cfg, change):
         c.train.micro_batch_size //= 2
         c.train.grad_accum_steps *= 2
         return c
+    if c.parallel.optimizer_shard != change.get("parallel.optimizer_shard", "zero1") == "zero3" \
+            and "zero3" not in STAGE_RULES[c.stage].layouts:
+        return None                                       # a stage that does not take ZeRO-3
+    same = True
     for key, value in change.items():
         section, field = key.split(".")
-        if getattr(getattr(c, section), field) == value:
-            return None
+        same = same and getattr(getattr(c, section), field) == value
         setattr(getattr(c, section), field, value)
-    return c
+    return None if same else c
 
 
 def plan(cfg, nproc_per_node: int = 1, nnodes: int = 1, device: str = None) -> dict:
@@ -292,7 +338,8 @@ def plan(cfg, nproc_per_node: int = 1, nnodes: int = 1, device: str = None) -> d
             suggestion = (f"no single config change fits ({'; '.join(tried) or 'none applies'}); twice the ranks: "
                           f"{more / GB:.1f} GB per rank. Weights, gradients and AdamW state "
                           f"({sum(c.bytes for c in parts if c.name.endswith(('weights', 'gradients', 'optimizer'))) / GB:.1f} GB) "
-                          "are sharded no further than ZeRO-1's moments in this release")
+                          "stay whole on every rank outside the stages that take ZeRO-3 "
+                          "(parallel.optimizer_shard: zero3)")
     return {"config": cfg.stage, "device": device, "device_kind": DEVICES[device], "ranks": ranks,
             "budget_bytes": limit, "budget": limit_note, "total_bytes": total, "fits": total <= limit,
             "components": [dataclasses.asdict(c) for c in parts], "suggestion": suggestion}

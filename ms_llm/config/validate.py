@@ -218,7 +218,7 @@ STAGE_RULES = {
     "cpt": StageRules(frozenset({"tensor_parallel", "pipeline_stages", "zero3"}), reads_index=True, check=_check_cpt),
     "distill": StageRules(check=_check_distill),
     "sft": StageRules(frozenset({"zero3"}), check=_check_sft),
-    "reward": StageRules(mup=False, check=_check_reward),
+    "reward": StageRules(frozenset({"zero3"}), mup=False, check=_check_reward),
     "dpo": StageRules(frozenset({"zero3"}), mup=False, check=_check_dpo),
     "ppo": StageRules(mup=False, check=_check_ppo),
     "grpo": StageRules(mup=False, check=_check_grpo),

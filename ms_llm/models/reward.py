@@ -28,6 +28,7 @@ from ms_llm.manifest import verify as verify_manifest
 from ms_llm.models.decoder import CausalLM, Linear
 from ms_llm.models.io import load_pretrained, resolve_model_dir
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
+from ms_llm.models.shards import local_value, shape_of
 
 HEAD_FILE, CONFIG_FILE = "reward_head.safetensors", "reward_config.json"
 ACTIVATIONS = {"gelu": ops.gelu, "relu": ops.relu, "tanh": ops.tanh, "silu": ops.silu}
@@ -67,10 +68,10 @@ class RewardHead(nn.Cell):
         if set(params) != set(tensors):
             raise MsLlmError(f"{source}: {what} keys {sorted(tensors)} do not match {sorted(params)}")
         for name, p in params.items():
-            if tuple(tensors[name].shape) != tuple(p.shape):
+            if tuple(tensors[name].shape) != shape_of(p):
                 raise MsLlmError(f"{source}: '{name}' has shape {list(tensors[name].shape)}, the {what} on a backbone "
-                                 f"of hidden size {self.dense.weight.shape[1]} needs {list(p.shape)}")
-            p.set_data(Tensor(np.asarray(tensors[name], np.float32)))
+                                 f"of hidden size {self.dense.in_features} needs {list(shape_of(p))}")
+            p.set_data(Tensor(local_value(p, np.asarray(tensors[name], np.float32))))
 
 
 class RewardModel(nn.Cell):
@@ -98,8 +99,11 @@ class RewardModel(nn.Cell):
         h = (hidden * pick.expand_dims(-1)).sum(1)                                # [B, H]
         return self.score_head(h)
 
-    def head_state(self) -> dict:
-        return {n: p.asnumpy() for n, p in self.score_head.parameters_and_names()}
+    def head_state(self, weights: dict = None) -> dict:
+        """{name: array} of the head; `weights`: values to take instead of the parameters' own where it has them
+        (ZeRO-3's gathered matrices, named as the head names them)."""
+        weights = weights or {}
+        return {n: weights[n] if n in weights else p.asnumpy() for n, p in self.score_head.parameters_and_names()}
 
     def load_head(self, tensors: dict, source: str):
         self.score_head.load(tensors, source, "reward head")
@@ -110,10 +114,11 @@ class RewardModel(nn.Cell):
                 "chat_template": chat_template}
 
 
-def save_head(rm: RewardModel, folder: str, calibration: dict = None, chat_template: str = None):
-    """reward_head.safetensors + reward_config.json into `folder` (the backbone is saved separately)."""
+def save_head(rm: RewardModel, folder: str, calibration: dict = None, chat_template: str = None, weights: dict = None):
+    """reward_head.safetensors + reward_config.json into `folder` (the backbone is saved separately); `weights`:
+    see RewardModel.head_state."""
     os.makedirs(folder, exist_ok=True)
-    write_safetensors(os.path.join(folder, HEAD_FILE), rm.head_state(), {"format": "pt"})
+    write_safetensors(os.path.join(folder, HEAD_FILE), rm.head_state(weights), {"format": "pt"})
     write_json_atomic(os.path.join(folder, CONFIG_FILE), rm.config_dict(calibration, chat_template))
 
 

@@ -23,7 +23,7 @@ from ms_llm.eval.reward import fit_platt, pair_metrics, score_pairs, split_calib
 from ms_llm.eval.results import gate
 from ms_llm.losses.reward import RewardLoss
 from ms_llm.models.build import build_model
-from ms_llm.models.io import load_weights, save_pretrained
+from ms_llm.models.io import load_weights, model_state_dict, save_pretrained, save_state_dict
 from ms_llm.models.reward import HEAD_FILE, RewardModel, save_head, truncate
 from ms_llm.models.safetensors_io import read_safetensors
 from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base, load_adapter, save_adapter
@@ -46,12 +46,17 @@ def checkpoint_io(cfg: ExperimentConfig, rm: RewardModel):
     """(writer, reader) of a checkpoint's weights: the backbone (or its adapter) and the head."""
     lora = cfg.reward.lora.enabled
 
-    def write(folder):
+    def write(folder, weights=None):
+        # weights: ZeRO-3's gathered matrices of the reward model (trainer._save); the rest is read as it is held
+        def part(prefix):
+            return {n[len(prefix):]: v for n, v in (weights or {}).items() if n.startswith(prefix)}
         if lora:
-            save_adapter(rm.backbone, folder, cfg.model.init_from)
+            save_adapter(rm.backbone, folder, cfg.model.init_from, part("backbone."))
+        elif weights:
+            save_state_dict({**model_state_dict(rm.backbone), **part("backbone.")}, rm.backbone.config, folder)
         else:
             save_pretrained(rm.backbone, folder)
-        save_head(rm, folder, chat_template=cfg.tokenizer.chat_template)
+        save_head(rm, folder, chat_template=cfg.tokenizer.chat_template, weights=part("score_head."))
 
     def read(folder):
         if lora:
