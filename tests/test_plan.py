@@ -89,12 +89,13 @@ LORA_SFT = ["model.init_from=null", "model.preset=tiny", "train.eval_every=0", "
 @pytest.mark.parametrize("case,config,extra,ranks", [
     ("tiny", "pretrain", [], 1), ("bench33m", "pretrain", BENCH, 1),
     ("bench33m_reference", "pretrain", BENCH + ["context.kernels=reference"], 1),
-    ("bench33m_dp2", "pretrain", BENCH, 2), ("lora_sft_float16_base", "sft_lora", LORA_SFT, 1)])
+    ("bench33m_dp2", "pretrain", BENCH, 2), ("bench33m_zero3", "pretrain", BENCH + ["parallel.optimizer_shard=zero3"], 2),
+    ("lora_sft_float16_base", "sft_lora", LORA_SFT, 1)])
 def test_plan_is_within_20_percent_of_the_peak_rss_measured_from_outside(tiny_pretrained, case, config, extra, ranks):
     """Each worker's resident-set high-water mark, sampled from /proc of the process tree (never the run's own
     accounting), against the plan's total for one rank: the tiny pretrain, the 33M bench model with the CPU
-    kernels and with the reference ops, on 2 msrun ranks, and LoRA SFT of the 33M shape (the tokenizer's
-    vocabulary) with its base held in float16."""
+    kernels and with the reference ops, on 2 msrun ranks plain and with ZeRO-3, and LoRA SFT of the 33M shape
+    (the tokenizer's vocabulary) with its base held in float16."""
     from ms_llm.bench import process_tree_peaks
     args = [f"configs/tiny/{config}.yaml", *COMMON, *extra, f"train.output_dir=runs/plan_{case}"]
     shutil.rmtree(tiny_pretrained / "runs" / f"plan_{case}", ignore_errors=True)

@@ -36,7 +36,9 @@ class WeightReader:
     def read_weight(self, after=None):
         if self.zero is None:
             return self.weight
-        return self.zero(self.weight, after)
+        # one element of `after`, not `after` itself: the gather cell keeps its inputs for its backward, and an
+        # activation held there (the sibling projection's output) would live until the backward pass
+        return self.zero(self.weight, after.reshape((-1,))[:1])
 
     def gather_dtype(self):
         """The dtype a gathered weight travels in: what the product reads."""

@@ -66,25 +66,24 @@ def read_safetensors(path: str, names=None) -> dict:
 
 def write_safetensors(path: str, tensors: dict, metadata: dict = None):
     """Write numpy arrays atomically (temp file + fsync + rename) in insertion order."""
-    header, chunks, pos = {}, [], 0
+    header, arrays, pos = {}, [], 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name, arr in tensors.items():
         arr = np.asarray(arr, order="C")    # (ascontiguousarray would turn scalars into [1])
         if arr.dtype.str not in _ST:
             raise ValueError(f"cannot store dtype {arr.dtype} for '{name}'")
-        blob = arr.tobytes()
-        header[name] = {"dtype": _ST[arr.dtype.str], "shape": list(arr.shape), "data_offsets": [pos, pos + len(blob)]}
-        chunks.append(blob)
-        pos += len(blob)
+        header[name] = {"dtype": _ST[arr.dtype.str], "shape": list(arr.shape), "data_offsets": [pos, pos + arr.nbytes]}
+        arrays.append(arr)
+        pos += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for blob in chunks:
-            f.write(blob)
+        for arr in arrays:            # the arrays' own bytes: no second copy of the state in memory
+            f.write(memoryview(arr.reshape(-1)).cast("B") if arr.size else b"")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
