@@ -342,7 +342,20 @@ def plan(cfg, nproc_per_node: int = 1, nnodes: int = 1, device: str = None) -> d
                           "(parallel.optimizer_shard: zero3)")
     return {"config": cfg.stage, "device": device, "device_kind": DEVICES[device], "ranks": ranks,
             "budget_bytes": limit, "budget": limit_note, "total_bytes": total, "fits": total <= limit,
-            "components": [dataclasses.asdict(c) for c in parts], "suggestion": suggestion}
+            "components": [dataclasses.asdict(c) for c in parts], "suggestion": suggestion,
+            "rank0_host_bytes": rank0_staging(cfg, parts, ranks)}
+
+
+def rank0_staging(cfg, parts, ranks: int) -> int:
+    """Host memory rank 0 holds while it writes a checkpoint under ZeRO-3: the trained float32 weights and both
+    Adam moments gathered whole into its memory, one tensor at a time (training/zero.py). On Ascend this is the
+    host's RAM, not the NPU's; on CPU it is the same memory as the rank's."""
+    split = max(1, cfg.parallel.tensor_parallel) * max(1, cfg.parallel.pipeline_stages)
+    dp = max(1, ranks // split)
+    if cfg.parallel.optimizer_shard != "zero3" or dp < 2:
+        return 0
+    moments = sum(c.bytes for c in parts if c.name.endswith(" optimizer")) * dp      # 8 bytes per trained value
+    return moments * 3 // 2                                                            # + the 4-byte weights
 
 
 def table(p: dict) -> str:
@@ -350,6 +363,9 @@ def table(p: dict) -> str:
     rows += [f"{c['name']:<28}{c['bytes'] / GB:>9.2f}  {c['note']}" for c in p["components"]]
     rows.append(f"{'total per rank':<28}{p['total_bytes'] / GB:>9.2f}  on {p['ranks']} rank(s), {p['device_kind']}")
     rows.append(f"{'budget':<28}{p['budget_bytes'] / GB:>9.2f}  {p['budget']}")
+    if p.get("rank0_host_bytes"):
+        rows.append(f"{'rank 0 checkpoint staging':<28}{p['rank0_host_bytes'] / GB:>9.2f}  host memory on rank 0 while "
+                    "it writes a checkpoint (ZeRO-3 gathers whole tensors there)")
     if p["fits"]:
         verdict = "fits"
     elif p["suggestion"].startswith("no single"):

@@ -113,7 +113,10 @@ def test_plan_is_within_20_percent_of_the_peak_rss_measured_from_outside(tiny_pr
     assert len(peaks) == ranks
     os.chdir(tiny_pretrained)
     cfg = load_config(args[0], args[1:] + ([f"parallel.data_parallel={ranks}"] if ranks > 1 else []), check=False)
-    planned = plan(cfg, ranks, 1, "cpu")["total_bytes"] / 2 ** 20
-    print(f"{case}: planned {planned:.0f} MB, measured {[round(p) for p in peaks]} MB")
-    for peak in peaks:
-        assert abs(planned - peak) <= 0.2 * peak, (case, planned, peaks)
+    p = plan(cfg, ranks, 1, "cpu")
+    planned, staging = p["total_bytes"] / 2 ** 20, p["rank0_host_bytes"] / 2 ** 20
+    print(f"{case}: planned {planned:.0f} MB (+{staging:.0f} MB on rank 0), measured {[round(x) for x in peaks]} MB")
+    # rank 0, which writes the checkpoints, has the larger peak: it gathers ZeRO-3's whole tensors
+    peaks = sorted(peaks)
+    for peak, want in zip(peaks, [planned] * (len(peaks) - 1) + [planned + staging]):
+        assert abs(want - peak) <= 0.2 * peak, (case, planned, staging, peaks)
