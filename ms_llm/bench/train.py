@@ -6,6 +6,10 @@ transformers on PyTorch (eager, torch.optim.AdamW) and, when the [mindformers] e
 mindformers' LlamaForCausalLM (GRAPH_MODE TrainOneStepCell). Each runs in its own child process so peak
 RSS is its own; compilation and two warm-up steps are excluded. MFU = achieved training FLOP/s over the
 machine's fp32 GEMM peak, measured here with a 2048^3 matmul in every library (the best one counts).
+
+`ms_llm_dp2` and `ms_llm_zero3` train the same global batch on 2 msrun ranks (each rank half of the rows,
+one CPU core each on a 2-core machine): plain data parallel and ZeRO-3 (training/zero.py), side by side.
+Their peak RSS is rank 0's own (the largest of the two ranks' when they differ).
 """
 import argparse
 import importlib.util
@@ -17,8 +21,10 @@ import time
 import numpy as np
 
 from ms_llm.bench import run_worker
+from ms_llm.errors import MsLlmError
 
-FRAMEWORKS = ("ms_llm", "ms_llm_reference", "ms_llm_lora", "torch", "mindformers")
+FRAMEWORKS = ("ms_llm", "ms_llm_reference", "ms_llm_lora", "torch", "mindformers", "ms_llm_dp2", "ms_llm_zero3")
+RANKED = {"ms_llm_dp2": False, "ms_llm_zero3": True}          # 2 msrun ranks: with ZeRO-3?
 
 
 def train_flops_per_token(h, layers, inter, vocab, seq) -> float:
@@ -88,6 +94,67 @@ def run_ms_llm(a, lora: bool = False, kernels: str = "auto"):
     return lambda: step(batch, 1e-4)["loss"]
 
 
+def run_ms_llm_ranks(a, zero3: bool):
+    """One of 2 msrun ranks: half of the batch's rows, gradients summed over the ranks (ZeRO-3: reduce-scattered
+    into each rank's shards)."""
+    # MindSpore only in the process that runs the MindSpore side
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+
+    from ms_llm.context import setup_context
+    from ms_llm.distributed import SumReducer
+    from ms_llm.losses.lm import LMLoss
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.training.layout import Layout
+    from ms_llm.training.optim import AdamW
+    from ms_llm.training.step import LossScaleState
+    from ms_llm.training.zero import ZeroGroup
+    setup_context("graph", seed=0)
+    init()
+    rank, world = get_rank(), get_group_size()
+    layout = Layout(rank, world, SumReducer(), zero=ZeroGroup(rank, world) if zero3 else None)
+    model = CausalLM(preset("tiny", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
+                            num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
+                            max_position_embeddings=a.seq))
+    loss_net = LMLoss(model)
+    params = loss_net.trainable_params()
+    if zero3:
+        params = layout.zero.shard(loss_net, params)
+    step = layout.train_step(model, loss_net, AdamW(params, weight_decay=0.1), LossScaleState(False), 1, 1.0,
+                             float(a.batch * a.seq))
+    ids = _batch(a)[rank::world]
+    batch = [(ms.Tensor(ids[:, :-1]), ms.Tensor(ids[:, 1:]))]
+    return lambda: step(batch, 1e-4)["loss"]
+
+
+def _run_ranked(fw: str, a) -> dict:
+    """`fw` on 2 msrun ranks; rank 0's JSON line, with the larger of the two ranks' peak RSS."""
+    import subprocess
+    import tempfile
+    logs = tempfile.mkdtemp(prefix=f"bench_{fw}_")
+    keys = ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "steps", "workdir")
+    argv = ["bench", "train", "--worker", fw, *[f"--{k}={getattr(a, k)}" for k in keys]]
+    # msrun takes a script file and would read the worker's --flags as its own: they travel in the environment
+    script = os.path.join(logs, "worker.py")
+    with open(script, "w") as f:
+        f.write("import json, os, sys\nfrom ms_llm.cli import main\n"
+                "sys.exit(main(json.loads(os.environ['MS_LLM_BENCH_ARGV'])))\n")
+    cmd = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={a.port}", f"--log_dir={logs}",
+           "--join=True", script]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MS_LLM_BENCH_ARGV=json.dumps(argv)))
+    rows = []
+    for rank in (0, 1):
+        path = os.path.join(logs, f"worker_{rank}.log")
+        lines = [x for x in open(path).read().splitlines() if x.startswith("{")] if os.path.isfile(path) else []
+        rows.append(json.loads(lines[-1]) if lines else None)
+    if r.returncode or None in rows:
+        print(f"{fw}: failed (logs in {logs})\n{r.stderr[-1000:]}")
+        return None
+    out = rows[0]
+    out["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rows)
+    return out
+
+
 def run_torch(a):
     # PyTorch only in the process that runs the PyTorch side
     import torch
@@ -135,9 +202,11 @@ def run_mindformers(a):
 def worker(a):
     """Child process: build, warm up, time `a.steps` steps, print one JSON line."""
     build = {"ms_llm": run_ms_llm, "ms_llm_reference": run_ms_llm_reference, "ms_llm_lora": run_ms_llm_lora,
-             "torch": run_torch, "mindformers": run_mindformers}[a.worker]
-    os.makedirs(a.workdir, exist_ok=True)
-    os.chdir(a.workdir)                        # MindSpore and mindformers write ./rank_0, ./output
+             "torch": run_torch, "mindformers": run_mindformers,
+             **{fw: (lambda a, z=z: run_ms_llm_ranks(a, z)) for fw, z in RANKED.items()}}[a.worker]
+    workdir = os.path.join(a.workdir, a.worker) if a.worker in RANKED else a.workdir
+    os.makedirs(workdir, exist_ok=True)
+    os.chdir(workdir)                          # MindSpore and mindformers write ./rank_0, ./output
     step = build(a)
     losses = [step() for _ in range(2)]
     t = time.perf_counter()
@@ -160,7 +229,8 @@ def run(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--frameworks", default="ms_llm,ms_llm_reference,torch,mindformers",
                    help="comma list of ms_llm, ms_llm_reference (the reference ops instead of the CPU kernels), "
-                        "ms_llm_lora, torch, mindformers")
+                        "ms_llm_lora, torch, mindformers, ms_llm_dp2 and ms_llm_zero3 (2 msrun ranks each)")
+    p.add_argument("--port", type=int, default=8197, help="msrun's master port for the 2-rank variants")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_train"))
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results to this file")
@@ -175,7 +245,13 @@ def run(argv=None):
             if importlib.util.find_spec("mindformers") is None:
                 print("mindformers: not installed (pip install -e .[mindformers]); skipped")
                 continue
-        res = run_worker("train", fw, a, ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "steps", "workdir"))
+        if fw not in FRAMEWORKS:
+            raise MsLlmError(f"--frameworks: unknown '{fw}'; choose from {', '.join(FRAMEWORKS)}")
+        if fw in RANKED:
+            res = _run_ranked(fw, a)
+        else:
+            res = run_worker("train", fw, a, ("hidden", "layers", "heads", "inter", "vocab", "seq", "batch", "steps",
+                                              "workdir"))
         if res is None:
             continue
         res["mfu"] = res["tokens_per_s"] * flops_tok / (peak["peak"] * 1e9)
