@@ -33,7 +33,8 @@ from ms_llm.training.metrics import read_metrics
 # name -> (data_parallel, tensor_parallel, pipeline_stages, extra overrides)
 LAYOUTS = {
     "dp2": (2, 1, 1, []),
-    "zero2": (2, 1, 1, ["parallel.optimizer_shard=true"]),
+    "zero2": (2, 1, 1, ["parallel.optimizer_shard=zero1"]),
+    "zero3x2": (2, 1, 1, ["parallel.optimizer_shard=zero3", "parallel.recompute=true"]),
     "tp2": (1, 2, 1, []),
     "pp2": (1, 1, 2, []),
     "dp2xtp2": (2, 2, 1, []),
@@ -44,7 +45,8 @@ LAYOUTS = {
 def _parse(argv):
     p = argparse.ArgumentParser(prog="ms-llm bench layouts", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/tiny/pretrain.yaml")
-    p.add_argument("--layouts", default="dp2,zero2,tp2,pp2,dp2xtp2,dp2xpp2", help=f"comma list of {sorted(LAYOUTS)}")
+    p.add_argument("--layouts", default="dp2,zero2,zero3x2,tp2,pp2,dp2xtp2,dp2xpp2",
+                   help=f"comma list of {sorted(LAYOUTS)}")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--layers", type=int, default=3, help="decoder layers (3: the pipeline split is uneven)")
     p.add_argument("--out", default="runs/bench_layouts")

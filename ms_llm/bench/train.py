@@ -129,6 +129,7 @@ def run_ms_llm_ranks(a, zero3: bool):
 
 def _run_ranked(fw: str, a) -> dict:
     """`fw` on 2 msrun ranks; rank 0's JSON line, with the larger of the two ranks' peak RSS."""
+    # only the parent of the 2-rank runs starts msrun
     import subprocess
     import tempfile
     logs = tempfile.mkdtemp(prefix=f"bench_{fw}_")

@@ -114,8 +114,8 @@ class CheckpointSection:
     every: int = opt(100, "Steps between checkpoints (0: only the final one)")
     keep: int = opt(5, "Checkpoints kept (older ones deleted)", range="[1, inf)")
     resume: str = opt("auto", "auto: continue from the newest valid checkpoint; none: start fresh; or a checkpoint path")
-    reshard: bool = opt(False, "Allow resuming with a different data-parallel world size (weights are not sharded, so "
-                               "only the data position is re-split; it must divide evenly)")
+    reshard: bool = opt(False, "Allow resuming with a different data-parallel world size (checkpoints hold whole "
+                               "tensors, so only the data position is re-split; it must divide evenly)")
 
 
 @dataclass
