@@ -71,13 +71,6 @@ def _steppers(model):
     return model._decode_step
 
 
-def forget_compiled(net):
-    """Drop the DecodeSteps cached on `net` and its cells: their graphs read the Parameters they compiled
-    against, so whatever swaps a model's Parameters (ZeRO-3's shard and unshard) calls this."""
-    for _, cell in net.cells_and_names():
-        if "_decode_step" in cell.__dict__:
-            object.__delattr__(cell, "_decode_step")
-
 
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)

@@ -113,9 +113,10 @@ def run_phases(cfg: ExperimentConfig, layout: Layout) -> dict:
         sub.train.grad_accum_steps = ph.grad_accum_steps or cfg.train.grad_accum_steps
         sub.train.global_batch_size = ph.global_batch_size
         sub.optim.lr = ph.lr or cfg.optim.lr
-        summary = run_phase(sub, layout)
-        if not layout.main:
-            continue
+        run_phase(sub, layout)
+        # every rank starts the next phase from rank 0's export: wait until it exists, then read where it is
+        layout.world_sum([0.0])
+        summary = read_json(os.path.join(sub.train.output_dir, "summary.json"), "the phase summary")
         summaries.append({"phase": ph.name, "steps": summary["steps"], "status": summary["status"],
                           "final": summary["final"]})
         init, sha = summary["final"]["path"], summary["final"]["sha256"]

@@ -99,7 +99,7 @@ def train(cfg: ExperimentConfig, stage: Stage, run_dir: str) -> TrainResult:
         metrics["first_loss"] = history[0]["loss"]
         metrics["skipped_steps"] = sum(bool(h["skipped"]) for h in history)
     steps = (start + len(history)) if history else start
-    if layout.zero is not None:        # whole weights again on every rank, for the stage's exports and evaluations
+    if layout.zero is not None:        # whole weights again on rank 0, for the stage's exports and evaluations
         layout.zero.unshard()
     return TrainResult(steps, metrics, history, resumed, evals, stopped_early=stopped, before=before)
 

@@ -23,13 +23,14 @@ loss numerator after the backward pass (`ShardedReducer`).
 Checkpoints hold whole tensors: `whole_values` gathers one tensor at a time into host memory, and loading
 slices whole tensors again (`local_value`), so a run resumes on any number of ranks.
 """
+import gc
 import math
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.api import _cell_graph_executor
 
-from ms_llm.generation import forget_compiled
 from ms_llm.models.shards import local_value, shape_of, whole_shape  # noqa: F401  (re-exported)
 from ms_llm.training.collective import ordered_all_reduce
 
@@ -99,6 +100,18 @@ class ShardedReducer(nn.Cell):
         return self.base.host_sum(values)
 
 
+def drop_compiled_graphs():
+    """Forget every graph this process compiled. A compiled graph reads the Parameters it was compiled against,
+    so one compiled before `shard` (an evaluation before training, a reference scorer, a decode step, a monitor's
+    baseline) would go on reading the whole weights without gathering them — on one rank only, where the other
+    ranks gather: wrong values, then a hang. Sharding and unsharding therefore drop them all; each cell compiles
+    again at its next call, against the Parameters it holds then."""
+    for obj in gc.get_objects():
+        if isinstance(obj, nn.Cell) and getattr(obj, "_compile_cache", None):
+            _cell_graph_executor.del_net_res(obj, obj.compile_cache)
+            obj.compile_cache.clear()
+
+
 class ZeroGroup:
     """ZeRO-3 over the data-parallel ranks (all of the job's ranks: it does not combine with tensor or pipeline
     parallelism). Remembers every cell whose weight it sharded, so `unshard` can give them back whole."""
@@ -106,16 +119,15 @@ class ZeroGroup:
     def __init__(self, rank: int, world: int, ascend: bool = False):
         self.rank, self.world, self.ascend = rank, world, ascend
         self.cells = []                 # cells whose `weight` is a shard
-        self.nets = []                  # what `shard` was called on
         self.released = False           # after `unshard`: rank 0 holds whole weights, the others nothing to gather
         self._all_gather = None
 
     def shard(self, net, params) -> list:
         """Shard every matrix among `params` that a weight-reading cell under `net` holds; returns `params` with
-        those replaced by their shards (same order). Call before anything compiles a graph of `net`."""
+        those replaced by their shards (same order). Graphs compiled before are dropped (drop_compiled_graphs)."""
         wanted = {id(p) for p in params}
-        forget_compiled(net)
-        self.nets.append(net)
+        drop_compiled_graphs()
+        self.released = False           # (a second training in the same process: the next SFT phase)
         swapped = {}
         for _, cell in net.cells_and_names():
             p = getattr(cell, "weight", None) if hasattr(cell, "read_weight") else None
@@ -184,6 +196,6 @@ class ZeroGroup:
                 cell.weight = done[id(p)]
                 cell.weight.name = name
                 cell.zero = None
-        for net in self.nets:
-            forget_compiled(net)
-        self.cells, self.nets, self.released = [], [], True
+        if self.rank == 0:
+            drop_compiled_graphs()      # (what was compiled gathers: rank 0 now runs alone, on whole weights)
+        self.cells, self.released = [], True
