@@ -137,3 +137,34 @@ def test_sigkill_and_resume_equals_uninterrupted(starved):
     gates = json.loads((b / "summary.json").read_text())["gates"]
     assert gates == json.loads((workdir / "runs" / "starved" / "summary.json").read_text())["gates"]
     assert {"forgetting/loss/science", "forgetting/accuracy/science", "converged"} <= set(gates)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_on_two_ranks_equals_one_process_with_the_monitor(pretrained):
+    """CPT with parallel.optimizer_shard=zero3 on 2 msrun ranks = one process with the batch of both: per-step
+    losses, the forgetting monitor's per-domain losses and accuracy at every evaluation (its baseline is measured
+    before the updater shards the model: a graph compiled then must not be reused after), and the export."""
+    import numpy as np
+    from conftest import run_cli
+    from ms_llm.models.safetensors_io import read_safetensors
+    over = ("configs/tiny/cpt.yaml", "train.max_steps=6", "train.eval_every=3", "train.log_every=1",
+            "checkpoint.every=0", "cpt.monitor.stop=false", "lr_schedule.warmup_steps=0", "train.progress_bar=false",
+            "log.plots=false")
+    _train(pretrained, *over, "train.micro_batch_size=8", "train.output_dir=runs/cpt_b8")
+    run_cli(pretrained, "launch", *over, "train.micro_batch_size=4", "parallel.optimizer_shard=zero3",
+            "train.output_dir=runs/cpt_zero3", "--nproc-per-node", "2", "--master-port", "8185", "--log-dir",
+            "logs_cpt_zero3", "--cluster-timeout", "60")
+    rows = [_rows(pretrained, run) for run in ("cpt_b8", "cpt_zero3")]
+    np.testing.assert_allclose([r["loss"] for r in rows[1] if "loss" in r], [r["loss"] for r in rows[0] if "loss" in r],
+                               rtol=1e-5)
+    evals = [[{k: v for k, v in r.items() if k.startswith("eval/")} for r in x if any(k.startswith("eval/") for k in r)]
+             for x in rows]
+    assert len(evals[0]) == len(evals[1]) >= 2
+    for a, b in zip(*evals):
+        assert set(a) == set(b) and any(k.startswith("eval/loss/") for k in a)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    assert any(v != 0 for e in evals[0] for k, v in e.items() if k.startswith("eval/rise/"))
+    a, b = (read_safetensors(str(pretrained / "runs" / n / "final" / "model.safetensors")) for n in ("cpt_b8", "cpt_zero3"))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 3e-5
