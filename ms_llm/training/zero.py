@@ -25,6 +25,7 @@ slices whole tensors again (`local_value`), so a run resumes on any number of ra
 """
 import gc
 import math
+import weakref
 
 import mindspore as ms
 import numpy as np
@@ -107,6 +108,8 @@ def drop_compiled_graphs():
     ranks gather: wrong values, then a hang. Sharding and unsharding therefore drop them all; each cell compiles
     again at its next call, against the Parameters it holds then."""
     for obj in gc.get_objects():
+        if isinstance(obj, weakref.ProxyTypes):       # (isinstance on a dead proxy raises ReferenceError)
+            continue
         if isinstance(obj, nn.Cell) and getattr(obj, "_compile_cache", None):
             _cell_graph_executor.del_net_res(obj, obj.compile_cache)
             obj.compile_cache.clear()
