@@ -10,6 +10,12 @@ A continued call samples from the state's random generator, so generating N toke
 one call of N would (`seed` only seeds a new generation). `rollout.StateCache` keeps states between chunks
 and writes them to disk.
 
+    out = generate(model, prompts, 32, seed=[0, 7919, step], rows=[8, 9, 10, 11])
+
+With `rows` (each prompt's index in the whole batch), every row draws from its own generator seeded by
+(seed, row): a row samples the same tokens whichever rows share its batch, so a batch split over
+data-parallel ranks samples what one process would (`RowRandom`).
+
 Prompts are left-padded into one batch. The cache has a fixed length, so in GRAPH_MODE the step compiles
 once for the prompt shape and once for the one-token shape, never per generated token. Sampling
 (temperature, top-k, top-p, repetition penalty) runs on the host in numpy with a seeded generator.
@@ -62,6 +68,48 @@ class SamplingParams:
     top_k: int = 0                   # 0 disables
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+
+
+class RowRandom:
+    """One numpy generator per row, seeded by (seed…, the row's index in the whole batch). `random((B, 1))` draws
+    one number per row, so row i's t-th token uses its generator's t-th draw wherever the row is generated."""
+
+    def __init__(self, seed, rows):
+        base = [int(x) for x in np.atleast_1d(seed)]
+        self.rows = [int(r) for r in rows]
+        self.gens = [np.random.default_rng(base + [r]) for r in self.rows]
+
+    def random(self, size):
+        return np.array([g.random() for g in self.gens]).reshape(size)
+
+    def state(self) -> dict:
+        return {"rows": self.rows, "states": [g.bit_generator.state for g in self.gens]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RowRandom":
+        out = cls(0, state["rows"])
+        for g, st in zip(out.gens, state["states"]):
+            g.bit_generator.state = st
+        return out
+
+
+def rng_state(rng):
+    """A sampler generator's state as JSON-able data (None for none): a numpy Generator or a RowRandom."""
+    if rng is None:
+        return None
+    if isinstance(rng, RowRandom):
+        return {"row_random": rng.state()}
+    return rng.bit_generator.state
+
+
+def rng_from_state(state):
+    if state is None:
+        return None
+    if "row_random" in state:
+        return RowRandom.from_state(state["row_random"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return rng
 
 
 def _steppers(model):
@@ -149,7 +197,7 @@ def _feed(model, state: GenerationState):
 def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id: int = 0, seed: int = 0,
              cache_len: Optional[int] = None, state: Optional[GenerationState] = None,
-             use_cache: bool = True, prompt_width: Optional[int] = None) -> GenerationOutput:
+             use_cache: bool = True, prompt_width: Optional[int] = None, rows=None) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt.
 
     Args:
@@ -162,21 +210,30 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         use_cache: False recomputes the whole sequence each step (reference path, slow).
         prompt_width: left-pad the prompts to at least this many slots, so batches of other prompt lengths
             reuse one compiled prefill graph (rollouts); the tokens do not depend on it.
+        rows: each prompt's index in the whole batch: one generator per row, seeded by (seed, row) (RowRandom),
+            so that a row's samples do not depend on the rows beside it.
     """
     was_training = model.training
     model.set_train(False)
     try:
         return _generate(model, prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty),
-                         eos_token_id, pad_token_id, seed, cache_len, state, use_cache, prompt_width)
+                         eos_token_id, pad_token_id, seed, cache_len, state, use_cache, prompt_width, rows)
     finally:
         model.set_train(was_training)
 
 
 def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed, cache_len, state, use_cache,
-              prompt_width=None):
+              prompt_width=None, rows=None):
     eos = set(model.config.eos_ids if eos_token_id is None else
               (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
-    rng = state.rng if state is not None and state.rng is not None else np.random.default_rng(seed)
+    if state is not None and state.rng is not None:
+        rng = state.rng
+    elif rows is not None:
+        if prompts is None or len(rows) != len(prompts):
+            raise MsLlmError(f"generate: rows gives {len(rows)} row indices for {len(prompts or [])} prompts")
+        rng = RowRandom(seed, rows)
+    else:
+        rng = np.random.default_rng(seed)
     if not use_cache:
         return _generate_recompute(model, prompts, max_new_tokens, params, eos, pad_token_id, rng)
     if state is None:

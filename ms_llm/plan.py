@@ -25,8 +25,9 @@ The plan counts what this release's code holds, component by component, with the
   copies of them;
 - frozen models (reference, teacher, reward, safety classifier): their parameters in their dtype
   (models/frozen.py); the PPO value model trains, and is counted as trainable;
-- rollout: the KV cache of the generation batch, every rank generating the whole batch (docs/rl.md), in the
-  compute dtype, capacity prompt + new tokens rounded up to 64;
+- rollout: the KV cache of the generation batch in the compute dtype, capacity prompt + new tokens rounded up
+  to 64: each data-parallel rank generates its share of the rows (PPO, synchronous GRPO), or the whole batch
+  (partial and asynchronous GRPO rollouts; docs/rl.md);
 - runtime: the framework itself (RUNTIME bytes per device kind: Python + MindSpore + compiled graphs on CPU,
   HCCL buffers and workspace on Ascend).
 
@@ -212,11 +213,14 @@ def _frozen(label: str, shape: ModelConfig, dtype: str, device: str) -> Componen
                      f"{shape.num_parameters():,} parameters, {dtype}")
 
 
-def _kv_cache(cfg, shape: ModelConfig, rows: int, prompt: int, new: int) -> Component:
+def _kv_cache(cfg, shape: ModelConfig, rows: int, prompt: int, new: int, dp: int) -> Component:
+    """The rollout's cache on one rank: `rows` split over `dp` data-parallel ranks (1: the whole batch)."""
     elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
     cap = -(-(prompt + new) // 64) * 64
     per_row = shape.num_hidden_layers * 2 * shape.num_key_value_heads * shape.head_dim * cap * elem
-    return Component("rollout KV cache", rows * per_row, f"{rows} rows x {cap} slots, every rank the whole batch")
+    mine = -(-rows // dp)
+    how = f"{mine} of the batch's {rows} rows on this rank" if dp > 1 else "the whole batch"
+    return Component("rollout KV cache", mine * per_row, f"{mine} rows x {cap} slots ({how})")
 
 
 def components(cfg, ranks: int, device: str) -> list:
@@ -260,7 +264,8 @@ def components(cfg, ranks: int, device: str) -> list:
             ref = model_shape(cfg, f"{stage}.reference", p.reference.path or cfg.model.init_from)
             out.append(_frozen("reference", ref, p.reference.dtype, device))
         rows = p.rollout_batch_size if stage == "ppo" else p.prompts_per_step * p.group_size
-        out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens))
+        whole = stage == "grpo" and (p.partial_rollout.token_budget > 0 or p.async_rollout.enabled)
+        out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens, 1 if whole else dp))
         if stage == "ppo":
             rm = model_shape(cfg, "ppo.reward_model", p.reward_model)
             out.append(_frozen("reward model", rm, p.reward_dtype, device))

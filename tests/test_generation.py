@@ -67,6 +67,24 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
     assert np.array_equal(a.tokens, b.tokens) and not np.array_equal(a.tokens, c.tokens)
 
 
+def test_a_row_seeded_by_its_index_samples_the_same_tokens_in_any_batch_split(model):
+    """rows=: each row's generator is seeded by (seed, row), so splitting a batch over ranks (or generating one
+    row alone) gives every row the tokens it gets in the whole batch; the rows still differ from each other."""
+    prompts = PROMPTS + [[5, 6, 7, 8, 9, 10, 11], [7, 8]]
+    kw = dict(temperature=1.0, top_p=0.95, seed=[3, 7919, 2], eos_token_id=-1, prompt_width=8)
+    whole = generate(model, prompts, 14, rows=range(5), **kw)
+    halves = [generate(model, prompts[a:b], 14, rows=range(a, b), **kw) for a, b in ((0, 3), (3, 5))]
+    assert np.array_equal(np.concatenate([h.tokens for h in halves]), whole.tokens)
+    assert np.abs(np.concatenate([h.logprobs for h in halves]) - whole.logprobs).max() <= 1e-5
+    alone = generate(model, [prompts[3]], 14, rows=[3], **kw)
+    assert np.array_equal(alone.tokens[0], whole.tokens[3])
+    assert not np.array_equal(whole.tokens[0], whole.tokens[3])   # same prompt, other row: other draws
+    moved = generate(model, [prompts[3]], 14, rows=[4], **kw)
+    assert not np.array_equal(moved.tokens[0], whole.tokens[3])
+    with pytest.raises(Exception, match="rows gives 2 row indices for 5 prompts"):
+        generate(model, prompts, 4, rows=[0, 1], **kw)
+
+
 def test_eos_stops_a_row_and_pads_after(model):
     greedy = generate(model, PROMPTS, 10, temperature=0, eos_token_id=-1)
     eos = int(greedy.tokens[1, 3])

@@ -38,6 +38,24 @@ def test_qwen25_7b_weights_gradients_and_adam_equal_a_hand_count():
     assert parts["model gathered weights"] == 2 * (layer + head) + 4 * head
 
 
+def test_the_rollout_kv_cache_is_each_ranks_share_of_the_batch():
+    """7b_grpo_math: 512 rows (32 prompts x 16) of 28 layers x 2 x 4 kv heads x 128 x bfloat16 x 22,528 slots —
+    the whole batch in one process, a sixteenth per rank on 16 ranks (synchronous rollouts split the rows), and
+    the whole batch again on every rank when rollouts are partial (their paused batches are not split)."""
+    path = os.path.join(ROOT, "configs", "qwen2.5", "7b_grpo_math.yaml")
+    cfg = load_config(path, check=False)
+    g = cfg.grpo
+    rows, cap = g.prompts_per_step * g.group_size, -(-(g.max_prompt_len + g.max_new_tokens) // 64) * 64
+    per_row = 28 * 2 * 4 * 128 * 2 * cap
+
+    def kv(config, ranks):
+        return {c["name"]: c["bytes"] for c in plan(config, ranks, 1, "910b")["components"]}["rollout KV cache"]
+    assert rows == 512 and kv(cfg, 1) == rows * per_row
+    assert kv(cfg, 16) == rows // 16 * per_row
+    partial = load_config(path, ["grpo.partial_rollout.token_budget=256"], check=False)
+    assert kv(partial, 16) == rows * per_row
+
+
 def test_every_shipped_qwen_config_is_planned(capsys):
     """`ms-llm plan --json` for every configs/qwen2.5 stage config on the ranks it states: the components, their
     sum, and the verdict against the budget (which of them fit today is in docs/launch.md)."""

@@ -31,8 +31,11 @@ def test_chunked_greedy_generation_equals_one_call(model):
 
 
 @pytest.mark.slow
-def test_paused_sampled_rollout_resumes_from_disk_and_equals_an_uninterrupted_one(model, tmp_path):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_paused_sampled_rollout_resumes_from_disk_and_equals_an_uninterrupted_one(model, tmp_path, per_row):
     kw = dict(temperature=0.9, top_p=0.95, eos_token_id=-1, seed=11, prompt_width=8)
+    if per_row:                                               # one generator per row (RowRandom), saved per row
+        kw["rows"] = range(len(PROMPTS))
     whole, _ = generate_chunked(model, PROMPTS, 28, 6, **kw)
     first, done = generate_chunked(model, PROMPTS, 28, 6, stop_after=2, **kw)
     assert not done and first.tokens.shape[1] == 12

@@ -65,7 +65,7 @@ def _serve(conn, cfg, sampling: dict, threads: int, cores=None, parent: int = No
                 version = msg["version"]
             tic = time.perf_counter()
             out = generate(policy, msg["rows"], msg["max_new_tokens"], seed=msg["seed"], cache_len=msg["cache_len"],
-                           prompt_width=msg["prompt_width"], **sampling)
+                           prompt_width=msg["prompt_width"], rows=range(len(msg["rows"])), **sampling)
             conn.send({"tokens": out.tokens, "logprobs": out.logprobs, "lengths": out.lengths,
                        "finished": out.state.finished.copy(), "version": version,
                        "generate_s": time.perf_counter() - tic})

@@ -28,6 +28,37 @@ class Rollout:
         self.windows = plan.windows(rows, row_mask, self.response_mask)
 
 
+def concat_rows(parts: list):
+    """Per-row results of several ranks joined row-wise, in rank order: arrays and lists concatenated, dicts key
+    by key, None stays None; anything else (a rank's timing) becomes the list of the ranks' values."""
+    first = parts[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(first, list):
+        return [x for part in parts for x in part]
+    if isinstance(first, dict):
+        return {k: concat_rows([part[k] for part in parts]) for k in first}
+    if first is None:
+        return None
+    return list(parts)
+
+
+def gather_rows(layout, part):
+    """This rank's per-row results (`concat_rows` types) joined with every data-parallel rank's: the whole
+    batch's, identical on every rank. One process: `part` itself."""
+    if layout.data_world == 1:
+        return part
+    return concat_rows(layout.gather_objects(part))
+
+
+def widen(a: np.ndarray, n: int, fill=0) -> np.ndarray:
+    """[B, m] -> [B, n] (m <= n), new columns `fill`: generation stops when every row of a batch is done, so
+    ranks' parts of one batch can come back narrower than the whole batch's."""
+    if a.shape[1] >= n:
+        return a
+    return np.concatenate([a, np.full((a.shape[0], n - a.shape[1]), fill, a.dtype)], 1)
+
+
 def score_windows(cell, windows: dict, keys, rows: int) -> np.ndarray:
     """Run a scoring cell over the window rows `rows` at a time; [B·K, W] float."""
     out = []

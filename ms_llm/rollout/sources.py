@@ -13,8 +13,13 @@ completions per prompt, rewarded, as one `GroupBatch`.
 * `Asynchronous`: a second process (rollout/async_worker.py) generates step t + 1's batch with θ_t while the
   trainer trains step t (one-step off-policy).
 
-Every source samples with a generator seeded by (train.seed, step, round), and shares one queue of finished
-groups: groups without reward variance are dropped under dynamic sampling, and groups whose tokens are older
+Every completion samples from its own generator, seeded by (train.seed, step, round, its row in the round's
+batch), so a completion does not depend on where it is generated. The synchronous source splits each round's
+prompts over the data-parallel ranks (`layout.share`): each rank generates and rewards its groups, and the ranks
+exchange the finished groups (`gather_rows`), so every rank holds the round's groups in one order and takes the
+same dynamic-sampling decisions. Partial and asynchronous rollouts generate the whole batch on every rank (their
+paused batches and the batch generated ahead are one state, checkpointed once). All sources share one queue of
+finished groups: groups without reward variance are dropped under dynamic sampling, and groups whose tokens are older
 than the staleness bound (partial: max_staleness; asynchronous: 1) never reach the trainer. With partial or
 asynchronous rollout, the sampler's per-token log-probs stand in for π_old (`behaviour_is_old`).
 """
@@ -32,10 +37,11 @@ from ms_llm.generation import generate
 from ms_llm.losses.grpo import overlong_penalty
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 from ms_llm.rollout.async_worker import RolloutWorker, trainable_arrays
-from ms_llm.rollout.batch import Rollout
+from ms_llm.rollout.batch import Rollout, gather_rows
 from ms_llm.rollout.chunks import ChunkPlan
 from ms_llm.rollout.prompts import PromptStream
 from ms_llm.rollout.state_cache import StateCache
+from ms_llm.training.layout import Layout
 
 log = logging.getLogger(__name__)
 SEED_TAG = 7919                   # the rollout generators' seeds: [train.seed, SEED_TAG, step, round]
@@ -100,8 +106,9 @@ class RolloutSource:
     keeps_surplus = False          # finished groups beyond a step's prompts wait for the next step
 
     def __init__(self, cfg: ExperimentConfig, policy, reward_fn, decode, stream: PromptStream, pad: int = 0,
-                 stops=(), settings=None):
+                 stops=(), settings=None, layout: Layout = None):
         self.cfg, self.g, self.seed = cfg, settings or cfg.grpo, cfg.train.seed
+        self.layout = layout or Layout()
         self.policy, self.reward_fn, self.decode, self.stream = policy, reward_fn, decode, stream
         self.pad, self.stops = pad, list(stops)
         g = self.g
@@ -118,13 +125,14 @@ class RolloutSource:
         g = self.g
         return -(-(max(g.max_prompt_len, max(len(r["ids"]) for r in rows)) + g.max_new_tokens) // 64) * 64
 
-    def start(self, step: int, rnd: int, prompts: list, run_out: bool) -> Paused:
-        """Begin G completions of each prompt: one budget of tokens, or (run_out) all of them."""
+    def start(self, step: int, rnd: int, prompts: list, run_out: bool, first: int = 0) -> Paused:
+        """Begin G completions of each prompt: one budget of tokens, or (run_out) all of them. `first`: the row of
+        the round's batch the first completion is (its generator's seed)."""
         g = self.g
         rows = [p for p in prompts for _ in range(g.group_size)]
         out = generate(self.policy, [r["ids"] for r in rows], min(self.budget, g.max_new_tokens),
                        cache_len=self.cache_len(rows), seed=[self.seed, SEED_TAG, step, rnd],
-                       prompt_width=g.max_prompt_len, **self.sampling())
+                       prompt_width=g.max_prompt_len, rows=range(first, first + len(rows)), **self.sampling())
         fl = Paused(f"s{step}r{rnd}", rows, step, out.state, g.max_new_tokens)
         fl.add(out, step)
         if run_out:
@@ -260,18 +268,28 @@ def flat(group: dict) -> bool:
 
 
 class Synchronous(RolloutSource):
-    """Whole completions with the current policy; dynamic sampling draws further rounds of prompts."""
+    """Whole completions with the current policy; dynamic sampling draws further rounds of prompts. Each rank
+    generates its share of each round's groups (module docstring)."""
 
     def _generate(self, step: int) -> tuple:
         g = self.g
+        self.rows_generated = 0
         max_rounds = g.dynamic_sampling.max_rounds if g.dynamic_sampling.enabled else 1
         fresh, kept, rounds = [], 0, 0
         while kept < g.prompts_per_step and rounds < max_rounds:
-            got = self.harvest(self.start(step, rounds, self.stream.take(g.prompts_per_step), run_out=True))
+            prompts = self.stream.take(g.prompts_per_step)
+            part = self.layout.share(len(prompts))        # this rank's groups of the round
+            mine = self.harvest(self.start(step, rounds, prompts[part], True, part.start * g.group_size)) \
+                if part.stop > part.start else []       # more ranks than the round's prompts
+            self.rows_generated += len(mine) * g.group_size
+            got = gather_rows(self.layout, mine)         # every rank's groups, in prompt order
             fresh += got
             kept += sum(1 for x in got if not flat(x))
             rounds += 1
         return fresh, rounds
+
+    def _stats(self) -> dict:
+        return {"rollout/rows": self.rows_generated}
 
 
 class Partial(RolloutSource):
@@ -431,8 +449,8 @@ class Asynchronous(RolloutSource):
 
 
 def rollout_source(cfg: ExperimentConfig, policy, reward_fn, decode, stream: PromptStream, pad: int = 0,
-                   stops=(), settings=None) -> RolloutSource:
+                   stops=(), settings=None, layout: Layout = None) -> RolloutSource:
     """The source the settings (default cfg.grpo) ask for: asynchronous, partial (a token budget) or synchronous."""
     g = settings or cfg.grpo
     kind = Asynchronous if g.async_rollout.enabled else Partial if g.partial_rollout.token_budget > 0 else Synchronous
-    return kind(cfg, policy, reward_fn, decode, stream, pad, stops, settings)
+    return kind(cfg, policy, reward_fn, decode, stream, pad, stops, settings, layout)

@@ -19,7 +19,7 @@ from mindspore import Tensor
 
 from ms_llm import storage
 from ms_llm.errors import MsLlmError
-from ms_llm.generation import GenerationState
+from ms_llm.generation import GenerationState, rng_from_state, rng_state
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 
 ARRAYS, META = "state.safetensors", "state.json"
@@ -54,7 +54,7 @@ class StateCache:
                               next_tokens=np.asarray(st.next_tokens, np.int32), finished=st.finished.astype(np.int8))
                 write_safetensors(os.path.join(tmp, key, ARRAYS), arrays)
                 meta[key] = {"next_slot": int(st.next_slot), "history": st.history, "n_caches": len(st.caches),
-                             "rng": st.rng.bit_generator.state if st.rng is not None else None}
+                             "rng": rng_state(st.rng)}
             with open(os.path.join(tmp, "index.json"), "w") as f:
                 json.dump(meta, f)
 
@@ -70,10 +70,7 @@ class StateCache:
         for key, m in meta.items():
             a = read_safetensors(os.path.join(folder, key, ARRAYS))
             caches = tuple(Tensor(a[f"cache.{i}"], model.compute_dtype) for i in range(m["n_caches"]))
-            rng = None
-            if m["rng"] is not None:
-                rng = np.random.default_rng()
-                rng.bit_generator.state = m["rng"]
+            rng = rng_from_state(m["rng"])
             cache.put(key, GenerationState(caches, a["key_valid"].astype(np.int32), a["pads"], m["next_slot"],
                                            a["next_tokens"].astype(np.int32), a["finished"].astype(bool),
                                            m["history"], rng))

@@ -423,7 +423,8 @@ class OnPolicy:
     the loss (the live teacher of DistillLoss). `samples_at(step)` is GKD's coin with P(on-policy) = λ, seeded by
     (train.seed, step), so a resumed run makes the same choices."""
 
-    def __init__(self, cfg: ExperimentConfig, student, loss_cfg: DistillLossConfig, teacher, tokenizer):
+    def __init__(self, cfg: ExperimentConfig, student, loss_cfg: DistillLossConfig, teacher, tokenizer,
+                 layout: Layout = None):
         op, t = cfg.distill.on_policy, cfg.train
         self.cfg, self.student, self.tokenizer = cfg, student, tokenizer
         self.settings = rollout_settings(cfg)
@@ -434,7 +435,8 @@ class OnPolicy:
         self.pad = tokenizer.pad_id or 0
         stops = stop_token_ids(template, tokenizer)
         self.source = rollout_source(cfg, student, lambda texts, recs: {"total": np.zeros(len(texts)), "parts": {}},
-                                     lambda tok, n: "", PromptStream(prompts, t.seed), self.pad, stops, self.settings)
+                                     lambda tok, n: "", PromptStream(prompts, t.seed), self.pad, stops, self.settings,
+                                     layout)
         unk = tokenizer.unk_id if tokenizer.unk_id is not None else 0
         kl = DistillLossConfig(1.0, 0.0, 1.0, "reverse_kl", loss_cfg.jsd_beta, loss_cfg.chunk_size)
         self.kl_cell = DistillLoss(student, kl, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
@@ -444,13 +446,16 @@ class OnPolicy:
         return share >= 1 or (share > 0 and np.random.default_rng([self.cfg.train.seed, 6007, step]).random() < share)
 
     def rows(self, step: int, layout: Layout) -> tuple:
-        """This rank's rows of the step's samples (every rank samples the whole batch with the same seeds)."""
+        """This rank's rows of the step's samples: the ones it sampled itself (synchronous: each rank samples
+        its share, the source gathers the batch; asynchronous: every rank samples the whole batch)."""
         batch, stats = self.source.collect(step)
-        share = len(batch.ro.prompts) // layout.data_world
-        mine = slice(layout.data_rank * share, (layout.data_rank + 1) * share)
+        mine = layout.share(len(batch.ro.prompts))
         rows = completion_rows(batch.ro.prompts[mine], batch.ro.tokens[mine], batch.ro.lengths[mine],
                                self.cfg.data.seq_len, self.pad)
-        return rows, {"response_length": float(batch.ro.lengths.mean()), "rollout_s": stats["rollout_s"]}
+        out = {"response_length": float(batch.ro.lengths.mean()), "rollout_s": stats["rollout_s"]}
+        if "rollout/rows" in stats:
+            out["rollout/rows"] = stats["rollout/rows"]
+        return rows, out
 
     def reverse_kl(self, records: list) -> float:
         """Mean per-token KL(student ‖ teacher) over the full vocabulary, on the student's greedy answers to
@@ -513,7 +518,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         records = records[:d.eval_limit] if d.eval_limit else records
     teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
-    on_policy = OnPolicy(cfg, student, lcfg, teacher, tokenizer) if d.mode == "on_policy" else None
+    on_policy = OnPolicy(cfg, student, lcfg, teacher, tokenizer, layout) if d.mode == "on_policy" else None
     stage = DistillStage(cfg, student, layout, loss, data, cache, teacher, tokenizer, records, teacher_score, hard,
                          on_policy)
     try:

@@ -15,9 +15,11 @@ One step (formulas: losses/grpo.py, docs/rl.md):
      over the whole mini-batch, exact however it is split into micro-batches or data-parallel ranks.
 
 The prompt stream's position is stage state: a resumed run continues from its last checkpoint as if never
-stopped (every generation round draws from a generator seeded by train.seed, the step and the round). Under
-data parallel every rank generates the step's whole batch (same seeds) and trains on its share of each
-mini-batch: training scales with the ranks, rollout does not in this release.
+stopped (every completion draws from a generator seeded by train.seed, the step, the round and its row). Under
+data parallel each rank generates and rewards its share of each round's groups (synchronous rollouts; partial and
+asynchronous ones generate the whole batch on every rank), recomputes π_old and the reference's log-probs for
+its share of the step's rows, and the ranks exchange those rows; each rank then trains its share of each
+mini-batch.
 """
 import logging
 import os
@@ -38,7 +40,7 @@ from ms_llm.models.build import build_model
 from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
-from ms_llm.rollout.batch import dump_rollout, score_windows
+from ms_llm.rollout.batch import dump_rollout, gather_rows, score_windows
 from ms_llm.rollout.prompts import PromptStream, read_tasks
 from ms_llm.rollout.reward_model import load_reward
 from ms_llm.rollout.sources import GroupBatch, RolloutSource, rollout_source
@@ -114,10 +116,9 @@ class GRPOStage(Stage):
         w, index = ro.windows, ro.windows["index"]
         mode = self.model.training
         self.model.set_train(False)
-        current = None if self.source.behaviour_is_old else \
-            plan.to_response(score_windows(self.scorer, w, SCORE_KEYS, self.mbs), index)
-        ref = (plan.to_response(score_windows(self.ref_scorer, w, SCORE_KEYS, self.mbs), index)
-               if self.ref_scorer is not None else np.zeros(ro.response_mask.shape))
+        current = None if self.source.behaviour_is_old else self._score_split(self.scorer, w)
+        ref = self._score_split(self.ref_scorer, w) if self.ref_scorer is not None \
+            else np.zeros(ro.response_mask.shape)
         self.model.set_train(mode)
         old = ro.behaviour.astype(np.float64) if current is None else current
         adv = group_advantages(batch.rewards["total"], g.group_size, g.advantage_scale, g.advantage_eps)
@@ -130,6 +131,17 @@ class GRPOStage(Stage):
                     ref_logps=plan.to_windows(ref, index),
                     advantages=plan.to_windows(np.repeat(adv[:, None], g.max_new_tokens, 1), index),
                     advantage=adv, mask=mask, old=old, ref=ref, current=current)
+
+    def _score_split(self, cell, w: dict) -> np.ndarray:
+        """[B, N] log-probs of the batch's rows under `cell`: each data-parallel rank scores its share of the
+        rows, and the ranks exchange them."""
+        plan = self.source.plan
+        k = plan.n_windows
+        part = self.layout.share(len(w["ids"]) // k)
+        mine = {key: w[key][part.start * k:part.stop * k] for key in (*SCORE_KEYS, "index")}
+        got = plan.to_response(score_windows(cell, mine, SCORE_KEYS, self.mbs), mine["index"]) \
+            if part.stop > part.start else np.zeros((0, plan.max_new))
+        return gather_rows(self.layout, got)
 
     def update(self, arrays: dict, step: int) -> dict:
         """grpo.epochs passes of mini-batches over the step's rows; a short batch is padded with empty rows (they
@@ -274,7 +286,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                           tokenizer)
         reference = ref.model
     source = rollout_source(cfg, policy, rewards, lambda tok, n: decode_text(tokenizer, stops, tok, n),
-                            PromptStream(prompts, cfg.train.seed), tokenizer.pad_id or 0, stops)
+                            PromptStream(prompts, cfg.train.seed), tokenizer.pad_id or 0, stops, layout=layout)
     objective = {"rewards": dict(g.rewards), "loss_agg": g.loss_agg, "ratio": g.ratio, "group_size": g.group_size,
                  "token_budget": g.partial_rollout.token_budget, "async_rollout": g.async_rollout.enabled}
     evaluate = (lambda: accuracy(policy, tokenizer, eval_records, cfg, stops, isolation)) if eval_records else None

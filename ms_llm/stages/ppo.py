@@ -16,11 +16,13 @@ reward model (`load_reward_model`). One step:
      and one of the value model (clipped value loss), every update a token-mean over its mini-batch
   5. the KL controller adapts β; KL over ppo.kl.alarm raises an alarm and decays the policy lr
 
-Every step's rollout draws from a generator seeded by (train.seed, step), so a run killed anywhere resumes from
-its last checkpoint (policy, value model, both optimizers, β and the lr factor) and continues as if never
-stopped. Under data parallel every rank rolls out and scores the whole batch with those seeds (the same
-responses, advantages and KL everywhere) and trains its share of each mini-batch's windows; the updaters sum
-numerators and token counts over ranks, so each update equals one process's. Metrics: docs/rl.md.
+Each row of a step's rollout draws from a generator seeded by (train.seed, step, row), so a run killed anywhere
+resumes from its last checkpoint (policy, value model, both optimizers, β and the lr factor) and continues as if
+never stopped. Under data parallel each rank rolls out, rewards and scores its contiguous share of the prompts
+(`rollout/rows` of them); the ranks then exchange those rows (tokens, log-probs, values, rewards: host arrays,
+small beside the weights), so KL, advantages, whitening and the KL controller see the whole batch, the same on
+every rank, and each rank trains its share of each mini-batch's windows; the updaters sum numerators and token
+counts over ranks, so each update equals one process's. Metrics: docs/rl.md.
 """
 import json
 import logging
@@ -44,7 +46,7 @@ from ms_llm.models.reward import load_reward_model
 from ms_llm.models.value import value_from_policy, value_from_reward
 from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
 from ms_llm.rollout.audit import AuditSampler
-from ms_llm.rollout.batch import Rollout, dump_rollout, score_windows
+from ms_llm.rollout.batch import Rollout, dump_rollout, gather_rows, score_windows, widen
 from ms_llm.rollout.chunks import ChunkPlan, generate_chunked
 from ms_llm.rollout.kl_control import KLController
 from ms_llm.rollout.prompts import PromptStream, read_prompts
@@ -113,10 +115,11 @@ class PPOStage(Stage):
         self.plan = ChunkPlan(p.max_prompt_len, p.max_new_tokens, p.chunk_size, p.chunk_overlap, p.exact_scoring)
         windows = p.mini_batch_size * self.plan.n_windows              # a micro-batch is mbs scoring windows
         self.rank, world = self.layout.data_rank, self.layout.data_world
-        if p.rollout_batch_size % p.mini_batch_size or windows % (self.mbs * world):
+        if p.rollout_batch_size % p.mini_batch_size or windows % (self.mbs * world) or p.rollout_batch_size < world:
             raise MsLlmError(f"ppo.mini_batch_size {p.mini_batch_size} must divide ppo.rollout_batch_size "
                              f"{p.rollout_batch_size}, and its {windows} scoring windows must split into micro-batches "
-                             f"of train.micro_batch_size {self.mbs} on each of {world} data-parallel ranks")
+                             f"of train.micro_batch_size {self.mbs} on each of {world} data-parallel ranks (each of "
+                             f"which rolls out at least one prompt)")
         self.accum = accum = windows // (self.mbs * world)             # micro-batches per update on this rank
         norm = float(self.mbs * self.plan.chunk)
         self._updaters = [
@@ -157,19 +160,25 @@ class PPOStage(Stage):
 
     # -- one step
 
-    def roll_out(self, step: int, prompts: list) -> Rollout:
+    def roll_out(self, step: int, prompts: list, first: int = 0) -> Rollout:
+        """Responses to `prompts`, rows first, first + 1, … of the step's batch: each row samples from a generator
+        seeded by (train.seed, step, row), so its response does not depend on which rank generates it."""
         p = self.p
         tic = time.perf_counter()
         out, _ = generate_chunked(self.policy, [x["ids"] for x in prompts], p.max_new_tokens, p.chunk_size,
                                   temperature=p.temperature, top_p=p.top_p, eos_token_id=self.stops or -1,
-                                  pad_token_id=self.pad, seed=[self.seed, 7919, step], prompt_width=p.max_prompt_len)
-        ro = Rollout(prompts, out.tokens, out.lengths, out.logprobs, self.plan, self.pad)
+                                  pad_token_id=self.pad, seed=[self.seed, 7919, step], prompt_width=p.max_prompt_len,
+                                  rows=range(first, first + len(prompts)))
+        n = p.max_new_tokens
+        ro = Rollout(prompts, widen(out.tokens, n, self.pad), out.lengths, widen(out.logprobs, n), self.plan,
+                     self.pad)
         ro.generate_s = time.perf_counter() - tic
         return ro
 
-    def score(self, ro: Rollout) -> dict:
-        """Old-policy and reference log-probs and values of the rollout, rewards, KL, GAE: host arrays [B, N]."""
-        p, plan, w = self.p, self.plan, ro.windows
+    def score_rows(self, ro: Rollout) -> dict:
+        """What this rank's rows need a model for: old-policy and reference log-probs and values [b, N] (in
+        scoring windows), and the rewards; with the rows themselves, ready to gather over the ranks."""
+        plan, w = self.plan, ro.windows
         keys = ("ids", "attention_mask", "position_ids", "targets")
         modes = [(m, m.training) for m in (self.policy, self.value)]
         for m, _ in modes:
@@ -180,6 +189,15 @@ class PPOStage(Stage):
         for m, mode in modes:
             m.set_train(mode)
         got = self.reward_fn(ro.prompts, ro.tokens, ro.lengths)
+        return {"tokens": ro.tokens, "lengths": ro.lengths, "behaviour": ro.behaviour, "old": old, "ref": refl,
+                "values": values, "reward": got}
+
+    def score(self, prompts: list, rows: dict) -> tuple:
+        """(the whole batch's Rollout, its scores): from every row's `score_rows` the KL, token rewards, GAE and
+        whitening over the whole batch, the same on every rank. Host arrays [B, N]."""
+        p = self.p
+        ro = Rollout(prompts, rows["tokens"], rows["lengths"], rows["behaviour"], self.plan, self.pad)
+        old, refl, values, got = rows["old"], rows["ref"], rows["values"], rows["reward"]
         mask = ro.response_mask
         kl_tok = kl_estimate(old, refl, p.kl.estimator) * mask
         rewards = token_rewards(got["total"], kl_tok, mask, self.kl.beta)
@@ -191,11 +209,10 @@ class PPOStage(Stage):
         adv, ret = gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             adv = whiten(adv, mask)
-        n = ro.behaviour.shape[1]
-        gap = np.abs((ro.behaviour - old[:, :n]) * mask[:, :n]).sum() / max(mask.sum(), 1)
-        return {"old": old, "ref": refl, "values": values, "kl_tokens": kl_tok, "rewards": rewards,
-                "advantages": adv, "returns": ret, "reward": got, "kl": float(kl_tok.sum(-1).mean()),
-                "explained_variance": explained_variance(values, ret, mask), "logprob_gap": float(gap)}
+        gap = np.abs((ro.behaviour - old) * mask).sum() / max(mask.sum(), 1)
+        return ro, {"old": old, "ref": refl, "values": values, "kl_tokens": kl_tok, "rewards": rewards,
+                    "advantages": adv, "returns": ret, "reward": got, "kl": float(kl_tok.sum(-1).mean()),
+                    "explained_variance": explained_variance(values, ret, mask), "logprob_gap": float(gap)}
 
     def update(self, ro: Rollout, sc: dict, step: int) -> dict:
         p, plan, mbs, upd = self.p, self.plan, self.mbs, self._updaters
@@ -234,8 +251,9 @@ class PPOStage(Stage):
         b = self.p.rollout_batch_size
         self.prompts.cursor = step * b
         prompts = self.prompts.take(b)
-        ro = self.roll_out(step, prompts)
-        sc = self.score(ro)
+        part = self.layout.share(b)                  # this rank generates, rewards and scores its rows only
+        mine = self.roll_out(step, prompts[part], part.start)
+        ro, sc = self.score(prompts, gather_rows(self.layout, self.score_rows(mine)))
         beta = self.kl.beta
         if self.run_dir and self.layout.main and self.cfg.log.rollouts_every \
                 and (step + 1) % self.cfg.log.rollouts_every == 0:
@@ -244,12 +262,13 @@ class PPOStage(Stage):
         row = self.update(ro, sc, step)
         train_s = time.perf_counter() - tic
         event = self.kl.update(sc["kl"], len(prompts))
-        n_tokens = float(ro.lengths.sum())
-        row.update({"kl": sc["kl"], "kl_coef": beta, "kl_alarm": float(event["alarm"]),
+        n_tokens = float(mine.lengths.sum())
+        row.update({"kl": sc["kl"], "kl_run_mean": self.kl.run_mean, "kl_coef": beta,
+                    "kl_alarm": float(event["alarm"]),
                     "policy_lr_factor": self.kl.lr_factor, "explained_variance": sc["explained_variance"],
                     "response_length": float(ro.lengths.mean()), "rollout/logprob_gap": sc["logprob_gap"],
-                    "rollout_tokens_per_s": n_tokens / max(ro.generate_s, 1e-9),
-                    "train_tokens_per_s": n_tokens * self.p.ppo_epochs / max(train_s, 1e-9)})
+                    "rollout/rows": len(mine.prompts), "rollout_tokens_per_s": n_tokens / max(mine.generate_s, 1e-9),
+                    "train_tokens_per_s": float(ro.lengths.sum()) * self.p.ppo_epochs / max(train_s, 1e-9)})
         got = sc["reward"]
         row["reward/total"] = float(np.mean(got["total"]))
         if got.get("dense") is not None:
@@ -355,7 +374,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         return {}
     trained = trained_model(cfg, run_dir, policy, p.lora.enabled)
     metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut, kl_alarms=stage.kl.alarms,
-                   kl_coef=stage.kl.beta,
+                   kl_coef=stage.kl.beta, kl_run_mean=stage.kl.run_mean,
                    **{f"before/{k}": v for k, v in result.before.items()})
     if eval_prompts and "eval/reward" not in metrics:
         metrics.update(stage.evaluate())
@@ -367,9 +386,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     gates = {}
     if fluct:
         gates["ratio_fluctuation"] = gate(metrics["policy/ratio_fluctuation_mean"], p.fluctuation_gate, "<")
-    kls = [h["kl"] for h in history if "kl" in h]
-    if p.kl.alarm is not None and kls:
-        gates["kl"] = gate(float(np.mean(kls)), p.kl.alarm, "<=")
+    if p.kl.alarm is not None and stage.kl.steps:     # the mean over every step, not only the logged ones
+        gates["kl"] = gate(stage.kl.run_mean, p.kl.alarm, "<=")
     return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)
 
 

@@ -61,6 +61,32 @@ class Layout:
         values = np.asarray(values, np.float32)
         return values if self.reducer is None else self.reducer.host_sum(values)
 
+    def share(self, n: int) -> slice:
+        """This data-parallel rank's contiguous part of n items (rollout rows, groups): the first n mod W ranks
+        take one more than the rest, rank order is item order."""
+        w, r = self.data_world, self.data_rank
+        return slice(n * r // w, n * (r + 1) // w)
+
+    def gather_objects(self, obj) -> list:
+        """Every data-parallel rank's `obj` (anything picklable), in rank order; [obj] in one process. Bytes
+        travel as int32 through AllGather (MindSpore's CPU collectives have no int8 kernels), so arrays arrive
+        bit for bit."""
+        if self.data_world == 1:
+            return [obj]
+        if self.tp is not None or self.pp is not None:
+            raise MsLlmError("gathering rollouts over data-parallel ranks with tensor or pipeline parallel is not "
+                             "supported")
+        import pickle
+        import mindspore as ms
+        from mindspore import ops
+        raw = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+        gather = ops.AllGather()
+        sizes = gather(ms.Tensor(np.array([raw.size], np.int32))).asnumpy()
+        buf = np.zeros(-(-int(sizes.max()) // 4) * 4, np.uint8)
+        buf[:raw.size] = raw
+        got = gather(ms.Tensor(buf.view(np.int32))).asnumpy().view(np.uint8).reshape(self.world, -1)
+        return [pickle.loads(got[r, :int(sizes[r])].tobytes()) for r in range(self.world)]
+
     def localize(self, model, source: str = "model"):
         """This rank's part of a whole CausalLM: its tensor-parallel slices or its pipeline stage."""
         if self.tp is not None:

@@ -219,6 +219,7 @@ def test_adaptive_kl_controller_equals_the_recurrence_and_alarms():
         alarms.append(event["alarm"])
         assert abs(ctl.beta - beta) <= 1e-12 and ctl.lr_factor == factor
     assert alarms == [False, False, False, False, True, True, False] and ctl.alarms == 2
+    assert ctl.steps == len(kls) and abs(ctl.run_mean - np.mean(kls)) <= 1e-15     # the KL gate's statistic
     assert ctl.beta > 0.05                               # KL above target on balance: β grew (it can, unlike MindRLHF)
     low = KLController("adaptive", init=0.05, target=0.02, horizon=1000)
     low.update(0.0, 64)
@@ -226,6 +227,9 @@ def test_adaptive_kl_controller_equals_the_recurrence_and_alarms():
     restored = KLController("adaptive")
     restored.load_state(ctl.state())
     assert restored.state() == ctl.state()
+    restored.update(0.3, 64)                             # a resumed run goes on averaging every step
+    assert abs(restored.run_mean - np.mean(kls + [0.3])) <= 1e-15
+    assert np.isnan(KLController("fixed").run_mean)
     fixed = KLController("fixed", init=0.1)
     fixed.update(1.0, 64)
     assert fixed.beta == 0.1

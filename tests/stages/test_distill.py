@@ -225,6 +225,30 @@ def test_sigkill_and_resume_of_on_policy_distillation_equals_uninterrupted(teach
     assert 0 < sum(kinds) < len(kinds)                     # both kinds of step happened
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_on_policy_distillation_on_two_msrun_ranks_equals_one_process(teacher, distilled):
+    """Each of two ranks samples, scores with the teacher and trains its half of every step's 16 prompts
+    (`rollout/rows` 8): per-step losses and the final weights equal one process's, which samples all 16 with twice
+    the accumulation (every sample's generator is seeded by its row, not by where it is generated)."""
+    import numpy as np
+    from ms_llm.models.safetensors_io import read_safetensors
+    common = ["configs/tiny/distill_on_policy.yaml", "train.progress_bar=false", "log.plots=false",
+              "train.max_steps=3", "train.eval_every=0", "train.log_every=1", "checkpoint.every=0",
+              "distill.eval_prompts=null", "train.micro_batch_size=8", "lr_schedule.warmup_steps=1"]
+    _run(teacher, "train", *common, "train.grad_accum_steps=2", "train.output_dir=runs/op_one")
+    _run(teacher, "launch", *common, "train.output_dir=runs/op_dp2", "--nproc-per-node", "2", "--master-port", "8187",
+         "--log-dir", "logs_op", "--cluster-timeout", "60")
+    runs = [teacher / "runs" / n for n in ("op_one", "op_dp2")]
+    rows = [[r for r in map(json.loads, open(run / "metrics.jsonl")) if r["step"] > 0] for run in runs]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    assert {r["rollout/rows"] for r in rows[0]} == {16} and {r["rollout/rows"] for r in rows[1]} == {8}
+    for key in ("loss", "response_length"):
+        np.testing.assert_allclose([r[key] for r in rows[1]], [r[key] for r in rows[0]], atol=1e-5, err_msg=key)
+    w = [read_safetensors(str(run / "final" / "model.safetensors")) for run in runs]
+    assert max(np.abs(w[1][k] - w[0][k]).max() for k in w[0]) <= 1e-5
+
+
 def test_vocabulary_alignment(tmp_path):
     from tokenizers import Tokenizer as HF, models, pre_tokenizers
     from ms_llm.data.tokenizer import Tokenizer

@@ -74,17 +74,25 @@ def test_grpo_fits_its_prompts_and_holds_the_others(tiny_sft, graph_mode):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_msrun_ranks_equal_one_process(tiny_sft):
-    """Token-mean over 64 completions: one process (4 accumulated micro-batches of 16) = 2 ranks (2 each)."""
+    """Token-mean over 64 completions with dynamic sampling: each of 2 ranks generates and rewards half of every
+    round's groups (`rollout/rows` half of one process's), and the ranks agree on the filtering and the extra
+    rounds; per-step losses and rewards, and the final weights, equal one process's (4 accumulated micro-batches
+    of 16; 2 on each rank)."""
     from ms_llm.models.safetensors_io import read_safetensors
     work = tiny_sft.parent.parent
     over = (*QUICK, "train.max_steps=2", "checkpoint.every=0", "train.eval_every=0", "train.log_every=1",
-            "grpo.eval_data=null", "grpo.loss_agg=token-mean")
+            "grpo.eval_data=null", "grpo.loss_agg=token-mean", "grpo.dynamic_sampling.enabled=true",
+            "grpo.dynamic_sampling.max_rounds=3")
     run_cli(work, "train", "configs/tiny/grpo.yaml", *over, "train.output_dir=runs/grpo_one")
     run_cli(work, "launch", "configs/tiny/grpo.yaml", *over, "train.output_dir=runs/grpo_dp2", "--nproc-per-node",
             "2", "--master-port", "8175", "--log-dir", "logs_grpo", "--cluster-timeout", "60")
     runs = [work / "runs" / n for n in ("grpo_one", "grpo_dp2")]
-    losses = [[r["loss"] for r in _rows(run)] for run in runs]
-    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5)
+    rows = [_rows(run) for run in runs]
+    for key in ("loss", "reward/total", "groups_seen", "groups_filtered", "generation_rounds", "response_length"):
+        np.testing.assert_allclose([r[key] for r in rows[1]], [r[key] for r in rows[0]], atol=1e-5, err_msg=key)
+    for one, two in zip(*rows):
+        assert one["rollout/rows"] == one["generation_rounds"] * 64 == 2 * two["rollout/rows"]
+    assert sum(r["groups_seen"] for r in rows[0]) > 16 or any(r["groups_filtered"] > 0 for r in rows[0])
     w = [read_safetensors(str(run / "final" / "model.safetensors")) for run in runs]
     assert max(np.abs(w[1][k] - w[0][k]).max() for k in w[0]) <= 1e-5
 
@@ -198,7 +206,7 @@ def test_partial_rollout_with_frozen_weights_equals_one_pass_and_survives_a_chec
         other.advance(other.paused[0], step)
     rows = [p["ids"] for p in prompts[:2] for _ in range(2)]
     one = generate(policy, rows, 7, seed=[source.seed, 7919, 0, 0], prompt_width=6, cache_len=64, eos_token_id=[3],
-                   pad_token_id=0)
+                   pad_token_id=0, rows=range(len(rows)))
     for x in (fl, other.paused[0]):
         np.testing.assert_array_equal(x.tokens, one.tokens)
         np.testing.assert_array_equal(x.lengths, one.lengths)
@@ -241,7 +249,7 @@ def test_advantages_and_truncation_masks_equal_a_numpy_recomputation_from_the_lo
     from ms_llm.rollout.batch import read_rollout
     stage, source, _, _ = _toy(tmp_path, "grpo.partial_rollout.token_budget=0", "grpo.group_size=4",
                                "grpo.max_new_tokens=4", "grpo.overlong.mask_truncated=true", "log.rollouts_every=1",
-                               "train.micro_batch_size=8")
+                               "train.micro_batch_size=8", "train.seed=1")
     row, _ = stage.step(0, 0)
     a, meta = read_rollout(str(tmp_path / "rollouts" / "step_000001.safetensors"))
     G, eps = meta["group_size"], meta["advantage_eps"]
@@ -309,7 +317,7 @@ def test_the_asynchronous_worker_generates_with_the_weights_it_was_sent(tmp_path
     g = source.g
     again = generate(policy, rows, g.max_new_tokens, seed=[source.seed, SEED_TAG, 2, 0],
                      cache_len=source.cache_len([{"ids": r} for r in rows]), prompt_width=g.max_prompt_len,
-                     **source.sampling())
+                     rows=range(len(rows)), **source.sampling())
     np.testing.assert_array_equal(again.lengths, a["lengths"])
     n = again.tokens.shape[1]
     live = np.arange(n)[None] < again.lengths[:, None]

@@ -42,8 +42,11 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_pretrained, tiny_reward):
     run_cli(d, *args)
     assert_resumed_run_equals(a, b, steps=4, killed_at=2)
     ra, rb = _rows(a), _rows(b)
-    for key in ("reward/rm", "reward/total", "kl", "kl_coef", "value_loss", "policy/clipfrac"):
+    for key in ("reward/rm", "reward/total", "kl", "kl_run_mean", "kl_coef", "value_loss", "policy/clipfrac"):
         np.testing.assert_allclose([r[key] for r in rb][2:], [r[key] for r in ra][2:], atol=1e-6, err_msg=key)
+    for run, rows in ((a, ra), (b, rb)):               # the KL gate: the mean over all 4 steps, across the kill too
+        kl_gate = json.loads((run / "summary.json").read_text())["gates"]["kl"]
+        assert abs(kl_gate["value"] - np.mean([r["kl"] for r in ra])) <= 1e-6
     va = a / "checkpoints" / "step_000004" / "value"
     vb = b / "checkpoints" / "step_000004" / "value"
     from ms_llm.models.safetensors_io import read_safetensors
@@ -67,7 +70,8 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_pretrained, tiny_reward):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_msrun_ranks_equal_one_process(tiny_pretrained, tiny_reward):
-    """Each rank rolls out and scores the whole batch (same seeds) and trains half of every mini-batch: with the
+    """Each rank rolls out, rewards and scores half of the batch (`rollout/rows` 4 of 8; every row's sampler is
+    seeded by its row), the ranks exchange those rows, and each trains half of every mini-batch: with the
     gradient sums over ranks, two ranks (3 micro-batches each) equal one process (6) in per-step losses,
     rewards, KL and β, and in the final policy and value model."""
     from ms_llm.models.safetensors_io import read_safetensors
@@ -81,7 +85,9 @@ def test_two_msrun_ranks_equal_one_process(tiny_pretrained, tiny_reward):
     assert [r["step"] for r in rb] == [1, 2]
     # each rank trained its half of every mini-batch: 3 micro-batches per update against the one process's 6
     assert {r["micro_batches_per_update"] for r in ra} == {6} and {r["micro_batches_per_update"] for r in rb} == {3}
-    for key in ("loss", "value_loss", "reward/rm", "reward/total", "kl", "kl_coef", "policy/clipfrac"):
+    assert {r["rollout/rows"] for r in ra} == {8} and {r["rollout/rows"] for r in rb} == {4}
+    for key in ("loss", "value_loss", "reward/rm", "reward/total", "kl", "kl_coef", "policy/clipfrac",
+                "response_length", "explained_variance"):
         np.testing.assert_allclose([r[key] for r in rb], [r[key] for r in ra], atol=1e-5, err_msg=key)
     for name in ("final/model.safetensors", "checkpoints/step_000002/value/model.safetensors",
                  "checkpoints/step_000002/value/value_head.safetensors"):

@@ -94,11 +94,12 @@ def test_with_a_drifted_policy_rewards_fall_as_beta_rises_and_the_adaptive_contr
                                                                                                    graph_mode):
     stage = _ppo_stage(tmp_path, "ppo.kl.controller=adaptive", "ppo.kl.init_coef=0.05", "ppo.kl.target=0.01",
                        "ppo.kl.horizon=200")
-    ro = stage.roll_out(0, stage.prompts.take(32))
+    prompts = stage.prompts.take(32)
+    rows = stage.score_rows(stage.roll_out(0, prompts))
     totals = []
     for beta in (0.0, 0.05, 0.5):
         stage.kl.beta = beta
-        sc = stage.score(ro)
+        _, sc = stage.score(prompts, rows)
         assert sc["kl"] > 0.05
         totals.append(sc["rewards"].sum(-1).mean())
     assert totals[0] > totals[1] > totals[2]
