@@ -241,8 +241,9 @@ def components(cfg, ranks: int, device: str) -> list:
         d = cfg.distill
         out += _trained(cfg, policy, "student", None, dp, split, device)
         out += _activations(cfg, policy, "student", t.micro_batch_size, cfg.data.seq_len, device, split)
-        teacher = model_shape(cfg, "distill.teacher", d.teacher.path)
-        out.append(_frozen("teacher", teacher, d.teacher.dtype, device))     # loaded in every mode (stages/distill.py)
+        if d.mode != "cached" or d.iterative.every:      # a cached run reads the teacher's logits, samples and score
+            teacher = model_shape(cfg, "distill.teacher", d.teacher.path)
+            out.append(_frozen("teacher", teacher, d.teacher.dtype, device))
     elif stage == "reward":
         out += _trained(cfg, policy, "reward model", cfg.reward.lora, dp, split, device)
         out += _activations(cfg, policy, "reward model", 2 * t.micro_batch_size, cfg.data.seq_len, device, split,

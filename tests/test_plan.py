@@ -69,11 +69,11 @@ def test_every_shipped_qwen_config_is_planned(capsys):
         assert p["budget_bytes"] == 58 * 2 ** 30 and p["fits"] == (p["total_bytes"] <= p["budget_bytes"])
         assert p["fits"] or p["suggestion"]
         verdicts[os.path.basename(path)] = p["fits"]
-    fit = ("0.5b_pretrain.yaml", "7b_cpt.yaml", "7b_dpo.yaml", "7b_dpo_lora.yaml", "7b_ppo.yaml", "7b_reward.yaml",
-           "7b_sft_full.yaml", "7b_sft_lora.yaml")
-    assert all(verdicts[k] for k in fit) and len(verdicts) == len(fit) + 2
-    # not yet: the 72B teacher on every rank and every rank generating GRPO's whole batch (issue 33)
-    assert not verdicts["7b_distill_from_72b.yaml"] and not verdicts["7b_grpo_math.yaml"]
+    fit = ("0.5b_pretrain.yaml", "7b_cpt.yaml", "7b_distill_from_72b.yaml", "7b_dpo.yaml", "7b_dpo_lora.yaml",
+           "7b_ppo.yaml", "7b_reward.yaml", "7b_sft_full.yaml", "7b_sft_lora.yaml")
+    assert all(verdicts[k] for k in fit) and len(verdicts) == len(fit) + 1
+    # not yet: GRPO's full-weight policy whole on every rank beside its share of the KV cache (issue 33)
+    assert not verdicts["7b_grpo_math.yaml"]
     # a model directory that is not here and no plan.shapes entry: one message naming the key to set
     assert main(["plan", QWEN[-1], "plan.shapes={}"]) == 2
     assert "set plan.shapes.model to a preset" in capsys.readouterr().err

@@ -53,6 +53,10 @@ def _check_distill(cfg: ExperimentConfig, where: str):
         if d.iterative.every or d.generate.prompts:
             raise MsLlmError(f"{where}: distill.mode: on_policy does not combine with distill.iterative or "
                              "distill.generate (the student generates its own data)")
+    if d.mode == "on_policy" and cfg.parallel.optimizer_shard == "zero3":
+        raise MsLlmError(f"{where}: distill.mode: on_policy does not combine with parallel.optimizer_shard: zero3 "
+                         "(each rank samples its own rows, a different number of decoding steps, and every step "
+                         "would all-gather the student's shards); use zero1 or mode online / cached")
     if d.mode == "cached" and d.iterative.every:
         raise MsLlmError(f"{where}: distill.iterative needs distill.mode: online (hard examples added during "
                          "training have no cached teacher logits)")
@@ -216,7 +220,7 @@ class StageRules:
 STAGE_RULES = {
     "pretrain": StageRules(frozenset({"tensor_parallel", "pipeline_stages", "zero3"}), reads_index=True),
     "cpt": StageRules(frozenset({"tensor_parallel", "pipeline_stages", "zero3"}), reads_index=True, check=_check_cpt),
-    "distill": StageRules(check=_check_distill),
+    "distill": StageRules(frozenset({"zero3"}), check=_check_distill),
     "sft": StageRules(frozenset({"zero3"}), check=_check_sft),
     "reward": StageRules(frozenset({"zero3"}), mup=False, check=_check_reward),
     "dpo": StageRules(frozenset({"zero3"}), mup=False, check=_check_dpo),

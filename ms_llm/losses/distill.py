@@ -289,7 +289,7 @@ class DistillLoss(nn.Cell):
     def construct(self, input_ids, labels, attention_mask, weights, row_weight, topk_ids=None, topk_logp=None,
                   tail_logp=None):
         hidden = self.student.readout_input(self.student.hidden_states(input_ids, attention_mask))
-        w = lm_head_weight(self.student)
+        w = self.student.head_weight(hidden)          # a ZeRO-3 shard gathered whole, after the hidden states
         if self.cached:
             t_in, w_t = topk_logp, self.dummy
         else:

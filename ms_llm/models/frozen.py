@@ -45,19 +45,28 @@ def load_frozen(section, key: str, policy=None, policy_dir: str = None, policy_t
     directory and tokenizer serve `policy_without_adapter`."""
     if section.policy_without_adapter:
         return _policy_base(section, key, policy, policy_dir, policy_tokenizer)
+    model_dir, sha = frozen_source(section, key)
+    model = load_frozen_weights(model_dir, frozen_dtype(section.dtype, key))
+    return FrozenModel(model, Tokenizer.load(section.tokenizer or model_dir), sha, model_dir)
+
+
+def frozen_source(section, key: str) -> tuple:
+    """(model directory, sha256) of the model a section names, its hash checked when the section gives one —
+    what a stage needs to know about a frozen model before (or instead of) loading its weights."""
     if not section.path:
         raise MsLlmError(f"{key}.path is not set")
     model_dir = resolve_model_dir(section.path)
     if section.sha256:
         try:
-            sha = check_init_hash(model_dir, section.sha256)
+            return model_dir, check_init_hash(model_dir, section.sha256)
         except MsLlmError as e:
             raise MsLlmError(f"{key}: {e}".replace("model.init_sha256", f"{key}.sha256")) from None
-    else:
-        sha = model_identity(model_dir)
-    dtype = frozen_dtype(section.dtype, key)
-    model = freeze(load_pretrained(model_dir, dtype=dtype, param_dtype=dtype))
-    return FrozenModel(model, Tokenizer.load(section.tokenizer or model_dir), sha, model_dir)
+    return model_dir, model_identity(model_dir)
+
+
+def load_frozen_weights(model_dir: str, dtype: str):
+    """The frozen model's weights from `model_dir`, in `dtype`."""
+    return freeze(load_pretrained(model_dir, dtype=dtype, param_dtype=dtype))
 
 
 def _policy_base(section, key: str, policy, policy_dir, tokenizer) -> FrozenModel:

@@ -43,8 +43,9 @@ from ms_llm.generation import generate
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
-from ms_llm.models.frozen import load_frozen
-from ms_llm.models.io import resolve_model_dir
+from ms_llm.data.tokenizer import Tokenizer
+from ms_llm.models.frozen import frozen_source, load_frozen_weights
+from ms_llm.models.io import frozen_dtype, read_config, resolve_model_dir
 from ms_llm.models.vocab import vocab_alignment
 from ms_llm.rollout.batch import completion_rows
 from ms_llm.rollout.prompts import PromptStream, read_tasks
@@ -85,19 +86,36 @@ def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: 
 
 
 class Teacher:
-    """The frozen teacher with its tokenizer, its identity and the vocabulary map to the student."""
+    """The teacher's identity (hash), tokenizer and vocabulary map to the student, read from its directory; its
+    weights (`model`) are loaded the first time something uses them — online distillation, on-policy scoring,
+    sample generation, hard-example rounds, scoring its exact match — and never in a cached-mode run whose
+    samples and score the cache-building run left behind."""
 
     def __init__(self, cfg: ExperimentConfig, student_tok, student_vocab_size: int):
-        aux = load_frozen(cfg.distill.teacher, "distill.teacher")
-        self.model, self.tokenizer, self.sha256, model_dir = aux.model, aux.tokenizer, aux.sha256, aux.path
+        section = cfg.distill.teacher
+        self.path, self.sha256 = frozen_source(section, "distill.teacher")
+        self.dtype = frozen_dtype(section.dtype, "distill.teacher")
+        self.tokenizer = Tokenizer.load(section.tokenizer or self.path)
         self.template = cfg.tokenizer.chat_template
         self.vocab_map, self.coverage = vocab_alignment(student_tok, self.tokenizer, student_vocab_size,
-                                                        self.model.config.vocab_size)
+                                                        read_config(self.path).vocab_size)
         self.unk = self.tokenizer.unk_id if self.tokenizer.unk_id is not None else 0
-        log.info("teacher %s (sha256 %s); vocabulary %s", model_dir, self.sha256[:12],
+        self._model = None
+        log.info("teacher %s (sha256 %s); vocabulary %s", self.path, self.sha256[:12],
                  "identical" if self.vocab_map is None else
                  f"mapped by string: {self.coverage['student_coverage']:.1%} of the student's tokens, "
                  f"{self.coverage['teacher_coverage']:.1%} of the teacher's")
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self):
+        if self._model is None:
+            log.info("loading the teacher's weights (%s, %s)", self.path, self.dtype)
+            self._model = load_frozen_weights(self.path, self.dtype)
+        return self._model
 
     def answer(self, prompts: list, g, seed: int) -> list:
         """Sampled answers: [{"text", "hit_limit"}] per prompt."""
@@ -253,9 +271,17 @@ def cache_expectations(cfg: ExperimentConfig, teacher_sha: str, data: SFTData) -
             "data_fingerprint": data.fingerprint()}
 
 
+def samples_dir(cfg: ExperimentConfig, run_dir: str) -> str:
+    """Where the teacher's generated samples live: beside the top-k cache when there is one (`cache-teacher`
+    writes them there and a cached-mode run reads them back, never needing the teacher to generate), else in the
+    run directory."""
+    d = cfg.distill
+    return os.path.join(d.cache_dir if d.cache_dir else run_dir, "distill_data")
+
+
 def prepare(cfg: ExperimentConfig, run_dir: str, tokenizer, student_vocab: int):
     teacher = Teacher(cfg, tokenizer, student_vocab)
-    generated = generate_samples(cfg, teacher, os.path.join(run_dir, "distill_data")) if cfg.distill.generate.prompts else None
+    generated = generate_samples(cfg, teacher, samples_dir(cfg, run_dir)) if cfg.distill.generate.prompts else None
     data = build_data(cfg, tokenizer, generated["kept"] if generated else [])
     return teacher, generated, data
 
@@ -273,8 +299,20 @@ def cache_teacher(cfg: ExperimentConfig) -> dict:
     manifest = write_cache(d.cache_dir, teacher.model, list(data.examples()), cache_expectations(cfg, teacher.sha256, data),
                            d.top_k, d.temperature, teacher.vocab_map, tokenizer.unk_id or 0, teacher.unk,
                            shard_examples=d.cache_shard_examples, progress=cfg.train.progress_bar)
-    return {"cache_dir": os.path.abspath(d.cache_dir), "examples": manifest["examples"],
-            "shards": len(manifest["shards"]), "top_k": d.top_k}
+    out = {"cache_dir": os.path.abspath(d.cache_dir), "examples": manifest["examples"],
+           "shards": len(manifest["shards"]), "top_k": d.top_k}
+    records = eval_records(cfg)
+    if records:              # scored now, with the teacher loaded, so that cached-mode runs read the score
+        out["teacher_exact_match"] = teacher_exact_match(cfg, teacher, records, run_dir)
+    return out
+
+
+def eval_records(cfg: ExperimentConfig) -> list:
+    d = cfg.distill
+    if not d.eval_prompts:
+        return []
+    records = read_records(d.eval_prompts, "prompts")
+    return records[:d.eval_limit] if d.eval_limit else records
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -512,10 +550,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         loss = DistillLoss(student, lcfg, None, teacher.vocab_map, unk)
     else:
         loss = DistillLoss(student, lcfg, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
-    records = []
-    if d.eval_prompts:
-        records = read_records(d.eval_prompts, "prompts")
-        records = records[:d.eval_limit] if d.eval_limit else records
+    records = eval_records(cfg)
     teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
     on_policy = OnPolicy(cfg, student, lcfg, teacher, tokenizer, layout) if d.mode == "on_policy" else None
@@ -536,7 +571,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     final["teacher_sha256"] = teacher.sha256
     g = gates(cfg, result.evals)
     metrics = dict(result.metrics, **{f"before/{k}": v for k, v in result.before.items()},
-                   teacher_exact_match=teacher_score, vocab_student_coverage=teacher.coverage["student_coverage"],
+                   teacher_exact_match=teacher_score, teacher_loaded=float(teacher.loaded),
+                   vocab_student_coverage=teacher.coverage["student_coverage"],
                    vocab_teacher_coverage=teacher.coverage["teacher_coverage"], hard_rounds=hard.rounds if hard else 0)
     if generated:
         metrics.update({"generated/before_valid_rate": generated["before"]["valid_rate"],

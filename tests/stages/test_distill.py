@@ -108,6 +108,59 @@ def test_cached_top_k_matches_online_and_bad_caches_are_refused(teacher, distill
 
 
 @pytest.mark.slow
+def test_a_cached_run_never_loads_the_teacher(teacher, monkeypatch):
+    """In one process, counting every load of the teacher's weights: `cache-teacher` loads them once (the top-k
+    logits and the teacher's held-out exact match); the cached-mode run that follows, with its evaluations and
+    the score-ratio gate, loads them zero times and reads the teacher's score the builder left."""
+    import ms_llm.stages.distill as stage
+    from ms_llm.cli import main
+    loads, real = [], stage.load_frozen_weights
+    monkeypatch.setattr(stage, "load_frozen_weights", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.chdir(teacher)
+    ev = ["distill.eval_limit=16", "train.progress_bar=false", "log.plots=false"]
+    assert main(["distill", "cache-teacher", "configs/tiny/distill.yaml", "distill.cache_dir=runs/cache_count",
+                 "train.output_dir=runs/cache_count_run", "distill.top_k=8", *ev]) == 0
+    assert len(loads) == 1 and loads[0].endswith(os.path.join("tiny_distill_teacher", "final"))
+    assert main(["train", "configs/tiny/distill.yaml", "distill.mode=cached", "distill.cache_dir=runs/cache_count",
+                 "distill.top_k=8", "train.max_steps=4", "train.eval_every=2", "checkpoint.every=0",
+                 "lr_schedule.warmup_steps=1", "train.output_dir=runs/cached_count", *ev]) == 0
+    assert len(loads) == 1                                  # the cached run never constructed the teacher
+    summary = _summary(teacher, "cached_count")
+    assert summary["metrics"]["teacher_loaded"] == 0.0 and "score_ratio" in summary["gates"]
+    assert 0 < summary["metrics"]["teacher_exact_match"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_online_distillation_with_zero3_on_two_ranks_equals_one_process(teacher):
+    """parallel.optimizer_shard=zero3 for the student, the live teacher whole on each rank: batch 8 in one process
+    = 2 msrun ranks of 4 in per-step losses, the final weights and the held-out exact match, whose greedy answers
+    read the gathered student on both ranks."""
+    import numpy as np
+    from ms_llm.models.safetensors_io import read_safetensors
+    over = ["configs/tiny/distill.yaml", "train.max_steps=4", "checkpoint.every=2", "train.eval_every=0",
+            "train.log_every=1", "distill.eval_limit=8", "lr_schedule.warmup_steps=0", "train.progress_bar=false",
+            "log.plots=false"]
+    _run(teacher, "train", *over, "train.micro_batch_size=8", "train.output_dir=runs/distill_b8")
+    _run(teacher, "launch", *over, "train.micro_batch_size=4", "parallel.optimizer_shard=zero3",
+         "train.output_dir=runs/distill_zero3", "--nproc-per-node", "2", "--master-port", "8189", "--log-dir",
+         "logs_distill_zero3", "--cluster-timeout", "60")
+    runs = [teacher / "runs" / n for n in ("distill_b8", "distill_zero3")]
+    rows = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in runs]
+    losses = [[r["loss"] for r in x if "loss" in r] for x in rows]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]
+    a, b = (read_safetensors(str(run / "final" / "model.safetensors")) for run in runs)
+    assert set(a) == set(b) and max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+    m = [json.loads((run / "summary.json").read_text())["metrics"] for run in runs]
+    assert m[1]["eval/exact_match"] == m[0]["eval/exact_match"]
+    assert m[1]["parameters_on_rank"] < 0.6 * m[0]["parameters_on_rank"]      # the student held in shards
+    r = _run(teacher, "train", "configs/tiny/distill_on_policy.yaml", "parallel.optimizer_shard=zero3",
+             "parallel.data_parallel=2", expect=2)
+    assert "on_policy does not combine with parallel.optimizer_shard: zero3" in r.stderr
+
+
+@pytest.mark.slow
 def test_hand_off_hash_is_checked(teacher, distilled):
     final = distilled["final"]
     base = ("configs/tiny/pretrain.yaml", f"model.init_from={final['path']}", "model.preset=null",
