@@ -54,6 +54,8 @@ def test_the_rollout_kv_cache_is_each_ranks_share_of_the_batch():
     assert kv(cfg, 16) == rows // 16 * per_row
     partial = load_config(path, ["grpo.partial_rollout.token_budget=256"], check=False)
     assert kv(partial, 16) == rows * per_row
+    odd = load_config(path, ["grpo.prompts_per_step=20"], check=False)     # groups stay whole: 2 prompts x 16
+    assert kv(odd, 16) == 2 * 16 * per_row
 
 
 def test_every_shipped_qwen_config_is_planned(capsys):

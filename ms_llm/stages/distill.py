@@ -18,6 +18,7 @@
    they pass (stop_at_gates). final/ carries the version tag and SHA256 the next stage's init_sha256 names.
 """
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from ms_llm.errors import MsLlmError
 from ms_llm.eval.generative import bertscore, exact_match
 from ms_llm.eval.results import gate
 from ms_llm.eval.scoring import sequence_logprobs
-from ms_llm.fileio import read_json, read_jsonl, write_json_atomic
+from ms_llm.fileio import read_json, read_jsonl, sha256_file, write_json_atomic
 from ms_llm.generation import generate
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
@@ -63,19 +64,26 @@ CACHE_KEYS = KEYS + ("topk_ids", "topk_logp", "tail_logp")
 # ---------------------------------------------------------------------------------------------- teacher side
 def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: str) -> float:
     """The teacher's exact match on the evaluation prompts. Greedy decoding of a frozen teacher gives the same
-    score every time, so it is kept in `<runs>/.cache/teacher_scores.json` (or data.cache_dir), keyed by the
-    teacher's weights and tokenizer, the prompts, the chat template and the answer length: runs that share a
-    teacher (a CE-only baseline, a cached-logit run, a rerun) score it once."""
+    score every time, so it is kept in `teacher_scores.json`, keyed by the teacher's weights and tokenizer, the
+    prompts, the chat template and the answer length: runs that share a teacher (a CE-only baseline, a cached-logit
+    run, a rerun) score it once. The file is in distill.cache_dir when there is one (cache-teacher scores the
+    teacher there, and a cached-mode run, which must not load the teacher, only reads it), else in data.cache_dir,
+    else in `<runs>/.cache`."""
     d = cfg.distill
     key = hashlib.sha256(json.dumps({"teacher": teacher.sha256, "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
                                      "records": records, "template": cfg.tokenizer.chat_template,
                                      "max_new_tokens": d.eval_max_new_tokens}, sort_keys=True).encode()).hexdigest()
-    root = cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
+    root = d.cache_dir or cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     path = os.path.join(root, "teacher_scores.json")
     scores = read_json(path, "the teacher-score cache") if os.path.isfile(path) else {}
     if key in scores:
         log.info("teacher exact match %.4f (cached in %s)", scores[key], path)
         return float(scores[key])
+    if d.mode == "cached" and not teacher.loaded:
+        raise MsLlmError(f"{path}: no score of the teacher on these distill.eval_prompts (eval_limit "
+                         f"{d.eval_limit}, eval_max_new_tokens {d.eval_max_new_tokens}); a cached run does not load "
+                         "the teacher: run `ms-llm distill cache-teacher` with the same distill settings, or set "
+                         "distill.eval_prompts: null")
     score = exact_match(teacher.model, teacher.tokenizer, records, cfg.tokenizer.chat_template,
                         d.eval_max_new_tokens)["accuracy"]
     os.makedirs(root, exist_ok=True)
@@ -220,20 +228,32 @@ def as_alpaca(rows: list) -> list:
 
 
 def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> dict:
-    """Teacher answers to distill.generate.prompts, filtered (cached in out_dir: reruns reuse them)."""
-    g = cfg.distill.generate
+    """Teacher answers to distill.generate.prompts, filtered (kept in out_dir with a key of everything they came
+    from — prompts file, teacher, generation and filter settings, seed — that reruns reuse them under)."""
+    d = cfg.distill
+    g = d.generate
     kept_path = os.path.join(out_dir, "generated_kept.jsonl")
     summary_path = os.path.join(out_dir, "generated_summary.json")
+    key = hashlib.sha256(json.dumps({"prompts": sha256_file(g.prompts), "teacher": teacher.sha256,
+                                     "generate": dataclasses.asdict(g), "seed": cfg.train.seed,
+                                     "template": cfg.tokenizer.chat_template}, sort_keys=True,
+                                    default=str).encode()).hexdigest()
     if os.path.isfile(kept_path) and os.path.isfile(summary_path):
-        rows = read_jsonl(kept_path)
-        return dict(read_json(summary_path, "the generation summary"), kept=rows)
+        summary = read_json(summary_path, "the generation summary")
+        if summary.get("key") == key:
+            return dict(summary, kept=read_jsonl(kept_path))
+        log.info("%s: generated under other settings; generating again", summary_path)
+    if d.mode == "cached" and not teacher.loaded:
+        raise MsLlmError(f"{summary_path}: the teacher's samples for these distill.generate settings are not there; "
+                         "a cached run does not load the teacher: run `ms-llm distill cache-teacher` with the same "
+                         "distill settings first (it writes them beside the cache)")
     records = read_records(g.prompts, "prompts")
     records = records[:g.limit] if g.limit else records
     answers = teacher.answer([r["prompt"] for r in records], g, cfg.train.seed)
     samples = [{"prompt": r["prompt"], "answer": a["text"], "reference": r.get("answer"), "task": r.get("task"),
                 "hit_limit": a["hit_limit"]} for r, a in zip(records, answers)]
     res = filter_samples(samples, SampleFilter(g, teacher), out_dir, "generated")
-    summary = {k: res[k] for k in ("before", "after", "rejected_by")}
+    summary = dict({k: res[k] for k in ("before", "after", "rejected_by")}, key=key)
     write_json_atomic(summary_path, summary)
     log.info("teacher samples: %d generated, %d kept (valid rate %.1f%% -> %.1f%%)", len(samples), len(res["kept"]),
              100 * res["before"]["valid_rate"], 100 * res["after"]["valid_rate"])
@@ -552,6 +572,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         loss = DistillLoss(student, lcfg, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
     records = eval_records(cfg)
     teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
+    if layout.data_world > 1:            # every rank's gates (and so its early stop) read rank 0's score
+        teacher_score = layout.gather_objects(teacher_score)[0]
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None
     on_policy = OnPolicy(cfg, student, lcfg, teacher, tokenizer, layout) if d.mode == "on_policy" else None
     stage = DistillStage(cfg, student, layout, loss, data, cache, teacher, tokenizer, records, teacher_score, hard,

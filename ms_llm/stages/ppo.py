@@ -282,7 +282,7 @@ class PPOStage(Stage):
                 row[f"reward/rm/{tag}"] = float(np.mean(got["parts"]["rm"][sel]))
         if event["alarm"]:
             self._alarm(step, event)
-        if self.audit is not None:
+        if self.audit is not None and self.layout.main:       # rank 0 keeps and writes the audit rounds
             self.audit.add(step, prompts, got["texts"], got["parts"], got["total"])
             if (step + 1) % self.p.audit.every == 0 and self.layout.main:
                 self.audit.flush(self.run_dir, (step + 1) // self.p.audit.every)

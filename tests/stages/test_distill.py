@@ -82,7 +82,7 @@ def test_student_reaches_the_teacher_and_beats_ce_only(teacher, distilled):
 @pytest.mark.slow
 def test_cached_top_k_matches_online_and_bad_caches_are_refused(teacher, distilled):
     _run(teacher, "distill", "cache-teacher", "configs/tiny/distill.yaml", "distill.cache_dir=runs/cache",
-         "train.output_dir=runs/cache_run", "train.progress_bar=false", "distill.top_k=8")
+         "train.output_dir=runs/cache_run", "train.progress_bar=false", "distill.top_k=8", "distill.eval_limit=0")
     cache = teacher / "runs" / "cache"
     manifest = json.loads((cache / "MANIFEST.json").read_text())
     assert manifest["top_k"] == 8 and manifest["examples"] == 1000 and manifest["temperature"] == 2.0
@@ -92,6 +92,10 @@ def test_cached_top_k_matches_online_and_bad_caches_are_refused(teacher, distill
     cached = _summary(teacher, "tiny_distill_cached")["metrics"]["eval/exact_match"]
     print(f"online {online:.3f} cached top-8 {cached:.3f}")
     assert abs(cached - online) <= 0.05
+    # eval prompts the cache builder did not score: a cached run will not load the teacher to score them
+    r = _train(teacher, "configs/tiny/distill.yaml", "distill.mode=cached", "distill.cache_dir=runs/cache",
+               "distill.top_k=8", "distill.eval_limit=7", "train.output_dir=runs/bad", expect=2)
+    assert "teacher_scores.json" in r.stderr and "cache-teacher" in r.stderr
     # a temperature the cache was not written for
     r = _train(teacher, "configs/tiny/distill.yaml", "distill.mode=cached", "distill.cache_dir=runs/cache",
                "distill.temperature=1.0", "train.output_dir=runs/bad", expect=2)
