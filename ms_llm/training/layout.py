@@ -76,6 +76,7 @@ class Layout:
         if self.tp is not None or self.pp is not None:
             raise MsLlmError("gathering rollouts over data-parallel ranks with tensor or pipeline parallel is not "
                              "supported")
+        # MindSpore-backed, as world_sum: Layout stays light for the CLI, which imports it through ms_llm.stages
         import pickle
         import mindspore as ms
         from mindspore import ops

@@ -82,7 +82,7 @@ def test_optimizer_shard_values_and_refusals(monkeypatch):
         assert cfg.parallel.optimizer_shard == want
     with pytest.raises(MsLlmError, match=r"parallel.optimizer_shard' = 'zero2' is not one of \['none', 'zero1', 'zero3'\]"):
         load_config("configs/tiny/pretrain.yaml", ["parallel.optimizer_shard=zero2"])
-    with pytest.raises(MsLlmError, match="zero3 is supported by the pretrain, cpt, sft, reward, dpo stages, not by stage 'ppo'"):
+    with pytest.raises(MsLlmError, match="zero3 is supported by the pretrain, cpt, distill, sft, reward, dpo stages, not by stage 'ppo'"):
         load_config("configs/tiny/ppo.yaml", ["parallel.optimizer_shard=zero3", "parallel.data_parallel=2"])
     with pytest.raises(MsLlmError, match="needs parallel.data_parallel >= 2, got 1"):
         load_config("configs/tiny/sft_lora.yaml", ["parallel.optimizer_shard=zero3"])
