@@ -16,10 +16,20 @@ With `rows` (each prompt's index in the whole batch), every row draws from its o
 (seed, row): a row samples the same tokens whichever rows share its batch, so a batch split over
 data-parallel ranks samples what one process would (`RowRandom`).
 
-Prompts are left-padded into one batch. The cache has a fixed length, so in GRAPH_MODE the step compiles
-once for the prompt shape and once for the one-token shape, never per generated token. Sampling
-(temperature, top-k, top-p, repetition penalty) runs on the host in numpy with a seeded generator.
+    out = generate(model, prompts, 256, rows=range(len(prompts)), generation_batch_size=16)
+
+With `generation_batch_size` smaller than the batch, at most that many rows decode at once: when a row finishes,
+the next prompt is prefilled into its cache row (continuous batching). Each prompt's tokens are those of
+generating it alone (greedy or with per-row generators; `rows` defaults to the prompts' indices).
+
+Prompts are left-padded into one batch. The cache has a fixed capacity, so in GRAPH_MODE the step compiles
+once for the prompt shape and once for the one-token shape, never per generated token. On the CPU kernels a
+step writes its keys and values into the cache in place and attends to each row's filled slots only
+(kernels/cpu/decode.cc): its cost follows the tokens, not the capacity. Other backends write whole new caches
+and attend over every slot, masked (`ops.kv_attend`). One host transfer per step: the last position's logits;
+sampling (temperature, top-k, top-p, repetition penalty) runs on the host in numpy with seeded generators.
 """
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -37,21 +47,25 @@ class DecodeStep(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model = model
 
-    def construct(self, input_ids, position_ids, slot_ids, key_valid, place, write, caches):
-        return self.model.step(input_ids, position_ids, slot_ids, key_valid, place, write, caches)
+    def construct(self, input_ids, position_ids, rows, slots, starts, caches):
+        return self.model.step(input_ids, position_ids, rows, slots, starts, caches)
 
 
 @dataclass
 class GenerationState:
-    """Everything needed to continue decoding: caches, which slots hold tokens, and per-row bookkeeping."""
+    """Everything needed to continue decoding: caches, which slots hold tokens, and per-row bookkeeping. Row i's
+    tokens fill the cache slots starts[i] .. slots[i] - 1 (position = slot - start)."""
     caches: tuple
-    key_valid: np.ndarray            # [B, Smax] int32
-    pads: np.ndarray                 # [B] left-padding per row (position = slot - pad)
-    next_slot: int                   # slot of the next token to feed
+    starts: np.ndarray               # [B] int32 first filled slot (the row's left padding)
+    slots: np.ndarray                # [B] int32 slot of the next token to feed
     next_tokens: np.ndarray          # [B] sampled but not yet fed
     finished: np.ndarray             # [B] bool
     history: list = field(default_factory=list)   # per-row token ids seen (repetition penalty)
     rng: object = None               # the sampler's numpy Generator: a continued call draws what one call would
+
+    @property
+    def capacity(self) -> int:
+        return int(self.caches[0].shape[2])
 
 
 @dataclass
@@ -60,6 +74,7 @@ class GenerationOutput:
     logprobs: np.ndarray             # [B, N] float32
     lengths: np.ndarray              # [B] tokens generated per row, eos included
     state: Optional[GenerationState] = None
+    finished: Optional[np.ndarray] = None     # [B] rows that emitted an eos (so far)
 
 
 @dataclass
@@ -81,6 +96,13 @@ class RowRandom:
 
     def random(self, size):
         return np.array([g.random() for g in self.gens]).reshape(size)
+
+    def subset(self, index) -> "RowRandom":
+        """The generators of rows `index` (positions in this batch), shared, not copied."""
+        out = RowRandom.__new__(RowRandom)
+        out.rows = [self.rows[i] for i in index]
+        out.gens = [self.gens[i] for i in index]
+        return out
 
     def state(self) -> dict:
         return {"rows": self.rows, "states": [g.bit_generator.state for g in self.gens]}
@@ -153,51 +175,120 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng, history=None):
     return tok.astype(np.int32), np.take_along_axis(logp, tok[:, None], -1)[:, 0].astype(np.float32)
 
 
-def _one_hot_place(smax: int, slots: np.ndarray):
-    place = np.zeros((smax, len(slots)), np.float32)
-    place[slots, np.arange(len(slots))] = 1.0
-    return Tensor(place), Tensor(place.sum(1))
+class CachePool:
+    """KV caches to reuse, per model: allocating (and first touching) a cache of 8192 slots costs more than
+    decoding 64 tokens with it. Only where the backend writes caches in place (`CausalLM.kv_in_place`); there a
+    reused cache needs no zeroing, since every slot a query reads was written in the same generation. A cache is
+    free again once the state that holds it is gone (a weak reference) or released; at most `keep` are kept."""
+
+    def __init__(self, keep: int = 2):
+        self.keep, self.entries = keep, []      # [shape, caches, owner weakref or None]
+
+    def take(self, model, batch: int, capacity: int):
+        shape = (batch, capacity)
+        for e in self.entries:
+            if e[0] == shape and (e[2] is None or e[2]() is None):
+                self.entries.remove(e)
+                self.entries.append(e)          # most recently used last
+                e[2] = _TAKEN
+                return e[1]
+        caches = model.empty_cache(batch, capacity)
+        free = [e for e in self.entries if e[2] is None or e[2]() is None]
+        if len(self.entries) >= self.keep and free:
+            self.entries.remove(free[0])
+        if len(self.entries) < self.keep:
+            self.entries.append([shape, caches, _TAKEN])
+        return caches
+
+    def hold(self, caches, owner):
+        """`owner` (a GenerationState) now holds `caches`; None gives them back."""
+        for e in self.entries:
+            if e[1] is caches:
+                e[2] = None if owner is None else weakref.ref(owner)
 
 
-def _prefill(model, prompts, cache_len, pad_id, prompt_width=None):
+def _taken():
+    return True
+
+
+_TAKEN = _taken                                 # an owner reference that never dies (until hold() replaces it)
+
+
+def _pool(model) -> Optional[CachePool]:
+    if not model.kv_in_place():
+        return None
+    if not hasattr(model, "_kv_pool"):
+        object.__setattr__(model, "_kv_pool", CachePool())
+    return model._kv_pool
+
+
+def _new_caches(model, batch: int, capacity: int):
+    pool = _pool(model)
+    return model.empty_cache(batch, capacity) if pool is None else pool.take(model, batch, capacity)
+
+
+def _release(model, caches, owner=None):
+    pool = _pool(model)
+    if pool is not None:
+        pool.hold(caches, owner)
+
+
+def _call(model, caches, ids, pos, rows, slots, starts):
+    """One DecodeStep call: (logits [B, V] on the host, the caches after it: the same tensors when the backend
+    wrote them in place)."""
+    logits, new = _steppers(model)(Tensor(ids), Tensor(pos.astype(np.int32)), Tensor(rows.astype(np.int32)),
+                                   Tensor(slots.astype(np.int32)), Tensor(starts.astype(np.int32)),
+                                   ms.mutable(caches))
+    return logits.asnumpy(), (tuple(new) if len(new) else caches)
+
+
+def _left_pad(prompts, pad_id, width):
+    """(ids [B, width] left-padded, pads [B])."""
     lengths = np.array([len(p) for p in prompts])
     if (lengths == 0).any():
         raise MsLlmError("generate: every prompt needs at least one token")
-    width = max(int(lengths.max()), prompt_width or 0)
-    b = len(prompts)
-    ids = np.full((b, width), pad_id, np.int32)
-    pads = width - lengths
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    pads = (width - lengths).astype(np.int32)
     for i, p in enumerate(prompts):
         ids[i, pads[i]:] = p
-    slots = np.arange(width, dtype=np.int32)
-    key_valid = np.zeros((b, cache_len), np.int32)
-    for i in range(b):
-        key_valid[i, pads[i]:width] = 1
-    place, write = _one_hot_place(cache_len, slots)
-    pos = np.maximum(slots[None, :] - pads[:, None], 0).astype(np.int32)
-    logits, caches = _steppers(model)(Tensor(ids), Tensor(pos), Tensor(np.tile(slots, (b, 1))),
-                                      Tensor(key_valid), place, write, ms.mutable(model.empty_cache(b, cache_len)))
-    return logits.asnumpy(), GenerationState(caches, key_valid, pads, width, None, np.zeros(b, bool),
-                                             [list(p) for p in prompts])
+    return ids, pads
+
+
+def _prefill_rows(model, caches, prompts, rows, pad_id, width):
+    """Prompts into cache rows `rows` (slots 0 .. width-1, left-padded). Returns (logits, caches, pads)."""
+    ids, pads = _left_pad(prompts, pad_id, width)
+    b = len(prompts)
+    slots = np.tile(np.arange(width, dtype=np.int32), (b, 1))
+    pos = np.maximum(slots - pads[:, None], 0)
+    logits, caches = _call(model, caches, ids, pos, np.asarray(rows), slots, pads)
+    return logits, caches, pads
+
+
+def _prefill(model, prompts, cache_len, pad_id, prompt_width=None):
+    b = len(prompts)
+    width = max(max(len(p) for p in prompts), prompt_width or 0)
+    logits, caches, pads = _prefill_rows(model, _new_caches(model, b, cache_len), prompts, np.arange(b), pad_id,
+                                         width)
+    state = GenerationState(caches, pads, np.full(b, width, np.int32), None, np.zeros(b, bool),
+                            [list(p) for p in prompts])
+    _release(model, caches, state)
+    return logits, state
 
 
 def _feed(model, state: GenerationState):
-    s = state.next_slot
-    b = len(state.pads)
-    state.key_valid[:, s] = 1
-    place, write = _one_hot_place(state.key_valid.shape[1], np.array([s]))
-    pos = (s - state.pads).reshape(b, 1).astype(np.int32)
-    logits, state.caches = _steppers(model)(Tensor(state.next_tokens.reshape(b, 1)), Tensor(pos),
-                                            Tensor(np.full((b, 1), s, np.int32)), Tensor(state.key_valid),
-                                            place, write, ms.mutable(state.caches))
-    state.next_slot = s + 1
-    return logits.asnumpy()
+    b = len(state.starts)
+    logits, state.caches = _call(model, state.caches, state.next_tokens.reshape(b, 1),
+                                 (state.slots - state.starts).reshape(b, 1), np.arange(b), state.slots.reshape(b, 1),
+                                 state.starts)
+    state.slots = state.slots + 1
+    return logits
 
 
 def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id: int = 0, seed: int = 0,
              cache_len: Optional[int] = None, state: Optional[GenerationState] = None,
-             use_cache: bool = True, prompt_width: Optional[int] = None, rows=None) -> GenerationOutput:
+             use_cache: bool = True, prompt_width: Optional[int] = None, rows=None,
+             generation_batch_size: int = 0) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt.
 
     Args:
@@ -212,20 +303,32 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
             reuse one compiled prefill graph (rollouts); the tokens do not depend on it.
         rows: each prompt's index in the whole batch: one generator per row, seeded by (seed, row) (RowRandom),
             so that a row's samples do not depend on the rows beside it.
+        generation_batch_size: decode at most this many rows at once, refilling a finished row's cache row with
+            the next prompt (continuous batching); 0 or at least the batch: all at once. The output then has no
+            state to continue from.
     """
     was_training = model.training
     model.set_train(False)
     try:
-        return _generate(model, prompts, max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty),
-                         eos_token_id, pad_token_id, seed, cache_len, state, use_cache, prompt_width, rows)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        if generation_batch_size and state is None and use_cache and prompts and \
+                generation_batch_size < len(prompts):
+            return _generate_continuous(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed,
+                                        cache_len, prompt_width, rows, generation_batch_size)
+        return _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed, cache_len, state,
+                         use_cache, prompt_width, rows)
     finally:
         model.set_train(was_training)
 
 
+def _eos_set(model, eos_token_id) -> set:
+    return set(model.config.eos_ids if eos_token_id is None else
+               (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
+
+
 def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed, cache_len, state, use_cache,
               prompt_width=None, rows=None):
-    eos = set(model.config.eos_ids if eos_token_id is None else
-              (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
+    eos = _eos_set(model, eos_token_id)
     if state is not None and state.rng is not None:
         rng = state.rng
     elif rows is not None:
@@ -246,12 +349,12 @@ def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id
         logits, state = _prefill(model, prompts, cache_len, pad_token_id, prompt_width)
         state.rng = rng
     else:
-        if state.next_slot + max_new_tokens > state.key_valid.shape[1]:
-            raise MsLlmError(f"generate: the cache has {state.key_valid.shape[1] - state.next_slot} free slots, "
+        if int(state.slots.max()) + max_new_tokens > state.capacity:
+            raise MsLlmError(f"generate: the cache has {state.capacity - int(state.slots.max())} free slots, "
                              f"{max_new_tokens} requested; start with a larger cache_len")
         state.rng = rng
         logits = _feed(model, state)
-    b = len(state.pads)
+    b = len(state.starts)
     tokens = np.full((b, max_new_tokens), pad_token_id, np.int32)
     logps = np.zeros((b, max_new_tokens), np.float32)
     lengths = np.zeros(b, np.int64)
@@ -267,7 +370,79 @@ def _generate(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id
         if state.finished.all() or t == max_new_tokens - 1:
             break
         logits = _feed(model, state)
-    return GenerationOutput(tokens, logps, lengths, state)
+    return GenerationOutput(tokens, logps, lengths, state, state.finished.copy())
+
+
+def _generate_continuous(model, prompts, max_new_tokens, params, eos_token_id, pad_id, seed, cache_len, prompt_width,
+                         rows, batch):
+    """Continuous batching: `batch` cache rows; a finished row's cache row takes the next prompt (prefilled alone,
+    so that only two prefill shapes compile). Every prompt draws from its own generator (RowRandom), so its
+    tokens are what generating it alone gives."""
+    eos = _eos_set(model, eos_token_id)
+    n = len(prompts)
+    rows = list(range(n)) if rows is None else list(rows)
+    if len(rows) != n:
+        raise MsLlmError(f"generate: rows gives {len(rows)} row indices for {n} prompts")
+    rng = RowRandom(seed, rows)
+    width = max(max(len(p) for p in prompts), prompt_width or 0)
+    need = width + max_new_tokens
+    cache_len = cache_len or -(-need // 64) * 64
+    if cache_len < need:
+        raise MsLlmError(f"generate: cache_len {cache_len} < longest prompt + max_new_tokens ({need})")
+    tokens = np.full((n, max_new_tokens), pad_id, np.int32)
+    logps = np.zeros((n, max_new_tokens), np.float32)
+    lengths = np.zeros(n, np.int64)
+    history = [list(p) for p in prompts]
+    owner = np.full(batch, -1)                    # the prompt each cache row decodes (-1: idle)
+    starts, slots = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+    next_tok = np.full(batch, pad_id, np.int32)
+    finished = np.zeros(n, bool)
+    queue = iter(range(n))
+
+    def take(logits, cache_rows):
+        """Sample the next token of the prompts in `cache_rows`; returns the cache rows whose prompt finished."""
+        who = owner[cache_rows]
+        tok, lp = sample_next(logits, params, rng.subset(who), [history[p] for p in who])
+        done = []
+        for r, p, t, l in zip(cache_rows, who, tok, lp):
+            tokens[p, lengths[p]], logps[p, lengths[p]] = t, l
+            lengths[p] += 1
+            history[p].append(int(t))
+            next_tok[r] = t
+            finished[p] = int(t) in eos
+            if finished[p] or lengths[p] == max_new_tokens:
+                done.append(r)
+        return done
+
+    def admit(free):
+        """Prefill the next prompts into the free cache rows, one at a time, until none is free or none waits."""
+        nonlocal caches
+        free = list(free)
+        while free:
+            p = next(queue, None)
+            if p is None:
+                break
+            r = free.pop(0)
+            logits, caches, pads = _prefill_rows(model, caches, [prompts[p]], [r], pad_id, width)
+            owner[r], starts[r], slots[r] = p, pads[0], width
+            free += take(logits, [r])
+        for r in free:                            # nothing left to decode here: write slot 0, read slot 0
+            owner[r], starts[r], slots[r], next_tok[r] = -1, 0, 0, pad_id
+
+    caches = _new_caches(model, batch, cache_len)
+    held = caches
+    first = [next(queue) for _ in range(batch)]
+    logits, caches, pads = _prefill_rows(model, caches, [prompts[p] for p in first], np.arange(batch), pad_id, width)
+    owner[:], starts[:], slots[:] = first, pads, width
+    admit(take(logits, list(range(batch))))
+    while (owner >= 0).any():
+        live = np.nonzero(owner >= 0)[0]
+        logits, caches = _call(model, caches, next_tok.reshape(batch, 1), (slots - starts).reshape(batch, 1),
+                               np.arange(batch), slots.reshape(batch, 1), starts)
+        slots[live] += 1
+        admit(take(logits[live], list(live)))
+    _release(model, held)
+    return GenerationOutput(tokens, logps, lengths, None, finished)
 
 
 def _generate_recompute(model, prompts, max_new_tokens, params, eos, pad_id, rng):
@@ -297,4 +472,4 @@ def _generate_recompute(model, prompts, max_new_tokens, params, eos, pad_id, rng
         if finished.all() or t == max_new_tokens - 1:
             break
         ids[:, width + t], valid[:, width + t] = np.where(live, tok, pad_id), 1
-    return GenerationOutput(tokens, logps, lengths, None)
+    return GenerationOutput(tokens, logps, lengths, None, finished)

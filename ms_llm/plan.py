@@ -213,14 +213,19 @@ def _frozen(label: str, shape: ModelConfig, dtype: str, device: str) -> Componen
                      f"{shape.num_parameters():,} parameters, {dtype}")
 
 
-def _kv_cache(cfg, shape: ModelConfig, rows: int, prompt: int, new: int, dp: int, group: int = 1) -> Component:
+def _kv_cache(cfg, shape: ModelConfig, rows: int, prompt: int, new: int, dp: int, group: int = 1,
+              batch: int = 0) -> Component:
     """The rollout's cache on one rank: `rows` split over `dp` data-parallel ranks (1: the whole batch) in whole
-    groups of `group` rows (GRPO splits prompts, so the largest share is ceil(prompts / dp) groups)."""
+    groups of `group` rows (GRPO splits prompts, so the largest share is ceil(prompts / dp) groups), at most
+    `batch` of them at once (the generation batch of continuous batching; 0: all)."""
     elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
     cap = -(-(prompt + new) // 64) * 64
     per_row = shape.num_hidden_layers * 2 * shape.num_key_value_heads * shape.head_dim * cap * elem
     mine = -(-(rows // group) // dp) * group
     how = f"{mine} of the batch's {rows} rows on this rank" if dp > 1 else "the whole batch"
+    if 0 < batch < mine:
+        how = f"{batch} at once of {how}"
+        mine = batch
     return Component("rollout KV cache", mine * per_row, f"{mine} rows x {cap} slots ({how})")
 
 
@@ -268,7 +273,7 @@ def components(cfg, ranks: int, device: str) -> list:
         rows = p.rollout_batch_size if stage == "ppo" else p.prompts_per_step * p.group_size
         whole = stage == "grpo" and (p.partial_rollout.token_budget > 0 or p.async_rollout.enabled)
         out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens, 1 if whole else dp,
-                             1 if stage == "ppo" else p.group_size))
+                             1 if stage == "ppo" else p.group_size, p.generation_batch_size))
         if stage == "ppo":
             rm = model_shape(cfg, "ppo.reward_model", p.reward_model)
             out.append(_frozen("reward model", rm, p.reward_dtype, device))

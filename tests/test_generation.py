@@ -104,3 +104,38 @@ def test_sampling_filters():
     assert set(draws) == {0, 1}                      # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: keep two
     tok, lp = sample_next(logits, SamplingParams(0.0, repetition_penalty=2.0), rng, history=[[0]])
     assert tok[0] == 1                               # penalised log(0.5)*2 < log(0.3)
+
+
+def test_continuous_batching_gives_each_prompt_its_own_tokens(model):
+    """generation_batch_size 2 for 6 prompts: a finished row's cache row takes the next prompt. With per-row
+    generators every prompt samples what it samples in the whole batch (and alone, greedy), rows finishing at
+    different times (an eos some rows emit early)."""
+    prompts = PROMPTS + [[7, 8, 9], [20, 21, 22, 23, 24], [9]]
+    kw = dict(temperature=1.0, top_p=0.95, seed=[5, 1], prompt_width=8, pad_token_id=0)
+    probe = generate(model, prompts, 12, rows=range(6), eos_token_id=-1, **kw)
+    eos = int(probe.tokens[1, 2])                            # prompt 1 stops after 3 tokens, others vary
+    whole = generate(model, prompts, 12, rows=range(6), eos_token_id=eos, **kw)
+    assert len(set(whole.lengths.tolist())) > 1
+    cont = generate(model, prompts, 12, rows=range(6), eos_token_id=eos, generation_batch_size=2, **kw)
+    assert cont.state is None
+    assert np.array_equal(cont.tokens, whole.tokens) and np.array_equal(cont.lengths, whole.lengths)
+    assert np.array_equal(cont.finished, whole.finished) and whole.finished.any() and not whole.finished.all()
+    assert np.abs(cont.logprobs - whole.logprobs).max() <= 1e-6
+    greedy = generate(model, prompts, 12, temperature=0, eos_token_id=eos, prompt_width=8, generation_batch_size=4)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], 12, temperature=0, eos_token_id=eos, prompt_width=8)
+        assert np.array_equal(alone.tokens[0], greedy.tokens[i]) and alone.lengths[0] == greedy.lengths[i]
+
+
+def test_a_paused_state_survives_other_generations_and_the_cache_capacity_does_not_matter(model):
+    """Caches are written in place and reused once no state holds them: generating other prompts between two
+    chunks must not touch the paused one. A cache of 2048 slots gives what one of 64 gives."""
+    whole = generate(model, PROMPTS, 20, temperature=0, eos_token_id=-1, cache_len=64)
+    first = generate(model, PROMPTS, 8, temperature=0, eos_token_id=-1, cache_len=64)
+    for _ in range(2):                                       # same shape: would take a free pooled cache
+        generate(model, [[30, 31, 32], [33], [34, 35]], 8, temperature=0, eos_token_id=-1, cache_len=64)
+    rest = generate(model, None, 12, temperature=0, eos_token_id=-1, state=first.state)
+    assert np.array_equal(np.concatenate([first.tokens, rest.tokens], 1), whole.tokens)
+    big = generate(model, PROMPTS, 20, temperature=0, eos_token_id=-1, cache_len=2048)
+    assert np.array_equal(big.tokens, whole.tokens)
+    assert np.abs(big.logprobs - whole.logprobs).max() <= 1e-6

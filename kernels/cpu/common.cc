@@ -1,27 +1,111 @@
 // SPDX-License-Identifier: Apache-2.0
 #include "common.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 
 namespace msk {
 
 int g_threads = 1;
 
+namespace {
+// A persistent pool: a decoding step runs about 50 kernels of tens of microseconds each, and starting threads
+// for every one of them cost more than the work it split. Workers spin for a while after a region (the next
+// kernel usually follows within microseconds), then sleep on a condition variable. One parallel region at a
+// time: a kernel called while another holds the pool (MindSpore may run two kernels at once) runs inline.
+struct Pool {
+  std::mutex submit, m;
+  std::condition_variable wake, done;
+  std::atomic<uint64_t> generation{0};
+  const std::function<void(int64_t)> *fn = nullptr;
+  int64_t n = 0;
+  int active = 0;                     // workers taking part in the current region (index < active)
+  std::atomic<int64_t> next{0};
+  std::atomic<int> pending{0};        // taking part and not yet done
+  int started = 0;
+};
+
+Pool *g_pool = nullptr;
+std::mutex g_pool_create;
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+// Waiting without holding the core: MindSpore's own kernels (an Add between two of ours) run on threads of its
+// pool that may need this core.
+inline void relax() { std::this_thread::yield(); }
+
+void run_tasks(Pool *p) {
+  for (int64_t i = p->next++; i < p->n; i = p->next++) (*p->fn)(i);
+}
+
+void worker(Pool *p, int index, uint64_t seen) {      // seen: the generation when it was started
+  for (;;) {
+    auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int spins = 0; p->generation.load(std::memory_order_acquire) == seen; ++spins) {
+      relax();
+      if ((spins & 63) == 63 && std::chrono::steady_clock::now() > until) {
+        std::unique_lock<std::mutex> lock(p->m);
+        p->wake.wait(lock, [&] { return p->generation.load(std::memory_order_acquire) != seen; });
+      }
+    }
+    seen = p->generation.load(std::memory_order_acquire);
+    if (index < p->active) {
+      run_tasks(p);
+      if (p->pending.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(p->m);
+        p->done.notify_one();
+      }
+    }
+  }
+}
+
+Pool *pool(int workers) {
+  std::lock_guard<std::mutex> lock(g_pool_create);
+  if (g_pool == nullptr) {
+    g_pool = new Pool();              // never freed: its threads live as long as the process
+    pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; });    // a forked child starts a pool of its own
+  }
+  while (g_pool->started < workers)
+    std::thread(worker, g_pool, g_pool->started++, g_pool->generation.load(std::memory_order_acquire)).detach();
+  return g_pool;
+}
+}  // namespace
+
 void parallel_for(int64_t n, const std::function<void(int64_t)> &fn) {
-  int workers = static_cast<int>(std::min<int64_t>(g_threads, n));
-  if (workers <= 1) {
+  int workers = static_cast<int>(std::min<int64_t>(g_threads, n)) - 1;     // besides the calling thread
+  if (workers < 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
-  std::vector<std::thread> pool;
-  std::atomic<int64_t> next{0};
-  auto body = [&]() {
-    for (int64_t i = next++; i < n; i = next++) fn(i);
-  };
-  for (int w = 1; w < workers; ++w) pool.emplace_back(body);
-  body();
-  for (auto &t : pool) t.join();
+  Pool *p = pool(workers);
+  std::unique_lock<std::mutex> region(p->submit, std::try_to_lock);
+  if (!region.owns_lock()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  p->fn = &fn;
+  p->n = n;
+  p->active = workers;
+  p->next.store(0);
+  p->pending.store(workers);
+  {
+    std::lock_guard<std::mutex> lock(p->m);
+    p->generation.fetch_add(1, std::memory_order_release);
+  }
+  p->wake.notify_all();
+  run_tasks(p);
+  auto until = std::chrono::steady_clock::now() + kSpin;
+  for (int spins = 0; p->pending.load(std::memory_order_acquire) != 0; ++spins) {
+    relax();
+    if ((spins & 63) == 63 && std::chrono::steady_clock::now() > until) {
+      std::unique_lock<std::mutex> lock(p->m);
+      p->done.wait(lock, [&] { return p->pending.load(std::memory_order_acquire) == 0; });
+    }
+  }
 }
 
 // Batch invariance: a row of C must come out bitwise the same whatever else is in the batch, so that a batch

@@ -482,6 +482,9 @@ class PPOSection:
                              range="(0, inf)")
     top_p: float = opt(1.0, "Nucleus sampling of rollouts", range="(0, 1]")
     chunk_size: int = opt(2048, "Response tokens generated and scored per chunk (seed: 2048)", range="[1, inf)")
+    generation_batch_size: int = opt(0, "Rows decoded at once: a finished row's cache row takes the next prompt "
+                                        "(continuous batching; needs chunk_size >= max_new_tokens); 0: every row of this rank's share at once",
+                                     range="[0, inf)")
     chunk_overlap: int = opt(256, "Preceding tokens each scoring chunk sees as context (seed: 256)")
     exact_scoring: bool = opt(False, "Score whole rows (full context) instead of chunks")
     gamma: float = opt(1.0, "GAE discount γ", range="[0, 1]")
@@ -557,6 +560,9 @@ class GRPOSection:
     epochs: int = opt(1, "Passes over each step's batch", range="[1, inf)")
     max_prompt_len: int = opt(48, "Prompt tokens (longer prompts lose tokens from the start)", range="[1, inf)")
     max_new_tokens: int = opt(32, "L: completion tokens at most", range="[1, inf)")
+    generation_batch_size: int = opt(0, "Rows decoded at once: a finished row's cache row takes the next prompt "
+                                        "(continuous batching); 0: every row of this rank's share at once",
+                                     range="[0, inf)")
     temperature: float = opt(1.0, "Sampling temperature (the loss scores at the same one)", range="(0, inf)")
     top_p: float = opt(1.0, "Nucleus sampling of rollouts", range="(0, 1]")
     top_k: int = opt(0, "Top-k sampling of rollouts (0: off)", range="[0, inf)")

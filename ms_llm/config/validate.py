@@ -98,6 +98,10 @@ def _check_reward(cfg: ExperimentConfig, where: str):
 
 def _check_ppo(cfg: ExperimentConfig, where: str):
     p, t = cfg.ppo, cfg.train
+    if p.generation_batch_size and p.chunk_size < p.max_new_tokens:
+        raise MsLlmError(f"{where}: ppo.generation_batch_size (continuous batching) generates every response to its "
+                         f"end in one call, but ppo.chunk_size {p.chunk_size} < max_new_tokens {p.max_new_tokens} "
+                         "pauses every row between chunks: set one of them so they agree")
     bad = [s.path for s in cfg.data.sources if s.format not in ("prompts", "preference")]
     if bad:
         raise MsLlmError(f"{where}: stage ppo reads prompts (format prompts or preference); data.sources {bad} "
@@ -187,6 +191,10 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
                          "> 0 or remove grpo.reference")
     if g.lora.enabled and g.lora.dropout > 0:
         raise MsLlmError(f"{where}: grpo.lora.dropout must be 0: old-policy log-probs are scored without dropout")
+    if g.generation_batch_size and (g.partial_rollout.token_budget or g.async_rollout.enabled):
+        raise MsLlmError(f"{where}: grpo.generation_batch_size (continuous batching) generates every row to its end "
+                         "in one call; partial and asynchronous rollouts keep paused or whole batches: set "
+                         "grpo.generation_batch_size: 0 or turn them off")
     if g.partial_rollout.token_budget and g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
         raise MsLlmError(f"{where}: grpo.partial_rollout starts one batch per step; set grpo.dynamic_sampling."
                          "max_rounds: 1 (groups without reward variance are still dropped)")

@@ -8,8 +8,8 @@ rotary, softmax and the returned logits are float32.
 Two ways in:
   * `CausalLM(input_ids, attention_mask=None, position_ids=None, segment_ids=None)` -> logits [B, S, V],
     for training and scoring;
-  * `CausalLM.step(...)` (wrapped by `generation.DecodeStep`) -> logits plus updated fixed-size KV caches,
-    for incremental decoding without recompiling per token.
+  * `CausalLM.step(...)` (wrapped by `generation.DecodeStep`) -> logits, the step's keys and values written
+    into fixed-size KV caches, for incremental decoding without recompiling per token.
 """
 import math
 
@@ -66,6 +66,11 @@ class Linear(nn.Cell, WeightReader):
 
     def gather_dtype(self):
         return ms.float32 if self.backend == "cpu" else self.compute_dtype    # (the CPU kernels read float32)
+
+    def fusable(self):
+        """Whether a fused decoding kernel may read this weight directly: a plain float32 matrix on the CPU kernels,
+        no ZeRO-3 gather (whose order the separate products fix), no LoRA update."""
+        return self.plain and self.zero is None and self.backend == "cpu"
 
     def construct(self, x, after=None):
         """after: a tensor this product must follow (training/zero.py; default x)."""
@@ -128,28 +133,35 @@ class Attention(nn.Cell):
         b, s, _ = x.shape
         return x.reshape(b, s, n, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, place=None, write=None):
+    def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, decode=None):
         """x: [B, S, H] float32; cos/sin: [B, 1, S, D]; mask: [B, 1, S, Sk] float32 bias (ops.mask_bias).
 
-        With caches ([B, Nkv, Smax, D]), the new keys/values are written at the slots given by the
-        placement matrix `place` [Smax, S] (one-hot rows) and `write` [Smax] (1 where written), and
-        attention runs over the whole cache. Returns (out [B, S, H] float32, keys, values).
+        Decoding (`CausalLM.step`): caches [Bc, Nkv, C, D] and decode = (rows, slots, starts) as `ops.kv_attend`
+        takes them; mask is unused. Returns (out [B, S, H] float32, new cache_k, new cache_v), the caches None
+        where the backend wrote them in place.
         """
         if self.tp:
             x = self.tp_in(x)
-        q = self.q_proj(x)
-        k = self.k_proj(x, q)                # (`after`: a fixed order of ZeRO-3's gathers, training/zero.py)
-        v = self.v_proj(x, k)
+        if cache_k is not None and x.shape[1] == 1 and self.q_proj.fusable() and self.k_proj.fusable() and \
+                self.v_proj.fusable():
+            q, k, v = F.linear_rows3(x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            if self.q_proj.has_bias:
+                q, k, v = q + self.q_proj.bias, k + self.k_proj.bias, v + self.v_proj.bias
+        else:
+            q = self.q_proj(x)
+            k = self.k_proj(x, q)            # (`after`: a fixed order of ZeRO-3's gathers, training/zero.py)
+            v = self.v_proj(x, k)
         q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv), self._heads(v, self.n_kv)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = F.apply_rotary(q, cos, sin, self.rotary_backend)
         k = F.apply_rotary(k, cos, sin, self.rotary_backend).astype(self.compute_dtype)
         v = v.astype(self.compute_dtype)
-        if cache_k is not None:
-            k = _write_cache(cache_k, k, place, write)
-            v = _write_cache(cache_v, v, place, write)
-        out = F.attention(q, k, v, mask, self.scale, self.compute_dtype, self.backend)
+        if cache_k is None:
+            out = F.attention(q, k, v, mask, self.scale, self.compute_dtype, self.backend)
+        else:
+            out, k, v = F.kv_attend(q, k, v, cache_k, cache_v, decode[0], decode[1], decode[2], self.scale,
+                                    self.compute_dtype, self.backend)
         out = self.o_proj(out).astype(ms.float32)
         if self.tp:
             out = self.tp_out(out)
@@ -168,15 +180,6 @@ def mark_frozen_linears(model):
         model.choose_head_backends()
 
 
-def _write_cache(cache, new, place, write):
-    """cache [B, N, Smax, D] with `new` [B, N, S, D] written at the slots `place` [Smax, S] selects."""
-    b, n, s, d = new.shape
-    flat = new.astype(ms.float32).transpose(2, 0, 1, 3).reshape(s, -1)            # [S, B*N*D]
-    placed = ops.matmul(place, flat).reshape(-1, b, n, d).transpose(1, 2, 0, 3)   # [B, N, Smax, D]
-    keep = (1.0 - write).reshape(1, 1, -1, 1)
-    return (cache.astype(ms.float32) * keep + placed).astype(cache.dtype)
-
-
 class MLP(nn.Cell):
     def __init__(self, cfg: ModelConfig, tp=None):
         super().__init__()
@@ -192,8 +195,13 @@ class MLP(nn.Cell):
     def construct(self, x):
         if self.tp:
             x = self.tp_in(x)
-        gate = self.gate_proj(x)
-        out = self.down_proj(F.swiglu(gate, self.up_proj(x, gate), self.backend)).astype(ms.float32)
+        if not self.training and len(x.shape) == 3 and x.shape[1] == 1 and self.backend == "cpu" and \
+                self.gate_proj.fusable() and self.up_proj.fusable():      # a decoding step
+            h = F.swiglu_rows(x, self.gate_proj.weight, self.up_proj.weight)
+        else:
+            gate = self.gate_proj(x)
+            h = F.swiglu(gate, self.up_proj(x, gate), self.backend)
+        out = self.down_proj(h).astype(ms.float32)
         if self.tp:
             out = self.tp_out(out)
         return out
@@ -207,9 +215,9 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, place=None, write=None):
-        """Returns x [B, S, H] float32; with caches, (x, new_k, new_v)."""
-        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, place, write)
+    def construct(self, x, cos, sin, mask, cache_k=None, cache_v=None, decode=None):
+        """Returns x [B, S, H] float32; with caches, (x, new_k, new_v) (Attention.construct)."""
+        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v, decode)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         if cache_k is None:
@@ -374,33 +382,36 @@ class CausalLM(nn.Cell):
         """
         return read_log_probs(self, self.lm_readout, hidden, targets)[0]
 
-    def step(self, input_ids, position_ids, slot_ids, key_valid, place, write, caches):
-        """One incremental step over a fixed-size cache.
+    def step(self, input_ids, position_ids, rows, slots, starts, caches):
+        """One incremental step over fixed-size KV caches (generation.py).
 
         Args:
-            input_ids, position_ids, slot_ids: [B, T] int32 (slot = index in the cache; equal across rows).
-            key_valid: [B, Smax] 1 where a cache slot holds a real token (including this step's).
-            place: [Smax, T] float32 one-hot placement; write: [Smax] float32.
-            caches: tuple of 2*L tensors [B, Nkv, Smax, D] (k0, v0, k1, v1, ...).
+            input_ids, position_ids: [B, T] int32 (T = 1 while decoding; the prompt width in a prefill).
+            rows: [B] int32, the cache row each input row uses; slots: [B, T] int32, the cache slot of each token;
+            starts: [B] int32, each row's first filled slot (`ops.kv_attend`).
+            caches: tuple of 2*L tensors [Bc, Nkv, C, D] in the compute dtype (k0, v0, k1, v1, ...).
         Returns:
-            (logits of the last position [B, V] float32, new caches tuple).
+            (logits of each row's last position [B, V] float32, the new caches: () when the backend wrote them in
+            place, the CPU kernel's case).
         """
-        smax = key_valid.shape[1]
-        b = input_ids.shape[0]
-        all_slots = ops.broadcast_to(ops.arange(smax, dtype=ms.int32).reshape(1, smax), (b, smax))
-        mask = F.mask_bias(F.causal_mask(slot_ids, all_slots, key_valid))
-        cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(smax))
+        cos, sin = F.rope_cos_sin(position_ids, self._inv_freq(caches[0].shape[2]))
         x = self.embed(input_ids)
         new = ()
         for i in range(self.num_layers):
-            x, k, v = self.model.layers[i](x, cos, sin, mask, caches[2 * i], caches[2 * i + 1], place, write)
-            new = new + (k, v)
+            x, k, v = self.model.layers[i](x, cos, sin, None, caches[2 * i], caches[2 * i + 1], (rows, slots, starts))
+            if k is not None:
+                new = new + (k, v)
         x = self.model.norm(x[:, -1:, :])
         return self.logits(x).squeeze(1), new
 
+    def kv_in_place(self) -> bool:
+        """True where `step` writes the caches in place (the CPU kernel) and returns no new ones."""
+        return self.model.layers[0].self_attn.backend == "cpu"
+
     def empty_cache(self, batch_size: int, max_len: int):
-        """Zero KV caches for `step`: tuple of 2*L tensors [B, Nkv, Smax, D] in compute dtype."""
+        """Zero KV caches for `step`: tuple of 2*L tensors [B, Nkv, Smax, D] in compute dtype (each its own
+        memory: the CPU kernel writes them in place)."""
         c = self.config
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        z = np.zeros(shape, dtype=np.float32)
-        return tuple(Tensor(z, self.compute_dtype) for _ in range(2 * c.num_hidden_layers))
+        return tuple(Tensor(np.zeros(shape, dtype=np.float32), self.compute_dtype)
+                     for _ in range(2 * c.num_hidden_layers))

@@ -23,11 +23,16 @@ def linear(x, weight, compute_dtype=ms.float32, backend: str = "reference", froz
 
     x [B, S, K] holds B sequences; on the CPU kernel each sequence's rows are computed on their own, so a row
     is bitwise the same whatever else is in the batch (a batch equals its accumulated micro-batches). A 2-D x
-    holds independent rows. frozen: the weight takes no gradient (LoRA's base layers): the CPU kernel's
+    holds independent rows. x [B, 1, K] (one token per row: decoding) takes a kernel that streams W once for
+    every row, each row still computed on its own (kernels/cpu/linear.cc, LinearRowsFwd). frozen: the weight takes no gradient (LoRA's base layers): the CPU kernel's
     backward skips the dW product. head: the lm_head product (its own kernel entry; its logits are bitwise
     independent of the vocabulary size, as MindSpore's MatMul's are).
     """
     lead, k = x.shape[:-1], x.shape[-1]
+    if backend == "cpu" and len(lead) == 2 and lead[1] == 1:
+        # one token per row (a decoding step): W streams once for all rows, each row still batch-invariant
+        rows = x.astype(ms.float32)
+        return K.OPS.linear_rows_frozen(rows, weight) if frozen else K.OPS.linear_rows(rows, weight)
     if backend == "cpu":
         rows = x.reshape(-1, 1, k) if len(lead) == 1 else x.reshape(-1, lead[-1], k)
         rows = rows.astype(ms.float32)
@@ -38,6 +43,18 @@ def linear(x, weight, compute_dtype=ms.float32, backend: str = "reference", froz
         return y.reshape(lead + (weight.shape[0],))
     y = _mm_nt(x.reshape(-1, k).astype(compute_dtype), weight.astype(compute_dtype))
     return y.reshape(lead + (weight.shape[0],))
+
+
+def linear_rows3(x, w1, w2, w3):
+    """(x W1^T, x W2^T, x W3^T) for x [B, 1, K] in one CPU kernel call (a decoding step's q, k, v; forward only),
+    bitwise what three `linear` calls give on the CPU backend."""
+    return K.OPS.linear_rows3(x.astype(ms.float32), w1, w2, w3)
+
+
+def swiglu_rows(x, w_gate, w_up):
+    """silu(x Wg^T) * (x Wu^T) for x [B, 1, K] in one CPU kernel call (a decoding step's MLP; forward only),
+    bitwise what `linear` twice and `swiglu` give on the CPU backend."""
+    return K.OPS.swiglu_rows(x.astype(ms.float32), w_gate, w_up)
 
 
 def rms_norm(x, weight, eps: float, backend: str = "reference"):
@@ -211,6 +228,46 @@ def attention(q, k, v, bias, scale: float, compute_dtype=ms.float32, backend: st
     probs = _row_softmax(scores).astype(compute_dtype)
     out = ops.matmul(probs, v.astype(compute_dtype))
     return out.transpose(0, 2, 1, 3).reshape(b, sq, n * d)
+
+
+def kv_attend(q, k, v, cache_k, cache_v, rows, slots, starts, scale: float, compute_dtype=ms.float32,
+              backend: str = "reference"):
+    """One decoding step's attention over a KV cache: the step's keys and values go into their cache slots, then
+    each query attends to its row's filled slots.
+
+    Args:
+        q: [B, N, T, D]; k, v: [B, Nkv, T, D] (this step's T tokens per row, rotary applied).
+        cache_k, cache_v: [Bc, Nkv, C, D] in the compute dtype; query row b uses cache row rows[b].
+        rows: [B] int32; slots: [B, T] int32, the slot each token is written to (and where its query sits);
+        starts: [B] int32, a row's first filled slot: query t sees the slots starts[b] .. slots[b, t].
+    Returns:
+        (out [B, T, N*D] in compute_dtype, new cache_k, new cache_v). The CPU kernel writes the caches in place
+        and reads only the filled slots (kernels/cpu/decode.cc): it returns (out, None, None). The other
+        backends return whole new caches and attend over every slot, masked.
+    """
+    if backend == "cpu":
+        out = K.OPS.kv_attend(q.astype(ms.float32), k.astype(ms.float32), v.astype(ms.float32), cache_k, cache_v,
+                              rows, slots, starts, K.scalar(scale))
+        return out.astype(compute_dtype), None, None
+    cap = cache_k.shape[2]
+    b = slots.shape[0]
+    all_slots = ops.broadcast_to(ops.arange(cap, dtype=ms.int32).reshape(1, cap, 1), (b, cap, 1))
+    place = (all_slots == slots.expand_dims(1)).astype(ms.float32)                  # [B, C, T] one-hot
+    keep = (1.0 - place.sum(-1)).reshape(b, 1, cap, 1)
+    index = rows.reshape(b, 1)
+
+    def write(cache, new):
+        mine = ops.gather(cache, rows, 0).astype(ms.float32)                           # [B, Nkv, C, D]
+        mine = mine * keep + ops.matmul(place.expand_dims(1), new.astype(ms.float32))
+        mine = mine.astype(cache.dtype)
+        return mine, ops.tensor_scatter_update(cache, index, mine)
+
+    mine_k, cache_k = write(cache_k, k)
+    mine_v, cache_v = write(cache_v, v)
+    key = all_slots.reshape(b, 1, cap)
+    visible = ops.logical_and(key >= starts.reshape(b, 1, 1), key <= slots.expand_dims(2))     # [B, T, C]
+    out = attention(q, mine_k, mine_v, mask_bias(visible.expand_dims(1)), scale, compute_dtype, backend)
+    return out, cache_k, cache_v
 
 
 def token_log_probs(logits, targets):

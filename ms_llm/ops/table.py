@@ -48,10 +48,11 @@ class Kernel:
 
 
 PRIMITIVES = (
-    Primitive("linear", "MatMul", "linear, linear_frozen, head, head_frozen: OpenBLAS sgemm, forward + backward",
-              None),
-    Primitive("attention", "scores + softmax + matmul", "attention: flash attention, online softmax",
-              "flash_attention_score"),
+    Primitive("linear", "MatMul", "linear, linear_frozen, head, head_frozen, linear_rows, linear_rows_frozen, "
+              "linear_rows3, swiglu_rows: OpenBLAS sgemm, forward + backward; one token per row (decoding): W streamed "
+              "once for every row, q/k/v and gate/up/SwiGLU fused", None),
+    Primitive("attention", "scores + softmax + matmul", "attention, kv_attend: flash attention, online softmax; "
+              "decoding over a KV cache written in place", "flash_attention_score"),
     Primitive("rms_norm", "composed", "rms_norm: one pass, forward + backward", "rms_norm"),
     Primitive("swiglu", "composed", "swiglu: one pass, forward + backward", "swiglu"),
     Primitive("rotary", "composed", "rope: one pass, forward + backward", "rotary_position_embedding"),
@@ -129,6 +130,17 @@ KERNELS = (
            _linear_bprop),
     Kernel("head_frozen", "linear", "HeadFwdFrozen", _rows_out, lambda x, w: x, "ms_llm.ops.core.linear",
            _LINEAR_BWD_FROZEN, _linear_bprop),
+    # one token per row (decoding): every row against W streamed once, rows bitwise batch-invariant (linear.cc)
+    Kernel("linear_rows", "linear", "LinearRowsFwd", _rows_out, lambda x, w: x, "ms_llm.ops.core.linear",
+           _LINEAR_BWD, _linear_bprop),
+    Kernel("linear_rows_frozen", "linear", "LinearRowsFwdFrozen", _rows_out, lambda x, w: x,
+           "ms_llm.ops.core.linear", _LINEAR_BWD_FROZEN, _linear_bprop),
+    # a decoding step's q, k, v projections, and its gate, up and SwiGLU, in one call each (forward only)
+    Kernel("linear_rows3", "linear", "LinearRows3Fwd", lambda x, a, b, c: (_rows_out(x, a), _rows_out(x, b),
+                                                                          _rows_out(x, c)),
+           lambda x, a, b, c: (x, x, x), "ms_llm.ops.core.linear"),
+    Kernel("swiglu_rows", "linear", "SwigluRowsFwd", lambda x, g, u: _rows_out(x, g), lambda x, g, u: x,
+           "ms_llm.ops.core.swiglu"),
     Kernel("rms_norm", "rms_norm", "RmsNormFwd", lambda x, w, e: (x, x[:-1]), lambda x, w, e: (x, x),
            "ms_llm.ops.core.rms_norm",
            Backward("RmsNormBwd", lambda x, w, r, dy: (x, w), lambda x, w, r, dy: (x, x)), _rms_norm_bprop),
@@ -151,6 +163,9 @@ KERNELS = (
     # AdamW in place (kernels/cpu/adamw.cc): writes param, m and v; its [1] output is unused
     Kernel("adamw", "adamw", "AdamWUpdate", lambda p, m, v, g, s: [1], lambda p, m, v, g, s: p,
            "ms_llm.training.optim._adamw_update", in_place=True),
+    # decoding attention (kernels/cpu/decode.cc): writes the step's keys and values into the cache in place
+    Kernel("kv_attend", "attention", "KvAttend", lambda q, k, v, kc, vc, r, sl, st, s: [q[0], q[2], q[1] * q[3]],
+           lambda q, k, v, kc, vc, r, sl, st, s: q, "ms_llm.ops.core.kv_attend"),
 )
 
 PRIMITIVE_NAMES = tuple(p.name for p in PRIMITIVES)

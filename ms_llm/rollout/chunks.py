@@ -47,11 +47,11 @@ def generate_chunked(model, prompts, max_new_tokens: int, chunk_size: int, state
         lengths = out.lengths if lengths is None else lengths + out.lengths
         generated += n
         chunks += 1
-        if state.finished.all():
+        if state is None or state.finished.all():     # (None: continuous batching ran every row to its end)
             break
-    done = generated >= max_new_tokens or (state is not None and state.finished.all())
+    done = generated >= max_new_tokens or state is None or state.finished.all()
     if not tokens:
-        b = len(state.pads)
+        b = len(state.starts)
         return GenerationOutput(np.zeros((b, 0), np.int32), np.zeros((b, 0), np.float32), np.zeros(b, np.int64),
                                 state), done
     return GenerationOutput(np.concatenate(tokens, 1), np.concatenate(logps, 1), lengths, state), done

@@ -130,10 +130,14 @@ class RolloutSource:
         the round's batch the first completion is (its generator's seed)."""
         g = self.g
         rows = [p for p in prompts for _ in range(g.group_size)]
+        whole = self.budget >= g.max_new_tokens           # (continuous batching generates every row to its end)
         out = generate(self.policy, [r["ids"] for r in rows], min(self.budget, g.max_new_tokens),
                        cache_len=self.cache_len(rows), seed=[self.seed, SEED_TAG, step, rnd],
-                       prompt_width=g.max_prompt_len, rows=range(first, first + len(rows)), **self.sampling())
-        fl = Paused(f"s{step}r{rnd}", rows, step, out.state, g.max_new_tokens)
+                       prompt_width=g.max_prompt_len, rows=range(first, first + len(rows)),
+                       generation_batch_size=getattr(g, "generation_batch_size", 0) if whole else 0,
+                       **self.sampling())
+        state = out.state if out.state is not None else _Finished(out.finished)
+        fl = Paused(f"s{step}r{rnd}", rows, step, state, g.max_new_tokens)
         fl.add(out, step)
         if run_out:
             self.advance(fl, step, run_out=True)

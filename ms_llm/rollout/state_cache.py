@@ -50,11 +50,10 @@ class StateCache:
             for key, st in self.states.items():
                 os.makedirs(os.path.join(tmp, key))
                 arrays = {f"cache.{i}": c.astype(ms.float32).asnumpy() for i, c in enumerate(st.caches)}
-                arrays.update(key_valid=st.key_valid, pads=np.asarray(st.pads, np.int64),
+                arrays.update(starts=np.asarray(st.starts, np.int32), slots=np.asarray(st.slots, np.int32),
                               next_tokens=np.asarray(st.next_tokens, np.int32), finished=st.finished.astype(np.int8))
                 write_safetensors(os.path.join(tmp, key, ARRAYS), arrays)
-                meta[key] = {"next_slot": int(st.next_slot), "history": st.history, "n_caches": len(st.caches),
-                             "rng": rng_state(st.rng)}
+                meta[key] = {"history": st.history, "n_caches": len(st.caches), "rng": rng_state(st.rng)}
             with open(os.path.join(tmp, "index.json"), "w") as f:
                 json.dump(meta, f)
 
@@ -71,7 +70,11 @@ class StateCache:
             a = read_safetensors(os.path.join(folder, key, ARRAYS))
             caches = tuple(Tensor(a[f"cache.{i}"], model.compute_dtype) for i in range(m["n_caches"]))
             rng = rng_from_state(m["rng"])
-            cache.put(key, GenerationState(caches, a["key_valid"].astype(np.int32), a["pads"], m["next_slot"],
+            if "starts" in a:
+                starts, slots = a["starts"], a["slots"]
+            else:                  # saved before per-row slots: every row's next slot was next_slot
+                starts, slots = a["pads"], np.full(len(a["pads"]), m["next_slot"])
+            cache.put(key, GenerationState(caches, starts.astype(np.int32), slots.astype(np.int32),
                                            a["next_tokens"].astype(np.int32), a["finished"].astype(bool),
                                            m["history"], rng))
         return cache

@@ -168,7 +168,7 @@ class PPOStage(Stage):
         out, _ = generate_chunked(self.policy, [x["ids"] for x in prompts], p.max_new_tokens, p.chunk_size,
                                   temperature=p.temperature, top_p=p.top_p, eos_token_id=self.stops or -1,
                                   pad_token_id=self.pad, seed=[self.seed, 7919, step], prompt_width=p.max_prompt_len,
-                                  rows=range(first, first + len(prompts)))
+                                  rows=range(first, first + len(prompts)), generation_batch_size=p.generation_batch_size)
         n = p.max_new_tokens
         ro = Rollout(prompts, widen(out.tokens, n, self.pad), out.lengths, widen(out.logprobs, n), self.plan,
                      self.pad)

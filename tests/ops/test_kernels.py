@@ -2,7 +2,8 @@
 """The CPU kernels (kernels/cpu) against the reference ops, forward and gradients, in GRAPH_MODE, on odd shapes:
 sizes that are no multiple of any block, grouped-query heads, left padding (rows that see no key at all),
 packed documents, one-token decode against a cache; then whole models with kernels against the reference
-backend, and the fallback when the kernels cannot be built."""
+backend, and the fallback when the kernels cannot be built; last, the decoding kernels against NumPy (a KV cache
+written in place, the one-token-per-row products, bitwise batch-invariant)."""
 import os
 import subprocess
 import sys
@@ -311,3 +312,111 @@ def test_graph_mode_lora_training_with_kernels_equals_reference():
     for name, b in runs[0][1].items():
         assert np.abs(b).max() > 1e-3                                   # the adapters trained
         np.testing.assert_allclose(runs[1][1][name], b, atol=1e-5)
+
+
+# -- decoding: attention over a KV cache written in place (kernels/cpu/decode.cc), on the CPU kernel and on the
+# reference path every other backend takes; the one-token-per-row products (kernels/cpu/linear.cc)
+
+class Attend(nn.Cell):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def construct(self, q, k, v, ck, cv, rows, slots, starts):
+        return F.kv_attend(q, k, v, ck, cv, rows, slots, starts, 0.3, ms.float32, self.backend)
+
+
+def _numpy_attend(q, k, v, ck, cv, rows, slots, starts, scale=0.3):
+    """The cache rows written, then softmax attention of each query over its row's slots start .. own slot."""
+    ck, cv = ck.copy(), cv.copy()
+    b, n, t, d = q.shape
+    nkv = k.shape[1]
+    for i in range(b):
+        ck[rows[i], :, slots[i]] = k[i].transpose(1, 0, 2)
+        cv[rows[i], :, slots[i]] = v[i].transpose(1, 0, 2)
+    out = np.zeros((b, t, n, d))
+    for i in range(b):
+        for h in range(n):
+            keys, vals = ck[rows[i], h // (n // nkv)], cv[rows[i], h // (n // nkv)]
+            for j in range(t):
+                lo, hi = starts[i], slots[i, j] + 1
+                if hi <= lo:
+                    continue                                  # a padding query: nothing reads its output
+                s = keys[lo:hi].astype(np.float64) @ q[i, h, j] * scale
+                p = np.exp(s - s.max())
+                out[i, j, h] = p @ vals[lo:hi] / p.sum()
+    return out.reshape(b, t, n * d), ck, cv
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("t", [1, 5])                    # a decode step; a prefill with causal queries
+def test_kv_attend_matches_numpy(backend, t):
+    rng = np.random.RandomState(0)
+    bc, nkv, cap, d, n = 4, 2, 40, 8, 6
+    rows = np.array([2, 0, 3], np.int32)                   # query rows use cache rows out of order, one unused
+    starts = np.array([0, 3, 7], np.int32)
+    first = np.array([9, 3, 30], np.int32)                 # the slot of each row's first new token
+    slots = (first[:, None] + np.arange(t)[None, :]).astype(np.int32)
+    if t > 1:
+        slots[2] = np.arange(5, 5 + t)                     # row 2: its first two queries are left padding
+    b = len(rows)
+    q, k, v = rng.randn(b, n, t, d), rng.randn(b, nkv, t, d), rng.randn(b, nkv, t, d)
+    ck, cv = rng.randn(bc, nkv, cap, d), rng.randn(bc, nkv, cap, d)      # old contents: must not be read
+    q, k, v, ck, cv = (a.astype(np.float32) for a in (q, k, v, ck, cv))
+    want, want_k, want_v = _numpy_attend(q, k, v, ck, cv, rows, slots, starts)
+    tk, tv = Tensor(ck), Tensor(cv)
+    out, new_k, new_v = Attend(backend)(*(Tensor(a) for a in (q, k, v)), tk, tv, Tensor(rows), Tensor(slots),
+                                        Tensor(starts))
+    if backend == "cpu":                                   # written in place, nothing returned
+        assert new_k is None and new_v is None
+        new_k, new_v = tk, tv
+    got = out.asnumpy()
+    live = np.array([[slots[i, j] >= starts[i] for j in range(t)] for i in range(b)])
+    assert np.abs(got[live] - want[live]).max() <= 1e-5
+    np.testing.assert_array_equal(new_k.asnumpy(), want_k)
+    np.testing.assert_array_equal(new_v.asnumpy(), want_v)
+
+
+def test_kv_attend_refuses_a_slot_outside_the_cache():
+    z = Tensor(np.zeros((1, 2, 1, 8), np.float32))
+    cache = Tensor(np.zeros((1, 2, 16, 8), np.float32))
+    with pytest.raises(RuntimeError):
+        Attend("cpu")(z, z, z, cache, cache, Tensor(np.array([0], np.int32)), Tensor(np.array([[16]], np.int32)),
+                      Tensor(np.array([0], np.int32)))[0].asnumpy()
+
+
+def test_one_token_rows_products_match_numpy_and_do_not_depend_on_the_batch():
+    rng = np.random.RandomState(1)
+    x = rng.randn(11, 1, 67).astype(np.float32)             # 11 rows: no multiple of the 4-row block
+    wq, wk, wv = (rng.randn(n, 67).astype(np.float32) for n in (65, 17, 17))
+    lin = Fn(lambda x, w: F.linear(x, w, backend="cpu"))
+    three = Fn(F.linear_rows3)
+    swi = Fn(F.swiglu_rows)
+    y = lin(Tensor(x), Tensor(wq)).asnumpy()
+    assert y.shape == (11, 1, 65)
+    np.testing.assert_allclose(y[:, 0], x[:, 0].astype(np.float64) @ wq.T.astype(np.float64), rtol=0, atol=2e-5)
+    for a, b in [(0, 1), (3, 5), (4, 11), (10, 11)]:        # a row alone or among others: bitwise the same
+        assert np.array_equal(lin(Tensor(x[a:b]), Tensor(wq)).asnumpy(), y[a:b])
+    # the fused q/k/v call is bitwise three products, the fused MLP bitwise two products and the SwiGLU kernel
+    q, k, v = (o.asnumpy() for o in three(*(Tensor(a) for a in (x, wq, wk, wv))))
+    assert np.array_equal(q, y)
+    assert np.array_equal(k, lin(Tensor(x), Tensor(wk)).asnumpy())
+    assert np.array_equal(v, lin(Tensor(x), Tensor(wv)).asnumpy())
+    g, u = lin(Tensor(x), Tensor(wk)), lin(Tensor(x), Tensor(wv))
+    fused = swi(Tensor(x), Tensor(wk), Tensor(wv)).asnumpy()
+    assert np.array_equal(fused, Fn(lambda g, u: F.swiglu(g, u, "cpu"))(g, u).asnumpy())
+    gg = x[:, 0].astype(np.float64) @ wk.T
+    np.testing.assert_allclose(fused[:, 0], gg / (1 + np.exp(-gg)) * (x[:, 0].astype(np.float64) @ wv.T),
+                               rtol=0, atol=1e-4)
+    assert np.array_equal(swi(Tensor(x[3:4]), Tensor(wk), Tensor(wv)).asnumpy(), fused[3:4])
+
+
+def test_rows_product_gradient_matches_numpy():
+    """A one-token-per-row product keeps the linear backward (a value head scoring the last token trains)."""
+    rng = np.random.RandomState(2)
+    x, w, c = rng.randn(5, 1, 19).astype(np.float32), rng.randn(7, 19).astype(np.float32), rng.randn(5, 1, 7)
+    lin = Fn(lambda x, w: F.linear(x, w, backend="cpu"))
+    loss = Fn(lambda x, w, c: (lin(x, w) * c).sum())
+    gx, gw = ms.grad(loss, (0, 1))(Tensor(x), Tensor(w), Tensor(c.astype(np.float32)))
+    np.testing.assert_allclose(gx.asnumpy()[:, 0], c[:, 0] @ w, atol=1e-5)
+    np.testing.assert_allclose(gw.asnumpy(), c[:, 0].T @ x[:, 0], atol=1e-5)

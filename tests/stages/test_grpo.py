@@ -133,6 +133,39 @@ def test_dynamic_sampling_drops_groups_without_reward_variance(tmp_path, graph_m
     assert row["groups_filtered"] > 0 and np.isfinite(row["loss"])
 
 
+def test_continuous_batching_collects_the_batch_it_collects_without(tmp_path, graph_mode):
+    """grpo.generation_batch_size 3 decodes 3 of the 16 rows at once, refilling finished ones: every row samples
+    from its own generator, so the groups, their tokens, log-probs and rewards are those of the whole batch."""
+    import mindspore as ms
+    from ms_llm.config import load_config
+    from ms_llm.models import CausalLM, preset
+    from ms_llm.rollout.prompts import PromptStream
+    from ms_llm.rollout.sources import Synchronous
+    (tmp_path / "c.yaml").write_text("stage: grpo\nmodel: {preset: tiny}\ndata: {sources: [{path: x.jsonl, format: "
+                                     "prompts}]}\n")
+    ms.set_seed(0)
+    policy = CausalLM(preset("tiny", vocab_size=32, max_position_embeddings=32))
+    r = np.random.default_rng(1)
+    prompts = [{"ids": r.integers(3, 32, 2 + i % 4).tolist(), "i": i} for i in range(4)]
+
+    def reward(texts, records):
+        return {"total": np.array([len(t) % 3 for t in texts], np.float64), "parts": {}}
+
+    got = []
+    for gbs in (0, 3):
+        cfg = load_config(str(tmp_path / "c.yaml"), [
+            "grpo.group_size=4", "grpo.prompts_per_step=4", "grpo.max_prompt_len=6", "grpo.max_new_tokens=6",
+            f"grpo.generation_batch_size={gbs}"], check=False)
+        source = Synchronous(cfg, policy, reward, lambda tok, n: "x" * int(tok[:n].sum() % 7 + n),
+                             PromptStream(prompts, 0), pad=0, stops=[5])
+        got.append(source.collect(0)[0])
+    a, b = got
+    assert len(set(a.ro.lengths.tolist())) > 1                    # rows end at different times (the stop id 5)
+    assert np.array_equal(a.ro.tokens, b.ro.tokens) and np.array_equal(a.ro.lengths, b.ro.lengths)
+    assert np.abs(a.ro.behaviour - b.ro.behaviour).max() <= 1e-6
+    assert np.array_equal(a.rewards["total"], b.rewards["total"]) and np.array_equal(a.finished, b.finished)
+
+
 @pytest.mark.parametrize("over,needle", [
     (("grpo.rewards={exact: 1.0}",), "grpo.rewards ['exact']"),
     (("grpo.mini_batch_size=24",), "grpo.mini_batch_size 24"),
@@ -140,6 +173,7 @@ def test_dynamic_sampling_drops_groups_without_reward_variance(tmp_path, graph_m
     (("grpo.reference.path=runs/tiny_sft_lora",), "grpo.beta is 0"),
     (("grpo.rewards={reward_model: 1.0}",), "grpo.reward_model"),
     (("grpo.async_rollout.enabled=true", "grpo.partial_rollout.token_budget=4"), "do not combine"),
+    (("grpo.generation_batch_size=4", "grpo.partial_rollout.token_budget=4"), "grpo.generation_batch_size"),
 ])
 def test_bad_grpo_configs_are_refused_naming_the_key(over, needle):
     import os
