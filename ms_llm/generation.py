@@ -188,17 +188,19 @@ class CachePool:
         shape = (batch, capacity)
         for e in self.entries:
             if e[0] == shape and (e[2] is None or e[2]() is None):
-                self.entries.remove(e)
+                self._forget(e)
                 self.entries.append(e)          # most recently used last
                 e[2] = _TAKEN
                 return e[1]
         caches = model.empty_cache(batch, capacity)
-        free = [e for e in self.entries if e[2] is None or e[2]() is None]
-        if len(self.entries) >= self.keep and free:
-            self.entries.remove(free[0])
-        if len(self.entries) < self.keep:
-            self.entries.append([shape, caches, _TAKEN])
+        if len(self.entries) >= self.keep:     # forget a free entry, else the oldest (its state keeps its memory)
+            free = [e for e in self.entries if e[2] is None or e[2]() is None]
+            self._forget(free[0] if free else self.entries[0])
+        self.entries.append([shape, caches, _TAKEN])
         return caches
+
+    def _forget(self, entry):
+        self.entries = [e for e in self.entries if e is not entry]      # (by identity: == on tensors is elementwise)
 
     def hold(self, caches, owner):
         """`owner` (a GenerationState) now holds `caches`; None gives them back."""
