@@ -41,9 +41,13 @@ def test_qwen25_7b_weights_gradients_and_adam_equal_a_hand_count():
 def test_the_rollout_kv_cache_is_each_ranks_share_of_the_batch():
     """7b_grpo_math: 512 rows (32 prompts x 16) of 28 layers x 2 x 4 kv heads x 128 x bfloat16 x 22,528 slots —
     the whole batch in one process, a sixteenth per rank on 16 ranks (synchronous rollouts split the rows), and
-    the whole batch again on every rank when rollouts are partial (their paused batches are not split)."""
+    the whole batch again on every rank when rollouts are partial (their paused batches are not split); with
+    continuous batching, the generation batch."""
     path = os.path.join(ROOT, "configs", "qwen2.5", "7b_grpo_math.yaml")
-    cfg = load_config(path, check=False)
+    assert load_config(path, check=False).grpo.generation_batch_size == 16
+    assert {c["name"]: c["bytes"] for c in plan(load_config(path, check=False), 8, 1, "910b")["components"]}[
+        "rollout KV cache"] == 16 * 28 * 2 * 4 * 128 * 2 * 22528
+    cfg = load_config(path, ["grpo.generation_batch_size=0"], check=False)
     g = cfg.grpo
     rows, cap = g.prompts_per_step * g.group_size, -(-(g.max_prompt_len + g.max_new_tokens) // 64) * 64
     per_row = 28 * 2 * 4 * 128 * 2 * cap
@@ -52,9 +56,9 @@ def test_the_rollout_kv_cache_is_each_ranks_share_of_the_batch():
         return {c["name"]: c["bytes"] for c in plan(config, ranks, 1, "910b")["components"]}["rollout KV cache"]
     assert rows == 512 and kv(cfg, 1) == rows * per_row
     assert kv(cfg, 16) == rows // 16 * per_row
-    partial = load_config(path, ["grpo.partial_rollout.token_budget=256"], check=False)
+    partial = load_config(path, ["grpo.partial_rollout.token_budget=256", "grpo.generation_batch_size=0"], check=False)
     assert kv(partial, 16) == rows * per_row
-    odd = load_config(path, ["grpo.prompts_per_step=20"], check=False)     # groups stay whole: 2 prompts x 16
+    odd = load_config(path, ["grpo.prompts_per_step=20", "grpo.generation_batch_size=0"], check=False)  # 2 x 16
     assert kv(odd, 16) == 2 * 16 * per_row
 
 

@@ -163,7 +163,9 @@ KERNELS = (
     # AdamW in place (kernels/cpu/adamw.cc): writes param, m and v; its [1] output is unused
     Kernel("adamw", "adamw", "AdamWUpdate", lambda p, m, v, g, s: [1], lambda p, m, v, g, s: p,
            "ms_llm.training.optim._adamw_update", in_place=True),
-    # decoding attention (kernels/cpu/decode.cc): writes the step's keys and values into the cache in place
+    # decoding attention (kernels/cpu/decode.cc): writes the step's keys and values into the cache in place. Not
+    # marked in_place: nothing else in a decoding graph reads the caches it writes, and the mark puts Load and
+    # UpdateState nodes around every weight read after it
     Kernel("kv_attend", "attention", "KvAttend", lambda q, k, v, kc, vc, r, sl, st, s: [q[0], q[2], q[1] * q[3]],
            lambda q, k, v, kc, vc, r, sl, st, s: q, "ms_llm.ops.core.kv_attend"),
 )

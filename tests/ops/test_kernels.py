@@ -191,6 +191,12 @@ def test_cached_generation_with_kernels_equals_reference():
     b = generate(fast, prompts, max_new_tokens=12, temperature=0)
     assert np.array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+    # continuous batching on the reference path (functional caches, cache rows gathered and scattered back)
+    more = prompts + [[7, 8, 9], [13]]
+    c = generate(ref, more, max_new_tokens=12, temperature=0, generation_batch_size=2)
+    d = generate(fast, more, max_new_tokens=12, temperature=0)
+    assert np.array_equal(c.tokens, d.tokens)
+    np.testing.assert_allclose(c.logprobs, d.logprobs, atol=1e-5)
 
 
 def test_lora_with_kernels_trains_only_the_adapters():
