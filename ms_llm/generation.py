@@ -313,7 +313,9 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
     model.set_train(False)
     try:
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        if generation_batch_size and state is None and use_cache and prompts and \
+        if generation_batch_size and rows is None and prompts:
+            rows = range(len(prompts))       # per-row generators either way: the samples do not depend on the batch
+        if generation_batch_size and state is None and use_cache and prompts and max_new_tokens > 0 and \
                 generation_batch_size < len(prompts):
             return _generate_continuous(model, prompts, max_new_tokens, params, eos_token_id, pad_token_id, seed,
                                         cache_len, prompt_width, rows, generation_batch_size)
@@ -433,17 +435,20 @@ def _generate_continuous(model, prompts, max_new_tokens, params, eos_token_id, p
 
     caches = _new_caches(model, batch, cache_len)
     held = caches
-    first = [next(queue) for _ in range(batch)]
-    logits, caches, pads = _prefill_rows(model, caches, [prompts[p] for p in first], np.arange(batch), pad_id, width)
-    owner[:], starts[:], slots[:] = first, pads, width
-    admit(take(logits, list(range(batch))))
-    while (owner >= 0).any():
-        live = np.nonzero(owner >= 0)[0]
-        logits, caches = _call(model, caches, next_tok.reshape(batch, 1), (slots - starts).reshape(batch, 1),
-                               np.arange(batch), slots.reshape(batch, 1), starts)
-        slots[live] += 1
-        admit(take(logits[live], list(live)))
-    _release(model, held)
+    try:
+        first = [next(queue) for _ in range(batch)]
+        logits, caches, pads = _prefill_rows(model, caches, [prompts[p] for p in first], np.arange(batch), pad_id,
+                                             width)
+        owner[:], starts[:], slots[:] = first, pads, width
+        admit(take(logits, list(range(batch))))
+        while (owner >= 0).any():
+            live = np.nonzero(owner >= 0)[0]
+            logits, caches = _call(model, caches, next_tok.reshape(batch, 1), (slots - starts).reshape(batch, 1),
+                                   np.arange(batch), slots.reshape(batch, 1), starts)
+            slots[live] += 1
+            admit(take(logits[live], list(live)))
+    finally:
+        _release(model, held)
     return GenerationOutput(tokens, logps, lengths, None, finished)
 
 

@@ -121,6 +121,9 @@ def test_continuous_batching_gives_each_prompt_its_own_tokens(model):
     assert np.array_equal(cont.tokens, whole.tokens) and np.array_equal(cont.lengths, whole.lengths)
     assert np.array_equal(cont.finished, whole.finished) and whole.finished.any() and not whole.finished.all()
     assert np.abs(cont.logprobs - whole.logprobs).max() <= 1e-6
+    # without rows, a generation batch still gives every prompt its own generator: any batch size samples alike
+    by = [generate(model, prompts, 12, eos_token_id=eos, generation_batch_size=n, **kw).tokens for n in (3, 6)]
+    assert np.array_equal(by[0], by[1])
     greedy = generate(model, prompts, 12, temperature=0, eos_token_id=eos, prompt_width=8, generation_batch_size=4)
     for i, p in enumerate(prompts):
         alone = generate(model, [p], 12, temperature=0, eos_token_id=eos, prompt_width=8)

@@ -21,10 +21,11 @@ namespace {
 struct Pool {
   std::mutex submit, m;
   std::condition_variable wake, done;
-  std::atomic<uint64_t> generation{0};
+  // (region number << 16) | workers taking part: one word, so a worker decides whether it takes part from the
+  // same value that told it a region began (a region's fn and n stay put until every participant is done)
+  std::atomic<uint64_t> job{0};
   const std::function<void(int64_t)> *fn = nullptr;
   int64_t n = 0;
-  int active = 0;                     // workers taking part in the current region (index < active)
   std::atomic<int64_t> next{0};
   std::atomic<int> pending{0};        // taking part and not yet done
   int started = 0;
@@ -32,7 +33,9 @@ struct Pool {
 
 Pool *g_pool = nullptr;
 std::mutex g_pool_create;
+thread_local bool t_in_region = false;  // a parallel_for inside a region's task runs inline
 constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr uint64_t kActiveBits = 16;
 
 // Waiting without holding the core: MindSpore's own kernels (an Add between two of ours) run on threads of its
 // pool that may need this core.
@@ -42,18 +45,20 @@ void run_tasks(Pool *p) {
   for (int64_t i = p->next++; i < p->n; i = p->next++) (*p->fn)(i);
 }
 
-void worker(Pool *p, int index, uint64_t seen) {      // seen: the generation when it was started
+void worker(Pool *p, int index, uint64_t seen) {      // seen: the job word when it was started
+  t_in_region = true;
   for (;;) {
     auto until = std::chrono::steady_clock::now() + kSpin;
-    for (int spins = 0; p->generation.load(std::memory_order_acquire) == seen; ++spins) {
+    uint64_t job;
+    for (int spins = 0; (job = p->job.load(std::memory_order_acquire)) == seen; ++spins) {
       relax();
       if ((spins & 63) == 63 && std::chrono::steady_clock::now() > until) {
         std::unique_lock<std::mutex> lock(p->m);
-        p->wake.wait(lock, [&] { return p->generation.load(std::memory_order_acquire) != seen; });
+        p->wake.wait(lock, [&] { return p->job.load(std::memory_order_acquire) != seen; });
       }
     }
-    seen = p->generation.load(std::memory_order_acquire);
-    if (index < p->active) {
+    seen = job;
+    if (static_cast<uint64_t>(index) < (job & ((uint64_t{1} << kActiveBits) - 1))) {
       run_tasks(p);
       if (p->pending.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(p->m);
@@ -63,21 +68,30 @@ void worker(Pool *p, int index, uint64_t seen) {      // seen: the generation wh
   }
 }
 
+void register_fork_handlers() {
+  // the child of a fork has none of the workers: it starts a pool of its own; the lock is held across the fork
+  // so the child's copy of it is never left locked by a thread that does not exist there
+  pthread_atfork([] { g_pool_create.lock(); }, [] { g_pool_create.unlock(); },
+                 [] {
+                   g_pool = nullptr;
+                   g_pool_create.unlock();
+                 });
+}
+
 Pool *pool(int workers) {
+  static std::once_flag registered;
+  std::call_once(registered, register_fork_handlers);
   std::lock_guard<std::mutex> lock(g_pool_create);
-  if (g_pool == nullptr) {
-    g_pool = new Pool();              // never freed: its threads live as long as the process
-    pthread_atfork(nullptr, nullptr, [] { g_pool = nullptr; });    // a forked child starts a pool of its own
-  }
+  if (g_pool == nullptr) g_pool = new Pool();     // never freed: its threads live as long as the process
   while (g_pool->started < workers)
-    std::thread(worker, g_pool, g_pool->started++, g_pool->generation.load(std::memory_order_acquire)).detach();
+    std::thread(worker, g_pool, g_pool->started++, g_pool->job.load(std::memory_order_acquire)).detach();
   return g_pool;
 }
 }  // namespace
 
 void parallel_for(int64_t n, const std::function<void(int64_t)> &fn) {
   int workers = static_cast<int>(std::min<int64_t>(g_threads, n)) - 1;     // besides the calling thread
-  if (workers < 1) {
+  if (workers < 1 || t_in_region) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
@@ -87,14 +101,15 @@ void parallel_for(int64_t n, const std::function<void(int64_t)> &fn) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
+  t_in_region = true;
   p->fn = &fn;
   p->n = n;
-  p->active = workers;
   p->next.store(0);
   p->pending.store(workers);
   {
     std::lock_guard<std::mutex> lock(p->m);
-    p->generation.fetch_add(1, std::memory_order_release);
+    uint64_t number = (p->job.load(std::memory_order_relaxed) >> kActiveBits) + 1;
+    p->job.store((number << kActiveBits) | static_cast<uint64_t>(workers), std::memory_order_release);
   }
   p->wake.notify_all();
   run_tasks(p);
@@ -106,6 +121,7 @@ void parallel_for(int64_t n, const std::function<void(int64_t)> &fn) {
       p->done.wait(lock, [&] { return p->pending.load(std::memory_order_acquire) == 0; });
     }
   }
+  t_in_region = false;
 }
 
 // Batch invariance: a row of C must come out bitwise the same whatever else is in the batch, so that a batch

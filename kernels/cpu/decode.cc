@@ -13,7 +13,8 @@
 
 // inputs q [B, N, T, D], k, v [B, Nkv, T, D], k_cache, v_cache [Bc, Nkv, C, D] (written), rows [B] int32,
 // slots [B, T] int32, start [B] int32, scale [1]; output o [B, T, N, D] (the layout o_proj reads).
-// Returns 1 (MindSpore raises) for a row or slot outside the cache, before writing anything.
+// Returns 1 (MindSpore raises) for a row or slot outside the cache or a cache row given twice, before writing
+// anything.
 MS_LLM_AOT KvAttend(AOT_ARGS) {
   auto *q = static_cast<const float *>(params[0]);
   auto *k = static_cast<const float *>(params[1]);
@@ -27,8 +28,11 @@ MS_LLM_AOT KvAttend(AOT_ARGS) {
   auto *o = static_cast<float *>(params[9]);
   int64_t b = shapes[0][0], n = shapes[0][1], t = shapes[0][2], d = shapes[0][3];
   int64_t nkv = shapes[1][1], rows_c = shapes[3][0], cap = shapes[3][2], rep = n / nkv;
-  for (int64_t i = 0; i < b; ++i)
-    if (rows[i] < 0 || rows[i] >= rows_c || start[i] < 0) return 1;
+  std::vector<char> used(rows_c, 0);                  // two query rows on one cache row would race
+  for (int64_t i = 0; i < b; ++i) {
+    if (rows[i] < 0 || rows[i] >= rows_c || start[i] < 0 || used[rows[i]]) return 1;
+    used[rows[i]] = 1;
+  }
   for (int64_t i = 0; i < b * t; ++i)
     if (slots[i] < 0 || slots[i] >= cap) return 1;
   int64_t work = b * n * t;

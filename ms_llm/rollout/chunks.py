@@ -30,17 +30,20 @@ def generate_chunked(model, prompts, max_new_tokens: int, chunk_size: int, state
     this call produced, done) — when not done, continue with state=out.state, generated=generated + produced
     and the same sampling arguments (the state carries the random generator, not the sampling settings).
     Keyword arguments go to `generate` (temperature, top_p, eos_token_id, pad_token_id, seed, cache_len,
-    prompt_width).
+    prompt_width, rows; generation_batch_size only to a first call that runs every row to its end).
     """
     if chunk_size < 1:
         raise MsLlmError(f"chunk_size must be at least 1, got {chunk_size}")
     if state is None:
         longest = max(max(len(p) for p in prompts), kw.get("prompt_width") or 0)
         kw.setdefault("cache_len", -(-(longest + max_new_tokens) // 64) * 64)
+    batch = kw.pop("generation_batch_size", 0)
     tokens, logps, lengths, chunks = [], [], None, 0
     while generated < max_new_tokens and (stop_after is None or chunks < stop_after):
         n = min(chunk_size, max_new_tokens - generated)
-        out = generate(model, prompts if state is None else None, n, state=state, **kw)
+        whole = state is None and n == max_new_tokens - generated      # continuous batching runs rows to the end
+        out = generate(model, prompts if state is None else None, n, state=state,
+                       generation_batch_size=batch if whole else 0, **kw)
         state = out.state
         tokens.append(out.tokens)
         logps.append(out.logprobs)

@@ -383,12 +383,16 @@ def test_kv_attend_matches_numpy(backend, t):
     np.testing.assert_array_equal(new_v.asnumpy(), want_v)
 
 
-def test_kv_attend_refuses_a_slot_outside_the_cache():
+def test_kv_attend_refuses_a_slot_outside_the_cache_and_a_cache_row_given_twice():
     z = Tensor(np.zeros((1, 2, 1, 8), np.float32))
     cache = Tensor(np.zeros((1, 2, 16, 8), np.float32))
     with pytest.raises(RuntimeError):
         Attend("cpu")(z, z, z, cache, cache, Tensor(np.array([0], np.int32)), Tensor(np.array([[16]], np.int32)),
                       Tensor(np.array([0], np.int32)))[0].asnumpy()
+    z2, cache2 = Tensor(np.zeros((2, 2, 1, 8), np.float32)), Tensor(np.zeros((2, 2, 16, 8), np.float32))
+    with pytest.raises(RuntimeError):                      # two query rows on one cache row would race
+        Attend("cpu")(z2, z2, z2, cache2, cache2, Tensor(np.array([1, 1], np.int32)),
+                      Tensor(np.array([[3], [4]], np.int32)), Tensor(np.array([0, 0], np.int32)))[0].asnumpy()
 
 
 def test_one_token_rows_products_match_numpy_and_do_not_depend_on_the_batch():
