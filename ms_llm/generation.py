@@ -184,17 +184,21 @@ class CachePool:
     def __init__(self, keep: int = 2):
         self.keep, self.entries = keep, []      # [shape, caches, owner weakref or None]
 
+    @staticmethod
+    def _free(entry) -> bool:
+        return entry[2] is None or entry[2]() is None
+
     def take(self, model, batch: int, capacity: int):
         shape = (batch, capacity)
         for e in self.entries:
-            if e[0] == shape and (e[2] is None or e[2]() is None):
+            if e[0] == shape and self._free(e):
                 self._forget(e)
                 self.entries.append(e)          # most recently used last
                 e[2] = _TAKEN
                 return e[1]
         caches = model.empty_cache(batch, capacity)
         if len(self.entries) >= self.keep:     # forget a free entry, else the oldest (its state keeps its memory)
-            free = [e for e in self.entries if e[2] is None or e[2]() is None]
+            free = [e for e in self.entries if self._free(e)]
             self._forget(free[0] if free else self.entries[0])
         self.entries.append([shape, caches, _TAKEN])
         return caches
@@ -209,11 +213,8 @@ class CachePool:
                 e[2] = None if owner is None else weakref.ref(owner)
 
 
-def _taken():
+def _TAKEN():                                   # an owner reference that never dies (until hold() replaces it)
     return True
-
-
-_TAKEN = _taken                                 # an owner reference that never dies (until hold() replaces it)
 
 
 def _pool(model) -> Optional[CachePool]:
