@@ -206,6 +206,10 @@ class CachePool:
     def _forget(self, entry):
         self.entries = [e for e in self.entries if e is not entry]      # (by identity: == on tensors is elementwise)
 
+    def drop_free(self):
+        """Forget every cache no state holds (their memory goes back before a phase that needs it)."""
+        self.entries = [e for e in self.entries if not self._free(e)]
+
     def hold(self, caches, owner):
         """`owner` (a GenerationState) now holds `caches`; None gives them back."""
         for e in self.entries:
@@ -223,6 +227,14 @@ def _pool(model) -> Optional[CachePool]:
     if not hasattr(model, "_kv_pool"):
         object.__setattr__(model, "_kv_pool", CachePool())
     return model._kv_pool
+
+
+def release_caches(model):
+    """Free the KV caches kept for reuse that no paused generation holds: between a rollout and the updates that
+    follow it, so the two phases do not hold their memory at once (ms_llm/plan.py counts them apart)."""
+    pool = getattr(model, "_kv_pool", None)
+    if pool is not None:
+        pool.drop_free()
 
 
 def _new_caches(model, batch: int, capacity: int):
@@ -310,6 +322,7 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
             the next prompt (continuous batching); 0 or at least the batch: all at once. The output then has no
             state to continue from.
     """
+    _refuse_gathering(model)
     was_training = model.training
     model.set_train(False)
     try:
@@ -324,6 +337,15 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
                          use_cache, prompt_width, rows)
     finally:
         model.set_train(was_training)
+
+
+def _refuse_gathering(model):
+    """A model whose weights are ZeRO-3 shards gathers them in every product, a collective, and ranks decode
+    different numbers of steps: it generates only within `ZeroGroup.replicated()` (training/zero.py)."""
+    for name, cell in model.cells_and_names():
+        if getattr(cell, "zero", None) is not None:
+            raise MsLlmError(f"generate: {name or 'the model'} reads ZeRO-3 shards through gathers; generate within "
+                             "layout.replicated(), where every rank reads whole copies")
 
 
 def _eos_set(model, eos_token_id) -> set:

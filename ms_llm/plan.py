@@ -67,6 +67,13 @@ class Component:
     name: str
     bytes: int
     note: str = ""
+    phase: str = ""           # "rollout" or "train": held only in that phase of an RL step; "": throughout
+
+
+def peak(parts) -> int:
+    """What a rank holds at its fullest: everything held throughout, plus the larger of the two phases."""
+    held = sum(c.bytes for c in parts if not c.phase)
+    return held + max([sum(c.bytes for c in parts if c.phase == ph) for ph in ("rollout", "train")])
 
 
 def _size(text: str) -> int:
@@ -174,6 +181,19 @@ def _gathered(cfg, shape: ModelConfig, label: str, lora, device: str) -> Compone
                      f"ZeRO-3: {how} gathered whole, + one full-size gradient before its reduce-scatter")
 
 
+def _rollout_copy(cfg, shape: ModelConfig, label: str, lora, device: str) -> Component:
+    """What generation reads under ZeRO-3 (training/zero.py, `replicated`): a whole copy of every sharded
+    matrix in the dtype its product reads, gathered before each rollout and kept for the run."""
+    elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
+    if device == "cpu" and cfg.context.kernels in ("auto", "cpu"):
+        elem = 4
+    every = _matrices(shape)[2]
+    if lora is not None and lora.enabled:
+        every = lora_parameters(shape, lora.r, lora.targets)
+    return Component(f"{label} rollout copy", every * elem,
+                     "ZeRO-3: every sharded matrix whole, what each rank generates and scores its rows with")
+
+
 def _activations(cfg, shape: ModelConfig, label: str, rows: int, seq: int, device: str, split: int,
                  kind: str = "lm", lora=None) -> list:
     elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
@@ -266,6 +286,8 @@ def components(cfg, ranks: int, device: str) -> list:
         p = cfg.ppo if stage == "ppo" else cfg.grpo
         seq = p.max_prompt_len + p.max_new_tokens
         out += _trained(cfg, policy, "policy", p.lora, dp, split, device)
+        if dp > 1 and cfg.parallel.optimizer_shard == "zero3":
+            out.append(_rollout_copy(cfg, policy, "policy", p.lora, device))
         out += _activations(cfg, policy, "policy", t.micro_batch_size, seq, device, split, "policy", p.lora)
         if not p.lora.enabled and (stage == "ppo" or p.beta > 0):
             ref = model_shape(cfg, f"{stage}.reference", p.reference.path or cfg.model.init_from)
@@ -274,6 +296,14 @@ def components(cfg, ranks: int, device: str) -> list:
         whole = stage == "grpo" and (p.partial_rollout.token_budget > 0 or p.async_rollout.enabled)
         out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens, 1 if whole else dp,
                              1 if stage == "ppo" else p.group_size, p.generation_batch_size))
+        if stage == "grpo" and not whole:
+            # a synchronous GRPO step generates, frees its caches (stages/grpo.py: release_caches), then scores
+            # and updates: the cache and the train step's transient memory are never held at once
+            for c in out:
+                if c.name == "rollout KV cache":
+                    c.phase = "rollout"
+                elif c.name.startswith("policy ") and c.name.endswith(("gathered weights", "activations", "logits")):
+                    c.phase = "train"
         if stage == "ppo":
             rm = model_shape(cfg, "ppo.reward_model", p.reward_model)
             out.append(_frozen("reward model", rm, p.reward_dtype, device))
@@ -333,7 +363,7 @@ def plan(cfg, nproc_per_node: int = 1, nnodes: int = 1, device: str = None) -> d
     ranks = nproc_per_node * nnodes
     parts = components(cfg, ranks, device)
     limit, limit_note = budget(cfg, device, nproc_per_node)
-    total = sum(c.bytes for c in parts)
+    total = peak(parts)
     suggestion = None
     if total > limit:
         tried = []
@@ -341,13 +371,13 @@ def plan(cfg, nproc_per_node: int = 1, nnodes: int = 1, device: str = None) -> d
             alt = _apply(cfg, change)
             if alt is None:
                 continue
-            alt_total = sum(c.bytes for c in components(alt, ranks, device))
+            alt_total = peak(components(alt, ranks, device))
             if alt_total <= limit:
                 suggestion = what
                 break
             tried.append(f"{what.split(' (')[0]}: {alt_total / GB:.1f} GB")
         else:
-            more = sum(c.bytes for c in components(cfg, 2 * ranks, device))
+            more = peak(components(cfg, 2 * ranks, device))
             suggestion = (f"no single config change fits ({'; '.join(tried) or 'none applies'}); twice the ranks: "
                           f"{more / GB:.1f} GB per rank. Weights, gradients and AdamW state "
                           f"({sum(c.bytes for c in parts if c.name.endswith(('weights', 'gradients', 'optimizer'))) / GB:.1f} GB) "
@@ -373,7 +403,13 @@ def rank0_staging(cfg, parts, ranks: int) -> int:
 
 def table(p: dict) -> str:
     rows = [f"{'component':<28}{'GB':>9}  note"]
-    rows += [f"{c['name']:<28}{c['bytes'] / GB:>9.2f}  {c['note']}" for c in p["components"]]
+    rows += [f"{c['name']:<28}{c['bytes'] / GB:>9.2f}  " + (f"[{c['phase']} phase] " if c.get("phase") else "")
+             + c["note"] for c in p["components"]]
+    phases = {ph: sum(c["bytes"] for c in p["components"] if c.get("phase") == ph) for ph in ("rollout", "train")}
+    if any(phases.values()):
+        rows.append(f"{'phases':<28}{'':>9}  rollout {phases['rollout'] / GB:.2f} GB, train {phases['train'] / GB:.2f} "
+                    "GB: one at a time (the rollout's KV caches are freed before the updates); the total counts the "
+                    "larger")
     rows.append(f"{'total per rank':<28}{p['total_bytes'] / GB:>9.2f}  on {p['ranks']} rank(s), {p['device_kind']}")
     rows.append(f"{'budget':<28}{p['budget_bytes'] / GB:>9.2f}  {p['budget']}")
     if p.get("rank0_host_bytes"):

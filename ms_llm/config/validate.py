@@ -233,7 +233,7 @@ STAGE_RULES = {
     "reward": StageRules(frozenset({"zero3"}), mup=False, check=_check_reward),
     "dpo": StageRules(frozenset({"zero3"}), mup=False, check=_check_dpo),
     "ppo": StageRules(mup=False, check=_check_ppo),
-    "grpo": StageRules(mup=False, check=_check_grpo),
+    "grpo": StageRules(frozenset({"zero3"}), mup=False, check=_check_grpo),
 }
 if set(STAGE_RULES) != set(STAGE_NAMES):          # every stage of the registry has its rules, and no other
     raise RuntimeError(f"STAGE_RULES {sorted(STAGE_RULES)} != the stage registry {sorted(STAGE_NAMES)}")

@@ -31,7 +31,7 @@ from mindspore import Tensor
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.chat import stop_token_ids
 from ms_llm.errors import MsLlmError
-from ms_llm.generation import generate
+from ms_llm.generation import generate, release_caches
 from ms_llm.eval.results import gate
 from ms_llm.eval.sandbox import require_isolation
 from ms_llm.losses.grpo import GRPOLoss, aggregation_weights, group_advantages, group_reward_std
@@ -96,7 +96,8 @@ class GRPOStage(Stage):
         return adapter_io(self.model, self.cfg.model.init_from) if self.g.lora.enabled else None
 
     def evaluate(self) -> dict:
-        return self._evaluate()
+        with self.layout.replicated():
+            return self._evaluate()
 
     def state_dict(self) -> dict:
         return dict(super().state_dict(), prompt_cursor=self.source.stream.cursor)
@@ -174,11 +175,13 @@ class GRPOStage(Stage):
 
     def step(self, step: int, micro_index: int) -> tuple:
         start = time.perf_counter()
-        batch, stats = self.source.collect(step)
+        with self.layout.replicated():  # (ZeRO-3: each rank generates and scores its rows on whole copies)
+            batch, stats = self.source.collect(step)
+            release_caches(self.model)     # the rollout's KV caches go before the scoring and updates need memory
+            arrays = self.prepare(batch) if batch is not None else None
         used = self.batch_rows // self.mbs
         if batch is None:                  # nothing finished or every group filtered: nothing to learn from
             return {"loss": 0.0, "skipped": True, "updates": 0, "lr": self.updater.lr_at(step), **stats}, used
-        arrays = self.prepare(batch)
         if self.run_dir and self.layout.main and self.cfg.log.rollouts_every \
                 and (step + 1) % self.cfg.log.rollouts_every == 0:
             self._dump(step, batch, arrays)

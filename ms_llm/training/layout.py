@@ -12,6 +12,7 @@ cell to use, and how to gather whole weights and optimizer state for a checkpoin
 need nothing beyond the reducer; tensor parallelism (`tp`), pipeline stages (`pp`) and ZeRO-3 (`zero`: the
 updaters shard what they train) are at most one at a time.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +45,12 @@ class Layout:
     def data_world(self) -> int:
         group = self.tp or self.pp
         return self.world // group.size if group is not None else self.world
+
+    def replicated(self):
+        """A context in which the model reads whole weights on every rank and runs without collectives: under
+        ZeRO-3 whole copies gathered on entry (training/zero.py; a collective); otherwise nothing to do. What
+        generates or scores each rank's own rows runs within it."""
+        return self.zero.replicated() if self.zero is not None else contextlib.nullcontext()
 
     def world_sum(self, values) -> np.ndarray:
         """Sum of a small host array over every rank of the job (float32; itself in one process): how ranks

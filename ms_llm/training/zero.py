@@ -20,9 +20,15 @@ zero gradient for `after` that waits for the reduce-scatter, so the reduce-scatt
 order of the gathers. Vectors (norm weights, biases) stay whole on every rank and are all-reduced with the
 loss numerator after the backward pass (`ShardedReducer`).
 
+Generation cannot gather: each rank decodes its own rows, a different number of steps. Within
+`replicated()` every sharded cell reads a whole copy of its matrix instead, gathered once on entry (one
+collective per matrix, in the same order on every rank) into a Parameter the group keeps for the run, so the
+ranks then run the model on their own (rollouts, scoring, evaluations) with no collective at all.
+
 Checkpoints hold whole tensors: `whole_values` gathers one tensor at a time into host memory, and loading
 slices whole tensors again (`local_value`), so a run resumes on any number of ranks.
 """
+import contextlib
 import gc
 import math
 import weakref
@@ -124,6 +130,7 @@ class ZeroGroup:
         self.cells = []                 # cells whose `weight` is a shard
         self.released = False           # after `unshard`: rank 0 holds whole weights, the others nothing to gather
         self._all_gather = None
+        self._copies = {}               # id(shard) -> the whole copy replicated() reads (kept for the run)
 
     def shard(self, net, params) -> list:
         """Shard every matrix among `params` that a weight-reading cell under `net` holds; returns `params` with
@@ -131,6 +138,7 @@ class ZeroGroup:
         wanted = {id(p) for p in params}
         drop_compiled_graphs()
         self.released = False           # (a second training in the same process: the next SFT phase)
+        self._copies = {}
         swapped = {}
         for _, cell in net.cells_and_names():
             p = getattr(cell, "weight", None) if hasattr(cell, "read_weight") else None
@@ -166,6 +174,54 @@ class ZeroGroup:
             self._all_gather = ops.AllGather()
         whole = self._all_gather(param.value()).asnumpy()
         return whole[:int(np.prod(param.zero_whole_shape))].reshape(param.zero_whole_shape)
+
+    @contextlib.contextmanager
+    def replicated(self):
+        """Within: every sharded cell reads a whole copy of its matrix, in the dtype its product reads, and the
+        model runs without collectives (generation, scoring, evaluation), each rank on its own. Entering is a
+        collective (every rank, same order). The copies are Parameters kept for the run and refreshed from the
+        shards on every entry, so what was compiled within reads the current weights the next time.
+
+        A graph keeps reading the Parameters it was compiled against: a cell compiled within reads the copies,
+        one compiled outside gathers. So each top-level cell must run in one mode only — generation and scoring
+        within, the train step outside; `generate` refuses a model that gathers. After `unshard` (rank 0 holds
+        whole weights) this does nothing."""
+        swaps, fresh = [], set()
+        for cell in self.cells:
+            shard = cell.weight
+            if id(shard) not in fresh:                    # (a tied embedding: two cells, one shard)
+                self._refresh(shard, cell.zero.dtype)
+                fresh.add(id(shard))
+            swaps.append((cell, shard, cell.zero))
+        for cell, shard, gather in swaps:                 # only after every gather: a failure swaps nothing
+            name = shard.name
+            cell.zero = None
+            cell.weight = self._copies[id(shard)]
+            cell.weight.name = name
+        try:
+            yield
+        finally:
+            for cell, shard, gather in swaps:
+                name = shard.name
+                cell.weight = shard
+                shard.name = name
+                cell.zero = gather
+
+    def _refresh(self, shard, dtype):
+        """The whole copy of `shard` (a collective), gathered on the device in `dtype` (on CPU in float32, which
+        MindSpore's CPU collectives carry, then cast)."""
+        if self._all_gather is None:
+            self._all_gather = ops.AllGather()
+        wire = dtype if self.ascend else ms.float32
+        whole = self._all_gather(ops.cast(shard.value(), wire))
+        shape = shard.zero_whole_shape
+        whole = whole[:int(np.prod(shape))].reshape(shape)
+        whole = whole if whole.dtype == dtype else ops.cast(whole, dtype)
+        copy = self._copies.get(id(shard))
+        if copy is None:
+            self._copies[id(shard)] = Parameter(whole, name=shard.name, requires_grad=False)
+        else:
+            copy.set_data(whole)
 
     def whole_values(self, named: dict) -> dict:
         """{name: array} of `named` ({name: Parameter or array}) with every shard gathered whole, one tensor at

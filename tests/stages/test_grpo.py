@@ -97,6 +97,39 @@ def test_two_msrun_ranks_equal_one_process(tiny_sft):
     assert max(np.abs(w[1][k] - w[0][k]).max() for k in w[0]) <= 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero3_on_two_msrun_ranks_equals_one_process_and_resumes_in_one(tiny_sft):
+    """Full-weight GRPO with the policy in ZeRO-3 shards on 2 msrun ranks: each rank gathers a whole copy before
+    every rollout, generates and scores its rows on it without collectives, then trains its shards. The held-out
+    evaluations before and after, the per-step losses, rewards and dynamic-sampling decisions, and the final
+    weights equal one process's (a stale copy would give other samples or π_old, and another loss). A run stopped
+    after its step-1 checkpoint (written from the shards) resumes in one process to the uninterrupted run."""
+    from conftest import assert_resumed_run_equals
+    from ms_llm.models.safetensors_io import read_safetensors
+    work = tiny_sft.parent.parent
+    over = (*QUICK, "train.max_steps=2", "checkpoint.every=1", "train.eval_every=2", "train.log_every=1",
+            "grpo.eval_limit=16", "grpo.lora.enabled=false", "grpo.loss_agg=token-mean",
+            "grpo.dynamic_sampling.enabled=true", "grpo.dynamic_sampling.max_rounds=3")
+    run_cli(work, "train", "configs/tiny/grpo.yaml", *over, "train.output_dir=runs/grpo_full_one")
+    launch = ("--nproc-per-node", "2", "--cluster-timeout", "60")
+    run_cli(work, "launch", "configs/tiny/grpo.yaml", *over, "parallel.optimizer_shard=zero3",
+            "train.output_dir=runs/grpo_zero3", "--master-port", "8191", "--log-dir", "logs_grpo_zero3", *launch)
+    run_cli(work, "launch", "configs/tiny/grpo.yaml", *over, "parallel.optimizer_shard=zero3", "train.max_steps=1",
+            "train.output_dir=runs/grpo_zero3_cut", "--master-port", "8193", "--log-dir", "logs_grpo_zero3_cut", *launch)
+    one, zero3, cut = (work / "runs" / n for n in ("grpo_full_one", "grpo_zero3", "grpo_zero3_cut"))
+    rows = [[json.loads(x) for x in open(run / "metrics.jsonl")] for run in (one, zero3)]
+    assert [r["step"] for r in rows[0]] == [0, 1, 2] and "eval/accuracy" in rows[0][0] and "eval/accuracy" in rows[0][2]
+    for key in ("loss", "reward/total", "groups_seen", "generation_rounds", "response_length", "eval/accuracy"):
+        np.testing.assert_allclose([r.get(key, -1) for r in rows[1]], [r.get(key, -1) for r in rows[0]], atol=1e-5,
+                                   err_msg=key)
+    assert all(a["rollout/rows"] == 2 * b["rollout/rows"] for a, b in zip(rows[0][1:], rows[1][1:]))
+    w = [read_safetensors(str(run / "final" / "model.safetensors")) for run in (one, zero3)]
+    assert max(np.abs(w[1][k] - w[0][k]).max() for k in w[0]) <= 1e-5
+    run_cli(work, "train", "configs/tiny/grpo.yaml", *over, "train.output_dir=runs/grpo_zero3_cut", "checkpoint.reshard=true")
+    assert_resumed_run_equals(one, cut, 2, 1)
+
+
 def test_dynamic_sampling_drops_groups_without_reward_variance(tmp_path, graph_mode):
     """Prompts tagged "fixed" get the same reward whatever is sampled: their groups carry no gradient and are
     dropped; the batch is refilled from further prompts, and the prompt cursor counts every prompt sampled."""

@@ -82,7 +82,25 @@ def test_optimizer_shard_values_and_refusals(monkeypatch):
         assert cfg.parallel.optimizer_shard == want
     with pytest.raises(MsLlmError, match=r"parallel.optimizer_shard' = 'zero2' is not one of \['none', 'zero1', 'zero3'\]"):
         load_config("configs/tiny/pretrain.yaml", ["parallel.optimizer_shard=zero2"])
-    with pytest.raises(MsLlmError, match="zero3 is supported by the pretrain, cpt, distill, sft, reward, dpo stages, not by stage 'ppo'"):
+    with pytest.raises(MsLlmError, match="zero3 is supported by the pretrain, cpt, distill, sft, reward, dpo, grpo stages, not by stage 'ppo'"):
         load_config("configs/tiny/ppo.yaml", ["parallel.optimizer_shard=zero3", "parallel.data_parallel=2"])
     with pytest.raises(MsLlmError, match="needs parallel.data_parallel >= 2, got 1"):
         load_config("configs/tiny/sft_lora.yaml", ["parallel.optimizer_shard=zero3"])
+
+
+def test_a_model_that_gathers_its_weights_does_not_generate():
+    """A ZeRO-3 matrix is all-gathered by every product, a collective, and ranks decode different numbers of
+    steps: `generate` refuses such a model, naming the cell, and points to `layout.replicated()`. The model
+    generates again once the gather is gone (what `ZeroGroup.replicated` does while it runs)."""
+    import mindspore as ms
+    from ms_llm.generation import generate
+    from ms_llm.models.config import preset
+    from ms_llm.models.decoder import CausalLM
+    from ms_llm.training.zero import GatherWeight
+    model = CausalLM(preset("tiny"))
+    cell = model.model.layers[1].mlp.down_proj
+    cell.zero = GatherWeight(cell.weight.shape, 0, 2, ms.float32, False)
+    with pytest.raises(MsLlmError, match=r"layers.1.mlp.down_proj reads ZeRO-3 shards .* layout.replicated\(\)"):
+        generate(model, [[1, 2, 3]], 2, temperature=0)
+    cell.zero = None
+    assert generate(model, [[1, 2, 3]], 2, temperature=0).tokens.shape == (1, 2)
