@@ -27,7 +27,11 @@ The plan counts what this release's code holds, component by component, with the
   (models/frozen.py); the PPO value model trains, and is counted as trainable;
 - rollout: the KV cache of the generation batch in the compute dtype, capacity prompt + new tokens rounded up
   to 64: each data-parallel rank generates its share of the rows (PPO, synchronous GRPO), or the whole batch
-  (partial and asynchronous GRPO rollouts; docs/rl.md);
+  (partial and asynchronous GRPO rollouts; docs/rl.md); under ZeRO-3, the whole copy of the policy's sharded
+  matrices that GRPO generates with;
+- phases: a synchronous GRPO step frees its KV caches before it scores and updates, so the cache (rollout) and
+  the train step's gathered matrices, activations and logits (train) are counted apart: the total is what is
+  held throughout plus the larger phase;
 - runtime: the framework itself (RUNTIME bytes per device kind: Python + MindSpore + compiled graphs on CPU,
   HCCL buffers and workspace on Ascend).
 

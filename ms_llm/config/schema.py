@@ -128,7 +128,8 @@ class ParallelSection:
     optimizer_shard: str = opt("none", "Shard training state across the data-parallel ranks (results equal the "
                                        "unsharded run). zero1: the Adam moments (each rank keeps ~1/data_parallel "
                                        "of them); zero3: weights, gradients and Adam moments, each matrix gathered "
-                                       "just before use (training/zero.py). true/false still mean zero1/none",
+                                       "just before use (training/zero.py; GRPO generates on a whole copy gathered "
+                                       "before each rollout). true/false still mean zero1/none",
                                ["none", "zero1", "zero3"], aliases={True: "zero1", False: "none"})
     recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
     visible_devices: Optional[str] = opt(None, "ASCEND_RT_VISIBLE_DEVICES for the job, e.g. '0,1,2,3,4,5,6,7'")
