@@ -322,7 +322,6 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
             the next prompt (continuous batching); 0 or at least the batch: all at once. The output then has no
             state to continue from.
     """
-    _refuse_gathering(model)
     was_training = model.training
     model.set_train(False)
     try:
@@ -339,13 +338,14 @@ def generate(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_
         model.set_train(was_training)
 
 
-def _refuse_gathering(model):
-    """A model whose weights are ZeRO-3 shards gathers them in every product, a collective, and ranks decode
-    different numbers of steps: it generates only within `ZeroGroup.replicated()` (training/zero.py)."""
+def gathering_cell(model) -> Optional[str]:
+    """The name of a cell of `model` that reads a ZeRO-3 shard through a gather (training/zero.py), else None.
+    Every product of such a model is a collective: ranks may generate with it only in lockstep (the same
+    prompts, greedy), never each its own rows — those generate within `layout.replicated()`."""
     for name, cell in model.cells_and_names():
         if getattr(cell, "zero", None) is not None:
-            raise MsLlmError(f"generate: {name or 'the model'} reads ZeRO-3 shards through gathers; generate within "
-                             "layout.replicated(), where every rank reads whole copies")
+            return name or "the model"
+    return None
 
 
 def _eos_set(model, eos_token_id) -> set:

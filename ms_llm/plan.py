@@ -28,10 +28,10 @@ The plan counts what this release's code holds, component by component, with the
 - rollout: the KV cache of the generation batch in the compute dtype, capacity prompt + new tokens rounded up
   to 64: each data-parallel rank generates its share of the rows (PPO, synchronous GRPO), or the whole batch
   (partial and asynchronous GRPO rollouts; docs/rl.md); under ZeRO-3, the whole copy of the policy's sharded
-  matrices that GRPO generates with;
-- phases: a synchronous GRPO step frees its KV caches before it scores and updates, so the cache (rollout) and
-  the train step's gathered matrices, activations and logits (train) are counted apart: the total is what is
-  held throughout plus the larger phase;
+  matrices that GRPO and on-policy distillation generate with;
+- phases: a synchronous GRPO or on-policy distillation step frees its KV caches before it scores and
+  updates, so the cache (rollout) and the train step's gathered matrices, activations and logits (train) are
+  counted apart: the total is what is held throughout plus the larger phase;
 - runtime: the framework itself (RUNTIME bytes per device kind: Python + MindSpore + compiled graphs on CPU,
   HCCL buffers and workspace on Ascend).
 
@@ -186,8 +186,8 @@ def _gathered(cfg, shape: ModelConfig, label: str, lora, device: str) -> Compone
 
 
 def _rollout_copy(cfg, shape: ModelConfig, label: str, lora, device: str) -> Component:
-    """What generation reads under ZeRO-3 (training/zero.py, `replicated`): a whole copy of every sharded
-    matrix in the dtype its product reads, gathered before each rollout and kept for the run."""
+    """What a rank's own rollouts read under ZeRO-3 (training/zero.py, `replicated`): a whole copy of every
+    sharded matrix in the dtype its product reads, gathered before each rollout and kept for the run."""
     elem = BYTES[cfg.train.compute_dtype] if cfg.train.amp_level != "O0" else 4
     if device == "cpu" and cfg.context.kernels in ("auto", "cpu"):
         elem = 4
@@ -196,6 +196,16 @@ def _rollout_copy(cfg, shape: ModelConfig, label: str, lora, device: str) -> Com
         every = lora_parameters(shape, lora.r, lora.targets)
     return Component(f"{label} rollout copy", every * elem,
                      "ZeRO-3: every sharded matrix whole, what each rank generates and scores its rows with")
+
+
+def _phases(out: list, label: str):
+    """A synchronous rollout generates, frees its caches (generation.release_caches), then scores and updates
+    (GRPO, on-policy distillation): the cache and the train step's transient memory are never held at once."""
+    for c in out:
+        if c.name == "rollout KV cache":
+            c.phase = "rollout"
+        elif c.name.startswith(label + " ") and c.name.endswith(("gathered weights", "activations", "logits")):
+            c.phase = "train"
 
 
 def _activations(cfg, shape: ModelConfig, label: str, rows: int, seq: int, device: str, split: int,
@@ -274,6 +284,14 @@ def components(cfg, ranks: int, device: str) -> list:
         if d.mode != "cached" or d.iterative.every:      # a cached run reads the teacher's logits, samples and score
             teacher = model_shape(cfg, "distill.teacher", d.teacher.path)
             out.append(_frozen("teacher", teacher, d.teacher.dtype, device))
+        if d.mode == "on_policy":                         # the student samples each step's prompts, one per row
+            op = d.on_policy
+            rows = t.micro_batch_size * t.grad_accum_steps * dp
+            out.append(_kv_cache(cfg, policy, rows, op.max_prompt_len, op.max_new_tokens, 1 if op.async_rollout else dp))
+            if dp > 1 and cfg.parallel.optimizer_shard == "zero3":
+                out.append(_rollout_copy(cfg, policy, "student", None, device))
+            if not op.async_rollout:
+                _phases(out, "student")
     elif stage == "reward":
         out += _trained(cfg, policy, "reward model", cfg.reward.lora, dp, split, device)
         out += _activations(cfg, policy, "reward model", 2 * t.micro_batch_size, cfg.data.seq_len, device, split,
@@ -301,13 +319,7 @@ def components(cfg, ranks: int, device: str) -> list:
         out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens, 1 if whole else dp,
                              1 if stage == "ppo" else p.group_size, p.generation_batch_size))
         if stage == "grpo" and not whole:
-            # a synchronous GRPO step generates, frees its caches (stages/grpo.py: release_caches), then scores
-            # and updates: the cache and the train step's transient memory are never held at once
-            for c in out:
-                if c.name == "rollout KV cache":
-                    c.phase = "rollout"
-                elif c.name.startswith("policy ") and c.name.endswith(("gathered weights", "activations", "logits")):
-                    c.phase = "train"
+            _phases(out, "policy")
         if stage == "ppo":
             rm = model_shape(cfg, "ppo.reward_model", p.reward_model)
             out.append(_frozen("reward model", rm, p.reward_dtype, device))

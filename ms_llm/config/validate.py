@@ -53,10 +53,6 @@ def _check_distill(cfg: ExperimentConfig, where: str):
         if d.iterative.every or d.generate.prompts:
             raise MsLlmError(f"{where}: distill.mode: on_policy does not combine with distill.iterative or "
                              "distill.generate (the student generates its own data)")
-    if d.mode == "on_policy" and cfg.parallel.optimizer_shard == "zero3":
-        raise MsLlmError(f"{where}: distill.mode: on_policy does not combine with parallel.optimizer_shard: zero3 "
-                         "(each rank samples its own rows, a different number of decoding steps, and every step "
-                         "would all-gather the student's shards); use zero1 or mode online / cached")
     if d.mode == "cached" and d.iterative.every:
         raise MsLlmError(f"{where}: distill.iterative needs distill.mode: online (hard examples added during "
                          "training have no cached teacher logits)")

@@ -33,7 +33,8 @@ import numpy as np
 from ms_llm.config import ExperimentConfig
 from ms_llm.context import set_cpu_threads
 from ms_llm.fileio import write_json_atomic
-from ms_llm.generation import generate
+from ms_llm.errors import MsLlmError
+from ms_llm.generation import gathering_cell, generate
 from ms_llm.losses.grpo import overlong_penalty
 from ms_llm.models.safetensors_io import read_safetensors, write_safetensors
 from ms_llm.rollout.async_worker import RolloutWorker, trainable_arrays
@@ -192,6 +193,10 @@ class RolloutSource:
     def collect(self, step: int) -> tuple:
         """(the step's GroupBatch or None, rollout stats)."""
         g = self.g
+        cell = gathering_cell(self.policy)
+        if cell is not None:      # each rank decodes its own rows, a different number of steps: no collectives
+            raise MsLlmError(f"rollout: the policy's {cell} reads ZeRO-3 shards through gathers; collect rollouts "
+                             "within layout.replicated(), where every rank reads whole copies")
         tic = time.perf_counter()
         fresh, rounds = self._generate(step)
         gen_s = time.perf_counter() - tic

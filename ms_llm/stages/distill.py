@@ -40,7 +40,7 @@ from ms_llm.eval.generative import bertscore, exact_match
 from ms_llm.eval.results import gate
 from ms_llm.eval.scoring import sequence_logprobs
 from ms_llm.fileio import read_json, read_jsonl, sha256_file, write_json_atomic
-from ms_llm.generation import generate
+from ms_llm.generation import generate, release_caches
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
@@ -443,6 +443,13 @@ class DistillStage(SupervisedStage):
         return b
 
     def evaluate(self) -> dict:
+        if self.on_policy is None:
+            return self._evaluate()
+        # the student's decoding graph reads the rollouts' whole copies under ZeRO-3 (training/zero.py): one mode
+        with self.layout.replicated():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         d, out = self.cfg.distill, {}
         if self.on_policy is not None and self.records:
             out["eval/reverse_kl"] = self.on_policy.reverse_kl(self.records)
@@ -506,7 +513,9 @@ class OnPolicy:
     def rows(self, step: int, layout: Layout) -> tuple:
         """This rank's rows of the step's samples: the ones it sampled itself (synchronous: each rank samples
         its share, the source gathers the batch; asynchronous: every rank samples the whole batch)."""
-        batch, stats = self.source.collect(step)
+        with layout.replicated():      # (ZeRO-3: each rank samples its rows on a whole copy of the student)
+            batch, stats = self.source.collect(step)
+        release_caches(self.student)       # the rollout's KV caches go before the updates need memory
         mine = layout.share(len(batch.ro.prompts))
         rows = completion_rows(batch.ro.prompts[mine], batch.ro.tokens[mine], batch.ro.lengths[mine],
                                self.cfg.data.seq_len, self.pad)

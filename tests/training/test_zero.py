@@ -88,19 +88,33 @@ def test_optimizer_shard_values_and_refusals(monkeypatch):
         load_config("configs/tiny/sft_lora.yaml", ["parallel.optimizer_shard=zero3"])
 
 
-def test_a_model_that_gathers_its_weights_does_not_generate():
-    """A ZeRO-3 matrix is all-gathered by every product, a collective, and ranks decode different numbers of
-    steps: `generate` refuses such a model, naming the cell, and points to `layout.replicated()`. The model
-    generates again once the gather is gone (what `ZeroGroup.replicated` does while it runs)."""
+def test_a_rollout_source_refuses_a_policy_that_gathers_its_weights(monkeypatch):
+    """A ZeRO-3 matrix is all-gathered by every product, a collective, and each rank decodes its own rows, a
+    different number of steps: a rollout source refuses such a policy before generating, naming the cell, and
+    points to `layout.replicated()`. Without the gather (what `ZeroGroup.replicated` does while it runs) the same
+    source collects its batch."""
     import mindspore as ms
-    from ms_llm.generation import generate
+    from ms_llm.generation import gathering_cell
     from ms_llm.models.config import preset
     from ms_llm.models.decoder import CausalLM
+    from ms_llm.rollout.prompts import PromptStream
+    from ms_llm.rollout.sources import rollout_source
     from ms_llm.training.zero import GatherWeight
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/tiny/grpo.yaml", ["grpo.prompts_per_step=2", "grpo.group_size=2",
+                                                 "grpo.max_new_tokens=3", "grpo.dynamic_sampling.enabled=false"],
+                      check=False)
     model = CausalLM(preset("tiny"))
+    prompts = [{"ids": [1, 2, 3], "prompt": "a", "answer": "x", "tag": "t"},
+               {"ids": [4, 5], "prompt": "b", "answer": "y", "tag": "t"}]
+    source = rollout_source(cfg, model, lambda texts, recs: {"total": np.arange(len(texts), dtype=float), "parts": {}},
+                            lambda tok, n: "", PromptStream(prompts, 0), 0, ())
     cell = model.model.layers[1].mlp.down_proj
     cell.zero = GatherWeight(cell.weight.shape, 0, 2, ms.float32, False)
+    assert gathering_cell(model) == "model.layers.1.mlp.down_proj"
     with pytest.raises(MsLlmError, match=r"layers.1.mlp.down_proj reads ZeRO-3 shards .* layout.replicated\(\)"):
-        generate(model, [[1, 2, 3]], 2, temperature=0)
+        source.collect(0)
     cell.zero = None
-    assert generate(model, [[1, 2, 3]], 2, temperature=0).tokens.shape == (1, 2)
+    assert gathering_cell(model) is None
+    batch, _ = source.collect(0)
+    assert batch.ro.tokens.shape == (4, 3)
