@@ -261,17 +261,21 @@ def cmd_train(argv):
 def cmd_distill(argv):
     p = argparse.ArgumentParser(prog="ms-llm distill", description="Distillation utilities.")
     sub = p.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("cache-teacher", help="run the teacher once over a distill config's data and write its "
-                                             "top-k log-probs to distill.cache_dir")
-    c.add_argument("config")
-    c.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    sub.add_parser("cache-teacher", add_help=False,
+                   help="run the teacher once over a distill config's data and write its top-k log-probs to "
+                        "distill.cache_dir; with --nproc-per-node N (and `ms-llm launch`'s other flags) on N msrun "
+                        "ranks, the teacher split over distill.cache_tensor_parallel of them")
+    a, rest = p.parse_known_args(argv)
+    from ms_llm import launch
+    la = launch.parse(rest, "ms-llm distill cache-teacher")
+    cfg = load_config(la.config, la.overrides)
+    if cfg.stage != "distill":
+        raise MsLlmError(f"{la.config}: stage is '{cfg.stage}'; cache-teacher needs a stage: distill config")
+    if la.nproc_per_node * la.nnodes > 1 or la.dry_run:
+        return launch.main(rest, "cache-teacher", "ms-llm distill cache-teacher")
     # MindSpore-backed: loads only for the commands that run a model (`ms-llm --help` stays fast)
     from ms_llm.stages.distill import cache_teacher
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(a.config, a.overrides)
-    if cfg.stage != "distill":
-        raise MsLlmError(f"{a.config}: stage is '{cfg.stage}'; cache-teacher needs a stage: distill config")
     print(json.dumps(cache_teacher(cfg)))
 
 

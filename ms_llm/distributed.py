@@ -68,20 +68,45 @@ def init_layout(cfg) -> Layout:
     if ppn > 1:
         pp, dp_group = _pipeline_groups(cfg, rank, dp, ppn, create_group)
         return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, pp=pp)
-    tp = dp_group = None
-    if tpn > 1:
-        index, pos = divmod(rank, tpn)
-        group = None
-        if dp > 1:                       # the whole world is one tensor-parallel group when dp == 1
-            group = f"tp_{index}"
-            create_group(group, [index * tpn + i for i in range(tpn)])
-            dp_group = f"dp_{pos}"
-            create_group(dp_group, [d * tpn + pos for d in range(dp)])
-        tp = TPGroup(tpn, pos, group)
+    tp, dp_group = _tensor_parallel_groups(rank, tpn, dp)
     zero = None
     if cfg.parallel.optimizer_shard == "zero3":        # (validated: data parallel only)
         zero = ZeroGroup(rank, world, ascend=cfg.context.device_target == "ascend")
     return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, tp=tp, zero=zero)
+
+
+def _tensor_parallel_groups(rank: int, tpn: int, dp: int, data_groups: bool = True) -> tuple:
+    """(TPGroup or None, data-parallel group name or None) of `rank`: tensor-parallel group rank // tpn, at its
+    position rank % tpn. Only the groups this rank belongs to are created; one spanning the world is the world
+    group. data_groups=False: no data-parallel groups (nothing is summed across the tensor-parallel groups)."""
+    if tpn <= 1:
+        return None, None
+    index, pos = divmod(rank, tpn)
+    group = dp_group = None
+    if dp > 1:                           # the whole world is one tensor-parallel group when dp == 1
+        group = f"tp_{index}"
+        create_group(group, [index * tpn + i for i in range(tpn)])
+        if data_groups:
+            dp_group = f"dp_{pos}"
+            create_group(dp_group, [d * tpn + pos for d in range(dp)])
+    return TPGroup(tpn, pos, group), dp_group
+
+
+def init_model_groups(tensor_parallel: int, what: str) -> Layout:
+    """A job that runs a frozen model (no training) under msrun: the ranks form world / tensor_parallel groups
+    of `tensor_parallel` ranks, each holding the model split across it; Layout.data_rank / data_world are the
+    group's index and the number of groups (each takes its share of the work). One process: Layout()."""
+    if not launched_by_msrun():
+        if tensor_parallel > 1:
+            raise MsLlmError(f"{what}: tensor parallel over {tensor_parallel} ranks needs msrun workers; run it with "
+                             f"--nproc-per-node (a multiple of {tensor_parallel})")
+        return Layout()
+    init()
+    rank, world = get_rank(), get_group_size()
+    if world % tensor_parallel:
+        raise MsLlmError(f"{what}: {world} workers do not split into groups of {tensor_parallel} ranks")
+    tp, _ = _tensor_parallel_groups(rank, tensor_parallel, world // tensor_parallel, data_groups=False)
+    return Layout(rank, world, tp=tp)
 
 
 def _pipeline_groups(cfg, rank: int, dp: int, stages: int, create_group):

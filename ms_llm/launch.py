@@ -12,6 +12,9 @@ workers, and the workers check that every node sees the run directory (training/
 exact command. The memory plan (ms_llm/plan.py) runs first: a config it says does not fit is refused (exit 2,
 with the plan's table) unless --force. When the job fails, the last lines name each rank that died and its log file (from the workers'
 status files).
+
+The same launcher runs `ms-llm distill cache-teacher CONFIG --nproc-per-node N ...` (task "cache-teacher":
+the workers build a teacher cache instead of training; no memory plan, which is a training plan).
 """
 import argparse
 import ctypes
@@ -29,6 +32,7 @@ from ms_llm import storage
 from ms_llm.ascend import check_ascend, find_cann
 from ms_llm.config import load_config
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import write_json_atomic
 from ms_llm.plan import plan, table
 from ms_llm.stages import run_stage
 
@@ -76,8 +80,11 @@ def build_command(a, script: str) -> list:
             *(["--bind_core=True"] if a.bind_core else []), script, a.config, *a.overrides]
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="ms-llm launch", description="Run a config on one or more devices via msrun.")
+TASKS = {"train": ["train"], "cache-teacher": ["distill", "cache-teacher"]}     # task -> its one-process command
+
+
+def parse(argv, prog: str = "ms-llm launch"):
+    p = argparse.ArgumentParser(prog=prog, description="Run a config on one or more devices via msrun.")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted overrides passed to every worker")
     p.add_argument("--nproc-per-node", type=int, default=1, help="workers (devices) on this node")
@@ -114,27 +121,30 @@ def die_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)         # PR_SET_PDEATHSIG: msrun or the worker ends with us
 
 
-def main(argv) -> int:
-    a = parse(argv)
+def main(argv, task: str = "train", prog: str = "ms-llm launch") -> int:
+    """Launch `task` (TASKS) on the ranks the flags ask for."""
+    a = parse(argv, prog)
     world = a.nproc_per_node * a.nnodes
     overrides = list(a.overrides)
     if a.device:
         overrides.append(f"context.device_target={a.device}")
-    par = load_config(a.config, overrides, check=False).parallel if world > 1 else None
-    tp = max(1, par.tensor_parallel) if par else 1
-    pp = max(1, par.pipeline_stages) if par else 1
-    if world % (tp * pp):
-        raise MsLlmError(f"{world} workers do not split into groups of parallel.tensor_parallel ({tp}) x "
-                         f"parallel.pipeline_stages ({pp}) ranks")
-    overrides.append(f"parallel.data_parallel={world // (tp * pp)}")
+    if task == "train":
+        par = load_config(a.config, overrides, check=False).parallel if world > 1 else None
+        tp = max(1, par.tensor_parallel) if par else 1
+        pp = max(1, par.pipeline_stages) if par else 1
+        if world % (tp * pp):
+            raise MsLlmError(f"{world} workers do not split into groups of parallel.tensor_parallel ({tp}) x "
+                             f"parallel.pipeline_stages ({pp}) ranks")
+        overrides.append(f"parallel.data_parallel={world // (tp * pp)}")
     cfg = load_config(a.config, overrides)
     a.overrides = overrides
-    memory = plan(cfg, a.nproc_per_node, a.nnodes)
-    if not memory["fits"]:
-        message = f"{a.config}: the memory plan does not fit (ms-llm plan):\n{table(memory)}"
-        if not a.force:
-            raise MsLlmError(message + "\n(--force starts it anyway)")
-        print(message, file=sys.stderr)
+    if task == "train":
+        memory = plan(cfg, a.nproc_per_node, a.nnodes)
+        if not memory["fits"]:
+            message = f"{a.config}: the memory plan does not fit (ms-llm plan):\n{table(memory)}"
+            if not a.force:
+                raise MsLlmError(message + "\n(--force starts it anyway)")
+            print(message, file=sys.stderr)
     env = {}
     if cfg.context.device_target == "ascend":
         if a.dry_run and find_cann() is None:
@@ -144,12 +154,14 @@ def main(argv) -> int:
     log_dir = os.path.abspath(a.log_dir)
     a.log_dir = log_dir
     env["MS_LLM_STATUS_DIR"] = log_dir
+    if task != "train":
+        env["MS_LLM_TASK"] = task                      # (msrun reads flags after the script as its own)
     if a.nnodes > 1:
         env["MS_LLM_NNODES"] = str(a.nnodes)          # the workers check the run directory is shared (trainer)
         if a.node_local_checkpoints:
             env["MS_LLM_NODE_LOCAL_CHECKPOINTS"] = "1"
     if world == 1:
-        cmd = [sys.executable, "-m", "ms_llm.cli", "train", a.config, *overrides]
+        cmd = [sys.executable, "-m", "ms_llm.cli", *TASKS[task], a.config, *overrides]
     else:
         os.makedirs(log_dir, exist_ok=True)
         cmd = build_command(a, worker_script(log_dir) if not a.dry_run else "scripts/train.py")
@@ -159,10 +171,14 @@ def main(argv) -> int:
         print(shlex.join(cmd))
         return 0
     os.makedirs(log_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(log_dir, "rank_*.status")):
+    for old in glob.glob(os.path.join(log_dir, "rank_*.status")) + glob.glob(os.path.join(log_dir, "result.json")):
         os.remove(old)
     rc = subprocess.run(cmd, env={**os.environ, **{k: v for k, v in env.items() if not k.startswith("#")}},
                         preexec_fn=die_with_parent if sys.platform.startswith("linux") else None).returncode
+    result = os.path.join(log_dir, "result.json")
+    if rc == 0 and task != "train" and world > 1 and os.path.isfile(result):
+        with open(result) as f:
+            print(json.dumps(json.load(f)))
     if rc != 0:
         first = a.node_rank * a.nproc_per_node           # this node's workers (the others report on their nodes)
         for line in failure_report(log_dir, range(first, first + a.nproc_per_node)):
@@ -188,6 +204,11 @@ def failure_report(log_dir: str, ranks) -> list:
             lines.append(f"rank {rank}: {status} — log: {log}")
     lines.append(f"job failed; worker logs are in {log_dir}")
     return lines
+
+
+def result_path() -> str:
+    """Where rank 0 of a task other than training leaves its result (the launcher prints it)."""
+    return os.path.join(os.environ.get("MS_LLM_STATUS_DIR", "."), "result.json")
 
 
 def status_path(rank: int) -> str:
@@ -216,7 +237,15 @@ def worker_main(argv=None) -> int:
         if not argv:
             raise MsLlmError("usage: train.py CONFIG [section.key=value ...]")
         cfg = load_config(argv[0], argv[1:])
-        run_stage(cfg)
+        task = os.environ.get("MS_LLM_TASK", "train")
+        if task == "cache-teacher":
+            # MindSpore-backed: the launcher itself imports this module without it
+            from ms_llm.stages.distill import cache_teacher
+            out = cache_teacher(cfg)
+            if rank == 0:              # what the one-process command prints; the launcher prints it from here
+                write_json_atomic(result_path(), out)
+        else:
+            run_stage(cfg)
     except MsLlmError as e:
         write_status(rank, f"failed: {e}")
         print(f"error: {e}", file=sys.stderr)

@@ -54,9 +54,10 @@ def folder_bytes(path: str) -> int:
     return total
 
 
-def tmp_path_for(final: str) -> str:
+def tmp_path_for(final: str, pid: int = None) -> str:
+    """The folder process `pid` (default this one) builds `final` in."""
     parent, name = os.path.split(os.path.abspath(final).rstrip("/"))
-    return os.path.join(parent, f".tmp_{name}_{os.getpid()}")
+    return os.path.join(parent, f".tmp_{name}_{os.getpid() if pid is None else pid}")
 
 
 def _alive(pid: int) -> bool:

@@ -296,6 +296,9 @@ class DistillSection:
     cache_dir: Optional[str] = opt(None, "Top-k teacher cache written by `ms-llm distill cache-teacher` (mode: cached)")
     top_k: int = opt(20, "Teacher log-probs kept per token in the cache (plus the tail mass)", range="[1, inf)")
     cache_shard_examples: int = opt(1024, "Examples per cache shard file", range="[1, inf)")
+    cache_tensor_parallel: int = opt(1, "Ranks the teacher is split over (tensor parallel) when `ms-llm distill "
+                                        "cache-teacher` runs on several ranks; the ranks form groups of this many, "
+                                        "each scoring its share of the cache's shards", range="[1, inf)")
     alpha: float = opt(0.8, "Weight of the distillation term (seed 000 §1.2.5.1.3)")
     beta: float = opt(0.2, "Weight of the hard-label cross-entropy")
     temperature: float = opt(1.0, "Softmax temperature for teacher and student (the KD term is scaled by tau^2)", range="(0, inf)")

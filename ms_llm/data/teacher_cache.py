@@ -87,45 +87,90 @@ def inverse_map(vocab_map, teacher_size: int):
 
 def write_cache(cache_dir: str, teacher, examples: list, info: dict, k: int, temperature: float, vocab_map=None,
                 student_unk: int = 0, teacher_unk: int = 0, batch_size: int = 8, shard_examples: int = 1024,
-                progress: bool = True) -> dict:
-    """Run the teacher over `examples` (dicts with input_ids, attention_mask) once and write the cache."""
-    with storage.writing_dir(cache_dir, "teacher cache") as tmp:
-        return _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk,
-                            batch_size, shard_examples, progress)
+                progress: bool = True, layout=None) -> dict:
+    """Run the teacher over `examples` (dicts with input_ids, attention_mask) once and write the cache.
+
+    `layout` (distributed.init_model_groups): the job's ranks form groups, each holding the teacher split by
+    tensor parallel; group g scores shards g, g + G, ... and its first rank writes them, all into the folder rank
+    0 made, which rank 0 completes with the manifest once every group is done. The files are those one process
+    writes. Returns the manifest (on every rank)."""
+    if layout is None or layout.world == 1:
+        with storage.writing_dir(cache_dir, "teacher cache") as tmp:
+            return _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk,
+                                batch_size, shard_examples, progress)
+    if layout.main:
+        with storage.writing_dir(cache_dir, "teacher cache") as tmp:
+            return _write_cache_together(tmp, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info,
+                                         student_unk, teacher_unk, batch_size, shard_examples, progress)
+    return _write_cache_together(None, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info,
+                                 student_unk, teacher_unk, batch_size, shard_examples, False)
+
+
+def _shards(n: int, shard_examples: int) -> list:
+    return [{"file": f"shard_{i:05d}.safetensors", "start": start, "count": min(shard_examples, n - start)}
+            for i, start in enumerate(range(0, n, shard_examples))]
 
 
 def _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk, batch_size,
                  shard_examples, progress) -> dict:
-    # MindSpore only when a teacher is scored (reading a cache needs none)
-    import mindspore as ms
-    t2s = inverse_map(vocab_map, teacher.config.vocab_size)
-    teacher.set_train(False)
-    bar = None
-    if progress:
-        bar = tqdm(total=len(examples), desc="cache-teacher", dynamic_ncols=True)
-    shards = []
-    for start in range(0, len(examples), shard_examples):
-        part = examples[start:start + shard_examples]
-        ids_out, lp_out, tail_out = [], [], []
-        for b in range(0, len(part), batch_size):
-            rows = part[b:b + batch_size]
-            ids = np.stack([r["input_ids"] for r in rows])
-            mask = np.stack([r["attention_mask"] for r in rows])
-            logits = teacher(ms.Tensor(teacher_inputs(ids, vocab_map, teacher_unk)), ms.Tensor(mask)).asnumpy()
-            a, lp, tail = topk_from_logits(logits, k, temperature, t2s, student_unk)
-            ids_out.append(a)
-            lp_out.append(lp)
-            tail_out.append(tail)
-            if bar is not None:
-                bar.update(len(rows))
-        name = f"shard_{len(shards):05d}.safetensors"
-        save_file({"topk_ids": np.concatenate(ids_out), "topk_logp": np.concatenate(lp_out),
-                   "tail_logp": np.concatenate(tail_out)}, os.path.join(tmp, name))
-        shards.append({"file": name, "start": start, "count": len(part)})
+    shards = _shards(len(examples), shard_examples)
+    bar = tqdm(total=len(examples), desc="cache-teacher", dynamic_ncols=True) if progress else None
+    for shard in shards:
+        _score_shard(tmp, shard, teacher, examples, k, temperature, vocab_map, student_unk, teacher_unk, batch_size,
+                     bar)
     if bar is not None:
         bar.close()
     return write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature,
                                       "examples": len(examples), "shards": shards, **info})
+
+
+def _write_cache_together(tmp, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info, student_unk,
+                          teacher_unk, batch_size, shard_examples, progress) -> dict:
+    """Every rank: its group's shards. `tmp`: rank 0's folder (None elsewhere; its pid reaches the others)."""
+    pid = layout.world_sum([os.getpid() if tmp else 0])[0]      # (float32: exact for pids below 2^24)
+    folder = tmp or storage.tmp_path_for(cache_dir, int(pid))
+    shards = _shards(len(examples), shard_examples)
+    group, groups = layout.data_rank, layout.data_world
+    writes = layout.tp is None or layout.tp.rank == 0
+    mine = shards[group::groups]
+    bar = tqdm(total=sum(s["count"] for s in mine), desc=f"cache-teacher (group {group + 1} of {groups})",
+               dynamic_ncols=True) if progress else None
+    for shard in mine:
+        _score_shard(folder if writes else None, shard, teacher, examples, k, temperature, vocab_map, student_unk,
+                     teacher_unk, batch_size, bar)
+    if bar is not None:
+        bar.close()
+    layout.world_sum([len(mine)])                               # every group's files are written
+    if tmp is None:
+        return {"shards": shards, "examples": len(examples)}
+    return write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature,
+                                      "examples": len(examples), "shards": shards, **info})
+
+
+def _score_shard(folder, shard, teacher, examples, k, temperature, vocab_map, student_unk, teacher_unk, batch_size,
+                 bar):
+    """Score one shard's examples; write its file into `folder` (None: score only — a tensor-parallel rank
+    whose group's first rank writes)."""
+    # MindSpore only when a teacher is scored (reading a cache needs none)
+    import mindspore as ms
+    t2s = inverse_map(vocab_map, teacher.config.vocab_size)
+    teacher.set_train(False)
+    part = examples[shard["start"]:shard["start"] + shard["count"]]
+    ids_out, lp_out, tail_out = [], [], []
+    for b in range(0, len(part), batch_size):
+        rows = part[b:b + batch_size]
+        ids = np.stack([r["input_ids"] for r in rows])
+        mask = np.stack([r["attention_mask"] for r in rows])
+        logits = teacher(ms.Tensor(teacher_inputs(ids, vocab_map, teacher_unk)), ms.Tensor(mask)).asnumpy()
+        a, lp, tail = topk_from_logits(logits, k, temperature, t2s, student_unk)
+        ids_out.append(a)
+        lp_out.append(lp)
+        tail_out.append(tail)
+        if bar is not None:
+            bar.update(len(rows))
+    if folder is not None:
+        save_file({"topk_ids": np.concatenate(ids_out), "topk_logp": np.concatenate(lp_out),
+                   "tail_logp": np.concatenate(tail_out)}, os.path.join(folder, shard["file"]))
 
 
 class TeacherCache:

@@ -64,9 +64,9 @@ def frozen_source(section, key: str) -> tuple:
     return model_dir, model_identity(model_dir)
 
 
-def load_frozen_weights(model_dir: str, dtype: str):
-    """The frozen model's weights from `model_dir`, in `dtype`."""
-    return freeze(load_pretrained(model_dir, dtype=dtype, param_dtype=dtype))
+def load_frozen_weights(model_dir: str, dtype: str, tp=None):
+    """The frozen model's weights from `model_dir`, in `dtype` (`tp`: this rank's tensor-parallel part)."""
+    return freeze(load_pretrained(model_dir, dtype=dtype, param_dtype=dtype, tp=tp))
 
 
 def _policy_base(section, key: str, policy, policy_dir, tokenizer) -> FrozenModel:

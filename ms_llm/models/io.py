@@ -52,8 +52,9 @@ def read_config(model_dir: str) -> ModelConfig:
     return ModelConfig.from_hf_config(read_json(src, "the model config"), source=src)
 
 
-def read_weights(model_dir: str) -> dict:
-    """All tensors of a model dir as numpy arrays: model.safetensors, or the shards its index names."""
+def read_weights(model_dir: str, keep=None) -> dict:
+    """All tensors of a model dir as numpy arrays: model.safetensors, or the shards its index names. `keep`: see
+    read_safetensors (what to keep of each tensor as it is read)."""
     index = os.path.join(model_dir, INDEX)
     if os.path.isfile(index):
         try:
@@ -69,7 +70,7 @@ def read_weights(model_dir: str) -> dict:
             shard_path = os.path.join(model_dir, shard)
             if not os.path.isfile(shard_path):
                 raise MsLlmError(f"{shard_path}: shard listed in {index} is missing ({len(names)} tensors)")
-            got = read_safetensors(shard_path, names)
+            got = read_safetensors(shard_path, names, keep)
             lost = names - set(got)
             if lost:
                 raise MsLlmError(f"{shard_path}: index says it holds {sorted(lost)[:3]} but it does not")
@@ -77,7 +78,7 @@ def read_weights(model_dir: str) -> dict:
         return tensors
     single = os.path.join(model_dir, WEIGHTS)
     if os.path.isfile(single):
-        return read_safetensors(single)
+        return read_safetensors(single, keep=keep)
     raise MsLlmError(f"{model_dir}: neither {WEIGHTS} nor {INDEX} found")
 
 
@@ -155,20 +156,21 @@ def unfold_multipliers(tensors: dict, cfg: ModelConfig, source: str = "weights")
 def load_weights(model, model_dir: str, strict: bool = True) -> dict:
     """Read `model_dir`'s weights into `model` (built from that dir's config), undoing folded multipliers."""
     cfg = read_config(model_dir)
-    tensors = read_weights(model_dir)
+    tp = getattr(model, "tp", None)
+    # tensor parallel: each tensor cut to this rank's slice as it is read (a 72B teacher is never whole in memory)
+    tensors = read_weights(model_dir, None if tp is None else lambda name, a: shard_state({name: a}, tp)[name])
     if cfg.has_multipliers:
         if (cfg.embedding_multiplier, cfg.logit_multiplier) != (model.embedding_multiplier, model.logit_multiplier):
             raise MsLlmError(f"{model_dir}: its μP multipliers ({cfg.embedding_multiplier}, {cfg.logit_multiplier}) "
                              f"differ from the model's ({model.embedding_multiplier}, {model.logit_multiplier})")
         tensors = unfold_multipliers(tensors, cfg, model_dir)
-    if getattr(model, "tp", None) is not None:                 # tensor parallel: this rank's slices
-        tensors = shard_state(tensors, model.tp)
     if getattr(model, "pp", None) is not None:                 # pipeline stage: its own layers
         tensors = model.select(tensors)
     return load_state_dict(model, tensors, strict=strict, source=model_dir)
 
 
-def load_pretrained(path, dtype: str = "float32", strict: bool = True, param_dtype: str = "float32") -> CausalLM:
+def load_pretrained(path, dtype: str = "float32", strict: bool = True, param_dtype: str = "float32",
+                    tp=None) -> CausalLM:
     """Build a CausalLM from a Hugging Face or ms_llm directory.
 
     Args:
@@ -176,10 +178,11 @@ def load_pretrained(path, dtype: str = "float32", strict: bool = True, param_dty
         dtype: compute dtype of the matmuls (float32, float16, bfloat16).
         strict: fail on any missing, unexpected or mis-shaped key.
         param_dtype: dtype the parameters are held in (float32 unless the model is frozen: `to_param_dtype`).
+        tp: a TPGroup: this rank's tensor-parallel part only (models/tensor_parallel.py), read from the whole files.
     """
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir).replace(compute_dtype=dtype)
-    model = CausalLM(cfg)
+    model = CausalLM(cfg, tp=tp)
     load_weights(model, model_dir, strict)
     if param_dtype != "float32":
         to_param_dtype(model, param_dtype)

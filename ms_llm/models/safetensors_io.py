@@ -42,8 +42,10 @@ def read_header(path: str) -> dict:
     return header
 
 
-def read_safetensors(path: str, names=None) -> dict:
-    """Load tensors as numpy arrays (bf16 -> float32). `names` restricts which tensors are read."""
+def read_safetensors(path: str, names=None, keep=None) -> dict:
+    """Load tensors as numpy arrays (bf16 -> float32). `names` restricts which tensors are read; `keep(name,
+    array)` returns what to keep of each as it is read (a tensor-parallel slice), so one whole tensor at a time
+    is in memory."""
     header = read_header(path)
     offset = 8 + struct.unpack("<Q", open(path, "rb").read(8))[0]
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset) if os.path.getsize(path) > offset else np.zeros(0, np.uint8)
@@ -60,7 +62,7 @@ def read_safetensors(path: str, names=None) -> dict:
         shape = tuple(info["shape"])
         if arr.size != int(np.prod(shape, dtype=np.int64)):
             raise MsLlmError(f"{path}: tensor '{name}' holds {arr.size} values but its shape is {list(shape)}")
-        out[name] = arr.reshape(shape)
+        out[name] = arr.reshape(shape) if keep is None else keep(name, arr.reshape(shape))
     return out
 
 

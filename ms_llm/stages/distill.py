@@ -44,9 +44,12 @@ from ms_llm.generation import generate, release_caches
 from ms_llm.losses.distill import DistillLoss, DistillLossConfig
 from ms_llm.models import load_pretrained
 from ms_llm.models.build import build_model
+from ms_llm.models.config import preset
 from ms_llm.data.tokenizer import Tokenizer
+from ms_llm.distributed import init_model_groups
 from ms_llm.models.frozen import frozen_source, load_frozen_weights
 from ms_llm.models.io import frozen_dtype, read_config, resolve_model_dir
+from ms_llm.models.tensor_parallel import check_config
 from ms_llm.models.vocab import vocab_alignment
 from ms_llm.rollout.batch import completion_rows
 from ms_llm.rollout.prompts import PromptStream, read_tasks
@@ -62,7 +65,7 @@ CACHE_KEYS = KEYS + ("topk_ids", "topk_logp", "tail_logp")
 
 
 # ---------------------------------------------------------------------------------------------- teacher side
-def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: str) -> float:
+def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: str, write: bool = True) -> float:
     """The teacher's exact match on the evaluation prompts. Greedy decoding of a frozen teacher gives the same
     score every time, so it is kept in `teacher_scores.json`, keyed by the teacher's weights and tokenizer, the
     prompts, the chat template and the answer length: runs that share a teacher (a CE-only baseline, a cached-logit
@@ -86,6 +89,8 @@ def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: 
                          "distill.eval_prompts: null")
     score = exact_match(teacher.model, teacher.tokenizer, records, cfg.tokenizer.chat_template,
                         d.eval_max_new_tokens)["accuracy"]
+    if not write:                          # (another rank computed the same and keeps it)
+        return score
     os.makedirs(root, exist_ok=True)
     scores = read_json(path, "the teacher-score cache") if os.path.isfile(path) else {}   # another run may have added
     scores[key] = score
@@ -99,8 +104,10 @@ class Teacher:
     sample generation, hard-example rounds, scoring its exact match — and never in a cached-mode run whose
     samples and score the cache-building run left behind."""
 
-    def __init__(self, cfg: ExperimentConfig, student_tok, student_vocab_size: int):
+    def __init__(self, cfg: ExperimentConfig, student_tok, student_vocab_size: int, tp=None):
+        """tp: a TPGroup: this rank holds its tensor-parallel part of the teacher (a several-rank cache-teacher)."""
         section = cfg.distill.teacher
+        self.tp = tp
         self.path, self.sha256 = frozen_source(section, "distill.teacher")
         self.dtype = frozen_dtype(section.dtype, "distill.teacher")
         self.tokenizer = Tokenizer.load(section.tokenizer or self.path)
@@ -122,7 +129,7 @@ class Teacher:
     def model(self):
         if self._model is None:
             log.info("loading the teacher's weights (%s, %s)", self.path, self.dtype)
-            self._model = load_frozen_weights(self.path, self.dtype)
+            self._model = load_frozen_weights(self.path, self.dtype, self.tp)
         return self._model
 
     def answer(self, prompts: list, g, seed: int) -> list:
@@ -187,16 +194,18 @@ def _is_valid(rec: dict) -> bool:
     return ref not in (None, "") and " ".join(str(ref).split()) == " ".join(rec["answer"].split())
 
 
-def filter_samples(samples: list, flt: SampleFilter, out_dir: str, name: str) -> dict:
-    """Score and split samples; write <name>_kept.jsonl, <name>_rejected.jsonl and a before/after table."""
+def filter_samples(samples: list, flt: SampleFilter, out_dir: str, name: str, write: bool = True) -> dict:
+    """Score and split samples; write <name>_kept.jsonl, <name>_rejected.jsonl and a before/after table (unless
+    `write` is False: a rank other than the first, which computes the same)."""
     scored = [flt(s) for s in samples]
     kept = [s for s in scored if not s["reasons"]]
     rejected = [s for s in scored if s["reasons"]]
-    os.makedirs(out_dir, exist_ok=True)
-    for suffix, rows in (("kept", kept), ("rejected", rejected)):
-        with open(os.path.join(out_dir, f"{name}_{suffix}.jsonl"), "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+        for suffix, rows in (("kept", kept), ("rejected", rejected)):
+            with open(os.path.join(out_dir, f"{name}_{suffix}.jsonl"), "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
     def stats(rows):
         with_ref = [r for r in rows if r.get("reference") not in (None, "")]
@@ -217,8 +226,9 @@ def filter_samples(samples: list, flt: SampleFilter, out_dir: str, name: str) ->
         lines.append(f"| {label} | {st['n']} | {st['valid_rate']:.1%} | {st['perplexity']:.2f} | "
                      f"{st['error_rate']:.3f} | {st['consistency']:.3f} |")
     lines += ["", "Rejected: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")]
-    with open(os.path.join(out_dir, f"{name}_report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    if write:
+        with open(os.path.join(out_dir, f"{name}_report.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
     return {"kept": kept, "rejected": rejected, "before": before, "after": after, "rejected_by": counts}
 
 
@@ -227,9 +237,10 @@ def as_alpaca(rows: list) -> list:
              "task": r.get("task"), "line": i + 1} for i, r in enumerate(rows)]
 
 
-def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> dict:
+def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str, write: bool = True) -> dict:
     """Teacher answers to distill.generate.prompts, filtered (kept in out_dir with a key of everything they came
-    from — prompts file, teacher, generation and filter settings, seed — that reruns reuse them under)."""
+    from — prompts file, teacher, generation and filter settings, seed — that reruns reuse them under). `write`:
+    False on the ranks of a several-rank cache-teacher but the first (each computes the same samples)."""
     d = cfg.distill
     g = d.generate
     kept_path = os.path.join(out_dir, "generated_kept.jsonl")
@@ -252,9 +263,10 @@ def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str) -> d
     answers = teacher.answer([r["prompt"] for r in records], g, cfg.train.seed)
     samples = [{"prompt": r["prompt"], "answer": a["text"], "reference": r.get("answer"), "task": r.get("task"),
                 "hit_limit": a["hit_limit"]} for r, a in zip(records, answers)]
-    res = filter_samples(samples, SampleFilter(g, teacher), out_dir, "generated")
+    res = filter_samples(samples, SampleFilter(g, teacher), out_dir, "generated", write)
     summary = dict({k: res[k] for k in ("before", "after", "rejected_by")}, key=key)
-    write_json_atomic(summary_path, summary)
+    if write:
+        write_json_atomic(summary_path, summary)
     log.info("teacher samples: %d generated, %d kept (valid rate %.1f%% -> %.1f%%)", len(samples), len(res["kept"]),
              100 * res["before"]["valid_rate"], 100 * res["after"]["valid_rate"])
     return dict(summary, kept=res["kept"])
@@ -299,32 +311,51 @@ def samples_dir(cfg: ExperimentConfig, run_dir: str) -> str:
     return os.path.join(d.cache_dir if d.cache_dir else run_dir, "distill_data")
 
 
-def prepare(cfg: ExperimentConfig, run_dir: str, tokenizer, student_vocab: int):
-    teacher = Teacher(cfg, tokenizer, student_vocab)
-    generated = generate_samples(cfg, teacher, samples_dir(cfg, run_dir)) if cfg.distill.generate.prompts else None
+def prepare(cfg: ExperimentConfig, run_dir: str, tokenizer, student_vocab: int, layout: Layout = None):
+    """(teacher, generated samples, data). `layout`: a several-rank cache-teacher's (the teacher split by tensor
+    parallel; only rank 0 writes the samples)."""
+    layout = layout or Layout()
+    teacher = Teacher(cfg, tokenizer, student_vocab, layout.tp)
+    generated = generate_samples(cfg, teacher, samples_dir(cfg, run_dir), layout.main) \
+        if cfg.distill.generate.prompts else None
     data = build_data(cfg, tokenizer, generated["kept"] if generated else [])
     return teacher, generated, data
 
 
 def cache_teacher(cfg: ExperimentConfig) -> dict:
-    """`ms-llm distill cache-teacher CONFIG`: write the top-k cache distill.cache_dir names."""
+    """`ms-llm distill cache-teacher CONFIG`: write the top-k cache distill.cache_dir names. Under msrun (`ms-llm
+    distill cache-teacher CONFIG --nproc-per-node N`) the ranks form groups of distill.cache_tensor_parallel, each
+    holding the teacher split across it and scoring its share of the cache's shards (data/teacher_cache.py); the
+    teacher's samples and held-out score, which every group computes alike, are written by rank 0."""
     d = cfg.distill
     if not d.cache_dir:
         raise MsLlmError("distill.cache_dir is not set: name the directory the cache goes to")
-    run_dir = prepare_run_dir(cfg)
-    tokenizer = load_tokenizer(cfg)
     setup_for(cfg)
-    student_vocab = build_model(cfg).config.vocab_size
-    teacher, _, data = prepare(cfg, run_dir, tokenizer, student_vocab)
+    layout = init_model_groups(d.cache_tensor_parallel, "distill.cache_tensor_parallel")
+    if layout.tp is not None:
+        check_config(read_config(resolve_model_dir(d.teacher.path)), layout.tp.size)
+    run_dir = prepare_run_dir(cfg) if layout.main else cfg.train.output_dir
+    tokenizer = load_tokenizer(cfg)
+    teacher, _, data = prepare(cfg, run_dir, tokenizer, student_vocab_size(cfg), layout)
     manifest = write_cache(d.cache_dir, teacher.model, list(data.examples()), cache_expectations(cfg, teacher.sha256, data),
                            d.top_k, d.temperature, teacher.vocab_map, tokenizer.unk_id or 0, teacher.unk,
-                           shard_examples=d.cache_shard_examples, progress=cfg.train.progress_bar)
+                           shard_examples=d.cache_shard_examples, progress=cfg.train.progress_bar and layout.main,
+                           layout=layout)
     out = {"cache_dir": os.path.abspath(d.cache_dir), "examples": manifest["examples"],
-           "shards": len(manifest["shards"]), "top_k": d.top_k}
+           "shards": len(manifest["shards"]), "top_k": d.top_k, "ranks": layout.world,
+           "tensor_parallel": layout.tp.size if layout.tp else 1}
     records = eval_records(cfg)
     if records:              # scored now, with the teacher loaded, so that cached-mode runs read the score
-        out["teacher_exact_match"] = teacher_exact_match(cfg, teacher, records, run_dir)
+        out["teacher_exact_match"] = teacher_exact_match(cfg, teacher, records, run_dir, layout.main)
     return out
+
+
+def student_vocab_size(cfg: ExperimentConfig) -> int:
+    """The student's vocabulary size, from its config (the student itself is not built)."""
+    m = cfg.model
+    if m.init_from:
+        return read_config(resolve_model_dir(m.init_from)).vocab_size
+    return preset(m.preset, **m.overrides).vocab_size
 
 
 def eval_records(cfg: ExperimentConfig) -> list:
@@ -580,7 +611,9 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     else:
         loss = DistillLoss(student, lcfg, teacher.model, teacher.vocab_map, unk, teacher_unk=teacher.unk)
     records = eval_records(cfg)
-    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir) if records and layout.main else float("nan")
+    # every rank scores (or reads) the teacher alike, so none waits at its first collective for rank 0's scoring;
+    # rank 0 keeps the score
+    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir, layout.main) if records else float("nan")
     if layout.data_world > 1:            # every rank's gates (and so its early stop) read rank 0's score
         teacher_score = layout.gather_objects(teacher_score)[0]
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None

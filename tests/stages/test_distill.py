@@ -112,6 +112,54 @@ def test_cached_top_k_matches_online_and_bad_caches_are_refused(teacher, distill
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_cache_teacher_on_two_msrun_ranks_equals_the_one_process_cache(teacher):
+    """`ms-llm distill cache-teacher ... --nproc-per-node 2`, 1000 examples in 4 shards of 300:
+
+    - two groups of one rank (cache_tensor_parallel 1), each scoring alternate shards: every file is byte for
+      byte the one-process cache's;
+    - one group of two ranks holding the teacher split by tensor parallel: at every position the same top-k
+      tokens; their order differs only between tokens whose log-probs tie (within 1e-6), and every log-prob is
+      within 5e-5 (measured 2.3e-5: the row-parallel products' sums round differently, logits within 8e-6 of
+      magnitude 17). The teacher's held-out exact match, scored on the split teacher, is the same."""
+    import numpy as np
+    from safetensors.numpy import load_file
+    common = ["distill", "cache-teacher", "configs/tiny/distill.yaml", "train.progress_bar=false", "distill.top_k=8",
+              "distill.eval_limit=8", "distill.cache_shard_examples=300"]
+    one = json.loads(_run(teacher, *common, "distill.cache_dir=runs/cache_one", "train.output_dir=runs/cache_one_run")
+                     .stdout.strip().splitlines()[-1])
+    outs = {}
+    for name, port, tp in (("cache_groups", "8199", "1"), ("cache_tp2", "8201", "2")):
+        r = _run(teacher, *common, f"distill.cache_dir=runs/{name}", f"train.output_dir=runs/{name}_run",
+                 f"distill.cache_tensor_parallel={tp}", "--nproc-per-node", "2", "--master-port", port,
+                 "--log-dir", f"logs_{name}", "--cluster-timeout", "60")
+        outs[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert one["shards"] == 4 and one["ranks"] == 1 and 0 < one["teacher_exact_match"] <= 1
+    assert outs["cache_groups"]["ranks"] == 2 and outs["cache_tp2"]["tensor_parallel"] == 2
+    assert {o["teacher_exact_match"] for o in outs.values()} == {one["teacher_exact_match"]}
+    runs = teacher / "runs"
+    manifests = [json.loads((runs / n / "MANIFEST.json").read_text()) for n in ("cache_one", "cache_groups", "cache_tp2")]
+    assert manifests[1]["shards"] == manifests[2]["shards"] == manifests[0]["shards"]
+    assert manifests[1]["data_fingerprint"] == manifests[2]["data_fingerprint"] == manifests[0]["data_fingerprint"]
+    for s in manifests[0]["shards"]:
+        assert (runs / "cache_groups" / s["file"]).read_bytes() == (runs / "cache_one" / s["file"]).read_bytes()
+        a, b = (load_file(str(runs / n / s["file"])) for n in ("cache_one", "cache_tp2"))
+        assert (np.sort(a["topk_ids"], -1) == np.sort(b["topk_ids"], -1)).all()
+        swapped = a["topk_ids"] != b["topk_ids"]
+        order_a, order_b = np.argsort(a["topk_ids"], -1), np.argsort(b["topk_ids"], -1)
+        lp_a = np.take_along_axis(a["topk_logp"], order_a, -1)          # log-probs matched by token id
+        lp_b = np.take_along_axis(b["topk_logp"], order_b, -1)
+        assert np.abs(lp_a - lp_b).max() <= 5e-5
+        assert swapped.mean() < 1e-3
+        i, j, k = np.nonzero(swapped)
+        tied = [abs(a["topk_logp"][x, y, z] - a["topk_logp"][x, y, list(a["topk_ids"][x, y]).index(b["topk_ids"][x, y, z])])
+                for x, y, z in zip(i, j, k)]          # the one-process log-probs of the two tokens that swapped
+        assert max(tied, default=0.0) <= 1e-6
+        finite = np.isfinite(a["tail_logp"])
+        assert (finite == np.isfinite(b["tail_logp"])).all() and np.abs(a["tail_logp"] - b["tail_logp"])[finite].max() <= 5e-5
+
+
 def test_a_cached_run_never_loads_the_teacher(teacher, monkeypatch):
     """In one process, counting every load of the teacher's weights: `cache-teacher` loads them once (the top-k
     logits and the teacher's held-out exact match); the cached-mode run that follows, with its evaluations and
