@@ -21,6 +21,7 @@ from ms_llm.data.tokenizer import Tokenizer, train_sentencepiece
 from ms_llm.errors import MsLlmError
 from ms_llm.eval.cli import main as eval_main
 from ms_llm.fileio import numbered_lines, read_json, read_text, utf8
+from ms_llm import launch
 from ms_llm.launch import main as launch_main
 from ms_llm.manifest import write_manifest
 from ms_llm.pipeline import load_pipeline, read_state, run_pipeline
@@ -266,7 +267,6 @@ def cmd_distill(argv):
                         "distill.cache_dir; with --nproc-per-node N (and `ms-llm launch`'s other flags) on N msrun "
                         "ranks, the teacher split over distill.cache_tensor_parallel of them")
     a, rest = p.parse_known_args(argv)
-    from ms_llm import launch
     la = launch.parse(rest, "ms-llm distill cache-teacher")
     cfg = load_config(la.config, la.overrides)
     if cfg.stage != "distill":

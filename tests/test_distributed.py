@@ -277,6 +277,26 @@ def test_multi_node_flags_are_required_and_hccl_network_passes_through(workdir, 
     assert "--master_addr" not in capsys.readouterr().out                         # one process runs without msrun
 
 
+def test_cache_teacher_launches_its_own_task_and_a_split_teacher_needs_msrun(workdir, monkeypatch, capsys):
+    """`ms-llm distill cache-teacher CONFIG --nproc-per-node 8 --nnodes 2 ... --dry-run` is the launcher's msrun
+    command with the task in the workers' environment (msrun would read flags after the script as its own), and
+    without the training-only data_parallel override; in one process, a teacher split over 2 ranks is exit 2
+    naming the key and the flag to use, before anything is loaded."""
+    from ms_llm.cli import main
+    monkeypatch.chdir(workdir)
+    assert main(["distill", "cache-teacher", "configs/qwen2.5/7b_distill_from_72b.yaml", "--nproc-per-node", "8",
+                 "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "export MS_LLM_TASK=cache-teacher" in lines
+    assert lines[-1].startswith("msrun --worker_num=16 --local_worker_num=8 --master_addr=10.0.0.1")
+    assert lines[-1].endswith("scripts/train.py configs/qwen2.5/7b_distill_from_72b.yaml")
+    assert main(["distill", "cache-teacher", "configs/tiny/distill.yaml", "distill.cache_dir=runs/never",
+                 "distill.cache_tensor_parallel=2"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.cache_tensor_parallel: tensor parallel over 2 ranks needs msrun workers" in err
+    assert "--nproc-per-node" in err and not os.path.exists(workdir / "runs" / "never")
+
+
 def test_ascend_without_cann_fails_fast(workdir):
     t0 = time.time()
     r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", "context.device_target=ascend")

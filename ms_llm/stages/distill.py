@@ -599,7 +599,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     data_dir = os.path.join(run_dir, "distill_data")
     tokenizer = load_tokenizer(cfg)
     student = build_model(cfg)
-    teacher, generated, data = prepare(cfg, run_dir, tokenizer, student.config.vocab_size)
+    teacher, generated, data = prepare(cfg, run_dir, tokenizer, student.config.vocab_size, layout)
     lcfg = DistillLossConfig(d.alpha, d.beta, d.temperature, d.loss, d.jsd_beta, d.chunk_size)
     unk = tokenizer.unk_id if tokenizer.unk_id is not None else 0
     cache = None
