@@ -19,22 +19,40 @@ from ms_llm.models.config import preset
 from ms_llm.models.io import read_config, resolve_model_dir
 from ms_llm.models.pipeline import PPGroup, split_layers
 from ms_llm.models.tensor_parallel import TPGroup
-from ms_llm.training.collective import ordered_all_reduce
+from ms_llm.training.collective import bucket_plan, bucketed_all_reduce, ordered_all_reduce
 from ms_llm.training.layout import Layout
 from ms_llm.training.zero import ZeroGroup
 
 
 class SumReducer(nn.Cell):
     """AllReduce(sum) of the loss numerator and denominator and of the gradient tuple, in that order on every
-    rank (training/collective.py), over `group` (the data-parallel ranks; default all)."""
+    rank (training/collective.py), over `group` (the data-parallel ranks; default all). The layout's reducer
+    sums one tensor at a time; `for_gradients(params)` gives a train step its own, which sums that step's
+    gradients in buckets of `bucket_mb` (parallel.bucket_mb; 0: one tensor at a time)."""
 
-    def __init__(self, group: str = None):
+    def __init__(self, group: str = None, bucket_mb: float = 0.0, plan=None):
         super().__init__(auto_prefix=False)
+        self.group, self.bucket_mb = group, bucket_mb
         self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, group=group) if group else ops.AllReduce(ops.ReduceOp.SUM)
+        self.plan, self.where = plan if plan is not None else (None, None)
+
+    def for_gradients(self, params) -> "SumReducer":
+        """A reducer of the gradients of `params` (in that order) in buckets; itself when buckets are off."""
+        if self.bucket_mb <= 0:
+            return self
+        plan = bucket_plan([tuple(p.shape) for p in params], [ms.dtype_to_nptype(p.dtype) for p in params],
+                           int(self.bucket_mb * 2 ** 20))
+        return SumReducer(self.group, self.bucket_mb, plan)
 
     def construct(self, grads, num, den):
         num, den = ordered_all_reduce(self.all_reduce, (num, den))
-        return ordered_all_reduce(self.all_reduce, grads, den), num, den
+        return self.sum_gradients(grads, den), num, den
+
+    def sum_gradients(self, grads, after):
+        """The gradients summed over the ranks (in buckets when planned), the first collective after `after`."""
+        if self.plan is None:
+            return ordered_all_reduce(self.all_reduce, grads, after)
+        return bucketed_all_reduce(self.all_reduce, grads, self.plan, self.where, after)
 
     def host_sum(self, values: np.ndarray) -> np.ndarray:
         """AllReduce(sum) of a small host array (float32) over the same ranks: a statistic a step needs before
@@ -67,12 +85,12 @@ def init_layout(cfg) -> Layout:
                          f"{want} but msrun started {world} workers")
     if ppn > 1:
         pp, dp_group = _pipeline_groups(cfg, rank, dp, ppn, create_group)
-        return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, pp=pp)
+        return Layout(rank, world, SumReducer(dp_group, cfg.parallel.bucket_mb) if dp > 1 else None, pp=pp)
     tp, dp_group = _tensor_parallel_groups(rank, tpn, dp)
     zero = None
     if cfg.parallel.optimizer_shard == "zero3":        # (validated: data parallel only)
         zero = ZeroGroup(rank, world, ascend=cfg.context.device_target == "ascend")
-    return Layout(rank, world, SumReducer(dp_group) if dp > 1 else None, tp=tp, zero=zero)
+    return Layout(rank, world, SumReducer(dp_group, cfg.parallel.bucket_mb) if dp > 1 else None, tp=tp, zero=zero)
 
 
 def _tensor_parallel_groups(rank: int, tpn: int, dp: int, data_groups: bool = True) -> tuple:

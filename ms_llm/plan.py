@@ -7,7 +7,8 @@ The plan counts what this release's code holds, component by component, with the
 
 - trainable weights: float32 masters of every trained parameter (a LoRA base too: its weights stay float32);
 - gradients: one float32 copy per trainable parameter, a second for the unscaled copy the train step makes
-  (training/step.py), a third when micro-batches accumulate (`train.grad_accum_steps` > 1);
+  (training/step.py), a third when micro-batches accumulate (`train.grad_accum_steps` > 1), another when data
+  parallel sums them in buckets (`parallel.bucket_mb` > 0: the flattened buffers);
 - optimizer: AdamW's two float32 moments, 1/data_parallel of them under ZeRO-1 (`parallel.optimizer_shard: zero1`),
   which then also all-reduces full-size float32 updates (training/optim.py);
 - under ZeRO-3 (`parallel.optimizer_shard: zero3`, training/zero.py) the trained matrices, their gradients,
@@ -154,9 +155,12 @@ def _trained(cfg, shape: ModelConfig, label: str, lora, dp: int, split: int, dev
                              + (f", 1/{zero3} of each matrix (ZeRO-3)" if zero3 > 1 else "")))
     if zero3 > 1:
         out.append(_gathered(cfg, shape, label, lora, device))
-    copies = 2 + (cfg.train.grad_accum_steps > 1)
+    accum = cfg.train.grad_accum_steps > 1
+    buckets = dp > 1 and zero3 == 1 and cfg.parallel.bucket_mb > 0       # the bucketed sum's flattened copy
+    copies = 2 + accum + buckets
     out.append(Component(f"{label} gradients", 4 * trainable * copies // zero3,
-                         "gradients, the unscaled copy" + (", the accumulation buffer" if copies == 3 else "")
+                         "gradients, the unscaled copy" + (", the accumulation buffer" if accum else "")
+                         + (", the bucketed sum's copy (parallel.bucket_mb)" if buckets else "")
                          + (" of this rank's shards" if zero3 > 1 else "")))
     zero1 = dp if mode == "zero1" else 1
     out.append(Component(f"{label} optimizer", 8 * trainable // (zero1 * zero3) + (4 * trainable if zero1 > 1 else 0),

@@ -69,6 +69,13 @@ def test_two_msrun_workers_equal_one_process(workdir, one_process):
     np.testing.assert_allclose(_losses(workdir / "runs" / "dp2"), _losses(one6), rtol=1e-6)
     statuses = [json.load(open(workdir / "logs_eq" / f"rank_{r}.status"))["status"] for r in (0, 1)]
     assert statuses == ["completed", "completed"]
+    # gradients summed in buckets (several: the tiny model's 1.3 MB in 0.1 MB buckets): bit for bit the same run
+    r = _cli(workdir, "launch", "configs/tiny/pretrain.yaml", *common, "train.micro_batch_size=4",
+             "parallel.bucket_mb=0.1", "train.output_dir=runs/dp2_buckets", "--nproc-per-node", "2", "--master-port",
+             "8203", "--log-dir", "logs_buckets", "--cluster-timeout", "60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(workdir / "runs" / "dp2_buckets") == _losses(workdir / "runs" / "dp2")
+    assert _weights_gap(workdir / "runs" / "dp2", workdir / "runs" / "dp2_buckets") == 0.0
     # the checkpoint remembers its world size: resuming it in one process is refused unless asked to reshard
     more = [*COMMON, "train.max_steps=8", "checkpoint.every=3", "train.output_dir=runs/dp2"]
     r = _cli(workdir, "train", "configs/tiny/pretrain.yaml", *more, "train.micro_batch_size=8")

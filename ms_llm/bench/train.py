@@ -7,8 +7,9 @@ mindformers' LlamaForCausalLM (GRAPH_MODE TrainOneStepCell). Each runs in its ow
 RSS is its own; compilation and two warm-up steps are excluded. MFU = achieved training FLOP/s over the
 machine's fp32 GEMM peak, measured here with a 2048^3 matmul in every library (the best one counts).
 
-`ms_llm_dp2` and `ms_llm_zero3` train the same global batch on 2 msrun ranks (each rank half of the rows,
-one CPU core each on a 2-core machine): plain data parallel and ZeRO-3 (training/zero.py), side by side.
+`ms_llm_dp2`, `ms_llm_dp2_buckets` and `ms_llm_zero3` train the same global batch on 2 msrun ranks (each rank
+half of the rows, one CPU core each on a 2-core machine): plain data parallel with one AllReduce per gradient
+and with gradients summed in 25 MB buckets (`parallel.bucket_mb: 25`), and ZeRO-3 (training/zero.py).
 Their peak RSS is rank 0's own (the largest of the two ranks' when they differ).
 """
 import argparse
@@ -23,8 +24,10 @@ import numpy as np
 from ms_llm.bench import run_worker
 from ms_llm.errors import MsLlmError
 
-FRAMEWORKS = ("ms_llm", "ms_llm_reference", "ms_llm_lora", "torch", "mindformers", "ms_llm_dp2", "ms_llm_zero3")
-RANKED = {"ms_llm_dp2": False, "ms_llm_zero3": True}          # 2 msrun ranks: with ZeRO-3?
+FRAMEWORKS = ("ms_llm", "ms_llm_reference", "ms_llm_lora", "torch", "mindformers", "ms_llm_dp2", "ms_llm_dp2_buckets",
+              "ms_llm_zero3")
+# 2 msrun ranks: (ZeRO-3?, parallel.bucket_mb): one AllReduce per gradient (the default), and 25 MB buckets
+RANKED = {"ms_llm_dp2": (False, 0.0), "ms_llm_dp2_buckets": (False, 25.0), "ms_llm_zero3": (True, 0.0)}
 
 
 def train_flops_per_token(h, layers, inter, vocab, seq) -> float:
@@ -94,9 +97,9 @@ def run_ms_llm(a, lora: bool = False, kernels: str = "auto"):
     return lambda: step(batch, 1e-4)["loss"]
 
 
-def run_ms_llm_ranks(a, zero3: bool):
-    """One of 2 msrun ranks: half of the batch's rows, gradients summed over the ranks (ZeRO-3: reduce-scattered
-    into each rank's shards)."""
+def run_ms_llm_ranks(a, zero3: bool, bucket_mb: float):
+    """One of 2 msrun ranks: half of the batch's rows, gradients summed over the ranks in buckets of `bucket_mb`
+    (ZeRO-3: the matrices' reduce-scattered into each rank's shards)."""
     # MindSpore only in the process that runs the MindSpore side
     import mindspore as ms
     from mindspore.communication import get_group_size, get_rank, init
@@ -112,7 +115,7 @@ def run_ms_llm_ranks(a, zero3: bool):
     setup_context("graph", seed=0)
     init()
     rank, world = get_rank(), get_group_size()
-    layout = Layout(rank, world, SumReducer(), zero=ZeroGroup(rank, world) if zero3 else None)
+    layout = Layout(rank, world, SumReducer(None, bucket_mb), zero=ZeroGroup(rank, world) if zero3 else None)
     model = CausalLM(preset("tiny", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.inter,
                             num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                             max_position_embeddings=a.seq))
@@ -204,7 +207,7 @@ def worker(a):
     """Child process: build, warm up, time `a.steps` steps, print one JSON line."""
     build = {"ms_llm": run_ms_llm, "ms_llm_reference": run_ms_llm_reference, "ms_llm_lora": run_ms_llm_lora,
              "torch": run_torch, "mindformers": run_mindformers,
-             **{fw: (lambda a, z=z: run_ms_llm_ranks(a, z)) for fw, z in RANKED.items()}}[a.worker]
+             **{fw: (lambda a, z=z: run_ms_llm_ranks(a, *z)) for fw, z in RANKED.items()}}[a.worker]
     workdir = os.path.join(a.workdir, a.worker) if a.worker in RANKED else a.workdir
     os.makedirs(workdir, exist_ok=True)
     os.chdir(workdir)                          # MindSpore and mindformers write ./rank_0, ./output
@@ -230,7 +233,8 @@ def run(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--frameworks", default="ms_llm,ms_llm_reference,torch,mindformers",
                    help="comma list of ms_llm, ms_llm_reference (the reference ops instead of the CPU kernels), "
-                        "ms_llm_lora, torch, mindformers, ms_llm_dp2 and ms_llm_zero3 (2 msrun ranks each)")
+                        "ms_llm_lora, torch, mindformers, ms_llm_dp2, ms_llm_dp2_buckets and ms_llm_zero3 (2 msrun "
+                        "ranks each)")
     p.add_argument("--port", type=int, default=8197, help="msrun's master port for the 2-rank variants")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), ".bench_train"))
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -260,14 +264,17 @@ def run(argv=None):
     print(f"Llama: hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab {a.vocab}; "
           f"batch {a.batch} x seq {a.seq}; fp32; {a.steps} timed steps after 2 warm-up")
     print("fp32 GEMM 2048^3 GFLOPS: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
-    ref_name = "torch" if any(r["framework"] == "torch" for r in results) else "ms_llm"
+    names = [r["framework"] for r in results]
+    ref_name = next((n for n in ("torch", "ms_llm") if n in names), names[0] if names else "ms_llm")
     base = next((r for r in results if r["framework"] == ref_name), None)
-    print(f"{'framework':<17}{'tokens/s':>10}{'step s':>9}{'vs ' + ref_name:>11}{'MFU':>7}{'peak RSS MB':>13}")
+    width = max([17] + [len(n) + 2 for n in names])
+    print(f"{'framework':<{width}}{'tokens/s':>10}{'step s':>9}{'vs ' + ref_name:>{max(11, len(ref_name) + 5)}}{'MFU':>7}"
+          f"{'peak RSS MB':>13}")
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         r["vs_" + ref_name] = ratio
-        print(f"{r['framework']:<17}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{ratio:>10.2f}x{r['mfu']:>7.1%}"
-              f"{r['peak_rss_mb']:>13.0f}")
+        print(f"{r['framework']:<{width}}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}"
+              f"{ratio:>{max(11, len(ref_name) + 5) - 1}.2f}x{r['mfu']:>7.1%}{r['peak_rss_mb']:>13.0f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"config": vars(a), "gemm_gflops": peak, "results": results}, f, indent=1)

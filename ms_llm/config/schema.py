@@ -132,6 +132,10 @@ class ParallelSection:
                                        "before each rollout). true/false still mean zero1/none",
                                ["none", "zero1", "zero3"], aliases={True: "zero1", False: "none"})
     recompute: bool = opt(False, "Recompute each decoder layer's activations in the backward pass (less memory, ~30% more compute)")
+    bucket_mb: float = opt(0.0, "Sum data-parallel gradients in buckets of this many MB: consecutive gradients "
+                                "flattened into one buffer per AllReduce, in a fixed order (training/collective.py; "
+                                "the same sums). It costs one more copy of the gradients while they are summed "
+                                "(ms-llm plan counts it); 0: one AllReduce per gradient", range="[0, inf)")
     visible_devices: Optional[str] = opt(None, "ASCEND_RT_VISIBLE_DEVICES for the job, e.g. '0,1,2,3,4,5,6,7'")
     hccl_connect_timeout: int = opt(1800, "HCCL_CONNECT_TIMEOUT seconds (multi-node start-up can take minutes)", range="[1, inf)")
     hccl_exec_timeout: int = opt(1800, "HCCL_EXEC_TIMEOUT seconds for a collective to complete", range="[1, inf)")

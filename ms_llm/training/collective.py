@@ -6,7 +6,12 @@ a different order on two ranks: when one rank's gradients arrive in another orde
 or kernels whose timing differs), the ring pairs up tensors of different sizes and the job dies
 ("Memcpy error ... dest size is 128, src size is 65536"). Chaining each input on the previous result fixes
 the order to the tuple's.
+
+Gradients go in buckets (`parallel.bucket_mb`): consecutive tensors of one dtype are flattened into one buffer
+and summed by one AllReduce, in the same fixed order on every rank. Each element is summed over the same ranks
+as it would be alone, so two ranks give the per-tensor result bit for bit, and every run the same.
 """
+import numpy as np
 from mindspore import ops
 
 
@@ -18,4 +23,48 @@ def ordered_all_reduce(all_reduce, tensors, after=None):
         x = tensors[i] if prev is None else ops.depend(tensors[i], prev)
         prev = all_reduce(x)
         out = out + (prev,)
+    return out
+
+
+def bucket_plan(shapes, dtypes, bucket_bytes: int):
+    """The buckets of tensors of these shapes and dtypes, last tensor first (the order a backward pass makes
+    gradients in): ((indices, sizes, shapes), ...) with consecutive tensors of one dtype together up to
+    `bucket_bytes` (a larger tensor alone), and for each tensor its position among the buckets' pieces."""
+    buckets, current, size, kind = [], [], 0, None
+    for i in reversed(range(len(shapes))):
+        n = int(np.prod(shapes[i], dtype=np.int64))
+        nbytes = n * np.dtype(dtypes[i]).itemsize
+        if current and (dtypes[i] != kind or size + nbytes > bucket_bytes):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size, kind = size + nbytes, dtypes[i]
+    if current:
+        buckets.append(current)
+    plan = tuple((tuple(b), tuple(int(np.prod(shapes[i], dtype=np.int64)) for i in b), tuple(tuple(shapes[i]) for i in b))
+                 for b in buckets)
+    order = [i for b in buckets for i in b]
+    where = tuple(order.index(i) for i in range(len(shapes)))
+    return plan, where
+
+
+def bucketed_all_reduce(all_reduce, tensors, plan, where, after=None):
+    """all_reduce of `tensors` bucket by bucket (bucket_plan's `plan` and `where`), in the plan's order, the first
+    after `after`; the sums come back in the tensors' order and shapes."""
+    pieces = ()
+    prev = after
+    for b in range(len(plan)):
+        index, sizes, shapes = plan[b]
+        flat = ()
+        for j in range(len(index)):
+            flat = flat + (tensors[index[j]].reshape((-1,)),)
+        x = ops.concat(flat) if len(index) > 1 else flat[0]
+        prev = all_reduce(x if prev is None else ops.depend(x, prev))
+        start = 0
+        for j in range(len(index)):
+            pieces = pieces + (prev[start:start + sizes[j]].reshape(shapes[j]),)
+            start = start + sizes[j]
+    out = ()
+    for i in range(len(tensors)):
+        out = out + (pieces[where[i]],)
     return out

@@ -125,6 +125,8 @@ class Layout:
             from ms_llm.training.pipeline import PipelineStep
             return PipelineStep(model, optimizer, loss_scale, clip, self.reducer, loss_norm)
         tp_norm, reducer = None, self.reducer
+        if reducer is not None and self.zero is None:    # this step's gradients in buckets (parallel.bucket_mb)
+            reducer = reducer.for_gradients(optimizer.parameters)
         if self.tp is not None:
             # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
             from ms_llm.models.tensor_parallel import shard_axis
@@ -138,7 +140,8 @@ class Layout:
             from ms_llm.training.zero import ShardedReducer, whole_shape
             sharded = [whole_shape(p) is not None for p in optimizer.parameters]
             tp_norm = ShardedNorm(sharded, self.reducer.all_reduce)
-            reducer = ShardedReducer(sharded, self.reducer)
+            reducer = ShardedReducer(sharded, self.reducer.for_gradients(
+                [p for p, s in zip(optimizer.parameters, sharded) if not s]))
         return TrainStep(loss_net, optimizer, loss_scale, accum_steps, clip, reducer, loss_norm=loss_norm,
                          tp_norm=tp_norm)
 

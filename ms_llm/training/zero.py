@@ -94,7 +94,7 @@ class ShardedReducer(nn.Cell):
         for i in range(len(self.sharded)):
             if not self.sharded[i]:
                 rep = rep + (grads[i],)
-        rep = ordered_all_reduce(self.all_reduce, rep, den)
+        rep = self.base.sum_gradients(rep, den)
         out = ()
         for i in range(len(self.sharded)):
             if self.sharded[i]:

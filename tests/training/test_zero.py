@@ -118,3 +118,28 @@ def test_a_rollout_source_refuses_a_policy_that_gathers_its_weights(monkeypatch)
     assert gathering_cell(model) is None
     batch, _ = source.collect(0)
     assert batch.ro.tokens.shape == (4, 3)
+
+
+def test_bucketed_sums_equal_one_sum_per_gradient():
+    """bucket_plan puts every gradient in exactly one bucket, last gradient first, one dtype per bucket, at most
+    the bucket size unless a gradient alone is larger; bucketed_all_reduce with a stand-in reduction (x -> 3x,
+    applied to each flattened bucket) returns each gradient's own result, in order and shape."""
+    import mindspore as ms
+    from ms_llm.training.collective import bucket_plan, bucketed_all_reduce
+    rng = np.random.default_rng(0)
+    shapes = [(4, 8), (8,), (16, 4), (3,), (2, 2, 2), (40,), (5, 5)]
+    dtypes = [np.float32] * 4 + [np.float16] + [np.float32] * 2
+    plan, where = bucket_plan(shapes, dtypes, bucket_bytes=160)
+    seen = [i for index, _, _ in plan for i in index]
+    assert sorted(seen) == list(range(len(shapes))) and seen[0] == len(shapes) - 1
+    for index, sizes, shp in plan:
+        assert len({dtypes[i] for i in index}) == 1 and sizes == tuple(int(np.prod(shapes[i])) for i in index)
+        nbytes = sum(s * np.dtype(dtypes[i]).itemsize for s, i in zip(sizes, index))
+        assert nbytes <= 160 or len(index) == 1
+    assert len(plan) > 2
+    values = [rng.normal(size=s).astype(d) for s, d in zip(shapes, dtypes)]
+    out = bucketed_all_reduce(lambda x: x * 3, tuple(ms.Tensor(v) for v in values), plan, where)
+    assert len(out) == len(values)
+    for got, want in zip(out, values):
+        assert got.shape == want.shape and got.dtype == ms.Tensor(want).dtype
+        np.testing.assert_array_equal(got.asnumpy(), want * 3)
