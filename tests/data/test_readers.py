@@ -92,6 +92,35 @@ def test_cache_is_reused_and_invalidated(tmp_path, tiny_data):
     assert c3.folder != c1.folder and c3.num_docs == c1.num_docs + 1
 
 
+def test_ranks_starting_together_tokenize_a_source_once(tmp_path, tiny_data):
+    """While one process holds the cache's build lock (here: this test, building it), another that asks for the
+    same cache waits instead of tokenizing too, then reads the files the first wrote (built_here False); a
+    process that takes the lock first builds it (built_here True)."""
+    import subprocess
+    import sys
+    import time
+    from ms_llm.data.cache import building
+    folder, tok = tiny_data
+    src, cache_dir = str(folder / "pretrain_code.jsonl"), str(tmp_path / "cache")
+    probe = ("import json, sys; from ms_llm.data.cache import build_text_cache; from ms_llm.data.tokenizer import "
+             "Tokenizer; c = build_text_cache(sys.argv[1], Tokenizer.load(sys.argv[2]), sys.argv[3]); "
+             "print(json.dumps([c.built_here, c.folder, c.num_docs]))")
+    mine = build_text_cache(src, tok, str(tmp_path / "elsewhere"))        # where the cache's folder will be
+    target = os.path.join(cache_dir, os.path.basename(mine.folder))
+    with building(target, src):
+        other = subprocess.Popen([sys.executable, "-c", probe, src, str(folder / "tokenizer"), cache_dir],
+                                 stdout=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert other.poll() is None                                      # waiting on the lock
+        from ms_llm.data.cache import _tokenize
+        from ms_llm.fileio import sha256_file
+        _tokenize(src, tok, target, sha256_file(src), "raise", lambda r: r["text"])
+    out, _ = other.communicate(timeout=60)
+    built, got, docs = json.loads(out.strip().splitlines()[-1])
+    assert not built and got == target and docs == mine.num_docs
+    assert mine.built_here and not build_text_cache(src, tok, str(tmp_path / "elsewhere")).built_here
+
+
 def test_packing_document_mask(tmp_path, tiny_data):
     folder, tok = tiny_data
     cache = build_text_cache(str(folder / "pretrain_general.jsonl"), tok, str(tmp_path / "cache"))
