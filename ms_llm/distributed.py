@@ -19,8 +19,9 @@ from ms_llm.models.config import preset
 from ms_llm.models.io import read_config, resolve_model_dir
 from ms_llm.models.pipeline import PPGroup, split_layers
 from ms_llm.models.tensor_parallel import TPGroup
+from ms_llm.rollout.rollout_ranks import LINK, TRAINERS, Link
 from ms_llm.training.collective import bucket_plan, bucketed_all_reduce, ordered_all_reduce
-from ms_llm.training.layout import Layout
+from ms_llm.training.layout import Layout, rollout_ranks
 from ms_llm.training.zero import ZeroGroup
 
 
@@ -73,13 +74,17 @@ def init_layout(cfg) -> Layout:
     data-parallel group, over which `reducer` sums gradients."""
     dp, tpn, ppn = cfg.parallel.data_parallel, cfg.parallel.tensor_parallel, cfg.parallel.pipeline_stages
     want = dp * tpn * ppn
+    generators = rollout_ranks(cfg)
     if not launched_by_msrun():
-        if want != 1:
-            raise MsLlmError(f"parallel.data_parallel x tensor_parallel x pipeline_stages is {want} but this process "
-                             f"was not started by msrun; use `ms-llm launch --nproc-per-node {want} CONFIG`")
+        if want + generators != 1:
+            raise MsLlmError(f"parallel.data_parallel x tensor_parallel x pipeline_stages is {want}"
+                             + (f" (+ {generators} rollout ranks)" if generators else "") + " but this process was "
+                             f"not started by msrun; use `ms-llm launch --nproc-per-node {want + generators} CONFIG`")
         return Layout()
     init()
     rank, world = get_rank(), get_group_size()
+    if generators:
+        return _rollout_layout(rank, world, dp, generators, cfg.parallel.bucket_mb)
     if world != want:
         raise MsLlmError(f"parallel.data_parallel ({dp}) x tensor_parallel ({tpn}) x pipeline_stages ({ppn}) is "
                          f"{want} but msrun started {world} workers")
@@ -91,6 +96,24 @@ def init_layout(cfg) -> Layout:
     if cfg.parallel.optimizer_shard == "zero3":        # (validated: data parallel only)
         zero = ZeroGroup(rank, world, ascend=cfg.context.device_target == "ascend")
     return Layout(rank, world, SumReducer(dp_group, cfg.parallel.bucket_mb) if dp > 1 else None, tp=tp, zero=zero)
+
+
+def _rollout_layout(rank: int, world: int, trainers: int, generators: int, bucket_mb: float) -> Layout:
+    """Ranks 0 .. trainers − 1 train in data parallel over their own group; the last `generators` ranks generate.
+    Trainer 0 and the generating ranks form the rollout link (rollout/rollout_ranks.py)."""
+    if world != trainers + generators:
+        raise MsLlmError(f"parallel.data_parallel ({trainers}) trainer ranks + grpo.async_rollout.rollout_ranks "
+                         f"({generators}) is {trainers + generators}, but msrun started {world} workers")
+    members = [0] + list(range(trainers, world))
+    if rank in members:
+        create_group(LINK, members)
+    link = Link(members, rank) if rank in members else None
+    if rank >= trainers:
+        return Layout(rank, world, link=link, role="rollout")
+    if trainers == 1:
+        return Layout(rank, 1, link=link)
+    create_group(TRAINERS, list(range(trainers)))
+    return Layout(rank, trainers, SumReducer(TRAINERS, bucket_mb), group=TRAINERS, link=link)
 
 
 def _tensor_parallel_groups(rank: int, tpn: int, dp: int, data_groups: bool = True) -> tuple:

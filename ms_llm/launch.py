@@ -35,6 +35,7 @@ from ms_llm.errors import MsLlmError
 from ms_llm.fileio import write_json_atomic
 from ms_llm.plan import plan, table
 from ms_llm.stages import run_stage
+from ms_llm.training.layout import rollout_ranks
 
 
 HCCL_NETWORK = ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME")   # which address / interface HCCL binds on multi-NIC nodes
@@ -135,7 +136,11 @@ def main(argv, task: str = "train", prog: str = "ms-llm launch") -> int:
         if world % (tp * pp):
             raise MsLlmError(f"{world} workers do not split into groups of parallel.tensor_parallel ({tp}) x "
                              f"parallel.pipeline_stages ({pp}) ranks")
-        overrides.append(f"parallel.data_parallel={world // (tp * pp)}")
+        generators = rollout_ranks(load_config(a.config, overrides, check=False)) if world > 1 else 0
+        if generators >= world:
+            raise MsLlmError(f"grpo.async_rollout.rollout_ranks ({generators}) leaves none of the {world} workers "
+                             "to train")
+        overrides.append(f"parallel.data_parallel={(world - generators) // (tp * pp)}")
     cfg = load_config(a.config, overrides)
     a.overrides = overrides
     if task == "train":

@@ -52,6 +52,7 @@ from ms_llm.config.validate import STAGE_RULES
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import read_json
 from ms_llm.models.config import ModelConfig, preset
+from ms_llm.training.layout import rollout_ranks
 
 GB = 1024 ** 3
 MB = 1024 ** 2
@@ -270,7 +271,7 @@ def _kv_cache(cfg, shape: ModelConfig, rows: int, prompt: int, new: int, dp: int
 def components(cfg, ranks: int, device: str) -> list:
     par = cfg.parallel
     split = max(1, par.tensor_parallel) * max(1, par.pipeline_stages)
-    dp = max(1, ranks // split)
+    dp = max(1, (ranks - rollout_ranks(cfg)) // split)          # (a training rank's plan: rollout ranks only generate)
     t, stage = cfg.train, cfg.stage
     policy = model_shape(cfg, "model")
     out = []

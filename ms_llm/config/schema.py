@@ -557,6 +557,9 @@ class AsyncRolloutSection:
                                "others); 0: both processes may run anywhere", range="[0, inf)")
     trainer_threads: int = opt(1, "CPU kernel threads of the training process while a rollout process shares the "
                                   "cores (0: MindSpore's default)", range="[0, inf)")
+    rollout_ranks: int = opt(0, "Under msrun: the last this many ranks generate (rollout/rollout_ranks.py), the "
+                                "others train in data parallel, weights and batches passing over collectives; 0: "
+                                "one trainer process and a rollout process beside it (CPU)", range="[0, inf)")
 
 
 @dataclass

@@ -194,6 +194,8 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
     if g.partial_rollout.token_budget and g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
         raise MsLlmError(f"{where}: grpo.partial_rollout starts one batch per step; set grpo.dynamic_sampling."
                          "max_rounds: 1 (groups without reward variance are still dropped)")
+    if g.async_rollout.rollout_ranks and not g.async_rollout.enabled:
+        raise MsLlmError(f"{where}: grpo.async_rollout.rollout_ranks needs grpo.async_rollout.enabled: true")
     if g.async_rollout.enabled:
         if g.partial_rollout.token_budget:
             raise MsLlmError(f"{where}: grpo.async_rollout and grpo.partial_rollout do not combine in this release; "
@@ -201,13 +203,21 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
         if g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
             raise MsLlmError(f"{where}: grpo.async_rollout generates one batch per step; set grpo.dynamic_sampling."
                              "max_rounds: 1 (groups without reward variance are still dropped)")
-        if world > 1:
-            raise MsLlmError(f"{where}: grpo.async_rollout runs with one trainer process in this release; set "
-                             "parallel.data_parallel: 1")
-        if cfg.context.device_target != "cpu":
-            raise MsLlmError(f"{where}: grpo.async_rollout runs its rollout process on CPU cores in this release "
-                             "(on an NPU both processes would hold the model on one device); use it with "
-                             "context.device_target: cpu")
+        if g.async_rollout.rollout_ranks:
+            par = cfg.parallel
+            if par.optimizer_shard == "zero3" or par.tensor_parallel > 1 or par.pipeline_stages > 1:
+                raise MsLlmError(f"{where}: grpo.async_rollout.rollout_ranks: the trainer ranks train in data "
+                                 "parallel (ZeRO-1 at most) in this release; set parallel.optimizer_shard to none or "
+                                 "zero1 and tensor_parallel / pipeline_stages to 1")
+        else:
+            if world > 1:
+                raise MsLlmError(f"{where}: grpo.async_rollout with a rollout process beside one trainer runs in one "
+                                 "process; for several trainer ranks give the rollout ranks of its own "
+                                 "(grpo.async_rollout.rollout_ranks) or set parallel.data_parallel: 1")
+            if cfg.context.device_target != "cpu":
+                raise MsLlmError(f"{where}: grpo.async_rollout's rollout process runs on CPU cores (on an NPU both "
+                                 "processes would hold the model on one device); on NPUs give it ranks of its own "
+                                 "(grpo.async_rollout.rollout_ranks) or use context.device_target: cpu")
     if g.overlong.buffer >= g.max_new_tokens:
         raise MsLlmError(f"{where}: grpo.overlong.buffer {g.overlong.buffer} must be below grpo.max_new_tokens "
                          f"{g.max_new_tokens}")

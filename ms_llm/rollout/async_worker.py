@@ -83,7 +83,7 @@ class RolloutWorker:
         self.proc = ctx.Process(target=_serve, args=(child, cfg, sampling, threads, cores, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
-        self.pending = False
+        self.pending, self.peeked = False, None
         self._check(self._recv())
 
     def _recv(self):
@@ -118,11 +118,27 @@ class RolloutWorker:
         self.pending = True
 
     def result(self) -> dict:
+        if self.peeked is not None:
+            msg, self.peeked = self.peeked, None
+            return msg
         if not self.pending:
             raise MsLlmError("no rollout request in flight")
         msg = self._check(self._recv())
         self.pending = False
         return msg
+
+    def peek(self) -> dict:
+        """The batch in flight, waited for, without taking it: the next `result` returns it (a checkpoint keeps it)."""
+        if self.peeked is None:
+            tic = time.perf_counter()
+            self.peeked = self.result()
+            self.peeked["wait_s"] = time.perf_counter() - tic
+        return self.peeked
+
+    @property
+    def has_batch(self) -> bool:
+        """A request in flight, or its batch waited for and not yet taken."""
+        return self.pending or self.peeked is not None
 
     def close(self, wait: bool = True):
         """Stop the worker: after its request in flight (wait), or at once."""

@@ -41,8 +41,9 @@ from ms_llm.rollout.async_worker import RolloutWorker, trainable_arrays
 from ms_llm.rollout.batch import Rollout, gather_rows
 from ms_llm.rollout.chunks import ChunkPlan
 from ms_llm.rollout.prompts import PromptStream
+from ms_llm.rollout.rollout_ranks import RankWorker
 from ms_llm.rollout.state_cache import StateCache
-from ms_llm.training.layout import Layout
+from ms_llm.training.layout import Layout, rollout_ranks
 
 log = logging.getLogger(__name__)
 SEED_TAG = 7919                   # the rollout generators' seeds: [train.seed, SEED_TAG, step, round]
@@ -375,6 +376,9 @@ class Asynchronous(RolloutSource):
 
     def _start_worker(self):
         a = self.g.async_rollout
+        if rollout_ranks(self.cfg):                     # rollout ranks of its own (rollout/rollout_ranks.py)
+            self.worker = RankWorker(self.layout, self.sampling())
+            return
         mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         split = a.worker_cores and len(mine) > a.worker_cores
         self.worker = RolloutWorker(self.cfg, self.sampling(), a.worker_threads,
@@ -403,11 +407,11 @@ class Asynchronous(RolloutSource):
         if got is None:
             tic = time.perf_counter()
             got = self.worker.result()
-            got["wait_s"] = time.perf_counter() - tic
+            got["wait_s"] = got.get("wait_s", 0.0) + time.perf_counter() - tic
         return self.request, got
 
     def _generate(self, step: int) -> tuple:
-        if self.queued is None and (self.worker is None or not self.worker.pending):
+        if self.queued is None and (self.worker is None or not self.worker.has_batch):
             self._submit(step, step)      # the first step: nothing was generated ahead
         req, got = self._receive()
         if step + 1 < self.cfg.train.max_steps:
@@ -429,17 +433,16 @@ class Asynchronous(RolloutSource):
     def _save(self, arrays: dict, meta: dict, folder: str):
         super()._save(arrays, meta, folder)
         meta["queued"] = None
-        if self.queued is None and not (self.worker is not None and self.worker.pending):
+        if self.queued is None and not (self.worker is not None and self.worker.has_batch):
             return
-        if self.queued is None:                        # the batch generated ahead goes into the checkpoint
-            tic = time.perf_counter()
-            self.queued = self.worker.result()
-            self.queued["wait_s"] = time.perf_counter() - tic
+        # the batch generated ahead goes into the checkpoint; the worker keeps it for the next step (peek: only
+        # rank 0 writes checkpoints, and the other trainer ranks take the batch from the worker at the next step)
+        queued = self.queued if self.queued is not None else self.worker.peek()
         for name in ("tokens", "logprobs", "lengths"):
-            arrays[f"queued.{name}"] = np.asarray(self.queued[name])
-        arrays["queued.finished"] = np.asarray(self.queued["finished"]).astype(np.int8)
-        meta["queued"] = {"request": self.request, "version": self.queued["version"],
-                          "generate_s": self.queued.get("generate_s", 0.0)}
+            arrays[f"queued.{name}"] = np.asarray(queued[name])
+        arrays["queued.finished"] = np.asarray(queued["finished"]).astype(np.int8)
+        meta["queued"] = {"request": self.request, "version": queued["version"],
+                          "generate_s": queued.get("generate_s", 0.0)}
 
     def _load(self, a: dict, meta: dict, folder: str):
         super()._load(a, meta, folder)

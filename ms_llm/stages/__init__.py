@@ -9,7 +9,7 @@ import json
 import logging
 
 from ms_llm.config.registry import STAGES as REGISTRY
-from ms_llm.training.layout import Layout
+from ms_llm.training.layout import Layout, rollout_ranks
 
 
 def stage_runner(name: str):
@@ -25,7 +25,7 @@ def run_stage(cfg) -> dict:
     setup_for(cfg)
     par = cfg.parallel
     layout = Layout()
-    if par.data_parallel * par.tensor_parallel * par.pipeline_stages > 1:
+    if par.data_parallel * par.tensor_parallel * par.pipeline_stages + rollout_ranks(cfg) > 1:
         # MindSpore-backed: the CLI imports this package, and only a run needs MindSpore
         from ms_llm.distributed import init_layout
         layout = init_layout(cfg)

@@ -43,6 +43,7 @@ from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
 from ms_llm.rollout.batch import dump_rollout, gather_rows, score_windows
 from ms_llm.rollout.prompts import PromptStream, read_tasks
 from ms_llm.rollout.reward_model import load_reward
+from ms_llm.rollout.rollout_ranks import serve
 from ms_llm.rollout.sources import GroupBatch, RolloutSource, rollout_source
 from ms_llm.rollout.verifiable import VerifiableRewards, code_reward, exact_match_reward
 from ms_llm.stages.common import (export_final, finish, load_tokenizer, prepare_run_dir,
@@ -252,7 +253,21 @@ def decode_text(tokenizer, stops, tokens, length: int) -> str:
     return tokenizer.decode([x for x in tokens[:length].tolist() if x not in stops])
 
 
+def build_policy(cfg: ExperimentConfig):
+    """The policy as the stage trains it (LoRA and its base dtype included): what a rollout rank generates with."""
+    g = cfg.grpo
+    policy = build_model(cfg)
+    if g.lora.enabled:
+        lo = g.lora
+        apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
+        hold_base(policy, lo.base_dtype, "grpo.lora")
+    return policy
+
+
 def run(cfg: ExperimentConfig, layout: Layout) -> dict:
+    if layout.role == "rollout":        # a rank that only generates (grpo.async_rollout.rollout_ranks)
+        serve(build_policy(cfg), layout)
+        return {}
     run_dir = prepare_run_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     g = cfg.grpo
@@ -278,11 +293,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         reward_model = load_reward(g.reward_model, g.reward_sha256, tokenizer, "grpo.reward_model", g.reward_dtype)
         freeze(reward_model.rm)
     rewards = VerifiableRewards(g.rewards, g.answer_style, g.code_timeout, isolation, reward_model)
-    policy = build_model(cfg)
-    if g.lora.enabled:
-        lo = g.lora
-        apply_lora(policy, LoRAConfig(lo.r, lo.alpha, lo.dropout, list(lo.targets)))
-        hold_base(policy, lo.base_dtype, "grpo.lora")
+    policy = build_policy(cfg)
     reference = None
     if g.beta > 0:
         ref = load_frozen(reference_section(cfg, g), "grpo.reference", policy, resolve_model_dir(cfg.model.init_from),

@@ -11,6 +11,8 @@ Gradients go in buckets (`parallel.bucket_mb`): consecutive tensors of one dtype
 and summed by one AllReduce, in the same fixed order on every rank. Each element is summed over the same ranks
 as it would be alone, so two ranks give the per-tensor result bit for bit, and every run the same.
 """
+import pickle
+
 import numpy as np
 from mindspore import ops
 
@@ -68,3 +70,48 @@ def bucketed_all_reduce(all_reduce, tensors, plan, where, after=None):
     for i in range(len(tensors)):
         out = out + (pieces[where[i]],)
     return out
+
+
+def _encode(obj) -> tuple:
+    """A picklable object as float32 values, two bytes each (every value exact), and its byte count: MindSpore's
+    CPU AllReduce sums float32 and float16 only."""
+    raw = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    padded = raw + b"\0" * (len(raw) % 2)
+    return np.frombuffer(padded, np.uint16).astype(np.float32), len(raw)
+
+
+def _decode(values: np.ndarray, nbytes: int):
+    return pickle.loads(np.asarray(values).astype(np.uint16).tobytes()[:nbytes])
+
+
+def _split(n: int) -> list:
+    return [float(n >> 20), float(n & (2 ** 20 - 1))]         # (float32 holds integers below 2^24 exactly)
+
+
+def _join(hi: float, lo: float) -> int:
+    return (int(hi) << 20) + int(lo)
+
+
+def sum_gather_objects(reduce, obj, index: int, count: int) -> list:
+    """Every member's `obj` in member order, through a sum over the group (`reduce`: float32 array -> the group's
+    sum): each member writes its bytes into its own slot of a zero buffer, so the sum is every member's bytes.
+    MindSpore's CPU AllGather and Broadcast take only the world group; AllReduce takes any group."""
+    values, nbytes = _encode(obj)
+    sizes = np.zeros(2 * count, np.float32)
+    sizes[2 * index:2 * index + 2] = _split(nbytes)
+    sizes = reduce(sizes)
+    lengths = [_join(sizes[2 * i], sizes[2 * i + 1]) for i in range(count)]
+    width = max(-(-n // 2) for n in lengths)
+    buf = np.zeros((count, width), np.float32)
+    buf[index, :values.size] = values
+    buf = reduce(buf.reshape(-1)).reshape(count, width)
+    return [_decode(buf[i], lengths[i]) for i in range(count)]
+
+
+def sum_send_object(reduce, obj, root: bool):
+    """`obj` of the root member to every member (the others pass None), through a sum over the group."""
+    values, nbytes = _encode(obj) if root else (None, 0)
+    head = reduce(np.asarray(_split(nbytes) + _split(values.size if root else 0), np.float32))
+    nbytes, size = _join(head[0], head[1]), _join(head[2], head[3])
+    got = reduce(values if root else np.zeros(size, np.float32))
+    return obj if root else _decode(got, nbytes)

@@ -21,6 +21,12 @@ import numpy as np
 from ms_llm.errors import MsLlmError
 
 
+def rollout_ranks(cfg) -> int:
+    """Ranks of the job that only generate (grpo.async_rollout.rollout_ranks), beside the training ranks."""
+    a = cfg.grpo.async_rollout
+    return a.rollout_ranks if cfg.stage == "grpo" and a.enabled else 0
+
+
 @dataclass
 class Layout:
     rank: int = 0
@@ -29,6 +35,9 @@ class Layout:
     tp: Optional[object] = None             # models.tensor_parallel.TPGroup
     pp: Optional[object] = None             # models.pipeline.PPGroup
     zero: Optional[object] = None           # training.zero.ZeroGroup (parallel.optimizer_shard: zero3)
+    group: Optional[str] = None             # the ranks `world` counts, when not the job's (trainers beside rollout ranks)
+    link: Optional[object] = None           # rollout.rollout_ranks.Link: trainer 0 and the rollout ranks
+    role: str = "train"                     # "rollout": a rank that only generates (grpo.async_rollout.rollout_ranks)
 
     @property
     def main(self) -> bool:
@@ -58,10 +67,15 @@ class Layout:
         values = np.asarray(values, np.float32)
         if self.world == 1:
             return values
+        return self._group_sum(values)
+
+    def _group_sum(self, values: np.ndarray) -> np.ndarray:
+        """AllReduce(sum) of a float32 host array over this layout's ranks (`group`, else the world)."""
         # MindSpore-backed: Layout stays light, since the CLI imports it through ms_llm.stages
         import mindspore as ms
         from mindspore import ops
-        return ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor(values)).asnumpy()
+        op = ops.AllReduce(ops.ReduceOp.SUM, group=self.group) if self.group else ops.AllReduce(ops.ReduceOp.SUM)
+        return op(ms.Tensor(np.asarray(values, np.float32))).asnumpy()
 
     def data_sum(self, values) -> np.ndarray:
         """Sum of a small host array over the data-parallel ranks (float32; itself in one process)."""
@@ -83,6 +97,10 @@ class Layout:
         if self.tp is not None or self.pp is not None:
             raise MsLlmError("gathering rollouts over data-parallel ranks with tensor or pipeline parallel is not "
                              "supported")
+        if self.group is not None:       # (a group of some of the job's ranks: MindSpore's CPU AllGather takes none)
+            # MindSpore-backed, as world_sum: Layout stays light for the CLI, which imports it through ms_llm.stages
+            from ms_llm.training.collective import sum_gather_objects
+            return sum_gather_objects(self._group_sum, obj, self.rank, self.world)
         # MindSpore-backed, as world_sum: Layout stays light for the CLI, which imports it through ms_llm.stages
         import pickle
         import mindspore as ms
