@@ -102,16 +102,20 @@ def test_ranks_starting_together_tokenize_a_source_once(tmp_path, tiny_data):
     from ms_llm.data.cache import building
     folder, tok = tiny_data
     src, cache_dir = str(folder / "pretrain_code.jsonl"), str(tmp_path / "cache")
-    probe = ("import json, sys; from ms_llm.data.cache import build_text_cache; from ms_llm.data.tokenizer import "
-             "Tokenizer; c = build_text_cache(sys.argv[1], Tokenizer.load(sys.argv[2]), sys.argv[3]); "
-             "print(json.dumps([c.built_here, c.folder, c.num_docs]))")
+    probe = ("import json, logging, sys; logging.basicConfig(level=logging.INFO); from ms_llm.data.cache import "
+             "build_text_cache; from ms_llm.data.tokenizer import Tokenizer; c = build_text_cache(sys.argv[1], "
+             "Tokenizer.load(sys.argv[2]), sys.argv[3]); print(json.dumps([c.built_here, c.folder, c.num_docs]))")
     mine = build_text_cache(src, tok, str(tmp_path / "elsewhere"))        # where the cache's folder will be
     target = os.path.join(cache_dir, os.path.basename(mine.folder))
     with building(target, src):
         other = subprocess.Popen([sys.executable, "-c", probe, src, str(folder / "tokenizer"), cache_dir],
-                                 stdout=subprocess.PIPE, text=True)
-        time.sleep(3)
-        assert other.poll() is None                                      # waiting on the lock
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:                                    # until it says it waits on the lock
+            line = other.stderr.readline()
+            if not line or "another process is tokenizing it; waiting" in line:
+                break
+        assert line and other.poll() is None, other.stderr.read()
         from ms_llm.data.cache import _tokenize
         from ms_llm.fileio import sha256_file
         _tokenize(src, tok, target, sha256_file(src), "raise", lambda r: r["text"])
