@@ -29,11 +29,16 @@ def pytest_collection_modifyitems(config, items):
     items[:] = sorted(items, key=rank)          # stable: files keep their own order, tests theirs
 
 
+# The device every test runs on: CPU, or with MS_LLM_TEST_DEVICE=ascend an Ascend NPU (`pytest -m ascend` there:
+# the tests written for it; MindSpore refuses to change the device once set, so it is chosen once, here).
+DEVICE = "Ascend" if os.environ.get("MS_LLM_TEST_DEVICE", "cpu").lower() == "ascend" else "CPU"
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    ms.set_device("CPU")
+    ms.set_device(DEVICE)
     ms.set_seed(0)
     np.random.seed(0)
     yield

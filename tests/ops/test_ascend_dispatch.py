@@ -1,25 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The Ascend backend of ms_llm/ops against the reference ops, on an Ascend NPU (CANN installed, `npu-smi` on
-PATH); elsewhere these are skipped (marker `ascend`). What they pin: a float32 model's attention goes through
-the fused op in bfloat16 and comes back float32; the one-token decode step, whose B*N exceeds 8*S, takes the
-reference rotary instead of the fused op that refuses it."""
-import shutil
-
+"""What only Ascend's backend does, on an Ascend NPU (`MS_LLM_TEST_DEVICE=ascend pytest -m ascend`; the device is
+chosen once, in tests/conftest.py); elsewhere these are skipped. What they pin: a float32 model's attention goes
+through the fused op in bfloat16 and comes back float32; the one-token decode step, whose B*N exceeds 8*S, takes
+the reference rotary instead of the fused op that refuses it. (tests/ops/test_device_ops.py checks every fused
+primitive's values and gradients on whichever device runs the tests.)"""
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor
 
+from conftest import DEVICE
 from ms_llm import ops as F
 
 pytestmark = [pytest.mark.ascend,
-              pytest.mark.skipif(shutil.which("npu-smi") is None, reason="needs an Ascend NPU with CANN")]
-
-
-@pytest.fixture(autouse=True)
-def _on_ascend():
-    ms.set_device("Ascend")
-    yield
+              pytest.mark.skipif(DEVICE != "Ascend", reason="needs an Ascend NPU: MS_LLM_TEST_DEVICE=ascend")]
 
 
 def test_float32_attention_runs_fused_in_bfloat16():
