@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from ms_llm.bench import DONE, READY, run_worker, run_worker_sampled
+from ms_llm.bench.blas import cores, generic
 
 IMPLS = ("reference", "cpu", "torch")
 
@@ -292,6 +293,8 @@ def run(argv=None):
         shapes["AdamW (every parameter)"] = (None, 1)
         print(f"ops of the bench model (hidden {a.hidden}, {a.layers} layers, {a.heads} heads, ffn {a.inter}, vocab "
               f"{a.vocab}; batch {a.batch} x seq {a.seq}); fp32; mean of {a.reps} runs after 2 warm-up; ms")
+        print("BLAS: " + "; ".join(f"{k} {v}" + (" (a generic fallback core)" if generic(v) else "")
+                                   for k, v in cores().items()))
         head = "".join(f"{'fwd ' + i:>14}" for i in IMPLS) + "".join(f"{'fwd+bwd ' + i:>18}" for i in IMPLS)
         print(f"{'op':<27}{'per step':>9}{head}")
         totals.update({i: 0.0 for i in timings})

@@ -71,3 +71,16 @@ def test_only_ms_llm_ops_touches_the_kernel_primitives():
                 if re.search(r"\bOPS\.\w", text) or re.search(r"import kernels as", text):
                     offenders.append(os.path.relpath(path, ROOT))
     assert offenders == []
+
+
+def test_the_benches_name_each_librarys_blas_core_and_know_a_fallback():
+    """bench/blas.py reads the core OpenBLAS chose from each loaded library (numpy's and the CPU kernels' own
+    scipy-openblas32 here), and treats OpenBLAS's generic fallback cores as such (a Xeon numpy's OpenBLAS did not
+    know ran Prescott kernels: its GEMM figure is left out of the bench's peak)."""
+    from ms_llm.bench.blas import cores, generic, loaded_openblas
+    c = cores()
+    assert c["numpy"].startswith("OpenBLAS ") and c["ms_llm kernels"].startswith("OpenBLAS (scipy-openblas32) ")
+    assert any("numpy" in path for path in loaded_openblas())
+    assert generic("OpenBLAS Prescott") and generic("OpenBLAS (scipy-openblas32) Generic")
+    assert not generic("OpenBLAS SkylakeX") and not generic("MKL, CPU capability AVX512")
+    assert c["numpy"].split()[-1].lower() not in ("", "unknown")
