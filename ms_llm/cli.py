@@ -268,7 +268,7 @@ def cmd_distill(argv):
                         "ranks, the teacher split over distill.cache_tensor_parallel of them")
     a, rest = p.parse_known_args(argv)
     la = launch.parse(rest, "ms-llm distill cache-teacher")
-    cfg = load_config(la.config, la.overrides)
+    cfg = load_config(la.config, [*la.overrides, *([f"context.device_target={la.device}"] if la.device else [])])
     if cfg.stage != "distill":
         raise MsLlmError(f"{la.config}: stage is '{cfg.stage}'; cache-teacher needs a stage: distill config")
     if la.nproc_per_node * la.nnodes > 1 or la.dry_run:

@@ -157,7 +157,7 @@ def _trained(cfg, shape: ModelConfig, label: str, lora, dp: int, split: int, dev
     if zero3 > 1:
         out.append(_gathered(cfg, shape, label, lora, device))
     accum = cfg.train.grad_accum_steps > 1
-    buckets = dp > 1 and zero3 == 1 and cfg.parallel.bucket_mb > 0       # the bucketed sum's flattened copy
+    buckets = dp > 1 and zero3 == 1 and cfg.parallel.bucket_mb > 0 and cfg.parallel.pipeline_stages <= 1  # (its copy)
     copies = 2 + accum + buckets
     out.append(Component(f"{label} gradients", 4 * trainable * copies // zero3,
                          "gradients, the unscaled copy" + (", the accumulation buffer" if accum else "")

@@ -9,6 +9,8 @@ so the benches name the core and leave a generic one out of the peak they compar
 import ctypes
 import re
 
+import numpy as np
+
 GENERIC = {"prescott", "generic", "core2", "katmai", "banias", "atom", "nehalem"}   # OpenBLAS's fallback cores
 
 
@@ -45,14 +47,13 @@ def loaded_openblas() -> dict:
 def cores() -> dict:
     """{library: description of its GEMM's core}: numpy's OpenBLAS, the CPU kernels' (scipy-openblas32), torch's
     (as torch reports its build and CPU capability) and MindSpore's (its own CPU matmul)."""
-    import numpy as np
     (np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)).sum()            # numpy's BLAS loaded
     out = {}
     for path, core in loaded_openblas().items():
         if "numpy" in path:
             out["numpy"] = f"OpenBLAS {core}"
     try:
-        import scipy_openblas32
+        import scipy_openblas32        # (the kernels' BLAS and torch: optional here, loaded only to be asked)
         core = _corename(f"{scipy_openblas32.get_lib_dir()}/libscipy_openblas.so")
         if core:
             out["ms_llm kernels"] = f"OpenBLAS (scipy-openblas32) {core}"

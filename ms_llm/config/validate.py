@@ -53,6 +53,10 @@ def _check_distill(cfg: ExperimentConfig, where: str):
         if d.iterative.every or d.generate.prompts:
             raise MsLlmError(f"{where}: distill.mode: on_policy does not combine with distill.iterative or "
                              "distill.generate (the student generates its own data)")
+    if d.mode == "on_policy" and d.on_policy.async_rollout and cfg.parallel.optimizer_shard == "zero3":
+        raise MsLlmError(f"{where}: distill.on_policy.async_rollout does not combine with parallel.optimizer_shard: "
+                         "zero3 (the rollout process is sent the student's weights, which ZeRO-3 holds in shards); "
+                         "sample synchronously (async_rollout: false) or use zero1")
     if d.mode == "cached" and d.iterative.every:
         raise MsLlmError(f"{where}: distill.iterative needs distill.mode: online (hard examples added during "
                          "training have no cached teacher logits)")
@@ -205,10 +209,11 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
                              "max_rounds: 1 (groups without reward variance are still dropped)")
         if g.async_rollout.rollout_ranks:
             par = cfg.parallel
-            if par.optimizer_shard == "zero3" or par.tensor_parallel > 1 or par.pipeline_stages > 1:
-                raise MsLlmError(f"{where}: grpo.async_rollout.rollout_ranks: the trainer ranks train in data "
-                                 "parallel (ZeRO-1 at most) in this release; set parallel.optimizer_shard to none or "
-                                 "zero1 and tensor_parallel / pipeline_stages to 1")
+            if par.optimizer_shard != "none" or par.tensor_parallel > 1 or par.pipeline_stages > 1:
+                raise MsLlmError(f"{where}: grpo.async_rollout.rollout_ranks: the trainer ranks train in plain data "
+                                 "parallel in this release (the optimizer's shards are summed over every rank of the "
+                                 "job, rollout ranks included); set parallel.optimizer_shard: none and "
+                                 "tensor_parallel / pipeline_stages to 1")
         else:
             if world > 1:
                 raise MsLlmError(f"{where}: grpo.async_rollout with a rollout process beside one trainer runs in one "

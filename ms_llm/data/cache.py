@@ -79,6 +79,11 @@ def building(folder: str, what: str):
         except BlockingIOError:
             log.info("%s: another process is tokenizing it; waiting for its cache", what)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:               # storage without flock (Lustre mounted without it, some FUSE mounts)
+            log.warning("%s: cannot lock %s (%s); tokenizing without the lock (the first finished copy is kept)",
+                        what, f.name, e.strerror or e)
+            yield
+            return
         try:
             yield
         finally:

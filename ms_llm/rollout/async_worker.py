@@ -98,11 +98,12 @@ class RolloutWorker:
             raise MsLlmError(f"rollout worker failed: {msg['error']}\n{msg['traceback']}")
         return msg
 
-    def publish(self, params: dict, version: int) -> str:
-        """Write the trainer's weights {name: array} as version `version`; returns the file the worker reads."""
+    def publish(self, params, version: int) -> str:
+        """Write the trainer's weights (a callable returning {name: array}, called only when this version is not
+        written yet) as version `version`; returns the file the worker reads."""
         path = os.path.join(self.dir, f"weights_{version}.safetensors")
         if not os.path.exists(path):                          # the worker deletes each version once loaded
-            write_safetensors(path + ".tmp", params)
+            write_safetensors(path + ".tmp", params())
             os.replace(path + ".tmp", path)
         return path
 

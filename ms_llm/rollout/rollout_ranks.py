@@ -28,6 +28,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
+from ms_llm.errors import MsLlmError
 from ms_llm.generation import generate
 from ms_llm.training.collective import sum_gather_objects, sum_send_object
 
@@ -81,19 +82,21 @@ class RankWorker:
         self.layout, self.link, self.sampling = layout, layout.link, sampling
         self.pending, self.params, self.sent, self.peeked = False, None, None, None
 
-    def publish(self, params: dict, version: int) -> str:
+    def publish(self, params, version: int) -> str:
+        """Keep `params` (a callable returning {name: array}): trainer 0 reads them when it sends a new version."""
         self.params = params
         return f"version {version}"
 
     def submit(self, version: int, weights: str, rows: list, seed, max_new_tokens: int, cache_len: int,
                prompt_width: int):
         if self.layout.rank == 0:
-            fresh = version != self.sent
-            self.link.send_object({"version": version, "weights": fresh, "rows": rows, "seed": seed,
-                                   "max_new_tokens": max_new_tokens, "cache_len": cache_len,
-                                   "prompt_width": prompt_width, "sampling": self.sampling})
-            if fresh:
-                self.link.send_arrays([self.params[name] for name in sorted(self.params)])
+            arrays = self.params() if version != self.sent else None
+            names = sorted(arrays) if arrays is not None else None
+            self.link.send_object({"version": version, "rows": rows, "seed": seed, "max_new_tokens": max_new_tokens,
+                                   "cache_len": cache_len, "prompt_width": prompt_width, "sampling": self.sampling,
+                                   "weights": None if names is None else [(n, tuple(arrays[n].shape)) for n in names]})
+            if names is not None:
+                self.link.send_arrays([arrays[n] for n in names])
                 self.sent = version
         self.pending = True
 
@@ -115,8 +118,8 @@ class RankWorker:
         if self.layout.rank == 0:
             got = self.peek()
             self.peeked = None
-        if self.layout.world > 1:
-            got = self.layout.gather_objects(got)[0]
+        if self.layout.world > 1:                   # trainer 0's batch to the others (a sum over their group)
+            got = sum_send_object(self.layout.world_sum, got, self.layout.rank == 0)
         self.pending = False
         return got
 
@@ -156,7 +159,13 @@ def serve(policy, layout):
         if msg is None:
             log.info("rollout rank %d: stopped after %d batches", layout.rank, served)
             return
-        if msg["weights"]:
+        if msg["weights"] is not None:
+            mine = [(n, tuple(params[n].shape)) for n in names]
+            if [(n, tuple(s)) for n, s in msg["weights"]] != mine:
+                wrong = sorted(set(map(str, msg["weights"])) ^ set(map(str, mine)))[:4]
+                raise MsLlmError(f"rollout rank {layout.rank}: the trainers' trainable parameters are not this "
+                                 f"rank's policy's (names or shapes differ: {wrong}); both build the policy from the "
+                                 "same config")
             arrays = link.send_arrays(like=[np.zeros(params[n].shape, np.float32) for n in names])
             for name, arr in zip(names, arrays):
                 params[name].set_data(ms.Tensor(arr, params[name].dtype))

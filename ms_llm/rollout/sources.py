@@ -396,7 +396,7 @@ class Asynchronous(RolloutSource):
         if self.worker is None:
             self._start_worker()
         rows = [p for p in self.stream.take(g.prompts_per_step) for _ in range(g.group_size)]
-        path = self.worker.publish(trainable_arrays(self.policy), version)
+        path = self.worker.publish(lambda: trainable_arrays(self.policy), version)     # (read only if sent)
         self.worker.submit(version, path, [r["ids"] for r in rows], [self.seed, SEED_TAG, step, 0], g.max_new_tokens,
                            self.cache_len(rows), g.max_prompt_len)
         self.request = {"rows": rows, "step": step, "version": version}

@@ -65,7 +65,8 @@ CACHE_KEYS = KEYS + ("topk_ids", "topk_logp", "tail_logp")
 
 
 # ---------------------------------------------------------------------------------------------- teacher side
-def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: str, write: bool = True) -> float:
+def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: str, write: bool = True,
+                        barrier=None) -> float:
     """The teacher's exact match on the evaluation prompts. Greedy decoding of a frozen teacher gives the same
     score every time, so it is kept in `teacher_scores.json`, keyed by the teacher's weights and tokenizer, the
     prompts, the chat template and the answer length: runs that share a teacher (a CE-only baseline, a cached-logit
@@ -79,6 +80,8 @@ def teacher_exact_match(cfg: ExperimentConfig, teacher, records: list, run_dir: 
     root = d.cache_dir or cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
     path = os.path.join(root, "teacher_scores.json")
     scores = read_json(path, "the teacher-score cache") if os.path.isfile(path) else {}
+    if barrier is not None:        # every rank has looked before any writes (ranks that decode together agree)
+        barrier()
     if key in scores:
         log.info("teacher exact match %.4f (cached in %s)", scores[key], path)
         return float(scores[key])
@@ -237,7 +240,8 @@ def as_alpaca(rows: list) -> list:
              "task": r.get("task"), "line": i + 1} for i, r in enumerate(rows)]
 
 
-def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str, write: bool = True) -> dict:
+def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str, write: bool = True,
+                     barrier=None) -> dict:
     """Teacher answers to distill.generate.prompts, filtered (kept in out_dir with a key of everything they came
     from — prompts file, teacher, generation and filter settings, seed — that reruns reuse them under). `write`:
     False on the ranks of a several-rank cache-teacher but the first (each computes the same samples)."""
@@ -249,11 +253,16 @@ def generate_samples(cfg: ExperimentConfig, teacher: Teacher, out_dir: str, writ
                                      "generate": dataclasses.asdict(g), "seed": cfg.train.seed,
                                      "template": cfg.tokenizer.chat_template}, sort_keys=True,
                                     default=str).encode()).hexdigest()
+    found = None
     if os.path.isfile(kept_path) and os.path.isfile(summary_path):
-        summary = read_json(summary_path, "the generation summary")
-        if summary.get("key") == key:
-            return dict(summary, kept=read_jsonl(kept_path))
-        log.info("%s: generated under other settings; generating again", summary_path)
+        found = read_json(summary_path, "the generation summary")
+        found = dict(found, kept=read_jsonl(kept_path)) if found.get("key") == key else None
+        if found is None:
+            log.info("%s: generated under other settings; generating again", summary_path)
+    if barrier is not None:        # every rank has looked before any writes (ranks that decode together agree)
+        barrier()
+    if found is not None:
+        return found
     if d.mode == "cached" and not teacher.loaded:
         raise MsLlmError(f"{summary_path}: the teacher's samples for these distill.generate settings are not there; "
                          "a cached run does not load the teacher: run `ms-llm distill cache-teacher` with the same "
@@ -316,7 +325,8 @@ def prepare(cfg: ExperimentConfig, run_dir: str, tokenizer, student_vocab: int, 
     parallel; only rank 0 writes the samples)."""
     layout = layout or Layout()
     teacher = Teacher(cfg, tokenizer, student_vocab, layout.tp)
-    generated = generate_samples(cfg, teacher, samples_dir(cfg, run_dir), layout.main) \
+    barrier = (lambda: layout.world_sum([0.0])) if layout.world > 1 else None
+    generated = generate_samples(cfg, teacher, samples_dir(cfg, run_dir), layout.main, barrier) \
         if cfg.distill.generate.prompts else None
     data = build_data(cfg, tokenizer, generated["kept"] if generated else [])
     return teacher, generated, data
@@ -346,7 +356,8 @@ def cache_teacher(cfg: ExperimentConfig) -> dict:
            "tensor_parallel": layout.tp.size if layout.tp else 1}
     records = eval_records(cfg)
     if records:              # scored now, with the teacher loaded, so that cached-mode runs read the score
-        out["teacher_exact_match"] = teacher_exact_match(cfg, teacher, records, run_dir, layout.main)
+        out["teacher_exact_match"] = teacher_exact_match(cfg, teacher, records, run_dir, layout.main,
+                                                         (lambda: layout.world_sum([0.0])) if layout.world > 1 else None)
     return out
 
 
@@ -613,7 +624,9 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     records = eval_records(cfg)
     # every rank scores (or reads) the teacher alike, so none waits at its first collective for rank 0's scoring;
     # rank 0 keeps the score
-    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir, layout.main) if records else float("nan")
+    teacher_score = teacher_exact_match(cfg, teacher, records, run_dir, layout.main,
+                                        (lambda: layout.world_sum([0.0])) if layout.world > 1 else None) \
+        if records else float("nan")
     if layout.data_world > 1:            # every rank's gates (and so its early stop) read rank 0's score
         teacher_score = layout.gather_objects(teacher_score)[0]
     hard = HardExamples(cfg, teacher, student, tokenizer, data, data_dir) if d.iterative.every else None

@@ -184,7 +184,7 @@ class ZeroGroup:
 
         A graph keeps reading the Parameters it was compiled against: a cell compiled within reads the copies,
         one compiled outside gathers. So each top-level cell must run in one mode only — generation and scoring
-        within, the train step outside; `generate` refuses a model that gathers. After `unshard` (rank 0 holds
+        within, the train step outside; a rollout source refuses a policy that gathers. After `unshard` (rank 0 holds
         whole weights) this does nothing."""
         swaps, fresh = [], set()
         for cell in self.cells:

@@ -209,7 +209,7 @@ def test_continuous_batching_collects_the_batch_it_collects_without(tmp_path, gr
     (("grpo.generation_batch_size=4", "grpo.partial_rollout.token_budget=4"), "grpo.generation_batch_size"),
     (("grpo.async_rollout.rollout_ranks=1",), "rollout_ranks needs grpo.async_rollout.enabled: true"),
     (("grpo.async_rollout.enabled=true", "grpo.async_rollout.rollout_ranks=1", "parallel.data_parallel=2",
-      "parallel.optimizer_shard=zero3"), "the trainer ranks train in data parallel (ZeRO-1 at most)"),
+      "parallel.optimizer_shard=zero1"), "the trainer ranks train in plain data parallel"),
     (("grpo.async_rollout.enabled=true", "parallel.data_parallel=2"), "grpo.async_rollout.rollout_ranks"),
     (("grpo.async_rollout.enabled=true", "context.device_target=ascend"), "ranks of its own"),
 ])
