@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ms_llm import storage
 from ms_llm.errors import MsLlmError
 from ms_llm.manifest import verify, write_manifest
+from ms_llm.training.layout import Layout
 
 FORMAT = "ms_llm.teacher_cache.v1"
 
@@ -90,51 +91,33 @@ def write_cache(cache_dir: str, teacher, examples: list, info: dict, k: int, tem
                 progress: bool = True, layout=None) -> dict:
     """Run the teacher over `examples` (dicts with input_ids, attention_mask) once and write the cache.
 
-    `layout` (distributed.init_model_groups): the job's ranks form groups, each holding the teacher split by
-    tensor parallel; group g scores shards g, g + G, ... and its first rank writes them, all into the folder rank
-    0 made, which rank 0 completes with the manifest once every group is done. The files are those one process
-    writes. Returns the manifest (on every rank)."""
-    if layout is None or layout.world == 1:
-        with storage.writing_dir(cache_dir, "teacher cache") as tmp:
-            return _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk,
-                                batch_size, shard_examples, progress)
+    `layout` (distributed.init_model_groups; None: one process, one group): the job's ranks form groups, each
+    holding the teacher split by tensor parallel; group g scores shards g, g + G, ... and its first rank writes
+    them, all into the folder rank 0 made, which rank 0 completes with the manifest once every group is done. The
+    files are those one process writes. Returns the manifest (on every rank)."""
+    layout = layout or Layout()
     if layout.main:
         with storage.writing_dir(cache_dir, "teacher cache") as tmp:
-            return _write_cache_together(tmp, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info,
-                                         student_unk, teacher_unk, batch_size, shard_examples, progress)
-    return _write_cache_together(None, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info,
-                                 student_unk, teacher_unk, batch_size, shard_examples, False)
+            return _score_shards(tmp, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info,
+                                 student_unk, teacher_unk, batch_size, shard_examples, progress)
+    return _score_shards(None, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info, student_unk,
+                         teacher_unk, batch_size, shard_examples, False)
 
 
-def _shards(n: int, shard_examples: int) -> list:
-    return [{"file": f"shard_{i:05d}.safetensors", "start": start, "count": min(shard_examples, n - start)}
-            for i, start in enumerate(range(0, n, shard_examples))]
-
-
-def _write_cache(tmp, teacher, examples, k, temperature, vocab_map, info, student_unk, teacher_unk, batch_size,
-                 shard_examples, progress) -> dict:
-    shards = _shards(len(examples), shard_examples)
-    bar = tqdm(total=len(examples), desc="cache-teacher", dynamic_ncols=True) if progress else None
-    for shard in shards:
-        _score_shard(tmp, shard, teacher, examples, k, temperature, vocab_map, student_unk, teacher_unk, batch_size,
-                     bar)
-    if bar is not None:
-        bar.close()
-    return write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature,
-                                      "examples": len(examples), "shards": shards, **info})
-
-
-def _write_cache_together(tmp, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info, student_unk,
-                          teacher_unk, batch_size, shard_examples, progress) -> dict:
+def _score_shards(tmp, cache_dir, layout, teacher, examples, k, temperature, vocab_map, info, student_unk,
+                  teacher_unk, batch_size, shard_examples, progress) -> dict:
     """Every rank: its group's shards. `tmp`: rank 0's folder (None elsewhere; its pid reaches the others)."""
     pid = layout.world_sum([os.getpid() if tmp else 0])[0]      # (float32: exact for pids below 2^24)
     folder = tmp or storage.tmp_path_for(cache_dir, int(pid))
-    shards = _shards(len(examples), shard_examples)
+    n = len(examples)
+    shards = [{"file": f"shard_{i:05d}.safetensors", "start": start, "count": min(shard_examples, n - start)}
+              for i, start in enumerate(range(0, n, shard_examples))]
     group, groups = layout.data_rank, layout.data_world
     writes = layout.tp is None or layout.tp.rank == 0
     mine = shards[group::groups]
-    bar = tqdm(total=sum(s["count"] for s in mine), desc=f"cache-teacher (group {group + 1} of {groups})",
-               dynamic_ncols=True) if progress else None
+    bar = tqdm(total=sum(s["count"] for s in mine), dynamic_ncols=True,
+               desc="cache-teacher" + (f" (group {group + 1} of {groups})" if groups > 1 else "")) \
+        if progress else None
     for shard in mine:
         _score_shard(folder if writes else None, shard, teacher, examples, k, temperature, vocab_map, student_unk,
                      teacher_unk, batch_size, bar)
@@ -142,9 +125,9 @@ def _write_cache_together(tmp, cache_dir, layout, teacher, examples, k, temperat
         bar.close()
     layout.world_sum([len(mine)])                               # every group's files are written
     if tmp is None:
-        return {"shards": shards, "examples": len(examples)}
-    return write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature,
-                                      "examples": len(examples), "shards": shards, **info})
+        return {"shards": shards, "examples": n}
+    return write_manifest(tmp, extra={"format": FORMAT, "top_k": k, "temperature": temperature, "examples": n,
+                                      "shards": shards, **info})
 
 
 def _score_shard(folder, shard, teacher, examples, k, temperature, vocab_map, student_unk, teacher_unk, batch_size,
