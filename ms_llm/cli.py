@@ -237,7 +237,8 @@ def cmd_bench(argv):
                "ppo-digits": "ms_llm.bench.ppo", "ppo-memory": "ms_llm.bench.ppo",
                "ppo-safety": "ms_llm.bench.ppo_safety",
                "sandbox": "ms_llm.bench.sandbox", "grpo-async": "ms_llm.bench.grpo",
-               "kernels": "ms_llm.bench.kernels", "gates": "ms_llm.bench.gates"}
+               "kernels": "ms_llm.bench.kernels", "gates": "ms_llm.bench.gates",
+               "sft-packing": "ms_llm.bench.packing"}
     if not argv or argv[0] not in benches:
         raise MsLlmError(f"bench: name one of {sorted(benches)} (ms-llm bench NAME [--help])")
     if argv[0] == "lora":           # full fine-tuning vs LoRA on the same model, batch and sequence
@@ -429,7 +430,7 @@ COMMANDS = {                    # name: (function, one line for `ms-llm --help`)
     "merge-lora": (cmd_merge_lora, "fold a LoRA adapter into its base model (verified)"),
     "report": (cmd_report, "rebuild a run directory's report.md and plots"),
     "bench": (cmd_bench, "side-by-side measurements: train, lora, generate, distill-memory, readout-memory, layouts, ppo-digits, "
-                         "ppo-memory, ppo-safety, sandbox, grpo-async, kernels"),
+                         "ppo-memory, ppo-safety, sandbox, grpo-async, kernels, gates, sft-packing"),
     "rlhf": (cmd_rlhf, "RLHF audit loop: audit-import reviewed rounds into the preference pool, audit-status"),
     "mup": (cmd_mup, "μP tools: coordinate check and learning-rate sweep across widths"),
 }

@@ -44,6 +44,9 @@ class TokenizerSection:
                              ["chatml", "qwen", "llama3", "llama2", "plain"])
 
 
+PACKING_STAGES = ("pretrain", "cpt", "sft")     # the stages that read data.packing (and pack by default)
+
+
 @dataclass
 class DataSource:
     path: str = opt("", "JSONL file")
@@ -58,7 +61,9 @@ class DataSection:
     index: Optional[str] = opt(None, "Tokenized shard index (`ms-llm data index`): its domain-tagged shards join the "
                                      "sources, weighted by tokens within their domain (pretrain and cpt)")
     seq_len: int = opt(256, "Tokens per training sequence", range="[1, inf)")
-    packing: bool = opt(True, "Join documents with eos into full-length sequences (pretraining)")
+    packing: Optional[bool] = opt(None, "Pack documents into full rows: pretrain and cpt join them with eos and cut "
+                                        "windows, sft fills rows with whole conversations first-fit by length. "
+                                        "Default: on for those stages, off (and refused) for the others")
     document_mask: bool = opt(True, "With packing: no attention across document boundaries; positions restart per document")
     cache_dir: Optional[str] = opt(None, "Tokenized cache directory (np.memmap shards + index); default <output_dir>/../.cache")
     on_error: str = opt("raise", "A malformed record: raise (error naming file:line) or skip and count it",
@@ -667,6 +672,13 @@ class ExperimentConfig:
     grpo: GRPOSection = opt(GRPOSection, "GRPO-family stage (GRPO, Dr. GRPO, DAPO, GSPO) with verifiable rewards")
     mup: MupSection = opt(MupSection, "μP width-transfer parametrization (any stage that trains the whole model)")
     plan: PlanSection = opt(PlanSection, "Memory planning (`ms-llm plan`, ms_llm/plan.py)")
+
+    @property
+    def packing(self) -> Optional[str]:
+        """How this stage packs its data: None (no packing), "documents" (rows of several documents, attention
+        within each) or "concatenated" (documents run on into each other: data.document_mask false)."""
+        on = self.data.packing if self.data.packing is not None else self.stage in PACKING_STAGES
+        return None if not on else "documents" if self.data.document_mask else "concatenated"
 
     @property
     def global_batch(self) -> int:

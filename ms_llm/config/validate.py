@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ms_llm.config.registry import STAGE_NAMES
-from ms_llm.config.schema import GRPO_REWARDS, REFERENCE_FREE_DPO_LOSSES, TEXT_RULES, ExperimentConfig
+from ms_llm.config.schema import GRPO_REWARDS, PACKING_STAGES, REFERENCE_FREE_DPO_LOSSES, TEXT_RULES, ExperimentConfig
 from ms_llm.errors import MsLlmError
 
 
@@ -342,6 +342,9 @@ def validate(cfg: ExperimentConfig, where: str = "config"):
     if cfg.data.index and not rules.reads_index:
         readers = " and ".join(s for s, r in STAGE_RULES.items() if r.reads_index)
         raise MsLlmError(f"{where}: data.index is read by the {readers} stages, not by stage '{cfg.stage}'")
+    if cfg.data.packing and cfg.stage not in PACKING_STAGES:
+        raise MsLlmError(f"{where}: data.packing is supported by the {', '.join(PACKING_STAGES)} stages, not by stage "
+                         f"'{cfg.stage}' in this release; remove it (or set it false)")
     if cfg.mup.enabled and not rules.mup:
         raise MsLlmError(f"{where}: mup.enabled is not supported by stage '{cfg.stage}'")
     if rules.check is not None:

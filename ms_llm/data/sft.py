@@ -10,18 +10,28 @@ it, times the record's task weight) and the weighted turn losses are averaged ov
 So a long answer does not outweigh a short one, and the value is the same however the global batch is
 split into micro-batches, accumulation steps or data-parallel ranks. Per token this is a weight
 w_t / n_t; each row also carries its sum of w_t (the loss denominator).
+
+With `packing`, each (source, task) group's conversations are packed into rows first-fit by length
+(data/packing.py, document masks and positions per conversation), and the rows are what is sampled: a row's
+loss denominator is the sum over its conversations, so the formula above holds per token, unchanged.
 """
 import hashlib
+import json
+import os
 import re
 from collections import defaultdict
 
 import numpy as np
 
+from ms_llm import storage
+from ms_llm.data.cache import building, tokenizer_fingerprint
 from ms_llm.data.chat import render
 from ms_llm.data.examples import supervised_example
 from ms_llm.data.mixture import MixtureSampler
+from ms_llm.data.packing import pack_supervised
 from ms_llm.data.readers import ReadStats, read_records
 from ms_llm.errors import MsLlmError
+from ms_llm.fileio import sha256_file
 
 THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 
@@ -63,17 +73,76 @@ def turn_weights(example: dict, task_weight: float, decay: float) -> tuple:
     return weights, np.float32(total)
 
 
+KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight", "position_ids", "segment_ids")
+
+
+class Rows:
+    """One group's examples as columns ({field: array [n, ...]}, memory-mapped from an SFT cache); indexing gives
+    one example as a dict, like the lists of dicts groups otherwise are."""
+
+    def __init__(self, columns: dict):
+        self.columns = columns
+        self.n = len(next(iter(columns.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+CACHE_VERSION = 1
+COLUMNS = KEYS + ("tokens", "documents")          # what a cache keeps of each example (those it has)
+
+
 class SFTData:
-    """Tokenized SFT examples per (source, task) group, sampled by weight; deterministic and resumable."""
+    """Tokenized SFT examples per (source, task) group, sampled by weight; deterministic and resumable.
+
+    packing: None, or "documents" (rows of whole conversations, attention within each) or "concatenated"
+    (conversations one after another, attending across). The sampled items (`sample`, `examples`) are then
+    the packed rows; a group's sampling weight still follows its number of conversations.
+
+    cache_dir: encode (and pack) once into `<cache_dir>/sft.<key>/`, one .npy per group and field, and read it
+    memory-mapped: ranks that start together encode once per node (the first takes the folder's lock, the
+    others wait and read; `built_here` says which), and share the pages. The key hashes the sources' bytes,
+    formats and weights, the tokenizer, the template, seq_len, packing, on_error and the SFT settings that
+    shape examples, so a change to any of them encodes again.
+    """
 
     def __init__(self, sources, tokenizer, template: str, seq_len: int, sft_cfg, seed: int = 0,
-                 on_error: str = "raise"):
-        self.seq_len, self.pad_id, self.seed = seq_len, tokenizer.pad_id, seed
+                 on_error: str = "raise", packing: str = None, cache_dir: str = None):
+        if packing not in (None, "documents", "concatenated"):
+            raise ValueError(f"packing must be None, 'documents' or 'concatenated', not {packing!r}")
+        self.seq_len, self.pad_id, self.seed, self.packing = seq_len, tokenizer.pad_id, seed, packing
         self.stats = ReadStats()
-        groups, weights = defaultdict(list), {}
-        for si, src in enumerate(sources):
+        for src in sources:
             if src.format not in ("alpaca", "sharegpt"):
                 raise MsLlmError(f"data.sources: {src.path} has format '{src.format}'; SFT reads alpaca or sharegpt")
+            if not os.path.isfile(src.path):
+                raise MsLlmError(f"{src.path}: data file not found")
+        encode = (lambda: self._encode(sources, tokenizer, template, sft_cfg, on_error))
+        self.built_here = True
+        if cache_dir is None:
+            weights = encode()
+        else:
+            folder = os.path.join(cache_dir, "sft." + _cache_key(sources, tokenizer, template, seq_len, sft_cfg,
+                                                                  packing, on_error))
+            done = os.path.join(folder, "index.json")
+            self.built_here = False
+            if not os.path.isfile(done):
+                with building(folder, "the SFT data"):
+                    if not os.path.isfile(done):           # (else another process wrote it while this one waited)
+                        self._write(folder, encode())
+                        self.built_here = True
+            weights = self._read(folder)
+        self.sampler = MixtureSampler([len(g) for g in self.groups], weights, seed)
+
+    def _encode(self, sources, tokenizer, template, sft_cfg, on_error) -> list:
+        """Read, render and pack every source into self.keys / self.groups; returns the groups' weights."""
+        groups, weights = defaultdict(list), {}
+        for si, src in enumerate(sources):
             records = read_records(src.path, src.format, on_error, self.stats)
             for rec in records:
                 ex = self._example(rec, tokenizer, template, sft_cfg, src.path, rec["line"], on_error)
@@ -86,8 +155,35 @@ class SFTData:
         if not groups:
             raise MsLlmError("data.sources hold no usable SFT examples")
         self.keys = sorted(groups)
-        self.groups = [groups[k] for k in self.keys]
-        self.sampler = MixtureSampler([len(g) for g in self.groups], [weights[k] for k in self.keys], seed)
+        self.conversations = sum(len(g) for g in groups.values())
+        self.groups = [self._pack(groups[k]) for k in self.keys]
+        return [weights[k] for k in self.keys]
+
+    def _write(self, folder: str, weights: list):
+        with storage.writing_dir(folder, "SFT data cache", replace=False) as tmp:
+            for g, group in enumerate(self.groups):
+                for field in COLUMNS:
+                    if field in group[0]:
+                        np.save(os.path.join(tmp, f"group{g}.{field}.npy"), np.stack([ex[field] for ex in group]))
+            with open(os.path.join(tmp, "index.json"), "w") as f:
+                json.dump({"version": CACHE_VERSION, "seq_len": self.seq_len, "packing": self.packing,
+                           "groups": [{"source": si, "task": task, "weight": w, "items": len(group)}
+                                      for (si, task), w, group in zip(self.keys, weights, self.groups)],
+                           "conversations": self.conversations, "read": self.stats.read,
+                           "skipped": self.stats.skipped, "skip_reasons": self.stats.reasons}, f, indent=1)
+
+    def _read(self, folder: str) -> list:
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        self.keys = [(g["source"], g["task"]) for g in index["groups"]]
+        self.groups = []
+        for g, info in enumerate(index["groups"]):
+            columns = {field: np.load(os.path.join(folder, f"group{g}.{field}.npy"), mmap_mode="r")
+                       for field in COLUMNS if os.path.isfile(os.path.join(folder, f"group{g}.{field}.npy"))}
+            self.groups.append(Rows(columns))
+        self.conversations = index["conversations"]
+        self.stats = ReadStats(index["read"], index["skipped"], list(index["skip_reasons"]))
+        return [g["weight"] for g in index["groups"]]
 
     def _example(self, rec, tokenizer, template, cfg, path, lineno, on_error):
         msgs = preprocess(rec["messages"], cfg.identity, cfg.keep_think, cfg.max_turns)
@@ -108,7 +204,13 @@ class SFTData:
         ex = supervised_example(r, self.seq_len, self.pad_id)
         ex["weights"], ex["row_weight"] = turn_weights(ex, cfg.task_weights.get(rec.get("task"), 1.0), cfg.turn_decay)
         ex.pop("truncated")
+        ex["tokens"] = int(ex["attention_mask"].sum())
         return ex
+
+    def _pack(self, examples: list) -> list:
+        if self.packing is None:
+            return examples
+        return pack_supervised(examples, self.seq_len, self.pad_id, self.packing == "documents")
 
     def sample(self, k: int) -> dict:
         g, i = self.sampler.lookup(k)
@@ -139,7 +241,8 @@ class SFTData:
             return
         weights = list(self.sampler.p) + [weight]
         self.keys.append(key)
-        self.groups.append(examples)
+        self.conversations += len(examples)
+        self.groups.append(self._pack(examples))
         self.sampler = MixtureSampler([len(g) for g in self.groups], weights, self.seed)
 
     def batch_indices(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> list:
@@ -147,8 +250,15 @@ class SFTData:
         return [base + i for i in range(micro_batch)]
 
     def batch(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> dict:
+        """The micro-batch's `KEYS` (unpacked rows get positions 0.. and one segment) plus `tokens`, the real
+        (non-padding) tokens it holds."""
         rows = [self.sample(k) for k in self.batch_indices(micro_index, micro_batch, rank, world)]
-        return {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask", "weights", "row_weight")}
+        out = {k: np.stack([r[k] for r in rows]) for k in KEYS if k in rows[0]}
+        if self.packing is None:
+            out["position_ids"] = np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), (len(rows), self.seq_len))
+            out["segment_ids"] = np.zeros((len(rows), self.seq_len), np.int32)
+        out["tokens"] = sum(r["tokens"] for r in rows)
+        return out
 
     def encode_records(self, records, tokenizer, template, sft_cfg, path: str) -> list:
         """Records (alpaca/sharegpt, as read_records returns them) -> examples, bad ones skipped and counted."""
@@ -158,6 +268,14 @@ class SFTData:
             if ex is not None:
                 out.append(ex)
         return out
+
+
+def _cache_key(sources, tokenizer, template, seq_len, sft_cfg, packing, on_error) -> str:
+    settings = {k: getattr(sft_cfg, k) for k in ("identity", "keep_think", "max_turns", "task_weights", "turn_decay",
+                                                  "task_sampling")}
+    what = [CACHE_VERSION, [(sha256_file(s.path), s.format, s.weight) for s in sources], tokenizer_fingerprint(tokenizer),
+            template, seq_len, packing, on_error, settings]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def neftune_noise(seed: int, sample_positions, seq_len: int, hidden: int) -> np.ndarray:

@@ -14,9 +14,11 @@ class SFTLoss(nn.Cell):
         super().__init__(auto_prefix=False)
         self.model, self.ignore_index = model, ignore_index
 
-    def construct(self, input_ids, labels, attention_mask, weights, row_weight, embed_noise=None):
-        """input_ids, labels, attention_mask: [B, S] int32; weights: [B, S] float32; row_weight: [B] float32;
+    def construct(self, input_ids, labels, attention_mask, weights, row_weight, position_ids, segment_ids,
+                  embed_noise=None):
+        """input_ids, labels, attention_mask, position_ids, segment_ids: [B, S] int32 (data/sft.py KEYS: a packed
+        row holds several conversations, each its own segment); weights: [B, S] float32; row_weight: [B] float32;
         embed_noise: [B, S, H] NEFTune noise (optional, see CausalLM.construct)."""
-        hidden = self.model.hidden_states(input_ids, attention_mask, None, None, embed_noise)
+        hidden = self.model.hidden_states(input_ids, attention_mask, position_ids, segment_ids, embed_noise)
         logp, valid = label_log_probs(self.model, hidden, labels, self.ignore_index)
         return -(logp * weights * valid).sum(), row_weight.sum()

@@ -150,7 +150,7 @@ class CPTStage(SupervisedStage):
         super().__init__(cfg, model, layout, LMLoss(model) if layout.pp is None else model,
                          t.micro_batch_size * d.seq_len)
         self.data, self.schedule, self.monitor, self.decisions = data, schedule, monitor, []
-        self.keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask \
+        self.keys = ("input_ids", "labels", "position_ids", "segment_ids") if cfg.packing == "documents" \
             else ("input_ids", "labels")
         self.samples_per_step = t.micro_batch_size * t.grad_accum_steps * cfg.parallel.data_parallel
         self.tokens_per_step = self.samples_per_step * d.seq_len
@@ -226,7 +226,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     schedule = schedule_from(cfg)
     sampled = {k for ph in schedule.phases for k, v in ph.weights.items() if v > 0}
     sampled |= {k for k, v in (schedule.anneal_weights or {}).items() if v > 0}
-    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
+    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, cfg.packing == "documents", d.shuffle_seed,
                         d.eval_fraction, d.on_error, d.index, sorted(sampled) if d.index else None)
     try:
         data.sampler = CurriculumSampler(data.n_train, data.domains, data.weights, schedule, d.seq_len, d.shuffle_seed)

@@ -37,7 +37,7 @@ class PretrainStage(SupervisedStage):
         super().__init__(cfg, model, layout, LMLoss(model) if layout.pp is None else model,   # a pipeline stage
                          mbs * d.seq_len)                                                   # computes its own part
         self.data = data
-        self.keys = ("input_ids", "labels", "position_ids", "segment_ids") if d.packing and d.document_mask \
+        self.keys = ("input_ids", "labels", "position_ids", "segment_ids") if cfg.packing == "documents" \
             else ("input_ids", "labels")
         self.evaluates = d.eval_fraction > 0
         self.eval_fn = layout.eval_loss_fn(self.loss_net, model)
@@ -59,7 +59,7 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
                          f"{model.config.vocab_size}; raise model.overrides.vocab_size")
     d = cfg.data
     cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
-    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, d.packing and d.document_mask, d.shuffle_seed,
+    data = PretrainData(d.sources, tokenizer, d.seq_len, cache_dir, cfg.packing == "documents", d.shuffle_seed,
                         d.eval_fraction, d.on_error, d.index)
     result = train(cfg, PretrainStage(cfg, model, layout, data), run_dir)
     weights = layout.whole_weights(model)

@@ -4,7 +4,8 @@
     ms-llm train configs/tiny/sft_lora.yaml model.init_from=runs/tiny_pretrain
 
 Data comes through the chat template with loss on assistant tokens only, per-task loss weights and
-per-turn normalization (data/sft.py). With `sft.lora.enabled` only the adapters train; checkpoints hold
+per-turn normalization (data/sft.py); with `data.packing` (the default) conversations are packed into rows
+with document masks, the loss per token unchanged. With `sft.lora.enabled` only the adapters train; checkpoints hold
 the adapter alone, and the run exports `final_adapter/` (PEFT format) plus the merged model in `final/`.
 Held-out prompts (`sft.eval_prompts`) are scored by exact match at every evaluation and at the end.
 """
@@ -14,7 +15,7 @@ import re
 
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.readers import read_records
-from ms_llm.data.sft import SFTData, neftune_noise
+from ms_llm.data.sft import KEYS, SFTData, neftune_noise
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.eval.sandbox import require_isolation
 from ms_llm.fileio import read_json
@@ -27,8 +28,6 @@ from ms_llm.training.layout import Layout
 from ms_llm.training.metrics import radar_plot, write_summary
 from ms_llm.training.stage import SupervisedStage, adapter_io
 from ms_llm.training.trainer import train
-
-KEYS = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
 
 
 def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
@@ -173,7 +172,9 @@ def run_phase(cfg: ExperimentConfig, layout: Layout) -> dict:
     s = cfg.sft
     binding = verify_dataset(s.dataset_manifest, s.dataset_version) if s.dataset_manifest else None
     d = cfg.data
-    data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, cfg.sft, d.shuffle_seed, d.on_error)
+    cache_dir = d.cache_dir or os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".cache")
+    data = SFTData(d.sources, tokenizer, cfg.tokenizer.chat_template, d.seq_len, cfg.sft, d.shuffle_seed, d.on_error,
+                   cfg.packing, cache_dir)
     evaluate = make_evaluator(cfg, model, tokenizer)
     before = evaluate() if evaluate and layout.main else {}
     result = train(cfg, SFTStage(cfg, model, layout, data, evaluate, binding), run_dir)

@@ -108,7 +108,8 @@ class SupervisedStage(Stage):
     def update(self, batches, step: int, count: int) -> dict:
         """One optimizer update over `count` micro-batches ({field: array} each, an iterable); the step's row."""
         updater = self.updaters()[0]
-        batches = (self._tensors(b) for b in batches)
+        real = []                     # the non-padding tokens of each micro-batch that says how many it holds
+        batches = (self._tensors(b, real) for b in batches)
         batches = list(batches) if self.layout.pp is not None else batches
         tic = time.perf_counter()
         out = updater(batches, step)
@@ -116,11 +117,15 @@ class SupervisedStage(Stage):
         tokens = self.tokens_per_micro * count * self.cfg.parallel.data_parallel
         row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                "tokens_per_s": tokens / max(dt, 1e-9), "loss_scale": out["loss_scale"], "skipped": not out["finite"]}
+        if real:                      # this rank's share of real tokens, taken as every rank's
+            row["real_tokens_per_s"] = row["tokens_per_s"] * sum(real) / (self.tokens_per_micro * len(real))
         row.update({k: out[k] for k in updater.stat_names})
         self.done = step + 1
         return row
 
-    def _tensors(self, batch: dict) -> tuple:
+    def _tensors(self, batch: dict, real: list = None) -> tuple:
+        if real is not None and "tokens" in batch:
+            real.append(int(batch["tokens"]))
         return tuple(ms.Tensor(np.ascontiguousarray(batch[k])) for k in self.keys)
 
 

@@ -47,7 +47,8 @@ def test_three_turn_loss_equals_hand_computed_value(tok):
     ms.set_seed(0)
     model = CausalLM(preset("tiny", vocab_size=tok.vocab_size))
     num, den = SFTLoss(model)(*(Tensor(ex[k][None]) for k in ("input_ids", "labels", "attention_mask", "weights")),
-                              Tensor(np.array([ex["row_weight"]])))
+                              Tensor(np.array([ex["row_weight"]])), Tensor(np.arange(96, dtype=np.int32)[None]),
+                              Tensor(np.zeros((1, 96), np.int32)))
     logits = model(Tensor(ex["input_ids"][None]), Tensor(ex["attention_mask"][None])).asnumpy()[0].astype(np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -72,9 +73,10 @@ def test_multiturn_loss_is_the_same_for_batch_8_and_4x2_accumulation(tmp_path, t
                  for j in range(1 + i % 3) for k in range(2)]
         ex = supervised_example(render(turns, tok, "chatml"), 64, tok.pad_id)
         ex["weights"], ex["row_weight"] = turn_weights(ex, 1.0 + 0.5 * (i % 2), 0.7)
+        ex["position_ids"], ex["segment_ids"] = np.arange(64, dtype=np.int32), np.zeros(64, np.int32)
         rows.append(ex)
-    batch = {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask", "weights", "row_weight")}
-    keys = ("input_ids", "labels", "attention_mask", "weights", "row_weight")
+    keys = ("input_ids", "labels", "attention_mask", "weights", "row_weight", "position_ids", "segment_ids")
+    batch = {k: np.stack([r[k] for r in rows]) for k in keys}
 
     def run(micro):
         ms.set_seed(0)

@@ -78,17 +78,22 @@ def test_rotary(b, n, s, d):
     _close(got, want, TOL["rotary"], "rotary")
 
 
-@pytest.mark.parametrize("b,n,nkv,s,d,pad", [(2, 4, 4, 9, 16, 0), (2, 14, 2, 33, 64, 5), (1, 28, 4, 64, 128, 0)])
-def test_grouped_query_attention(b, n, nkv, s, d, pad):
+@pytest.mark.parametrize("b,n,nkv,s,d,pad,docs", [(2, 4, 4, 9, 16, 0, 1), (2, 14, 2, 33, 64, 5, 1),
+                                                   (1, 28, 4, 64, 128, 0, 1), (2, 14, 2, 200, 64, 0, 3),
+                                                   (1, 28, 4, 300, 128, 0, 4)])
+def test_grouped_query_attention(b, n, nkv, s, d, pad, docs):
     """Causal attention with n query heads over nkv key/value heads (Qwen2.5-0.5B: 14 over 2; 7B: 28 over 4),
-    the last `pad` keys of the first row padding."""
+    the last `pad` keys of the first row padding; with docs > 1 each row is that many packed documents of uneven
+    lengths under a block-diagonal mask (data/packing.py), long enough for whole key blocks to be hidden."""
     rng = np.random.default_rng(3)
     q = rng.normal(size=(b, n, s, d)).astype(np.float32)
     k, v = (rng.normal(size=(b, nkv, s, d)).astype(np.float32) for _ in range(2))
     pos = Tensor(np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy())
     valid = np.ones((b, s), bool)
     valid[0, s - pad:] = False
-    bias = F.mask_bias(F.causal_mask(pos, pos, Tensor(valid)))
+    cuts = np.sort(rng.choice(np.arange(1, s), size=(b, docs - 1), replace=False), axis=1)
+    seg = Tensor(np.stack([np.searchsorted(c, np.arange(s), side="right") for c in cuts]).astype(np.int32))
+    bias = F.mask_bias(F.causal_mask(pos, pos, Tensor(valid), seg, seg))
     got, want = _both(lambda bk, q, k, v: F.attention(q, k, v, bias, d ** -0.5, ms.float32, bk), q, k, v)
     if pad:                       # rows that are padding attend nowhere useful: compare the real queries only
         keep = np.ones((b, s), bool)
