@@ -318,6 +318,19 @@ def adamw_in_place(param, m, v, grad, scalars):
     return K.OPS.adamw(param, m, v, grad.astype(ms.float32), scalars)
 
 
+_adam_weight_decay = ops.AdamWeightDecay()
+
+
+def adamw_fused_op(param, m, v, grad, lr, beta1, beta2, eps, bc1, bc2, wd):
+    """One AdamW step (bias-corrected, decoupled decay: `ms_llm.training.optim._adamw_update`) through MindSpore's
+    fused `AdamWeightDecay`, param, m and v written in place. That op has no bias correction and decays by
+    lr x decay, so the step's corrections go into its inputs: lr' = lr sqrt(bc2) / bc1, eps' = eps sqrt(bc2) and
+    decay' = wd bc1 / sqrt(bc2) give lr' m / (sqrt(v) + eps') = lr m̂ / (sqrt(v̂) + eps) and lr' decay' = lr wd,
+    the same update up to float32 rounding. grad: already scaled, float32."""
+    root = ops.sqrt(bc2)
+    return _adam_weight_decay(param, m, v, lr * root / bc1, beta1, beta2, eps * root, wd * bc1 / root, grad)
+
+
 def cross_entropy(logits, labels, ignore_index: int = -100):
     """Mean next-token cross-entropy over positions whose label is not `ignore_index`.
 

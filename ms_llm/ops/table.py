@@ -58,7 +58,7 @@ PRIMITIVES = (
     Primitive("rotary", "composed", "rope: one pass, forward + backward", "rotary_position_embedding"),
     Primitive("lm_head_loss", "logits + log_softmax + gather (distillation: ChunkedDistillHead)",
               "linear_xent, linear_distill: chunked lm_head + log-softmax / + distillation", None),
-    Primitive("adamw", "composed (training/optim.py)", "adamw: one in-place pass per parameter", None),
+    Primitive("adamw", "composed (training/optim.py)", "adamw: one in-place pass per parameter", "AdamWeightDecay"),
 )
 
 

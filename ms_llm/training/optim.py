@@ -14,7 +14,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from ms_llm.ops import backend as B
-from ms_llm.ops import adamw_in_place
+from ms_llm.ops import adamw_fused_op, adamw_in_place
 from ms_llm.training.collective import ordered_all_reduce
 from ms_llm.models.shards import shape_of
 
@@ -58,6 +58,16 @@ def _adamw_kernel(beta1, beta2, eps, bc1, bc2, gscale, lr, wd, param, m, v, grad
     return adamw_in_place(param, m, v, grad, scalars)
 
 
+_adamw_device = ops.MultitypeFuncGraph("adamw_device")
+
+
+@_adamw_device.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                        "Tensor", "Tensor", "Tensor")
+def _adamw_device_op(beta1, beta2, eps, bc1, bc2, gscale, lr, wd, param, m, v, grad):
+    """The same update through MindSpore's fused AdamWeightDecay (Ascend), param, m and v written in place."""
+    return adamw_fused_op(param, m, v, grad.astype(ms.float32) * gscale, lr, beta1, beta2, eps, bc1, bc2, wd)
+
+
 def partition(sizes, world: int) -> list:
     """Owner rank of each parameter: largest first onto the least-loaded rank (deterministic)."""
     load, owner = [0] * world, [0] * len(sizes)
@@ -83,11 +93,14 @@ class AdamW(nn.Cell):
 
     Unsharded float32 parameters update on the CPU kernel `AdamWUpdate` (backend op "adamw"): one in-place pass
     per parameter with the composed version's float32 operations in the same order, so the results agree
-    bitwise; the composed version makes about ten parameter-sized temporaries each.
+    bitwise; the composed version makes about ten parameter-sized temporaries each. On Ascend they update
+    through MindSpore's fused AdamWeightDecay with the bias corrections folded into its inputs
+    (`ops.adamw_fused_op`): equal to the composed update within float32 rounding, not bitwise
+    (tests/training/test_optim_fused.py states the tolerance).
     """
 
     def __init__(self, params, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0, lr_scales=None,
-                 shard=None):
+                 shard=None, kind: str = None):
         super().__init__(auto_prefix=False)
         self.parameters = ParameterTuple(params)
         rank, world = shard or (0, 1)
@@ -105,8 +118,15 @@ class AdamW(nn.Cell):
         self.beta1, self.beta2 = Tensor(betas[0], ms.float32), Tensor(betas[1], ms.float32)
         self.eps = Tensor(eps, ms.float32)
         self.map = ops.HyperMap()
-        self.fused = (not self.sharded and all(p.dtype == ms.float32 for p in self.parameters)
-                      and B.choose("adamw") == "cpu")
+        # unsharded float32 parameters update in place: on the CPU kernel, or on Ascend through MindSpore's fused
+        # AdamWeightDecay ("device"); `kind` forces one (tests run the device op on CPU, where it exists too)
+        plain = not self.sharded and all(p.dtype == ms.float32 for p in self.parameters)
+        backend = B.choose("adamw")
+        self.kind = kind or ("cpu" if plain and backend == "cpu" else
+                             "device" if plain and backend == "ascend" else "composed")
+        if self.kind != "composed" and not plain:
+            raise ValueError(f"AdamW kind {self.kind!r} updates unsharded float32 parameters only")
+        self.fused = self.kind == "cpu"
         # state names fixed now: MindSpore may rewrite Parameter.name when a graph with frozen params compiles
         self.state_names = tuple(p.name for p in (*self.m, *self.v, self.step))
         self.shapes = tuple(tuple(p.shape) for p in self.parameters)
@@ -132,8 +152,9 @@ class AdamW(nn.Cell):
         t = step.astype(ms.float32)
         bc1, bc2 = 1.0 - ops.pow(self.beta1, t), 1.0 - ops.pow(self.beta2, t)
         lrs = self.map(ops.partial(ops.mul, lr), self.lr_scales)
-        if self.fused:
-            return self.map(ops.partial(_adamw_fused, self.beta1, self.beta2, self.eps, bc1, bc2, grad_scale), lrs,
+        if self.kind != "composed":
+            update = _adamw_fused if self.kind == "cpu" else _adamw_device
+            return self.map(ops.partial(update, self.beta1, self.beta2, self.eps, bc1, bc2, grad_scale), lrs,
                             self.wd, self.parameters, self.m, self.v, grads)
         if not self.sharded:
             return self.map(ops.partial(_adamw, self.beta1, self.beta2, self.eps, bc1, bc2, grad_scale), lrs,
