@@ -129,7 +129,8 @@ def bertscore(model, tokenizer, candidates: list, references: list, layer: str =
     input token embeddings (what the distillation filter uses: a soft token overlap that a small model's
     contextual states would blur). Each token of one text is matched to its most similar token (cosine) of
     the other; precision averages over the candidate's tokens, recall over the reference's, F1 is their
-    harmonic mean. [N] float.
+    harmonic mean. Cosines can be negative: precision and recall below 0 count as 0 (no match), so F1 stays in
+    [0, 1] (a harmonic mean of a positive and a negative value is not a score). [N] float.
     """
     table = model.model.embed_tokens.weight.asnumpy().astype(np.float64) if layer == "embedding" else None
 
@@ -144,8 +145,8 @@ def bertscore(model, tokenizer, candidates: list, references: list, layer: str =
     scores = []
     for c, r in zip(candidates, references):
         sim = embed(c) @ embed(r).T
-        p, rec = sim.max(1).mean(), sim.max(0).mean()
-        scores.append(2 * p * rec / max(p + rec, 1e-12))
+        p, rec = max(sim.max(1).mean(), 0.0), max(sim.max(0).mean(), 0.0)
+        scores.append(2 * p * rec / (p + rec) if p + rec > 0 else 0.0)
     return np.array(scores)
 
 
