@@ -102,13 +102,14 @@ class SFTData:
 
     packing: None, or "documents" (rows of whole conversations, attention within each) or "concatenated"
     (conversations one after another, attending across). The sampled items (`sample`, `examples`) are then
-    the packed rows; a group's sampling weight still follows its number of conversations.
+    the packed rows, drawn so that each conversation is seen as often as unpacked (`_row_weights`).
 
     cache_dir: encode (and pack) once into `<cache_dir>/sft.<key>/`, one .npy per group and field, and read it
     memory-mapped: ranks that start together encode once per node (the first takes the folder's lock, the
     others wait and read; `built_here` says which), and share the pages. The key hashes the sources' bytes,
-    formats and weights, the tokenizer, the template, seq_len, packing, on_error and the SFT settings that
-    shape examples, so a change to any of them encodes again.
+    formats and weights, the tokenizer (its files and its bos/eos/pad ids), the template, seq_len, packing,
+    on_error, the SFT settings that shape examples and the code that makes them, so a change to any of them
+    encodes again; the key is also `identity`, what a checkpoint records of the data it was trained on.
     """
 
     def __init__(self, sources, tokenizer, template: str, seq_len: int, sft_cfg, seed: int = 0,
@@ -123,12 +124,12 @@ class SFTData:
             if not os.path.isfile(src.path):
                 raise MsLlmError(f"{src.path}: data file not found")
         encode = (lambda: self._encode(sources, tokenizer, template, sft_cfg, on_error))
-        self.built_here = True
+        self.built_here, self.identity = True, None
         if cache_dir is None:
             weights = encode()
         else:
-            folder = os.path.join(cache_dir, "sft." + _cache_key(sources, tokenizer, template, seq_len, sft_cfg,
-                                                                  packing, on_error))
+            self.identity = _cache_key(sources, tokenizer, template, seq_len, sft_cfg, packing, on_error)
+            folder = os.path.join(cache_dir, "sft." + self.identity)
             done = os.path.join(folder, "index.json")
             self.built_here = False
             if not os.path.isfile(done):
@@ -137,7 +138,14 @@ class SFTData:
                         self._write(folder, encode())
                         self.built_here = True
             weights = self._read(folder)
-        self.sampler = MixtureSampler([len(g) for g in self.groups], weights, seed)
+        self.weights = list(weights)
+        self.sampler = MixtureSampler([len(g) for g in self.groups], self._row_weights(), seed)
+
+    def _row_weights(self) -> list:
+        """Each group's weight per sampled item: its configured weight (a share of conversations) times rows per
+        conversation, so that packed or not, every conversation of a group is drawn equally often (a group whose
+        conversations pack densely would otherwise bring more of them per draw)."""
+        return [w * len(g) / max(n, 1) for w, g, n in zip(self.weights, self.groups, self.group_conversations)]
 
     def _encode(self, sources, tokenizer, template, sft_cfg, on_error) -> list:
         """Read, render and pack every source into self.keys / self.groups; returns the groups' weights."""
@@ -155,7 +163,8 @@ class SFTData:
         if not groups:
             raise MsLlmError("data.sources hold no usable SFT examples")
         self.keys = sorted(groups)
-        self.conversations = sum(len(g) for g in groups.values())
+        self.group_conversations = [len(groups[k]) for k in self.keys]
+        self.conversations = sum(self.group_conversations)
         self.groups = [self._pack(groups[k]) for k in self.keys]
         return [weights[k] for k in self.keys]
 
@@ -167,8 +176,9 @@ class SFTData:
                         np.save(os.path.join(tmp, f"group{g}.{field}.npy"), np.stack([ex[field] for ex in group]))
             with open(os.path.join(tmp, "index.json"), "w") as f:
                 json.dump({"version": CACHE_VERSION, "seq_len": self.seq_len, "packing": self.packing,
-                           "groups": [{"source": si, "task": task, "weight": w, "items": len(group)}
-                                      for (si, task), w, group in zip(self.keys, weights, self.groups)],
+                           "groups": [{"source": si, "task": task, "weight": w, "items": len(group), "conversations": n}
+                                      for (si, task), w, group, n in zip(self.keys, weights, self.groups,
+                                                                         self.group_conversations)],
                            "conversations": self.conversations, "read": self.stats.read,
                            "skipped": self.stats.skipped, "skip_reasons": self.stats.reasons}, f, indent=1)
 
@@ -181,6 +191,7 @@ class SFTData:
             columns = {field: np.load(os.path.join(folder, f"group{g}.{field}.npy"), mmap_mode="r")
                        for field in COLUMNS if os.path.isfile(os.path.join(folder, f"group{g}.{field}.npy"))}
             self.groups.append(Rows(columns))
+        self.group_conversations = [g["conversations"] for g in index["groups"]]
         self.conversations = index["conversations"]
         self.stats = ReadStats(index["read"], index["skipped"], list(index["skip_reasons"]))
         return [g["weight"] for g in index["groups"]]
@@ -239,11 +250,12 @@ class SFTData:
         deterministic given the groups added so far."""
         if not examples:
             return
-        weights = list(self.sampler.p) + [weight]
-        self.keys.append(key)
+        self.weights = [w / sum(self.weights) for w in self.weights] + [weight]   # (the old groups' shares keep
+        self.keys.append(key)                                                       # their sum, as before)
         self.conversations += len(examples)
+        self.group_conversations.append(len(examples))
         self.groups.append(self._pack(examples))
-        self.sampler = MixtureSampler([len(g) for g in self.groups], weights, self.seed)
+        self.sampler = MixtureSampler([len(g) for g in self.groups], self._row_weights(), self.seed)
 
     def batch_indices(self, micro_index: int, micro_batch: int, rank: int = 0, world: int = 1) -> list:
         base = micro_index * micro_batch * world + rank * micro_batch
@@ -273,8 +285,11 @@ class SFTData:
 def _cache_key(sources, tokenizer, template, seq_len, sft_cfg, packing, on_error) -> str:
     settings = {k: getattr(sft_cfg, k) for k in ("identity", "keep_think", "max_turns", "task_weights", "turn_decay",
                                                   "task_sampling")}
+    here = os.path.dirname(os.path.abspath(__file__))          # the code that makes examples: a change re-encodes
+    code = [sha256_file(os.path.join(here, f)) for f in ("chat.py", "examples.py", "packing.py", "sft.py")]
+    specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size)
     what = [CACHE_VERSION, [(sha256_file(s.path), s.format, s.weight) for s in sources], tokenizer_fingerprint(tokenizer),
-            template, seq_len, packing, on_error, settings]
+            specials, code, template, seq_len, packing, on_error, settings]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

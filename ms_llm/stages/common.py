@@ -68,7 +68,8 @@ def _audit_lines(run_dir: str) -> list:
     written, so `ms-llm report RUN_DIR` later shows what is overdue by then."""
     hours = 48.0
     try:
-        hours = load_config(os.path.join(run_dir, "config.resolved.yaml")).ppo.audit.review_hours
+        # the run's own record, not a config to run: no cross-field rules (an older release's defaults may break them)
+        hours = load_config(os.path.join(run_dir, "config.resolved.yaml"), check=False).ppo.audit.review_hours
     except Exception:                  # noqa: BLE001 - an old or hand-written run dir: the default applies
         pass
     rounds = audit_status(run_dir, hours)

@@ -138,6 +138,8 @@ class SFTStage(SupervisedStage):
         self.noisy = s.neftune_alpha > 0
         self.keys = KEYS + (("embed_noise",) if self.noisy else ())
         self.must_match = {"dataset": binding} if binding else {}
+        if data.identity:          # the rows themselves: sources, tokenizer, packing, settings (data/sft.py)
+            self.must_match["sft_data"] = data.identity
         self.converged = converged(s.converge_metric, s.converge_tolerance, s.converge_patience)
 
     def batch(self, micro_index: int) -> dict:

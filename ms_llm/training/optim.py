@@ -120,6 +120,8 @@ class AdamW(nn.Cell):
         self.map = ops.HyperMap()
         # unsharded float32 parameters update in place: on the CPU kernel, or on Ascend through MindSpore's fused
         # AdamWeightDecay ("device"); `kind` forces one (tests run the device op on CPU, where it exists too)
+        if kind not in (None, "cpu", "device", "composed"):
+            raise ValueError(f"AdamW kind must be None, 'cpu', 'device' or 'composed', not {kind!r}")
         plain = not self.sharded and all(p.dtype == ms.float32 for p in self.parameters)
         backend = B.choose("adamw")
         self.kind = kind or ("cpu" if plain and backend == "cpu" else

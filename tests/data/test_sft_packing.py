@@ -198,7 +198,11 @@ def test_sft_data_packs_each_group_and_keeps_the_loss_denominators(synth, tok):
         assert sum(r["documents"] for r in pg) == len(g) and len(pg) < len(g)
         assert sum(r["tokens"] for r in pg) == sum(int(x["attention_mask"].sum()) for x in g)
         assert sum(float(r["row_weight"]) for r in pg) == pytest.approx(sum(float(x["row_weight"]) for x in g), rel=1e-5)
-    np.testing.assert_allclose(packed.sampler.p, plain.sampler.p)           # groups weighted by conversations
+    # rows are drawn so that each group's share of conversations is the unpacked one, however densely it packs
+    per_draw = np.array([c / len(g) for c, g in zip(packed.group_conversations, packed.groups)])
+    assert per_draw.max() > 1.2 * per_draw.min()                 # the groups do pack unevenly
+    shares = packed.sampler.p * per_draw
+    np.testing.assert_allclose(shares / shares.sum(), plain.sampler.p, rtol=1e-9)
     b, u = packed.batch(3, 4, rank=1, world=2), plain.batch(3, 4, rank=1, world=2)
     assert set(b) == set(u) == set(KEYS) | {"tokens"}
     assert b["tokens"] == int(sum(packed.sample(k)["tokens"] for k in packed.batch_indices(3, 4, 1, 2)))
@@ -255,7 +259,7 @@ def test_sft_data_is_encoded_once_into_a_cache_that_ranks_starting_together_shar
         assert waited and other.poll() is None, other.stderr.read()
         # (this process holds the lock: it writes the cache as SFTData does under it)
         built = SFTData(src, tok, "chatml", SEQ, SFTSection(), packing="documents")
-        built._write(folder, list(built.sampler.p))
+        built._write(folder, built.weights)
     out, err = other.communicate(timeout=120)
     built = SFTData(src, tok, "chatml", SEQ, SFTSection(), packing="documents", cache_dir=cache)
     theirs, ids = json.loads(out.strip().splitlines()[-1])
@@ -266,4 +270,6 @@ def test_sft_data_is_encoded_once_into_a_cache_that_ranks_starting_together_shar
             np.testing.assert_array_equal(np.asarray(built.sample(k)[key]), np.asarray(value), err_msg=key)
     np.testing.assert_array_equal(np.asarray(ids), memory.batch(5, 4, 1, 2)["input_ids"])
     assert built.stats.read == memory.stats.read and built.conversations == memory.conversations
+    assert built.group_conversations == memory.group_conversations
+    np.testing.assert_allclose(built.sampler.p, memory.sampler.p, rtol=1e-12)
     assert SFTData(src, tok, "chatml", SEQ, SFTSection(), cache_dir=cache).built_here          # unpacked: its own

@@ -68,6 +68,8 @@ def test_the_fused_kinds_refuse_what_they_cannot_update():
     half = Parameter(Tensor(np.zeros((4, 4), np.float16)), name="w")
     with pytest.raises(ValueError, match="AdamW kind 'device' updates unsharded float32 parameters only"):
         AdamW([half], kind="device")
+    with pytest.raises(ValueError, match="AdamW kind must be None, 'cpu', 'device' or 'composed', not 'fused'"):
+        AdamW([half], kind="fused")
 
 
 def test_a_graph_mode_train_step_with_the_fused_op_follows_the_composed_one(graph_mode):
