@@ -45,9 +45,12 @@ def _uninterrupted_and_killed(workdir, args, name: str, steps: int, killed_at: i
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     d = make_workdir(tmp_path_factory, "distill")
-    # no evaluation in the teacher's own run: the distillation stage scores the teacher itself. 200 steps of packed
-    # SFT rows (2.3 conversations each) train it on about the conversations 450 unpacked steps did (the tiny chain's)
-    _train(d, "configs/tiny/distill_teacher.yaml", "train.eval_every=0", "sft.eval_prompts=null", "train.max_steps=200")
+    # no evaluation in the teacher's own run: the distillation stage scores the teacher itself. One conversation per
+    # row, as these tests were written for: the student's margins here (within 0.9 of the teacher, above
+    # cross-entropy alone) were measured against that teacher (exact match ~0.7). Packed, 450 steps made it stronger
+    # (0.76, the student then 0.67 < 0.9 x 0.76) and 200 steps weaker (0.63, distillation tied cross-entropy alone)
+    _train(d, "configs/tiny/distill_teacher.yaml", "train.eval_every=0", "sft.eval_prompts=null", "train.max_steps=450",
+           "data.packing=false")
     return d
 
 
