@@ -187,7 +187,7 @@ class SFTData:
             index = json.load(f)
         self.keys = [(g["source"], g["task"]) for g in index["groups"]]
         self.groups = []
-        for g, info in enumerate(index["groups"]):
+        for g in range(len(index["groups"])):
             columns = {field: np.load(os.path.join(folder, f"group{g}.{field}.npy"), mmap_mode="r")
                        for field in COLUMNS if os.path.isfile(os.path.join(folder, f"group{g}.{field}.npy"))}
             self.groups.append(Rows(columns))
