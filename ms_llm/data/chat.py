@@ -13,6 +13,7 @@ tokenizer's bos/eos ids (SentencePiece does not parse "<s>" written as text). Ot
 from dataclasses import dataclass
 from typing import Optional
 
+from ms_llm.data.tools import apply_tools
 from ms_llm.errors import MsLlmError
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -31,23 +32,29 @@ class ChatTemplate:
     default_system: Optional[str] = None
     system_in_first_user: bool = False   # Llama-2 folds the system prompt into the first [INST]
     specials: tuple = ()            # literal special tokens the tokenizer must have
+    tool_format: Optional[str] = None   # how tools and tool calls are written (data/tools.py): hermes | llama3
+    tool_open: str = ""             # consecutive tool results share one turn: open + tool per result + close
+    tool_close: str = ""
 
 
 TEMPLATES = {
     "chatml": ChatTemplate("chatml", "", "<|im_start|>system\n{content}<|im_end|>\n",
                            "<|im_start|>user\n{content}<|im_end|>\n", "<|im_start|>tool\n{content}<|im_end|>\n",
-                           "<|im_start|>assistant\n", "<|im_end|>", "\n", specials=("<|im_start|>", "<|im_end|>")),
+                           "<|im_start|>assistant\n", "<|im_end|>", "\n", specials=("<|im_start|>", "<|im_end|>"),
+                           tool_format="hermes"),
     "qwen": ChatTemplate("qwen", "", "<|im_start|>system\n{content}<|im_end|>\n",
                          "<|im_start|>user\n{content}<|im_end|>\n",
-                         "<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n",
+                         "\n<tool_response>\n{content}\n</tool_response>",
                          "<|im_start|>assistant\n", "<|im_end|>", "\n", default_system=QWEN_DEFAULT_SYSTEM,
-                         specials=("<|im_start|>", "<|im_end|>")),
+                         specials=("<|im_start|>", "<|im_end|>"), tool_format="hermes",
+                         tool_open="<|im_start|>user", tool_close="<|im_end|>\n"),
     "llama3": ChatTemplate("llama3", "<|begin_of_text|>",
                            "<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
                            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
                            "<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
                            "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
-                           specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+                           specials=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                           tool_format="llama3"),
     "llama2": ChatTemplate("llama2", "", "<<SYS>>\n{content}\n<</SYS>>\n\n", "{bos}[INST] {content} [/INST]",
                            "{bos}[INST] {content} [/INST]", " ", " {eos}", system_in_first_user=True),
     "plain": ChatTemplate("plain", "", "{content}\n\n", "User: {content}\n", "Observation: {content}\n",
@@ -93,8 +100,10 @@ def check_tokenizer(template: ChatTemplate, tokenizer):
 
 
 def render(messages, tokenizer, template="chatml", add_generation_prompt: bool = False,
-           use_default_system: bool = True) -> Rendered:
-    """Token ids and loss mask for a conversation (see module docstring)."""
+           use_default_system: bool = True, tools=None, date: str = None) -> Rendered:
+    """Token ids and loss mask for a conversation (see module docstring). `tools` (JSON schemas) and assistant
+    `tool_calls` are written the way the template's model family writes them (data/tools.py); `date` is the
+    "Today Date" of the llama3 tool prompt."""
     tpl = get_template(template) if isinstance(template, str) else template
     check_tokenizer(tpl, tokenizer)
     ids, mask, turn = [], [], []
@@ -108,9 +117,13 @@ def render(messages, tokenizer, template="chatml", add_generation_prompt: bool =
     msgs = list(messages)
     if tpl.default_system and use_default_system and not (msgs and msgs[0]["role"] == "system"):
         msgs.insert(0, {"role": "system", "content": tpl.default_system})
+    try:
+        msgs = apply_tools(tpl, msgs, tools, date)
+    except ValueError as e:
+        raise MsLlmError(str(e)) from None
     put(tpl.begin)
     pending_system, k = None, 0
-    for m in msgs:
+    for j, m in enumerate(msgs):
         role, content = m["role"], m["content"]
         if role == "system":
             if tpl.system_in_first_user:
@@ -122,7 +135,14 @@ def render(messages, tokenizer, template="chatml", add_generation_prompt: bool =
                 content, pending_system = pending_system + content, None
             put(tpl.user.replace("{content}", content))
         elif role == "tool":
-            put(tpl.tool.replace("{content}", content))
+            if j and msgs[j - 1]["role"] == "tool" and (tpl.tool_open or tpl.tool_close):
+                continue                # written with the first result of its run
+            run = [content]
+            while tpl.tool_open or tpl.tool_close:
+                if j + len(run) >= len(msgs) or msgs[j + len(run)]["role"] != "tool":
+                    break
+                run.append(msgs[j + len(run)]["content"])
+            put(tpl.tool_open + "".join(tpl.tool.replace("{content}", c) for c in run) + tpl.tool_close)
         elif role == "assistant":
             put(tpl.assistant_prefix)
             put(content, True, k)
