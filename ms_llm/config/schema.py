@@ -50,7 +50,8 @@ PACKING_STAGES = ("pretrain", "cpt", "sft")     # the stages that read data.pack
 @dataclass
 class DataSource:
     path: str = opt("", "JSONL file")
-    format: str = opt("text", "Record format", ["text", "alpaca", "sharegpt", "preference", "prompts", "unpaired"])
+    format: str = opt("text", "Record format", ["text", "alpaca", "sharegpt", "openai", "xlam", "preference", "prompts",
+                                                "unpaired"])
     weight: float = opt(1.0, "Sampling weight in the mixture (normalized over sources)")
     domain: Optional[str] = opt(None, "Domain tag (defaults to the record's `domain` field, else 'general')")
 

@@ -4,11 +4,17 @@
     text        {"text": str, "domain"?: str}
     alpaca      {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...], "task"?}
     sharegpt    {"conversations": [{"from": human|gpt|function_call|observation, "value"}], "system"?, "tools"?, "task"?}
+                (a function_call value is the call as JSON, {"name", "arguments"} or a list of them; without
+                "tools", a value that is not JSON stays the assistant's text)
+    openai      {"messages": [{"role", "content", "tool_calls"?, "tool_call_id"?}], "tools"?: [schema], "task"?}
+    xlam        {"query": str, "tools": [{"name", "description", "parameters": {arg: {"type", ...}}}],
+                 "answers": [{"name", "arguments"}]}     (xLAM / APIGen function-calling sets; lists may be JSON text)
     preference  {"prompt": str | [{"role", "content"}], "chosen": str, "rejected": str, "margin"?: number, "tag"?: str}
     prompts     {"prompt": str, "answer"?: str, "task"?: str, "tests"?: str}
     unpaired    {"prompt": str | [{"role", "content"}], "completion": str, "label": bool}   (KTO)
 
-Conversational formats become {"messages": [{"role", "content"}], "task"}. Every record keeps its file
+Conversational formats become {"messages": [{"role", "content", "tool_calls"?}], "task", "tools"?}; tool calls
+are normalized to [{"name", "arguments": dict}] and tools to JSON schemas (data/tools.py). Every record keeps its file
 line number as "line". A malformed line raises
 MsLlmError naming file:line, or with on_error="skip" is counted in `ReadStats` and left out.
 """
@@ -16,6 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ms_llm.data.tools import check_tools, normalize_call
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import numbered_lines, utf8
 
@@ -77,11 +84,93 @@ def _sharegpt(rec):
         if (role in ("user", "tool")) != expect_user:
             want = "human/observation" if expect_user else "gpt/function_call"
             raise ValueError(f"conversations[{i}]: roles out of order, expected {want} but got '{turn['from']}'")
-        msgs.append({"role": role, "content": turn["value"]})
+        if turn["from"] == "function_call" and (rec.get("tools") or turn["value"].lstrip().startswith(("{", "["))):
+            # with tools declared (or JSON given), the value is the call; a free-text one without tools stays text
+            calls = _json_field(turn["value"], f"conversations[{i}].value")
+            calls = calls if isinstance(calls, list) else [calls]
+            msgs.append({"role": "assistant", "content": "",
+                         "tool_calls": [normalize_call(c, f"conversations[{i}]") for c in calls]})
+        else:
+            msgs.append({"role": role, "content": turn["value"]})
         expect_user = not expect_user
     if msgs[-1]["role"] != "assistant":
         raise ValueError("conversation must end with a gpt/function_call turn")
-    return {"messages": msgs, "task": rec.get("task"), "tools": rec.get("tools")}
+    return {"messages": msgs, "task": rec.get("task"), "tools": _tools(rec.get("tools"))}
+
+
+def _json_field(value, where):
+    """A field that holds JSON, or JSON written as a string (ShareGPT and xLAM sets store both)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'{where}' is not JSON ({e.msg})") from None
+    return value
+
+
+def _tools(value, where="tools"):
+    if value is None or value == "" or value == []:
+        return None
+    return check_tools(_json_field(value, where), where)
+
+
+def _openai(rec):
+    raw = rec.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("'messages' must be a non-empty list")
+    msgs = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"messages[{i}] needs a role (system, user, assistant, tool)")
+        content = m.get("content")
+        if content is None and m["role"] == "assistant" and m.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}] needs a string 'content'")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"messages[{i}]: a system message may only come first")
+        msg = {"role": m["role"], "content": content}
+        if m.get("tool_calls"):
+            if m["role"] != "assistant" or not isinstance(m["tool_calls"], list):
+                raise ValueError(f"messages[{i}]: 'tool_calls' must be a list on an assistant message")
+            msg["tool_calls"] = [normalize_call(c, f"messages[{i}].tool_calls[{k}]")
+                                 for k, c in enumerate(m["tool_calls"])]
+        msgs.append(msg)
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError("the conversation must end with an assistant message")
+    if not any(m["role"] == "user" for m in msgs):
+        raise ValueError("the conversation has no user message")
+    return {"messages": msgs, "task": rec.get("task"), "tools": _tools(rec.get("tools"))}
+
+
+def _xlam(rec):
+    query = _need_str(rec, "query")
+    tools = _json_field(rec.get("tools"), "tools")
+    answers = _json_field(rec.get("answers"), "answers")
+    if not isinstance(tools, list) or not tools:
+        raise ValueError("'tools' must be a non-empty list")
+    if not isinstance(answers, list):
+        raise ValueError("'answers' must be a list of calls")
+    schemas = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("parameters", {}), dict):
+            raise ValueError(f"tools[{i}] needs a string 'name' and an object 'parameters'")
+        props = t.get("parameters", {})
+        if props.get("type") == "object" and isinstance(props.get("properties"), dict):
+            params = props                         # already a JSON schema
+        else:                                      # xLAM's {arg: {"type", "description", "default"?}}
+            required = [k for k, v in props.items() if isinstance(v, dict) and "default" not in v
+                        and "optional" not in str(v.get("type", ""))]
+            params = {"type": "object", "properties": props, "required": required}
+        schemas.append({"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
+                                                         "parameters": params}})
+    calls = [normalize_call(c, f"answers[{k}]") for k, c in enumerate(answers)]
+    msgs = [{"role": "user", "content": query}]
+    if calls:
+        msgs.append({"role": "assistant", "content": "", "tool_calls": calls})
+    else:
+        raise ValueError("'answers' is empty: the record has no call to learn")
+    return {"messages": msgs, "task": rec.get("task"), "tools": schemas}
 
 
 def _prompt_messages(rec):
@@ -128,8 +217,8 @@ def _unpaired(rec):
             "task": rec.get("task")}
 
 
-PARSERS = {"text": _text, "alpaca": _alpaca, "sharegpt": _sharegpt, "preference": _preference, "prompts": _prompts,
-           "unpaired": _unpaired}
+PARSERS = {"text": _text, "alpaca": _alpaca, "sharegpt": _sharegpt, "openai": _openai, "xlam": _xlam,
+           "preference": _preference, "prompts": _prompts, "unpaired": _unpaired}
 
 
 def read_records(path: str, fmt: str, on_error: str = "raise", stats: ReadStats = None) -> list:

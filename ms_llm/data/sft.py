@@ -33,6 +33,7 @@ from ms_llm.data.readers import ReadStats, read_records
 from ms_llm.errors import MsLlmError
 from ms_llm.fileio import sha256_file
 
+CONVERSATION_FORMATS = ("alpaca", "sharegpt", "openai", "xlam")
 THINK = re.compile(r"<think>.*?</think>\s*", re.S)
 
 
@@ -45,15 +46,20 @@ def preprocess(messages: list, identity: dict, keep_think: bool, max_turns: int)
             content = content.replace("{{" + key + "}}", str(value))
         if m["role"] == "assistant" and not keep_think:
             content = THINK.sub("", content)
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": content, **({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})})
     return drop_oldest_turns(out, max_turns)
 
 
+def _exchange_starts(rest: list) -> list:
+    return [i for i, m in enumerate(rest) if m["role"] == "user" and (i == 0 or rest[i - 1]["role"] == "assistant")]
+
+
 def drop_oldest_turns(messages: list, keep: int) -> list:
-    """Keep the system message and the last `keep` user->assistant exchanges."""
+    """Keep the system message and the last `keep` exchanges (a user message and every assistant and tool
+    message up to the next one)."""
     system = [m for m in messages if m["role"] == "system"]
     rest = [m for m in messages if m["role"] != "system"]
-    starts = [i for i, m in enumerate(rest) if m["role"] == "user" and (i == 0 or rest[i - 1]["role"] == "assistant")]
+    starts = _exchange_starts(rest)
     if len(starts) > keep:
         rest = rest[starts[-keep]:]
     return system + rest
@@ -119,8 +125,9 @@ class SFTData:
         self.seq_len, self.pad_id, self.seed, self.packing = seq_len, tokenizer.pad_id, seed, packing
         self.stats = ReadStats()
         for src in sources:
-            if src.format not in ("alpaca", "sharegpt"):
-                raise MsLlmError(f"data.sources: {src.path} has format '{src.format}'; SFT reads alpaca or sharegpt")
+            if src.format not in CONVERSATION_FORMATS:
+                raise MsLlmError(f"data.sources: {src.path} has format '{src.format}'; SFT reads "
+                                 f"{', '.join(CONVERSATION_FORMATS)}")
             if not os.path.isfile(src.path):
                 raise MsLlmError(f"{src.path}: data file not found")
         encode = (lambda: self._encode(sources, tokenizer, template, sft_cfg, on_error))
@@ -199,10 +206,11 @@ class SFTData:
     def _example(self, rec, tokenizer, template, cfg, path, lineno, on_error):
         msgs = preprocess(rec["messages"], cfg.identity, cfg.keep_think, cfg.max_turns)
         while True:
-            r = render(msgs, tokenizer, template)
+            r = render(msgs, tokenizer, template, tools=rec.get("tools"))
             if len(r.ids) <= self.seq_len + 1:
                 break
-            shorter = drop_oldest_turns(msgs, _n_turns(msgs) - 1) if _n_turns(msgs) > 1 else None
+            n = _n_exchanges(msgs)
+            shorter = drop_oldest_turns(msgs, n - 1) if n > 1 else None
             if shorter is None:
                 reason = (f"{path}:{lineno}: the last turn alone is {len(r.ids)} tokens, over data.seq_len="
                           f"{self.seq_len}")
@@ -273,7 +281,7 @@ class SFTData:
         return out
 
     def encode_records(self, records, tokenizer, template, sft_cfg, path: str) -> list:
-        """Records (alpaca/sharegpt, as read_records returns them) -> examples, bad ones skipped and counted."""
+        """Records (conversations, as read_records returns them) -> examples, bad ones skipped and counted."""
         out = []
         for rec in records:
             ex = self._example(rec, tokenizer, template, sft_cfg, path, rec.get("line", 0), "skip")
@@ -286,7 +294,7 @@ def _cache_key(sources, tokenizer, template, seq_len, sft_cfg, packing, on_error
     settings = {k: getattr(sft_cfg, k) for k in ("identity", "keep_think", "max_turns", "task_weights", "turn_decay",
                                                   "task_sampling")}
     here = os.path.dirname(os.path.abspath(__file__))          # the code that makes examples: a change re-encodes
-    code = [sha256_file(os.path.join(here, f)) for f in ("chat.py", "examples.py", "packing.py", "sft.py")]
+    code = [sha256_file(os.path.join(here, f)) for f in ("chat.py", "tools.py", "examples.py", "packing.py", "sft.py")]
     specials = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size)
     what = [CACHE_VERSION, [(sha256_file(s.path), s.format, s.weight) for s in sources], tokenizer_fingerprint(tokenizer),
             specials, code, template, seq_len, packing, on_error, settings]
@@ -302,5 +310,6 @@ def neftune_noise(seed: int, sample_positions, seq_len: int, hidden: int) -> np.
     return out * 2.0 - 1.0
 
 
-def _n_turns(msgs) -> int:
-    return sum(1 for m in msgs if m["role"] == "assistant")
+def _n_exchanges(msgs) -> int:
+    # counted as drop_oldest_turns counts them: a tool-using exchange holds several assistant messages
+    return len(_exchange_starts([m for m in msgs if m["role"] != "system"]))

@@ -8,6 +8,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 
 from ms_llm.data.chat import render
@@ -186,3 +187,81 @@ def test_parser_round_trips_what_the_template_writes(qwen, llama):
 def test_templates_without_a_tool_format_say_so(qwen):
     with pytest.raises(MsLlmError, match="'llama2' has no tool-call format"):
         parse_tool_calls("x", "llama2")
+
+
+# ----- function-call SFT data ---------------------------------------------------------------------------------
+def _jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_function_call_readers_normalize_three_formats(tmp_path):
+    from ms_llm.data.readers import read_records
+    tools = [ADD["function"]]
+    call = {"name": "add", "arguments": {"a": 1, "b": 2}}
+    want = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "", "tool_calls": [ToolCall("add", {"a": 1, "b": 2})]},
+            {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]
+    share = read_records(_jsonl(tmp_path / "s.jsonl", [{"tools": json.dumps(tools), "conversations": [
+        {"from": "human", "value": "1+2?"}, {"from": "function_call", "value": json.dumps(call)},
+        {"from": "observation", "value": "3"}, {"from": "gpt", "value": "3"}]}]), "sharegpt")[0]
+    openai = read_records(_jsonl(tmp_path / "o.jsonl", [{"tools": [ADD], "messages": [
+        {"role": "user", "content": "1+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c0", "type": "function", "function": {
+            "name": "add", "arguments": json.dumps(call["arguments"])}}]},
+        {"role": "tool", "tool_call_id": "c0", "content": "3"}, {"role": "assistant", "content": "3"}]}]), "openai")[0]
+    assert share["messages"] == want and openai["messages"] == want
+    assert share["tools"] == tools and openai["tools"] == [ADD]
+    xlam = read_records(_jsonl(tmp_path / "x.jsonl", [{
+        "query": "1+2?", "answers": json.dumps([call, {"name": "neg", "arguments": {"x": 3}}]),
+        "tools": json.dumps([{"name": "add", "description": "Sum", "parameters": {
+            "a": {"type": "int", "description": "first"}, "b": {"type": "int", "description": "second", "default": 0}}},
+            {"name": "neg", "description": "Negate", "parameters": {"x": {"type": "int, optional"}}}])}]), "xlam")[0]
+    assert xlam["messages"] == [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "", "tool_calls": [
+        ToolCall("add", {"a": 1, "b": 2}), ToolCall("neg", {"x": 3})]}]
+    assert xlam["tools"][0]["function"]["parameters"]["required"] == ["a"]
+    assert xlam["tools"][1]["function"]["parameters"]["required"] == []
+
+
+@pytest.mark.parametrize("fmt,row,message", [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{\"name\": \"f\","}]},
+     r"bad.jsonl:2: 'conversations\[1\].value' is not JSON"),
+    ("sharegpt", {"tools": "[{\"description\": \"no name\"}]", "conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, r"bad.jsonl:2: tools\[0\] must be a JSON schema"),
+    ("openai", {"messages": [{"role": "user", "content": "q", "tool_calls": []}, {"role": "assistant", "content": "a",
+                "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+     r"bad.jsonl:2: messages\[1\].tool_calls\[0\]: arguments of 'f' are not JSON"),
+    ("openai", {"messages": [{"role": "assistant", "content": "a"}]}, "bad.jsonl:2: the conversation has no user message"),
+    ("xlam", {"query": "q", "tools": [{"name": "f", "parameters": {}}], "answers": []},
+     "bad.jsonl:2: 'answers' is empty"),
+])
+def test_function_call_readers_name_the_line(tmp_path, fmt, row, message):
+    from ms_llm.data.readers import read_records
+    good = {"sharegpt": {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            "openai": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            "xlam": {"query": "q", "tools": [{"name": "f", "parameters": {}}], "answers": [{"name": "f", "arguments": {}}]}}
+    with pytest.raises(MsLlmError, match=message):
+        read_records(_jsonl(tmp_path / "bad.jsonl", [good[fmt], row]), fmt)
+
+
+def test_tool_results_carry_zero_loss_weight_in_sft_data(tmp_path):
+    """An SFT example from tool-call data: the call tokens are trained, the tool's result tokens are not."""
+    from ms_llm.config.schema import DataSource, SFTSection
+    from ms_llm.data.sft import SFTData
+    from ms_llm.data.synthetic import synthesize
+    synthesize(str(tmp_path / "d"), n_text=50, n_sft=20, n_eval=5)
+    tok = Tokenizer.load(tmp_path / "d" / "tokenizer")
+    result = "RESULTMARK 12345"
+    path = _jsonl(tmp_path / "o.jsonl", [{"tools": [ADD], "messages": [
+        {"role": "user", "content": "12000 + 345?"},
+        {"role": "assistant", "content": "", "tool_calls": [_call("add", a=12000, b=345)]},
+        {"role": "tool", "content": result}, {"role": "assistant", "content": "It is 12345."}]}])
+    data = SFTData([DataSource(path=path, format="openai")], tok, "chatml", 1024, SFTSection())
+    row = data.groups[0][0]
+    ids, labels, weights = (np.asarray(row[k]) for k in ("input_ids", "labels", "weights"))
+    trained = tok.decode([int(t) for t, w in zip(labels, weights) if w > 0])
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 12000, "b": 345}}\n</tool_call>' in trained
+    assert "It is 12345." in trained and "RESULTMARK" not in trained and "# Tools" not in trained
+    assert "RESULTMARK" in tok.decode([int(t) for t in ids])          # the result is in the input, weight 0
+    # one exchange holds two assistant messages: too long for seq_len it is refused, not shortened forever
+    with pytest.raises(MsLlmError, match="o.jsonl:1: the last turn alone is"):
+        SFTData([DataSource(path=path, format="openai")], tok, "chatml", 64, SFTSection())
