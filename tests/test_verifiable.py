@@ -45,3 +45,31 @@ def test_weighted_total_and_unknown_names():
         VerifiableRewards({"exact": 1.0})
     with pytest.raises(MsLlmError, match="grpo.reward_model"):
         VerifiableRewards({"reward_model": 1.0})
+
+
+def test_math_style_agrees_with_the_hand_written_extraction_and_accepts_equivalent_forms():
+    """answer_style math (math-verify) gives the hand-written verdicts on the exact-match cases above, and accepts
+    equal values written differently, which the hand-written extraction rejects."""
+    recs = [{"answer": "42"}, {"answer": "42"}, {"answer": "#### 1,234"}, {"answer": "xjoe"}, {"answer": "xjoe"},
+            {"answer": "12"}, {"answer": None}]
+    texts = ["so 40 + 2 = 42. The answer is 42.", "The answer is 41.", "#### 1234", "xjoe", "xjoe xjoe", "7 + 5 = 12",
+             "42"]
+    assert exact_match_reward(texts, recs, "math").tolist() == exact_match_reward(texts, recs, "number").tolist() \
+        == [1, 0, 1, 1, 0, 1, 0]
+    equivalent = [(r"$\frac{1}{2}$", "The answer is 0.5."), ("0.5", r"so the answer is \boxed{\frac{1}{2}}"),
+                  ("1/2", "The answer is 0.5"), (r"$\sqrt{4}$", "The answer is 2."), (r"$\{1, 2\}$", r"$\{2, 1\}$")]
+    recs, texts = [{"answer": a} for a, _ in equivalent], [t for _, t in equivalent]
+    assert exact_match_reward(texts, recs, "math").tolist() == [1] * 5
+    assert exact_match_reward(texts, recs, "auto").sum() == 0
+    # and it still says no to a different value
+    assert exact_match_reward(["The answer is 0.49"], [{"answer": r"$\frac{1}{2}$"}], "math").tolist() == [0]
+
+
+def test_math_style_in_the_exact_match_reward_runs_off_the_main_thread():
+    # math-verify's own timeout uses SIGALRM, which only the main thread may set; a caller in a thread still works
+    import threading
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=exact_match_reward(["x = 0.5"], [{"answer": r"\frac{1}{2}"}], "math")))
+    t.start()
+    t.join()
+    assert out["r"].tolist() == [1]

@@ -605,8 +605,9 @@ class GRPOSection:
     rewards: dict = opt(lambda: {"exact_match": 1.0}, "Reward functions and their weights: exact_match, code "
                                                       "(sandboxed tests), format (<think>…</think> then an answer), "
                                                       "reward_model")
-    answer_style: str = opt("auto", "exact_match answer extraction (eval/generative.py:extract_answer)",
-                            ["auto", "number", "text"])
+    answer_style: str = opt("auto", "exact_match answer extraction (eval/generative.py:extract_answer); math: "
+                                    "equivalence judged by math-verify (pip install 'ms_llm[math]')",
+                            ["auto", "number", "text", "math"])
     reward_model: Optional[str] = opt(None, "Reward model for the reward_model reward (an exported reward run)")
     reward_dtype: str = opt("auto", "dtype the frozen reward model (and safety classifier) is held and computed in, as "
                                     "a FrozenModelSection's dtype: auto = bfloat16 on Ascend, float32 on CPU",

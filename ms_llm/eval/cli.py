@@ -64,6 +64,8 @@ def main(argv):
     p.add_argument("--method", default="letter", choices=["letter", "choice", "cloze"])
     p.add_argument("--template", default="chatml", help="em: chat template for the prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--answer-style", default="auto", choices=["auto", "number", "text", "math"],
+                   help="em: how answers are compared (math: equivalence by math-verify, e.g. \\frac{1}{2} = 0.5)")
     p.add_argument("--seq-len", type=int, default=512, help="rm: tokens per scored row (the prompt is cut first)")
     p.add_argument("--batch-size", type=int, default=16, help="rm: pairs per scoring batch")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
@@ -107,7 +109,8 @@ def main(argv):
             # MindSpore-backed: loads only for the benchmark that runs
             from ms_llm.eval.generative import exact_match
             records = read_records(a.data, "prompts")
-            metrics = exact_match(model, tok, records[:a.limit] if a.limit else records, a.template, a.max_new_tokens)
+            metrics = exact_match(model, tok, records[:a.limit] if a.limit else records, a.template, a.max_new_tokens,
+                                  style=a.answer_style)
             metrics.pop("outputs")
     print(json.dumps(metrics))
     if a.out:

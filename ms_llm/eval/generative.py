@@ -2,6 +2,7 @@
 """Perplexity per domain, generation exact-match with answer extraction, and judged win-rate."""
 import math
 import re
+import threading
 from collections import defaultdict
 
 import mindspore as ms
@@ -11,6 +12,7 @@ from ms_llm.data.chat import render, stop_token_ids
 from ms_llm.data.readers import read_records
 from ms_llm.eval.sandbox import run_program, run_programs
 from ms_llm.eval.scoring import sequence_logprobs
+from ms_llm.errors import MsLlmError
 from ms_llm.generation import generate
 
 
@@ -53,6 +55,33 @@ def extract_answer(text: str, style: str = "auto") -> str:
     return text.strip().split("\n")[0].strip()
 
 
+def math_equal(text: str, answer: str):
+    """Does the completion state the reference answer, as Hugging Face's math-verify judges it (LaTeX and plain
+    forms, \\boxed{}, fractions vs decimals, sets, intervals)? None when math-verify finds no mathematical
+    answer in the reference, so the caller can fall back to extract_answer."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise MsLlmError("answer_style math needs the math-verify package: pip install 'ms_llm[math]'") from None
+    # math-verify times out through SIGALRM, which only the main thread may set
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(str(answer), parsing_timeout=timeout)
+    if not gold:
+        return None
+    return bool(verify(gold, parse(text, parsing_timeout=timeout), timeout_seconds=timeout))
+
+
+def answers_agree(text: str, answer, style: str = "auto") -> bool:
+    """exact_match's verdict: the answers extracted from both sides are equal; with style "math", math-verify
+    decides wherever it reads a mathematical reference answer."""
+    if style == "math":
+        verdict = math_equal(text, str(answer))
+        if verdict is not None:
+            return verdict
+        style = "auto"
+    return extract_answer(text, style).strip() == extract_answer(str(answer), style).strip()
+
+
 def extract_code(text: str) -> str:
     """MBPP-style: the first fenced code block, else the text itself."""
     m = re.search(r"```(?:python)?\n(.*?)```", text, re.S)
@@ -83,9 +112,11 @@ def exact_match(model, tokenizer, records: list, template: str = "chatml", max_n
     texts = chat_answers(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in records], template,
                          max_new_tokens, batch_size)
     for r, text in zip(records, texts):
-        got = extract_answer(text, style)
+        got = extract_answer(text, "auto" if style == "math" else style)
         ref = str(r["answer"]).strip()
-        ok = got == ref or " ".join(text.split()) == " ".join(ref.split())   # whole answer, whitespace-normalized
+        ok = (math_equal(text, ref) if style == "math" else None)
+        if ok is None:
+            ok = got == ref or " ".join(text.split()) == " ".join(ref.split())   # whole answer, whitespace-normalized
         hits.append(ok)
         per_task[r.get("task") or "all"].append(ok)
         outputs.append({"prompt": r["prompt"], "answer": r["answer"], "output": text, "extracted": got, "correct": ok})

@@ -5,7 +5,8 @@ Each function maps the decoded completions and their prompt records to a score p
 
     exact_match   1 when the answer extracted from the completion (eval/generative.py:extract_answer: GSM8K
                   '#### x', 'the answer is x', the last number with answer_style number, else the first line)
-                  equals the record's "answer" extracted the same way, else 0
+                  equals the record's "answer" extracted the same way, else 0; with answer_style math,
+                  Hugging Face's math-verify judges equivalence (\\frac{1}{2} = 0.5) wherever it reads the answer
     code          1 when the completion's code passes the record's tests in the sandbox (eval/sandbox.py):
                   the record's "tests" (Python run after the code), or, when its "answer" is a reference
                   function, agreement with it on inputs -5..5; 0 otherwise (failure, timeout, refusal)
@@ -20,16 +21,15 @@ import numpy as np
 
 from ms_llm.config.schema import GRPO_REWARDS
 from ms_llm.errors import MsLlmError
-from ms_llm.eval.generative import extract_answer, extract_code, functional_program
+from ms_llm.eval.generative import answers_agree, extract_code, functional_program, math_equal
 from ms_llm.eval.sandbox import run_programs
 
 THINK = re.compile(r"^\s*<think>.*?</think>\s*\S", re.S)
 
 
 def exact_match_reward(texts: list, records: list, style: str = "auto") -> np.ndarray:
-    """1 where the extracted answers agree; 0 for a record without an answer."""
-    return np.array([float(r.get("answer") is not None and
-                           extract_answer(t, style).strip() == extract_answer(str(r["answer"]), style).strip())
+    """1 where the answers agree (eval/generative.py:answers_agree); 0 for a record without an answer."""
+    return np.array([float(r.get("answer") is not None and answers_agree(t, r["answer"], style))
                      for t, r in zip(texts, records)])
 
 
@@ -67,6 +67,8 @@ class VerifiableRewards:
             raise MsLlmError(f"grpo.rewards: {unknown or 'nothing'} given; name one or more of {list(REWARDS)}")
         if "reward_model" in weights and reward_model is None:
             raise MsLlmError("grpo.rewards names reward_model: set grpo.reward_model")
+        if answer_style == "math":
+            math_equal("1", "1")            # fails here, before any rollout, when math-verify is not installed
         self.weights, self.style, self.timeout, self.isolation = dict(weights), answer_style, code_timeout, isolation
         self.reward_model = reward_model
 
