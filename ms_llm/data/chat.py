@@ -13,7 +13,7 @@ tokenizer's bos/eos ids (SentencePiece does not parse "<s>" written as text). Ot
 from dataclasses import dataclass
 from typing import Optional
 
-from ms_llm.data.tools import apply_tools
+from ms_llm.data.tools import ToolParse, apply_tools, tool_format
 from ms_llm.errors import MsLlmError
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -161,3 +161,8 @@ def stop_token_ids(template, tokenizer) -> list:
     tpl = get_template(template) if isinstance(template, str) else template
     ids = _encode(tokenizer, tpl.assistant_suffix.strip() or "{eos}")
     return sorted(set(ids[-1:]) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
+
+
+def parse_tool_calls(text: str, template) -> ToolParse:
+    """Tool calls in a completion, read in the tool format of `template` (a name or ChatTemplate)."""
+    return tool_format(get_template(template) if isinstance(template, str) else template).parse(text)

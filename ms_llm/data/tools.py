@@ -7,7 +7,7 @@ and tool calls read back out of a completion.
             {"role": "tool", "content": "7"},
             {"role": "assistant", "content": "7"}]
     render(msgs, tok, "qwen", tools=[{"type": "function", "function": {"name": "add", ...}}])   # data/chat.py
-    parse_tool_calls('<tool_call>\n{"name": "add", "arguments": {"a": 3}}\n</tool_call>', "qwen")
+    parse_tool_calls('<tool_call>\n{"name": "add", "arguments": {"a": 3}}\n</tool_call>', "qwen")  # data/chat.py
         -> ToolParse(content="", calls=[ToolCall("add", {"a": 3})], errors=[])
 
 Two formats cover the templates:
@@ -201,12 +201,6 @@ def tool_format(template) -> object:
     if kind is None:
         raise MsLlmError(f"chat template '{template.name}' has no tool-call format; use qwen, chatml or llama3")
     return FORMATS[kind]()
-
-
-def parse_tool_calls(text: str, template) -> ToolParse:
-    """Tool calls in a completion, in the format of `template` (a name or ChatTemplate)."""
-    from ms_llm.data.chat import get_template
-    return tool_format(get_template(template) if isinstance(template, str) else template).parse(text)
 
 
 def apply_tools(template, messages: list, tools=None, date: str = None) -> list:

@@ -7,10 +7,14 @@
     ms-llm eval ppl --model DIR --data held_out.jsonl
     ms-llm eval em --model DIR --data prompts.jsonl [--template chatml]
     ms-llm eval rm --model REWARD_DIR --data pairs.jsonl [--seq-len 512]
+    ms-llm eval em --model DIR --data prompts.jsonl --answer-style math      # math-verify decides equivalence
+    ms-llm eval bfcl --model DIR --out DIR [--categories simple_python,multiple,parallel,irrelevance] [--limit N]
 Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, settings) and DIR/results.md.
 """
 import argparse
 import json
+import os
+import sys
 
 from ms_llm.data.preference import read_pairs
 from ms_llm.data.readers import read_records
@@ -47,7 +51,7 @@ def _reward_metrics(a) -> dict:
 
 def main(argv):
     p = argparse.ArgumentParser(prog="ms-llm eval", description="Evaluate a model or scored samples.")
-    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em", "rm"])
+    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em", "rm", "bfcl"])
     p.add_argument("--model", help="model dir, checkpoint dir or run dir")
     p.add_argument("--tokenizer", help="tokenizer (default: the model dir)")
     p.add_argument("--data", help="benchmark file or directory")
@@ -68,6 +72,8 @@ def main(argv):
                    help="em: how answers are compared (math: equivalence by math-verify, e.g. \\frac{1}{2} = 0.5)")
     p.add_argument("--seq-len", type=int, default=512, help="rm: tokens per scored row (the prompt is cut first)")
     p.add_argument("--batch-size", type=int, default=16, help="rm: pairs per scoring batch")
+    p.add_argument("--categories", help="bfcl: comma-separated BFCL v4 categories (default simple_python,multiple,"
+                                        "parallel,irrelevance)")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--out", help="write results JSON + results.md here")
     a = p.parse_args(argv)
@@ -90,6 +96,18 @@ def main(argv):
         dataset = he.dataset_path()
     elif a.benchmark == "rm":
         metrics, dataset = _reward_metrics(a), a.data
+    elif a.benchmark == "bfcl":
+        # bfcl-eval (optional, the agent extra) loads only for this benchmark
+        from ms_llm.eval import bfcl
+        categories = bfcl.parse_categories(a.categories)
+        if not a.model or not a.out:
+            raise MsLlmError("eval bfcl: --model and --out are required (results are written in BFCL's layout "
+                             "under --out)")
+        model, tok = _model(a)
+        metrics = bfcl.evaluate(model, tok, categories, a.template, a.out,
+                                "ms_llm-" + os.path.basename(os.path.abspath(a.model)), a.limit, a.max_new_tokens,
+                                min(a.batch_size, 8), progress=lambda m: print(m, file=sys.stderr))
+        dataset = None
     else:
         if not a.model or not a.data:
             raise MsLlmError(f"eval {a.benchmark}: --model and --data are required")

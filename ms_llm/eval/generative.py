@@ -60,6 +60,7 @@ def math_equal(text: str, answer: str):
     forms, \\boxed{}, fractions vs decimals, sets, intervals)? None when math-verify finds no mathematical
     answer in the reference, so the caller can fall back to extract_answer."""
     try:
+        # math-verify is optional (the math extra): imported when answer_style is math
         from math_verify import parse, verify
     except ImportError:
         raise MsLlmError("answer_style math needs the math-verify package: pip install 'ms_llm[math]'") from None
@@ -89,13 +90,15 @@ def extract_code(text: str) -> str:
 
 
 def chat_answers(model, tokenizer, conversations: list, template: str = "chatml", max_new_tokens: int = 32,
-                 batch_size: int = 16) -> list:
-    """Greedy assistant answers (text, end-of-turn token removed) to each list of chat messages."""
+                 batch_size: int = 16, tools: list = None) -> list:
+    """Greedy assistant answers (text, end-of-turn token removed) to each list of chat messages; `tools`, one
+    list of tool schemas per conversation, go into each prompt the way the template writes tools."""
     stops = stop_token_ids(template, tokenizer)
+    tools = tools or [None] * len(conversations)
     answers = []
     for i in range(0, len(conversations), batch_size):
-        ids = [render(msgs, tokenizer, template, add_generation_prompt=True).ids
-               for msgs in conversations[i:i + batch_size]]
+        ids = [render(msgs, tokenizer, template, add_generation_prompt=True, tools=t).ids
+               for msgs, t in zip(conversations[i:i + batch_size], tools[i:i + batch_size])]
         out = generate(model, ids, max_new_tokens, temperature=0, eos_token_id=stops, pad_token_id=tokenizer.pad_id)
         for j in range(len(ids)):
             toks = out.tokens[j, :out.lengths[j]].tolist()

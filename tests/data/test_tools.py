@@ -11,9 +11,9 @@ import random
 import numpy as np
 import pytest
 
-from ms_llm.data.chat import render
+from ms_llm.data.chat import parse_tool_calls, render
 from ms_llm.data.tokenizer import Tokenizer
-from ms_llm.data.tools import ToolCall, parse_tool_calls
+from ms_llm.data.tools import ToolCall
 from ms_llm.errors import MsLlmError
 
 HERE = os.path.dirname(__file__)
