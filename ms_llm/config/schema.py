@@ -233,6 +233,9 @@ class SFTSection:
                                                 "guard and limits only; docs/eval.md) where it cannot be had")
     eval_dialogues: Optional[str] = opt(None, "Held-out sharegpt dialogues scored for inter-turn coherence (BERTScore F1)")
     eval_dialogue_limit: int = opt(16, "Dialogues used for the coherence score")
+    eval_tool_calls: Optional[str] = opt(None, "Held-out tool-use conversations (OpenAI messages + tools) scored by "
+                                               "tool-call accuracy (eval/agent.py)")
+    eval_tool_call_limit: int = opt(64, "Tool-use conversations used (0: all)")
     dataset_manifest: Optional[str] = opt(None, "MANIFEST.json of the dataset release ({version, files: {name: sha256}}); "
                                                "its files are verified, and the version and hash are bound to the run")
     dataset_version: Optional[str] = opt(None, "Expected version tag in dataset_manifest (e.g. DATASET_v3.0_sft)")

@@ -17,6 +17,11 @@ stages can show real accuracy gains:
   * sft_rlhf.jsonl                           the pairs' prompts answered right or wrong at random (the tiny
                                              RLHF runs start from an SFT model trained on it)
   * prompts_{train,eval}.jsonl               verifiable prompts (arithmetic, string transforms) with answers
+  * agent_sft.jsonl / agent_eval.jsonl       tool use (OpenAI messages + tools): products of two numbers through
+                                             a `multiply` tool and unit conversions through a `convert` tool,
+                                             whose results the final answer states; a fifth of the questions are
+                                             sums answered without a tool (training / held out)
+  * agent_prompts.jsonl                      the same tasks as prompts with tools and answers (agentic RL)
   * eval_{general,science,code}.jsonl        held-out text per domain
   * tokenizer/                               a SentencePiece model trained on all of it
   * MANIFEST.json                            SHA256 of every file and a version tag
@@ -87,6 +92,55 @@ def task_example(r: random.Random, task: str):
         return f"Translate to Zorbish: {' '.join(words)}", " ".join(zorbish(w) for w in words)
     a, b = r.randint(10, 99), r.randint(10, 99)
     return f"What is {a} + {b}?", f"{a} + {b} = {a + b}. The answer is {a + b}."
+
+
+MULTIPLY_TOOL = {"type": "function", "function": {
+    "name": "multiply", "description": "Product of two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+UNITS = {"km": ("m", 1000), "kg": ("g", 1000), "h": ("min", 60)}
+CONVERT_TOOL = {"type": "function", "function": {
+    "name": "convert", "description": "Convert a quantity to another unit.",
+    "parameters": {"type": "object", "properties": {
+        "value": {"type": "integer"}, "unit": {"type": "string", "enum": sorted(UNITS)},
+        "to": {"type": "string", "enum": sorted(u for u, _ in UNITS.values())}}, "required": ["value", "unit", "to"]}}}
+AGENT_TOOLS = [MULTIPLY_TOOL, CONVERT_TOOL]
+
+
+def agent_tool(name: str, args: dict) -> str:
+    """The tiny agent task's tools, as plain functions of JSON arguments (what a tool call executes)."""
+    if name == "multiply":
+        return str(int(args["a"]) * int(args["b"]))
+    if name == "convert":
+        to, factor = UNITS[args["unit"]]
+        if args["to"] != to:
+            raise ValueError(f"cannot convert {args['unit']} to {args['to']}")
+        return str(int(args["value"]) * factor)
+    raise ValueError(f"no tool named {name}")
+
+
+def agent_task(r: random.Random) -> dict:
+    """One tool-use conversation (OpenAI messages + tools) and its final answer."""
+    kind = r.choices(["multiply", "convert", "none"], [2, 2, 1])[0]
+    if kind == "none":
+        a, b = r.randint(10, 99), r.randint(10, 99)
+        return {"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                             {"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."}],
+                "tools": AGENT_TOOLS, "answer": str(a + b), "task": "no_tool"}
+    if kind == "multiply":
+        args = {"a": r.randint(12, 99), "b": r.randint(12, 99)}
+        question = r.choice(["What is {a} times {b}?", "Multiply {a} by {b}.", "What is the product of {a} and {b}?"])
+        question = question.format(**args)
+    else:
+        unit = r.choice(sorted(UNITS))
+        args = {"value": r.randint(2, 99), "unit": unit, "to": UNITS[unit][0]}
+        question = r.choice(["How many {to} is {value} {unit}?", "Convert {value} {unit} to {to}."]).format(**args)
+    result = agent_tool(kind, args)
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": "", "tool_calls": [{"name": kind, "arguments": args}]},
+                         {"role": "tool", "content": result},
+                         {"role": "assistant", "content": f"The answer is {result}."}],
+            "tools": AGENT_TOOLS, "answer": result, "task": kind}
 
 
 def verifiable_prompt(r: random.Random) -> dict:
@@ -251,6 +305,13 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     write("preference.jsonl", tagged_preference_pairs(random.Random(seed + 8), n_sft // 2))
     write("preference_eval.jsonl", tagged_preference_pairs(random.Random(seed + 9), n_eval))
     write("sft_rlhf.jsonl", half_right_answers(random.Random(seed + 10), n_sft // 2))
+    ra = random.Random(seed + 11)
+    # three times the instructions' count: fewer, the tiny model learns the training questions' numbers
+    # by heart instead of copying them from the question into the call
+    write("agent_sft.jsonl", [agent_task(ra) for _ in range(3 * n_sft)])
+    write("agent_eval.jsonl", [agent_task(ra) for _ in range(n_eval)])
+    write("agent_prompts.jsonl", [{"prompt": t["messages"][0]["content"], "answer": t["answer"], "task": t["task"],
+                                   "tools": t["tools"]} for t in (agent_task(ra) for _ in range(n_sft))])
     # the pretraining text again as a domain-tagged shard index (configs/tiny/cpt.yaml samples it by domain)
     build_index([(files[f"pretrain_{d}.jsonl"], d) for d in makers], Tokenizer.load(os.path.join(out_dir, "tokenizer")),
                 os.path.join(out_dir, "index"), shard_tokens=SHARD_TOKENS, overwrite=True, progress=False)

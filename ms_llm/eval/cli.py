@@ -8,6 +8,7 @@
     ms-llm eval em --model DIR --data prompts.jsonl [--template chatml]
     ms-llm eval rm --model REWARD_DIR --data pairs.jsonl [--seq-len 512]
     ms-llm eval em --model DIR --data prompts.jsonl --answer-style math      # math-verify decides equivalence
+    ms-llm eval tools --model DIR --data agent_eval.jsonl     # held-out tool-call accuracy (eval/agent.py)
     ms-llm eval bfcl --model DIR --out DIR [--categories simple_python,multiple,parallel,irrelevance] [--limit N]
 Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, settings) and DIR/results.md.
 """
@@ -51,7 +52,7 @@ def _reward_metrics(a) -> dict:
 
 def main(argv):
     p = argparse.ArgumentParser(prog="ms-llm eval", description="Evaluate a model or scored samples.")
-    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em", "rm", "bfcl"])
+    p.add_argument("benchmark", choices=["humaneval", "mc", "ppl", "em", "rm", "bfcl", "tools"])
     p.add_argument("--model", help="model dir, checkpoint dir or run dir")
     p.add_argument("--tokenizer", help="tokenizer (default: the model dir)")
     p.add_argument("--data", help="benchmark file or directory")
@@ -67,7 +68,8 @@ def main(argv):
     p.add_argument("--k-shot", type=int, default=0)
     p.add_argument("--method", default="letter", choices=["letter", "choice", "cloze"])
     p.add_argument("--template", default="chatml", help="em: chat template for the prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, help="generation length (default 64; tools 96, bfcl 128: a call in "
+                                                         "JSON needs room)")
     p.add_argument("--answer-style", default="auto", choices=["auto", "number", "text", "math"],
                    help="em: how answers are compared (math: equivalence by math-verify, e.g. \\frac{1}{2} = 0.5)")
     p.add_argument("--seq-len", type=int, default=512, help="rm: tokens per scored row (the prompt is cut first)")
@@ -77,6 +79,8 @@ def main(argv):
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--out", help="write results JSON + results.md here")
     a = p.parse_args(argv)
+    if a.max_new_tokens is None:
+        a.max_new_tokens = {"tools": 96, "bfcl": 128}.get(a.benchmark, 64)
     settings = {k: v for k, v in vars(a).items() if k not in ("out",)}
     if a.benchmark == "humaneval":
         problems = he.read_problems()
@@ -119,6 +123,13 @@ def main(argv):
             items, dev = load_benchmark(a.data, a.layout)
             metrics = evaluate(model, tok, items[:a.limit] if a.limit else items, dev, a.k_shot, a.method)
             metrics.pop("predictions")
+        elif a.benchmark == "tools":
+            # MindSpore-backed: loads only for the benchmark that runs
+            from ms_llm.eval.agent import tool_call_accuracy
+            records = read_records(a.data, "openai")
+            metrics = tool_call_accuracy(model, tok, records[:a.limit] if a.limit else records, a.template,
+                                         a.max_new_tokens)
+            metrics.pop("outputs")
         elif a.benchmark == "ppl":
             # MindSpore-backed: loads only for the benchmark that runs
             from ms_llm.eval.generative import perplexity

@@ -16,6 +16,7 @@ import re
 from ms_llm.config import ExperimentConfig
 from ms_llm.data.readers import read_records
 from ms_llm.data.sft import KEYS, SFTData, neftune_noise
+from ms_llm.eval.agent import tool_call_accuracy
 from ms_llm.eval.generative import code_pass_at_1, dialogue_coherence, exact_match
 from ms_llm.eval.sandbox import require_isolation
 from ms_llm.fileio import read_json
@@ -32,8 +33,10 @@ from ms_llm.training.trainer import train
 
 def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
     s = cfg.sft
-    if not s.eval_prompts and not s.eval_dialogues:
+    if not s.eval_prompts and not s.eval_dialogues and not s.eval_tool_calls:
         return None
+    tool_records = read_records(s.eval_tool_calls, "openai") if s.eval_tool_calls else []
+    tool_records = tool_records[:s.eval_tool_call_limit] if s.eval_tool_call_limit else tool_records
     records = read_records(s.eval_prompts, "prompts") if s.eval_prompts else []
     records = records[:s.eval_limit] if s.eval_limit else records
     dialogues = [r["messages"] for r in read_records(s.eval_dialogues, "sharegpt")][:s.eval_dialogue_limit] \
@@ -48,6 +51,12 @@ def make_evaluator(cfg: ExperimentConfig, model, tokenizer):
         if dialogues:
             out["eval/coherence"] = dialogue_coherence(model, tokenizer, dialogues, cfg.tokenizer.chat_template,
                                                        s.eval_max_new_tokens)["coherence"]
+        if tool_records:
+            res = tool_call_accuracy(model, tokenizer, tool_records, cfg.tokenizer.chat_template)
+            out["eval/tool_call_accuracy"] = res["accuracy"]
+            out["eval/tool_choice"] = res["tool_choice"]
+            out["eval/tool_call_malformed"] = res["malformed"]
+            out.update({f"eval/tool_call_accuracy/{t}": v for t, v in res["tasks"].items()})
         if not records:
             return out
         res = exact_match(model, tokenizer, records, cfg.tokenizer.chat_template, s.eval_max_new_tokens)
