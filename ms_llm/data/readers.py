@@ -10,7 +10,7 @@
     xlam        {"query": str, "tools": [{"name", "description", "parameters": {arg: {"type", ...}}}],
                  "answers": [{"name", "arguments"}]}     (xLAM / APIGen function-calling sets; lists may be JSON text)
     preference  {"prompt": str | [{"role", "content"}], "chosen": str, "rejected": str, "margin"?: number, "tag"?: str}
-    prompts     {"prompt": str, "answer"?: str, "task"?: str, "tests"?: str}
+    prompts     {"prompt": str, "answer"?: str, "task"?: str, "tests"?: str, "tools"?: [schema]}
     unpaired    {"prompt": str | [{"role", "content"}], "completion": str, "label": bool}   (KTO)
 
 Conversational formats become {"messages": [{"role", "content", "tool_calls"?}], "task", "tools"?}; tool calls
@@ -207,7 +207,7 @@ def _prompts(rec):
     if tests is not None and not isinstance(tests, str):
         raise ValueError("field 'tests' must be a string (Python run after a code answer)")
     return {"prompt": _need_str(rec, "prompt"), "answer": None if ans is None else str(ans), "task": rec.get("task"),
-            "tests": tests}
+            "tests": tests, "tools": _tools(rec.get("tools"))}
 
 
 def _unpaired(rec):

@@ -21,7 +21,8 @@ stages can show real accuracy gains:
                                              a `multiply` tool and unit conversions through a `convert` tool,
                                              whose results the final answer states; a fifth of the questions are
                                              sums answered without a tool (training / held out)
-  * agent_prompts.jsonl                      the same tasks as prompts with tools and answers (agentic RL)
+  * agent_prompts.jsonl / agent_prompts_eval.jsonl  the same tasks as prompts with tools and answers
+  * agent_tools.py                           the two tools' Python source, run in the sandbox by tool episodes
   * eval_{general,science,code}.jsonl        held-out text per domain
   * tokenizer/                               a SentencePiece model trained on all of it
   * MANIFEST.json                            SHA256 of every file and a version tag
@@ -107,16 +108,28 @@ CONVERT_TOOL = {"type": "function", "function": {
 AGENT_TOOLS = [MULTIPLY_TOOL, CONVERT_TOOL]
 
 
+AGENT_TOOL_SOURCE = '''"""The tiny agent task's tools (ms-llm data synth). Rollouts and evaluations run them in the sandbox."""
+UNITS = {"km": ("m", 1000), "kg": ("g", 1000), "h": ("min", 60)}
+
+
+def multiply(a, b):
+    return int(a) * int(b)
+
+
+def convert(value, unit, to):
+    if unit not in UNITS or UNITS[unit][0] != to:
+        raise ValueError(f"cannot convert {unit} to {to}")
+    return int(value) * UNITS[unit][1]
+'''
+
+
 def agent_tool(name: str, args: dict) -> str:
-    """The tiny agent task's tools, as plain functions of JSON arguments (what a tool call executes)."""
-    if name == "multiply":
-        return str(int(args["a"]) * int(args["b"]))
-    if name == "convert":
-        to, factor = UNITS[args["unit"]]
-        if args["to"] != to:
-            raise ValueError(f"cannot convert {args['unit']} to {args['to']}")
-        return str(int(args["value"]) * factor)
-    raise ValueError(f"no tool named {name}")
+    """A tool of the tiny agent task run here, on data the generator wrote (model calls run in the sandbox)."""
+    tools = {}
+    exec(AGENT_TOOL_SOURCE, tools)
+    if name not in ("multiply", "convert"):
+        raise ValueError(f"no tool named {name}")
+    return str(tools[name](**args))
 
 
 def agent_task(r: random.Random) -> dict:
@@ -312,6 +325,11 @@ def synthesize(out_dir: str, seed: int = 0, n_text: int = 2000, n_sft: int = 200
     write("agent_eval.jsonl", [agent_task(ra) for _ in range(n_eval)])
     write("agent_prompts.jsonl", [{"prompt": t["messages"][0]["content"], "answer": t["answer"], "task": t["task"],
                                    "tools": t["tools"]} for t in (agent_task(ra) for _ in range(n_sft))])
+    write("agent_prompts_eval.jsonl", [{"prompt": t["messages"][0]["content"], "answer": t["answer"],
+                                        "task": t["task"], "tools": t["tools"]}
+                                       for t in (agent_task(ra) for _ in range(n_eval))])
+    with open(os.path.join(out_dir, "agent_tools.py"), "w", encoding="utf-8") as f:
+        f.write(AGENT_TOOL_SOURCE)
     # the pretraining text again as a domain-tagged shard index (configs/tiny/cpt.yaml samples it by domain)
     build_index([(files[f"pretrain_{d}.jsonl"], d) for d in makers], Tokenizer.load(os.path.join(out_dir, "tokenizer")),
                 os.path.join(out_dir, "index"), shard_tokens=SHARD_TOKENS, overwrite=True, progress=False)

@@ -9,6 +9,7 @@
     ms-llm eval rm --model REWARD_DIR --data pairs.jsonl [--seq-len 512]
     ms-llm eval em --model DIR --data prompts.jsonl --answer-style math      # math-verify decides equivalence
     ms-llm eval tools --model DIR --data agent_eval.jsonl     # held-out tool-call accuracy (eval/agent.py)
+    ms-llm eval tools --model DIR --data agent_prompts_eval.jsonl --tool-source agent_tools.py   # task success
     ms-llm eval bfcl --model DIR --out DIR [--categories simple_python,multiple,parallel,irrelevance] [--limit N]
 Add --out DIR to write <DIR>/<benchmark>.json (model hash, dataset hash, settings) and DIR/results.md.
 """
@@ -74,6 +75,9 @@ def main(argv):
                    help="em: how answers are compared (math: equivalence by math-verify, e.g. \\frac{1}{2} = 0.5)")
     p.add_argument("--seq-len", type=int, default=512, help="rm: tokens per scored row (the prompt is cut first)")
     p.add_argument("--batch-size", type=int, default=16, help="rm: pairs per scoring batch")
+    p.add_argument("--tool-source", help="tools: run whole episodes on prompts with tools (--data in the prompts "
+                                         "format), the tools being this Python file's functions, run in the sandbox")
+    p.add_argument("--max-turns", type=int, default=4, help="tools: model turns per episode")
     p.add_argument("--categories", help="bfcl: comma-separated BFCL v4 categories (default simple_python,multiple,"
                                         "parallel,irrelevance)")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
@@ -123,6 +127,15 @@ def main(argv):
             items, dev = load_benchmark(a.data, a.layout)
             metrics = evaluate(model, tok, items[:a.limit] if a.limit else items, dev, a.k_shot, a.method)
             metrics.pop("predictions")
+        elif a.benchmark == "tools" and a.tool_source:
+            # MindSpore-backed: loads only for the benchmark that runs
+            from ms_llm.rollout.agent import ToolSet, episode_metrics, run_episodes
+            tools = ToolSet.from_file(a.tool_source, timeout=a.timeout,
+                                      isolation="none" if a.unsafe_no_isolation else "namespaces")
+            records = read_records(a.data, "prompts")
+            records = records[:a.limit] if a.limit else records
+            episodes = run_episodes(model, tok, records, a.template, tools, a.max_turns, a.max_new_tokens)
+            metrics = episode_metrics(episodes, records, a.answer_style)
         elif a.benchmark == "tools":
             # MindSpore-backed: loads only for the benchmark that runs
             from ms_llm.eval.agent import tool_call_accuracy

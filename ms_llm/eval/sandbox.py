@@ -299,6 +299,7 @@ class RunResult:
     status: str
     detail: str = ""
     returncode: int = 0
+    stderr: str = ""          # the program's last 64 KiB of stderr (its stdout is /dev/null): tools report here
 
 
 def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, file_mb: int = 16,
@@ -606,7 +607,13 @@ def _read_all(fd) -> str:
 def _classify(rc: int, err: bytes, finished: bool = True) -> RunResult:
     """`finished`: the guard saw the program run to its end (False after sys.exit(0), quit() or os._exit(0),
     which would otherwise pass a test they skipped)."""
-    err = err.decode(errors="replace")[-2000:]
+    full = err.decode(errors="replace")
+    result = _classified(rc, full[-2000:], finished)
+    result.stderr = full
+    return result
+
+
+def _classified(rc: int, err: str, finished: bool) -> RunResult:
     last = err.strip().splitlines()[-1] if err.strip() else ""
     if rc == 0:
         if not finished:

@@ -45,3 +45,27 @@ def test_calls_compare_by_name_order_and_argument_values():
     assert not calls_equal(a + a, a) and calls_equal([], [])
     two = [ToolCall("f", {}), ToolCall("g", {})]
     assert not calls_equal(two, two[::-1])
+
+
+def test_tools_run_only_in_the_sandbox_and_report_errors_as_results(tmp_path):
+    from ms_llm.data.synthetic import AGENT_TOOL_SOURCE
+    from ms_llm.errors import MsLlmError
+    from ms_llm.rollout.agent import ToolSet, _call_tools
+    source = AGENT_TOOL_SOURCE + ("\nimport os\n\ndef where():\n    return f'{os.getpid()} {os.getuid()} {os.getcwd()}'\n\n"
+                                  "def hang():\n    while True:\n        pass\n")
+    offered = AGENT_TOOLS + [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("where", "hang")]
+    turns = [([ToolCall("multiply", {"a": 12, "b": 13}), ToolCall("where", {}), ToolCall("os", {})], offered),
+             ([ToolCall("convert", {"value": 2, "unit": "km", "to": "g"}), ToolCall("hang", {})], AGENT_TOOLS),
+             ([ToolCall("convert", {"value": 2, "unit": "h", "to": "min"})], offered)]
+    (first, second, third) = _call_tools(ToolSet(source, timeout=2), turns)
+    # pid 2 under the sandbox's own init, the sandbox's unprivileged uid, its private /tmp
+    assert first == ["156", "2 65534 /tmp", "error: no tool named os"]
+    # a tool the record did not offer never runs; a raising tool is an error result
+    assert second == ["error: ValueError: cannot convert km to g", "error: no tool named hang"]
+    assert third == ["120"]
+    (timed_out,) = _call_tools(ToolSet(source, timeout=1), [([ToolCall("hang", {}), ToolCall("multiply", {"a": 1, "b": 2})], offered)])
+    assert timed_out == ["error: the tool run ended with status timeout (exceeded 1 s)"] * 2
+    bad = tmp_path / "tools.py"
+    bad.write_text("def f(:\n    pass\n")
+    with pytest.raises(MsLlmError, match=r"tools.py:1: the tools' source does not compile"):
+        ToolSet.from_file(str(bad))

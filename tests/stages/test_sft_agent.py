@@ -32,3 +32,45 @@ def test_agent_sft_learns_to_call_the_right_tools(tiny_pretrained):
     assert logged["eval/tool_call_accuracy"] == pytest.approx(after["accuracy"])
     assert after["tool_choice"] >= 0.8 > base["tool_choice"] + 0.3
     assert after["malformed"] <= 0.1
+
+    # whole episodes with that model: its calls run in the sandbox, their results come back as tool turns with
+    # zero loss weight, and the model answers after them
+    import mindspore as ms
+    from ms_llm.context import setup_context
+    from ms_llm.data.chat import get_template, parse_tool_calls
+    from ms_llm.data.readers import read_records
+    from ms_llm.data.synthetic import agent_tool
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.models import load_pretrained
+    from ms_llm.rollout.agent import ToolSet, _tool_turn, episode_metrics, run_episodes
+    setup_context("pynative", seed=0)
+    run = tiny_pretrained / "runs" / "agent_sft_short"
+    model, tok = load_pretrained(run), Tokenizer.load(run / "final")
+    records = [r for r in read_records(str(tiny_pretrained / "data/tiny/agent_prompts_eval.jsonl"), "prompts")
+               if r["task"] != "no_tool"][:6]
+    episodes = run_episodes(model, tok, records, "chatml", ToolSet.from_file(str(tiny_pretrained / "data/tiny/agent_tools.py")),
+                            max_turns=3)
+    tpl = get_template("chatml")
+    called = [e for e in episodes if e.calls]
+    assert len(called) >= 4
+    for e in called:
+        assert len(e.ids) == len(e.trained) and e.trained[:e.prompt_len] == [0] * e.prompt_len
+        first = e.messages[1]
+        calls = first["tool_calls"]
+        results = [m["content"] for m in e.messages[2:2 + len(calls)]]
+        for c, res in zip(calls, results):
+            try:
+                want = agent_tool(c["name"], c["arguments"])
+            except Exception as err:                                 # the same error, raised in the sandbox
+                want = f"error: {type(err).__name__}: {err}"
+            assert res == want
+        # the first turn's sampled tokens are trained, the tool turn after them is not, and is what render writes
+        k = e.trained.index(0, e.prompt_len)
+        turn_text = tok.decode(e.ids[e.prompt_len:k - 1])
+        assert [c.name for c in parse_tool_calls(turn_text, "chatml").calls] == [c["name"] for c in calls]
+        tail = _tool_turn(tpl, tok, results)
+        assert e.ids[k:k + len(tail)] == tail and e.trained[k:k + len(tail)] == [0] * len(tail)
+        rest = e.trained[k + len(tail):]
+        assert rest and rest[0] == 1                                   # the answer after the results is the model's
+    m = episode_metrics(episodes, records)
+    assert m["n"] == 6 and m["tool_calls"] == sum(e.calls for e in episodes) / 6 and 1 <= m["turns"] <= 3
