@@ -23,15 +23,15 @@ def read_prompts(paths_formats: list, tokenizer, template: str, max_len: int, on
 
 def read_tasks(path: str, tokenizer, template: str, max_len: int, tasks=(), on_error: str = "raise",
                limit: int = 0) -> tuple:
-    """Prompt records of a prompts JSONL ({prompt, answer, task[, tests]}) with "messages" and "ids" (rendered
-    with the generation prompt, cut from the start to `max_len`), kept when their task is in `tasks` (all when
+    """Prompt records of a prompts JSONL ({prompt, answer, task[, tests, tools]}) with "messages" and "ids"
+    (rendered with the generation prompt and the record's tools, cut from the start to `max_len`), kept when their task is in `tasks` (all when
     empty); returns (records, number cut)."""
     out, cut = [], 0
     for rec in read_records(path, "prompts", on_error):
         if tasks and rec.get("task") not in tasks:
             continue
         msgs = [{"role": "user", "content": rec["prompt"]}]
-        ids = render(msgs, tokenizer, template, add_generation_prompt=True).ids
+        ids = render(msgs, tokenizer, template, add_generation_prompt=True, tools=rec.get("tools")).ids
         if len(ids) > max_len:
             ids, cut = ids[-max_len:], cut + 1
         out.append(dict(rec, messages=msgs, ids=ids, tag=rec.get("task") or "all"))
