@@ -154,6 +154,21 @@ def tiny_sft(tmp_path_factory, tiny_pretrained):
     return _once_per_run(tmp_path_factory, "tiny_sft", build)
 
 
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A randomly initialised tiny model with the synthetic tokenizer in tmp_path/model (data in tmp_path/data)."""
+    import mindspore as ms
+    from ms_llm.data.synthetic import synthesize
+    from ms_llm.data.tokenizer import Tokenizer
+    from ms_llm.models import CausalLM, preset, save_pretrained
+    synthesize(str(tmp_path / "data"), n_text=50, n_sft=50, n_eval=20)
+    tok = Tokenizer.load(tmp_path / "data" / "tokenizer")
+    ms.set_seed(3)
+    save_pretrained(CausalLM(preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "model")
+    tok.save(tmp_path / "model")
+    return tmp_path
+
+
 def kill_once_written(workdir, args, marker, timeout: int = 300):
     """Start `ms-llm ARGS`, SIGKILL it as soon as `marker` exists (e.g. a checkpoint's MANIFEST.json)."""
     import signal

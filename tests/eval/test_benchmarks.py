@@ -136,19 +136,6 @@ def test_gate_and_results_files(tmp_path):
     assert rec["metrics"]["accuracy"] == 0.5 and len(rec["dataset_sha256"]) == 64 and rec["settings"] == {"k": 1}
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    from ms_llm.data.synthetic import synthesize
-    from ms_llm.data.tokenizer import Tokenizer
-    from ms_llm.models import CausalLM, preset, save_pretrained
-    synthesize(str(tmp_path / "data"), n_text=50, n_sft=50, n_eval=20)
-    tok = Tokenizer.load(tmp_path / "data" / "tokenizer")
-    ms.set_seed(3)
-    save_pretrained(CausalLM(preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "model")
-    tok.save(tmp_path / "model")
-    return tmp_path
-
-
 def test_exact_match_counts_what_generation_produced(tiny_model_dir):
     """Use the model's own greedy answers as references: every one must count as correct."""
     from ms_llm.data.readers import read_records

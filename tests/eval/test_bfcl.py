@@ -7,7 +7,6 @@ independent reading of the function docs. Shuffled answers must mostly fail."""
 import json
 import os
 
-import mindspore as ms
 import pytest
 
 from ms_llm.cli import main
@@ -72,23 +71,10 @@ def test_a_tool_call_completion_becomes_a_result_bfcl_accepts():
     assert B.result_string(parse_tool_calls(good, "qwen").calls) == "[calculate_triangle_area(base=10, height=5)]"
 
 
-@pytest.fixture
-def tiny_model(tmp_path):
-    from ms_llm.data.synthetic import synthesize
-    from ms_llm.data.tokenizer import Tokenizer
-    from ms_llm.models import CausalLM, preset, save_pretrained
-    synthesize(str(tmp_path / "data"), n_text=50, n_sft=20, n_eval=5)
-    tok = Tokenizer.load(tmp_path / "data" / "tokenizer")
-    ms.set_seed(3)
-    save_pretrained(CausalLM(preset("tiny", vocab_size=tok.vocab_size)), tmp_path / "model")
-    tok.save(tmp_path / "model")
-    return tmp_path / "model"
-
-
-def test_eval_bfcl_end_to_end_writes_bfcl_results_and_scores(tiny_model, tmp_path, capsys):
+def test_eval_bfcl_end_to_end_writes_bfcl_results_and_scores(tiny_model_dir, tmp_path, capsys):
     cats = ["simple_python", "multiple", "parallel", "irrelevance"]
     out = tmp_path / "bfcl"
-    assert main(["eval", "bfcl", "--model", str(tiny_model), "--out", str(out), "--categories", ",".join(cats),
+    assert main(["eval", "bfcl", "--model", str(tiny_model_dir / "model"), "--out", str(out), "--categories", ",".join(cats),
                  "--limit", "3", "--max-new-tokens", "24", "--mode", "pynative"]) == 0
     record = json.loads((out / "bfcl.json").read_text())
     per = record["metrics"]["categories"]
@@ -108,8 +94,8 @@ def test_eval_bfcl_end_to_end_writes_bfcl_results_and_scores(tiny_model, tmp_pat
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["categories"].keys() == per.keys()
 
 
-def test_eval_bfcl_refuses_unknown_categories_and_a_missing_out(tiny_model, capsys):
-    assert main(["eval", "bfcl", "--model", str(tiny_model), "--out", "x", "--categories", "simple_python,web_search"]) == 2
+def test_eval_bfcl_refuses_unknown_categories_and_a_missing_out(tiny_model_dir, capsys):
+    assert main(["eval", "bfcl", "--model", str(tiny_model_dir / "model"), "--out", "x", "--categories", "simple_python,web_search"]) == 2
     assert "web_search" in capsys.readouterr().err
-    assert main(["eval", "bfcl", "--model", str(tiny_model)]) == 2
+    assert main(["eval", "bfcl", "--model", str(tiny_model_dir / "model")]) == 2
     assert "--out" in capsys.readouterr().err
