@@ -113,8 +113,8 @@ def run_episodes(model, tokenizer, records: list, template: str, tools: ToolSet,
     while active and turn < max_turns:
         out = generate(model, [episodes[i].ids for i in active], max_new_tokens, temperature=temperature,
                        eos_token_id=stops, pad_token_id=tokenizer.pad_id, seed=[seed, turn],
-                       rows=[i for i in active])
-        calling, pending = [], []
+                       rows=active)
+        calling = []
         for j, i in enumerate(active):
             ep = episodes[i]
             toks = out.tokens[j, :out.lengths[j]].tolist()
