@@ -17,7 +17,7 @@ Two formats cover the templates:
   llama3   (llama3)        "Environment: ipython" and the knowledge/today dates in the system prompt, the schemas
            (indented JSON) at the head of the first user message, one `{"name": ..., "parameters": {...}}` per
            assistant turn, results under the `ipython` header.
-Both equal the Hugging Face chat templates of Qwen2.5-Instruct and Llama-3.1/3.2-Instruct token for token
+Both equal the Hugging Face chat templates of Qwen2.5-Instruct and Llama-3.2-Instruct token for token
 (tests/data/test_tools.py). A tool call is assistant output and carries loss; a tool result never does.
 """
 import json
