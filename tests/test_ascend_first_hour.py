@@ -43,7 +43,7 @@ def test_two_npu_msrun_data_parallel_equals_one_process(workdir):
     run_cli(workdir, "train", "configs/tiny/pretrain.yaml", *over, "train.micro_batch_size=8",
             "train.output_dir=runs/npu_one")
     run_cli(workdir, "launch", "configs/tiny/pretrain.yaml", *over, "train.micro_batch_size=4",
-            "train.output_dir=runs/npu_dp2", "--nproc-per-node", "2", "--master-port", "8191", "--log-dir",
+            "train.output_dir=runs/npu_dp2", "--nproc-per-node", "2", "--master-port", "8215", "--log-dir",
             "logs_npu_dp2", "--cluster-timeout", "300")
     one, two = (workdir / "runs" / n for n in ("npu_one", "npu_dp2"))
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-4)

@@ -139,3 +139,24 @@ def test_imports_inside_functions_say_why():
     found = _function_imports()
     assert len(found) > 20                                 # the walk reaches the CLI and the benches
     assert [f"{p}:{line}" for p, line, ok in found if not ok] == []
+
+
+def test_msrun_ports_differ_between_test_files():
+    """pytest-xdist runs test files side by side, so two files launching msrun on one master port make one
+    of the jobs time out building its topology. A port literal (8100-8299, quoted or passed as an int to a
+    launch helper) belongs to one test file only."""
+    import re
+    tests = os.path.dirname(os.path.abspath(__file__))
+    owner, clashes = {}, []
+    for top, _, files in os.walk(tests):
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            text = open(os.path.join(top, f)).read()
+            if "master-port" not in text and "master_port" not in text:
+                continue
+            for port in set(re.findall(r'"(8[12]\d\d)"|\b_two_nodes\([^,]+, (8[12]\d\d)', text)):
+                port = "".join(port)
+                if port != "8118" and owner.setdefault(port, f) != f:
+                    clashes.append(f"{port}: {owner[port]} and {f}")
+    assert not clashes, clashes

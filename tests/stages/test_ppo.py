@@ -79,7 +79,7 @@ def test_two_msrun_ranks_equal_one_process(tiny_pretrained, tiny_reward):
     over = (*QUICK, "train.max_steps=2", "checkpoint.every=2")         # step 2 rolls out with updated weights
     run_cli(d, "train", "configs/tiny/ppo.yaml", *over, "train.output_dir=runs/ppo_one")
     run_cli(d, "launch", "configs/tiny/ppo.yaml", *over, "train.output_dir=runs/ppo_dp2", "--nproc-per-node", "2",
-            "--master-port", "8177", "--log-dir", "logs_ppo", "--cluster-timeout", "60")
+            "--master-port", "8213", "--log-dir", "logs_ppo", "--cluster-timeout", "60")
     one, two = d / "runs" / "ppo_one", d / "runs" / "ppo_dp2"
     ra, rb = _rows(one), _rows(two)
     assert [r["step"] for r in rb] == [1, 2]

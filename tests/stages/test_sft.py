@@ -116,7 +116,7 @@ def test_lora_sft_with_zero3_on_two_ranks_equals_one_process(pretrained):
            "train.output_dir=runs/sft_lora_b8")
     run_cli(pretrained, "launch", "configs/tiny/sft_lora.yaml", *over, "train.micro_batch_size=4",
             "parallel.optimizer_shard=zero3", "train.output_dir=runs/sft_lora_zero3", "--nproc-per-node", "2",
-            "--master-port", "8175", "--log-dir", "logs_sft_zero3", "--cluster-timeout", "60")
+            "--master-port", "8211", "--log-dir", "logs_sft_zero3", "--cluster-timeout", "60")
     runs = [pretrained / "runs" / n for n in ("sft_lora_b8", "sft_lora_zero3")]
     rows = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in runs]
     losses = [[r["loss"] for r in x if "loss" in r] for x in rows]
