@@ -320,10 +320,13 @@ def components(cfg, ranks: int, device: str) -> list:
             ref = model_shape(cfg, f"{stage}.reference", p.reference.path or cfg.model.init_from)
             out.append(_frozen("reference", ref, p.reference.dtype, device))
         rows = p.rollout_batch_size if stage == "ppo" else p.prompts_per_step * p.group_size
-        whole = stage == "grpo" and (p.partial_rollout.token_budget > 0 or p.async_rollout.enabled)
+        kept = stage == "grpo" and (p.partial_rollout.token_budget > 0 or p.async_rollout.enabled)
+        # every rank generates the whole batch: partial and asynchronous rollouts, and episodes paused by turns
+        # (these keep no cache between turns: each turn prefills its context, so the phases still alternate)
+        whole = kept or (stage == "grpo" and bool(p.agent.tools and p.agent.turns_per_step))
         out.append(_kv_cache(cfg, policy, rows, p.max_prompt_len, p.max_new_tokens, 1 if whole else dp,
                              1 if stage == "ppo" else p.group_size, p.generation_batch_size))
-        if stage == "grpo" and not whole:
+        if stage == "grpo" and not kept:
             _phases(out, "policy")
         if stage == "ppo":
             rm = model_shape(cfg, "ppo.reward_model", p.reward_model)

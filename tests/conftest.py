@@ -142,6 +142,20 @@ def tiny_reward(tmp_path_factory, tiny_pretrained):
 
 
 @pytest.fixture(scope="session")
+def tiny_sft_agent(tmp_path_factory, tiny_pretrained):
+    """configs/tiny/sft_agent.yaml shortened to 400 steps from the tiny pretrained model: runs/agent_sft_short in
+    that work dir (the agent SFT and agentic GRPO tests start from it). It calls the right tool for most prompts;
+    its arguments are often wrong, so its episodes' rewards vary within a group."""
+    def build():
+        run_cli(tiny_pretrained, "train", "configs/tiny/sft_agent.yaml", "model.init_from=runs/tiny_pretrain",
+                "train.output_dir=runs/agent_sft_short", "train.max_steps=400", "optim.lr=2e-3",
+                "train.eval_every=400", "sft.eval_tool_call_limit=40", "sft.eval_limit=8", "train.progress_bar=false",
+                "log.plots=false")
+        return tiny_pretrained / "runs" / "agent_sft_short"
+    return _once_per_run(tmp_path_factory, "tiny_sft_agent", build)
+
+
+@pytest.fixture(scope="session")
 def tiny_sft(tmp_path_factory, tiny_pretrained):
     """configs/tiny/sft_lora.yaml trained from the tiny pretrained model: runs/tiny_sft_lora in that work dir
     (the GRPO tests start from it). One conversation per row, as the GRPO tests' figures were measured from: the

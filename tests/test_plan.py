@@ -60,6 +60,12 @@ def test_the_rollout_kv_cache_is_each_ranks_share_of_the_batch():
     assert kv(partial, 16) == rows * per_row
     odd = load_config(path, ["grpo.prompts_per_step=20", "grpo.generation_batch_size=0"], check=False)  # 2 x 16
     assert kv(odd, 16) == 2 * 16 * per_row
+    # agentic episodes: each rank its share of whole episodes, or (paused between steps by turns) the whole batch
+    agent = os.path.join(ROOT, "configs", "qwen2.5", "7b_grpo_agent.yaml")
+    a = load_config(agent, check=False).grpo
+    cap = -(-(a.max_prompt_len + a.max_new_tokens) // 64) * 64
+    assert kv(load_config(agent, check=False), 16) == 256 // 16 * 28 * 2 * 4 * 128 * 2 * cap
+    assert kv(load_config(agent, ["grpo.agent.turns_per_step=2"], check=False), 16) == 256 * 28 * 2 * 4 * 128 * 2 * cap
 
 
 def test_a_zero3_grpo_step_holds_a_rollout_copy_and_its_phases_one_at_a_time():
@@ -106,7 +112,8 @@ def test_every_shipped_qwen_config_is_planned(capsys):
         assert p["fits"] or p["suggestion"]
         verdicts[os.path.basename(path)] = p["fits"]
     fit = ("0.5b_pretrain.yaml", "7b_cpt.yaml", "7b_distill_from_72b.yaml", "7b_dpo.yaml", "7b_dpo_lora.yaml",
-           "7b_grpo_math.yaml", "7b_ppo.yaml", "7b_reward.yaml", "7b_sft_full.yaml", "7b_sft_lora.yaml")
+           "7b_grpo_agent.yaml", "7b_grpo_math.yaml", "7b_ppo.yaml", "7b_reward.yaml", "7b_sft_agent.yaml",
+           "7b_sft_full.yaml", "7b_sft_lora.yaml")
     assert all(verdicts[k] for k in fit) and len(verdicts) == len(fit)
     # a model directory that is not here and no plan.shapes entry: one message naming the key to set
     assert main(["plan", QWEN[-1], "plan.shapes={}"]) == 2

@@ -572,6 +572,22 @@ class AsyncRolloutSection:
 
 
 @dataclass
+class AgentSection:
+    tools: Optional[str] = opt(None, "Python source of the tools (functions) episodes may call, run only in the "
+                                     "sandbox; set: every completion is a multi-turn tool-using episode whose final "
+                                     "answer is rewarded (rollout/agent.py, docs/agent.md)")
+    max_turns: int = opt(4, "Model turns per episode at most", range="[1, inf)")
+    turn_tokens: int = opt(64, "Tokens per model turn at most; grpo.max_new_tokens bounds the whole episode after "
+                               "the prompt (model turns and tool results)", range="[1, inf)")
+    turns_per_step: int = opt(0, "Partial rollout by turns: model turns each episode takes per step; unfinished "
+                                 "episodes wait (checkpointed) and continue under the next step's policy; 0: whole "
+                                 "episodes every step", range="[0, inf)")
+    max_staleness: int = opt(1, "With turns_per_step: steps an episode batch may stay paused before it is run out; "
+                                "finished groups older than this are dropped", range="[0, inf)")
+    tool_timeout: float = opt(5.0, "Seconds per turn's sandboxed tool run", range="(0, inf)")
+
+
+@dataclass
 class GRPOSection:
     group_size: int = opt(8, "G: completions sampled per prompt", range="[1, inf)")
     prompts_per_step: int = opt(8, "Groups (prompts) per step", range="[1, inf)")
@@ -624,6 +640,7 @@ class GRPOSection:
     overlong: OverlongSection = opt(OverlongSection, "DAPO overlong reward shaping and filtering")
     partial_rollout: PartialRolloutSection = opt(PartialRolloutSection, "Partial rollouts across steps")
     async_rollout: AsyncRolloutSection = opt(AsyncRolloutSection, "Asynchronous one-step off-policy rollouts")
+    agent: AgentSection = opt(AgentSection, "Agentic RL: completions are tool-using episodes")
     eval_data: Optional[str] = opt(None, "Held-out prompts JSONL ({prompt, answer, task[, tests]}): eval/accuracy of "
                                          "greedy answers (exact match; code answers run their tests)")
     eval_limit: int = opt(0, "Held-out prompts used (0: all)")

@@ -226,6 +226,25 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
     if g.overlong.buffer >= g.max_new_tokens:
         raise MsLlmError(f"{where}: grpo.overlong.buffer {g.overlong.buffer} must be below grpo.max_new_tokens "
                          f"{g.max_new_tokens}")
+    if g.agent.tools:
+        _check_agent(g, where)
+
+
+def _check_agent(g, where: str):
+    """Episodes (grpo.agent) run their own turn loop: what the completion-level rollout options would change."""
+    a = g.agent
+    clash = [name for name, on in (("grpo.partial_rollout.token_budget (use grpo.agent.turns_per_step)",
+                                    g.partial_rollout.token_budget), ("grpo.async_rollout", g.async_rollout.enabled),
+                                   ("grpo.generation_batch_size", g.generation_batch_size),
+                                   ("grpo.overlong.buffer", g.overlong.buffer)) if on]
+    if clash:
+        raise MsLlmError(f"{where}: grpo.agent does not combine with {', '.join(clash)} in this release")
+    if a.turn_tokens > g.max_new_tokens:
+        raise MsLlmError(f"{where}: grpo.agent.turn_tokens {a.turn_tokens} must fit grpo.max_new_tokens "
+                         f"{g.max_new_tokens}, the episode's budget after the prompt")
+    if a.turns_per_step and g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
+        raise MsLlmError(f"{where}: grpo.agent.turns_per_step starts one batch per step; set grpo.dynamic_sampling."
+                         "max_rounds: 1 (groups without reward variance are still dropped)")
 
 
 @dataclass(frozen=True)

@@ -92,34 +92,64 @@ class Episode:
     malformed: int = 0
     tool_errors: int = 0
     finished: bool = False          # ended by an answer (not by the turn limit, the budget or a cut turn)
+    done: bool = False              # nothing more to generate (finished or stopped)
+    logps: list = field(default_factory=list)       # per token after the prompt: the sampler's log-prob (0: tool)
+    versions: list = field(default_factory=list)    # per token after the prompt: the step that sampled it (-1: tool)
 
 
-def run_episodes(model, tokenizer, records: list, template: str, tools: ToolSet, max_turns: int = 4,
-                 max_new_tokens: int = 96, max_total_tokens: int = 2048, temperature: float = 0.0,
-                 seed: int = 0) -> list:
-    """One episode per record (see module docstring), the model's turns sampled in one batch per turn."""
+def start_episodes(tokenizer, records: list, template: str) -> list:
+    """One fresh episode per record: its prompt ("ids" as read_tasks rendered it, else rendered here with the
+    record's tools and the generation prompt)."""
+    tpl = get_template(template)
+    out = []
+    for r in records:
+        ids = r.get("ids") or render([{"role": "user", "content": r["prompt"]}], tokenizer, tpl,
+                                     add_generation_prompt=True, tools=r.get("tools")).ids
+        out.append(Episode(list(ids), [0] * len(ids), len(ids), messages=[{"role": "user", "content": r["prompt"]}]))
+    return out
+
+
+def advance_episodes(model, tokenizer, episodes: list, records: list, template: str, tools: "ToolSet",
+                     turns: int, max_turns: int = 4, max_new_tokens: int = 96, max_total_tokens: int = 2048,
+                     max_response_tokens: int = 0, seed=0, rows=None, version: int = 0, **sampling):
+    """Up to `turns` more model turns (each with its tool calls) of the episodes not done, in one batch per turn.
+
+    A turn starts only where its `max_new_tokens` fit the context budget: `max_total_tokens` in all, and with
+    `max_response_tokens` that many after the prompt. Turn t of row r samples from the generator seeded by
+    (seed, t) and r (`rows`: each episode's row, default its index), so an episode does not depend on the episodes
+    beside it nor on how its turns are split between calls. `version` is recorded on the tokens sampled here;
+    `sampling`: generate's temperature, top_k, top_p."""
     # MindSpore-backed: the episode bookkeeping above imports without it
     from ms_llm.generation import generate
     tpl = get_template(template)
     stops = stop_token_ids(template, tokenizer)
-    episodes = []
-    for r in records:
-        ids = render([{"role": "user", "content": r["prompt"]}], tokenizer, tpl, add_generation_prompt=True,
-                     tools=r.get("tools")).ids
-        episodes.append(Episode(list(ids), [0] * len(ids), len(ids),
-                                messages=[{"role": "user", "content": r["prompt"]}]))
-    active = list(range(len(episodes)))
-    turn = 0
-    while active and turn < max_turns:
-        out = generate(model, [episodes[i].ids for i in active], max_new_tokens, temperature=temperature,
-                       eos_token_id=stops, pad_token_id=tokenizer.pad_id, seed=[seed, turn],
-                       rows=active)
+    rows = list(range(len(episodes))) if rows is None else list(rows)
+    seed = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+
+    def limit(ep):
+        return min(max_total_tokens, ep.prompt_len + max_response_tokens) if max_response_tokens \
+            else max_total_tokens
+
+    for _ in range(turns):
+        for ep in episodes:
+            if not ep.done and (ep.turns >= max_turns or len(ep.ids) + max_new_tokens > limit(ep)):
+                ep.done = True                              # the turn limit or the context budget is reached
+        active = [i for i, ep in enumerate(episodes) if not ep.done]
+        if not active:
+            break
+        turn = episodes[active[0]].turns                   # every episode still going has taken as many turns
+        out = generate(model, [episodes[i].ids for i in active], max_new_tokens, eos_token_id=stops,
+                       pad_token_id=tokenizer.pad_id or 0, seed=seed + [turn], rows=[rows[i] for i in active],
+                       **sampling)
         calling = []
         for j, i in enumerate(active):
             ep = episodes[i]
-            toks = out.tokens[j, :out.lengths[j]].tolist()
+            n = int(out.lengths[j])
+            toks = out.tokens[j, :n].tolist()
             ep.ids += toks
-            ep.trained += [1] * len(toks)
+            ep.trained += [1] * n
+            ep.logps += out.logprobs[j, :n].astype(float).tolist()
+            ep.versions += [version] * n
             ep.turns += 1
             ended = bool(toks) and toks[-1] in stops
             text = tokenizer.decode(toks[:-1] if ended else toks)
@@ -128,25 +158,35 @@ def run_episodes(model, tokenizer, records: list, template: str, tools: ToolSet,
             if not ended or parsed.errors or not parsed.calls:
                 ep.answer, ep.finished = parsed.content if not parsed.errors else text, ended and not parsed.errors
                 ep.messages.append({"role": "assistant", "content": text})
+                ep.done = True
                 continue
             ep.calls += len(parsed.calls)
             ep.messages.append({"role": "assistant", "content": parsed.content, "tool_calls": [
                 {"name": c.name, "arguments": c.arguments} for c in parsed.calls]})
             calling.append((i, parsed.calls))
         results = _call_tools(tools, [(calls, records[i].get("tools")) for i, calls in calling])
-        active = []
         for (i, _), res in zip(calling, results):
             ep = episodes[i]
             ep.tool_errors += sum(x.startswith("error:") for x in res)
             ep.messages += [{"role": "tool", "content": x} for x in res]
             tail = _tool_turn(tpl, tokenizer, res)
-            if len(ep.ids) + len(tail) + 1 > max_total_tokens:
-                continue                                   # the context budget is spent: the episode ends here
+            if len(ep.ids) + len(tail) + max_new_tokens > limit(ep):
+                ep.done = True                             # no room for another turn: the episode ends here
+                continue
             ep.ids += tail
             ep.trained += [0] * len(tail)
-            active.append(i)
-        turn += 1
+            ep.logps += [0.0] * len(tail)
+            ep.versions += [-1] * len(tail)
     return episodes
+
+
+def run_episodes(model, tokenizer, records: list, template: str, tools: ToolSet, max_turns: int = 4,
+                 max_new_tokens: int = 96, max_total_tokens: int = 2048, temperature: float = 0.0,
+                 seed: int = 0) -> list:
+    """One whole episode per record (see module docstring), the model's turns sampled in one batch per turn."""
+    episodes = start_episodes(tokenizer, records, template)
+    return advance_episodes(model, tokenizer, episodes, records, template, tools, max_turns, max_turns,
+                            max_new_tokens, max_total_tokens, seed=seed, temperature=temperature)
 
 
 def _call_tools(tools: ToolSet, turns: list) -> list:

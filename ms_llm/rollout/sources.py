@@ -47,17 +47,20 @@ from ms_llm.training.layout import Layout, rollout_ranks
 
 log = logging.getLogger(__name__)
 SEED_TAG = 7919                   # the rollout generators' seeds: [train.seed, SEED_TAG, step, round]
-GROUP_ARRAYS = ("tokens", "logps", "versions", "lengths", "total")
+GROUP_ARRAYS = ("tokens", "logps", "versions", "lengths", "total", "trained")
 
 
 class GroupBatch:
     """Whole groups as one batch of rows. `ro`: prompts, tokens, lengths, behaviour log-probs (the sampler's),
     response mask and scoring windows; `rewards`: {"total": [B], "parts": {function: [B]}, "texts": [B]};
     `finished` [B] (False: cut at max_new_tokens); `versions` [B, N] the step that sampled each token (-1: none);
-    `group_ids` [B] the group of each row, 0 … groups − 1."""
+    `group_ids` [B] the group of each row, 0 … groups − 1; `trained` [B, N] 1 on the tokens the policy sampled
+    (an episode's tool results: 0), which alone the loss may weight."""
 
-    def __init__(self, ro: Rollout, rewards: dict, finished: np.ndarray, versions: np.ndarray, groups: int):
+    def __init__(self, ro: Rollout, rewards: dict, finished: np.ndarray, versions: np.ndarray, groups: int,
+                 trained: np.ndarray = None):
         self.ro, self.rewards, self.finished, self.versions, self.groups = ro, rewards, finished, versions, groups
+        self.trained = ro.response_mask if trained is None else trained
         self.group_ids = np.repeat(np.arange(groups), len(finished) // max(groups, 1))
 
 
@@ -180,6 +183,7 @@ class RolloutSource:
             rows = slice(j * G, (j + 1) * G)
             i = sel[rows]
             out.append({"prompts": records[rows], "tokens": fl.tokens[i], "logps": fl.logps[i],
+                        "trained": (np.arange(n)[None] < fl.lengths[i][:, None]).astype(np.float32),
                         "versions": fl.versions[i], "lengths": fl.lengths[i], "finished": finished[rows],
                         "total": total[rows], "parts": {name: v[rows] for name, v in parts.items()},
                         "texts": texts[rows], "started": fl.started})
@@ -230,7 +234,7 @@ class RolloutSource:
         rewards = {"total": cat("total"), "parts": {k: np.concatenate([x["parts"][k] for x in groups])
                                                    for k in groups[0]["parts"]},
                    "texts": [t for x in groups for t in x["texts"]]}
-        return GroupBatch(ro, rewards, cat("finished"), cat("versions"), len(groups))
+        return GroupBatch(ro, rewards, cat("finished"), cat("versions"), len(groups), cat("trained"))
 
     # -- checkpointed state: the finished groups waiting to train (and what subclasses add)
 
@@ -263,7 +267,9 @@ class RolloutSource:
     def _load(self, a: dict, meta: dict, folder: str):
         self.ready = []
         for j, r in enumerate(meta["ready"]):
-            x = {name: a[f"ready{j}.{name}"] for name in GROUP_ARRAYS}
+            x = {name: a[f"ready{j}.{name}"] for name in GROUP_ARRAYS if f"ready{j}.{name}" in a}
+            if "trained" not in x:                   # (a checkpoint of an earlier release: every token sampled)
+                x["trained"] = (np.arange(x["tokens"].shape[1])[None] < x["lengths"][:, None]).astype(np.float32)
             x.update(finished=a[f"ready{j}.finished"].astype(bool), prompts=r["prompts"], texts=r["texts"],
                      started=r["started"], parts={name: a[f"ready{j}.part.{name}"] for name in r["parts"]})
             self.ready.append(x)

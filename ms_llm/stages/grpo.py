@@ -40,7 +40,9 @@ from ms_llm.models.build import build_model
 from ms_llm.models.frozen import freeze, load_frozen
 from ms_llm.models.io import resolve_model_dir
 from ms_llm.peft.lora import LoRAConfig, apply_lora, hold_base
+from ms_llm.rollout.agent import ToolSet, advance_episodes, episode_metrics, start_episodes
 from ms_llm.rollout.batch import dump_rollout, gather_rows, score_windows
+from ms_llm.rollout.episodes import EpisodeSource
 from ms_llm.rollout.prompts import PromptStream, read_tasks
 from ms_llm.rollout.reward_model import load_reward
 from ms_llm.rollout.rollout_ranks import serve
@@ -124,7 +126,7 @@ class GRPOStage(Stage):
         self.model.set_train(mode)
         old = ro.behaviour.astype(np.float64) if current is None else current
         adv = group_advantages(batch.rewards["total"], g.group_size, g.advantage_scale, g.advantage_eps)
-        mask = ro.response_mask.copy()
+        mask = ro.response_mask * batch.trained           # the policy's own tokens (not an episode's tool results)
         if g.overlong.mask_truncated:
             mask[~batch.finished] = 0.0
         weights, counts = aggregation_weights(mask, g.loss_agg, g.max_new_tokens)
@@ -212,7 +214,7 @@ class GRPOStage(Stage):
             prompt_ids[i, :len(x["ids"])] = x["ids"]
         out = {"prompt_ids": prompt_ids, "tokens": ro.tokens, "lengths": ro.lengths, "finished": batch.finished,
                "versions": batch.versions, "group_ids": batch.group_ids, "response_mask": ro.response_mask,
-               "behaviour_logps": ro.behaviour, "old_logps": arrays["old"], "ref_logps": arrays["ref"],
+               "trained": batch.trained, "behaviour_logps": ro.behaviour, "old_logps": arrays["old"], "ref_logps": arrays["ref"],
                "reward": batch.rewards["total"], "advantage": arrays["advantage"], "loss_mask": arrays["mask"],
                "counts": arrays["counts"], **{f"reward/{k}": v for k, v in batch.rewards["parts"].items()}}
         g = self.g
@@ -247,6 +249,18 @@ def accuracy(model, tokenizer, records: list, cfg: ExperimentConfig, stops, isol
     for task in sorted({r["tag"] for r in records}):
         res[f"eval/accuracy/{task}"] = float(np.mean([ok for ok, r in zip(right, records) if r["tag"] == task]))
     return res
+
+
+def task_success(model, tokenizer, records: list, cfg: ExperimentConfig, tools: ToolSet) -> dict:
+    """Greedy episodes on held-out tasks: eval/task_success (the final answer states the record's answer), and per
+    episode eval/turns, eval/tool_calls, eval/malformed, eval/tool_errors."""
+    g, a, template = cfg.grpo, cfg.grpo.agent, cfg.tokenizer.chat_template
+    episodes = start_episodes(tokenizer, records, template)
+    advance_episodes(model, tokenizer, episodes, records, template, tools, a.max_turns, a.max_turns, a.turn_tokens,
+                     max_response_tokens=g.max_new_tokens, temperature=0.0)
+    m = episode_metrics(episodes, records, g.answer_style)
+    return {"eval/task_success": m["success"], **{f"eval/{k}": m[k] for k in ("turns", "tool_calls", "malformed",
+                                                                               "tool_errors")}}
 
 
 def decode_text(tokenizer, stops, tokens, length: int) -> str:
@@ -286,8 +300,13 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
             raise MsLlmError(f"grpo.eval_data: {g.eval_data} does not exist")
         eval_records = read_tasks(g.eval_data, tokenizer, template, g.max_prompt_len, g.tasks, limit=g.eval_limit)[0]
     isolation = "none" if g.unsafe_no_isolation else "namespaces"
-    if "code" in g.rewards and isolation == "namespaces":
+    if ("code" in g.rewards or g.agent.tools) and isolation == "namespaces":
         require_isolation()
+    tools = None
+    if g.agent.tools:
+        if not os.path.isfile(g.agent.tools):
+            raise MsLlmError(f"grpo.agent.tools: {g.agent.tools} does not exist")
+        tools = ToolSet.from_file(g.agent.tools, timeout=g.agent.tool_timeout, isolation=isolation)
     reward_model = None
     if g.reward_model:
         reward_model = load_reward(g.reward_model, g.reward_sha256, tokenizer, "grpo.reward_model", g.reward_dtype)
@@ -299,11 +318,18 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
         ref = load_frozen(reference_section(cfg, g), "grpo.reference", policy, resolve_model_dir(cfg.model.init_from),
                           tokenizer)
         reference = ref.model
-    source = rollout_source(cfg, policy, rewards, lambda tok, n: decode_text(tokenizer, stops, tok, n),
-                            PromptStream(prompts, cfg.train.seed), tokenizer.pad_id or 0, stops, layout=layout)
+    args = (cfg, policy, rewards, lambda tok, n: decode_text(tokenizer, stops, tok, n),
+            PromptStream(prompts, cfg.train.seed), tokenizer.pad_id or 0, stops)
+    source = EpisodeSource(*args, layout=layout, tokenizer=tokenizer, template=template, tools=tools) if tools \
+        else rollout_source(*args, layout=layout)
     objective = {"rewards": dict(g.rewards), "loss_agg": g.loss_agg, "ratio": g.ratio, "group_size": g.group_size,
                  "token_budget": g.partial_rollout.token_budget, "async_rollout": g.async_rollout.enabled}
-    evaluate = (lambda: accuracy(policy, tokenizer, eval_records, cfg, stops, isolation)) if eval_records else None
+    if tools:
+        objective["agent_turns_per_step"] = g.agent.turns_per_step
+    evaluate = None
+    if eval_records:
+        evaluate = (lambda: task_success(policy, tokenizer, eval_records, cfg, tools)) if tools \
+            else (lambda: accuracy(policy, tokenizer, eval_records, cfg, stops, isolation))
     stage = GRPOStage(cfg, policy, reference, source, layout, run_dir, evaluate, objective)
     try:
         result = train(cfg, stage, run_dir)
@@ -316,10 +342,12 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     trained = trained_model(cfg, run_dir, policy, g.lora.enabled)
     metrics = dict(result.metrics, prompts=len(prompts), prompts_cut=cut,
                    **{f"before/{k}": v for k, v in result.before.items()})
-    if eval_records and "eval/accuracy" not in metrics:
+    key = "eval/task_success" if tools else "eval/accuracy"
+    if eval_records and key not in metrics:
         metrics.update(stage.evaluate())
     final = export_final(run_dir, trained, tokenizer, g.export_version)
     gates = {}
-    if eval_records and "eval/accuracy" in result.before:
-        gates["accuracy_not_lower"] = gate(metrics["eval/accuracy"], result.before["eval/accuracy"], ">=")
+    if eval_records and key in result.before:
+        gates["task_success_not_lower" if tools else "accuracy_not_lower"] = gate(metrics[key], result.before[key],
+                                                                                  ">=")
     return finish(run_dir, cfg.stage, "completed", result.steps, metrics, final, gates, plots=cfg.log.plots)

@@ -212,6 +212,12 @@ def test_continuous_batching_collects_the_batch_it_collects_without(tmp_path, gr
       "parallel.optimizer_shard=zero1"), "the trainer ranks train in plain data parallel"),
     (("grpo.async_rollout.enabled=true", "parallel.data_parallel=2"), "grpo.async_rollout.rollout_ranks"),
     (("grpo.async_rollout.enabled=true", "context.device_target=ascend"), "ranks of its own"),
+    (("grpo.agent.tools=t.py", "grpo.partial_rollout.token_budget=4"), "use grpo.agent.turns_per_step"),
+    (("grpo.agent.tools=t.py", "grpo.async_rollout.enabled=true"), "grpo.agent does not combine with grpo.async"),
+    (("grpo.agent.tools=t.py", "grpo.agent.turn_tokens=64"), "grpo.agent.turn_tokens 64 must fit"),
+    (("grpo.agent.tools=t.py", "grpo.agent.turn_tokens=8", "grpo.agent.turns_per_step=1",
+      "grpo.dynamic_sampling.enabled=true"),
+     "grpo.agent.turns_per_step starts one batch per step"),
 ])
 def test_bad_grpo_configs_are_refused_naming_the_key(over, needle):
     import os

@@ -17,13 +17,11 @@ def _tools_eval(workdir, model):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_agent_sft_learns_to_call_the_right_tools(tiny_pretrained):
+def test_agent_sft_learns_to_call_the_right_tools(tiny_pretrained, tiny_sft_agent):
+    """(The 400-step run is the shared fixture: conftest.py tiny_sft_agent.)"""
     base = _tools_eval(tiny_pretrained, "runs/tiny_pretrain")
     assert base["n"] == 40 and base["malformed"] == 0.0
     assert base["tasks"].get("multiply", 0.0) == base["tasks"].get("convert", 0.0) == 0.0     # it never calls
-    run_cli(tiny_pretrained, "train", "configs/tiny/sft_agent.yaml", "model.init_from=runs/tiny_pretrain",
-            "train.output_dir=runs/agent_sft_short", "train.max_steps=400", "optim.lr=2e-3", "train.eval_every=400",
-            "sft.eval_tool_call_limit=40", "sft.eval_limit=8", "train.progress_bar=false", "log.plots=false")
     after = _tools_eval(tiny_pretrained, "runs/agent_sft_short")
     logged = [json.loads(line) for line in (tiny_pretrained / "runs" / "agent_sft_short" / "metrics.jsonl").open()
               if "eval/tool_choice" in line][-1]
