@@ -78,6 +78,11 @@ def main(argv):
     p.add_argument("--tool-source", help="tools: run whole episodes on prompts with tools (--data in the prompts "
                                          "format), the tools being this Python file's functions, run in the sandbox")
     p.add_argument("--max-turns", type=int, default=4, help="tools: model turns per episode")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="tools with --tool-source: sample episodes at this temperature (0: greedy)")
+    p.add_argument("--episodes-per-prompt", type=int, default=1,
+                   help="tools with --tool-source: episodes per prompt (task success is their mean), seeded by --seed")
+    p.add_argument("--seed", type=int, default=0, help="tools with --tool-source: the episodes' sampling seed")
     p.add_argument("--categories", help="bfcl: comma-separated BFCL v4 categories (default simple_python,multiple,"
                                         "parallel,irrelevance)")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
@@ -134,7 +139,9 @@ def main(argv):
                                       isolation="none" if a.unsafe_no_isolation else "namespaces")
             records = read_records(a.data, "prompts")
             records = records[:a.limit] if a.limit else records
-            episodes = run_episodes(model, tok, records, a.template, tools, a.max_turns, a.max_new_tokens)
+            records = [r for r in records for _ in range(max(1, a.episodes_per_prompt))]
+            episodes = run_episodes(model, tok, records, a.template, tools, a.max_turns, a.max_new_tokens,
+                                    temperature=a.temperature, seed=a.seed)
             metrics = episode_metrics(episodes, records, a.answer_style)
         elif a.benchmark == "tools":
             # MindSpore-backed: loads only for the benchmark that runs

@@ -61,7 +61,8 @@ def test_agentic_grpo_resumes_mid_episode_and_never_trains_on_tool_results(tiny_
             "grpo.group_size=4", "train.micro_batch_size=8", "optim.lr=1e-3", "train.max_steps=4",
             "checkpoint.every=2", "train.log_every=1", "train.eval_every=4", "grpo.eval_limit=8",
             "log.rollouts_every=1", "train.progress_bar=false", "log.plots=false",
-            "grpo.rewards={exact_match: 1.0, reward_model: 1.0}", "grpo.reward_model=runs/tiny_reward"]
+            "grpo.rewards={exact_match: 1.0, reward_model: 1.0}", "grpo.reward_model=runs/tiny_reward",
+            "grpo.mini_batch_size=0", "grpo.dynamic_sampling.enabled=false", "grpo.temperature=1.0", "grpo.top_k=2"]
     a, b = work / "runs" / "agent_grpo_a", work / "runs" / "agent_grpo_b"
     run_cli(work, *args, "train.output_dir=runs/agent_grpo_a")
     kill_once_written(work, [*args, "train.output_dir=runs/agent_grpo_b"],
