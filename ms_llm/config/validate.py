@@ -227,11 +227,12 @@ def _check_grpo(cfg: ExperimentConfig, where: str):
         raise MsLlmError(f"{where}: grpo.overlong.buffer {g.overlong.buffer} must be below grpo.max_new_tokens "
                          f"{g.max_new_tokens}")
     if g.agent.tools:
-        _check_agent(g, where)
+        _check_agent(cfg, where)
 
 
-def _check_agent(g, where: str):
+def _check_agent(cfg: ExperimentConfig, where: str):
     """Episodes (grpo.agent) run their own turn loop: what the completion-level rollout options would change."""
+    g = cfg.grpo
     a = g.agent
     clash = [name for name, on in (("grpo.partial_rollout.token_budget (use grpo.agent.turns_per_step)",
                                     g.partial_rollout.token_budget), ("grpo.async_rollout", g.async_rollout.enabled),
@@ -242,6 +243,11 @@ def _check_agent(g, where: str):
     if a.turn_tokens > g.max_new_tokens:
         raise MsLlmError(f"{where}: grpo.agent.turn_tokens {a.turn_tokens} must fit grpo.max_new_tokens "
                          f"{g.max_new_tokens}, the episode's budget after the prompt")
+    if a.turns_per_step and cfg.parallel.data_parallel > 1:
+        raise MsLlmError(f"{where}: grpo.agent.turns_per_step keeps the paused episodes on every rank, and each rank "
+                         "would run their tools itself: a tool that times out on one rank only would make the ranks "
+                         "train on different episodes. Under data parallel set grpo.agent.turns_per_step: 0 (each "
+                         "rank runs its share of whole episodes)")
     if a.turns_per_step and g.dynamic_sampling.enabled and g.dynamic_sampling.max_rounds > 1:
         raise MsLlmError(f"{where}: grpo.agent.turns_per_step starts one batch per step; set grpo.dynamic_sampling."
                          "max_rounds: 1 (groups without reward variance are still dropped)")

@@ -163,6 +163,9 @@ def advance_episodes(model, tokenizer, episodes: list, records: list, template: 
             ep.calls += len(parsed.calls)
             ep.messages.append({"role": "assistant", "content": parsed.content, "tool_calls": [
                 {"name": c.name, "arguments": c.arguments} for c in parsed.calls]})
+            if ep.turns >= max_turns:                  # the last turn allowed: no turn would read the results
+                ep.done = True
+                continue
             calling.append((i, parsed.calls))
         results = _call_tools(tools, [(calls, records[i].get("tools")) for i, calls in calling])
         for (i, _), res in zip(calling, results):

@@ -59,7 +59,8 @@ class EpisodeSource(RolloutSource):
             return
         advance_episodes(self.policy, self.tokenizer, [b.episodes[i] for i in todo], [b.rows[i] for i in todo],
                          self.template, self.tools, turns, a.max_turns, a.turn_tokens,
-                         max_response_tokens=g.max_new_tokens, seed=[self.seed, SEED_TAG, b.started, b.rnd],
+                         max_total_tokens=g.max_prompt_len + g.max_new_tokens, max_response_tokens=g.max_new_tokens,
+                         seed=[self.seed, SEED_TAG, b.started, b.rnd],
                          rows=[b.first + i for i in todo], version=step, temperature=g.temperature,
                          top_k=g.top_k, top_p=g.top_p)
 

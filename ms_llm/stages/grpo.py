@@ -257,7 +257,8 @@ def task_success(model, tokenizer, records: list, cfg: ExperimentConfig, tools: 
     g, a, template = cfg.grpo, cfg.grpo.agent, cfg.tokenizer.chat_template
     episodes = start_episodes(tokenizer, records, template)
     advance_episodes(model, tokenizer, episodes, records, template, tools, a.max_turns, a.max_turns, a.turn_tokens,
-                     max_response_tokens=g.max_new_tokens, temperature=0.0)
+                     max_total_tokens=g.max_prompt_len + g.max_new_tokens, max_response_tokens=g.max_new_tokens,
+                     temperature=0.0)
     m = episode_metrics(episodes, records, g.answer_style)
     return {"eval/task_success": m["success"], **{f"eval/{k}": m[k] for k in ("turns", "tool_calls", "malformed",
                                                                                "tool_errors")}}
@@ -325,7 +326,8 @@ def run(cfg: ExperimentConfig, layout: Layout) -> dict:
     objective = {"rewards": dict(g.rewards), "loss_agg": g.loss_agg, "ratio": g.ratio, "group_size": g.group_size,
                  "token_budget": g.partial_rollout.token_budget, "async_rollout": g.async_rollout.enabled}
     if tools:
-        objective["agent_turns_per_step"] = g.agent.turns_per_step
+        a = g.agent
+        objective["agent"] = {"turns_per_step": a.turns_per_step, "max_turns": a.max_turns, "turn_tokens": a.turn_tokens}
     evaluate = None
     if eval_records:
         evaluate = (lambda: task_success(policy, tokenizer, eval_records, cfg, tools)) if tools \

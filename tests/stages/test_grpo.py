@@ -218,6 +218,8 @@ def test_continuous_batching_collects_the_batch_it_collects_without(tmp_path, gr
     (("grpo.agent.tools=t.py", "grpo.agent.turn_tokens=8", "grpo.agent.turns_per_step=1",
       "grpo.dynamic_sampling.enabled=true"),
      "grpo.agent.turns_per_step starts one batch per step"),
+    (("grpo.agent.tools=t.py", "grpo.agent.turn_tokens=8", "grpo.agent.turns_per_step=1",
+      "parallel.data_parallel=2"), "each rank would run their tools itself"),
 ])
 def test_bad_grpo_configs_are_refused_naming_the_key(over, needle):
     import os

@@ -72,3 +72,13 @@ def test_agent_sft_learns_to_call_the_right_tools(tiny_pretrained, tiny_sft_agen
         assert rest and rest[0] == 1                                   # the answer after the results is the model's
     m = episode_metrics(episodes, records)
     assert m["n"] == 6 and m["tool_calls"] == sum(e.calls for e in episodes) / 6 and 1 <= m["turns"] <= 3
+    assert all(e.done for e in episodes)
+    # one turn allowed: the episodes that call a tool end at that call, done, their tools not run (no turn
+    # would read the results) and nothing after the model's tokens
+    one = run_episodes(model, tok, records, "chatml", ToolSet.from_file(str(tiny_pretrained / "data/tiny/agent_tools.py")),
+                       max_turns=1)
+    assert [e.ids for e in one if not e.calls] == [e.ids for e in episodes if not e.calls]
+    for e in one:
+        assert e.done and e.turns == 1 and e.tool_errors == 0 and set(e.trained[e.prompt_len:]) == {1}
+        assert [m["role"] for m in e.messages] == ["user", "assistant"]
+    assert sum(e.calls > 0 for e in one) >= 4
