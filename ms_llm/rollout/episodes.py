@@ -26,7 +26,7 @@ import numpy as np
 
 from ms_llm.rollout.agent import Episode, advance_episodes, start_episodes
 from ms_llm.rollout.batch import gather_rows
-from ms_llm.rollout.sources import SEED_TAG, RolloutSource, flat
+from ms_llm.rollout.sources import SEED_TAG, RolloutSource
 
 EPISODE_STATS = ("turns", "calls", "malformed", "tool_errors", "finished")
 
@@ -118,24 +118,14 @@ class EpisodeSource(RolloutSource):
         return fresh, 1
 
     def _whole(self, step: int) -> tuple:
-        """Whole episodes, each rank its share of each round's groups; dynamic sampling draws further rounds."""
-        g = self.g
-        max_rounds = g.dynamic_sampling.max_rounds if g.dynamic_sampling.enabled else 1
-        fresh, kept, rounds = [], 0, 0
-        while kept < g.prompts_per_step and rounds < max_rounds:
-            prompts = self.stream.take(g.prompts_per_step)
-            part = self.layout.share(len(prompts))
-            mine = []
-            if part.stop > part.start:
-                b = self._start(step, rounds, prompts[part], part.start * g.group_size)
-                self._advance(b, step, self.a.max_turns)
-                mine = self.harvest(b)
-            got = gather_rows(self.layout, mine)
-            fresh += got
-            kept += sum(1 for x in got if not flat(x))
-            rounds += 1
+        """Whole episodes, each rank its share of each round's groups (the synchronous source's rounds)."""
+        def run_share(rnd, prompts, first):
+            b = self._start(step, rnd, prompts, first)
+            self._advance(b, step, self.a.max_turns)
+            return self.harvest(b)
+        out = self.split_rounds(step, run_share)
         self.done_stats = gather_rows(self.layout, self.done_stats)
-        return fresh, rounds
+        return out
 
     def _stats(self) -> dict:
         """Per episode (of those finished this step, filtered or not): reward, turns, tool calls, malformed calls,

@@ -189,6 +189,26 @@ class RolloutSource:
                         "texts": texts[rows], "started": fl.started})
         return out
 
+    def split_rounds(self, step: int, run_share) -> tuple:
+        """(groups, rounds): rounds of grpo.prompts_per_step prompts (dynamic sampling: until enough groups have
+        reward variance), each rank running its share of a round's prompts to finished groups with
+        run_share(round, prompts, first row) and the ranks exchanging them, so every rank holds every group."""
+        g = self.g
+        self.rows_generated = 0
+        max_rounds = g.dynamic_sampling.max_rounds if g.dynamic_sampling.enabled else 1
+        fresh, kept, rounds = [], 0, 0
+        while kept < g.prompts_per_step and rounds < max_rounds:
+            prompts = self.stream.take(g.prompts_per_step)
+            part = self.layout.share(len(prompts))        # this rank's groups of the round
+            mine = run_share(rounds, prompts[part], part.start * g.group_size) \
+                if part.stop > part.start else []       # more ranks than the round's prompts
+            self.rows_generated += len(mine) * g.group_size
+            got = gather_rows(self.layout, mine)         # every rank's groups, in prompt order
+            fresh += got
+            kept += sum(1 for x in got if not flat(x))
+            rounds += 1
+        return fresh, rounds
+
     def _generate(self, step: int) -> tuple:
         raise NotImplementedError
 
@@ -288,21 +308,8 @@ class Synchronous(RolloutSource):
     generates its share of each round's groups (module docstring)."""
 
     def _generate(self, step: int) -> tuple:
-        g = self.g
-        self.rows_generated = 0
-        max_rounds = g.dynamic_sampling.max_rounds if g.dynamic_sampling.enabled else 1
-        fresh, kept, rounds = [], 0, 0
-        while kept < g.prompts_per_step and rounds < max_rounds:
-            prompts = self.stream.take(g.prompts_per_step)
-            part = self.layout.share(len(prompts))        # this rank's groups of the round
-            mine = self.harvest(self.start(step, rounds, prompts[part], True, part.start * g.group_size)) \
-                if part.stop > part.start else []       # more ranks than the round's prompts
-            self.rows_generated += len(mine) * g.group_size
-            got = gather_rows(self.layout, mine)         # every rank's groups, in prompt order
-            fresh += got
-            kept += sum(1 for x in got if not flat(x))
-            rounds += 1
-        return fresh, rounds
+        return self.split_rounds(step, lambda rnd, prompts, first: self.harvest(
+            self.start(step, rnd, prompts, True, first)))
 
     def _stats(self) -> dict:
         return {"rollout/rows": self.rows_generated}
